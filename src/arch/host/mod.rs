@@ -1,0 +1,183 @@
+//! The host "architecture": OS threads play the CPUs, so `cargo test` can drive the
+//! stop-machine core with real concurrency.
+//!
+//! A thread becomes CPU `n` with [`HostArch::bind_current_thread`]. Interrupts are
+//! simulated: a stop IPI sets a pending flag, and the CPU "takes" it when its code
+//! calls [`HostArch::poll_interrupts`] (every [`Arch::relax`] does) with interrupts
+//! unmasked, like hardware checking for an interrupt between instructions. Taking one
+//! masks interrupts for the duration of the handler, as exception entry does.
+
+use crate::CpuSet;
+use crate::MAX_CPUS;
+use crate::stop::{Arch, StopMachine};
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+thread_local! {
+    static CURRENT_CPU: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+struct Shared {
+    online: AtomicU32,
+    pending: [AtomicBool; MAX_CPUS],
+    masked: [AtomicBool; MAX_CPUS],
+    syncs: [AtomicU64; MAX_CPUS],
+    ipis_sent: AtomicU64,
+    epoch: OnceLock<Instant>,
+    stop_ipi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// A machine of host threads. Cheap to clone: clones share the machine.
+#[derive(Clone)]
+pub struct HostArch {
+    shared: Arc<Shared>,
+}
+
+impl HostArch {
+    /// A machine with CPUs `0..cpus` online.
+    ///
+    /// # Panics
+    /// If `cpus` is 0 or more than [`MAX_CPUS`].
+    pub fn new(cpus: usize) -> Self {
+        assert!((1..=MAX_CPUS).contains(&cpus), "bad CPU count {cpus}");
+        let shared = Shared {
+            online: AtomicU32::new(CpuSet::first(cpus).bits()),
+            pending: [const { AtomicBool::new(false) }; MAX_CPUS],
+            masked: [const { AtomicBool::new(false) }; MAX_CPUS],
+            syncs: [const { AtomicU64::new(0) }; MAX_CPUS],
+            ipis_sent: AtomicU64::new(0),
+            epoch: OnceLock::new(),
+            stop_ipi_handler: OnceLock::new(),
+        };
+        shared.epoch.get_or_init(Instant::now);
+        HostArch {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Makes the calling thread CPU `cpu` (of any machine: the binding is per thread).
+    pub fn bind_current_thread(&self, cpu: usize) {
+        assert!(cpu < MAX_CPUS);
+        CURRENT_CPU.with(|current| current.set(Some(cpu)));
+    }
+
+    /// Routes this machine's stop IPI to `stop` (the "interrupt controller" wiring).
+    ///
+    /// Holds only a weak reference, so the machine can still be dropped.
+    pub fn connect(stop: &Arc<StopMachine<HostArch>>) {
+        let weak = Arc::downgrade(stop);
+        let handler = move || {
+            if let Some(stop) = weak.upgrade() {
+                stop.handle_stop_ipi();
+            }
+        };
+        if stop
+            .arch()
+            .shared
+            .stop_ipi_handler
+            .set(Box::new(handler))
+            .is_err()
+        {
+            panic!("HostArch::connect called twice");
+        }
+    }
+
+    /// Takes a pending stop IPI if the calling CPU has interrupts unmasked, running the
+    /// connected handler with interrupts masked. Returns whether one was taken.
+    pub fn poll_interrupts(&self) -> bool {
+        let cpu = self.cpu_id();
+        let shared = &self.shared;
+        let Some(handler) = shared.stop_ipi_handler.get() else {
+            return false;
+        };
+        if shared.masked[cpu].load(Ordering::Relaxed) {
+            return false;
+        }
+        // Acquire pairs with the release in `send_stop_ipi`, as a DSB before an SGI write
+        // makes the sender's stores visible to the interrupted CPU.
+        if !shared.pending[cpu].swap(false, Ordering::Acquire) {
+            return false;
+        }
+        shared.masked[cpu].store(true, Ordering::Relaxed);
+        handler();
+        shared.masked[cpu].store(false, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether `cpu` has interrupts masked right now.
+    pub fn is_masked(&self, cpu: usize) -> bool {
+        self.shared.masked[cpu].load(Ordering::Relaxed)
+    }
+
+    /// Whether a stop IPI is pending on `cpu`.
+    pub fn ipi_pending(&self, cpu: usize) -> bool {
+        self.shared.pending[cpu].load(Ordering::Relaxed)
+    }
+
+    /// How many context synchronisations `cpu` has executed.
+    pub fn syncs(&self, cpu: usize) -> u64 {
+        self.shared.syncs[cpu].load(Ordering::Relaxed)
+    }
+
+    /// How many stop IPIs have been sent in total.
+    pub fn ipis_sent(&self) -> u64 {
+        self.shared.ipis_sent.load(Ordering::Relaxed)
+    }
+}
+
+// SAFETY: each thread binds a distinct CPU index below MAX_CPUS; `mask_all` makes
+// `poll_interrupts` refuse to run a handler until `restore`; `send_stop_ipi` sets a flag
+// that the target takes at its next unmasked poll; the simulated ISB is a SeqCst fence,
+// which is all "instruction fetch" needs when instructions are plain data.
+unsafe impl Arch for HostArch {
+    type MaskState = bool;
+
+    fn cpu_id(&self) -> usize {
+        CURRENT_CPU
+            .with(Cell::get)
+            .expect("host thread is not bound to a CPU: call HostArch::bind_current_thread")
+    }
+
+    fn online_cpus(&self) -> CpuSet {
+        CpuSet::from_bits(self.shared.online.load(Ordering::Relaxed))
+    }
+
+    fn mask_all(&self) -> bool {
+        self.shared.masked[self.cpu_id()].swap(true, Ordering::Relaxed)
+    }
+
+    fn restore(&self, saved: bool) {
+        self.shared.masked[self.cpu_id()].store(saved, Ordering::Relaxed);
+    }
+
+    fn all_masked(&self) -> bool {
+        self.shared.masked[self.cpu_id()].load(Ordering::Relaxed)
+    }
+
+    fn send_stop_ipi(&self, targets: CpuSet) {
+        for cpu in targets.iter() {
+            self.shared.pending[cpu].store(true, Ordering::Release);
+            self.shared.ipis_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn sync_context(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.shared.syncs[self.cpu_id()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn relax(&self) {
+        // A spinning CPU still takes interrupts while unmasked.
+        self.poll_interrupts();
+        // Two host cores run up to eight CPU threads: let the others make progress.
+        std::thread::yield_now();
+    }
+
+    fn now_ns(&self) -> u64 {
+        let epoch = self.shared.epoch.get_or_init(Instant::now);
+        epoch.elapsed().as_nanos() as u64
+    }
+}

@@ -1,0 +1,7 @@
+//! Architecture glue: each port implements [`crate::stop::Arch`] and owns its boot path.
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod aarch64;
+
+#[cfg(not(target_os = "none"))]
+pub mod host;

@@ -1,0 +1,25 @@
+//! patch-machine: a kernel that patches its own code while other CPUs run.
+//!
+//! The crate is one library used three ways:
+//! - on `aarch64-unknown-none` it is the kernel (see [`arch`] and the `patch-machine` binary);
+//! - on the host it is a `std` library whose [`stop`] core runs with threads as CPUs, so
+//!   `cargo test` exercises the rendezvous, the instruction encoders and batch validation;
+//! - `x86_64-unknown-none` shares the same [`stop`] core through the [`stop::Arch`] trait.
+//!
+//! The design follows Mark Rutland's arm64 `patch_machine()` series: every CPU must be
+//! quiescent, with every asynchronous exception masked, before the first byte changes.
+#![cfg_attr(target_os = "none", no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod cpuset;
+pub mod ktap;
+pub mod patch;
+pub mod stop;
+
+pub mod arch;
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod kernel;
+
+pub use cpuset::{CpuSet, MAX_CPUS};

@@ -1,0 +1,2 @@
+//! Batches of instruction patches.
+pub mod insn;

@@ -1,0 +1,66 @@
+//! The narrow interface the stop-machine core needs from an architecture.
+
+use crate::CpuSet;
+
+/// What the arch-free stop-machine core asks of an architecture.
+///
+/// An implementation is a handle to "the machine": every method acts on, or reports
+/// about, the CPU that calls it. The core never names a register, an interrupt
+/// controller or an instruction; everything arch-specific goes through here.
+///
+/// # Safety
+///
+/// The core's guarantees (no CPU executes normal code while the stop function runs;
+/// every CPU context-synchronises before it leaves) hold only if the implementation
+/// keeps this contract:
+/// - [`cpu_id`](Arch::cpu_id) is stable for the lifetime of the calling context, unique
+///   among online CPUs, and `< MAX_CPUS`; it is in [`online_cpus`](Arch::online_cpus).
+/// - After [`mask_all`](Arch::mask_all) returns, the calling CPU takes no asynchronous
+///   exception (arm64: D, A, I and F; x86: IF) until [`restore`](Arch::restore).
+///   Exceptions the architecture cannot mask (x86 NMI, arm64 SDEI) are out of scope
+///   here and are documented by the implementation.
+/// - [`send_stop_ipi`](Arch::send_stop_ipi) eventually makes every target CPU whose
+///   interrupts are (or become) unmasked call
+///   [`StopMachine::handle_stop_ipi`](super::StopMachine::handle_stop_ipi).
+/// - [`sync_context`](Arch::sync_context) is a context-synchronisation event: once it
+///   returns, the CPU fetches instructions written (and made coherent) by other CPUs
+///   before they released the state this CPU acquired.
+pub unsafe trait Arch: Sync {
+    /// Exception-mask state saved by [`mask_all`](Arch::mask_all).
+    type MaskState: Copy;
+
+    /// Index of the calling CPU.
+    fn cpu_id(&self) -> usize;
+
+    /// The CPUs that are online and will answer a stop IPI.
+    fn online_cpus(&self) -> CpuSet;
+
+    /// Masks every maskable asynchronous exception on the calling CPU and returns the
+    /// state to hand back to [`restore`](Arch::restore).
+    fn mask_all(&self) -> Self::MaskState;
+
+    /// Restores the mask state returned by [`mask_all`](Arch::mask_all).
+    fn restore(&self, saved: Self::MaskState);
+
+    /// Whether every maskable asynchronous exception is masked on the calling CPU.
+    ///
+    /// Used to record evidence of quiescence, not to decide anything.
+    fn all_masked(&self) -> bool;
+
+    /// Asks each CPU in `targets` (never the caller) to enter the rendezvous.
+    fn send_stop_ipi(&self, targets: CpuSet);
+
+    /// Context synchronisation: arm64 `ISB`, x86 a serialising instruction.
+    fn sync_context(&self);
+
+    /// Called in every wait loop: a spin hint, or a low-power wait that an
+    /// update of the rendezvous state is guaranteed to end.
+    fn relax(&self);
+
+    /// Called by the CPU that changed the rendezvous state, after the change: wakes
+    /// CPUs that [`relax`](Arch::relax) in a low-power wait (arm64 `SEV`).
+    fn wake_waiters(&self) {}
+
+    /// A monotonic clock shared by all CPUs, in nanoseconds.
+    fn now_ns(&self) -> u64;
+}

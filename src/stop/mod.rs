@@ -1,0 +1,614 @@
+//! The arch-free stop-machine core: Linux's `multi_cpu_stop` state machine.
+//!
+//! One CPU (the *initiator*) calls [`StopMachine::stop_machine`]; every other online CPU
+//! is pulled in by a stop IPI and runs the same loop from its IPI handler. All of them
+//! step through the phases together, and no phase starts before every participant has
+//! acknowledged the previous one:
+//!
+//! | phase     | each CPU does                                   | why                                   |
+//! |-----------|--------------------------------------------------|---------------------------------------|
+//! | `Prepare` | nothing: its acknowledgement is its arrival      | nobody masks until everyone is here   |
+//! | `Mask`    | masks every asynchronous exception, records it   | quiescence: nothing can interrupt it  |
+//! | `Run`     | active CPUs run the function                     | everyone else is provably quiescent   |
+//! | `Exit`    | context synchronisation (ISB), then leaves       | no stale instructions survive the run |
+//!
+//! Unlike Linux's loop, every wait is bounded. If some CPU does not *arrive* within
+//! [`StopOptions::arrival_timeout_ns`], the initiator aborts the call: the function runs
+//! nowhere, the CPUs that did arrive leave (they have not masked anything yet), and the
+//! error names the CPUs that never came. Once everyone has arrived, a CPU that stops
+//! answering is stuck with its exceptions masked; that is a hard lockup, and the core
+//! panics with the phase and the CPUs it waited for rather than spin forever.
+//!
+//! The whole shared state is one 64-bit word, `generation | phase | acknowledgements`,
+//! so every transition (an acknowledgement, the last acknowledgement that opens the next
+//! phase, the initiator's abort) is a single compare-and-swap. The generation makes a
+//! late CPU, still holding a stop IPI from an aborted call, harmless: its
+//! compare-and-swap names a generation that no longer exists.
+
+mod arch;
+
+pub use arch::Arch;
+
+use crate::{CpuSet, MAX_CPUS};
+use core::fmt;
+use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+/// What a stop function returns on one CPU: `Err(code)` with a non-zero, errno-like code.
+pub type StopFnResult = Result<(), i32>;
+
+/// A function run by [`StopMachine::stop_machine`] on each active CPU; its argument is
+/// the index of the CPU it runs on.
+pub type StopFn<'a> = &'a (dyn Fn(usize) -> StopFnResult + Sync);
+
+/// Per-call limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopOptions {
+    /// How long the initiator waits for the machine to be free and then for every CPU
+    /// to arrive before it gives up cleanly ([`StopError::Busy`], [`StopError::Timeout`]).
+    pub arrival_timeout_ns: u64,
+    /// How long any CPU waits for a phase to complete once everyone has arrived. Past
+    /// this a CPU is stuck with exceptions masked: the core panics.
+    pub stall_timeout_ns: u64,
+}
+
+impl StopOptions {
+    /// One second to arrive, ten to finish a phase: generous for emulated CPUs.
+    pub const DEFAULT: StopOptions = StopOptions {
+        arrival_timeout_ns: 1_000_000_000,
+        stall_timeout_ns: 10_000_000_000,
+    };
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why [`StopMachine::stop_machine`] failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopError {
+    /// `active` was empty or named CPUs that are not online. Nothing ran.
+    InvalidCpus {
+        /// The set asked for.
+        requested: CpuSet,
+        /// The online CPUs at the time of the call.
+        online: CpuSet,
+    },
+    /// Another stop-machine call held the machine for the whole arrival timeout.
+    Busy {
+        /// How long the caller waited.
+        waited_ns: u64,
+    },
+    /// These CPUs did not arrive in time. The function ran on no CPU and every CPU that
+    /// had arrived has left.
+    Timeout {
+        /// The CPUs that never acknowledged arrival.
+        missing: CpuSet,
+        /// How long the initiator waited.
+        waited_ns: u64,
+    },
+    /// The function ran and returned an error on at least one CPU.
+    Failed(Failures),
+}
+
+/// The errors returned by the stop function, one per failing CPU (never just the last).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Failures {
+    cpus: CpuSet,
+    codes: [i32; MAX_CPUS],
+}
+
+impl Failures {
+    /// The CPUs on which the function failed.
+    pub fn cpus(&self) -> CpuSet {
+        self.cpus
+    }
+
+    /// The error `cpu` returned, if it failed.
+    pub fn code(&self, cpu: usize) -> Option<i32> {
+        self.cpus.contains(cpu).then(|| self.codes[cpu])
+    }
+
+    /// `(cpu, code)` for every failing CPU, in CPU order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, i32)> + '_ {
+        self.cpus.iter().map(|cpu| (cpu, self.codes[cpu]))
+    }
+}
+
+impl fmt::Debug for Failures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for StopError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopError::InvalidCpus { requested, online } => write!(
+                f,
+                "active CPUs {requested} must be a non-empty subset of the online CPUs {online}"
+            ),
+            StopError::Busy { waited_ns } => write!(
+                f,
+                "another stop_machine held the machine for {} us",
+                waited_ns / 1000
+            ),
+            StopError::Timeout { missing, waited_ns } => write!(
+                f,
+                "CPUs {missing} did not arrive within {} us; the function did not run",
+                waited_ns / 1000
+            ),
+            StopError::Failed(failures) => {
+                f.write_str("stop function failed on")?;
+                for (cpu, code) in failures.iter() {
+                    write!(f, " cpu{cpu}={code}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Evidence, recorded by the core, that every CPU was quiescent before the function ran.
+///
+/// Read it from inside the stop function (the `Run` phase) and compare it with
+/// [`StopMachine::stamp`] taken right before the first side effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quiescence {
+    /// CPUs that reported every asynchronous exception masked when they acknowledged
+    /// the `Mask` phase.
+    pub masked: CpuSet,
+    /// The latest stamp taken by any CPU as it acknowledged the `Mask` phase.
+    pub last_ack_stamp: u64,
+}
+
+/// The phases of one call, in order. `Done` and `Aborted` are terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    Idle = 0,
+    Prepare = 1,
+    Mask = 2,
+    Run = 3,
+    Exit = 4,
+    Done = 5,
+    Aborted = 6,
+}
+
+impl Phase {
+    fn from_bits(bits: u8) -> Phase {
+        match bits {
+            1 => Phase::Prepare,
+            2 => Phase::Mask,
+            3 => Phase::Run,
+            4 => Phase::Exit,
+            5 => Phase::Done,
+            6 => Phase::Aborted,
+            _ => Phase::Idle,
+        }
+    }
+
+    fn next(self) -> Phase {
+        match self {
+            Phase::Prepare => Phase::Mask,
+            Phase::Mask => Phase::Run,
+            Phase::Run => Phase::Exit,
+            Phase::Exit => Phase::Done,
+            terminal => terminal,
+        }
+    }
+}
+
+/// The state word: `generation (24 bits) | phase (8 bits) | acknowledged CPUs (32 bits)`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct State(u64);
+
+impl State {
+    const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+    fn new(generation: u32, phase: Phase, acked: CpuSet) -> State {
+        State(
+            (u64::from(generation & Self::GENERATION_MASK) << 40)
+                | (u64::from(phase as u8) << 32)
+                | u64::from(acked.bits()),
+        )
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 40) as u32
+    }
+
+    fn phase(self) -> Phase {
+        Phase::from_bits((self.0 >> 32) as u8)
+    }
+
+    fn acked(self) -> CpuSet {
+        CpuSet::from_bits(self.0 as u32)
+    }
+}
+
+/// The function of the current call, published to the other CPUs by pointer.
+struct Work<'a> {
+    function: StopFn<'a>,
+}
+
+/// How a CPU's pass through the loop ended.
+enum Outcome {
+    /// It acknowledged `Exit` (the initiator: and every CPU did).
+    Completed,
+    /// The initiator aborted the call before anyone masked anything.
+    Aborted { missing: CpuSet, waited_ns: u64 },
+}
+
+/// The stop machine of one system. Make it a `static` and route the architecture's
+/// stop IPI to [`handle_stop_ipi`](Self::handle_stop_ipi).
+pub struct StopMachine<A: Arch> {
+    arch: A,
+    /// Serialises initiators. Only its holder writes anything but `state` below.
+    lock: spin::Mutex<()>,
+    state: AtomicU64,
+    participants: AtomicU32,
+    active: AtomicU32,
+    stall_timeout_ns: AtomicU64,
+    /// Points at a [`Work`] on the initiator's stack while a call is in flight.
+    work: AtomicPtr<Work<'static>>,
+    failed: AtomicU32,
+    codes: [AtomicI32; MAX_CPUS],
+    stamps: AtomicU64,
+    masked_at_ack: AtomicU32,
+    ack_stamp: [AtomicU64; MAX_CPUS],
+}
+
+impl<A: Arch> StopMachine<A> {
+    /// A stop machine driving the CPUs of `arch`.
+    pub const fn new(arch: A) -> Self {
+        StopMachine {
+            arch,
+            lock: spin::Mutex::new(()),
+            state: AtomicU64::new(0),
+            participants: AtomicU32::new(0),
+            active: AtomicU32::new(0),
+            stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
+            work: AtomicPtr::new(core::ptr::null_mut()),
+            failed: AtomicU32::new(0),
+            codes: [const { AtomicI32::new(0) }; MAX_CPUS],
+            stamps: AtomicU64::new(0),
+            masked_at_ack: AtomicU32::new(0),
+            ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
+        }
+    }
+
+    /// The architecture this machine drives.
+    pub fn arch(&self) -> &A {
+        &self.arch
+    }
+
+    /// Runs `function` on every CPU in `active` while every online CPU is inside the
+    /// rendezvous with all asynchronous exceptions masked.
+    ///
+    /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
+    /// free has to answer the current holder's stop IPI. Errors from all CPUs are
+    /// collected ([`StopError::Failed`]).
+    // The error carries one code per CPU by value: the kernel has no heap, and 136 bytes
+    // of stack on a path that is anything but hot is the simpler trade.
+    #[allow(clippy::result_large_err)]
+    pub fn stop_machine(
+        &self,
+        function: StopFn<'_>,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        let arch = &self.arch;
+        let me = arch.cpu_id();
+        let online = arch.online_cpus();
+        if active.is_empty() || !active.is_subset(online) {
+            return Err(StopError::InvalidCpus {
+                requested: active,
+                online,
+            });
+        }
+
+        let start = arch.now_ns();
+        let _guard = loop {
+            if let Some(guard) = self.lock.try_lock() {
+                break guard;
+            }
+            let waited_ns = arch.now_ns().saturating_sub(start);
+            if waited_ns > options.arrival_timeout_ns {
+                return Err(StopError::Busy { waited_ns });
+            }
+            arch.relax();
+        };
+
+        let work = Work { function };
+        let previous = State(self.state.load(Ordering::Relaxed));
+        let generation = previous.generation().wrapping_add(1) & State::GENERATION_MASK;
+        self.participants.store(online.bits(), Ordering::Relaxed);
+        self.active.store(active.bits(), Ordering::Relaxed);
+        self.stall_timeout_ns
+            .store(options.stall_timeout_ns, Ordering::Relaxed);
+        self.work.store(
+            // The pointer is dereferenced only in the `Run` phase, which cannot end
+            // before this function has seen `Done` (or panicked): `work` outlives it.
+            (&work as *const Work<'_>)
+                .cast::<Work<'static>>()
+                .cast_mut(),
+            Ordering::Relaxed,
+        );
+        self.failed.store(0, Ordering::Relaxed);
+        self.masked_at_ack.store(0, Ordering::Relaxed);
+        // Release: publishes every field above to a CPU that acquires this state, in
+        // `handle_stop_ipi` or in its acknowledgement's compare-and-swap.
+        self.state.store(
+            State::new(generation, Phase::Prepare, CpuSet::EMPTY).0,
+            Ordering::Release,
+        );
+        arch.wake_waiters();
+        arch.send_stop_ipi(online.without(me));
+
+        let outcome = self.participate(generation, me, Some(options.arrival_timeout_ns));
+        self.work.store(core::ptr::null_mut(), Ordering::Relaxed);
+        match outcome {
+            Outcome::Aborted { missing, waited_ns } => {
+                Err(StopError::Timeout { missing, waited_ns })
+            }
+            Outcome::Completed => {
+                // Acquire (in `participate`'s wait for `Done`) pairs with each CPU's
+                // release of its acknowledgement: their codes are visible.
+                let failed = CpuSet::from_bits(self.failed.load(Ordering::Relaxed));
+                if failed.is_empty() {
+                    return Ok(());
+                }
+                let mut codes = [0; MAX_CPUS];
+                for cpu in failed.iter() {
+                    codes[cpu] = self.codes[cpu].load(Ordering::Relaxed);
+                }
+                Err(StopError::Failed(Failures {
+                    cpus: failed,
+                    codes,
+                }))
+            }
+        }
+    }
+
+    /// The stop IPI handler: joins the call in flight, if any, and returns once this
+    /// CPU may run normal code again.
+    ///
+    /// Call it from the architecture's stop-IPI handler. A stale IPI (from a call that
+    /// completed or was aborted) finds no call to join and returns at once.
+    pub fn handle_stop_ipi(&self) {
+        // Acquire pairs with the initiator's release of `Prepare`.
+        let state = State(self.state.load(Ordering::Acquire));
+        if state.phase() != Phase::Prepare {
+            return;
+        }
+        let me = self.arch.cpu_id();
+        let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+        if !participants.contains(me) || state.acked().contains(me) {
+            return;
+        }
+        // If a newer call has replaced this one meanwhile, the first acknowledgement
+        // names a stale generation and fails; `participate` then leaves at once.
+        let _ = self.participate(state.generation(), me, None);
+    }
+
+    /// A fresh stamp from the same sequence the `Mask` acknowledgements draw from.
+    ///
+    /// Taken right before a side effect inside the stop function, it proves the effect
+    /// came after every CPU's quiescence: compare with [`Quiescence::last_ack_stamp`].
+    pub fn stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// What the CPUs reported as they acknowledged the `Mask` phase of the current call.
+    ///
+    /// Meaningful from inside the stop function.
+    pub fn quiescence(&self) -> Quiescence {
+        let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+        let last_ack_stamp = participants
+            .iter()
+            .map(|cpu| self.ack_stamp[cpu].load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Quiescence {
+            masked: CpuSet::from_bits(self.masked_at_ack.load(Ordering::Relaxed)),
+            last_ack_stamp,
+        }
+    }
+
+    /// One CPU's walk through the phases of call `generation`. `arrival_timeout_ns` is
+    /// `Some` for the initiator, which alone may abort the call.
+    fn participate(&self, generation: u32, me: usize, arrival_timeout_ns: Option<u64>) -> Outcome {
+        let arch = &self.arch;
+        let mut phase = Phase::Prepare;
+        let mut saved = None;
+        let outcome = loop {
+            match phase {
+                Phase::Mask => {
+                    saved = Some(arch.mask_all());
+                    if arch.all_masked() {
+                        self.masked_at_ack
+                            .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
+                    }
+                    self.ack_stamp[me].store(self.stamp(), Ordering::Relaxed);
+                }
+                Phase::Run
+                    if CpuSet::from_bits(self.active.load(Ordering::Relaxed)).contains(me) =>
+                {
+                    // SAFETY: `work` was set before `Prepare` was released and is reset
+                    // only after `Done`, which needs this CPU's `Run` acknowledgement
+                    // below: the pointee is alive.
+                    let work = unsafe { &*self.work.load(Ordering::Relaxed) };
+                    if let Err(code) = (work.function)(me) {
+                        self.codes[me].store(code, Ordering::Relaxed);
+                        self.failed
+                            .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
+                    }
+                }
+                // Pairs with the `Acquire` that observed `Exit`: whatever the active
+                // CPUs wrote and made coherent before acknowledging `Run` is now what
+                // this CPU fetches.
+                Phase::Exit => arch.sync_context(),
+                _ => {}
+            }
+            if !self.acknowledge(generation, phase, me) {
+                break Outcome::Aborted {
+                    missing: CpuSet::EMPTY,
+                    waited_ns: 0,
+                };
+            }
+            if phase == Phase::Exit && arrival_timeout_ns.is_none() {
+                break Outcome::Completed;
+            }
+            match self.wait_for_next(generation, phase, me, arrival_timeout_ns) {
+                Ok(Phase::Done) => break Outcome::Completed,
+                Ok(next) => phase = next,
+                Err(aborted) => break aborted,
+            }
+        };
+        if let Some(saved) = saved {
+            arch.restore(saved);
+        }
+        outcome
+    }
+
+    /// Adds `me` to the acknowledgements of `phase`; the last CPU opens the next phase.
+    /// Returns false if the call is no longer in `phase` of `generation` (it was
+    /// aborted, or this CPU's IPI was stale).
+    fn acknowledge(&self, generation: u32, phase: Phase, me: usize) -> bool {
+        let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+        let mut current = State(self.state.load(Ordering::Relaxed));
+        loop {
+            if current.generation() != generation || current.phase() != phase {
+                return false;
+            }
+            let acked = current.acked().with(me);
+            let next = if acked == participants {
+                State::new(generation, phase.next(), CpuSet::EMPTY)
+            } else {
+                State::new(generation, phase, acked)
+            };
+            // AcqRel: release this CPU's writes of the phase (mask evidence, function
+            // result) and acquire those of the CPUs that acknowledged before it, so the
+            // CPU that opens the next phase publishes everyone's.
+            match self.state.compare_exchange_weak(
+                current.0,
+                next.0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    if next.phase() != phase {
+                        self.arch.wake_waiters();
+                    }
+                    return true;
+                }
+                Err(seen) => current = State(seen),
+            }
+        }
+    }
+
+    /// Waits until the call leaves `phase`. Bounded: the initiator aborts a `Prepare`
+    /// that outlasts the arrival timeout; any other wait that outlasts the stall
+    /// timeout is a CPU stuck with exceptions masked, and panics.
+    fn wait_for_next(
+        &self,
+        generation: u32,
+        phase: Phase,
+        me: usize,
+        arrival_timeout_ns: Option<u64>,
+    ) -> Result<Phase, Outcome> {
+        let arch = &self.arch;
+        let start = arch.now_ns();
+        let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
+        loop {
+            // Acquire pairs with the release of the CPU that opened the next phase.
+            let current = State(self.state.load(Ordering::Acquire));
+            if current.generation() != generation || current.phase() == Phase::Aborted {
+                return Err(Outcome::Aborted {
+                    missing: CpuSet::EMPTY,
+                    waited_ns: 0,
+                });
+            }
+            if current.phase() != phase {
+                return Ok(current.phase());
+            }
+            let waited_ns = arch.now_ns().saturating_sub(start);
+            match arrival_timeout_ns {
+                Some(limit) if phase == Phase::Prepare && waited_ns > limit => {
+                    // Nobody has masked anything yet: abort unless the last CPU arrives
+                    // at this very moment (then the exchange fails and we go on).
+                    let aborted = State::new(generation, Phase::Aborted, current.acked());
+                    if self
+                        .state
+                        .compare_exchange(current.0, aborted.0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        arch.wake_waiters();
+                        let participants =
+                            CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+                        return Err(Outcome::Aborted {
+                            missing: participants.minus(current.acked()),
+                            waited_ns,
+                        });
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let limit = match (phase, arrival_timeout_ns) {
+                // A CPU that arrived waits for the initiator's abort at worst.
+                (Phase::Prepare, None) => stall_timeout_ns.saturating_add(stall_timeout_ns),
+                _ => stall_timeout_ns,
+            };
+            if waited_ns > limit {
+                let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+                panic!(
+                    "stop_machine: cpu{me} waited {} us in phase {phase:?} of call {generation} \
+                     for CPUs {} (acknowledged: {})",
+                    waited_ns / 1000,
+                    participants.minus(current.acked()),
+                    current.acked()
+                );
+            }
+            arch.relax();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_word_round_trips() {
+        let state = State::new(0xab_cdef, Phase::Run, CpuSet::from_bits(0x8000_0001));
+        assert_eq!(state.generation(), 0xab_cdef);
+        assert_eq!(state.phase(), Phase::Run);
+        assert_eq!(state.acked(), CpuSet::from_bits(0x8000_0001));
+        let wrapped = State::new(State::GENERATION_MASK + 2, Phase::Exit, CpuSet::EMPTY);
+        assert_eq!(wrapped.generation(), 1);
+    }
+
+    #[test]
+    fn phases_advance_in_order() {
+        let mut phase = Phase::Prepare;
+        let mut seen = vec![phase];
+        while phase != Phase::Done {
+            phase = phase.next();
+            seen.push(phase);
+        }
+        assert_eq!(
+            seen,
+            [
+                Phase::Prepare,
+                Phase::Mask,
+                Phase::Run,
+                Phase::Exit,
+                Phase::Done
+            ]
+        );
+        assert_eq!(Phase::Aborted.next(), Phase::Aborted);
+    }
+}

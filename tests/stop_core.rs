@@ -1,0 +1,423 @@
+//! The stop-machine core on the host, with threads as CPUs.
+
+// `StopError` carries one code per CPU by value (the kernel has no heap).
+#![allow(clippy::result_large_err)]
+
+use patch_machine::CpuSet;
+use patch_machine::arch::host::HostArch;
+use patch_machine::stop::{StopError, StopMachine, StopOptions};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+type Stop = StopMachine<HostArch>;
+type Job = Box<dyn FnOnce(&Stop) + Send>;
+
+/// A host machine: one thread per CPU, each polling for stop IPIs between jobs.
+struct Machine {
+    stop: Arc<Stop>,
+    jobs: Vec<mpsc::Sender<Job>>,
+    quit: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+    /// Per CPU: how many times it has gone round its idle loop.
+    idle_rounds: Arc<Vec<AtomicU64>>,
+}
+
+impl Machine {
+    fn new(cpus: usize) -> Machine {
+        let stop = Arc::new(StopMachine::new(HostArch::new(cpus)));
+        HostArch::connect(&stop);
+        let quit = Arc::new(AtomicBool::new(false));
+        let idle_rounds = Arc::new((0..cpus).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let mut jobs = Vec::new();
+        let mut threads = Vec::new();
+        for cpu in 0..cpus {
+            let (tx, rx) = mpsc::channel::<Job>();
+            jobs.push(tx);
+            let (stop, quit, idle_rounds) = (stop.clone(), quit.clone(), idle_rounds.clone());
+            threads.push(thread::spawn(move || {
+                stop.arch().bind_current_thread(cpu);
+                while !quit.load(Ordering::Relaxed) {
+                    stop.arch().poll_interrupts();
+                    if let Ok(job) = rx.try_recv() {
+                        job(&stop);
+                    }
+                    idle_rounds[cpu].fetch_add(1, Ordering::Relaxed);
+                    thread::yield_now();
+                }
+            }));
+        }
+        Machine {
+            stop,
+            jobs,
+            quit,
+            threads,
+            idle_rounds,
+        }
+    }
+
+    /// Runs `job` on `cpu` and waits (bounded) for its result.
+    fn on_cpu<R: Send + 'static>(
+        &self,
+        cpu: usize,
+        job: impl FnOnce(&Stop) -> R + Send + 'static,
+    ) -> R {
+        let (tx, rx) = mpsc::channel();
+        self.jobs[cpu]
+            .send(Box::new(move |stop| {
+                let _ = tx.send(job(stop));
+            }))
+            .unwrap();
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("cpu{cpu} did not finish its job within 60 s"))
+    }
+
+    /// Starts `job` on `cpu` without waiting; the receiver yields its result.
+    fn spawn_on<R: Send + 'static>(
+        &self,
+        cpu: usize,
+        job: impl FnOnce(&Stop) -> R + Send + 'static,
+    ) -> mpsc::Receiver<R> {
+        let (tx, rx) = mpsc::channel();
+        self.jobs[cpu]
+            .send(Box::new(move |stop| {
+                let _ = tx.send(job(stop));
+            }))
+            .unwrap();
+        rx
+    }
+
+    /// Waits until every CPU has gone round its idle loop again: nobody is left inside
+    /// a rendezvous.
+    fn all_idle_again(&self, cpus: CpuSet) -> bool {
+        let before: Vec<u64> = self
+            .idle_rounds
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cpus
+                .iter()
+                .all(|cpu| self.idle_rounds[cpu].load(Ordering::Relaxed) > before[cpu] + 1)
+            {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.quit.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+const QUICK: StopOptions = StopOptions {
+    arrival_timeout_ns: 5_000_000_000,
+    stall_timeout_ns: 20_000_000_000,
+};
+
+#[test]
+fn runs_on_exactly_the_active_cpus() {
+    for cpus in [1, 2, 3, 4, 8] {
+        let machine = Machine::new(cpus);
+        let all = CpuSet::first(cpus);
+        let mut subsets = vec![all, CpuSet::single(0), CpuSet::single(cpus - 1)];
+        if cpus > 2 {
+            subsets.push(CpuSet::from_bits(0b101));
+        }
+        for active in subsets {
+            for initiator in [0, cpus - 1] {
+                let ran = machine.on_cpu(initiator, move |stop| {
+                    let ran = AtomicU32::new(0);
+                    let runs = AtomicU32::new(0);
+                    stop.stop_machine(
+                        &|cpu| {
+                            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                            runs.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
+                        },
+                        active,
+                        QUICK,
+                    )
+                    .unwrap();
+                    (ran.load(Ordering::Relaxed), runs.load(Ordering::Relaxed))
+                });
+                assert_eq!(
+                    ran,
+                    (active.bits(), active.len() as u32),
+                    "cpus={cpus} active={active} initiator={initiator}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn other_cpus_are_masked_while_the_function_runs() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let all = CpuSet::first(cpus);
+    let result = machine.on_cpu(1, move |stop| {
+        let seen = Mutex::new(Vec::new());
+        let outcome = stop.stop_machine(
+            &|cpu| {
+                let arch = stop.arch();
+                let unmasked: Vec<usize> = (0..cpus).filter(|&c| !arch.is_masked(c)).collect();
+                let quiescence = stop.quiescence();
+                let stamp = stop.stamp();
+                seen.lock()
+                    .unwrap()
+                    .push((cpu, unmasked, quiescence, stamp));
+                Ok(())
+            },
+            CpuSet::single(2),
+            QUICK,
+        );
+        (outcome, seen.into_inner().unwrap())
+    });
+    let (outcome, seen) = result;
+    outcome.unwrap();
+    assert_eq!(seen.len(), 1);
+    let (cpu, unmasked, quiescence, stamp) = &seen[0];
+    assert_eq!(*cpu, 2);
+    assert!(
+        unmasked.is_empty(),
+        "CPUs {unmasked:?} were not masked during the run"
+    );
+    assert_eq!(quiescence.masked, all, "not every CPU reported quiescence");
+    assert!(
+        *stamp > quiescence.last_ack_stamp,
+        "the function ran (stamp {stamp}) before the last quiescence ack ({})",
+        quiescence.last_ack_stamp
+    );
+    // And afterwards everyone unmasked again.
+    assert!(machine.all_idle_again(all));
+    for c in 0..cpus {
+        assert!(!machine.stop.arch().is_masked(c), "cpu{c} left masked");
+    }
+}
+
+#[test]
+fn every_cpu_synchronises_context_before_leaving() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let arch = machine.stop.arch().clone();
+    let before: Vec<u64> = (0..cpus).map(|c| arch.syncs(c)).collect();
+    machine
+        .on_cpu(0, |stop| {
+            stop.stop_machine(&|_| Ok(()), CpuSet::single(0), QUICK)
+                .unwrap();
+            // When stop_machine returns, every CPU must already have synchronised.
+            (0..4).map(|c| stop.arch().syncs(c)).collect::<Vec<_>>()
+        })
+        .iter()
+        .enumerate()
+        .for_each(|(cpu, &after)| {
+            assert_eq!(
+                after,
+                before[cpu] + 1,
+                "cpu{cpu} did not synchronise exactly once before the call returned"
+            );
+        });
+}
+
+#[test]
+fn errors_from_all_cpus_are_accumulated() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let err = machine.on_cpu(0, move |stop| {
+        stop.stop_machine(
+            &|cpu| match cpu {
+                1 => Err(-5),
+                3 => Err(-22),
+                _ => Ok(()),
+            },
+            CpuSet::first(cpus),
+            QUICK,
+        )
+    });
+    let Err(StopError::Failed(failures)) = err else {
+        panic!("expected Failed, got {err:?}");
+    };
+    assert_eq!(failures.cpus(), CpuSet::from_bits(0b1010));
+    assert_eq!(failures.code(1), Some(-5));
+    assert_eq!(failures.code(3), Some(-22));
+    assert_eq!(failures.code(0), None);
+    let message = StopError::Failed(failures).to_string();
+    assert!(
+        message.contains("cpu1=-5") && message.contains("cpu3=-22"),
+        "{message}"
+    );
+}
+
+#[test]
+fn invalid_cpu_sets_are_rejected_and_nothing_runs() {
+    let machine = Machine::new(2);
+    let ran = Arc::new(AtomicUsize::new(0));
+    for bad in [CpuSet::EMPTY, CpuSet::single(2), CpuSet::from_bits(0b111)] {
+        let ran = ran.clone();
+        let err = machine.on_cpu(0, move |stop| {
+            stop.stop_machine(
+                &|_| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+                bad,
+                QUICK,
+            )
+        });
+        assert!(
+            matches!(err, Err(StopError::InvalidCpus { .. })),
+            "{bad}: {err:?}"
+        );
+    }
+    assert_eq!(ran.load(Ordering::Relaxed), 0);
+    assert_eq!(machine.stop.arch().ipis_sent(), 0);
+}
+
+#[test]
+fn a_cpu_that_never_arrives_times_out_cleanly_and_the_next_call_succeeds() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let held = 2;
+    // CPU 2 masks everything and spins until released: it cannot take the stop IPI.
+    let release = Arc::new(AtomicBool::new(false));
+    let holding = Arc::new(AtomicBool::new(false));
+    let (r, h) = (release.clone(), holding.clone());
+    let held_done = machine.spawn_on(held, move |stop| {
+        let saved = patch_machine::stop::Arch::mask_all(stop.arch());
+        h.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !r.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        patch_machine::stop::Arch::restore(stop.arch(), saved);
+    });
+    while !holding.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+
+    let ran = Arc::new(AtomicUsize::new(0));
+    let ran2 = ran.clone();
+    let err = machine.on_cpu(0, move |stop| {
+        stop.stop_machine(
+            &|_| {
+                ran2.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::first(4),
+            StopOptions {
+                arrival_timeout_ns: 50_000_000,
+                ..QUICK
+            },
+        )
+    });
+    match err {
+        Err(StopError::Timeout { missing, waited_ns }) => {
+            assert_eq!(missing, CpuSet::single(held));
+            assert!(waited_ns >= 50_000_000);
+            assert!(err.unwrap_err().to_string().contains("{2}"));
+        }
+        other => panic!("expected a timeout naming cpu{held}, got {other:?}"),
+    }
+    assert_eq!(
+        ran.load(Ordering::Relaxed),
+        0,
+        "the function ran despite the timeout"
+    );
+    // The CPUs that did arrive are not left spinning.
+    assert!(
+        machine.all_idle_again(CpuSet::from_bits(0b1011)),
+        "a CPU was left in the rendezvous"
+    );
+    for cpu in [0, 1, 3] {
+        assert!(!machine.stop.arch().is_masked(cpu));
+    }
+
+    // Release the held CPU: it takes its stale IPI, finds nothing to join, and the next
+    // call includes it.
+    release.store(true, Ordering::Release);
+    held_done.recv_timeout(Duration::from_secs(60)).unwrap();
+    let ran_on = machine.on_cpu(0, |stop| {
+        let ran_on = AtomicU32::new(0);
+        stop.stop_machine(
+            &|cpu| {
+                ran_on.fetch_or(1 << cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::first(4),
+            QUICK,
+        )
+        .map(|()| ran_on.load(Ordering::Relaxed))
+    });
+    assert_eq!(ran_on, Ok(0b1111));
+}
+
+#[test]
+fn concurrent_callers_are_serialised() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let inside = Arc::new(AtomicU32::new(0));
+    let overlaps = Arc::new(AtomicU32::new(0));
+    let runs = Arc::new(AtomicU32::new(0));
+    let calls = 50;
+    let receivers: Vec<_> = (0..cpus)
+        .map(|caller| {
+            let (inside, overlaps, runs) = (inside.clone(), overlaps.clone(), runs.clone());
+            machine.spawn_on(caller, move |stop| {
+                for _ in 0..calls {
+                    stop.stop_machine(
+                        &|_| {
+                            // Exactly one CPU is active per call: any overlap means two
+                            // calls ran at once.
+                            if inside.fetch_add(1, Ordering::AcqRel) != 0 {
+                                overlaps.fetch_add(1, Ordering::Relaxed);
+                            }
+                            runs.fetch_add(1, Ordering::Relaxed);
+                            inside.fetch_sub(1, Ordering::AcqRel);
+                            Ok(())
+                        },
+                        CpuSet::single(caller),
+                        QUICK,
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for rx in receivers {
+        rx.recv_timeout(Duration::from_secs(120))
+            .expect("a caller did not finish");
+    }
+    assert_eq!(overlaps.load(Ordering::Relaxed), 0);
+    assert_eq!(runs.load(Ordering::Relaxed), cpus as u32 * calls);
+}
+
+#[test]
+fn stale_ipis_after_completed_calls_are_harmless() {
+    let machine = Machine::new(3);
+    let arch = machine.stop.arch().clone();
+    machine
+        .on_cpu(0, |stop| {
+            stop.stop_machine(&|_| Ok(()), CpuSet::single(0), QUICK)
+        })
+        .unwrap();
+    // A spurious stop IPI with no call in flight: taken, nothing joined.
+    patch_machine::stop::Arch::send_stop_ipi(&arch, CpuSet::from_bits(0b110));
+    assert!(machine.all_idle_again(CpuSet::first(3)));
+    assert!(!arch.ipi_pending(1) && !arch.ipi_pending(2));
+    machine
+        .on_cpu(2, |stop| {
+            stop.stop_machine(&|_| Ok(()), CpuSet::first(3), QUICK)
+        })
+        .unwrap();
+}
