@@ -1,2 +1,385 @@
-//! Batches of instruction patches.
+//! Patching kernel text: batches validated whole, then written while the machine is
+//! stopped ([`patch_machine`]) or, for the few instruction pairs the architecture allows
+//! to change under a running CPU, without stopping it ([`patch_nosync`]).
+//!
+//! Nothing here writes text through its own mapping: [`Text::write_insn`] goes through
+//! a temporary writable alias, so kernel text is never writable.
+
 pub mod insn;
+
+use crate::CpuSet;
+use crate::stop::{Arch, Quiescence, StopError, StopMachine, StopOptions};
+use core::fmt;
+use core::ops::Range;
+use insn::Insn;
+
+/// One instruction to replace: at `addr`, `old` must be there and becomes `new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patch {
+    /// Address of the instruction (4-byte aligned, inside kernel text).
+    pub addr: usize,
+    /// The instruction expected there now.
+    pub old: Insn,
+    /// The instruction to write.
+    pub new: Insn,
+}
+
+impl Patch {
+    /// Replace `old` at `addr` with `new`.
+    pub const fn new(addr: usize, old: Insn, new: Insn) -> Self {
+        Patch { addr, old, new }
+    }
+
+    /// The same site patched back.
+    pub const fn reversed(self) -> Self {
+        Patch {
+            addr: self.addr,
+            old: self.new,
+            new: self.old,
+        }
+    }
+}
+
+/// What patching needs from the architecture besides the stop machine.
+///
+/// # Safety
+///
+/// - [`text_range`](Text::text_range) covers only mapped, executable kernel text, and
+///   [`protected_ranges`](Text::protected_ranges) cover every instruction the
+///   rendezvous, the exception entry paths and the writer themselves execute.
+/// - [`write_insn`](Text::write_insn) stores the word with a single-copy-atomic 32-bit
+///   write visible at `addr`, without ever making `addr`'s own mapping writable.
+/// - [`sync_icache`](Text::sync_icache) makes the range coherent between data and
+///   instruction side for every CPU, to the point of unification, and waits for that to
+///   complete (arm64: DC CVAU, DSB ISH, IC IVAU, DSB ISH).
+pub unsafe trait Text: Sync {
+    /// All of kernel text.
+    fn text_range(&self) -> Range<usize>;
+
+    /// Parts of text that must never be patched: the code the rendezvous and the
+    /// patching path run.
+    fn protected_ranges(&self) -> &[Range<usize>];
+
+    /// Reads the instruction at `addr`, which validation found aligned and in text.
+    fn read_insn(&self, addr: usize) -> Insn;
+
+    /// Writes `insn` at `addr` through a temporary writable alias.
+    ///
+    /// # Safety
+    /// `addr` passed validation, and no CPU may execute it unless the pair is
+    /// CMODX-safe or every other CPU is quiescent.
+    unsafe fn write_insn(&self, addr: usize, insn: Insn);
+
+    /// Cleans the D-cache and invalidates the I-cache for `range` to the point of
+    /// unification, on every CPU, and waits for completion.
+    fn sync_icache(&self, range: Range<usize>);
+
+    /// The lock that serialises every writer of this text, from validation to the last
+    /// write, so that no batch is validated against text another batch is changing.
+    fn writer_lock(&self) -> &spin::Mutex<()>;
+}
+
+/// Why a batch was refused or failed. Every refusal happens before any byte changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PatchError {
+    /// The batch has no entries.
+    EmptyBatch,
+    /// Entry `index` is not 4-byte aligned.
+    Misaligned {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+    },
+    /// Entry `index` is not inside kernel text.
+    OutsideText {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+        /// Kernel text.
+        text: (usize, usize),
+    },
+    /// Entry `index` is inside code the rendezvous or the patching path runs.
+    Protected {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+        /// The protected range it falls in.
+        range: (usize, usize),
+    },
+    /// Entry `index` does not hold the expected old instruction.
+    OldMismatch {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+        /// The instruction the entry expected.
+        expected: Insn,
+        /// The instruction found.
+        found: Insn,
+    },
+    /// Entry `index` patches the same address as entry `first`.
+    Duplicate {
+        /// Position in the batch.
+        index: usize,
+        /// The earlier entry with the same address.
+        first: usize,
+        /// The address.
+        addr: usize,
+    },
+    /// Entry `index` changes an instruction pair that may not be modified while it can
+    /// execute; only B, BL, BRK, HVC, ISB, NOP, SMC and SVC pairs can.
+    NotCmodxSafe {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+        /// Current instruction.
+        old: Insn,
+        /// Requested instruction.
+        new: Insn,
+    },
+    /// Another writer held the text for the whole arrival timeout; nothing was written.
+    Busy {
+        /// How long the caller waited.
+        waited_ns: u64,
+    },
+    /// The rendezvous failed; no byte changed.
+    Stop(StopError),
+}
+
+impl fmt::Display for PatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            PatchError::EmptyBatch => f.write_str("empty batch"),
+            PatchError::Misaligned { index, addr } => {
+                write!(f, "entry {index} ({addr:#x}): not 4-byte aligned")
+            }
+            PatchError::OutsideText { index, addr, text } => write!(
+                f,
+                "entry {index} ({addr:#x}): outside kernel text {:#x}..{:#x}",
+                text.0, text.1
+            ),
+            PatchError::Protected { index, addr, range } => write!(
+                f,
+                "entry {index} ({addr:#x}): inside code the rendezvous runs ({:#x}..{:#x})",
+                range.0, range.1
+            ),
+            PatchError::OldMismatch {
+                index,
+                addr,
+                expected,
+                found,
+            } => write!(
+                f,
+                "entry {index} ({addr:#x}): expected old instruction {expected:#010x}, found {found:#010x}"
+            ),
+            PatchError::Duplicate { index, first, addr } => write!(
+                f,
+                "entry {index} ({addr:#x}): same address as entry {first}"
+            ),
+            PatchError::NotCmodxSafe {
+                index,
+                addr,
+                old,
+                new,
+            } => write!(
+                f,
+                "entry {index} ({addr:#x}): {old:#010x} -> {new:#010x} may not change while it \
+                 can execute (only B, BL, BRK, HVC, ISB, NOP, SMC, SVC pairs can); use patch_machine"
+            ),
+            PatchError::Busy { waited_ns } => write!(
+                f,
+                "another patcher held the text for {} us; nothing written",
+                waited_ns / 1000
+            ),
+            PatchError::Stop(err) => write!(f, "rendezvous failed, nothing written: {err}"),
+        }
+    }
+}
+
+impl From<StopError> for PatchError {
+    fn from(err: StopError) -> Self {
+        PatchError::Stop(err)
+    }
+}
+
+/// Checks every entry of `batch` against the current text; the first problem found is
+/// returned and nothing is written.
+pub fn validate(text: &impl Text, batch: &[Patch]) -> Result<(), PatchError> {
+    if batch.is_empty() {
+        return Err(PatchError::EmptyBatch);
+    }
+    let text_range = text.text_range();
+    for (index, patch) in batch.iter().enumerate() {
+        let addr = patch.addr;
+        if addr % 4 != 0 {
+            return Err(PatchError::Misaligned { index, addr });
+        }
+        if !(text_range.start <= addr && addr.saturating_add(4) <= text_range.end) {
+            return Err(PatchError::OutsideText {
+                index,
+                addr,
+                text: (text_range.start, text_range.end),
+            });
+        }
+        if let Some(range) = text.protected_ranges().iter().find(|r| r.contains(&addr)) {
+            return Err(PatchError::Protected {
+                index,
+                addr,
+                range: (range.start, range.end),
+            });
+        }
+        if let Some(first) = batch[..index].iter().position(|p| p.addr == addr) {
+            return Err(PatchError::Duplicate { index, first, addr });
+        }
+        let found = text.read_insn(addr);
+        if found != patch.old {
+            return Err(PatchError::OldMismatch {
+                index,
+                addr,
+                expected: patch.old,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`patch_machine`] observed: the evidence that it wrote only once every CPU was
+/// quiescent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchReport {
+    /// The CPUs that took part in the rendezvous.
+    pub cpus: CpuSet,
+    /// What the CPUs reported as they became quiescent.
+    pub quiescence: Quiescence,
+    /// Stamp taken right before the first write (see [`StopMachine::stamp`]).
+    pub first_write_stamp: u64,
+    /// Sites written.
+    pub sites: usize,
+}
+
+/// Error code the patching CPU returns from inside the rendezvous when some CPU did
+/// not report itself masked: nothing is written.
+pub const ENOTQUIESCENT: i32 = -16; // -EBUSY
+
+/// Error code the patching CPU returns when the text changed between validation and
+/// the write: nothing is written.
+pub const ECHANGED: i32 = -11; // -EAGAIN
+
+/// Patches `batch` while the machine is stopped: every online CPU enters the
+/// rendezvous and masks every asynchronous exception; only once all of them have
+/// acknowledged does the calling CPU write, clean and invalidate each site to the point
+/// of unification; every CPU then executes a context synchronisation before it unmasks
+/// and leaves.
+///
+/// The whole batch is validated first; an invalid entry rejects it all, unchanged.
+pub fn patch_machine<A: Arch, T: Text>(
+    stop: &StopMachine<A>,
+    text: &T,
+    batch: &[Patch],
+    options: StopOptions,
+) -> Result<PatchReport, PatchError> {
+    // Waiting here keeps interrupts enabled: the holder may be stopping the machine.
+    let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
+    validate(text, batch)?;
+    let patcher = stop.arch().cpu_id();
+    let report = spin::Mutex::new(None);
+    let outcome = stop.stop_machine(
+        &|_cpu| {
+            let quiescence = stop.quiescence();
+            let everyone = stop.arch().online_cpus();
+            // Trust but verify: the core promises this; write nothing if it is not so.
+            if quiescence.masked != everyone {
+                return Err(ENOTQUIESCENT);
+            }
+            // Writers are serialised, so the text cannot have changed since validation
+            // unless someone bypassed `Text`; re-checking is cheap next to a rendezvous.
+            if batch.iter().any(|p| text.read_insn(p.addr) != p.old) {
+                return Err(ECHANGED);
+            }
+            let first_write_stamp = stop.stamp();
+            for patch in batch {
+                // SAFETY: validated above; every other CPU is in the rendezvous with
+                // every asynchronous exception masked, so none executes the site.
+                unsafe { text.write_insn(patch.addr, patch.new) };
+                text.sync_icache(patch.addr..patch.addr + 4);
+            }
+            *report.lock() = Some(PatchReport {
+                cpus: everyone,
+                quiescence,
+                first_write_stamp,
+                sites: batch.len(),
+            });
+            Ok(())
+        },
+        CpuSet::single(patcher),
+        options,
+    );
+    outcome?;
+    Ok(report
+        .into_inner()
+        .expect("the patching CPU ran and reported"))
+}
+
+/// Patches `batch` without stopping the machine. Allowed only where both the old and
+/// the new instruction are among those the Arm ARM lets change while another CPU may
+/// execute them (B, BL, BRK, HVC, ISB, NOP, SMC, SVC); any other pair is refused with
+/// [`PatchError::NotCmodxSafe`] before anything is written.
+///
+/// Another CPU may execute the old or the new instruction until it next synchronises
+/// its context; the caller's CPU sees the new one once this returns.
+pub fn patch_nosync<A: Arch, T: Text>(
+    arch: &A,
+    text: &T,
+    batch: &[Patch],
+) -> Result<(), PatchError> {
+    let _writer = lock_bounded(
+        arch,
+        text.writer_lock(),
+        StopOptions::DEFAULT.arrival_timeout_ns,
+    )?;
+    validate(text, batch)?;
+    if let Some((index, patch)) = batch
+        .iter()
+        .enumerate()
+        .find(|(_, p)| !insn::cmodx_pair_allowed(p.old, p.new))
+    {
+        return Err(PatchError::NotCmodxSafe {
+            index,
+            addr: patch.addr,
+            old: patch.old,
+            new: patch.new,
+        });
+    }
+    for patch in batch {
+        // SAFETY: validated; both instructions are CMODX-safe, so a CPU executing the
+        // site concurrently sees either the old or the new one.
+        unsafe { text.write_insn(patch.addr, patch.new) };
+        text.sync_icache(patch.addr..patch.addr + 4);
+    }
+    arch.sync_context();
+    Ok(())
+}
+
+/// Takes `lock`, giving up after `timeout_ns`.
+fn lock_bounded<'a, A: Arch>(
+    arch: &A,
+    lock: &'a spin::Mutex<()>,
+    timeout_ns: u64,
+) -> Result<spin::MutexGuard<'a, ()>, PatchError> {
+    let start = arch.now_ns();
+    loop {
+        if let Some(guard) = lock.try_lock() {
+            return Ok(guard);
+        }
+        let waited_ns = arch.now_ns().saturating_sub(start);
+        if waited_ns > timeout_ns {
+            return Err(PatchError::Busy { waited_ns });
+        }
+        arch.relax();
+    }
+}

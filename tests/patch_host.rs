@@ -1,0 +1,271 @@
+//! Batch validation, patch_machine and the nosync path on the host.
+
+#![allow(clippy::result_large_err)]
+
+use patch_machine::CpuSet;
+use patch_machine::arch::host::HostArch;
+use patch_machine::patch::insn::{self, NOP};
+use patch_machine::patch::{Patch, PatchError, Text, patch_machine, patch_nosync, validate};
+use patch_machine::stop::{StopMachine, StopOptions};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::Duration;
+
+const BASE: usize = 0x4020_0000;
+const WORDS: usize = 64;
+/// Words 48..56 play the code the rendezvous runs.
+const PROTECTED: Range<usize> = BASE + 48 * 4..BASE + 56 * 4;
+
+/// Kernel text as a row of words, with the machine it belongs to so that every write
+/// can check who was masked at that moment.
+struct HostText {
+    words: Vec<AtomicU32>,
+    protected: [Range<usize>; 1],
+    lock: spin::Mutex<()>,
+    arch: HostArch,
+    cpus: usize,
+    writes: AtomicUsize,
+    syncs: AtomicUsize,
+    /// Set if a write happened while some other CPU had interrupts unmasked.
+    unmasked_write: AtomicBool,
+}
+
+impl HostText {
+    fn new(arch: HostArch, cpus: usize) -> Self {
+        HostText {
+            words: (0..WORDS)
+                .map(|i| AtomicU32::new(insn::movz_x(0, i as u16, 0).unwrap()))
+                .collect(),
+            protected: [PROTECTED],
+            lock: spin::Mutex::new(()),
+            arch,
+            cpus,
+            writes: AtomicUsize::new(0),
+            syncs: AtomicUsize::new(0),
+            unmasked_write: AtomicBool::new(false),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<u32> {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn at(&self, addr: usize) -> &AtomicU32 {
+        &self.words[(addr - BASE) / 4]
+    }
+}
+
+// SAFETY: a plain in-memory array: every address in `text_range` is backed, writes are
+// single atomic stores, and "instruction fetch" is an atomic load.
+unsafe impl Text for HostText {
+    fn text_range(&self) -> Range<usize> {
+        BASE..BASE + WORDS * 4
+    }
+    fn protected_ranges(&self) -> &[Range<usize>] {
+        &self.protected
+    }
+    fn read_insn(&self, addr: usize) -> u32 {
+        self.at(addr).load(Ordering::Relaxed)
+    }
+    unsafe fn write_insn(&self, addr: usize, insn: u32) {
+        let me = patch_machine::stop::Arch::cpu_id(&self.arch);
+        if (0..self.cpus).any(|cpu| cpu != me && !self.arch.is_masked(cpu)) {
+            self.unmasked_write.store(true, Ordering::Relaxed);
+        }
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.at(addr).store(insn, Ordering::Relaxed);
+    }
+    fn sync_icache(&self, _range: Range<usize>) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+    }
+    fn writer_lock(&self) -> &spin::Mutex<()> {
+        &self.lock
+    }
+}
+
+fn addr(word: usize) -> usize {
+    BASE + word * 4
+}
+
+fn movz(value: u16) -> u32 {
+    insn::movz_x(0, value, 0).unwrap()
+}
+
+/// A machine with `cpus` CPU threads; CPU 0 runs `job`, the others spin taking IPIs.
+fn on_machine<R: Send + 'static>(
+    cpus: usize,
+    job: impl FnOnce(&StopMachine<HostArch>, &HostText) -> R + Send + 'static,
+) -> (R, Arc<HostText>) {
+    let stop = Arc::new(StopMachine::new(HostArch::new(cpus)));
+    HostArch::connect(&stop);
+    let text = Arc::new(HostText::new(stop.arch().clone(), cpus));
+    let quit = Arc::new(AtomicBool::new(false));
+    let others: Vec<_> = (1..cpus)
+        .map(|cpu| {
+            let (stop, quit) = (stop.clone(), quit.clone());
+            thread::spawn(move || {
+                stop.arch().bind_current_thread(cpu);
+                while !quit.load(Ordering::Relaxed) {
+                    stop.arch().poll_interrupts();
+                    thread::yield_now();
+                }
+            })
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel();
+    let (s, t) = (stop.clone(), text.clone());
+    thread::spawn(move || {
+        s.arch().bind_current_thread(0);
+        let _ = tx.send(job(&s, &t));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("cpu0's job did not finish in 60 s");
+    quit.store(true, Ordering::Relaxed);
+    for t in others {
+        t.join().unwrap();
+    }
+    (result, text)
+}
+
+#[test]
+fn every_kind_of_bad_entry_rejects_the_whole_batch_unchanged() {
+    let arch = HostArch::new(1);
+    let text = HostText::new(arch, 1);
+    let before = text.snapshot();
+    let good = Patch::new(addr(1), movz(1), movz(100));
+    let cases: Vec<(Vec<Patch>, fn(&PatchError) -> bool)> = vec![
+        (vec![], |e| matches!(e, PatchError::EmptyBatch)),
+        (vec![good, Patch::new(addr(2) + 2, 0, 0)], |e| {
+            matches!(e, PatchError::Misaligned { index: 1, .. })
+        }),
+        (vec![good, Patch::new(BASE - 4, 0, 0)], |e| {
+            matches!(e, PatchError::OutsideText { index: 1, .. })
+        }),
+        (vec![good, Patch::new(addr(WORDS), 0, 0)], |e| {
+            matches!(e, PatchError::OutsideText { index: 1, .. })
+        }),
+        (vec![good, Patch::new(addr(50), movz(50), NOP)], |e| {
+            matches!(e, PatchError::Protected { index: 1, .. })
+        }),
+        (vec![good, Patch::new(addr(3), movz(4), NOP)], |e| {
+            matches!(e, PatchError::OldMismatch { index: 1, expected, found, .. }
+                if *expected == movz(4) && *found == movz(3))
+        }),
+        (vec![good, Patch::new(addr(3), movz(3), NOP), good], |e| {
+            matches!(
+                e,
+                PatchError::Duplicate {
+                    index: 2,
+                    first: 0,
+                    ..
+                }
+            )
+        }),
+    ];
+    for (batch, expected) in cases {
+        let err = validate(&text, &batch).unwrap_err();
+        assert!(expected(&err), "batch {batch:x?}: unexpected error {err:?}");
+        // The message names the entry and the reason.
+        let message = err.to_string();
+        assert!(!message.is_empty());
+        let (err2, _) = on_machine(2, move |stop, text| {
+            patch_machine(stop, text, &batch, StopOptions::DEFAULT).unwrap_err()
+        });
+        assert_eq!(err2, err);
+    }
+    assert_eq!(text.snapshot(), before);
+    assert_eq!(text.writes.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn error_messages_say_which_entry_and_why() {
+    let text = HostText::new(HostArch::new(1), 1);
+    let err = validate(&text, &[Patch::new(addr(5), movz(6), NOP)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "entry 0 ({:#x}): expected old instruction {:#010x}, found {:#010x}",
+            addr(5),
+            movz(6),
+            movz(5)
+        )
+    );
+}
+
+#[test]
+fn patch_machine_writes_only_while_every_other_cpu_is_masked() {
+    for cpus in [1, 2, 4, 8] {
+        let batch: Vec<Patch> = (0..10)
+            .map(|i| Patch::new(addr(i), movz(i as u16), movz(1000 + i as u16)))
+            .collect();
+        let expected_new: Vec<u32> = batch.iter().map(|p| p.new).collect();
+        let (report, text) = on_machine(cpus, move |stop, text| {
+            patch_machine(stop, text, &batch, StopOptions::DEFAULT)
+        });
+        let report = report.unwrap();
+        assert_eq!(report.cpus, CpuSet::first(cpus));
+        assert_eq!(report.quiescence.masked, CpuSet::first(cpus));
+        assert!(report.first_write_stamp > report.quiescence.last_ack_stamp);
+        assert_eq!(report.sites, 10);
+        assert!(
+            !text.unmasked_write.load(Ordering::Relaxed),
+            "cpus={cpus}: wrote while a CPU was unmasked"
+        );
+        assert_eq!(&text.snapshot()[..10], &expected_new[..]);
+        assert_eq!(text.syncs.load(Ordering::Relaxed), 10);
+    }
+}
+
+#[test]
+fn nosync_accepts_only_cmodx_safe_pairs() {
+    let (results, text) = on_machine(2, |stop, text| {
+        let arch = stop.arch();
+        let b = insn::b(addr(7), addr(9)).unwrap();
+        // movz -> nop is not CMODX-safe: refused, untouched.
+        let refused = patch_nosync(arch, text, &[Patch::new(addr(7), movz(7), NOP)]);
+        // Make the site a NOP the safe way (through the stop machine), then flip it
+        // between NOP and B without stopping anything.
+        patch_machine(
+            stop,
+            text,
+            &[Patch::new(addr(7), movz(7), NOP)],
+            StopOptions::DEFAULT,
+        )
+        .unwrap();
+        let to_branch = patch_nosync(arch, text, &[Patch::new(addr(7), NOP, b)]);
+        let mixed = patch_nosync(
+            arch,
+            text,
+            &[
+                Patch::new(addr(7), b, NOP),
+                Patch::new(addr(8), movz(8), NOP),
+            ],
+        );
+        (refused, to_branch, mixed, b)
+    });
+    let (refused, to_branch, mixed, b) = results;
+    assert!(matches!(
+        refused,
+        Err(PatchError::NotCmodxSafe { index: 0, .. })
+    ));
+    assert!(
+        refused
+            .unwrap_err()
+            .to_string()
+            .contains("use patch_machine")
+    );
+    assert_eq!(to_branch, Ok(()));
+    assert!(matches!(
+        mixed,
+        Err(PatchError::NotCmodxSafe { index: 1, .. })
+    ));
+    // The refused mixed batch left even its valid first entry alone.
+    assert_eq!(text.read_insn(addr(7)), b);
+    assert_eq!(text.read_insn(addr(8)), movz(8));
+}
