@@ -290,9 +290,6 @@ impl<A: Arch> StopMachine<A> {
     /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
     /// free has to answer the current holder's stop IPI. Errors from all CPUs are
     /// collected ([`StopError::Failed`]).
-    // The error carries one code per CPU by value: the kernel has no heap, and 136 bytes
-    // of stack on a path that is anything but hot is the simpler trade.
-    #[allow(clippy::result_large_err)]
     pub fn stop_machine(
         &self,
         function: StopFn<'_>,
