@@ -139,7 +139,8 @@ fn every_kind_of_bad_entry_rejects_the_whole_batch_unchanged() {
     let text = HostText::new(arch, 1);
     let before = text.snapshot();
     let good = Patch::new(addr(1), movz(1), movz(100));
-    let cases: Vec<(Vec<Patch>, fn(&PatchError) -> bool)> = vec![
+    type Expect = fn(&PatchError) -> bool;
+    let cases: Vec<(Vec<Patch>, Expect)> = vec![
         (vec![], |e| matches!(e, PatchError::EmptyBatch)),
         (vec![good, Patch::new(addr(2) + 2, 0, 0)], |e| {
             matches!(e, PatchError::Misaligned { index: 1, .. })
