@@ -1,0 +1,456 @@
+#!/usr/bin/env bash
+# Builds the patch-machine kernel and boots it under QEMU, then checks the KTAP
+# report it prints on the serial console. Run `./qemu.sh --help` for options.
+#
+# Exit status: 0 = the kernel booted, QEMU exited 0 and the KTAP report is
+# complete and has no failure; 1 = anything went wrong with the build, the boot
+# or the tests; 2 = usage error or missing prerequisite.
+#
+# The file can be sourced (it only runs main when executed), which lets the
+# KTAP checker be exercised on its own: `source qemu.sh; ktap_scan FILE`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly ROOT
+readonly KERNEL_TARGET="aarch64-unknown-none"
+readonly KERNEL_BIN="patch-machine"
+readonly QEMU_AARCH64="qemu-system-aarch64"
+readonly KILL_GRACE=10 # seconds between SIGTERM and SIGKILL on timeout
+
+usage() {
+    cat <<EOF
+Usage: ./qemu.sh [OPTIONS] [-- BOOTARGS...]
+
+Builds the kernel (release), boots it under QEMU and checks its KTAP report.
+The serial console is streamed to stdout; the exit status is 0 only if QEMU
+exited 0 and the report is complete with no failed test.
+
+Options:
+  --arch ARCH          aarch64 (default); x86_64 is not implemented yet
+  --smp N              number of vCPUs (default 4)
+  --cpu MODEL          QEMU CPU model (default max)
+  --machine-opts OPTS  appended to "virt,gic-version=3", e.g. virtualization=on
+                       or virtualization=on,gic-version=4
+  --accel ACCEL        QEMU accelerator (default tcg); a tcg without thread=
+                       gets thread=single when vCPUs outnumber host cores
+  --timeout SECONDS    kill QEMU after this long (default 300)
+  --no-build           boot the existing image, do not run cargo build
+  --log FILE           also save the serial output to FILE
+  -h, --help           show this help
+  -- BOOTARGS...       the rest, joined with spaces, is passed as -append
+                       (e.g. -- tests=torture,bad_batches flips=2000)
+
+Exit status: 0 pass, 1 build/boot/test failure, 2 usage or setup error.
+EOF
+}
+
+say() { printf 'qemu.sh: %s\n' "$*" >&2; }
+
+usage_error() {
+    say "$*"
+    usage >&2
+    exit 2
+}
+
+is_positive() { [[ "$1" =~ ^[0-9]+$ && "$1" =~ [1-9] ]]; }
+
+# ---------------------------------------------------------------------------
+# KTAP checking
+# ---------------------------------------------------------------------------
+
+# ktap_scan FILE: reads a serial log and prints one fact per line:
+#   count PLANNED SEEN PASS FAIL SKIP   (PLANNED is -1 without a plan line)
+#   last LINE                           last top-level result line
+#   lastline LINE                       last non-empty line of output
+#   notok LINE                          each failed top-level result
+#   crash LINE                          first PANIC / UNEXPECTED EXCEPTION line
+#   error TEXT                          each structural problem, in order
+# Only top-level KTAP lines count; indented lines (subtests) are ignored.
+# A result line is `ok N ...` or `not ok N ...`; a `# SKIP` directive makes it
+# a skip (as kunit does), which is never a failure.
+ktap_scan() {
+    LC_ALL=C awk '
+    function err(msg) { print "error " msg }
+    {
+        sub(/\r+$/, "")
+        if ($0 ~ /[^ \t]/) lastline = $0
+    }
+    /^(PANIC|UNEXPECTED EXCEPTION)/ {
+        if (crash == "") crash = $0
+        next
+    }
+    /^KTAP version / {
+        if ($0 != "KTAP version 1") { err("unsupported header \"" $0 "\""); next }
+        headers++
+        if (headers > 1) err("KTAP header printed more than once (did the kernel restart?)")
+        next
+    }
+    /^1\.\.[0-9]+$/ {
+        if (!headers) { err("plan line \"" $0 "\" before the KTAP header"); next }
+        if (planned >= 0) { err("more than one plan line"); next }
+        planned = substr($0, 4) + 0
+        next
+    }
+    /^(not )?ok [0-9]+( |$)/ {
+        notok = ($0 ~ /^not /)
+        line = $0
+        num = line; sub(/^(not )?ok /, "", num); sub(/ .*$/, "", num); num += 0
+        if (!headers) err("result \"" $0 "\" before the KTAP header")
+        else if (planned < 0) err("result \"" $0 "\" before the plan line")
+        if (totals != "") err("result \"" $0 "\" after the Totals line")
+        seen++
+        if (num != seen) err("result numbered " num " where " seen " was expected: \"" $0 "\"")
+        # The directive is whatever follows the first " # " of the line.
+        skip = 0
+        if (match(line, / #/)) {
+            directive = toupper(substr(line, RSTART + 2))
+            sub(/^[ \t]*/, "", directive)
+            skip = (directive ~ /^SKIP([ \t]|$)/)
+        }
+        if (skip) nskip++
+        else if (notok) { nfail++; print "notok " $0 }
+        else npass++
+        last = $0
+        next
+    }
+    /^# Totals:/ {
+        if (totals != "") { err("more than one Totals line"); next }
+        totals = $0
+        rest = substr($0, 10)
+        n = split(rest, kv, /[ \t]+/)
+        for (i = 1; i <= n; i++) {
+            if (kv[i] == "") continue
+            if (kv[i] !~ /^[a-z_]+:[0-9]+$/) { err("unparsable Totals field \"" kv[i] "\""); continue }
+            split(kv[i], p, ":")
+            tot[p[1]] = p[2] + 0
+        }
+        next
+    }
+    END {
+        if (!headers) err("no \"KTAP version 1\" line")
+        else if (planned < 0) err("no plan line \"1..N\"")
+        else if (planned == 0) err("empty plan \"1..0\": no test was run")
+        if (planned >= 0 && seen != planned)
+            err(seen+0 " result line(s) for a plan of " planned)
+        if (headers && totals == "") err("no \"# Totals:\" line")
+        if (totals != "") {
+            if (!("pass" in tot) || !("fail" in tot) || !("skip" in tot))
+                err("Totals line lacks pass/fail/skip: \"" totals "\"")
+            else {
+                if (tot["fail"] != 0) err("Totals report fail:" tot["fail"])
+                if (tot["pass"] != npass || tot["fail"] != nfail || tot["skip"] != nskip)
+                    err("\"" totals "\" disagrees with the results (pass:" npass+0 " fail:" nfail+0 " skip:" nskip+0 ")")
+            }
+            for (k in tot)
+                if (k != "pass" && k != "fail" && k != "skip" && k != "xfail" && tot[k] != 0)
+                    err("Totals report " k ":" tot[k])
+        }
+        if (crash != "") print "crash " crash
+        print "count " planned " " seen+0 " " npass+0 " " nfail+0 " " nskip+0
+        if (last != "") print "last " last
+        if (lastline != "") print "lastline " lastline
+    }
+    BEGIN { planned = -1 }
+    ' "$1"
+}
+
+# ktap_verdict SERIAL_LOG QEMU_STATUS TIMED_OUT QEMU_STDERR ELAPSED
+# (TIMED_OUT is 0, or the time limit in seconds that QEMU ran into.)
+# Prints the failing KTAP lines and a one-line PASS/FAIL summary; returns 0 on
+# pass and 1 on failure.
+ktap_verdict() {
+    local serial="$1" status="$2" timed_out="$3" errfile="$4" elapsed="$5"
+    local seen=0 npass=0 nfail=0 nskip=0
+    local last="" lastline="" crash="" kind rest
+    local -a errors=() notoks=()
+
+    while IFS= read -r fact; do
+        kind="${fact%% *}"
+        rest="${fact#* }"
+        case "$kind" in
+            count) read -r _ seen npass nfail nskip <<<"$rest" ;;
+            last) last="$rest" ;;
+            lastline) lastline="$rest" ;;
+            crash) crash="$rest" ;;
+            notok) notoks+=("$rest") ;;
+            error) errors+=("$rest") ;;
+        esac
+    done < <(ktap_scan "$serial")
+
+    local qemu_error=""
+    if [[ -s "$errfile" ]]; then
+        qemu_error="$(grep -m1 -v '^[[:space:]]*$' "$errfile" || true)"
+    fi
+
+    local where=""
+    if [[ -n "$last" ]]; then
+        where="last test seen: $last"
+    elif [[ -n "$lastline" ]]; then
+        where="no test result seen; last line: $lastline"
+    else
+        where="no serial output"
+    fi
+
+    local line
+    for line in "${notoks[@]}"; do
+        say "  $line"
+    done
+
+    local reason=""
+    if [[ "$timed_out" != 0 ]]; then
+        reason="timeout after $timed_out s; $where"
+    elif [[ -n "$crash" ]]; then
+        reason="kernel crashed: $crash; $where"
+    elif ((nfail > 0)); then
+        reason="$nfail of $seen test(s) failed: ${notoks[0]}"
+        if ((nfail > 1)); then reason+=" (and $((nfail - 1)) more)"; fi
+        if ((status == 0)); then reason+="; QEMU exited 0 nevertheless"; fi
+    elif [[ "$status" != 0 && -n "$qemu_error" && "$seen" == 0 ]]; then
+        reason="QEMU exited with status $status: $qemu_error"
+    elif ((${#errors[@]} > 0)); then
+        reason="bad KTAP report: ${errors[0]}"
+        if ((${#errors[@]} > 1)); then reason+=" (and $((${#errors[@]} - 1)) more problem(s))"; fi
+        if [[ "$status" != 0 ]]; then reason+="; QEMU exit status $status"; fi
+        reason+="; $where"
+    elif [[ "$status" != 0 ]]; then
+        reason="QEMU exited with status $status although KTAP reports no failure"
+        if [[ -n "$qemu_error" ]]; then reason+=": $qemu_error"; fi
+    fi
+
+    if [[ -n "$reason" ]]; then
+        # The full list of KTAP problems helps when the first one is not the cause.
+        if ((${#errors[@]} > 1)) || [[ -n "$crash" || "$timed_out" != 0 ]]; then
+            for line in "${errors[@]}"; do
+                say "  KTAP: $line"
+            done
+        fi
+        say "FAIL ($reason)"
+        return 1
+    fi
+    say "PASS ($seen tests: $npass passed, $nskip skipped; ${elapsed} s)"
+    return 0
+}
+
+# ---------------------------------------------------------------------------
+# Prerequisites, build, boot
+# ---------------------------------------------------------------------------
+
+ensure_qemu() {
+    command -v "$QEMU_AARCH64" >/dev/null && return 0
+    if [[ "$(id -u)" == 0 ]]; then
+        say "$QEMU_AARCH64 not found; installing it: bash $ROOT/.ci/install-qemu.sh"
+        if ! bash "$ROOT/.ci/install-qemu.sh"; then
+            say "FAIL (could not install QEMU with .ci/install-qemu.sh)"
+            exit 2
+        fi
+        command -v "$QEMU_AARCH64" >/dev/null && return 0
+        say "FAIL (.ci/install-qemu.sh ran but $QEMU_AARCH64 is still missing)"
+        exit 2
+    fi
+    say "FAIL ($QEMU_AARCH64 not found; install it with: sudo bash $ROOT/.ci/install-qemu.sh)"
+    exit 2
+}
+
+ensure_rust_target() {
+    command -v rustup >/dev/null || return 0
+    # Run from ROOT so that rust-toolchain.toml selects the pinned toolchain.
+    if ! (cd "$ROOT" && rustup target list --installed 2>/dev/null) | grep -qx "$KERNEL_TARGET"; then
+        say "rust target $KERNEL_TARGET missing; running: rustup target add $KERNEL_TARGET"
+        (cd "$ROOT" && rustup target add "$KERNEL_TARGET") || {
+            say "FAIL (rustup target add $KERNEL_TARGET failed)"
+            exit 2
+        }
+    fi
+}
+
+build_kernel() {
+    local cmd=(cargo build --release --target "$KERNEL_TARGET" --bin "$KERNEL_BIN")
+    say "building: ${cmd[*]}"
+    local status=0
+    (cd "$ROOT" && "${cmd[@]}") || status=$?
+    if ((status != 0)); then
+        say "FAIL (cargo build failed with status $status)"
+        exit 1
+    fi
+}
+
+kernel_image() {
+    local target_dir="${CARGO_TARGET_DIR:-target}"
+    [[ "$target_dir" == /* ]] || target_dir="$ROOT/$target_dir"
+    printf '%s\n' "$target_dir/$KERNEL_TARGET/release/$KERNEL_BIN"
+}
+
+# shell_quote ARGS...: prints the arguments as a copy-pasteable command line.
+shell_quote() {
+    local arg out=""
+    for arg in "$@"; do
+        if [[ "$arg" =~ ^[A-Za-z0-9_,.=/:+@%-]+$ ]]; then
+            out+=" $arg"
+        else
+            out+=" '${arg//\'/\'\\\'\'}'"
+        fi
+    done
+    printf '%s\n' "${out# }"
+}
+
+host_cores() { nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1; }
+
+# pick_accel ACCEL SMP: adds thread=single to a plain tcg when oversubscribed.
+pick_accel() {
+    local accel="$1" smp="$2" cores
+    cores="$(host_cores)"
+    if [[ "$accel" =~ ^tcg(,|$) && "$accel" != *thread=* ]] && ((smp > cores)); then
+        say "$smp vCPUs > $cores host cores: using single-threaded TCG (pass --accel tcg,thread=multi to override)"
+        accel+=",thread=single"
+    fi
+    printf '%s\n' "$accel"
+}
+
+# run_qemu LOGFILE... -- QEMU COMMAND...: streams the serial output to stdout
+# and the log files, QEMU's stderr to stderr and "$tmp/stderr"; sets
+# QEMU_STATUS, TIMED_OUT (0 or the time limit) and ELAPSED.
+run_qemu() {
+    local -a logs=()
+    while [[ "$1" != "--" ]]; do
+        logs+=("$1")
+        shift
+    done
+    shift
+    local start=$SECONDS
+    set +e
+    # The inner pipeline copies QEMU's stderr to our stderr and a file, the
+    # outer one copies the serial console (QEMU's stdout, via fd 3) to our
+    # stdout and the logs. --foreground keeps QEMU in our process group so that
+    # Ctrl-C reaches it; stdin is /dev/null so that QEMU never puts the
+    # terminal in raw mode.
+    {
+        timeout --foreground --kill-after="$KILL_GRACE" "$OPT_TIMEOUT" "$@" \
+            </dev/null 2>&1 1>&3 3>&- | tee "$TMP/stderr" >&2 3>&-
+        echo "${PIPESTATUS[0]}" >"$TMP/status"
+    } 3>&1 | tee "${logs[@]}"
+    set -e
+    ELAPSED=$((SECONDS - start))
+    QEMU_STATUS="$(cat "$TMP/status")"
+    TIMED_OUT=0
+    # timeout(1) exits 124 (or 137 after SIGKILL); a kernel could exit with
+    # those codes itself, but not after having used up the whole time budget.
+    if [[ "$QEMU_STATUS" == 124 || "$QEMU_STATUS" == 137 ]] && ((ELAPSED >= OPT_TIMEOUT)); then
+        TIMED_OUT="$OPT_TIMEOUT"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+parse_args() {
+    OPT_ARCH=aarch64
+    OPT_SMP=4
+    OPT_CPU=max
+    OPT_MACHINE_OPTS=""
+    OPT_ACCEL=tcg
+    OPT_TIMEOUT=300
+    OPT_BUILD=1
+    OPT_LOG=""
+    OPT_APPEND=""
+    local -a bootargs=()
+    while (($# > 0)); do
+        case "$1" in
+            -h | --help)
+                usage
+                exit 0
+                ;;
+            --no-build) OPT_BUILD=0 ;;
+            --arch | --smp | --cpu | --machine-opts | --accel | --timeout | --log)
+                (($# >= 2)) || usage_error "option $1 needs a value"
+                case "$1" in
+                    --arch) OPT_ARCH="$2" ;;
+                    --smp) OPT_SMP="$2" ;;
+                    --cpu) OPT_CPU="$2" ;;
+                    --machine-opts) OPT_MACHINE_OPTS="$2" ;;
+                    --accel) OPT_ACCEL="$2" ;;
+                    --timeout) OPT_TIMEOUT="$2" ;;
+                    --log) OPT_LOG="$2" ;;
+                esac
+                shift
+                ;;
+            --arch=* | --smp=* | --cpu=* | --machine-opts=* | --accel=* | --timeout=* | --log=*)
+                set -- "${1%%=*}" "${1#*=}" "${@:2}"
+                continue
+                ;;
+            --)
+                shift
+                bootargs=("$@")
+                break
+                ;;
+            *) usage_error "unknown argument: $1" ;;
+        esac
+        shift
+    done
+    OPT_APPEND="${bootargs[*]}"
+
+    is_positive "$OPT_SMP" || usage_error "--smp needs a positive integer, got '$OPT_SMP'"
+    is_positive "$OPT_TIMEOUT" || usage_error "--timeout needs a positive number of seconds, got '$OPT_TIMEOUT'"
+    OPT_SMP=$((10#$OPT_SMP)) OPT_TIMEOUT=$((10#$OPT_TIMEOUT)) # no octal surprises
+    [[ -n "$OPT_CPU" ]] || usage_error "--cpu needs a CPU model"
+    [[ -n "$OPT_ACCEL" ]] || usage_error "--accel needs an accelerator"
+    case "$OPT_ARCH" in
+        aarch64) ;;
+        x86_64)
+            say "x86_64 port not implemented yet"
+            exit 2
+            ;;
+        *) usage_error "unknown --arch '$OPT_ARCH' (aarch64 or x86_64)" ;;
+    esac
+}
+
+main() {
+    parse_args "$@"
+
+    ensure_qemu
+    if ((OPT_BUILD)); then
+        ensure_rust_target
+        build_kernel
+    fi
+    local image
+    image="$(kernel_image)"
+    if [[ ! -f "$image" ]]; then
+        say "FAIL (kernel image $image not found; build it with: cargo build --release --target $KERNEL_TARGET --bin $KERNEL_BIN, or drop --no-build)"
+        exit 2
+    fi
+
+    local machine="virt,gic-version=3${OPT_MACHINE_OPTS:+,$OPT_MACHINE_OPTS}"
+    local accel
+    accel="$(pick_accel "$OPT_ACCEL" "$OPT_SMP")"
+    # shellcheck disable=SC2054 # the commas belong to QEMU option values
+    local -a qemu=(
+        "$QEMU_AARCH64"
+        -machine "$machine"
+        -cpu "$OPT_CPU"
+        -smp "$OPT_SMP"
+        -m 256M
+        -accel "$accel"
+        -display none -serial stdio -monitor none
+        -semihosting-config enable=on,target=native
+        -no-reboot
+        -kernel "$image"
+    )
+    if [[ -n "$OPT_APPEND" ]]; then qemu+=(-append "$OPT_APPEND"); fi
+
+    TMP="$(mktemp -d "${TMPDIR:-/tmp}/qemu.sh.XXXXXX")"
+    trap 'rm -rf "$TMP"' EXIT
+    local -a logs=("$TMP/serial")
+    if [[ -n "$OPT_LOG" ]]; then
+        mkdir -p "$(dirname "$OPT_LOG")"
+        logs+=("$OPT_LOG")
+    fi
+
+    say "$(shell_quote "${qemu[@]}")"
+
+    run_qemu "${logs[@]}" -- "${qemu[@]}"
+    ktap_verdict "$TMP/serial" "$QEMU_STATUS" "$TIMED_OUT" "$TMP/stderr" "$ELAPSED"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

@@ -1,0 +1,304 @@
+//! Boots the kernel under QEMU across a matrix of CPU models, vCPU counts and
+//! machine options, through `./qemu.sh` (which checks the kernel's KTAP report).
+//!
+//! The release image is built once, by the first cell that runs. The cells then
+//! run one at a time: QEMU's vCPUs spin, and the project's machines have only
+//! two host cores. A missing QEMU is a failure with the command that fixes it,
+//! never a silent skip. Each cell's serial log is kept under
+//! `target/tmp/qemu-matrix/<cell>.log`.
+
+use std::fmt::Write as _;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// Torture parameters for most cells; `aarch64_max_smp4` runs the kernel's
+/// full default, as plain `./qemu.sh` does.
+const QUICK: &str = "flips=2000";
+/// Per-cell limit handed to `qemu.sh --timeout`.
+const TIMEOUT_S: u32 = 240;
+/// Serial lines shown in a failure message.
+const TAIL_LINES: usize = 40;
+
+const TARGET: &str = "aarch64-unknown-none";
+const BIN: &str = "patch-machine";
+const QEMU: &str = "qemu-system-aarch64";
+
+/// Serialises the cells (cargo runs tests on parallel threads).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// The outcome of the one release build, shared by every cell.
+static BUILD: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// One configuration of the matrix.
+struct Cell {
+    name: &'static str,
+    cpu: &'static str,
+    smp: u32,
+    /// Appended to `virt,gic-version=3`.
+    machine_opts: &'static str,
+    /// Kernel command line (`-append`).
+    bootargs: &'static str,
+    timeout_s: u32,
+}
+
+impl Cell {
+    const fn new(name: &'static str, cpu: &'static str, smp: u32) -> Self {
+        Cell {
+            name,
+            cpu,
+            smp,
+            machine_opts: "",
+            bootargs: QUICK,
+            timeout_s: TIMEOUT_S,
+        }
+    }
+
+    const fn machine_opts(mut self, opts: &'static str) -> Self {
+        self.machine_opts = opts;
+        self
+    }
+
+    const fn bootargs(mut self, bootargs: &'static str) -> Self {
+        self.bootargs = bootargs;
+        self
+    }
+
+    const fn timeout_s(mut self, seconds: u32) -> Self {
+        self.timeout_s = seconds;
+        self
+    }
+
+    /// The machine, CPU and command line, for messages.
+    fn describe(&self) -> String {
+        let mut machine = String::from("virt,gic-version=3");
+        if !self.machine_opts.is_empty() {
+            machine.push(',');
+            machine.push_str(self.machine_opts);
+        }
+        let bootargs = if self.bootargs.is_empty() {
+            "(none: kernel defaults)"
+        } else {
+            self.bootargs
+        };
+        format!(
+            "-machine {machine} -cpu {} -smp {}, timeout {} s, bootargs: {bootargs}",
+            self.cpu, self.smp, self.timeout_s
+        )
+    }
+
+    fn qemu_sh_args(&self, log: &Path) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--no-build".into(),
+            "--arch".into(),
+            "aarch64".into(),
+            "--cpu".into(),
+            self.cpu.into(),
+            "--smp".into(),
+            self.smp.to_string(),
+            "--timeout".into(),
+            self.timeout_s.to_string(),
+            "--log".into(),
+            log.display().to_string(),
+        ];
+        if !self.machine_opts.is_empty() {
+            args.push("--machine-opts".into());
+            args.push(self.machine_opts.into());
+        }
+        if !self.bootargs.is_empty() {
+            args.push("--".into());
+            args.extend(self.bootargs.split_whitespace().map(String::from));
+        }
+        args
+    }
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fix_qemu() -> String {
+    format!(
+        "install it with: sudo bash {}",
+        root().join(".ci/install-qemu.sh").display()
+    )
+}
+
+/// Fails (never skips) when QEMU is missing.
+fn require_qemu() {
+    match Command::new(QEMU).arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "`{QEMU} --version` failed ({}): {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            fix_qemu()
+        ),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("{QEMU} not found; {}", fix_qemu())
+        }
+        Err(e) => panic!("cannot run {QEMU}: {e}; {}", fix_qemu()),
+    }
+}
+
+/// `cargo build --release --target aarch64-unknown-none --bin patch-machine`.
+fn build_kernel() -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let args = ["build", "--release", "--target", TARGET, "--bin", BIN];
+    let shown = format!("cargo {}", args.join(" "));
+    eprintln!("qemu_matrix: building the kernel: {shown}");
+    let out = Command::new(cargo)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run `{shown}`: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{shown}` failed ({}):\n{}",
+        out.status,
+        tail(&String::from_utf8_lossy(&out.stderr), TAIL_LINES)
+    ))
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn log_path(cell: &Cell) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("qemu-matrix")
+        .join(format!("{}.log", cell.name))
+}
+
+/// Boots `cell` through `./qemu.sh --no-build ...` and panics with the
+/// configuration, qemu.sh's verdict and the end of the serial output unless it
+/// passed.
+fn run_cell(cell: &Cell) {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    require_qemu();
+    if let Err(e) = BUILD.get_or_init(build_kernel) {
+        panic!(
+            "cell {} ({}) not run: the kernel build failed\n{e}",
+            cell.name,
+            cell.describe()
+        );
+    }
+
+    let log = log_path(cell);
+    let args = cell.qemu_sh_args(&log);
+    let shown = format!("./qemu.sh {}", args.join(" "));
+    eprintln!("qemu_matrix: {}: {shown}", cell.name);
+    let out = Command::new("bash")
+        .arg(root().join("qemu.sh"))
+        .args(&args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{shown}`: {e}"));
+
+    let serial = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // qemu.sh's own messages start with "qemu.sh:"; the rest of its stderr is
+    // QEMU's (or bash's).
+    let (ours, theirs): (Vec<&str>, Vec<&str>) =
+        stderr.lines().partition(|l| l.starts_with("qemu.sh:"));
+    let verdict = ours
+        .iter()
+        .rev()
+        .find(|l| l.contains(": PASS (") || l.contains(": FAIL ("))
+        .copied()
+        .unwrap_or("qemu.sh: (no verdict line)");
+
+    if out.status.success() {
+        println!("{}: {verdict}", cell.name);
+        return;
+    }
+    let mut msg = String::new();
+    let _ = writeln!(
+        msg,
+        "QEMU matrix cell {} failed: {}",
+        cell.name,
+        verdict.trim_start_matches("qemu.sh: ")
+    );
+    let _ = writeln!(msg, "  configuration: {}", cell.describe());
+    let _ = writeln!(msg, "  command: {shown}");
+    let status = out
+        .status
+        .code()
+        .map_or("none (killed)".into(), |c| c.to_string());
+    let _ = writeln!(msg, "  qemu.sh exit status: {status}");
+    let _ = writeln!(msg, "  full serial log: {}", log.display());
+    let _ = writeln!(msg, "--- qemu.sh ---\n{}", ours.join("\n"));
+    if !theirs.is_empty() {
+        let _ = writeln!(
+            msg,
+            "--- QEMU stderr ---\n{}",
+            tail(&theirs.join("\n"), TAIL_LINES)
+        );
+    }
+    let _ = write!(
+        msg,
+        "--- last {TAIL_LINES} lines of serial output ---\n{}",
+        tail(&serial, TAIL_LINES)
+    );
+    panic!("{msg}");
+}
+
+#[test]
+fn aarch64_max_smp1() {
+    run_cell(&Cell::new("aarch64_max_smp1", "max", 1));
+}
+
+#[test]
+fn aarch64_max_smp2() {
+    run_cell(&Cell::new("aarch64_max_smp2", "max", 2));
+}
+
+/// The same configuration and full torture run as a plain `./qemu.sh`.
+#[test]
+fn aarch64_max_smp4() {
+    run_cell(
+        &Cell::new("aarch64_max_smp4", "max", 4)
+            .bootargs("")
+            .timeout_s(300),
+    );
+}
+
+#[test]
+fn aarch64_max_smp8() {
+    run_cell(&Cell::new("aarch64_max_smp8", "max", 8));
+}
+
+/// Starts at EL2; PSCI goes through SMC.
+#[test]
+fn aarch64_max_smp4_el2() {
+    run_cell(&Cell::new("aarch64_max_smp4_el2", "max", 4).machine_opts("virtualization=on"));
+}
+
+/// GICv4 (TCG accepts it only with `virtualization=on`).
+#[test]
+fn aarch64_max_smp4_el2_gicv4() {
+    run_cell(
+        &Cell::new("aarch64_max_smp4_el2_gicv4", "max", 4)
+            .machine_opts("virtualization=on,gic-version=4"),
+    );
+}
+
+/// No `CTR_EL0.{IDC,DIC}`: the full `DC CVAU` / `IC IVAU` path; 62.5 MHz timer.
+#[test]
+fn aarch64_cortex_a72_smp4() {
+    run_cell(&Cell::new("aarch64_cortex_a72_smp4", "cortex-a72", 4));
+}
+
+#[test]
+fn aarch64_cortex_a57_smp2() {
+    run_cell(&Cell::new("aarch64_cortex_a57_smp2", "cortex-a57", 2));
+}
+
+#[test]
+fn aarch64_cortex_a53_smp2() {
+    run_cell(&Cell::new("aarch64_cortex_a53_smp2", "cortex-a53", 2));
+}
