@@ -258,6 +258,8 @@ pub struct StopMachine<A: Arch> {
     stamps: AtomicU64,
     masked_at_ack: AtomicU32,
     ack_stamp: [AtomicU64; MAX_CPUS],
+    /// CPUs between their `mask_all` and their `restore` in a call.
+    in_window: AtomicU32,
 }
 
 impl<A: Arch> StopMachine<A> {
@@ -276,6 +278,7 @@ impl<A: Arch> StopMachine<A> {
             stamps: AtomicU64::new(0),
             masked_at_ack: AtomicU32::new(0),
             ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
+            in_window: AtomicU32::new(0),
         }
     }
 
@@ -414,6 +417,15 @@ impl<A: Arch> StopMachine<A> {
         }
     }
 
+    /// The CPUs that are inside a call's masked window right now: they have masked their
+    /// exceptions for it and not yet restored them.
+    ///
+    /// An interrupt handler that finds its own CPU here ran inside the window, which
+    /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
+    pub fn in_masked_window(&self) -> CpuSet {
+        CpuSet::from_bits(self.in_window.load(Ordering::Relaxed))
+    }
+
     /// One CPU's walk through the phases of call `generation`. `arrival_timeout_ns` is
     /// `Some` for the initiator, which alone may abort the call.
     fn participate(&self, generation: u32, me: usize, arrival_timeout_ns: Option<u64>) -> Outcome {
@@ -424,6 +436,7 @@ impl<A: Arch> StopMachine<A> {
             match phase {
                 Phase::Mask => {
                     saved = Some(arch.mask_all());
+                    self.in_window.fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
                     if arch.all_masked() {
                         self.masked_at_ack
                             .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
@@ -465,6 +478,7 @@ impl<A: Arch> StopMachine<A> {
             }
         };
         if let Some(saved) = saved {
+            self.in_window.fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
             arch.restore(saved);
         }
         outcome
