@@ -1,0 +1,125 @@
+//! Cache maintenance by virtual address.
+//!
+//! Line sizes come from CTR_EL0 (DminLine, IminLine: log2 of words), read each time
+//! (cheap, and correct even on big.LITTLE systems where it may differ between CPUs at
+//! boot time; the architecture requires the value EL1 sees to be safe system-wide).
+//! Everything the rendezvous may run lives in `.text.nopatch`.
+
+use core::arch::asm;
+
+/// CTR_EL0.IDC: data cache clean to PoU is not required for instruction coherence.
+const CTR_IDC: u64 = 1 << 28;
+/// CTR_EL0.DIC: instruction cache invalidation to PoU is not required.
+const CTR_DIC: u64 = 1 << 29;
+
+#[inline(always)]
+fn ctr_el0() -> u64 {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effect.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    ctr
+}
+
+/// Smallest data cache line size in bytes (CTR_EL0.DminLine).
+#[inline(always)]
+pub fn dcache_line_size() -> usize {
+    4 << ((ctr_el0() >> 16) & 0xf)
+}
+
+/// Smallest instruction cache line size in bytes (CTR_EL0.IminLine).
+#[inline(always)]
+pub fn icache_line_size() -> usize {
+    4 << (ctr_el0() & 0xf)
+}
+
+/// Whether CTR_EL0.IDC and CTR_EL0.DIC are set (in that order).
+pub fn idc_dic() -> (bool, bool) {
+    let ctr = ctr_el0();
+    (ctr & CTR_IDC != 0, ctr & CTR_DIC != 0)
+}
+
+/// Makes instructions written to `[start, end)` (through any alias) visible to
+/// instruction fetch on every CPU in the inner shareable domain:
+///
+/// `DC CVAU` over the range by the D-cache line size, `DSB ISH`, `IC IVAU` over the
+/// range by the I-cache line size, `DSB ISH`. With CTR_EL0.IDC the D-side clean is
+/// skipped (the DSB stays, ordering the writes before the I-side); with CTR_EL0.DIC the
+/// I-side invalidation is skipped (its DSB stays). No ISB: each CPU that will execute
+/// the new instructions must itself perform a context synchronisation event (the
+/// stop-machine protocol makes every CPU do so before it leaves).
+///
+/// `start..end` must be mapped readable at these (executable) addresses: cache
+/// maintenance by VA needs a valid translation, and the I-cache may be VIPT, so the
+/// instruction side must use the addresses the code is executed from.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub fn sync_icache_range(start: usize, end: usize) {
+    if start >= end {
+        return;
+    }
+    let ctr = ctr_el0();
+    if ctr & CTR_IDC == 0 {
+        let line = 4usize << ((ctr >> 16) & 0xf);
+        let mut addr = start & !(line - 1);
+        while addr < end {
+            // SAFETY: DC CVAU on a mapped address only cleans a cache line; it does not
+            // change memory contents. Not `nomem`: it must stay after the writes it
+            // publishes.
+            unsafe { asm!("dc cvau, {}", in(reg) addr, options(nostack, preserves_flags)) };
+            addr += line;
+        }
+    }
+    // SAFETY: barrier only. Orders the cleans (or, with IDC, the writes themselves)
+    // before the invalidations below and before anything that follows.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+    if ctr & CTR_DIC == 0 {
+        let line = 4usize << (ctr & 0xf);
+        let mut addr = start & !(line - 1);
+        while addr < end {
+            // SAFETY: IC IVAU only invalidates instruction cache lines.
+            unsafe { asm!("ic ivau, {}", in(reg) addr, options(nostack, preserves_flags)) };
+            addr += line;
+        }
+    }
+    // SAFETY: barrier only: the invalidations complete before we return.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// Instruction synchronisation barrier.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+pub fn isb() {
+    super::cpu::isb();
+}
+
+/// `DC CIVAC` (clean and invalidate to the point of coherency) over `[start, end)`,
+/// then `DSB SY`. Used to publish data to CPUs that read it with their MMU off.
+pub fn clean_inval_dcache_range_poc(start: usize, end: usize) {
+    let line = dcache_line_size();
+    let mut addr = start & !(line - 1);
+    while addr < end {
+        // SAFETY: clean+invalidate preserves memory contents.
+        unsafe { asm!("dc civac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        addr += line;
+    }
+    // SAFETY: barrier only.
+    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+}
+
+/// `DC IVAC` (invalidate to the point of coherency) over `[start, end)`, then
+/// `DSB SY`.
+///
+/// # Safety
+/// Discards any dirty line in the range: only for memory whose up-to-date contents are
+/// already in RAM (written with the MMU and caches off), before caches are enabled.
+pub unsafe fn inval_dcache_range_poc(start: usize, end: usize) {
+    let line = dcache_line_size();
+    let mut addr = start & !(line - 1);
+    while addr < end {
+        // SAFETY: the caller guarantees no dirty data in the range needs to survive.
+        unsafe { asm!("dc ivac, {}", in(reg) addr, options(nostack, preserves_flags)) };
+        addr += line;
+    }
+    // SAFETY: barrier only.
+    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+}

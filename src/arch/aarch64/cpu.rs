@@ -1,0 +1,144 @@
+//! Small per-CPU primitives: exception masking, barriers, identity registers.
+//!
+//! Every `asm!` that changes what the CPU may take (DAIF) or orders memory is written
+//! without `nomem`, so it is also a compiler barrier: the compiler may not move memory
+//! accesses across it. (Crate accessors such as arm-sysregs' are `nomem`: neither a
+//! compiler barrier nor an ISB; see PLATFORM-FACTS.md.) Everything here is inlined or
+//! lives in `.text.nopatch`, because the rendezvous runs it.
+
+use core::arch::asm;
+
+/// DAIF bit for debug exceptions (D).
+pub const DAIF_D: u64 = 1 << 9;
+/// DAIF bit for SError (A).
+pub const DAIF_A: u64 = 1 << 8;
+/// DAIF bit for IRQ (I).
+pub const DAIF_I: u64 = 1 << 7;
+/// DAIF bit for FIQ (F).
+pub const DAIF_F: u64 = 1 << 6;
+/// All four DAIF bits.
+pub const DAIF_ALL: u64 = DAIF_D | DAIF_A | DAIF_I | DAIF_F;
+
+/// Reads DAIF.
+#[inline(always)]
+pub fn daif() -> u64 {
+    let daif: u64;
+    // SAFETY: reading DAIF has no side effect. Not `nomem`: callers use it to order
+    // their reasoning about masking with their memory accesses.
+    unsafe { asm!("mrs {}, daif", out(reg) daif, options(nostack, preserves_flags)) };
+    daif
+}
+
+/// Masks D, A, I and F on the calling CPU and returns the previous DAIF value.
+#[inline(always)]
+pub fn mask_all() -> u64 {
+    let old: u64;
+    // SAFETY: masking exceptions cannot break memory safety. No `nomem`: a compiler
+    // barrier, so nothing the caller does "under the mask" is hoisted above it. The
+    // write to DAIF by MSR DAIFSet is self-synchronising for the masking it performs.
+    unsafe {
+        asm!(
+            "mrs {old}, daif",
+            "msr daifset, #0xf",
+            old = out(reg) old,
+            options(nostack, preserves_flags),
+        )
+    };
+    old
+}
+
+/// Writes DAIF back (a value from [`mask_all`] or [`daif`]).
+#[inline(always)]
+pub fn restore(daif: u64) {
+    // SAFETY: DAIF only affects which exceptions are taken; every handler is installed
+    // before interrupts are first unmasked. No `nomem`: a compiler barrier, so nothing
+    // the caller did under the mask sinks below the unmask.
+    unsafe { asm!("msr daif, {}", in(reg) daif & DAIF_ALL, options(nostack, preserves_flags)) };
+}
+
+/// Unmasks D, A, I and F on the calling CPU.
+#[inline(always)]
+pub fn unmask_all() {
+    // SAFETY: as for `restore`; the ISB makes pending interrupts taken right here.
+    unsafe {
+        asm!(
+            "msr daifclr, #0xf",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}
+
+/// Whether D, A, I and F are all masked on the calling CPU.
+#[inline(always)]
+pub fn all_masked() -> bool {
+    daif() & DAIF_ALL == DAIF_ALL
+}
+
+/// The logical index of the calling CPU (TPIDR_EL1, set by the boot code).
+#[inline(always)]
+pub fn current_cpu() -> usize {
+    let cpu: u64;
+    // SAFETY: reading TPIDR_EL1 has no side effect; it is written only by the boot code
+    // before any Rust code runs on the CPU, so `nomem` is right.
+    unsafe { asm!("mrs {}, tpidr_el1", out(reg) cpu, options(nomem, nostack, preserves_flags)) };
+    cpu as usize
+}
+
+/// MPIDR_EL1 affinity fields (Aff3..Aff0) of the calling CPU, in the DTB `reg` format.
+#[inline]
+pub fn mpidr() -> u64 {
+    let mpidr: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effect.
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) mpidr, options(nomem, nostack, preserves_flags)) };
+    mpidr & MPIDR_AFFINITY_MASK
+}
+
+/// The affinity bits of MPIDR_EL1 (Aff3 at 39:32, Aff2..Aff0 at 23:0).
+pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+/// Instruction synchronisation barrier (context synchronisation event).
+#[inline(always)]
+pub fn isb() {
+    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
+    unsafe { asm!("isb", options(nostack, preserves_flags)) };
+}
+
+/// `DSB ISH`.
+#[inline(always)]
+pub fn dsb_ish() {
+    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// `DSB ISHST`.
+#[inline(always)]
+pub fn dsb_ishst() {
+    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
+    unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
+}
+
+/// Waits for an event (`WFE`). Ends at the latest at the next timer event-stream tick
+/// (see [`super::timer`]), so it may be used in loops that poll a condition.
+#[inline(always)]
+pub fn wfe() {
+    // SAFETY: WFE only waits. Not `nomem`: the caller re-reads memory afterwards.
+    unsafe { asm!("wfe", options(nostack, preserves_flags)) };
+}
+
+/// Sends an event to all CPUs (`SEV`), after a `DSB ISHST` so that the stores made
+/// before it are visible to CPUs that wake up.
+#[inline(always)]
+pub fn sev() {
+    // SAFETY: barrier and event only.
+    unsafe { asm!("dsb ishst", "sev", options(nostack, preserves_flags)) };
+}
+
+/// The exception level this code runs at (always 1 once booted).
+#[inline]
+pub fn current_el() -> u8 {
+    let el: u64;
+    // SAFETY: reading CurrentEL has no side effect.
+    unsafe { asm!("mrs {}, CurrentEL", out(reg) el, options(nomem, nostack, preserves_flags)) };
+    ((el >> 2) & 3) as u8
+}

@@ -1,0 +1,302 @@
+//! Exception handling: the Rust side of `boot/aarch64/vectors.S`.
+//!
+//! - IRQ from the current EL on SP_EL1 (the only asynchronous exception the kernel
+//!   expects) goes to [`super::gic`]'s dispatcher, then the CPU resumes.
+//! - A synchronous exception is first offered to the internal semihosting probe and to
+//!   the registrable BRK hook ([`set_brk_handler`]); if the hook returns true the CPU
+//!   resumes with the frame as the hook left it (it must have advanced ELR).
+//! - Everything else (FIQ, SError, any SP_EL0 or lower-EL vector, an unclaimed
+//!   synchronous exception, any exception on an unusable stack, or one nested inside a
+//!   handler) prints an `UNEXPECTED EXCEPTION` report (kind, ESR decoded, ELR, FAR,
+//!   SPSR, SP, CPU, registers) and ends the run with a failure status.
+
+use super::{console, cpu, exit, gic};
+use crate::MAX_CPUS;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// The registers saved on exception entry. `#[repr(C)]`: the layout is shared with
+/// `boot/aarch64/vectors.S` through `offset_of!` constants.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TrapFrame {
+    /// x0-x30 at the exception (restored on resume).
+    pub x: [u64; 31],
+    /// SP at the exception (informational; not restored).
+    pub sp: u64,
+    /// ELR_EL1: where the CPU resumes.
+    pub elr: u64,
+    /// SPSR_EL1: the PSTATE it resumes with.
+    pub spsr: u64,
+    /// ESR_EL1 (meaningful for synchronous exceptions and SError).
+    pub esr: u64,
+    /// FAR_EL1 (meaningful for aborts and alignment faults).
+    pub far: u64,
+    /// FPCR (restored).
+    pub fpcr: u64,
+    /// FPSR (restored).
+    pub fpsr: u64,
+    /// SP_EL0 (unused by this kernel).
+    pub sp_el0: u64,
+    /// Vector index 0..16 (see [`kind_name`]).
+    pub kind: u64,
+    /// Exception frames in flight on this CPU, this one included.
+    pub depth: u64,
+    /// Non-zero if the entry found SP unusable and switched to the exception stack.
+    pub emergency: u64,
+    /// q0-q31 (restored).
+    pub q: [u128; 32],
+}
+
+/// Size of [`TrapFrame`]: a multiple of 16 so SP stays aligned.
+pub const FRAME_SIZE: usize = size_of::<TrapFrame>();
+const _: () = assert!(FRAME_SIZE.is_multiple_of(16));
+const _: () = assert!(
+    core::mem::offset_of!(TrapFrame, emergency) == core::mem::offset_of!(TrapFrame, depth) + 8
+);
+const _: () =
+    assert!(core::mem::offset_of!(TrapFrame, kind) == core::mem::offset_of!(TrapFrame, sp_el0) + 8);
+const _: () =
+    assert!(core::mem::offset_of!(TrapFrame, spsr) == core::mem::offset_of!(TrapFrame, elr) + 8);
+const _: () =
+    assert!(core::mem::offset_of!(TrapFrame, far) == core::mem::offset_of!(TrapFrame, esr) + 8);
+const _: () =
+    assert!(core::mem::offset_of!(TrapFrame, fpsr) == core::mem::offset_of!(TrapFrame, fpcr) + 8);
+const _: () = assert!(core::mem::offset_of!(TrapFrame, q) % 16 == 0);
+
+/// Deepest nesting the Rust handler is trusted with (the vectors exit directly beyond).
+pub const MAX_DEPTH: u64 = 4;
+
+/// Per-CPU exception nesting depth, maintained by the vectors with plain loads/stores
+/// (only the owning CPU touches its slot).
+pub(crate) static DEPTH: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// The BRK hook: a `fn(&mut TrapFrame) -> bool` as usize, 0 = none.
+static BRK_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// Vector indices.
+pub mod kind {
+    /// Synchronous exception from the current EL on SP_EL1.
+    pub const SYNC_SPX: u64 = 4;
+    /// IRQ from the current EL on SP_EL1.
+    pub const IRQ_SPX: u64 = 5;
+}
+
+/// Registers a hook for synchronous exceptions caused by a `BRK` instruction (ESR EC
+/// 0x3c). If it returns true the CPU resumes from the frame as the hook left it: the
+/// hook must have moved `elr` past the BRK (`frame.elr += 4`). If it returns false the
+/// exception is reported as unexpected. Runs with every exception masked.
+pub fn set_brk_handler(f: fn(&mut TrapFrame) -> bool) {
+    // Release pairs with the Acquire in `handle_sync`.
+    BRK_HANDLER.store(f as usize, Ordering::Release);
+}
+
+/// Removes the BRK hook.
+pub fn clear_brk_handler() {
+    BRK_HANDLER.store(0, Ordering::Release);
+}
+
+/// The calling CPU's exception nesting depth (0 in normal code).
+pub fn depth() -> u64 {
+    DEPTH[cpu::current_cpu()].load(Ordering::Relaxed)
+}
+
+/// The name of vector `kind`.
+pub fn kind_name(kind: u64) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "synchronous, current EL with SP_EL0",
+        "IRQ, current EL with SP_EL0",
+        "FIQ, current EL with SP_EL0",
+        "SError, current EL with SP_EL0",
+        "synchronous, current EL with SP_EL1",
+        "IRQ, current EL with SP_EL1",
+        "FIQ, current EL with SP_EL1",
+        "SError, current EL with SP_EL1",
+        "synchronous, lower EL (AArch64)",
+        "IRQ, lower EL (AArch64)",
+        "FIQ, lower EL (AArch64)",
+        "SError, lower EL (AArch64)",
+        "synchronous, lower EL (AArch32)",
+        "IRQ, lower EL (AArch32)",
+        "FIQ, lower EL (AArch32)",
+        "SError, lower EL (AArch32)",
+    ];
+    NAMES
+        .get(kind as usize)
+        .copied()
+        .unwrap_or("unknown vector")
+}
+
+/// ESR_EL1.EC.
+pub fn esr_ec(esr: u64) -> u8 {
+    ((esr >> 26) & 0x3f) as u8
+}
+
+/// A name for an exception class.
+pub fn ec_name(ec: u8) -> &'static str {
+    match ec {
+        0x00 => "unknown reason (e.g. undefined instruction)",
+        0x01 => "trapped WFI/WFE",
+        0x07 => "trapped SVE/SIMD/FP access",
+        0x0e => "illegal execution state",
+        0x15 => "SVC (AArch64)",
+        0x16 => "HVC (AArch64)",
+        0x17 => "SMC (AArch64)",
+        0x18 => "trapped MSR/MRS/system instruction",
+        0x20 => "instruction abort, lower EL",
+        0x21 => "instruction abort, same EL",
+        0x22 => "PC alignment fault",
+        0x24 => "data abort, lower EL",
+        0x25 => "data abort, same EL",
+        0x26 => "SP alignment fault",
+        0x2c => "trapped floating-point exception",
+        0x2f => "SError",
+        0x30 | 0x31 => "breakpoint",
+        0x32 | 0x33 => "software step",
+        0x34 | 0x35 => "watchpoint",
+        0x3c => "BRK instruction (AArch64)",
+        _ => "other",
+    }
+}
+
+/// A name for an abort's fault status code (ISS[5:0] of an instruction/data abort).
+fn fault_status_name(fsc: u8) -> &'static str {
+    match fsc {
+        0x00..=0x03 => "address size fault",
+        0x04..=0x07 => "translation fault",
+        0x08..=0x0b => "access flag fault",
+        0x0c..=0x0f => "permission fault",
+        0x10 => "synchronous external abort",
+        0x21 => "alignment fault",
+        0x30 => "TLB conflict abort",
+        _ => "other fault",
+    }
+}
+
+struct Esr(u64);
+
+impl fmt::Display for Esr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ec = esr_ec(self.0);
+        let iss = self.0 & 0x1ff_ffff;
+        write!(
+            f,
+            "{:#010x} (EC {ec:#04x}: {}; ISS {iss:#x}",
+            self.0,
+            ec_name(ec)
+        )?;
+        match ec {
+            0x20 | 0x21 | 0x24 | 0x25 => {
+                let fsc = (iss & 0x3f) as u8;
+                write!(f, "; {} level {}", fault_status_name(fsc), fsc & 3)?;
+                if ec >= 0x24 {
+                    f.write_str(if iss & (1 << 6) != 0 {
+                        ", write"
+                    } else {
+                        ", read"
+                    })?;
+                }
+                if iss & (1 << 10) != 0 {
+                    f.write_str(", FAR not valid")?;
+                }
+            }
+            0x3c => write!(f, "; BRK #{:#x}", iss & 0xffff)?,
+            _ => {}
+        }
+        f.write_str(")")
+    }
+}
+
+/// The Rust exception handler, called by the vectors with everything masked.
+#[unsafe(link_section = ".text.nopatch")]
+pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
+    if frame.emergency != 0 {
+        fatal(frame, "exception with an unusable stack (stack overflow?)");
+    }
+    match frame.kind {
+        kind::IRQ_SPX if frame.depth == 1 => gic::handle_irq(),
+        kind::SYNC_SPX => {
+            if !handle_sync(frame) {
+                let why = if frame.depth > 1 {
+                    "nested exception (inside an exception handler)"
+                } else {
+                    "unhandled synchronous exception"
+                };
+                fatal(frame, why);
+            }
+        }
+        _ if frame.depth > 1 => fatal(frame, "nested exception (inside an exception handler)"),
+        _ => fatal(frame, "unexpected exception vector"),
+    }
+}
+
+/// Offers a synchronous exception to the semihosting probe and the BRK hook.
+fn handle_sync(frame: &mut TrapFrame) -> bool {
+    if exit::semihosting_trapped(frame.elr) {
+        frame.x[0] = u64::MAX;
+        frame.elr += 4;
+        return true;
+    }
+    if esr_ec(frame.esr) == 0x3c {
+        // Acquire pairs with the Release in `set_brk_handler`.
+        let hook = BRK_HANDLER.load(Ordering::Acquire);
+        if hook != 0 {
+            // SAFETY: only `set_brk_handler` stores non-zero values, and those are
+            // `fn(&mut TrapFrame) -> bool` pointers.
+            let hook: fn(&mut TrapFrame) -> bool = unsafe { core::mem::transmute(hook) };
+            return hook(frame);
+        }
+    }
+    false
+}
+
+/// Prints the report for `frame` and ends the run with a failure status.
+fn fatal(frame: &TrapFrame, why: &str) -> ! {
+    cpu::mask_all();
+    let cpu = cpu::current_cpu();
+    console::write_forced(format_args!(
+        "\nUNEXPECTED EXCEPTION on cpu {cpu}: {why}\n  vector: {} (depth {}{})\n  ESR_EL1 {}\n  \
+         ELR_EL1 {:#018x}  FAR_EL1 {:#018x}\n  SPSR_EL1 {:#010x}  SP {:#018x}\n",
+        kind_name(frame.kind),
+        frame.depth,
+        if frame.emergency != 0 {
+            ", on the exception stack"
+        } else {
+            ""
+        },
+        Esr(frame.esr),
+        frame.elr,
+        frame.far,
+        frame.spsr,
+        frame.sp,
+    ));
+    for row in 0..8 {
+        let mut line = [0u8; 96];
+        let mut w = Buf {
+            buf: &mut line,
+            len: 0,
+        };
+        for i in (row * 4)..(row * 4 + 4).min(31) {
+            let _ = fmt::Write::write_fmt(&mut w, format_args!(" x{i:<2} {:#018x}", frame.x[i]));
+        }
+        let len = w.len;
+        console::write_raw_forced(&line[..len]);
+        console::write_raw_forced(b"\n");
+    }
+    exit::exit(false)
+}
+
+/// A fixed buffer writer (no allocation on the fatal path).
+struct Buf<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl fmt::Write for Buf<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}

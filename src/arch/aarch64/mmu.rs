@@ -1,0 +1,530 @@
+//! The MMU: one identity map shared by every CPU, built with aarch64-paging from a
+//! static pool of page-table pages (no heap), and the text-patching alias.
+//!
+//! # The map (4 KiB granule, 39-bit VA, TTBR0 only, ASID 0, global entries)
+//!
+//! | range                        | attributes                           |
+//! |------------------------------|--------------------------------------|
+//! | RAM (DTB memory nodes)       | Normal WB, RW, XN (PXN+UXN)          |
+//! | the DTB blob                 | Normal WB, read-only, XN             |
+//! | kernel text (`.text*`)       | Normal WB, read-only, executable     |
+//! | `.rodata`                    | Normal WB, read-only, XN             |
+//! | `.data`, stacks, `.bss`      | Normal WB, RW, XN                    |
+//! | stack guard pages            | unmapped                             |
+//! | GICD, GICR, PL011 (from DTB) | Device-nGnRnE, RW, XN                |
+//! | [`ALIAS_VA`] (one page)      | unmapped except inside [`poke_text`] |
+//!
+//! No page is both writable and executable, and SCTLR_EL1.WXN is set as well, so the
+//! hardware treats any writable page as execute-never regardless of its entry.
+//!
+//! # Patching text
+//!
+//! Text stays read-only. [`poke_text`] (like Linux's `patch_map()` fixmap) maps the
+//! physical page holding the target at [`ALIAS_VA`] as writable, non-executable normal
+//! memory, stores the word through it and removes the alias again. The level-3 table
+//! for the alias is created at boot, so a poke only ever changes that one entry:
+//! - map: invalid -> valid needs no break-before-make; `DSB ISHST` makes the entry
+//!   visible to the table walker and `ISB` to our own subsequent accesses;
+//! - unmap: write the invalid entry, `DSB ISHST` (the entry and the data store are
+//!   complete), `TLBI VAALE1IS` for the alias VA (all ASIDs, last level, inner
+//!   shareable: also drops any entry another CPU's walker cached speculatively),
+//!   `DSB ISH` (invalidation complete everywhere), `ISB`.
+
+use super::dtb::{BootInfo, Region};
+use super::{cache, cpu, layout};
+use crate::MAX_CPUS;
+use aarch64_paging::Mapping;
+use aarch64_paging::descriptor::{El1Attributes, PhysicalAddress};
+use aarch64_paging::mair::{Mair, MairAttribute, NormalMemory};
+use aarch64_paging::paging::{Constraints, El1And0, MemoryRegion, PageTable, Translation, VaRange};
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::fmt;
+use core::ops::Range;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+pub use super::layout::{boot_range, nopatch_range, text_range};
+
+/// Page size (4 KiB granule).
+pub const PAGE_SIZE: usize = 4096;
+/// Virtual address bits translated by TTBR0_EL1 (T0SZ = 64 - 39).
+pub const VA_BITS: u32 = 39;
+/// The root table level for a 39-bit VA with a 4 KiB granule.
+const ROOT_LEVEL: usize = 1;
+/// The fixed virtual address of the text-patching alias: the last page of the VA
+/// space, above any RAM or device the identity map can cover.
+pub const ALIAS_VA: usize = (1 << VA_BITS) - PAGE_SIZE;
+/// Page-table pages available to the identity map.
+const POOL_PAGES: usize = 64;
+
+/// MAIR index 0: Device-nGnRnE; index 1: Normal, write-back read/write-allocate.
+const MAIR: Mair = Mair::EMPTY
+    .with_attribute(0, MairAttribute::DEVICE_NGNRNE)
+    .with_attribute(
+        1,
+        MairAttribute::normal(
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+            NormalMemory::WriteBackNonTransientReadWriteAllocate,
+        ),
+    );
+
+const DEVICE: El1Attributes = El1Attributes::ATTRIBUTE_INDEX_0
+    .union(El1Attributes::ACCESSED)
+    .union(El1Attributes::VALID);
+const NORMAL: El1Attributes = El1Attributes::ATTRIBUTE_INDEX_1
+    .union(El1Attributes::INNER_SHAREABLE)
+    .union(El1Attributes::ACCESSED)
+    .union(El1Attributes::VALID);
+const XN: El1Attributes = El1Attributes::PXN.union(El1Attributes::UXN);
+/// Read-write data: never executable.
+const RW_DATA: El1Attributes = NORMAL.union(XN);
+/// Read-only data.
+const RO_DATA: El1Attributes = NORMAL.union(XN).union(El1Attributes::READ_ONLY);
+/// Kernel text: read-only, executable at EL1 only.
+const TEXT: El1Attributes = NORMAL
+    .union(El1Attributes::READ_ONLY)
+    .union(El1Attributes::UXN);
+/// Device registers.
+const DEVICE_RW: El1Attributes = DEVICE.union(XN);
+
+/// Descriptor bits of the alias entry: a valid level-3 page, normal memory, RW, XN.
+const ALIAS_ATTRS: u64 = RW_DATA.union(El1Attributes::TABLE_OR_PAGE).bits() as u64;
+/// Output-address bits of a descriptor (4 KiB granule, 48-bit PA).
+const DESC_ADDR_MASK: u64 = 0x0000_ffff_ffff_f000;
+
+/// SCTLR_EL1 with the MMU and caches off (RES1 bits: EOS, TSCXT, EIS, SPAN, nTLSMD,
+/// LSMAOE). The boot code writes it at entry (split into 16-bit halves).
+pub const SCTLR_MMU_OFF: u64 = 1 << 29 | 1 << 28 | 1 << 23 | 1 << 22 | 1 << 20 | 1 << 11;
+/// SCTLR_EL1 with M (MMU), C (data cache), SA/SA0 (SP alignment checks), I
+/// (instruction cache) and WXN (writable implies execute-never) set.
+pub const SCTLR_MMU_ON: u64 = SCTLR_MMU_OFF | 1 << 0 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 12 | 1 << 19;
+
+/// The page-table pages (in `.bss`: zeroed by the boot code).
+#[repr(C, align(4096))]
+struct Pool(UnsafeCell<[PageTable<El1Attributes>; POOL_PAGES]>);
+
+// SAFETY: pages are handed out once each by `PoolAllocator` (only ever used by the boot
+// CPU while building the map); afterwards the MMU and `poke_text` access them through
+// raw pointers, under the rules described on those functions.
+unsafe impl Sync for Pool {}
+
+static POOL: Pool = Pool(UnsafeCell::new([const { PageTable::EMPTY }; POOL_PAGES]));
+
+/// Hands out pool pages; never frees (the kernel map is built once).
+struct PoolAllocator {
+    next: usize,
+}
+
+impl Translation<El1Attributes> for PoolAllocator {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<El1Attributes>>, PhysicalAddress) {
+        assert!(self.next < POOL_PAGES, "page-table pool exhausted");
+        let table = POOL
+            .0
+            .get()
+            .cast::<PageTable<El1Attributes>>()
+            .wrapping_add(self.next);
+        self.next += 1;
+        let table = NonNull::new(table).expect("pool address is not null");
+        // Identity map: the physical address is the address.
+        (table, PhysicalAddress(table.as_ptr() as usize))
+    }
+
+    unsafe fn deallocate_table(&mut self, _table: NonNull<PageTable<El1Attributes>>) {
+        // Pool pages are never reused: a removed subtable simply stays allocated.
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<El1Attributes>> {
+        NonNull::new(pa.0 as *mut PageTable<El1Attributes>).expect("table PA is not null")
+    }
+}
+
+/// The kernel's mapping, kept after boot for inspection.
+struct KernelMap(Mapping<PoolAllocator, El1And0>);
+
+// SAFETY: the mapping's raw pointers point into the static pool; all access goes through
+// the mutex below.
+unsafe impl Send for KernelMap {}
+
+static KERNEL_MAP: spin::Once<spin::Mutex<KernelMap>> = spin::Once::new();
+
+/// The register values every CPU loads to turn the MMU on. Published (and cleaned to the
+/// point of coherency) by the boot CPU before it starts any secondary, which reads them
+/// with its MMU off in `boot/aarch64/entry.S`. Layout fixed: the assembly reads
+/// `[mair, tcr, ttbr0, sctlr]` with two LDPs.
+#[repr(C, align(64))]
+pub struct MmuRegs {
+    mair: AtomicU64,
+    tcr: AtomicU64,
+    ttbr0: AtomicU64,
+    sctlr: AtomicU64,
+}
+
+/// See [`MmuRegs`].
+pub static MMU_REGS: MmuRegs = MmuRegs {
+    mair: AtomicU64::new(0),
+    tcr: AtomicU64::new(0),
+    ttbr0: AtomicU64::new(0),
+    sctlr: AtomicU64::new(0),
+};
+
+/// Address of the level-3 descriptor of [`ALIAS_VA`] (0 before [`init_primary`]).
+static ALIAS_PTE: AtomicUsize = AtomicUsize::new(0);
+
+/// Serialises alias users: there is one alias page.
+static ALIAS_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Why the identity map could not be built.
+#[derive(Debug)]
+pub enum MmuError {
+    /// A range could not be mapped.
+    Map(&'static str, Region, aarch64_paging::MapError),
+    /// A region the kernel must map lies beyond the 39-bit VA space or on the alias.
+    OutOfRange(&'static str, Region),
+}
+
+impl fmt::Display for MmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MmuError::Map(what, r, e) => write!(f, "cannot map {what} {r}: {e}"),
+            MmuError::OutOfRange(what, r) => {
+                write!(f, "{what} {r} lies outside the {VA_BITS}-bit identity map")
+            }
+        }
+    }
+}
+
+fn map(
+    mapping: &mut Mapping<PoolAllocator, El1And0>,
+    what: &'static str,
+    r: Region,
+    flags: El1Attributes,
+) -> Result<(), MmuError> {
+    if r.size == 0 {
+        return Ok(());
+    }
+    if r.end() > ALIAS_VA || r.end() < r.base {
+        return Err(MmuError::OutOfRange(what, r));
+    }
+    mapping
+        .map_range(
+            &MemoryRegion::new(r.base, r.end()),
+            PhysicalAddress(r.base & !(PAGE_SIZE - 1)),
+            flags,
+            Constraints::NO_CONTIGUOUS_HINT,
+        )
+        .map_err(|e| MmuError::Map(what, r, e))
+}
+
+fn region(r: Range<usize>) -> Region {
+    Region {
+        base: r.start,
+        size: r.end - r.start,
+    }
+}
+
+/// TCR_EL1: T0SZ = 25, TTBR0 walks inner-shareable write-back cacheable, 4 KiB granule,
+/// TTBR1 walks disabled (EPD1), IPS from ID_AA64MMFR0_EL1.PARange.
+fn tcr() -> u64 {
+    let mmfr0: u64;
+    // SAFETY: reading an ID register has no side effect.
+    unsafe {
+        asm!("mrs {}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nomem, nostack, preserves_flags))
+    };
+    let ips = (mmfr0 & 0xf).min(5);
+    let t0sz = 64 - VA_BITS as u64;
+    t0sz | 0b01 << 8 | 0b01 << 10 | 0b11 << 12 | 1 << 23 | 0b10 << 30 | ips << 32
+}
+
+/// Builds the identity map from the DTB and the linker layout and turns the MMU and
+/// caches on. Boot CPU only, once, with the MMU off (no atomic read-modify-write is
+/// used before the switch).
+///
+/// # Safety
+/// Must be called once, on the boot CPU, before any other CPU starts, with the MMU off;
+/// `info` must describe the machine truthfully (the map covers the image, the DTB and
+/// the devices it names and nothing the kernel uses is left out).
+pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
+    let mut mapping = Mapping::with_asid_and_va_range(
+        PoolAllocator { next: 0 },
+        0,
+        ROOT_LEVEL,
+        El1And0,
+        VaRange::Lower,
+    );
+    let m = &mut mapping;
+    for &mem in info.memory() {
+        // RAM is data: never executable. Clip anything beyond the map (the kernel only
+        // needs RAM it can address).
+        let clipped = Region {
+            base: mem.base,
+            size: mem.size.min(ALIAS_VA.saturating_sub(mem.base)),
+        };
+        map(m, "RAM", clipped, RW_DATA)?;
+    }
+    map(m, "the DTB", info.dtb, RO_DATA)?;
+    map(m, "kernel text", region(layout::text_range()), TEXT)?;
+    map(m, "kernel rodata", region(layout::rodata_range()), RO_DATA)?;
+    map(m, "kernel data", region(layout::writable_range()), RW_DATA)?;
+    for cpu in 0..MAX_CPUS {
+        map(
+            m,
+            "a stack guard",
+            region(layout::stack_guard(cpu)),
+            El1Attributes::empty(),
+        )?;
+    }
+    map(m, "the GIC distributor", info.gicd, DEVICE_RW)?;
+    map(m, "the GIC redistributors", info.gicr, DEVICE_RW)?;
+    map(m, "the UART", info.uart, DEVICE_RW)?;
+    // An invalid entry at the alias: creates its level-3 table now, so that a poke only
+    // ever writes that one entry.
+    let alias = Region {
+        base: ALIAS_VA,
+        size: PAGE_SIZE,
+    };
+    mapping
+        .map_range(
+            &MemoryRegion::new(alias.base, alias.end()),
+            PhysicalAddress(0),
+            El1Attributes::empty(),
+            Constraints::NO_CONTIGUOUS_HINT | Constraints::NO_BLOCK_MAPPINGS,
+        )
+        .map_err(|e| MmuError::Map("the patch alias", alias, e))?;
+
+    let root = mapping.root_address().0 as u64;
+    let pte = walk(root, ALIAS_VA)
+        .filter(|w| w.level == 3)
+        .expect("the alias has a level-3 table");
+    ALIAS_PTE.store(pte.entry_addr, Ordering::Relaxed);
+
+    let tcr = tcr();
+    // Everything written so far (BSS, boot info, page tables, this stack) went straight
+    // to RAM with the caches off. Discard any stale line over the writable image and
+    // the DTB (a boot loader may have left clean copies) before caches come on.
+    let data = layout::writable_range();
+    // SAFETY: the up-to-date contents of these ranges are in RAM (caches are off).
+    unsafe {
+        cache::inval_dcache_range_poc(data.start, data.end);
+        cache::inval_dcache_range_poc(info.dtb.base, info.dtb.end());
+    }
+    // SAFETY: the map covers all code, data, stacks and devices the kernel uses with the
+    // same addresses (identity), so execution continues seamlessly; TLBs and the
+    // I-cache are invalidated first so nothing from before applies.
+    unsafe { enable(MAIR.0, tcr, root, SCTLR_MMU_ON) };
+
+    // From here on caches are on and atomics work.
+    mapping.mark_active();
+    KERNEL_MAP.call_once(|| spin::Mutex::new(KernelMap(mapping)));
+    MMU_REGS.mair.store(MAIR.0, Ordering::Relaxed);
+    MMU_REGS.tcr.store(tcr, Ordering::Relaxed);
+    MMU_REGS.ttbr0.store(root, Ordering::Relaxed);
+    MMU_REGS.sctlr.store(SCTLR_MMU_ON, Ordering::Relaxed);
+    // Secondaries read the block with their MMU off: push it to the point of coherency.
+    let regs = &MMU_REGS as *const MmuRegs as usize;
+    cache::clean_inval_dcache_range_poc(regs, regs + size_of::<MmuRegs>());
+    Ok(())
+}
+
+/// Loads the translation registers and turns the MMU on.
+///
+/// # Safety
+/// The tables at `ttbr0` must map the running code, its stack and data identically.
+unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, sctlr: u64) {
+    // SAFETY: forwarded from the caller. Not `nomem`: memory accesses must not move
+    // across the switch.
+    unsafe {
+        asm!(
+            "msr mair_el1, {mair}",
+            "msr tcr_el1, {tcr}",
+            "msr ttbr0_el1, {ttbr0}",
+            "isb",
+            "tlbi vmalle1",
+            "dsb nsh",
+            "ic iallu",
+            "dsb nsh",
+            "isb",
+            "msr sctlr_el1, {sctlr}",
+            "isb",
+            mair = in(reg) mair,
+            tcr = in(reg) tcr,
+            ttbr0 = in(reg) ttbr0,
+            sctlr = in(reg) sctlr,
+            options(nostack, preserves_flags),
+        )
+    };
+}
+
+/// The register block secondaries load (for diagnostics).
+pub fn mmu_regs() -> [u64; 4] {
+    [
+        MMU_REGS.mair.load(Ordering::Relaxed),
+        MMU_REGS.tcr.load(Ordering::Relaxed),
+        MMU_REGS.ttbr0.load(Ordering::Relaxed),
+        MMU_REGS.sctlr.load(Ordering::Relaxed),
+    ]
+}
+
+/// A leaf found by [`walk`].
+#[derive(Clone, Copy, Debug)]
+struct Leaf {
+    /// Level of the descriptor (1, 2: block; 3: page).
+    level: usize,
+    /// Address of the descriptor.
+    entry_addr: usize,
+    /// The descriptor.
+    desc: u64,
+}
+
+/// Walks the tables at `root` for `va`: the last descriptor reached (a block, a page,
+/// or the first invalid entry). `None` if `va` is outside the map.
+fn walk(root: u64, va: usize) -> Option<Leaf> {
+    if va >= 1 << VA_BITS {
+        return None;
+    }
+    let mut table = (root & DESC_ADDR_MASK) as usize;
+    let mut level = ROOT_LEVEL;
+    loop {
+        let index = (va >> (12 + 9 * (3 - level))) & 0x1ff;
+        let entry_addr = table + index * 8;
+        // SAFETY: tables live in the static pool, identity-mapped and readable; entries
+        // are aligned u64s, only ever written with single-copy-atomic stores (aarch64
+        // paging's AtomicUsize descriptors, or `poke_text`), so an atomic load is sound.
+        let desc = unsafe { AtomicU64::from_ptr(entry_addr as *mut u64) }.load(Ordering::Relaxed);
+        let is_table = level < 3 && desc & 0b11 == 0b11;
+        if !is_table {
+            return Some(Leaf {
+                level,
+                entry_addr,
+                desc,
+            });
+        }
+        table = (desc & DESC_ADDR_MASK) as usize;
+        level += 1;
+    }
+}
+
+fn current_root() -> u64 {
+    let ttbr0: u64;
+    // SAFETY: reading TTBR0_EL1 has no side effect.
+    unsafe { asm!("mrs {}, ttbr0_el1", out(reg) ttbr0, options(nomem, nostack, preserves_flags)) };
+    ttbr0
+}
+
+/// What the identity map says about one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageInfo {
+    /// The entry is valid.
+    pub valid: bool,
+    /// Writable at EL1.
+    pub writable: bool,
+    /// Executable at EL1.
+    pub executable: bool,
+    /// Device memory (MAIR index 0).
+    pub device: bool,
+    /// Level of the entry (1, 2 = block, 3 = page).
+    pub level: usize,
+}
+
+/// Looks `addr` up in the live tables (never takes a lock; reads descriptors
+/// atomically). `None` if `addr` is outside the translated range.
+pub fn page_info(addr: usize) -> Option<PageInfo> {
+    let root = current_root();
+    if root & DESC_ADDR_MASK == 0 {
+        return None;
+    }
+    let leaf = walk(root, addr)?;
+    let valid = leaf.desc & 1 != 0;
+    let bits = El1Attributes::from_bits_truncate(leaf.desc as usize);
+    Some(PageInfo {
+        valid,
+        writable: valid && !bits.contains(El1Attributes::READ_ONLY),
+        executable: valid && !bits.contains(El1Attributes::PXN),
+        device: valid && (leaf.desc >> 2) & 0b111 == 0,
+        level: leaf.level,
+    })
+}
+
+/// Whether `addr` is writable through its normal (identity) mapping. For kernel text
+/// this must always be false.
+pub fn is_text_writable(addr: usize) -> bool {
+    page_info(addr).is_some_and(|p| p.writable)
+}
+
+/// Whether the patch alias is currently mapped (true only inside [`poke_text`]).
+pub fn alias_mapped() -> bool {
+    let pte = ALIAS_PTE.load(Ordering::Relaxed);
+    if pte == 0 {
+        return false;
+    }
+    // SAFETY: `pte` is the alias descriptor in the static pool (see `init_primary`).
+    unsafe { AtomicU64::from_ptr(pte as *mut u64) }.load(Ordering::Relaxed) & 1 != 0
+}
+
+/// Writes the 32-bit word `insn` at kernel-text address `addr` through a temporary
+/// writable, non-executable alias of its page, then removes the alias (see the module
+/// docs for the exact TLB maintenance). Masks every exception on the calling CPU and
+/// holds the alias lock meanwhile.
+///
+/// This only stores the word: the caller then makes it visible to instruction fetch
+/// with [`cache::sync_icache_range`] over the text address, and each CPU that executes
+/// it with a context synchronisation event.
+///
+/// # Safety
+/// - `addr` must be 4-byte aligned and inside [`text_range`] (checked; panics
+///   otherwise), and must not be in [`nopatch_range`] unless the caller has
+///   established that nothing executes that code concurrently.
+/// - No CPU may be executing the word at `addr` while it changes, unless the old/new
+///   pair is one the architecture allows to be modified concurrently (CMODX: B, BL,
+///   NOP, BRK, SVC/HVC/SMC, ISB) — e.g. the machine is stopped.
+/// - After the MMU is on ([`init_primary`] ran).
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub unsafe fn poke_text(addr: usize, insn: u32) {
+    let text = layout::text_range();
+    assert!(
+        addr.is_multiple_of(4) && addr >= text.start && addr + 4 <= text.end,
+        "poke_text: {addr:#x} is not an aligned kernel text address"
+    );
+    let pte_addr = ALIAS_PTE.load(Ordering::Relaxed);
+    assert!(pte_addr != 0, "poke_text before the MMU is on");
+    // SAFETY: the alias descriptor in the static pool; see `walk` for atomicity.
+    let pte = unsafe { AtomicU64::from_ptr(pte_addr as *mut u64) };
+    let page = (addr & !(PAGE_SIZE - 1)) as u64;
+    let offset = addr & (PAGE_SIZE - 1);
+
+    let saved = cpu::mask_all();
+    let guard = ALIAS_LOCK.lock();
+    pte.store(page | ALIAS_ATTRS, Ordering::Relaxed);
+    // SAFETY: barriers only. DSB ISHST: the walker sees the new (previously invalid, so
+    // no break-before-make) entry; ISB: our following accesses use it.
+    unsafe { asm!("dsb ishst", "isb", options(nostack, preserves_flags)) };
+    // SAFETY: the alias maps `page` writable; `offset` keeps the access in that page and
+    // 4-byte aligned. The caller guarantees nobody executes the word unsafely meanwhile.
+    unsafe { core::ptr::write_volatile((ALIAS_VA + offset) as *mut u32, insn) };
+    pte.store(0, Ordering::Relaxed);
+    // SAFETY: TLB maintenance and barriers only; `ALIAS_VA >> 12` is the TLBI operand
+    // (VA[55:12], ASID ignored by VAALE1IS).
+    unsafe {
+        asm!(
+            "dsb ishst",
+            "tlbi vaale1is, {va}",
+            "dsb ish",
+            "isb",
+            va = in(reg) (ALIAS_VA >> 12) as u64,
+            options(nostack, preserves_flags),
+        )
+    };
+    drop(guard);
+    cpu::restore(saved);
+}
+
+/// Page-table pages the identity map uses (of the static pool).
+pub fn page_table_pages_used() -> usize {
+    KERNEL_MAP
+        .get()
+        .map_or(0, |map| map.lock().0.translation().next)
+}
+
+/// Page-table pages available in the static pool.
+pub const PAGE_TABLE_POOL_PAGES: usize = POOL_PAGES;

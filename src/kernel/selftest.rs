@@ -1,0 +1,708 @@
+//! The in-kernel self-tests, reported as KTAP.
+//!
+//! Each test checks one property of the running kernel and says what it saw when the
+//! property does not hold. Every one of them has been seen to fail against a kernel with
+//! that property broken (the README lists how).
+
+use super::smp::run_on;
+use super::text::{KERNEL_TEXT, set_write_probe};
+use crate::CpuSet;
+use crate::arch::aarch64::{STOP, boot_info, gic, layout, mmu, smp, timer};
+use crate::patch::insn::{self, NOP};
+use crate::patch::{Patch, PatchError, Text, patch_machine, patch_nosync};
+use crate::stop::{Arch, StopError, StopOptions};
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+unsafe extern "C" {
+    fn pm_torture_a() -> u64;
+    fn pm_torture_b() -> u64;
+    fn pm_nosync_target() -> u64;
+    fn pm_nosync_branch_dest();
+    fn pm_spare_site();
+}
+
+/// Parameters from the kernel command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// Torture flips (`flips=N`).
+    pub flips: u32,
+    /// Nosync flips (`nosync_flips=N`).
+    pub nosync_flips: u32,
+}
+
+impl Params {
+    /// The defaults: 10,000 torture flips.
+    pub const DEFAULT: Params = Params {
+        flips: 10_000,
+        nosync_flips: 2_000,
+    };
+}
+
+/// A failure or skip message, kept in a fixed buffer (the kernel has no heap).
+pub struct Msg {
+    buf: [u8; 200],
+    len: usize,
+}
+
+impl Msg {
+    fn new() -> Msg {
+        Msg {
+            buf: [0; 200],
+            len: 0,
+        }
+    }
+
+    /// The message text.
+    pub fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<bad utf-8>")
+    }
+}
+
+impl Write for Msg {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &byte in s.as_bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = byte;
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of one test.
+pub enum Verdict {
+    /// Passed, with an optional note.
+    Pass(Msg),
+    /// Failed: what was seen.
+    Fail(Msg),
+    /// Could not run here: why.
+    Skip(Msg),
+}
+
+macro_rules! msg {
+    ($($arg:tt)*) => {{
+        let mut m = Msg::new();
+        let _ = write!(m, $($arg)*);
+        m
+    }};
+}
+
+macro_rules! fail {
+    ($($arg:tt)*) => { return Verdict::Fail(msg!($($arg)*)) };
+}
+
+macro_rules! check {
+    ($cond:expr, $($arg:tt)*) => { if !$cond { fail!($($arg)*) } };
+}
+
+/// A self-test: its KTAP name and body.
+pub struct Test {
+    /// The name printed in KTAP and accepted by `tests=`.
+    pub name: &'static str,
+    /// The body.
+    pub run: fn(&Params) -> Verdict,
+}
+
+/// Every test, in the order they run.
+pub const TESTS: &[Test] = &[
+    Test {
+        name: "cpus_online",
+        run: cpus_online,
+    },
+    Test {
+        name: "stop_machine_active_cpus",
+        run: stop_machine_active_cpus,
+    },
+    Test {
+        name: "stop_machine_errors",
+        run: stop_machine_errors,
+    },
+    Test {
+        name: "stop_machine_timeout",
+        run: stop_machine_timeout,
+    },
+    Test {
+        name: "patch_quiescence",
+        run: patch_quiescence,
+    },
+    Test {
+        name: "patch_masking",
+        run: patch_masking,
+    },
+    Test {
+        name: "bad_batches",
+        run: bad_batches,
+    },
+    Test {
+        name: "nosync",
+        run: nosync,
+    },
+    Test {
+        name: "torture",
+        run: torture,
+    },
+];
+
+const OPTIONS: StopOptions = StopOptions::DEFAULT;
+const JOB_TIMEOUT_NS: u64 = 30_000_000_000;
+/// How long the timeout test lets the others arrive: long enough for emulated CPUs on a
+/// loaded host, short enough to wait out once.
+const HOLD_TIMEOUT_NS: u64 = 250_000_000;
+
+fn others() -> CpuSet {
+    smp::online_cpus().without(smp::current_cpu())
+}
+
+fn movz(value: u16) -> u32 {
+    insn::movz_x(0, value, 0).expect("x0 and shift 0 are valid")
+}
+
+fn cpus_online(_: &Params) -> Verdict {
+    let expected = boot_info().cpu_count;
+    let online = smp::online_cpus();
+    check!(
+        online == CpuSet::first(expected),
+        "online CPUs {online}, but the DTB lists {expected}"
+    );
+    Verdict::Pass(msg!("{expected} CPUs"))
+}
+
+fn stop_machine_active_cpus(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    let last = online.len() - 1;
+    let odd = online
+        .iter()
+        .filter(|c| c % 2 == 1)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    for active in [online, CpuSet::single(0), CpuSet::single(last), odd] {
+        if active.is_empty() {
+            continue;
+        }
+        let ran = AtomicU32::new(0);
+        let runs = AtomicU32::new(0);
+        let result = STOP.stop_machine(
+            &|cpu| {
+                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                runs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+            active,
+            OPTIONS,
+        );
+        check!(result.is_ok(), "active {active}: {}", result.unwrap_err());
+        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+        check!(
+            ran == active && runs.load(Ordering::Relaxed) as usize == active.len(),
+            "asked for {active}, ran on {ran} ({} runs)",
+            runs.load(Ordering::Relaxed)
+        );
+    }
+    Verdict::Pass(Msg::new())
+}
+
+fn stop_machine_errors(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    let result = STOP.stop_machine(
+        &|cpu| {
+            if cpu % 2 == 1 || cpu == 0 {
+                Err(-100 - cpu as i32)
+            } else {
+                Ok(())
+            }
+        },
+        online,
+        OPTIONS,
+    );
+    let expected = online
+        .iter()
+        .filter(|c| c % 2 == 1 || *c == 0)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    match result {
+        Err(StopError::Failed(failures)) => {
+            check!(
+                failures.cpus() == expected,
+                "failing CPUs {} (expected {expected})",
+                failures.cpus()
+            );
+            for cpu in expected.iter() {
+                check!(
+                    failures.code(cpu) == Some(-100 - cpu as i32),
+                    "cpu{cpu} reported {:?}",
+                    failures.code(cpu)
+                );
+            }
+            Verdict::Pass(Msg::new())
+        }
+        other => fail!("expected failures on {expected}, got {other:?}"),
+    }
+}
+
+struct Hold {
+    holding: AtomicBool,
+    release: AtomicBool,
+    timed_out: AtomicBool,
+}
+
+fn hold_masked(_cpu: usize, hold: &Hold) {
+    let saved = STOP.arch().mask_all();
+    hold.holding.store(true, Ordering::Release);
+    let start = timer::now_ns();
+    while !hold.release.load(Ordering::Acquire) {
+        if timer::now_ns() - start > 10_000_000_000 {
+            hold.timed_out.store(true, Ordering::Relaxed);
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    STOP.arch().restore(saved);
+}
+
+fn stop_machine_timeout(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    if online.len() < 2 {
+        return Verdict::Skip(msg!("needs a second CPU to hold"));
+    }
+    let held = online.len() - 1;
+    let hold = Hold {
+        holding: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+        timed_out: AtomicBool::new(false),
+    };
+    // SAFETY: `hold` outlives the job: we wait for it below before returning.
+    let job = unsafe { run_on(CpuSet::single(held), hold_masked, &hold) };
+    let start = timer::now_ns();
+    while !hold.holding.load(Ordering::Acquire) {
+        if timer::now_ns() - start > JOB_TIMEOUT_NS {
+            fail!("cpu{held} never started holding");
+        }
+        core::hint::spin_loop();
+    }
+    let ran = AtomicU32::new(0);
+    let result = STOP.stop_machine(
+        &|_| {
+            ran.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        },
+        online,
+        StopOptions {
+            arrival_timeout_ns: HOLD_TIMEOUT_NS,
+            ..OPTIONS
+        },
+    );
+    hold.release.store(true, Ordering::Release);
+    if let Err(pending) = job.wait(JOB_TIMEOUT_NS) {
+        fail!("held CPUs {pending} never finished");
+    }
+    check!(
+        !hold.timed_out.load(Ordering::Relaxed),
+        "the held CPU was never released"
+    );
+    match result {
+        Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {}
+        other => fail!("expected a timeout naming cpu{held}, got {other:?}"),
+    }
+    check!(
+        ran.load(Ordering::Relaxed) == 0,
+        "the function ran despite the timeout"
+    );
+    check!(
+        STOP.in_masked_window().is_empty(),
+        "CPUs {} left masked",
+        STOP.in_masked_window()
+    );
+    let ran = AtomicU32::new(0);
+    let again = STOP.stop_machine(
+        &|cpu| {
+            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            Ok(())
+        },
+        online,
+        OPTIONS,
+    );
+    check!(
+        again.is_ok(),
+        "the next stop_machine failed: {}",
+        again.unwrap_err()
+    );
+    check!(
+        ran.load(Ordering::Relaxed) == online.bits(),
+        "the next stop_machine ran on {}",
+        CpuSet::from_bits(ran.load(Ordering::Relaxed))
+    );
+    Verdict::Pass(msg!("timed out naming cpu{held}, then recovered"))
+}
+
+fn spare_patch(from: u16, to: u16) -> Patch {
+    Patch::new(pm_spare_site as *const () as usize, movz(from), movz(to))
+}
+
+fn patch_quiescence(_: &Params) -> Verdict {
+    let site = pm_spare_site as *const () as usize;
+    let before = KERNEL_TEXT.read_insn(site);
+    check!(before == movz(0x5a5a), "spare site holds {before:#010x}");
+    let report = match patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x1234)], OPTIONS) {
+        Ok(report) => report,
+        Err(err) => fail!("patch_machine: {err}"),
+    };
+    let after = KERNEL_TEXT.read_insn(site);
+    let restored = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x1234, 0x5a5a)], OPTIONS);
+    check!(
+        after == movz(0x1234),
+        "site reads {after:#010x} after the patch"
+    );
+    check!(restored.is_ok(), "patching back: {}", restored.unwrap_err());
+    let online = smp::online_cpus();
+    check!(
+        report.cpus == online,
+        "rendezvous had {} of {online}",
+        report.cpus
+    );
+    check!(
+        report.quiescence.masked == online,
+        "only {} reported DAIF fully masked at quiescence",
+        report.quiescence.masked
+    );
+    check!(
+        report.first_write_stamp > report.quiescence.last_ack_stamp,
+        "first write (stamp {}) before the last quiescence ack (stamp {})",
+        report.first_write_stamp,
+        report.quiescence.last_ack_stamp
+    );
+    check!(!mmu::alias_mapped(), "the writable alias is still mapped");
+    Verdict::Pass(msg!(
+        "write stamp {} after last ack {}",
+        report.first_write_stamp,
+        report.quiescence.last_ack_stamp
+    ))
+}
+
+/// The SGI the masking test sends from inside the patch window.
+const PROBE_SGI: u32 = gic::TEST_SGIS[0];
+
+/// Probe interrupts sent from inside the patch window, and where they landed.
+static PROBES_LANDED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+static PROBES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
+static PROBE_SENT: AtomicBool = AtomicBool::new(false);
+
+fn probe_handler(cpu: usize) {
+    if STOP.in_masked_window().contains(cpu) {
+        PROBES_IN_WINDOW.fetch_or(1 << cpu, Ordering::Relaxed);
+    }
+    PROBES_LANDED[cpu].fetch_add(1, Ordering::Release);
+}
+
+fn send_probes_from_window() {
+    if !PROBE_SENT.swap(true, Ordering::Relaxed) {
+        gic::send_sgi(PROBE_SGI, smp::online_cpus());
+    }
+}
+
+fn patch_masking(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    gic::set_sgi_handler(PROBE_SGI, probe_handler);
+    let before: [u32; crate::MAX_CPUS] =
+        core::array::from_fn(|cpu| PROBES_LANDED[cpu].load(Ordering::Acquire));
+    PROBES_IN_WINDOW.store(0, Ordering::Relaxed);
+    PROBE_SENT.store(false, Ordering::Relaxed);
+    set_write_probe(Some(send_probes_from_window));
+    let result = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x4321)], OPTIONS);
+    set_write_probe(None);
+    let restored = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x4321, 0x5a5a)], OPTIONS);
+    check!(result.is_ok(), "patch_machine: {}", result.unwrap_err());
+    check!(restored.is_ok(), "patching back: {}", restored.unwrap_err());
+    check!(
+        PROBE_SENT.load(Ordering::Relaxed),
+        "the probe was never sent from the window"
+    );
+    let start = timer::now_ns();
+    let missing = loop {
+        let missing = online
+            .iter()
+            .filter(|&cpu| PROBES_LANDED[cpu].load(Ordering::Acquire) == before[cpu])
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
+            break missing;
+        }
+        core::hint::spin_loop();
+    };
+    check!(
+        missing.is_empty(),
+        "probe interrupts never landed on {missing}"
+    );
+    let inside = CpuSet::from_bits(PROBES_IN_WINDOW.load(Ordering::Relaxed));
+    check!(
+        inside.is_empty(),
+        "probe interrupts landed inside the masked window on {inside}"
+    );
+    Verdict::Pass(msg!("{} probes, all after the window", online.len()))
+}
+
+fn text_checksum() -> u64 {
+    // FNV-1a over every text word: any change anywhere shows.
+    KERNEL_TEXT
+        .text_range()
+        .step_by(4)
+        .fold(0xcbf2_9ce4_8422_2325, |hash, addr| {
+            (hash ^ u64::from(KERNEL_TEXT.read_insn(addr))).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
+fn bad_batches(_: &Params) -> Verdict {
+    static NOT_TEXT: u32 = 0;
+    let site = pm_spare_site as *const () as usize;
+    let good = spare_patch(0x5a5a, 0x7777);
+    let protected = layout::nopatch_range().start;
+    let checksum = text_checksum();
+    let cases: [(&str, &[Patch], fn(&PatchError) -> bool); 6] = [
+        ("empty", &[], |e| matches!(e, PatchError::EmptyBatch)),
+        ("misaligned", &[good, Patch::new(site + 2, 0, NOP)], |e| {
+            matches!(e, PatchError::Misaligned { index: 1, .. })
+        }),
+        (
+            "outside text",
+            &[good, Patch::new(&NOT_TEXT as *const u32 as usize, 0, NOP)],
+            |e| matches!(e, PatchError::OutsideText { index: 1, .. }),
+        ),
+        (
+            "rendezvous code",
+            &[good, Patch::new(protected, 0, NOP)],
+            |e| matches!(e, PatchError::Protected { index: 1, .. }),
+        ),
+        (
+            "old mismatch",
+            &[
+                good,
+                Patch::new(pm_torture_a as *const () as usize, movz(0x9999), NOP),
+            ],
+            |e| matches!(e, PatchError::OldMismatch { index: 1, .. }),
+        ),
+        ("duplicate", &[good, good], |e| {
+            matches!(
+                e,
+                PatchError::Duplicate {
+                    index: 1,
+                    first: 0,
+                    ..
+                }
+            )
+        }),
+    ];
+    for (what, batch, expected) in cases {
+        match patch_machine(&STOP, &KERNEL_TEXT, batch, OPTIONS) {
+            Err(err) if expected(&err) => {}
+            other => fail!("{what}: got {other:?}"),
+        }
+    }
+    match patch_nosync(STOP.arch(), &KERNEL_TEXT, &[good]) {
+        Err(PatchError::NotCmodxSafe { .. }) => {}
+        other => fail!("nosync movz->movz: got {other:?}"),
+    }
+    check!(
+        text_checksum() == checksum,
+        "kernel text changed after rejected batches"
+    );
+    Verdict::Pass(msg!("7 kinds rejected, text unchanged"))
+}
+
+struct Callers {
+    stop: AtomicBool,
+    /// Patches completed: bumped by the patcher after each patch returns.
+    epoch: AtomicU64,
+    calls: AtomicU64,
+    bad: AtomicU32,
+    /// First bad observation: cpu, value, epoch before, epoch after.
+    first_bad: spin::Mutex<Option<(usize, u64, u64, u64)>>,
+}
+
+impl Callers {
+    fn new() -> Callers {
+        Callers {
+            stop: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            bad: AtomicU32::new(0),
+            first_bad: spin::Mutex::new(None),
+        }
+    }
+
+    fn record_bad(&self, cpu: usize, value: u64, before: u64, after: u64) {
+        if self.bad.fetch_add(1, Ordering::Relaxed) == 0 {
+            *self.first_bad.lock() = Some((cpu, value, before, after));
+        }
+    }
+}
+
+const TORTURE_A: [u16; 3] = [0x1111, 0x1112, 0x1113];
+const TORTURE_B: [u16; 3] = [0x2221, 0x2222, 0x2223];
+
+/// Whether `value` may be returned by a call made between seeing `before` and `after`
+/// patches complete: the code of patch `before`, any later one, or the one in flight.
+fn allowed(values: &[u16; 3], value: u64, before: u64, after: u64) -> bool {
+    (before..=(after + 1).min(before + 2)).any(|k| u64::from(values[(k % 3) as usize]) == value)
+}
+
+fn torture_caller(cpu: usize, callers: &Callers) {
+    while !callers.stop.load(Ordering::Acquire) {
+        let before = callers.epoch.load(Ordering::Acquire);
+        // SAFETY: plain assembly functions returning a value in x0.
+        let (a, b) = unsafe { (pm_torture_a(), pm_torture_b()) };
+        let after = callers.epoch.load(Ordering::Acquire);
+        if !allowed(&TORTURE_A, a, before, after) {
+            callers.record_bad(cpu, a, before, after);
+        }
+        if !allowed(&TORTURE_B, b, before, after) {
+            callers.record_bad(cpu, b, before, after);
+        }
+        if callers.calls.fetch_add(1, Ordering::Relaxed) % CALLS_PER_YIELD == 0 {
+            busy_wait_hint();
+        }
+    }
+}
+
+/// Calls a caller makes between two [`busy_wait_hint`]s.
+const CALLS_PER_YIELD: u64 = 64;
+
+/// `YIELD`: a hint on hardware; under single-threaded TCG it hands the host thread to
+/// the next vCPU, without which every broadcast TLBI of the patch alias waits for each
+/// caller's whole time slice (100 ms). (`core::hint::spin_loop` is an `ISB` on aarch64.)
+fn busy_wait_hint() {
+    // SAFETY: a hint instruction: no memory, stack or flags effect.
+    unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) };
+}
+
+fn torture_batch(from: usize, to: usize) -> [Patch; 2] {
+    [
+        Patch::new(
+            pm_torture_a as *const () as usize,
+            movz(TORTURE_A[from]),
+            movz(TORTURE_A[to]),
+        ),
+        Patch::new(
+            pm_torture_b as *const () as usize,
+            movz(TORTURE_B[from]),
+            movz(TORTURE_B[to]),
+        ),
+    ]
+}
+
+fn torture(params: &Params) -> Verdict {
+    let callers = Callers::new();
+    let others = others();
+    // SAFETY: `callers` outlives the jobs: we wait for them before returning.
+    let jobs = unsafe { run_on(others, torture_caller, &callers) };
+    let start = timer::now_ns();
+    let mut failure = None;
+    for k in 0..u64::from(params.flips) {
+        let (from, to) = ((k % 3) as usize, ((k + 1) % 3) as usize);
+        if let Err(err) = patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(from, to), OPTIONS) {
+            failure = Some((k, err));
+            break;
+        }
+        callers.epoch.store(k + 1, Ordering::Release);
+        // SAFETY: as above.
+        let mine = unsafe { pm_torture_a() };
+        if mine != u64::from(TORTURE_A[to]) {
+            callers.record_bad(smp::current_cpu(), mine, k + 1, k + 1);
+        }
+    }
+    let elapsed_ns = timer::now_ns() - start;
+    callers.stop.store(true, Ordering::Release);
+    let waited = jobs.wait(JOB_TIMEOUT_NS);
+    // Put the text back as it was, whatever happened.
+    let current = (callers.epoch.load(Ordering::Relaxed) % 3) as usize;
+    if current != 0 {
+        let _ = patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(current, 0), OPTIONS);
+    }
+    if let Some((k, err)) = failure {
+        fail!("flip {k}: {err}");
+    }
+    if let Err(pending) = waited {
+        fail!("callers on {pending} did not stop");
+    }
+    if let Some((cpu, value, before, after)) = *callers.first_bad.lock() {
+        fail!(
+            "{} bad calls; first: cpu{cpu} got {value:#x} between patches {before} and {after}",
+            callers.bad.load(Ordering::Relaxed)
+        );
+    }
+    let flips = u64::from(params.flips).max(1);
+    Verdict::Pass(msg!(
+        "{} flips, {} calls on {} CPUs, {} us per patch_machine",
+        params.flips,
+        callers.calls.load(Ordering::Relaxed),
+        others.len(),
+        elapsed_ns / flips / 1000
+    ))
+}
+
+fn nosync_caller(cpu: usize, callers: &Callers) {
+    while !callers.stop.load(Ordering::Acquire) {
+        // SAFETY: a plain assembly function returning 1 or 2 in x0.
+        let value = unsafe { pm_nosync_target() };
+        if value != 1 && value != 2 {
+            callers.record_bad(cpu, value, 0, 0);
+        }
+        if callers.calls.fetch_add(1, Ordering::Relaxed) % CALLS_PER_YIELD == 0 {
+            busy_wait_hint();
+        }
+    }
+}
+
+fn nosync(params: &Params) -> Verdict {
+    let site = pm_nosync_target as *const () as usize;
+    let branch = match insn::b(site, pm_nosync_branch_dest as *const () as usize) {
+        Ok(branch) => branch,
+        Err(err) => fail!("encoding the branch: {err}"),
+    };
+    // A pair that is not CMODX-safe is refused and changes nothing.
+    match patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, NOP, movz(9))]) {
+        Err(PatchError::NotCmodxSafe { .. }) => {}
+        other => fail!("NOP -> MOVZ without a stop: got {other:?}"),
+    }
+    check!(
+        KERNEL_TEXT.read_insn(site) == NOP,
+        "a refused nosync patch changed the text"
+    );
+    let callers = Callers::new();
+    // SAFETY: `callers` outlives the jobs: we wait for them before returning.
+    let jobs = unsafe { run_on(others(), nosync_caller, &callers) };
+    let mut failure = None;
+    for k in 0..params.nosync_flips {
+        let patch = if k % 2 == 0 {
+            Patch::new(site, NOP, branch)
+        } else {
+            Patch::new(site, branch, NOP)
+        };
+        if let Err(err) = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[patch]) {
+            failure = Some((k, err));
+            break;
+        }
+        // SAFETY: as above.
+        let mine = unsafe { pm_nosync_target() };
+        let expected = if k % 2 == 0 { 2 } else { 1 };
+        if mine != expected {
+            callers.record_bad(smp::current_cpu(), mine, u64::from(k), u64::from(k));
+        }
+    }
+    callers.stop.store(true, Ordering::Release);
+    let waited = jobs.wait(JOB_TIMEOUT_NS);
+    if KERNEL_TEXT.read_insn(site) != NOP {
+        let _ = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, branch, NOP)]);
+    }
+    if let Some((k, err)) = failure {
+        fail!("flip {k}: {err}");
+    }
+    if let Err(pending) = waited {
+        fail!("callers on {pending} did not stop");
+    }
+    if let Some((cpu, value, k, _)) = *callers.first_bad.lock() {
+        fail!("cpu{cpu} got {value} (flip {k})");
+    }
+    Verdict::Pass(msg!(
+        "{} flips without a stop, {} concurrent calls",
+        params.nosync_flips,
+        callers.calls.load(Ordering::Relaxed)
+    ))
+}

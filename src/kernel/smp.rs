@@ -1,0 +1,111 @@
+//! Running jobs on other CPUs: each secondary waits in [`secondary_main`] for a job in
+//! its mailbox and runs it with interrupts enabled, so it answers stop IPIs meanwhile.
+
+use crate::CpuSet;
+use crate::arch::aarch64::{smp, timer};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+/// One CPU's mailbox: a posted function (0 when empty), its argument, and a count of
+/// finished jobs.
+struct Mailbox {
+    function: AtomicUsize,
+    arg: AtomicUsize,
+    done: AtomicU32,
+}
+
+static MAILBOXES: [Mailbox; crate::MAX_CPUS] = [const {
+    Mailbox {
+        function: AtomicUsize::new(0),
+        arg: AtomicUsize::new(0),
+        done: AtomicU32::new(0),
+    }
+}; crate::MAX_CPUS];
+
+/// The loop of every secondary CPU: run posted jobs, otherwise wait for an event.
+pub fn secondary_main(cpu: usize) -> ! {
+    let mailbox = &MAILBOXES[cpu];
+    loop {
+        // Acquire pairs with the release in `run_on`: the argument is visible.
+        let function = mailbox.function.load(Ordering::Acquire);
+        if function == 0 {
+            // Woken by the poster's SEV, or by any interrupt: interrupts are enabled.
+            aarch64_cpu::asm::wfe();
+            continue;
+        }
+        let arg = mailbox.arg.load(Ordering::Relaxed);
+        // SAFETY: only `run_on` stores a non-zero value here, and it stores a
+        // `fn(usize, usize)` obtained from a `fn(usize, &T)`, which has the same ABI.
+        let function: fn(usize, usize) = unsafe { core::mem::transmute(function) };
+        function(cpu, arg);
+        mailbox.function.store(0, Ordering::Relaxed);
+        // Release pairs with the acquire in `Jobs::wait`: the job's effects are visible.
+        mailbox.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Jobs started by [`run_on`]. Wait for them before their argument goes away.
+#[must_use = "wait for the jobs before their argument goes away"]
+pub struct Jobs {
+    cpus: CpuSet,
+    tickets: [u32; crate::MAX_CPUS],
+}
+
+/// Starts `function(cpu, arg)` on every CPU in `cpus`, which must be online
+/// secondaries with empty mailboxes.
+///
+/// # Safety
+/// `arg` must stay valid until [`Jobs::wait`] has returned `Ok`.
+pub unsafe fn run_on<T: Sync>(cpus: CpuSet, function: fn(usize, &T), arg: &T) -> Jobs {
+    let me = smp::current_cpu();
+    assert!(
+        !cpus.contains(me),
+        "run_on: cannot post a job to the calling CPU"
+    );
+    assert!(
+        cpus.is_subset(smp::online_cpus()),
+        "run_on: {cpus} not all online"
+    );
+    let mut jobs = Jobs {
+        cpus,
+        tickets: [0; crate::MAX_CPUS],
+    };
+    for cpu in cpus.iter() {
+        let mailbox = &MAILBOXES[cpu];
+        assert!(
+            mailbox.function.load(Ordering::Relaxed) == 0,
+            "run_on: cpu{cpu} is still running a job"
+        );
+        jobs.tickets[cpu] = mailbox.done.load(Ordering::Relaxed);
+        mailbox
+            .arg
+            .store(arg as *const T as usize, Ordering::Relaxed);
+        // Release: publishes the argument, and everything the caller wrote before.
+        mailbox.function.store(function as usize, Ordering::Release);
+    }
+    // Wake CPUs waiting in WFE. The DSB makes the stores above visible first.
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::ISHST);
+    aarch64_cpu::asm::sev();
+    jobs
+}
+
+impl Jobs {
+    /// Waits, at most `timeout_ns`, for every job to finish; on timeout returns the
+    /// CPUs still running theirs.
+    pub fn wait(self, timeout_ns: u64) -> Result<(), CpuSet> {
+        let start = timer::now_ns();
+        loop {
+            let pending = self
+                .cpus
+                .iter()
+                .filter(|&cpu| MAILBOXES[cpu].done.load(Ordering::Acquire) == self.tickets[cpu])
+                .fold(CpuSet::EMPTY, CpuSet::with);
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if timer::now_ns().saturating_sub(start) > timeout_ns {
+                return Err(pending);
+            }
+            core::hint::spin_loop();
+        }
+    }
+}

@@ -1,0 +1,36 @@
+// Functions the self-tests patch while other CPUs call them. They live in ordinary
+// kernel text (the linker's .text.*), mapped read-only and executable like the rest.
+
+    .section .text.patch_targets, "ax"
+    .balign 64
+
+// Returns one of three values; the torture test cycles the MOVZ through them with
+// patch_machine (MOVZ is not CMODX-safe: it needs the stop).
+    .global pm_torture_a
+pm_torture_a:
+    movz    x0, #0x1111
+    ret
+
+// A second site, patched in the same batch as the first.
+    .global pm_torture_b
+pm_torture_b:
+    movz    x0, #0x2221
+    ret
+
+// Returns 1 or 2 depending on whether its first instruction is a NOP or a branch:
+// B <-> NOP is CMODX-safe, so the nosync test flips it without stopping anyone.
+    .global pm_nosync_target
+pm_nosync_target:
+    nop
+    movz    x0, #1
+    ret
+    .global pm_nosync_branch_dest
+pm_nosync_branch_dest:
+    movz    x0, #2
+    ret
+
+// Sites for the bad-batch test (never called).
+    .global pm_spare_site
+pm_spare_site:
+    movz    x0, #0x5a5a
+    ret

@@ -1,0 +1,70 @@
+//! Kernel text as the patcher sees it: bounds from the linker, writes through the
+//! temporary alias, cache maintenance to the point of unification.
+
+use crate::arch::aarch64::{cache, layout, mmu};
+use crate::patch::Text;
+use crate::patch::insn::Insn;
+use core::ops::Range;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+/// A function called right after every text write, inside the patch window (0: none).
+/// Only the self-tests set it, to prove what can and cannot happen in the window.
+static WRITE_PROBE: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs (or with `None` removes) the write probe.
+pub fn set_write_probe(probe: Option<fn()>) {
+    WRITE_PROBE.store(probe.map_or(0, |f| f as usize), Ordering::SeqCst);
+}
+
+/// The running kernel's text.
+pub struct KernelText {
+    writer: spin::Mutex<()>,
+    protected: spin::Once<[Range<usize>; 2]>,
+}
+
+/// The one instance: its lock serialises every writer of kernel text.
+pub static KERNEL_TEXT: KernelText = KernelText {
+    writer: spin::Mutex::new(()),
+    protected: spin::Once::new(),
+};
+
+// SAFETY: the bounds come from the linker script, whose text output section holds every
+// executable input section; `.text.nopatch` (exception vectors, IRQ entry, the stop IPI
+// handler, masking, cache maintenance, the alias writer) and boot code are the protected
+// range; `mmu::poke_text` writes one aligned word through a temporary alias and never
+// makes text writable; `cache::sync_icache_range` is DC CVAU, DSB ISH, IC IVAU, DSB ISH.
+unsafe impl Text for KernelText {
+    fn text_range(&self) -> Range<usize> {
+        layout::text_range()
+    }
+
+    fn protected_ranges(&self) -> &[Range<usize>] {
+        self.protected
+            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+    }
+
+    fn read_insn(&self, addr: usize) -> Insn {
+        // SAFETY: validation established that `addr` is aligned and inside mapped text.
+        unsafe { core::ptr::read_volatile(addr as *const Insn) }
+    }
+
+    unsafe fn write_insn(&self, addr: usize, insn: Insn) {
+        // SAFETY: forwarded from the caller (validated address; no CPU executes it
+        // unless the pair is CMODX-safe or the machine is stopped).
+        unsafe { mmu::poke_text(addr, insn) };
+        let probe = WRITE_PROBE.load(Ordering::Relaxed);
+        if probe != 0 {
+            // SAFETY: only `set_write_probe` stores non-zero values, and those are `fn()`.
+            let probe: fn() = unsafe { core::mem::transmute(probe) };
+            probe();
+        }
+    }
+
+    fn sync_icache(&self, range: Range<usize>) {
+        cache::sync_icache_range(range.start, range.end);
+    }
+
+    fn writer_lock(&self) -> &spin::Mutex<()> {
+        &self.writer
+    }
+}

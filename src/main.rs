@@ -1,0 +1,46 @@
+//! The patch-machine kernel binary.
+//!
+//! On `aarch64-unknown-none` the image is the library's platform code
+//! (`patch_machine::arch::aarch64`: boot assembly, entry points) plus the panic handler
+//! below; boot it with `./qemu.sh`. On the host this is a stub that says so.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+mod aarch64 {
+    use core::panic::PanicInfo;
+    use core::sync::atomic::{AtomicU32, Ordering};
+    use patch_machine::arch::aarch64::{console, cpu, exit};
+
+    /// CPUs that are panicking (a panic inside the panic path exits at once).
+    static PANICKING: AtomicU32 = AtomicU32::new(0);
+
+    #[panic_handler]
+    fn panic(info: &PanicInfo<'_>) -> ! {
+        cpu::mask_all();
+        let me = cpu::current_cpu();
+        let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
+        if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            console::write_raw_forced(b"PANIC: recursive panic\n");
+            exit::exit(false);
+        }
+        match info.location() {
+            Some(loc) => console::write_forced(format_args!(
+                "\nPANIC cpu {me}: {} at {}:{}:{}\n",
+                info.message(),
+                loc.file(),
+                loc.line(),
+                loc.column()
+            )),
+            None => console::write_forced(format_args!("\nPANIC cpu {me}: {}\n", info.message())),
+        }
+        exit::exit(false)
+    }
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    println!(
+        "patch-machine is a bare-metal aarch64 kernel: build and boot it with ./qemu.sh \
+         (cargo build --release --target aarch64-unknown-none --bin patch-machine)."
+    );
+}
