@@ -73,7 +73,11 @@ fn program_headers(elf: &[u8]) -> Vec<Segment> {
 fn no_segment_is_both_writable_and_executable() {
     let elf = std::fs::read(kernel_image()).expect("reading the kernel image");
     let segments = program_headers(&elf);
-    assert!(segments.iter().any(|s| s.kind == PT_LOAD && s.flags & PF_X != 0));
+    assert!(
+        segments
+            .iter()
+            .any(|s| s.kind == PT_LOAD && s.flags & PF_X != 0)
+    );
     for s in &segments {
         assert!(
             s.flags & (PF_W | PF_X) != (PF_W | PF_X),

@@ -455,7 +455,8 @@ fn bad_batches(_: &Params) -> Verdict {
     let good = spare_patch(0x5a5a, 0x7777);
     let protected = layout::nopatch_range().start;
     let checksum = text_checksum();
-    let cases: [(&str, &[Patch], fn(&PatchError) -> bool); 6] = [
+    type Expect = fn(&PatchError) -> bool;
+    let cases: [(&str, &[Patch], Expect); 6] = [
         ("empty", &[], |e| matches!(e, PatchError::EmptyBatch)),
         ("misaligned", &[good, Patch::new(site + 2, 0, NOP)], |e| {
             matches!(e, PatchError::Misaligned { index: 1, .. })
@@ -555,7 +556,11 @@ fn torture_caller(cpu: usize, callers: &Callers) {
         if !allowed(&TORTURE_B, b, before, after) {
             callers.record_bad(cpu, b, before, after);
         }
-        if callers.calls.fetch_add(1, Ordering::Relaxed) % CALLS_PER_YIELD == 0 {
+        if callers
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CALLS_PER_YIELD)
+        {
             busy_wait_hint();
         }
     }
@@ -644,7 +649,11 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
         if value != 1 && value != 2 {
             callers.record_bad(cpu, value, 0, 0);
         }
-        if callers.calls.fetch_add(1, Ordering::Relaxed) % CALLS_PER_YIELD == 0 {
+        if callers
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CALLS_PER_YIELD)
+        {
             busy_wait_hint();
         }
     }

@@ -436,7 +436,8 @@ impl<A: Arch> StopMachine<A> {
             match phase {
                 Phase::Mask => {
                     saved = Some(arch.mask_all());
-                    self.in_window.fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
+                    self.in_window
+                        .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
                     if arch.all_masked() {
                         self.masked_at_ack
                             .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
@@ -478,7 +479,8 @@ impl<A: Arch> StopMachine<A> {
             }
         };
         if let Some(saved) = saved {
-            self.in_window.fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
+            self.in_window
+                .fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
             arch.restore(saved);
         }
         outcome
