@@ -32,7 +32,7 @@ Options:
   --machine-opts OPTS  appended to "virt,gic-version=3", e.g. virtualization=on
                        or virtualization=on,gic-version=4
   --accel ACCEL        QEMU accelerator (default tcg); a tcg without thread=
-                       gets thread=single when vCPUs outnumber host cores
+                       gets thread=single (see pick_accel for why)
   --timeout SECONDS    kill QEMU after this long (default 300)
   --no-build           boot the existing image, do not run cargo build
   --log FILE           also save the serial output to FILE
@@ -295,13 +295,18 @@ shell_quote() {
 
 host_cores() { nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1; }
 
-# pick_accel ACCEL SMP: adds thread=single to a plain tcg when oversubscribed.
+# pick_accel ACCEL SMP: a plain tcg becomes single-threaded TCG. Two reasons:
+# with more spinning vCPUs than host cores, multi-threaded TCG makes every
+# rendezvous two orders of magnitude slower; and multi-threaded TCG does not keep
+# cross-modified code coherent (a vCPU translating a page while another writes it
+# can publish a stale translation that the writer itself then runs, even after
+# its DC CVAU/IC IVAU/DSB/ISB), which the nosync self-test catches. Ask for
+# --accel tcg,thread=multi to get truly parallel vCPUs anyway.
 pick_accel() {
-    local accel="$1" smp="$2" cores
-    cores="$(host_cores)"
-    if [[ "$accel" =~ ^tcg(,|$) && "$accel" != *thread=* ]] && ((smp > cores)); then
-        say "$smp vCPUs > $cores host cores: using single-threaded TCG (pass --accel tcg,thread=multi to override)"
+    local accel="$1" smp="$2"
+    if [[ "$accel" =~ ^tcg(,|$) && "$accel" != *thread=* ]]; then
         accel+=",thread=single"
+        ((smp > 1)) && say "using single-threaded TCG (--accel tcg,thread=multi for parallel vCPUs)"
     fi
     printf '%s\n' "$accel"
 }

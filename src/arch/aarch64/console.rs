@@ -115,16 +115,16 @@ fn early_put(base: usize, b: u8) {
     const UARTFR: usize = 0x018;
     const TXFF: u32 = 1 << 5;
     let mut spins = 0u32;
-    // SAFETY: `base` is the DTB's PL011; with the MMU off every access is Device memory,
-    // and only the boot CPU runs. Bounded wait: a disabled UART must not hang us.
-    unsafe {
-        while core::ptr::read_volatile((base + UARTFR) as *const u32) & TXFF != 0
-            && spins < 1_000_000
-        {
-            spins += 1;
-        }
-        core::ptr::write_volatile((base + UARTDR) as *mut u32, b as u32);
+    // Bounded wait: a disabled UART must not hang us.
+    // SAFETY (both accesses): `base` is the DTB's PL011; with the MMU off every access
+    // is Device memory, and only the boot CPU runs.
+    while unsafe { core::ptr::read_volatile((base + UARTFR) as *const u32) } & TXFF != 0
+        && spins < 1_000_000
+    {
+        spins += 1;
     }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile((base + UARTDR) as *mut u32, b as u32) };
 }
 
 /// Whether output goes to the UART (rather than to semihosting).

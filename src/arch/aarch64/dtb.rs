@@ -257,9 +257,12 @@ pub fn boot_info() -> &'static BootInfo {
         READY.load(Ordering::Acquire),
         "boot_info() before the DTB was parsed"
     );
+    let cell = BOOT_INFO.0.get();
     // SAFETY: READY (Acquire, pairing with the Release in `parse`) proves the cell was
-    // fully written, and it is never written again.
-    unsafe { (*BOOT_INFO.0.get()).assume_init_ref() }
+    // fully written, and it is never written again, so a shared 'static borrow is fine.
+    let info = unsafe { &*cell };
+    // SAFETY: initialised, as above.
+    unsafe { info.assume_init_ref() }
 }
 
 /// Parses the DTB at `dtb` and publishes the result as [`boot_info`]. Boot CPU only,

@@ -162,11 +162,12 @@ pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
 
     let gicd = NonNull::new(info.gicd.base as *mut Gicd).expect("GICD base is not null");
     let gicr = NonNull::new(base as *mut GicrSgi).expect("GICR base is not null");
-    // SAFETY: the caller guarantees these are the GIC's registers, mapped as device
-    // memory and otherwise unused; `frames` redistributor frames exist (we just walked
+    // SAFETY: the caller guarantees this is the distributor, mapped as device memory and
+    // used by nothing else.
+    let gicd = unsafe { UniqueMmioPointer::new(gicd) };
+    // SAFETY: as above for the redistributors; `frames` frames exist (we just walked
     // them up to GICR_TYPER.Last).
-    let mut gic = unsafe { GicV3::new(UniqueMmioPointer::new(gicd), gicr, frames) }
-        .map_err(GicInitError::Driver)?;
+    let mut gic = unsafe { GicV3::new(gicd, gicr, frames) }.map_err(GicInitError::Driver)?;
     // Affinity routing, Group 1 enabled, all SPIs Group 1 NS, disabled.
     gic.distributor().configure_default_settings();
     gic.gicd_barrier();

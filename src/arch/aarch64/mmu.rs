@@ -303,11 +303,10 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
     // to RAM with the caches off. Discard any stale line over the writable image and
     // the DTB (a boot loader may have left clean copies) before caches come on.
     let data = layout::writable_range();
-    // SAFETY: the up-to-date contents of these ranges are in RAM (caches are off).
-    unsafe {
-        cache::inval_dcache_range_poc(data.start, data.end);
-        cache::inval_dcache_range_poc(info.dtb.base, info.dtb.end());
-    }
+    // SAFETY: the up-to-date contents of this range are in RAM (caches are off).
+    unsafe { cache::inval_dcache_range_poc(data.start, data.end) };
+    // SAFETY: as above; the DTB is read-only to everyone.
+    unsafe { cache::inval_dcache_range_poc(info.dtb.base, info.dtb.end()) };
     // SAFETY: the map covers all code, data, stacks and devices the kernel uses with the
     // same addresses (identity), so execution continues seamlessly; TLBs and the
     // I-cache are invalidated first so nothing from before applies.

@@ -288,10 +288,8 @@ fn brk_test() -> Result<(), &'static str> {
 fn poke_test() -> Result<(), &'static str> {
     let addr = pm_selftest_target as *const () as usize;
     // SAFETY: the target is ordinary text only this test calls.
-    ensure(
-        unsafe { pm_selftest_target() } == 1,
-        "target does not return 1 initially",
-    )?;
+    let initial = unsafe { pm_selftest_target() };
+    ensure(initial == 1, "target does not return 1 initially")?;
     // SAFETY: aligned kernel text; nobody else executes the target.
     unsafe { mmu::poke_text(addr, movz_w0(2)) };
     cache::sync_icache_range(addr, addr + 4);
@@ -308,10 +306,8 @@ fn poke_test() -> Result<(), &'static str> {
     cpu::isb();
     ensure(got == 2, "the patched function did not return 2")?;
     // SAFETY: as above.
-    ensure(
-        unsafe { pm_selftest_target() } == 1,
-        "restoring the target failed",
-    )?;
+    let restored = unsafe { pm_selftest_target() };
+    ensure(restored == 1, "restoring the target failed")?;
     ensure(!mmu::is_text_writable(addr), "text became writable")
 }
 

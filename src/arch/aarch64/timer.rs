@@ -62,13 +62,16 @@ pub fn init_cpu() {
     let target = (freq / 10_000).max(2);
     let evnti = (target.ilog2() as u64).saturating_sub(1).min(15);
     let mut cntkctl: u64;
+    // SAFETY: reading CNTKCTL_EL1 has no side effect.
+    unsafe {
+        asm!("mrs {}, cntkctl_el1", out(reg) cntkctl, options(nomem, nostack, preserves_flags))
+    };
+    cntkctl &= !(0xf << 4 | 1 << 3);
+    cntkctl |= evnti << 4 | 1 << 2; // EVNTI, EVNTDIR = 0 (rising), EVNTEN
     // SAFETY: CNTKCTL_EL1 only controls EL0 timer access and the event stream.
     unsafe {
-        asm!("mrs {}, cntkctl_el1", out(reg) cntkctl, options(nomem, nostack, preserves_flags));
-        cntkctl &= !(0xf << 4 | 1 << 3);
-        cntkctl |= evnti << 4 | 1 << 2; // EVNTI, EVNTDIR = 0 (rising), EVNTEN
-        asm!("msr cntkctl_el1, {}", "isb", in(reg) cntkctl, options(nostack, preserves_flags));
-    }
+        asm!("msr cntkctl_el1, {}", "isb", in(reg) cntkctl, options(nostack, preserves_flags))
+    };
 }
 
 /// Nanoseconds since the counter started (monotonic, shared by all CPUs).
