@@ -101,3 +101,105 @@ fn kernel_is_linked_above_the_dtb_slot() {
         .unwrap();
     assert!(lowest >= 0x4020_0000, "image starts at {lowest:#x}");
 }
+
+/// Runs a binutils tool from Debian's binutils-aarch64-linux-gnu on the image.
+fn binutils(tool: &str, args: &[&str]) -> String {
+    let program = format!("aarch64-linux-gnu-{tool}");
+    let output = Command::new(&program)
+        .args(args)
+        .arg(kernel_image())
+        .output()
+        .unwrap_or_else(|err| {
+            panic!(
+                "cannot run {program} ({err}); install it with: \
+                 apt-get install -y binutils-aarch64-linux-gnu (or run .ci/install-qemu.sh)"
+            )
+        });
+    assert!(output.status.success(), "{program} failed");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn symbol(nm: &str, name: &str) -> u64 {
+    nm.lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (addr, _, sym) = (fields.next()?, fields.next()?, fields.next()?);
+            (sym == name).then(|| u64::from_str_radix(addr, 16).unwrap())
+        })
+        .unwrap_or_else(|| panic!("no symbol {name} in the image"))
+}
+
+/// Patch validation refuses `.text.nopatch` because the rendezvous runs it. That is only
+/// true if the rendezvous never leaves it: every direct branch out of the region must
+/// go to a failure path (the run ends there), the boot hand-off (before any rendezvous
+/// exists), or code that runs after the call is over.
+#[test]
+fn rendezvous_code_does_not_call_patchable_text() {
+    const ALLOWED: &[(&str, &str)] = &[
+        ("core::panicking::panic_fmt", "panic: the run ends"),
+        ("exceptions::fatal", "unexpected exception: the run ends"),
+        ("console::_print", "printing from a fatal path"),
+        (
+            "boot::primary_entry",
+            "boot hand-off, before any rendezvous",
+        ),
+        (
+            "boot::secondary_entry",
+            "boot hand-off, before any rendezvous",
+        ),
+        (
+            "<memcpy>",
+            "copies the per-CPU error codes after the call is done",
+        ),
+    ];
+    let nm = binutils("nm", &[]);
+    let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
+    assert!(end > start);
+    let disassembly = binutils(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let mut escapes = Vec::new();
+    let mut function = String::new();
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line.to_string();
+            continue;
+        }
+        // "  40201f44:\tbl\t402161d4 <memcpy>"
+        let fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() < 3 {
+            continue;
+        }
+        let mnemonic = fields[1].trim();
+        if !matches!(mnemonic, "b" | "bl") && !mnemonic.starts_with("b.") {
+            continue;
+        }
+        let operand = fields[2].trim();
+        let Some(target) = operand
+            .split_whitespace()
+            .next()
+            .and_then(|t| u64::from_str_radix(t, 16).ok())
+        else {
+            continue;
+        };
+        if (start..end).contains(&target) {
+            continue;
+        }
+        if ALLOWED.iter().any(|(callee, _)| operand.contains(callee)) {
+            continue;
+        }
+        escapes.push(format!("{function} {line}"));
+    }
+    assert!(
+        escapes.is_empty(),
+        ".text.nopatch branches into patchable text:\n{}",
+        escapes.join("\n")
+    );
+}

@@ -43,11 +43,13 @@ unsafe impl Text for KernelText {
             .call_once(|| [layout::nopatch_range(), layout::boot_range()])
     }
 
+    #[unsafe(link_section = ".text.nopatch")]
     fn read_insn(&self, addr: usize) -> Insn {
         // SAFETY: validation established that `addr` is aligned and inside mapped text.
         unsafe { core::ptr::read_volatile(addr as *const Insn) }
     }
 
+    #[unsafe(link_section = ".text.nopatch")]
     unsafe fn write_insn(&self, addr: usize, insn: Insn) {
         // SAFETY: forwarded from the caller (validated address; no CPU executes it
         // unless the pair is CMODX-safe or the machine is stopped).
@@ -60,6 +62,7 @@ unsafe impl Text for KernelText {
         }
     }
 
+    #[unsafe(link_section = ".text.nopatch")]
     fn sync_icache(&self, range: Range<usize>) {
         cache::sync_icache_range(range.start, range.end);
     }

@@ -289,33 +289,7 @@ pub fn patch_machine<A: Arch, T: Text>(
     let patcher = stop.arch().cpu_id();
     let report = spin::Mutex::new(None);
     let outcome = stop.stop_machine(
-        &|_cpu| {
-            let quiescence = stop.quiescence();
-            let everyone = stop.arch().online_cpus();
-            // Trust but verify: the core promises this; write nothing if it is not so.
-            if quiescence.masked != everyone {
-                return Err(ENOTQUIESCENT);
-            }
-            // Writers are serialised, so the text cannot have changed since validation
-            // unless someone bypassed `Text`; re-checking is cheap next to a rendezvous.
-            if batch.iter().any(|p| text.read_insn(p.addr) != p.old) {
-                return Err(ECHANGED);
-            }
-            let first_write_stamp = stop.stamp();
-            for patch in batch {
-                // SAFETY: validated above; every other CPU is in the rendezvous with
-                // every asynchronous exception masked, so none executes the site.
-                unsafe { text.write_insn(patch.addr, patch.new) };
-                text.sync_icache(patch.addr..patch.addr + 4);
-            }
-            *report.lock() = Some(PatchReport {
-                cpus: everyone,
-                quiescence,
-                first_write_stamp,
-                sites: batch.len(),
-            });
-            Ok(())
-        },
+        &|_cpu| write_stopped(stop, text, batch, &report),
         CpuSet::single(patcher),
         options,
     );
@@ -323,6 +297,42 @@ pub fn patch_machine<A: Arch, T: Text>(
     Ok(report
         .into_inner()
         .expect("the patching CPU ran and reported"))
+}
+
+/// The `Run` phase of [`patch_machine`] on the patching CPU: every other CPU is in the
+/// rendezvous. Lives in `.text.nopatch` with the rest of the code the rendezvous runs.
+#[unsafe(link_section = ".text.nopatch")]
+fn write_stopped<A: Arch, T: Text>(
+    stop: &StopMachine<A>,
+    text: &T,
+    batch: &[Patch],
+    report: &spin::Mutex<Option<PatchReport>>,
+) -> Result<(), i32> {
+    let quiescence = stop.quiescence();
+    let everyone = stop.arch().online_cpus();
+    // Trust but verify: the core promises this; write nothing if it is not so.
+    if quiescence.masked != everyone {
+        return Err(ENOTQUIESCENT);
+    }
+    // Writers are serialised, so the text cannot have changed since validation unless
+    // someone bypassed `Text`; re-checking is cheap next to a rendezvous.
+    if batch.iter().any(|p| text.read_insn(p.addr) != p.old) {
+        return Err(ECHANGED);
+    }
+    let first_write_stamp = stop.stamp();
+    for patch in batch {
+        // SAFETY: validated by `patch_machine`; every other CPU is in the rendezvous with
+        // every asynchronous exception masked, so none executes the site.
+        unsafe { text.write_insn(patch.addr, patch.new) };
+        text.sync_icache(patch.addr..patch.addr + 4);
+    }
+    *report.lock() = Some(PatchReport {
+        cpus: everyone,
+        quiescence,
+        first_write_stamp,
+        sites: batch.len(),
+    });
+    Ok(())
 }
 
 /// Patches `batch` without stopping the machine. Allowed only where both the old and

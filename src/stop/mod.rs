@@ -19,6 +19,9 @@
 //! answering is stuck with its exceptions masked; that is a hard lockup, and the core
 //! panics with the phase and the CPUs it waited for rather than spin forever.
 //!
+//! Every function here is placed in `.text.nopatch`: the code the rendezvous runs is
+//! never a valid patch target.
+//!
 //! The whole shared state is one 64-bit word, `generation | phase | acknowledgements`,
 //! so every transition (an acknowledgement, the last acknowledgement that opens the next
 //! phase, the initiator's abort) is a single compare-and-swap. The generation makes a
@@ -293,6 +296,7 @@ impl<A: Arch> StopMachine<A> {
     /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
     /// free has to answer the current holder's stop IPI. Errors from all CPUs are
     /// collected ([`StopError::Failed`]).
+    #[unsafe(link_section = ".text.nopatch")]
     pub fn stop_machine(
         &self,
         function: StopFn<'_>,
@@ -377,6 +381,7 @@ impl<A: Arch> StopMachine<A> {
     ///
     /// Call it from the architecture's stop-IPI handler. A stale IPI (from a call that
     /// completed or was aborted) finds no call to join and returns at once.
+    #[unsafe(link_section = ".text.nopatch")]
     pub fn handle_stop_ipi(&self) {
         // Acquire pairs with the initiator's release of `Prepare`.
         let state = State(self.state.load(Ordering::Acquire));
@@ -397,6 +402,7 @@ impl<A: Arch> StopMachine<A> {
     ///
     /// Taken right before a side effect inside the stop function, it proves the effect
     /// came after every CPU's quiescence: compare with [`Quiescence::last_ack_stamp`].
+    #[unsafe(link_section = ".text.nopatch")]
     pub fn stamp(&self) -> u64 {
         self.stamps.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -404,6 +410,7 @@ impl<A: Arch> StopMachine<A> {
     /// What the CPUs reported as they acknowledged the `Mask` phase of the current call.
     ///
     /// Meaningful from inside the stop function.
+    #[unsafe(link_section = ".text.nopatch")]
     pub fn quiescence(&self) -> Quiescence {
         let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
         let last_ack_stamp = participants
@@ -422,12 +429,14 @@ impl<A: Arch> StopMachine<A> {
     ///
     /// An interrupt handler that finds its own CPU here ran inside the window, which
     /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
+    #[unsafe(link_section = ".text.nopatch")]
     pub fn in_masked_window(&self) -> CpuSet {
         CpuSet::from_bits(self.in_window.load(Ordering::Relaxed))
     }
 
     /// One CPU's walk through the phases of call `generation`. `arrival_timeout_ns` is
     /// `Some` for the initiator, which alone may abort the call.
+    #[unsafe(link_section = ".text.nopatch")]
     fn participate(&self, generation: u32, me: usize, arrival_timeout_ns: Option<u64>) -> Outcome {
         let arch = &self.arch;
         let mut phase = Phase::Prepare;
@@ -489,6 +498,7 @@ impl<A: Arch> StopMachine<A> {
     /// Adds `me` to the acknowledgements of `phase`; the last CPU opens the next phase.
     /// Returns false if the call is no longer in `phase` of `generation` (it was
     /// aborted, or this CPU's IPI was stale).
+    #[unsafe(link_section = ".text.nopatch")]
     fn acknowledge(&self, generation: u32, phase: Phase, me: usize) -> bool {
         let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
         let mut current = State(self.state.load(Ordering::Relaxed));
@@ -525,6 +535,7 @@ impl<A: Arch> StopMachine<A> {
     /// Waits until the call leaves `phase`. Bounded: the initiator aborts a `Prepare`
     /// that outlasts the arrival timeout; any other wait that outlasts the stall
     /// timeout is a CPU stuck with exceptions masked, and panics.
+    #[unsafe(link_section = ".text.nopatch")]
     fn wait_for_next(
         &self,
         generation: u32,

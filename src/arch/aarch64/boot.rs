@@ -134,6 +134,13 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
 /// A secondary CPU's Rust entry: x0 = logical CPU index, x1 = EL at entry. The MMU,
 /// stack and vectors are already set up by entry.S; everything is masked.
 extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
+    // Test hook: `platform_offline_cpu=N` makes CPU N stay dark, to exercise the boot
+    // CPU's bring-up timeout (it is reported and left out of the online set).
+    if dtb::boot_info().bootarg("platform_offline_cpu") == Some(cpu_str(cpu).as_str()) {
+        loop {
+            cpu::wfe();
+        }
+    }
     timer::init_cpu();
     if let Err(e) = gic::init_cpu(cpu) {
         crate::kprintln!("PANIC cpu {cpu}: GIC: {e}");
@@ -146,12 +153,14 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
 
 fn print_banner(info: &dtb::BootInfo) {
     let (idc, dic) = super::cache::idc_dic();
+    let psci_version = psci::version();
     crate::kprintln!(
         "patch-machine: aarch64 kernel, entered at EL{}",
         info.entry_el
     );
     crate::kprintln!(
-        "dtb: {} ({} CPUs in DTB{}), PSCI via {:?} (v{}), GICD {}, GICR {}, UART {} ({})",
+        "dtb: {} ({} CPUs in DTB{}), PSCI {:?} v{}.{}, GICD {}, GICR {} ({} region(s)), \
+         UART {} (clock {} Hz)",
         info.dtb,
         info.dtb_cpu_count,
         if info.dtb_cpu_count > MAX_CPUS {
@@ -160,11 +169,13 @@ fn print_banner(info: &dtb::BootInfo) {
             ""
         },
         info.psci_conduit,
-        psci::version().map_or(0, |v| v.major),
+        psci_version.map_or(0, |v| v.major),
+        psci_version.map_or(0, |v| v.minor),
         info.gicd,
         info.gicr,
+        info.gicr_regions,
         info.uart,
-        info.uart_clock_hz.map_or(0, |hz| hz),
+        info.uart_clock_hz.unwrap_or(0),
     );
     for (i, r) in info.memory().iter().enumerate() {
         crate::kprintln!("dtb: memory[{i}] {r}");
@@ -199,4 +210,31 @@ fn print_banner(info: &dtb::BootInfo) {
         idc as u8,
         dic as u8,
     );
+}
+
+/// A CPU index as a decimal string (no allocation).
+struct CpuStr {
+    buf: [u8; 4],
+    len: usize,
+}
+
+impl CpuStr {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[4 - self.len..]).unwrap_or("")
+    }
+}
+
+fn cpu_str(mut cpu: usize) -> CpuStr {
+    let mut s = CpuStr {
+        buf: [0; 4],
+        len: 0,
+    };
+    loop {
+        s.len += 1;
+        s.buf[4 - s.len] = b'0' + (cpu % 10) as u8;
+        cpu /= 10;
+        if cpu == 0 || s.len == 4 {
+            return s;
+        }
+    }
 }

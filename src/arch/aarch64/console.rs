@@ -116,11 +116,13 @@ fn early_put(base: usize, b: u8) {
     const TXFF: u32 = 1 << 5;
     let mut spins = 0u32;
     // Bounded wait: a disabled UART must not hang us.
-    // SAFETY (both accesses): `base` is the DTB's PL011; with the MMU off every access
-    // is Device memory, and only the boot CPU runs.
-    while unsafe { core::ptr::read_volatile((base + UARTFR) as *const u32) } & TXFF != 0
-        && spins < 1_000_000
-    {
+    while spins < 1_000_000 {
+        // SAFETY: `base` is the DTB's PL011; with the MMU off every access is Device
+        // memory, and only the boot CPU runs.
+        let flags = unsafe { core::ptr::read_volatile((base + UARTFR) as *const u32) };
+        if flags & TXFF == 0 {
+            break;
+        }
         spins += 1;
     }
     // SAFETY: as above.

@@ -88,9 +88,6 @@ pub enum GicInitError {
         /// Its MPIDR affinity.
         mpidr: u64,
     },
-    /// The DTB declares several redistributor regions; only the first is supported.
-    /// (Informational: CPUs whose frame is found in the first region still work.)
-    MultipleRegions(usize),
     /// The arm-gic driver refused the configuration.
     Driver(GicError),
 }
@@ -99,10 +96,11 @@ impl fmt::Display for GicInitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             GicInitError::NoRedistributor { cpu, mpidr } => {
-                write!(f, "no GIC redistributor for cpu{cpu} (MPIDR {mpidr:#x})")
-            }
-            GicInitError::MultipleRegions(n) => {
-                write!(f, "{n} redistributor regions; only the first is used")
+                write!(
+                    f,
+                    "no GIC redistributor for cpu{cpu} (MPIDR {mpidr:#x}) in the first \
+                     redistributor region (the only one supported)"
+                )
             }
             GicInitError::Driver(e) => write!(f, "arm-gic: {e}"),
         }

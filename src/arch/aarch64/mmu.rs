@@ -286,7 +286,9 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
     mapping
         .map_range(
             &MemoryRegion::new(alias.base, alias.end()),
-            PhysicalAddress(0),
+            // Ignored for an invalid entry, but aarch64-paging computes `pa - va % block`
+            // (which overflows in debug builds for pa = 0).
+            PhysicalAddress(alias.base),
             El1Attributes::empty(),
             Constraints::NO_CONTIGUOUS_HINT | Constraints::NO_BLOCK_MAPPINGS,
         )

@@ -16,6 +16,9 @@
 //! | `overflow`     | unbounded recursion into the stack guard page                |
 //! | `panic`        | a Rust panic                                                 |
 //! | `exit_fail`    | `exit(false)`                                                |
+//!
+//! `platform_offline_cpu=N` (handled in [`super::boot`]) keeps CPU N from coming
+//! online, to exercise the bring-up timeout.
 
 use super::dtb::BootInfo;
 use super::exceptions::TrapFrame;
