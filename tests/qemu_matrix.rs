@@ -191,10 +191,17 @@ fn log_path(cell: &Cell) -> PathBuf {
         .join(format!("{}.log", cell.name))
 }
 
-/// Boots `cell` through `./qemu.sh --no-build ...` and panics with the
-/// configuration, qemu.sh's verdict and the end of the serial output unless it
-/// passed.
-fn run_cell(cell: &Cell) {
+/// What one boot through qemu.sh produced.
+struct Boot {
+    out: std::process::Output,
+    shown: String,
+    log: PathBuf,
+    verdict: String,
+}
+
+/// Boots `cell` through `./qemu.sh --no-build ...` (one cell at a time, after the one
+/// kernel build).
+fn boot(cell: &Cell) -> Boot {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     require_qemu();
     if let Err(e) = BUILD.get_or_init(build_kernel) {
@@ -215,20 +222,57 @@ fn run_cell(cell: &Cell) {
         .current_dir(root())
         .output()
         .unwrap_or_else(|e| panic!("cannot run `{shown}`: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let verdict = stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("qemu.sh:") && (l.contains(": PASS (") || l.contains(": FAIL (")))
+        .unwrap_or("qemu.sh: (no verdict line)")
+        .to_string();
+    Boot {
+        out,
+        shown,
+        log,
+        verdict,
+    }
+}
 
+/// Boots `cell`, which must FAIL (a provoked fatal condition), and checks that the
+/// serial output says everything in `report` and that qemu.sh saw a failure status.
+fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
+    let boot = boot(cell);
+    let serial = String::from_utf8_lossy(&boot.out.stdout);
+    let missing: Vec<&&str> = report.iter().filter(|w| !serial.contains(**w)).collect();
+    assert!(
+        !boot.out.status.success() && missing.is_empty(),
+        "cell {} ({}) should fail and report {report:?}; exit {}, missing {missing:?}\n\
+         command: {}\n{}\n--- last {TAIL_LINES} lines of serial output ---\n{}",
+        cell.name,
+        cell.describe(),
+        boot.out.status,
+        boot.shown,
+        boot.verdict,
+        tail(&serial, TAIL_LINES)
+    );
+    println!("{}: failed as it must: {}", cell.name, boot.verdict);
+}
+
+/// Boots `cell` through `./qemu.sh --no-build ...` and panics with the
+/// configuration, qemu.sh's verdict and the end of the serial output unless it
+/// passed.
+fn run_cell(cell: &Cell) {
+    let Boot {
+        out,
+        shown,
+        log,
+        verdict,
+    } = boot(cell);
     let serial = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // qemu.sh's own messages start with "qemu.sh:"; the rest of its stderr is
     // QEMU's (or bash's).
     let (ours, theirs): (Vec<&str>, Vec<&str>) =
         stderr.lines().partition(|l| l.starts_with("qemu.sh:"));
-    let verdict = ours
-        .iter()
-        .rev()
-        .find(|l| l.contains(": PASS (") || l.contains(": FAIL ("))
-        .copied()
-        .unwrap_or("qemu.sh: (no verdict line)");
-
     if out.status.success() {
         println!("{}: {verdict}", cell.name);
         return;
@@ -337,4 +381,34 @@ fn aarch64_cortex_a57_smp2() {
 #[test]
 fn aarch64_cortex_a53_smp2() {
     run_cell(&Cell::new("aarch64_cortex_a53_smp2", "cortex-a53", 2));
+}
+
+/// The platform's own checks (page permissions, stack guards, SGIs, BRK hook, alias
+/// poke, I-cache maintenance) before the kernel's tests.
+#[test]
+fn aarch64_platform_selftest() {
+    run_cell(
+        &Cell::new("aarch64_platform_selftest", "cortex-a72", 2)
+            .bootargs("platform_selftest flips=200"),
+    );
+}
+
+/// Kernel text is never writable: a store through its own mapping is a permission
+/// fault, reported with ESR, ELR, FAR and the CPU, and the run fails.
+#[test]
+fn aarch64_text_write_faults() {
+    run_cell_expecting_failure(
+        &Cell::new("aarch64_text_write_faults", "max", 2).bootargs("platform_selftest=text_write"),
+        &["UNEXPECTED EXCEPTION", "ESR", "ELR", "FAR", "cpu"],
+    );
+}
+
+/// A CPU that never comes online makes `cpus_online` fail, naming the count.
+#[test]
+fn aarch64_missing_cpu_is_reported() {
+    run_cell_expecting_failure(
+        &Cell::new("aarch64_missing_cpu_is_reported", "max", 4)
+            .bootargs("platform_offline_cpu=3 tests=cpus_online"),
+        &["not ok 1 cpus_online", "but the DTB lists 4"],
+    );
 }

@@ -63,6 +63,8 @@ fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
                 }
             }
             "tests" => {}
+            // Consumed by the platform before the kernel runs (see arch::aarch64::selftest).
+            platform if platform.starts_with("platform_") => {}
             "flips" => {
                 selection.params.flips = value.parse().map_err(|_| BadArg {
                     word,
