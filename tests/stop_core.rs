@@ -5,7 +5,7 @@
 
 use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
-use patch_machine::stop::{StopError, StopMachine, StopOptions};
+use patch_machine::stop::{MaskLevel, NmiSafe, StopError, StopMachine, StopOptions};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -123,6 +123,7 @@ impl Drop for Machine {
 const QUICK: StopOptions = StopOptions {
     arrival_timeout_ns: 5_000_000_000,
     stall_timeout_ns: 20_000_000_000,
+    ..StopOptions::DEFAULT
 };
 
 #[test]
@@ -420,4 +421,164 @@ fn stale_ipis_after_completed_calls_are_harmless() {
             stop.stop_machine(&|_| Ok(()), CpuSet::first(3), QUICK)
         })
         .unwrap();
+}
+
+/// A host CPU that spins with interrupts masked, until released.
+fn hold(machine: &Machine, cpu: usize, mask: MaskLevel) -> (Arc<AtomicBool>, mpsc::Receiver<()>) {
+    let release = Arc::new(AtomicBool::new(false));
+    let holding = Arc::new(AtomicBool::new(false));
+    let (r, h) = (release.clone(), holding.clone());
+    let done = machine.spawn_on(cpu, move |stop| {
+        let arch = stop.arch();
+        let saved = match mask {
+            MaskLevel::All => patch_machine::stop::Arch::mask_all(arch),
+            MaskLevel::IrqsOnly => patch_machine::stop::Arch::mask_irqs(arch),
+        };
+        h.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !r.load(Ordering::Acquire) && Instant::now() < deadline {
+            // Interrupts are still "taken" here if the mask lets them through.
+            arch.poll_interrupts();
+            thread::yield_now();
+        }
+        patch_machine::stop::Arch::restore(arch, saved);
+    });
+    while !holding.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    (release, done)
+}
+
+#[test]
+fn nmi_mode_runs_the_function_from_nmi_on_exactly_the_active_cpus() {
+    for cpus in [1, 2, 4] {
+        let machine = Machine::new(cpus);
+        for active in [CpuSet::first(cpus), CpuSet::single(cpus - 1)] {
+            let (ran, in_nmi, delivered) = machine.on_cpu(0, move |stop| {
+                let ran = AtomicU32::new(0);
+                let in_nmi = AtomicU32::new(0);
+                let function = |cpu: usize| {
+                    ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                    if stop.arch().in_nmi() {
+                        in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
+                    }
+                    Ok(())
+                };
+                // SAFETY: the function only touches atomics.
+                let function = unsafe { NmiSafe::new(&function) };
+                stop.stop_machine_nmi(function, active, QUICK).unwrap();
+                (
+                    ran.load(Ordering::Relaxed),
+                    in_nmi.load(Ordering::Relaxed),
+                    stop.nmi_delivered(),
+                )
+            });
+            assert_eq!(CpuSet::from_bits(ran), active, "cpus={cpus}");
+            assert_eq!(
+                CpuSet::from_bits(in_nmi),
+                active,
+                "cpus={cpus}: ran outside NMI context"
+            );
+            assert_eq!(delivered, active);
+        }
+    }
+}
+
+#[test]
+fn nmi_mode_accumulates_errors_and_times_out_a_lost_nmi() {
+    let machine = Machine::new(4);
+    let arch = machine.stop.arch().clone();
+    arch.lose_nmis(CpuSet::single(2));
+    let (result, delivered) = machine.on_cpu(0, |stop| {
+        let function = |cpu: usize| if cpu == 1 { Err(-7) } else { Ok(()) };
+        // SAFETY: pure function.
+        let function = unsafe { NmiSafe::new(&function) };
+        let result = stop.stop_machine_nmi(function, CpuSet::first(4), QUICK);
+        (result, stop.nmi_delivered())
+    });
+    let Err(StopError::Failed(failures)) = result else {
+        panic!("expected failures, got {result:?}");
+    };
+    assert_eq!(failures.code(1), Some(-7));
+    assert_eq!(failures.code(2), Some(patch_machine::stop::ETIMEDOUT));
+    assert_eq!(failures.cpus(), CpuSet::from_bits(0b110));
+    assert_eq!(delivered, CpuSet::from_bits(0b1011));
+    // A late NMI finds nothing to run; the next call succeeds.
+    arch.lose_nmis(CpuSet::EMPTY);
+    arch.send_nmi(CpuSet::single(2));
+    assert!(machine.all_idle_again(CpuSet::first(4)));
+    let ok = machine.on_cpu(0, |stop| {
+        let function = |_| Ok(());
+        // SAFETY: pure function.
+        stop.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, CpuSet::first(4), QUICK)
+    });
+    assert_eq!(ok, Ok(()));
+}
+
+#[test]
+fn a_cpu_with_only_irqs_masked_is_reached_by_nmi_but_not_by_ipi() {
+    let machine = Machine::new(3);
+    // CPU 2 masks normal interrupts only; a stop IPI cannot reach it...
+    let (release, done) = hold(&machine, 2, MaskLevel::IrqsOnly);
+    let err = machine.on_cpu(0, |stop| {
+        stop.stop_machine(
+            &|_| Ok(()),
+            CpuSet::single(0),
+            StopOptions {
+                arrival_timeout_ns: 50_000_000,
+                ..QUICK
+            },
+        )
+    });
+    assert!(matches!(err, Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(2)));
+    // ...but its own NMI still runs there while it keeps IRQs masked.
+    assert!(machine.stop.arch().nmis_taken(2) == 0);
+    machine.stop.arch().send_nmi(CpuSet::single(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while machine.stop.arch().nmis_taken(2) == 0 && Instant::now() < deadline {
+        thread::yield_now();
+    }
+    assert_eq!(
+        machine.stop.arch().nmis_taken(2),
+        1,
+        "the NMI did not get through an IRQ mask"
+    );
+    release.store(true, Ordering::Release);
+    done.recv_timeout(Duration::from_secs(60)).unwrap();
+}
+
+#[test]
+fn mask_all_blocks_nmis_in_the_window_and_irqs_only_lets_them_in() {
+    for (mask, expect_in_window) in [(MaskLevel::All, false), (MaskLevel::IrqsOnly, true)] {
+        let machine = Machine::new(2);
+        let arch = machine.stop.arch().clone();
+        let before = arch.nmis_taken(1);
+        let taken_in_window = machine.on_cpu(0, move |stop| {
+            let taken = AtomicU64::new(0);
+            stop.stop_machine(
+                &|_| {
+                    // An NMI aimed at CPU 1 while it waits inside the window.
+                    stop.arch().send_nmi(CpuSet::single(1));
+                    let deadline = Instant::now() + Duration::from_millis(200);
+                    while Instant::now() < deadline && stop.arch().nmis_taken(1) == before {
+                        thread::yield_now();
+                    }
+                    taken.store(stop.arch().nmis_taken(1) - before, Ordering::Relaxed);
+                    Ok(())
+                },
+                CpuSet::single(0),
+                StopOptions { mask, ..QUICK },
+            )
+            .unwrap();
+            taken.load(Ordering::Relaxed)
+        });
+        assert_eq!(
+            taken_in_window > 0,
+            expect_in_window,
+            "{mask:?}: {taken_in_window} NMIs in the window"
+        );
+        // Blocked NMIs are taken once the window closes.
+        assert!(machine.all_idle_again(CpuSet::first(2)));
+        assert_eq!(arch.nmis_taken(1), before + 1);
+    }
 }

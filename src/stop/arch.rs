@@ -39,7 +39,15 @@ pub unsafe trait Arch: Sync {
     /// state to hand back to [`restore`](Arch::restore).
     fn mask_all(&self) -> Self::MaskState;
 
-    /// Restores the mask state returned by [`mask_all`](Arch::mask_all).
+    /// Masks normal interrupts only, leaving NMIs deliverable (arm64 pseudo-NMI: raise
+    /// `ICC_PMR_EL1`; x86: `cli`). Where the architecture has no NMI this is
+    /// [`mask_all`](Arch::mask_all), the default.
+    fn mask_irqs(&self) -> Self::MaskState {
+        self.mask_all()
+    }
+
+    /// Restores the mask state returned by [`mask_all`](Arch::mask_all) or
+    /// [`mask_irqs`](Arch::mask_irqs).
     fn restore(&self, saved: Self::MaskState);
 
     /// Whether every maskable asynchronous exception is masked on the calling CPU.
@@ -63,4 +71,19 @@ pub unsafe trait Arch: Sync {
 
     /// A monotonic clock shared by all CPUs, in nanoseconds.
     fn now_ns(&self) -> u64;
+}
+
+/// An architecture with NMIs the stop machine can use to run functions from NMI context
+/// ([`StopMachine::stop_machine_nmi`](super::StopMachine::stop_machine_nmi)).
+///
+/// # Safety
+///
+/// [`send_self_nmi`](NmiArch::send_self_nmi) raises an NMI on the calling CPU that is
+/// taken even with [`Arch::mask_irqs`] in force (but not [`Arch::mask_all`]), never
+/// nests, and whose handler calls
+/// [`StopMachine::handle_nmi`](super::StopMachine::handle_nmi) before any other NMI work.
+#[cfg(feature = "stop-machine-nmi")]
+pub unsafe trait NmiArch: Arch {
+    /// Raises an NMI on the calling CPU.
+    fn send_self_nmi(&self);
 }

@@ -31,10 +31,12 @@
 mod arch;
 
 pub use arch::Arch;
+#[cfg(feature = "stop-machine-nmi")]
+pub use arch::NmiArch;
 
 use crate::{CpuSet, MAX_CPUS};
 use core::fmt;
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// What a stop function returns on one CPU: `Err(code)` with a non-zero, errno-like code.
 pub type StopFnResult = Result<(), i32>;
@@ -42,6 +44,31 @@ pub type StopFnResult = Result<(), i32>;
 /// A function run by [`StopMachine::stop_machine`] on each active CPU; its argument is
 /// the index of the CPU it runs on.
 pub type StopFn<'a> = &'a (dyn Fn(usize) -> StopFnResult + Sync);
+
+/// A stop function that may run in NMI context: it takes no lock, does not print,
+/// does not allocate, and takes no exception (on x86 an exception's IRET would
+/// re-enable NMIs; on arm64 nothing may fault in a handler that runs with interrupts
+/// masked). The wrapper makes that promise explicit at the type level, as seed 000's
+/// `cpu_stop_nmisafe_fn_t` does.
+#[derive(Clone, Copy)]
+pub struct NmiSafe<'a>(StopFn<'a>);
+
+impl<'a> NmiSafe<'a> {
+    /// Marks `function` as safe to run from an NMI handler.
+    ///
+    /// # Safety
+    /// `function` takes no lock, does not print or allocate, and takes no exception.
+    pub const unsafe fn new(function: StopFn<'a>) -> Self {
+        NmiSafe(function)
+    }
+}
+
+/// The error code of an active CPU whose self-NMI never ran the function.
+pub const ETIMEDOUT: i32 = -110;
+
+/// How long an active CPU waits for its own NMI before giving up (seed 000 waits one
+/// second).
+pub const NMI_TIMEOUT_NS: u64 = 1_000_000_000;
 
 /// Per-call limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +79,20 @@ pub struct StopOptions {
     /// How long any CPU waits for a phase to complete once everyone has arrived. Past
     /// this a CPU is stuck with exceptions masked: the core panics.
     pub stall_timeout_ns: u64,
+    /// What the `Mask` phase masks.
+    pub mask: MaskLevel,
+}
+
+/// What the CPUs mask for the window of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskLevel {
+    /// Every maskable asynchronous exception, NMIs included where the architecture can
+    /// mask them ([`Arch::mask_all`]). The only level safe for patching code that NMI
+    /// handlers run: no handler can start inside the window.
+    All,
+    /// Normal interrupts only ([`Arch::mask_irqs`]): NMIs still arrive. This is
+    /// Linux's `stop_machine` (`local_irq_disable`), and what NMI execution needs.
+    IrqsOnly,
 }
 
 impl StopOptions {
@@ -59,6 +100,7 @@ impl StopOptions {
     pub const DEFAULT: StopOptions = StopOptions {
         arrival_timeout_ns: 1_000_000_000,
         stall_timeout_ns: 10_000_000_000,
+        mask: MaskLevel::All,
     };
 }
 
@@ -234,6 +276,9 @@ impl State {
 /// The function of the current call, published to the other CPUs by pointer.
 struct Work<'a> {
     function: StopFn<'a>,
+    /// Raises an NMI on the calling CPU: set for calls whose function runs from it.
+    #[cfg(feature = "stop-machine-nmi")]
+    raise_nmi: Option<&'a (dyn Fn() + Sync)>,
 }
 
 /// How a CPU's pass through the loop ended.
@@ -263,6 +308,22 @@ pub struct StopMachine<A: Arch> {
     ack_stamp: [AtomicU64; MAX_CPUS],
     /// CPUs between their `mask_all` and their `restore` in a call.
     in_window: AtomicU32,
+    /// The current call masks with [`MaskLevel::IrqsOnly`].
+    mask_irqs_only: AtomicBool,
+    /// CPUs whose self-NMI may run the function (Linux's `nmi_cpus`): set by the CPU
+    /// before it raises the NMI, cleared by whoever claims it first, the handler or the
+    /// timed-out waiter.
+    #[cfg(feature = "stop-machine-nmi")]
+    nmi_pending: AtomicU32,
+    /// CPUs whose NMI handler has finished and stored its result.
+    #[cfg(feature = "stop-machine-nmi")]
+    nmi_done: AtomicU32,
+    /// CPUs on which the NMI ran the function in the last NMI call.
+    #[cfg(feature = "stop-machine-nmi")]
+    nmi_delivered: AtomicU32,
+    /// The function's result in each CPU's NMI handler.
+    #[cfg(feature = "stop-machine-nmi")]
+    nmi_codes: [AtomicI32; MAX_CPUS],
 }
 
 impl<A: Arch> StopMachine<A> {
@@ -282,6 +343,15 @@ impl<A: Arch> StopMachine<A> {
             masked_at_ack: AtomicU32::new(0),
             ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
             in_window: AtomicU32::new(0),
+            mask_irqs_only: AtomicBool::new(false),
+            #[cfg(feature = "stop-machine-nmi")]
+            nmi_pending: AtomicU32::new(0),
+            #[cfg(feature = "stop-machine-nmi")]
+            nmi_done: AtomicU32::new(0),
+            #[cfg(feature = "stop-machine-nmi")]
+            nmi_delivered: AtomicU32::new(0),
+            #[cfg(feature = "stop-machine-nmi")]
+            nmi_codes: [const { AtomicI32::new(0) }; MAX_CPUS],
         }
     }
 
@@ -296,13 +366,23 @@ impl<A: Arch> StopMachine<A> {
     /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
     /// free has to answer the current holder's stop IPI. Errors from all CPUs are
     /// collected ([`StopError::Failed`]).
-    #[unsafe(link_section = ".text.nopatch")]
     pub fn stop_machine(
         &self,
         function: StopFn<'_>,
         active: CpuSet,
         options: StopOptions,
     ) -> Result<(), StopError> {
+        let work = Work {
+            function,
+            #[cfg(feature = "stop-machine-nmi")]
+            raise_nmi: None,
+        };
+        self.call(&work, active, options)
+    }
+
+    /// One call: take the machine, publish `work`, lead the rendezvous.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn call(&self, work: &Work<'_>, active: CpuSet, options: StopOptions) -> Result<(), StopError> {
         let arch = &self.arch;
         let me = arch.cpu_id();
         let online = arch.online_cpus();
@@ -325,19 +405,18 @@ impl<A: Arch> StopMachine<A> {
             arch.relax();
         };
 
-        let work = Work { function };
         let previous = State(self.state.load(Ordering::Relaxed));
         let generation = previous.generation().wrapping_add(1) & State::GENERATION_MASK;
         self.participants.store(online.bits(), Ordering::Relaxed);
         self.active.store(active.bits(), Ordering::Relaxed);
         self.stall_timeout_ns
             .store(options.stall_timeout_ns, Ordering::Relaxed);
+        self.mask_irqs_only
+            .store(options.mask == MaskLevel::IrqsOnly, Ordering::Relaxed);
         self.work.store(
             // The pointer is dereferenced only in the `Run` phase, which cannot end
             // before this function has seen `Done` (or panicked): `work` outlives it.
-            (&work as *const Work<'_>)
-                .cast::<Work<'static>>()
-                .cast_mut(),
+            (work as *const Work<'_>).cast::<Work<'static>>().cast_mut(),
             Ordering::Relaxed,
         );
         self.failed.store(0, Ordering::Relaxed);
@@ -424,6 +503,93 @@ impl<A: Arch> StopMachine<A> {
         }
     }
 
+    /// Runs the function of `work` on this CPU, directly or from a self-NMI.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_function(&self, work: &Work<'_>, me: usize) -> StopFnResult {
+        #[cfg(feature = "stop-machine-nmi")]
+        if let Some(raise_nmi) = work.raise_nmi {
+            return self.run_in_nmi(me, raise_nmi);
+        }
+        (work.function)(me)
+    }
+
+    /// Raises an NMI on this CPU and waits, bounded, for its handler to run the function.
+    #[cfg(feature = "stop-machine-nmi")]
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_in_nmi(&self, me: usize, raise_nmi: &(dyn Fn() + Sync)) -> StopFnResult {
+        let arch = &self.arch;
+        let bit = CpuSet::single(me).bits();
+        self.nmi_done.fetch_and(!bit, Ordering::Relaxed);
+        // Release pairs with the handler's claim (AcqRel below in `handle_nmi`).
+        self.nmi_pending.fetch_or(bit, Ordering::Release);
+        raise_nmi();
+        let start = arch.now_ns();
+        let mut claimed_by_handler = false;
+        loop {
+            // Acquire pairs with the handler's release of `nmi_done`: the result it
+            // stored first is visible (the race fixed in v2 of seed 000).
+            if self.nmi_done.load(Ordering::Acquire) & bit != 0 {
+                let code = self.nmi_codes[me].load(Ordering::Relaxed);
+                return if code == 0 { Ok(()) } else { Err(code) };
+            }
+            let waited_ns = arch.now_ns().saturating_sub(start);
+            if !claimed_by_handler && waited_ns > NMI_TIMEOUT_NS {
+                // Withdraw the request. If it was still pending the handler never
+                // started, and now never will run the function; otherwise it is running
+                // it and we wait for its result like any other phase.
+                if self.nmi_pending.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                    return Err(ETIMEDOUT);
+                }
+                claimed_by_handler = true;
+            }
+            if waited_ns > self.stall_timeout_ns.load(Ordering::Relaxed) {
+                panic!(
+                    "stop_machine: cpu{me}'s NMI handler ran for {} us",
+                    waited_ns / 1000
+                );
+            }
+            arch.relax();
+        }
+    }
+
+    /// The stop-machine slot of the architecture's NMI handler: runs the function if
+    /// this CPU raised an NMI for it, and returns whether it did (`false`: the NMI is
+    /// someone else's).
+    ///
+    /// Must be called first in the NMI handler, so that the stop function takes
+    /// priority over any other NMI work (as in seed 003).
+    #[cfg(feature = "stop-machine-nmi")]
+    #[unsafe(link_section = ".text.nopatch")]
+    pub fn handle_nmi(&self) -> bool {
+        let me = self.arch.cpu_id();
+        let bit = CpuSet::single(me).bits();
+        // Claim the request (Linux: cpumask_test_and_clear_cpu). Acquire pairs with the
+        // release in `run_in_nmi`.
+        if self.nmi_pending.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
+            return false;
+        }
+        // SAFETY: the request was pending, so this CPU is in `run_in_nmi`, inside the
+        // `Run` phase of the call that published `work`, which cannot end before this
+        // handler reports below.
+        let work = unsafe { &*self.work.load(Ordering::Relaxed) };
+        let code = match (work.function)(me) {
+            Ok(()) => 0,
+            Err(code) => code,
+        };
+        self.nmi_codes[me].store(code, Ordering::Relaxed);
+        self.nmi_delivered.fetch_or(bit, Ordering::Relaxed);
+        // Release: the result is stored before `run_in_nmi` can see `done`.
+        self.nmi_done.fetch_or(bit, Ordering::Release);
+        true
+    }
+
+    /// The CPUs on which the last [`stop_machine_nmi`](Self::stop_machine_nmi) call ran
+    /// the function from an NMI.
+    #[cfg(feature = "stop-machine-nmi")]
+    pub fn nmi_delivered(&self) -> CpuSet {
+        CpuSet::from_bits(self.nmi_delivered.load(Ordering::Relaxed))
+    }
+
     /// The CPUs that are inside a call's masked window right now: they have masked their
     /// exceptions for it and not yet restored them.
     ///
@@ -444,7 +610,11 @@ impl<A: Arch> StopMachine<A> {
         let outcome = loop {
             match phase {
                 Phase::Mask => {
-                    saved = Some(arch.mask_all());
+                    saved = Some(if self.mask_irqs_only.load(Ordering::Relaxed) {
+                        arch.mask_irqs()
+                    } else {
+                        arch.mask_all()
+                    });
                     self.in_window
                         .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
                     if arch.all_masked() {
@@ -460,7 +630,7 @@ impl<A: Arch> StopMachine<A> {
                     // only after `Done`, which needs this CPU's `Run` acknowledgement
                     // below: the pointee is alive.
                     let work = unsafe { &*self.work.load(Ordering::Relaxed) };
-                    if let Err(code) = (work.function)(me) {
+                    if let Err(code) = self.run_function(work, me) {
                         self.codes[me].store(code, Ordering::Relaxed);
                         self.failed
                             .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
@@ -598,6 +768,37 @@ impl<A: Arch> StopMachine<A> {
             }
             arch.relax();
         }
+    }
+}
+
+#[cfg(feature = "stop-machine-nmi")]
+impl<A: NmiArch> StopMachine<A> {
+    /// Like [`stop_machine`](Self::stop_machine), but each active CPU runs `function`
+    /// from an NMI it raises on itself (seed 000, Linux's `STOP_MACHINE_NMI`): nothing,
+    /// not even another NMI, can preempt the function.
+    ///
+    /// The window masks normal interrupts only ([`MaskLevel::IrqsOnly`]) whatever
+    /// `options` says, since the self-NMI must get through. An active CPU whose NMI does
+    /// not run within [`NMI_TIMEOUT_NS`] reports [`ETIMEDOUT`]; its handler will then
+    /// not run the function even if the NMI arrives later. [`nmi_delivered`](Self::nmi_delivered)
+    /// tells on which CPUs the NMI ran.
+    pub fn stop_machine_nmi(
+        &self,
+        function: NmiSafe<'_>,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        let raise = || self.arch.send_self_nmi();
+        let work = Work {
+            function: function.0,
+            raise_nmi: Some(&raise),
+        };
+        self.nmi_delivered.store(0, Ordering::Relaxed);
+        let options = StopOptions {
+            mask: MaskLevel::IrqsOnly,
+            ..options
+        };
+        self.call(&work, active, options)
     }
 }
 

@@ -6,6 +6,9 @@
 //! calls [`HostArch::poll_interrupts`] (every [`Arch::relax`] does) with interrupts
 //! unmasked, like hardware checking for an interrupt between instructions. Taking one
 //! masks interrupts for the duration of the handler, as exception entry does.
+//!
+//! NMIs are modelled on arm64 pseudo-NMIs: [`Arch::mask_irqs`] leaves them
+//! deliverable, [`Arch::mask_all`] blocks them, and they never nest.
 
 use crate::CpuSet;
 use crate::MAX_CPUS;
@@ -24,10 +27,24 @@ struct Shared {
     online: AtomicU32,
     pending: [AtomicBool; MAX_CPUS],
     masked: [AtomicBool; MAX_CPUS],
+    nmi_pending: [AtomicBool; MAX_CPUS],
+    nmi_masked: [AtomicBool; MAX_CPUS],
+    in_nmi: [AtomicBool; MAX_CPUS],
+    /// NMIs sent to these CPUs are lost (a test knob).
+    nmi_lost: AtomicU32,
+    nmis_taken: [AtomicU64; MAX_CPUS],
     syncs: [AtomicU64; MAX_CPUS],
     ipis_sent: AtomicU64,
     epoch: OnceLock<Instant>,
     stop_ipi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    nmi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+/// Saved mask state: what [`Arch::mask_all`] or [`Arch::mask_irqs`] found.
+#[derive(Clone, Copy, Debug)]
+pub struct HostMask {
+    irqs: bool,
+    nmis: bool,
 }
 
 /// A machine of host threads. Cheap to clone: clones share the machine.
@@ -47,10 +64,16 @@ impl HostArch {
             online: AtomicU32::new(CpuSet::first(cpus).bits()),
             pending: [const { AtomicBool::new(false) }; MAX_CPUS],
             masked: [const { AtomicBool::new(false) }; MAX_CPUS],
+            nmi_pending: [const { AtomicBool::new(false) }; MAX_CPUS],
+            nmi_masked: [const { AtomicBool::new(false) }; MAX_CPUS],
+            in_nmi: [const { AtomicBool::new(false) }; MAX_CPUS],
+            nmi_lost: AtomicU32::new(0),
+            nmis_taken: [const { AtomicU64::new(0) }; MAX_CPUS],
             syncs: [const { AtomicU64::new(0) }; MAX_CPUS],
             ipis_sent: AtomicU64::new(0),
             epoch: OnceLock::new(),
             stop_ipi_handler: OnceLock::new(),
+            nmi_handler: OnceLock::new(),
         };
         shared.epoch.get_or_init(Instant::now);
         HostArch {
@@ -83,6 +106,41 @@ impl HostArch {
         {
             panic!("HostArch::connect called twice");
         }
+        let weak = Arc::downgrade(stop);
+        let nmi = move || {
+            #[cfg(feature = "stop-machine-nmi")]
+            if let Some(stop) = weak.upgrade() {
+                // The stop-machine slot comes first; nothing else uses NMIs here.
+                stop.handle_nmi();
+            }
+            #[cfg(not(feature = "stop-machine-nmi"))]
+            let _ = &weak;
+        };
+        let _ = stop.arch().shared.nmi_handler.set(Box::new(nmi));
+    }
+
+    /// Makes NMIs sent to `cpus` vanish (to test the NMI timeout), or with an empty set,
+    /// arrive again.
+    pub fn lose_nmis(&self, cpus: CpuSet) {
+        self.shared.nmi_lost.store(cpus.bits(), Ordering::Relaxed);
+    }
+
+    /// Whether the calling CPU is in an NMI handler.
+    pub fn in_nmi(&self) -> bool {
+        self.shared.in_nmi[self.cpu_id()].load(Ordering::Relaxed)
+    }
+
+    /// How many NMIs `cpu` has taken.
+    pub fn nmis_taken(&self, cpu: usize) -> u64 {
+        self.shared.nmis_taken[cpu].load(Ordering::Relaxed)
+    }
+
+    /// Sends an NMI to each CPU in `targets`.
+    pub fn send_nmi(&self, targets: CpuSet) {
+        let lost = CpuSet::from_bits(self.shared.nmi_lost.load(Ordering::Relaxed));
+        for cpu in targets.minus(lost).iter() {
+            self.shared.nmi_pending[cpu].store(true, Ordering::Release);
+        }
     }
 
     /// Takes a pending stop IPI if the calling CPU has interrupts unmasked, running the
@@ -90,6 +148,17 @@ impl HostArch {
     pub fn poll_interrupts(&self) -> bool {
         let cpu = self.cpu_id();
         let shared = &self.shared;
+        // NMIs first: they pass an IRQ mask, not an NMI mask, and never nest.
+        if !shared.nmi_masked[cpu].load(Ordering::Relaxed)
+            && !shared.in_nmi[cpu].load(Ordering::Relaxed)
+            && shared.nmi_pending[cpu].swap(false, Ordering::Acquire)
+            && let Some(handler) = shared.nmi_handler.get()
+        {
+            shared.in_nmi[cpu].store(true, Ordering::Relaxed);
+            shared.nmis_taken[cpu].fetch_add(1, Ordering::Relaxed);
+            handler();
+            shared.in_nmi[cpu].store(false, Ordering::Relaxed);
+        }
         let Some(handler) = shared.stop_ipi_handler.get() else {
             return false;
         };
@@ -133,7 +202,7 @@ impl HostArch {
 // that the target takes at its next unmasked poll; the simulated ISB is a SeqCst fence,
 // which is all "instruction fetch" needs when instructions are plain data.
 unsafe impl Arch for HostArch {
-    type MaskState = bool;
+    type MaskState = HostMask;
 
     fn cpu_id(&self) -> usize {
         CURRENT_CPU
@@ -145,16 +214,32 @@ unsafe impl Arch for HostArch {
         CpuSet::from_bits(self.shared.online.load(Ordering::Relaxed))
     }
 
-    fn mask_all(&self) -> bool {
-        self.shared.masked[self.cpu_id()].swap(true, Ordering::Relaxed)
+    fn mask_all(&self) -> HostMask {
+        let cpu = self.cpu_id();
+        HostMask {
+            irqs: self.shared.masked[cpu].swap(true, Ordering::Relaxed),
+            nmis: self.shared.nmi_masked[cpu].swap(true, Ordering::Relaxed),
+        }
     }
 
-    fn restore(&self, saved: bool) {
-        self.shared.masked[self.cpu_id()].store(saved, Ordering::Relaxed);
+    fn mask_irqs(&self) -> HostMask {
+        let cpu = self.cpu_id();
+        HostMask {
+            irqs: self.shared.masked[cpu].swap(true, Ordering::Relaxed),
+            nmis: self.shared.nmi_masked[cpu].load(Ordering::Relaxed),
+        }
+    }
+
+    fn restore(&self, saved: HostMask) {
+        let cpu = self.cpu_id();
+        self.shared.masked[cpu].store(saved.irqs, Ordering::Relaxed);
+        self.shared.nmi_masked[cpu].store(saved.nmis, Ordering::Relaxed);
     }
 
     fn all_masked(&self) -> bool {
-        self.shared.masked[self.cpu_id()].load(Ordering::Relaxed)
+        let cpu = self.cpu_id();
+        self.shared.masked[cpu].load(Ordering::Relaxed)
+            && self.shared.nmi_masked[cpu].load(Ordering::Relaxed)
     }
 
     fn send_stop_ipi(&self, targets: CpuSet) {
@@ -179,5 +264,15 @@ unsafe impl Arch for HostArch {
     fn now_ns(&self) -> u64 {
         let epoch = self.shared.epoch.get_or_init(Instant::now);
         epoch.elapsed().as_nanos() as u64
+    }
+}
+
+// SAFETY: `send_nmi` sets a flag the CPU takes at its next poll unless `mask_all` is in
+// force or it is already in an NMI; the handler installed by `connect` calls
+// `handle_nmi` first.
+#[cfg(feature = "stop-machine-nmi")]
+unsafe impl crate::stop::NmiArch for HostArch {
+    fn send_self_nmi(&self) {
+        self.send_nmi(CpuSet::single(self.cpu_id()));
     }
 }
