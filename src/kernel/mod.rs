@@ -63,6 +63,14 @@ fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
                 }
             }
             "tests" => {}
+            // Read by the platform at boot (arch::aarch64::irq).
+            "pseudo_nmi" if matches!(value, "on" | "off") => {}
+            "pseudo_nmi" => {
+                return Err(BadArg {
+                    word,
+                    why: "pseudo_nmi= takes on or off",
+                });
+            }
             // Consumed by the platform before the kernel runs (see arch::aarch64::selftest).
             platform if platform.starts_with("platform_") => {}
             "flips" => {
@@ -99,7 +107,7 @@ pub fn primary_main(info: &'static BootInfo) -> ! {
                 info.bootargs, bad.why, bad.word
             ));
             ktap.diag(format_args!(
-                "known: tests=all|{} flips=N nosync_flips=N",
+                "known: tests=all|{} flips=N nosync_flips=N pseudo_nmi=on|off",
                 TestNames
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);

@@ -518,7 +518,7 @@ struct Callers {
 }
 
 impl Callers {
-    fn new() -> Callers {
+    const fn new() -> Callers {
         Callers {
             stop: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
