@@ -383,6 +383,25 @@ fn aarch64_cortex_a53_smp2() {
     run_cell(&Cell::new("aarch64_cortex_a53_smp2", "cortex-a53", 2));
 }
 
+/// IRQs off = DAIF.I and no NMIs at all: the NMI tests must say so (skip) or show the
+/// other world (a CPU with IRQs off is not reachable and is named).
+#[test]
+fn aarch64_max_smp4_pseudo_nmi_off() {
+    run_cell(
+        &Cell::new("aarch64_max_smp4_pseudo_nmi_off", "max", 4)
+            .bootargs("pseudo_nmi=off flips=2000"),
+    );
+}
+
+/// No FEAT_NMI on this CPU: NMIs are GICv3 pseudo-NMIs (PMR masking).
+#[test]
+fn aarch64_cortex_a72_smp4_pseudo_nmi_off() {
+    run_cell(
+        &Cell::new("aarch64_cortex_a72_smp4_pseudo_nmi_off", "cortex-a72", 4)
+            .bootargs("pseudo_nmi=off flips=2000"),
+    );
+}
+
 /// The platform's own checks (page permissions, stack guards, SGIs, BRK hook, alias
 /// poke, I-cache maintenance) before the kernel's tests.
 #[test]
