@@ -3,10 +3,12 @@
 // in .text.nopatch: the rendezvous runs it, so the patcher must never touch it.
 //
 // Every one of the 16 entries builds a TrapFrame (exceptions.rs: x0-x30, the
-// interrupted SP, ELR/SPSR/ESR/FAR, FPCR/FPSR, SP_EL0, kind, depth, q0-q31) on the
-// stack and calls the Rust handler with x0 = &mut TrapFrame. If the handler returns,
-// the (possibly modified) registers, ELR and SPSR are restored and the CPU ERETs; SP
-// always returns to its value at the exception (frame.sp is informational).
+// interrupted SP, ELR/SPSR/ESR/FAR, FPCR/FPSR, SP_EL0, kind, depth, ICC_PMR_EL1,
+// q0-q31) on the stack and calls the Rust handler with x0 = &mut TrapFrame. If the
+// handler returns, the (possibly modified) registers, ELR and SPSR are restored, the
+// saved PMR is written back (a handler cannot leave the priority mask changed; SPSR
+// carries DAIF and, with FEAT_NMI, ALLINT) and the CPU ERETs; SP always returns to its
+// value at the exception (frame.sp is informational).
 //
 // Stack safety. Before it stores anything, an entry checks that SP lies on the calling
 // CPU's own stack with room for a frame plus a margin. If not (a stack overflow into
@@ -137,6 +139,16 @@ pm_exc_common:
     stp     x2, x3, [sp, #{off_fpcr}]
     mrs     x2, sp_el0
     stp     x2, x0, [sp, #{off_sp_el0}]     // sp_el0, kind
+    // ICC_PMR_EL1, once this CPU's GIC system-register interface is on (before that an
+    // access would be UNDEFINED): the exit path writes it back (irq.rs).
+    mrs     x2, tpidr_el1
+    adrp    x3, {pmr_live}
+    add     x3, x3, :lo12:{pmr_live}
+    ldrb    w3, [x3, x2]
+    mov     x4, #-1                         // not saved
+    cbz     w3, 2f
+    mrs     x4, S3_0_C4_C6_0                // ICC_PMR_EL1
+2:  str     x4, [sp, #{off_pmr}]
     stp     q0, q1, [sp, #({off_q} + 0 * 32)]
     stp     q2, q3, [sp, #({off_q} + 1 * 32)]
     stp     q4, q5, [sp, #({off_q} + 2 * 32)]
@@ -180,6 +192,19 @@ pm_exc_common:
     sub     x4, x4, #1
     str     x4, [x3]
 
+    // Put the interrupted PMR back, with I (and, from the Rust side, ALLINT) masked so
+    // the write cannot let anything in before ERET. ERET is the context synchronisation;
+    // DSB SY only if ICC_CTLR_EL1.PMHE asks for it (see irq.rs).
+    msr     daifset, #0xf
+    ldr     x2, [sp, #{off_pmr}]
+    cmn     x2, #1
+    b.eq    3f
+    msr     S3_0_C4_C6_0, x2                // ICC_PMR_EL1
+    adrp    x3, {pmr_sync}
+    ldrb    w3, [x3, :lo12:{pmr_sync}]
+    cbz     w3, 3f
+    dsb     sy
+3:
     ldp     q0, q1, [sp, #({off_q} + 0 * 32)]
     ldp     q2, q3, [sp, #({off_q} + 1 * 32)]
     ldp     q4, q5, [sp, #({off_q} + 2 * 32)]

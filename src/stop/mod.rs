@@ -529,7 +529,12 @@ impl<A: Arch> StopMachine<A> {
             // Acquire pairs with the handler's release of `nmi_done`: the result it
             // stored first is visible (the race fixed in v2 of seed 000).
             if self.nmi_done.load(Ordering::Acquire) & bit != 0 {
-                let code = self.nmi_codes[me].load(Ordering::Relaxed);
+                // `get`: `me < MAX_CPUS` always, but a bounds-check panic would be a
+                // branch out of `.text.nopatch`.
+                let code = self
+                    .nmi_codes
+                    .get(me)
+                    .map_or(0, |c| c.load(Ordering::Relaxed));
                 return if code == 0 { Ok(()) } else { Err(code) };
             }
             let waited_ns = arch.now_ns().saturating_sub(start);

@@ -2,12 +2,14 @@
 //! entry points it calls.
 //!
 //! Boot CPU: console-less DTB parse and MMU set-up with the MMU off, then console,
-//! exceptions, GIC, secondaries, IRQs on, [`crate::kernel::primary_main`].
-//! Secondary: (MMU and VBAR already on from the assembly) timer, GIC, online, IRQs on,
+//! exceptions, GIC and the NMI mechanism ([`super::irq`]), secondaries, IRQs on,
+//! [`crate::kernel::primary_main`].
+//! Secondary: (MMU and VBAR already on from the assembly) timer, GIC, NMI set-up,
+//! online, IRQs on,
 //! [`crate::kernel::secondary_main`].
 
 use super::exceptions::{self, FRAME_SIZE, MAX_DEPTH, TrapFrame};
-use super::{console, cpu, dtb, exit, gic, layout, mmu, psci, smp, timer};
+use super::{console, cpu, dtb, exit, gic, irq, layout, mmu, psci, smp, timer};
 use crate::MAX_CPUS;
 use core::arch::global_asm;
 use core::mem::offset_of;
@@ -47,6 +49,9 @@ global_asm!(
     off_sp_el0 = const offset_of!(TrapFrame, sp_el0),
     off_depth = const offset_of!(TrapFrame, depth),
     off_q = const offset_of!(TrapFrame, q),
+    off_pmr = const offset_of!(TrapFrame, pmr),
+    pmr_live = sym irq::PMR_LIVE,
+    pmr_sync = sym irq::PMR_SYNC,
     max_depth = const MAX_DEPTH,
 );
 
@@ -110,6 +115,8 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
         crate::kprintln!("PANIC cpu 0: GIC: {e}");
         exit::exit(false);
     }
+    irq::init_cpu(0);
+    crate::kprintln!("{}", irq::describe());
     gic::set_sgi_handler(gic::STOP_SGI, super::stop_sgi_handler);
 
     let online = smp::start_secondaries(info);
@@ -146,6 +153,7 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
         crate::kprintln!("PANIC cpu {cpu}: GIC: {e}");
         exit::exit(false);
     }
+    irq::init_cpu(cpu);
     smp::mark_online(cpu);
     cpu::unmask_all();
     crate::kernel::secondary_main(cpu)

@@ -19,6 +19,10 @@ pub const DAIF_F: u64 = 1 << 6;
 /// All four DAIF bits.
 pub const DAIF_ALL: u64 = DAIF_D | DAIF_A | DAIF_I | DAIF_F;
 
+/// PSTATE.ALLINT (FEAT_NMI), in the bit position the `ALLINT` register and SPSR use.
+/// [`mask_all`] returns it together with the DAIF bits when FEAT_NMI is in use.
+pub const ALLINT: u64 = 1 << 13;
+
 /// Reads DAIF.
 #[inline(always)]
 pub fn daif() -> u64 {
@@ -29,7 +33,39 @@ pub fn daif() -> u64 {
     daif
 }
 
-/// Masks D, A, I and F on the calling CPU and returns the previous DAIF value.
+/// Reads PSTATE.ALLINT (as [`ALLINT`] or 0). Only on a CPU with FEAT_NMI: callers check
+/// [`super::irq::feat_nmi_in_use`] first (the register is UNDEFINED without it).
+#[inline(always)]
+pub fn allint() -> u64 {
+    let v: u64;
+    // SAFETY: reading ALLINT (S3_0_C4_C3_0) has no side effect; callers only do it on a
+    // CPU that implements FEAT_NMI.
+    unsafe { asm!("mrs {}, S3_0_C4_C3_0", out(reg) v, options(nostack, preserves_flags)) };
+    v & ALLINT
+}
+
+/// `MSR ALLINT, #1`: masks every interrupt, NMIs (superpriority) included. The
+/// immediate form is self-synchronising, like `MSR DAIFSet`. FEAT_NMI only.
+#[inline(always)]
+pub fn allint_set() {
+    // SAFETY: masking cannot break memory safety; FEAT_NMI is implemented (callers
+    // check). Encoding: MSR (immediate) op1=1, CRm=0b0001, op2=0 (Linux SYS_ALLINT_SET);
+    // written as .inst because the assembler may not know the `allint` name. Not
+    // `nomem`: a compiler barrier.
+    unsafe { asm!(".inst 0xd501411f", options(nostack, preserves_flags)) };
+}
+
+/// `MSR ALLINT, #0`: lets NMIs (superpriority) in again. FEAT_NMI only.
+#[inline(always)]
+pub fn allint_clear() {
+    // SAFETY: as for `allint_set` (SYS_ALLINT_CLR: CRm=0b0000); every handler is
+    // installed before SCTLR_EL1.NMI makes ALLINT matter.
+    unsafe { asm!(".inst 0xd501401f", options(nostack, preserves_flags)) };
+}
+
+/// Masks D, A, I and F on the calling CPU, and PSTATE.ALLINT when FEAT_NMI is in use,
+/// so nothing at all (not even an NMI) is taken. Returns the previous state: DAIF bits
+/// plus [`ALLINT`], for [`restore`].
 #[inline(always)]
 pub fn mask_all() -> u64 {
     let old: u64;
@@ -44,35 +80,51 @@ pub fn mask_all() -> u64 {
             options(nostack, preserves_flags),
         )
     };
+    if super::irq::feat_nmi_in_use() {
+        // Read before setting: the caller's state. ALLINT after DAIF: either order
+        // leaves no window, since both only mask.
+        let allint = allint();
+        allint_set();
+        return old | allint;
+    }
     old
 }
 
-/// Writes DAIF back (a value from [`mask_all`] or [`daif`]).
+/// Writes DAIF (and, with FEAT_NMI in use, ALLINT) back: a value from [`mask_all`] or
+/// [`daif`] (which carries no ALLINT bit: ALLINT is then cleared).
 #[inline(always)]
-pub fn restore(daif: u64) {
+pub fn restore(saved: u64) {
+    let allint = super::irq::feat_nmi_in_use();
+    // ALLINT is masked first and unmasked last (Linux's order): no NMI arrives in a
+    // state that is neither the current nor the saved one.
+    if allint && saved & ALLINT != 0 {
+        allint_set();
+    }
     // SAFETY: DAIF only affects which exceptions are taken; every handler is installed
     // before interrupts are first unmasked. No `nomem`: a compiler barrier, so nothing
     // the caller did under the mask sinks below the unmask.
-    unsafe { asm!("msr daif, {}", in(reg) daif & DAIF_ALL, options(nostack, preserves_flags)) };
+    unsafe { asm!("msr daif, {}", in(reg) saved & DAIF_ALL, options(nostack, preserves_flags)) };
+    if allint && saved & ALLINT == 0 {
+        allint_clear();
+    }
 }
 
-/// Unmasks D, A, I and F on the calling CPU.
+/// Unmasks D, A, I and F (and ALLINT when FEAT_NMI is in use) on the calling CPU.
 #[inline(always)]
 pub fn unmask_all() {
     // SAFETY: as for `restore`; the ISB makes pending interrupts taken right here.
-    unsafe {
-        asm!(
-            "msr daifclr, #0xf",
-            "isb",
-            options(nostack, preserves_flags)
-        )
-    };
+    unsafe { asm!("msr daifclr, #0xf", options(nostack, preserves_flags)) };
+    if super::irq::feat_nmi_in_use() {
+        allint_clear();
+    }
+    isb();
 }
 
-/// Whether D, A, I and F are all masked on the calling CPU.
+/// Whether nothing can be taken on the calling CPU: D, A, I and F all masked, and
+/// ALLINT set when FEAT_NMI is in use (it is what masks NMIs then).
 #[inline(always)]
 pub fn all_masked() -> bool {
-    daif() & DAIF_ALL == DAIF_ALL
+    daif() & DAIF_ALL == DAIF_ALL && (!super::irq::feat_nmi_in_use() || allint() != 0)
 }
 
 /// The logical index of the calling CPU (TPIDR_EL1, set by the boot code).

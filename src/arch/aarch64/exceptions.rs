@@ -1,7 +1,10 @@
 //! Exception handling: the Rust side of `boot/aarch64/vectors.S`.
 //!
 //! - IRQ from the current EL on SP_EL1 (the only asynchronous exception the kernel
-//!   expects) goes to [`super::gic`]'s dispatcher, then the CPU resumes.
+//!   expects) goes to `irq::handle_irq_exception`, then the CPU resumes. It may
+//!   nest (an NMI inside a normal handler, or inside the stop IPI's rendezvous).
+//! - The vectors save ICC_PMR_EL1 in the frame on entry and write it back on return
+//!   (see [`TrapFrame::pmr`]).
 //! - A synchronous exception is first offered to the internal semihosting probe and to
 //!   the registrable BRK hook ([`set_brk_handler`]); if the hook returns true the CPU
 //!   resumes with the frame as the hook left it (it must have advanced ELR).
@@ -10,7 +13,7 @@
 //!   handler) prints an `UNEXPECTED EXCEPTION` report (kind, ESR decoded, ELR, FAR,
 //!   SPSR, SP, CPU, registers) and ends the run with a failure status.
 
-use super::{console, cpu, exit, gic};
+use super::{console, cpu, exit, irq};
 use crate::MAX_CPUS;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +47,12 @@ pub struct TrapFrame {
     pub depth: u64,
     /// Non-zero if the entry found SP unusable and switched to the exception stack.
     pub emergency: u64,
+    /// ICC_PMR_EL1 at the exception, written back on return so that no handler can
+    /// leave the priority mask changed (`u64::MAX`: not saved, the CPU's GIC interface
+    /// was not up yet; see [`super::irq`]).
+    pub pmr: u64,
+    /// Keeps `q` 16-byte aligned.
+    pub reserved: u64,
     /// q0-q31 (restored).
     pub q: [u128; 32],
 }
@@ -63,6 +72,9 @@ const _: () =
 const _: () =
     assert!(core::mem::offset_of!(TrapFrame, fpsr) == core::mem::offset_of!(TrapFrame, fpcr) + 8);
 const _: () = assert!(core::mem::offset_of!(TrapFrame, q) % 16 == 0);
+const _: () = assert!(
+    core::mem::offset_of!(TrapFrame, pmr) == core::mem::offset_of!(TrapFrame, emergency) + 8
+);
 
 /// Deepest nesting the Rust handler is trusted with (the vectors exit directly beyond).
 pub const MAX_DEPTH: u64 = 4;
@@ -214,7 +226,13 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
         fatal(frame, "exception with an unusable stack (stack overflow?)");
     }
     match frame.kind {
-        kind::IRQ_SPX if frame.depth == 1 => gic::handle_irq(),
+        // At depth > 1 only an NMI-class interrupt may have been taken (inside a handler
+        // that let NMIs in); the IRQ path reports anything else.
+        kind::IRQ_SPX => {
+            if let Err(why) = irq::handle_irq_exception(frame) {
+                fatal(frame, why);
+            }
+        }
         kind::SYNC_SPX => {
             if !handle_sync(frame) {
                 let why = if frame.depth > 1 {
@@ -256,7 +274,7 @@ fn fatal(frame: &TrapFrame, why: &str) -> ! {
     let cpu = cpu::current_cpu();
     console::write_forced(format_args!(
         "\nUNEXPECTED EXCEPTION on cpu {cpu}: {why}\n  vector: {} (depth {}{})\n  ESR_EL1 {}\n  \
-         ELR_EL1 {:#018x}  FAR_EL1 {:#018x}\n  SPSR_EL1 {:#010x}  SP {:#018x}\n",
+         ELR_EL1 {:#018x}  FAR_EL1 {:#018x}\n  SPSR_EL1 {:#010x}  SP {:#018x}  PMR {:#x}\n",
         kind_name(frame.kind),
         frame.depth,
         if frame.emergency != 0 {
@@ -269,6 +287,7 @@ fn fatal(frame: &TrapFrame, why: &str) -> ! {
         frame.far,
         frame.spsr,
         frame.sp,
+        frame.pmr,
     ));
     for row in 0..8 {
         let mut line = [0u8; 96];

@@ -10,9 +10,13 @@
 //! CPU might hold with interrupts masked.
 //!
 //! Priorities are multiples of 8 (QEMU implements 5 priority bits). All SGIs are
-//! Group 1 Non-secure and enabled on every CPU; [`STOP_SGI`] has a higher priority
-//! ([`STOP_SGI_PRIORITY`]) than the rest ([`DEFAULT_PRIORITY`]); the priority mask
-//! ([`PMR_NORMAL`]) admits both.
+//! Group 1 Non-secure and enabled on every CPU, at [`DEFAULT_PRIORITY`] except two:
+//! the NMI SGI ([`super::nmi::NMI_SGI`]) and the stop IPI ([`STOP_SGI`]). With NMIs (see
+//! [`super::irq`]) both are NMI-class: priority [`super::irq::PRIO_NMI`], below the
+//! "IRQs off" mask [`super::irq::PMR_IRQOFF`], and with FEAT_NMI also the GIC NMI
+//! property (GICR_INMIR0), i.e. superpriority. Without NMIs the NMI SGI is never sent
+//! and the stop IPI is a normal interrupt at [`STOP_SGI_PRIORITY`]. The priority mask
+//! runs at [`PMR_NORMAL`] ("IRQs on"), which admits everything.
 //!
 //! Memory ordering of an SGI: the sender executes `DSB ISHST` before writing
 //! ICC_SGI1R_EL1, so its earlier stores are visible before the SGI can be taken; the
@@ -35,14 +39,25 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub const STOP_SGI: u32 = 1;
 /// SGIs reserved for tests (no meaning to the kernel itself).
 pub const TEST_SGIS: [u32; 4] = [2, 3, 4, 5];
-/// Priority of [`STOP_SGI`].
-pub const STOP_SGI_PRIORITY: u8 = 0x40;
+/// Priority of [`STOP_SGI`] when there are no NMIs (`pseudo_nmi=off`); with NMIs it is
+/// [`super::irq::PRIO_NMI`]. Above (numerically below) [`DEFAULT_PRIORITY`], and at or
+/// above the "IRQs off" mask, so it stays a normal interrupt.
+pub const STOP_SGI_PRIORITY: u8 = 0x80;
 /// Priority of every other SGI.
 pub const DEFAULT_PRIORITY: u8 = 0xa0;
-/// The priority mask every CPU runs with: admits all of the above.
-pub const PMR_NORMAL: u8 = 0xf0;
+/// The priority mask of "IRQs on" ([`super::irq::PMR_IRQON`]): admits all of the above.
+pub const PMR_NORMAL: u8 = super::irq::PMR_IRQON;
 /// The INTID the CPU interface returns when nothing is pending.
 pub const SPURIOUS: u32 = 1023;
+/// The INTID ICC_IAR1_EL1 returns when the highest-priority pending interrupt is an NMI
+/// (superpriority, SCTLR_EL1.NMI set): acknowledge it with ICC_NMIAR1_EL1 instead.
+pub const INTID_NMI: u32 = 1022;
+/// The first special INTID (1020-1023).
+pub const INTID_SPECIAL_FIRST: u32 = 1020;
+/// GICR_INMIR0: the NMI property of SGIs and PPIs (offset in the SGI_base frame).
+const GICR_INMIR0: usize = 0x0f80;
+/// GICD_TYPER.
+const GICD_TYPER: usize = 0x0004;
 
 /// Number of SGIs.
 pub const SGI_COUNT: usize = 16;
@@ -170,12 +185,39 @@ pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
     gic.distributor().configure_default_settings();
     gic.gicd_barrier();
     GIC.call_once(|| spin::Mutex::new(gic));
+    // SAFETY: GICD_TYPER of the distributor the caller vouched for; a read-only
+    // register, no side effect.
+    let typer = unsafe { core::ptr::read_volatile((info.gicd.base + GICD_TYPER) as *const u32) };
+    super::irq::select_mode(info, typer);
     init_cpu(0)
 }
 
+/// The priority of SGI `sgi` in the mode chosen at boot.
+fn sgi_priority(sgi: u32) -> u8 {
+    let nmis = super::irq::pseudo_nmi_enabled();
+    if nmis && (sgi == STOP_SGI || sgi == super::nmi::NMI_SGI) {
+        super::irq::PRIO_NMI
+    } else if sgi == STOP_SGI {
+        STOP_SGI_PRIORITY
+    } else {
+        DEFAULT_PRIORITY
+    }
+}
+
+/// The GICR_INMIR0 value of the mode chosen at boot: the NMI SGIs are superpriority
+/// interrupts with FEAT_NMI, nothing otherwise.
+fn inmir0() -> u32 {
+    if super::irq::feat_nmi_in_use() {
+        1 << STOP_SGI | 1 << super::nmi::NMI_SGI
+    } else {
+        0
+    }
+}
+
 /// Sets up the calling CPU's redistributor and CPU interface: wakes the redistributor,
-/// makes every SGI Group 1 NS, enabled, at its priority, sets the priority mask to
-/// [`PMR_NORMAL`] and enables Group 1 interrupts. Interrupts stay masked in DAIF.
+/// makes every SGI Group 1 NS at its priority (and NMI property), enables them, sets the
+/// priority mask to [`PMR_NORMAL`] and enables Group 1 interrupts. Interrupts stay
+/// masked in DAIF.
 pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
     let rd = RD_INDEX[cpu].load(Ordering::Relaxed);
     let gic = GIC.get().expect("gic::init ran");
@@ -186,19 +228,24 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
         redist.configure_default_settings();
         for sgi in 0..SGI_COUNT as u32 {
             let id = IntId::sgi(sgi);
-            let prio = if sgi == STOP_SGI {
-                STOP_SGI_PRIORITY
-            } else {
-                DEFAULT_PRIORITY
-            };
             redist
                 .set_group(id, Group::Group1NS)
                 .map_err(GicInitError::Driver)?;
             redist
-                .set_interrupt_priority(id, prio)
+                .set_interrupt_priority(id, sgi_priority(sgi))
                 .map_err(GicInitError::Driver)?;
+        }
+        // The NMI property is set while the SGIs are still disabled (arm-gic's
+        // `configure_default_settings` disabled them; Linux, too, refuses to change the
+        // NMI property of an enabled interrupt).
+        let sgi_frame = RD_BASE[cpu].load(Ordering::Relaxed) + 0x1_0000;
+        // SAFETY: GICR_INMIR0 of this CPU's redistributor (found in `init`), mapped as
+        // device memory; RES0 (writes ignored) on a GIC without the NMI extension, and
+        // written non-zero only if GICD_TYPER.NMI said the GIC has it.
+        unsafe { core::ptr::write_volatile((sgi_frame + GICR_INMIR0) as *mut u32, inmir0()) };
+        for sgi in 0..SGI_COUNT as u32 {
             redist
-                .enable_interrupt(id, true)
+                .enable_interrupt(IntId::sgi(sgi), true)
                 .map_err(GicInitError::Driver)?;
         }
         redist.wait_for_pending_write();
@@ -217,7 +264,20 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
             options(nostack, preserves_flags),
         )
     };
+    // ICC_CTLR_EL1 as arm-gic left it (PMHE may be forced by EL3).
+    super::irq::note_cpu_interface(cpu, icc_read!("S3_0_C12_C12_4"));
     Ok(())
+}
+
+/// GICR_INMIR0 of `cpu`'s redistributor: bit n set = SGI/PPI n has the NMI property.
+pub fn nmi_property(cpu: usize) -> u32 {
+    let base = RD_BASE.get(cpu).map_or(0, |b| b.load(Ordering::Relaxed));
+    if base == 0 {
+        return 0;
+    }
+    // SAFETY: GICR_INMIR0 of a redistributor found in `init`, mapped as device memory;
+    // reading it has no side effect.
+    unsafe { core::ptr::read_volatile((base + 0x1_0000 + GICR_INMIR0) as *const u32) }
 }
 
 /// Registers `handler(cpu)` for SGI `sgi` (replacing any earlier one). It runs in IRQ
@@ -247,7 +307,7 @@ pub fn send_sgi(sgi: u32, targets: CpuSet) {
         return;
     }
     // SAFETY: barrier only: our earlier stores are visible before any target can take
-    // the SGI (pairs with the DSB after the acknowledge in `handle_irq`).
+    // the SGI (pairs with the DSB after the acknowledge in `read_iar1`).
     unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
     while pending != 0 {
         let first = pending.trailing_zeros() as usize;
@@ -310,13 +370,13 @@ pub fn priority_mask() -> u8 {
 }
 
 /// Sets the calling CPU's priority mask (ICC_PMR_EL1): only interrupts of numerically
-/// lower priority are signalled. Followed by an ISB.
+/// lower priority are signalled. Followed by `DSB SY` if ICC_CTLR_EL1.PMHE asks for it
+/// (see [`super::irq`]) and an ISB, so newly admitted interrupts are taken right here.
+/// Prefer [`super::irq::local_irq_save`] and friends; an exception return puts back the
+/// PMR the exception interrupted.
 pub fn set_priority_mask(pmr: u8) {
-    // SAFETY: changes which interrupts this CPU is signalled. Not `nomem`: a compiler
-    // barrier like a DAIF change.
-    unsafe {
-        asm!("msr S3_0_C4_C6_0, {}", "isb", in(reg) pmr as u64, options(nostack, preserves_flags))
-    };
+    super::irq::pmr_write(pmr);
+    cpu::isb();
 }
 
 /// The calling CPU's running priority (ICC_RPR_EL1; 0xff when idle).
@@ -324,48 +384,80 @@ pub fn running_priority() -> u8 {
     icc_read!("S3_0_C12_C11_3") as u8
 }
 
-/// The IRQ handler (called from the IRQ exception vector with everything masked):
-/// acknowledges, dispatches and ends interrupts until none is pending.
-#[unsafe(link_section = ".text.nopatch")]
-pub(crate) fn handle_irq() {
-    let cpu = cpu::current_cpu();
-    loop {
-        let iar: u64;
-        // SAFETY: acknowledges the highest-priority pending Group 1 interrupt. The DSB
-        // orders the handler's memory accesses after the acknowledge (see module docs).
-        unsafe {
-            asm!(
-                "mrs {}, S3_0_C12_C12_0", // ICC_IAR1_EL1
-                "dsb sy",
-                out(reg) iar,
-                options(nostack, preserves_flags),
-            )
-        };
-        let intid = (iar & 0xff_ffff) as u32;
-        if intid >= 1020 {
-            // 1023: nothing (left) to do; 1020-1022 cannot be returned by IAR1 at EL1.
-            break;
-        }
-        dispatch(cpu, intid);
-        // SAFETY: ends (priority drop + deactivate, EOImode 0) the interrupt we
-        // acknowledged.
-        unsafe {
-            asm!(
-                "msr S3_0_C12_C12_1, {}", // ICC_EOIR1_EL1
-                "isb",
-                in(reg) iar,
-                options(nostack, preserves_flags),
-            )
-        };
+/// The running priority, for the IRQ path (inlined: it runs in `.text.nopatch`).
+#[inline(always)]
+pub(crate) fn running_priority_now() -> u8 {
+    icc_read!("S3_0_C12_C11_3") as u8
+}
+
+/// The INTID field of an acknowledge value.
+#[inline(always)]
+pub(crate) fn intid(iar: u64) -> u32 {
+    (iar & 0xff_ffff) as u32
+}
+
+/// Acknowledges the highest-priority pending Group 1 interrupt (ICC_IAR1_EL1); returns
+/// [`INTID_NMI`] instead if that is a superpriority interrupt (FEAT_NMI).
+#[inline(always)]
+pub(crate) fn read_iar1() -> u64 {
+    let iar: u64;
+    // SAFETY: acknowledges an interrupt (the caller ends it with `eoi`). The DSB orders
+    // the handler's memory accesses after the acknowledge (see module docs).
+    unsafe {
+        asm!(
+            "mrs {}, S3_0_C12_C12_0", // ICC_IAR1_EL1
+            "dsb sy",
+            out(reg) iar,
+            options(nostack, preserves_flags),
+        )
+    };
+    iar
+}
+
+/// Acknowledges the highest-priority pending NMI (ICC_NMIAR1_EL1, FEAT_NMI + GICv3.3).
+#[inline(always)]
+pub(crate) fn read_nmiar1() -> u64 {
+    let iar: u64;
+    // SAFETY: as for `read_iar1`; only called after IAR1 returned INTID_NMI, so the CPU
+    // has FEAT_NMI and the GIC the NMI extension.
+    unsafe {
+        asm!(
+            "mrs {}, S3_0_C12_C9_5", // ICC_NMIAR1_EL1
+            "dsb sy",
+            out(reg) iar,
+            options(nostack, preserves_flags),
+        )
+    };
+    iar
+}
+
+/// Ends (priority drop + deactivate, EOImode 0) an acknowledged interrupt.
+#[inline(always)]
+pub(crate) fn eoi(iar: u64) {
+    // SAFETY: ends the interrupt the caller acknowledged (acknowledges and EOIs nest).
+    unsafe {
+        asm!(
+            "msr S3_0_C12_C12_1, {}", // ICC_EOIR1_EL1
+            "isb",
+            in(reg) iar,
+            options(nostack, preserves_flags),
+        )
+    };
+}
+
+/// Counts an SGI taken by `cpu`.
+#[inline(always)]
+pub(crate) fn count_interrupt(cpu: usize, intid: u32) {
+    if let Some(count) = SGI_COUNTS.get(cpu).and_then(|c| c.get(intid as usize)) {
+        count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
+/// Counts and runs the registered handler of SGI `intid`, or reports it as unexpected.
 #[unsafe(link_section = ".text.nopatch")]
-fn dispatch(cpu: usize, intid: u32) {
+pub(crate) fn dispatch(cpu: usize, intid: u32) {
     if (intid as usize) < SGI_COUNT {
-        if let Some(count) = SGI_COUNTS.get(cpu) {
-            count[intid as usize].fetch_add(1, Ordering::Relaxed);
-        }
+        count_interrupt(cpu, intid);
         // Acquire pairs with the Release in `set_sgi_handler`.
         let handler = HANDLERS[intid as usize].load(Ordering::Acquire);
         if handler != 0 {

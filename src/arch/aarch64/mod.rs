@@ -9,7 +9,9 @@
 //! | [`mmu`]         | identity map, W^X, the text-patching alias ([`mmu::poke_text`]) |
 //! | [`cache`]       | instruction/data cache maintenance                           |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
-//! | [`gic`]         | GICv3 set-up, SGIs, IRQ dispatch                             |
+//! | [`gic`]         | GICv3 set-up, SGIs, acknowledge/EOI, SGI dispatch            |
+//! | [`irq`]         | IRQs off/on, the NMI mode (pseudo-NMI, FEAT_NMI), IRQ entry  |
+//! | [`nmi`]         | NMI IPIs, NMI handlers, per-CPU NMI state                    |
 //! | [`smp`]         | secondary bring-up (PSCI), online CPUs                       |
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
@@ -29,8 +31,10 @@ pub mod dtb;
 pub mod exceptions;
 pub mod exit;
 pub mod gic;
+pub mod irq;
 pub mod layout;
 pub mod mmu;
+pub mod nmi;
 pub mod psci;
 pub mod selftest;
 pub mod smp;
@@ -38,27 +42,35 @@ pub mod timer;
 
 pub use dtb::{BootInfo, boot_info};
 
-use crate::CpuSet;
 use crate::stop::{Arch, StopMachine};
+use crate::{CpuSet, MAX_CPUS};
+use core::sync::atomic::{AtomicU8, Ordering};
 
 /// The AArch64 implementation of [`Arch`]: a handle to "this machine".
 ///
-/// Masking covers D, A, I and F (`MSR DAIFSet, #0xf`), so a masked CPU takes no
-/// asynchronous exception: IRQ, FIQ, SError and debug exceptions all wait. (This kernel
-/// uses no pseudo-NMI and no SDEI.) Waiting uses `WFE`, woken by [`Arch::wake_waiters`]
-/// (`SEV`) or at the latest by the timer event stream (~100 us), so a wait never
-/// depends on an event arriving.
+/// [`Arch::mask_all`] masks D, A, I and F (`MSR DAIFSet, #0xf`) and, with FEAT_NMI in
+/// use, PSTATE.ALLINT, so a masked CPU takes no asynchronous exception at all: IRQ,
+/// FIQ, NMIs (pseudo or superpriority), SError and debug exceptions all wait (this
+/// kernel has no SDEI). [`Arch::mask_irqs`] masks normal interrupts only and lets NMIs
+/// in: with `pseudo_nmi=on` it lowers ICC_PMR_EL1 to [`irq::PMR_IRQOFF`] and clears
+/// PSTATE.I (and ALLINT) if set; with `pseudo_nmi=off` it sets PSTATE.I. The saved state
+/// is DAIF, ALLINT and the PMR ([`irq::MaskState`]). Waiting uses `WFE`, woken by
+/// [`Arch::wake_waiters`] (`SEV`) or at the latest by the timer event stream (~100 us),
+/// so a wait never depends on an event arriving.
+///
+/// With NMIs, the stop IPI is NMI-class ([`gic`]): it reaches a CPU that spins with
+/// IRQs masked by the PMR (not one that used [`Arch::mask_all`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Aarch64;
 
 // SAFETY: see each method. `cpu_id` is TPIDR_EL1, written once per CPU by the boot code
 // with its logical index (< MAX_CPUS), which is unique, stable and in `online_cpus` for
-// any CPU that runs kernel code after bring-up; `mask_all` masks D, A, I and F until
-// `restore`; `send_stop_ipi` sends STOP_SGI, whose handler (registered before any CPU
-// unmasks IRQs) calls `STOP.handle_stop_ipi()`, and every online CPU has it enabled;
-// `sync_context` is an ISB.
+// any CPU that runs kernel code after bring-up; `mask_all` masks D, A, I, F (and ALLINT
+// with FEAT_NMI) until `restore`; `send_stop_ipi` sends STOP_SGI, whose handler
+// (registered before any CPU unmasks IRQs) calls `STOP.handle_stop_ipi()`, and every
+// online CPU has it enabled; `sync_context` is an ISB.
 unsafe impl Arch for Aarch64 {
-    type MaskState = u64;
+    type MaskState = irq::MaskState;
 
     #[inline(always)]
     fn cpu_id(&self) -> usize {
@@ -71,18 +83,23 @@ unsafe impl Arch for Aarch64 {
     }
 
     #[inline(always)]
-    fn mask_all(&self) -> u64 {
-        cpu::mask_all()
+    fn mask_all(&self) -> irq::MaskState {
+        irq::mask_all()
     }
 
     #[inline(always)]
-    fn restore(&self, saved: u64) {
-        cpu::restore(saved)
+    fn mask_irqs(&self) -> irq::MaskState {
+        irq::mask_irqs()
+    }
+
+    #[inline(always)]
+    fn restore(&self, saved: irq::MaskState) {
+        irq::restore(saved)
     }
 
     #[inline(always)]
     fn all_masked(&self) -> bool {
-        cpu::all_masked()
+        irq::all_masked()
     }
 
     #[inline(always)]
@@ -115,7 +132,59 @@ unsafe impl Arch for Aarch64 {
 pub static STOP: StopMachine<Aarch64> = StopMachine::new(Aarch64);
 
 /// The [`gic::STOP_SGI`] handler.
+///
+/// With NMIs ([`irq::pseudo_nmi_enabled`]) the stop IPI is NMI-class, so it also reaches
+/// a CPU that spins with IRQs PMR-masked. [`irq::handle_irq_exception`] then ends it
+/// (EOI) before calling this, and runs this with IRQs off (PMR = [`irq::PMR_IRQOFF`])
+/// but NMIs on (PSTATE.I and ALLINT clear): a `MaskLevel::IrqsOnly` window still lets
+/// the self-NMI of `stop_machine_nmi` in, and `MaskLevel::All` masks everything in the
+/// core's `Mask` phase. The interrupted PMR, DAIF and ALLINT come back on return (trap
+/// frame and SPSR). A CPU with everything masked ([`Arch::mask_all`]) is not reached;
+/// the core's arrival timeout then names it. Without NMIs it is a normal interrupt and
+/// this runs with PSTATE.I set, as before.
+///
+/// Re-entrancy. Because the stop IPI was ended before this runs and NMIs are open, a
+/// second stop IPI can interrupt this handler. The core would cope with a nested call:
+/// `handle_stop_ipi` joins a call only in its `Prepare` phase and only if this CPU has
+/// not acknowledged it yet, so a stale IPI arriving while this CPU is in the rendezvous
+/// (acknowledged `Prepare`, or any later phase) returns at once; and if one arrived after
+/// this CPU loaded the state but before it acknowledged, the nested handler would take
+/// part in the whole call and the outer one would fail its first acknowledgement (wrong
+/// phase or generation) and leave without masking anything. But each new call's IPI
+/// landing in the last instructions of the previous handler would nest one level deeper,
+/// and trap frames are limited. So a nested stop IPI only records itself, and the outer
+/// handler calls `handle_stop_ipi` again before it leaves (which returns at once if there
+/// is nothing to join): nothing is lost, and the nesting is at most one stop IPI (plus
+/// one NMI). The final check happens with everything masked, and the handler returns
+/// that way (the IRQ path restores the interrupted state), so no IPI slips in between
+/// the check and the return.
 #[unsafe(link_section = ".text.nopatch")]
-fn stop_sgi_handler(_cpu: usize) {
-    STOP.handle_stop_ipi();
+fn stop_sgi_handler(cpu: usize) {
+    const IDLE: u8 = 0;
+    const RUNNING: u8 = 1;
+    const AGAIN: u8 = 2;
+    // Relaxed throughout: only this CPU touches its slot (from nested handlers, which a
+    // CPU sees in program order).
+    let Some(state) = STOP_IPI_STATE.get(cpu) else {
+        return;
+    };
+    if state.load(Ordering::Relaxed) != IDLE {
+        state.store(AGAIN, Ordering::Relaxed);
+        return;
+    }
+    loop {
+        state.store(RUNNING, Ordering::Relaxed);
+        STOP.handle_stop_ipi();
+        let saved = cpu::mask_all();
+        if state.load(Ordering::Relaxed) != AGAIN {
+            state.store(IDLE, Ordering::Relaxed);
+            // Return masked; the IRQ path restores the interrupted state.
+            return;
+        }
+        cpu::restore(saved);
+    }
 }
+
+/// Per CPU: whether [`stop_sgi_handler`] is running, and whether another stop IPI
+/// arrived meanwhile.
+static STOP_IPI_STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];

@@ -18,7 +18,18 @@
 //! | `exit_fail`    | `exit(false)`                                                |
 //!
 //! `platform_offline_cpu=N` (handled in [`super::boot`]) keeps CPU N from coming
-//! online, to exercise the bring-up timeout.
+//! online, to exercise the bring-up timeout. `platform_feat_nmi=off` (handled in
+//! [`super::irq`]) uses GICv3 pseudo-NMIs even on a CPU with FEAT_NMI.
+//!
+//! The interrupt-masking and NMI checks (`nmi_tests`) adapt to the mode chosen at boot
+//! (`pseudo_nmi=on|off`, FEAT_NMI or not): NMIs to one CPU, to all but self and to self
+//! are taken and counted, with `in_nmi()` true and PSTATE.I (and ALLINT) set in the
+//! handler; an NMI reaches a CPU spinning with IRQs masked while a normal SGI stays
+//! pending there; nothing is taken under `mask_all`; PSTATE.I stops a pseudo-NMI but
+//! not a superpriority one, ALLINT stops both; the PMR after an NMI or IRQ (whose
+//! handler changed it) is the interrupted value; the stop IPI reaches a CPU spinning
+//! with IRQs masked (`pseudo_nmi=off`: the call times out naming it); and
+//! `stop_machine_nmi` runs the function in NMI context (off: ETIMEDOUT everywhere).
 
 use super::dtb::BootInfo;
 use super::exceptions::TrapFrame;
@@ -81,6 +92,12 @@ impl Results {
             }
         }
     }
+
+    /// A check that does not apply to this configuration (counted as passed).
+    fn skip(&mut self, name: &str, why: &str) {
+        self.run += 1;
+        kprintln!("# platform_selftest: ok {name} # SKIP {why}");
+    }
 }
 
 fn ensure(cond: bool, why: &'static str) -> Result<(), &'static str> {
@@ -102,6 +119,7 @@ pub fn run(info: &BootInfo) {
     r.check("brk_hook_resumes_with_frame", brk_test());
     r.check("poke_text_via_alias", poke_test());
     r.check("icache_sync_lines", icache_test());
+    nmi_tests::run(&mut r);
     kprintln!(
         "# platform_selftest: {} of {} passed",
         r.run - r.failed,
@@ -145,8 +163,10 @@ fn permissions() -> Result<(), &'static str> {
     ensure(
         nopatch.contains(&(mmu::poke_text as *const () as usize))
             && nopatch.contains(&(cache::sync_icache_range as *const () as usize))
-            && nopatch.contains(&(gic::send_sgi as *const () as usize)),
-        "poke_text/sync_icache_range/send_sgi are not in .text.nopatch",
+            && nopatch.contains(&(gic::send_sgi as *const () as usize))
+            && nopatch.contains(&(super::irq::handle_irq_exception as *const () as usize))
+            && nopatch.contains(&(super::nmi::send_nmi as *const () as usize)),
+        "poke_text/sync_icache_range/send_sgi/IRQ entry/send_nmi are not in .text.nopatch",
     )?;
     let image = layout::image_range();
     let mut addr = image.start;
@@ -390,4 +410,593 @@ fn provoke(mode: &str) {
     }
     kprintln!("# platform_selftest: '{mode}' did NOT fault");
     exit::exit(false);
+}
+
+/// NMI and interrupt-masking checks (`pseudo_nmi=on|off`, FEAT_NMI or not).
+mod nmi_tests {
+    use super::super::irq::{self, NmiMode, PMR_IRQOFF, PMR_IRQON};
+    use super::super::{STOP, cpu, gic, nmi, smp, timer};
+    use super::{Results, SGI_HITS, ensure, sgi_hit};
+    use crate::stop::{Arch, StopError, StopOptions};
+    use crate::{CpuSet, MAX_CPUS};
+    use core::arch::asm;
+    use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+    /// The NMI handler slot the checks use (unregistered afterwards).
+    const SLOT: usize = nmi::NMI_SLOTS - 1;
+    /// The SGI whose handler spins with IRQs masked ([`spin_handler`]).
+    const SPIN_SGI: u32 = gic::TEST_SGIS[2];
+    /// A normal SGI that must stay pending while IRQs are masked.
+    const PROBE_SGI: u32 = gic::TEST_SGIS[3];
+    /// How long a check waits for something that should happen.
+    const WAIT_NS: u64 = 500_000_000;
+    /// How long a check waits to be sure something does not happen.
+    const QUIET_NS: u64 = 20_000_000;
+
+    static NMI_HITS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+    /// CPUs whose NMI handler saw `in_nmi()` false, PSTATE.I clear, or ALLINT clear
+    /// (FEAT_NMI).
+    static BAD_IN_NMI: AtomicU32 = AtomicU32::new(0);
+    static BAD_I: AtomicU32 = AtomicU32::new(0);
+    static BAD_ALLINT: AtomicU32 = AtomicU32::new(0);
+    /// If set, the NMI handler (or the spin handler) writes this PMR value before it
+    /// returns, to check that the exception return puts the interrupted one back.
+    static TAMPER_PMR: AtomicU32 = AtomicU32::new(0);
+
+    fn test_nmi(cpu: usize) -> bool {
+        let bit = 1u32 << cpu;
+        if !nmi::in_nmi() {
+            BAD_IN_NMI.fetch_or(bit, Ordering::Relaxed);
+        }
+        if cpu::daif() & cpu::DAIF_I == 0 {
+            BAD_I.fetch_or(bit, Ordering::Relaxed);
+        }
+        if irq::feat_nmi_in_use() && cpu::allint() == 0 {
+            BAD_ALLINT.fetch_or(bit, Ordering::Relaxed);
+        }
+        let tamper = TAMPER_PMR.load(Ordering::Relaxed);
+        if tamper != 0 {
+            gic::set_priority_mask(tamper as u8);
+        }
+        if let Some(n) = NMI_HITS.get(cpu) {
+            // Release pairs with the waiters' Acquire: the flags above are visible.
+            n.fetch_add(1, Ordering::Release);
+        }
+        true
+    }
+
+    fn hits(cpu: usize) -> u64 {
+        NMI_HITS[cpu].load(Ordering::Acquire)
+    }
+
+    fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
+        let start = timer::now_ns();
+        while !done() {
+            if timer::now_ns() - start > timeout_ns {
+                return done();
+            }
+            core::hint::spin_loop();
+        }
+        true
+    }
+
+    fn handler_flags_ok() -> Result<(), &'static str> {
+        ensure(
+            BAD_IN_NMI.load(Ordering::Relaxed) == 0,
+            "in_nmi() was false inside an NMI handler",
+        )?;
+        ensure(
+            BAD_I.load(Ordering::Relaxed) == 0,
+            "an NMI handler ran with PSTATE.I clear",
+        )?;
+        ensure(
+            BAD_ALLINT.load(Ordering::Relaxed) == 0,
+            "an NMI handler ran with PSTATE.ALLINT clear (FEAT_NMI)",
+        )
+    }
+
+    // --- The spinning CPU: a normal SGI handler that masks IRQs and spins. ---
+
+    static SPIN_CPU: AtomicUsize = AtomicUsize::new(usize::MAX);
+    static SPINNING: AtomicBool = AtomicBool::new(false);
+    static SPIN_RELEASE: AtomicBool = AtomicBool::new(false);
+    /// PMR the spinner read after it saw an NMI come and go (0: none seen).
+    static SPIN_PMR_AFTER_NMI: AtomicU32 = AtomicU32::new(0);
+    /// Whether the spinner saw IRQs masked the whole time.
+    static SPIN_MASKED: AtomicBool = AtomicBool::new(false);
+
+    fn spin_handler(cpu: usize) {
+        if SPIN_CPU.load(Ordering::Relaxed) != cpu {
+            return;
+        }
+        let flags = irq::local_irq_save();
+        let mut masked = irq::irqs_disabled();
+        let before = hits(cpu);
+        SPINNING.store(true, Ordering::Release);
+        let start = timer::now_ns();
+        while !SPIN_RELEASE.load(Ordering::Acquire) && timer::now_ns() - start < 5_000_000_000 {
+            if hits(cpu) != before && SPIN_PMR_AFTER_NMI.load(Ordering::Relaxed) == 0 {
+                SPIN_PMR_AFTER_NMI.store(u32::from(irq::pmr()) | 0x100, Ordering::Relaxed);
+            }
+            masked &= irq::irqs_disabled();
+            core::hint::spin_loop();
+        }
+        SPIN_MASKED.store(masked, Ordering::Relaxed);
+        irq::local_irq_restore(flags);
+        SPINNING.store(false, Ordering::Release);
+    }
+
+    /// Makes `cpu` spin in [`spin_handler`] with IRQs masked; returns once it does.
+    fn start_spinner(cpu: usize) -> Result<(), &'static str> {
+        SPIN_RELEASE.store(false, Ordering::Relaxed);
+        SPIN_PMR_AFTER_NMI.store(0, Ordering::Relaxed);
+        SPIN_CPU.store(cpu, Ordering::Relaxed);
+        gic::set_sgi_handler(SPIN_SGI, spin_handler);
+        gic::send_sgi(SPIN_SGI, CpuSet::single(cpu));
+        ensure(
+            wait_until(WAIT_NS, || SPINNING.load(Ordering::Acquire)),
+            "the other CPU never started spinning",
+        )
+    }
+
+    fn stop_spinner() -> Result<(), &'static str> {
+        SPIN_RELEASE.store(true, Ordering::Release);
+        let stopped = wait_until(6_000_000_000, || !SPINNING.load(Ordering::Acquire));
+        SPIN_CPU.store(usize::MAX, Ordering::Relaxed);
+        ensure(stopped, "the spinning CPU never came back")
+    }
+
+    pub(super) fn run(r: &mut Results) {
+        nmi::register_nmi_handler(SLOT, test_nmi);
+        gic::set_sgi_handler(PROBE_SGI, sgi_hit);
+        r.check("irq_mode_matches_boot_choice", mode_test());
+        r.check("local_irq_save_restore", local_irq_test());
+        let other = smp::online_cpus().without(cpu::current_cpu()).lowest();
+        if irq::pseudo_nmi_enabled() {
+            match other {
+                Some(other) => r.check("nmi_to_one_cpu", nmi_one(other)),
+                None => r.skip("nmi_to_one_cpu", "needs a second CPU"),
+            }
+            r.check("nmi_to_all_but_self", nmi_all_but_self());
+            r.check("nmi_to_self_in_nmi_context", nmi_self());
+            r.check(
+                "nmi_while_irqs_masked_probe_pending",
+                nmi_self_irqs_masked(),
+            );
+            match other {
+                Some(other) => r.check("nmi_reaches_cpu_spinning_irqs_off", nmi_spinner(other)),
+                None => r.skip("nmi_reaches_cpu_spinning_irqs_off", "needs a second CPU"),
+            }
+            r.check("nmi_not_taken_under_mask_all", nmi_mask_all());
+            r.check("nmi_vs_pstate_i_and_allint", nmi_pstate());
+            r.check("pmr_restored_after_nmi_and_irq", pmr_restored());
+        } else {
+            r.check("no_nmis_with_pseudo_nmi_off", nmi_off());
+        }
+        match other {
+            Some(other) => r.check("stop_ipi_vs_cpu_spinning_irqs_off", stop_vs_spinner(other)),
+            None => r.skip("stop_ipi_vs_cpu_spinning_irqs_off", "needs a second CPU"),
+        }
+        #[cfg(feature = "stop-machine-nmi")]
+        r.check("stop_machine_nmi_runs_in_nmi", stop_machine_nmi_test());
+        nmi::unregister_nmi_handler(SLOT);
+        gic::clear_sgi_handler(PROBE_SGI);
+        gic::clear_sgi_handler(SPIN_SGI);
+    }
+
+    fn mode_test() -> Result<(), &'static str> {
+        let info = super::super::boot_info();
+        let off = info.bootarg("pseudo_nmi") == Some("off");
+        ensure(
+            off == (irq::nmi_mode() == NmiMode::None),
+            "the NMI mode does not follow pseudo_nmi=",
+        )?;
+        ensure(!irq::irqs_disabled(), "IRQs are masked in normal code")?;
+        ensure(
+            cpu::daif() & cpu::DAIF_I == 0,
+            "PSTATE.I is set in normal code",
+        )?;
+        if irq::pseudo_nmi_enabled() {
+            ensure(irq::pmr() == PMR_IRQON, "PMR is not the IRQs-on value")?;
+        }
+        let sctlr: u64;
+        // SAFETY: reading SCTLR_EL1 has no side effect.
+        unsafe {
+            asm!("mrs {}, sctlr_el1", out(reg) sctlr, options(nomem, nostack, preserves_flags))
+        };
+        let feat = irq::feat_nmi_in_use();
+        ensure(
+            (sctlr >> 61) & 1 == u64::from(feat) && (sctlr >> 62) & 1 == 0,
+            "SCTLR_EL1.NMI/SPINTMASK do not match the mode",
+        )?;
+        let expected = if feat {
+            1 << gic::STOP_SGI | 1 << nmi::NMI_SGI
+        } else {
+            0
+        };
+        for cpu in smp::online_cpus().iter() {
+            ensure(
+                !feat || gic::nmi_property(cpu) == expected,
+                "GICR_INMIR0 does not mark exactly the NMI SGIs",
+            )?;
+        }
+        if feat {
+            ensure(cpu::allint() == 0, "ALLINT is set in normal code")?;
+        }
+        Ok(())
+    }
+
+    fn local_irq_test() -> Result<(), &'static str> {
+        let flags = irq::local_irq_save();
+        let masked = irq::irqs_disabled();
+        let pmr = irq::pmr();
+        let daif = cpu::daif();
+        let inner = irq::local_irq_save();
+        irq::local_irq_restore(inner);
+        let still = irq::irqs_disabled();
+        irq::local_irq_restore(flags);
+        let after = irq::irqs_disabled();
+        irq::local_irq_disable();
+        let disabled = irq::irqs_disabled();
+        irq::local_irq_enable();
+        let enabled = !irq::irqs_disabled();
+        ensure(masked && still, "local_irq_save did not mask")?;
+        ensure(!after, "local_irq_restore did not unmask")?;
+        ensure(
+            disabled && enabled,
+            "local_irq_disable/enable did not toggle",
+        )?;
+        if irq::pseudo_nmi_enabled() {
+            ensure(
+                pmr == PMR_IRQOFF && daif & cpu::DAIF_I == 0,
+                "pseudo-NMI: IRQs off is not PMR = IRQOFF with PSTATE.I clear",
+            )?;
+            ensure(irq::pmr() == PMR_IRQON, "PMR not back to IRQs on")
+        } else {
+            ensure(
+                daif & cpu::DAIF_I != 0,
+                "pseudo_nmi=off: IRQs off is not PSTATE.I",
+            )
+        }
+    }
+
+    fn nmi_one(other: usize) -> Result<(), &'static str> {
+        let before: [u64; MAX_CPUS] = core::array::from_fn(hits);
+        let taken = nmi::nmis_taken(other);
+        nmi::send_nmi(CpuSet::single(other));
+        ensure(
+            wait_until(WAIT_NS, || hits(other) > before[other]),
+            "the target never ran the NMI handler",
+        )?;
+        ensure(
+            nmi::nmis_taken(other) > taken,
+            "nmis_taken did not count it",
+        )?;
+        ensure(
+            smp::online_cpus()
+                .without(other)
+                .iter()
+                .all(|c| hits(c) == before[c]),
+            "a CPU that was not a target took the NMI",
+        )?;
+        handler_flags_ok()
+    }
+
+    fn nmi_all_but_self() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let others = smp::online_cpus().without(me);
+        let before: [u64; MAX_CPUS] = core::array::from_fn(hits);
+        nmi::send_nmi_all_but_self();
+        ensure(
+            wait_until(WAIT_NS, || others.iter().all(|c| hits(c) > before[c])),
+            "not every other CPU took the NMI",
+        )?;
+        timer::delay_ns(QUIET_NS);
+        ensure(hits(me) == before[me], "the sender took its own NMI")?;
+        handler_flags_ok()
+    }
+
+    fn nmi_self() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let before = hits(me);
+        let taken = nmi::nmis_taken(me);
+        let acks = irq::superpriority_acks();
+        nmi::send_nmi_self();
+        cpu::isb();
+        ensure(
+            wait_until(WAIT_NS, || hits(me) > before),
+            "the NMI to self was not taken",
+        )?;
+        ensure(
+            (irq::superpriority_acks() > acks) == irq::feat_nmi_in_use(),
+            "the NMI was not acknowledged through ICC_NMIAR1_EL1 exactly when FEAT_NMI is in use",
+        )?;
+        ensure(nmi::nmis_taken(me) > taken, "nmis_taken did not count it")?;
+        ensure(!nmi::in_nmi(), "in_nmi() still true after the NMI")?;
+        handler_flags_ok()
+    }
+
+    fn nmi_self_irqs_masked() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let before = hits(me);
+        let probes = SGI_HITS[me].load(Ordering::Relaxed);
+        let flags = irq::local_irq_save();
+        gic::send_sgi(PROBE_SGI, CpuSet::single(me));
+        nmi::send_nmi_self();
+        cpu::isb();
+        let taken = wait_until(WAIT_NS, || hits(me) > before);
+        let pmr_after = irq::pmr();
+        timer::delay_ns(QUIET_NS);
+        let probe_pending = gic::pending_sgi(me, PROBE_SGI);
+        let probe_early = SGI_HITS[me].load(Ordering::Relaxed) != probes;
+        irq::local_irq_restore(flags);
+        cpu::isb();
+        let probe_later = wait_until(WAIT_NS, || SGI_HITS[me].load(Ordering::Relaxed) != probes);
+        ensure(taken, "the NMI was not taken with IRQs masked")?;
+        ensure(
+            pmr_after == PMR_IRQOFF,
+            "PMR after the NMI is not the interrupted IRQs-off value",
+        )?;
+        ensure(
+            !probe_early && probe_pending,
+            "the normal SGI did not stay pending while IRQs were masked",
+        )?;
+        ensure(probe_later, "the normal SGI was not taken after unmasking")?;
+        handler_flags_ok()
+    }
+
+    fn nmi_spinner(other: usize) -> Result<(), &'static str> {
+        let probes = SGI_HITS[other].load(Ordering::Relaxed);
+        start_spinner(other)?;
+        let before = hits(other);
+        nmi::send_nmi(CpuSet::single(other));
+        let taken = wait_until(WAIT_NS, || hits(other) > before);
+        gic::send_sgi(PROBE_SGI, CpuSet::single(other));
+        timer::delay_ns(QUIET_NS);
+        let probe_pending = gic::pending_sgi(other, PROBE_SGI);
+        let probe_early = SGI_HITS[other].load(Ordering::Relaxed) != probes;
+        let seen_pmr = wait_until(WAIT_NS, || SPIN_PMR_AFTER_NMI.load(Ordering::Relaxed) != 0);
+        stop_spinner()?;
+        let probe_later = wait_until(WAIT_NS, || {
+            SGI_HITS[other].load(Ordering::Relaxed) != probes
+        });
+        ensure(taken, "the spinning CPU did not take the NMI")?;
+        ensure(seen_pmr, "the spinner never saw the NMI return")?;
+        ensure(
+            SPIN_PMR_AFTER_NMI.load(Ordering::Relaxed) == 0x100 | u32::from(PMR_IRQOFF),
+            "the spinner's PMR after the NMI is not IRQs-off",
+        )?;
+        ensure(
+            SPIN_MASKED.load(Ordering::Relaxed),
+            "the spinner saw IRQs unmasked",
+        )?;
+        ensure(
+            !probe_early && probe_pending,
+            "a normal SGI did not stay pending at the spinning CPU",
+        )?;
+        ensure(probe_later, "the normal SGI was not taken after the spin")?;
+        handler_flags_ok()
+    }
+
+    fn nmi_mask_all() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let before = hits(me);
+        let saved = STOP.arch().mask_all();
+        let all = STOP.arch().all_masked();
+        nmi::send_nmi_self();
+        cpu::isb();
+        timer::delay_ns(QUIET_NS);
+        let early = hits(me) != before;
+        let pending = gic::pending_sgi(me, nmi::NMI_SGI);
+        STOP.arch().restore(saved);
+        cpu::isb();
+        let later = wait_until(WAIT_NS, || hits(me) > before);
+        ensure(all, "all_masked() is false after mask_all()")?;
+        ensure(!early, "an NMI was taken under mask_all")?;
+        ensure(pending, "the NMI did not show as pending under mask_all")?;
+        ensure(later, "the NMI was not taken after restore")?;
+        ensure(!STOP.arch().all_masked(), "all_masked() after restore")
+    }
+
+    /// PSTATE.I alone: a superpriority NMI (FEAT_NMI) gets through, a pseudo-NMI does
+    /// not. ALLINT alone (FEAT_NMI): the NMI waits.
+    fn nmi_pstate() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let feat = irq::feat_nmi_in_use();
+        let before = hits(me);
+        let daif = cpu::daif();
+        // SAFETY: masks IRQs (PSTATE.I) only; restored below.
+        unsafe { asm!("msr daifset, #2", options(nostack, preserves_flags)) };
+        nmi::send_nmi_self();
+        cpu::isb();
+        let taken_under_i = wait_until(if feat { WAIT_NS } else { QUIET_NS }, || hits(me) > before);
+        cpu::restore(daif);
+        cpu::isb();
+        let taken = wait_until(WAIT_NS, || hits(me) > before);
+        ensure(taken, "the NMI was never taken")?;
+        if feat {
+            ensure(
+                taken_under_i,
+                "FEAT_NMI: a superpriority NMI was not taken with PSTATE.I set",
+            )?;
+            let before = hits(me);
+            cpu::allint_set();
+            nmi::send_nmi_self();
+            cpu::isb();
+            timer::delay_ns(QUIET_NS);
+            let early = hits(me) != before;
+            cpu::allint_clear();
+            cpu::isb();
+            let later = wait_until(WAIT_NS, || hits(me) > before);
+            ensure(!early, "FEAT_NMI: an NMI was taken with ALLINT set")?;
+            ensure(
+                later,
+                "FEAT_NMI: the NMI was not taken after clearing ALLINT",
+            )?;
+        } else {
+            ensure(
+                !taken_under_i,
+                "pseudo-NMI: an NMI was taken with PSTATE.I set",
+            )?;
+        }
+        handler_flags_ok()
+    }
+
+    static TAMPER_HITS: AtomicU32 = AtomicU32::new(0);
+
+    fn tamper_handler(_cpu: usize) {
+        gic::set_priority_mask(0x80);
+        TAMPER_HITS.fetch_add(1, Ordering::Release);
+    }
+
+    fn pmr_restored() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        // An NMI handler that changes PMR, taken with IRQs masked and with IRQs on.
+        TAMPER_PMR.store(0x80, Ordering::Relaxed);
+        let mut result = Ok(());
+        for masked in [true, false] {
+            let before = hits(me);
+            let flags = masked.then(irq::local_irq_save);
+            let expected = irq::pmr();
+            nmi::send_nmi_self();
+            cpu::isb();
+            let taken = wait_until(WAIT_NS, || hits(me) > before);
+            let after = irq::pmr();
+            if let Some(flags) = flags {
+                irq::local_irq_restore(flags);
+            }
+            if !taken {
+                result = Err("the NMI was not taken");
+            } else if after != expected {
+                result =
+                    Err("PMR after an NMI (whose handler changed it) is not the interrupted value");
+            }
+        }
+        TAMPER_PMR.store(0, Ordering::Relaxed);
+        result?;
+        // A normal interrupt handler that changes PMR.
+        gic::set_sgi_handler(SGI_TAMPER, tamper_handler);
+        let before = TAMPER_HITS.load(Ordering::Relaxed);
+        gic::send_sgi(SGI_TAMPER, CpuSet::single(me));
+        cpu::isb();
+        let taken = wait_until(WAIT_NS, || TAMPER_HITS.load(Ordering::Acquire) != before);
+        let after = irq::pmr();
+        gic::clear_sgi_handler(SGI_TAMPER);
+        ensure(taken, "the SGI was not taken")?;
+        ensure(
+            after == PMR_IRQON,
+            "PMR after an IRQ handler that changed it is not the interrupted value",
+        )
+    }
+
+    const SGI_TAMPER: u32 = gic::TEST_SGIS[1];
+
+    fn nmi_off() -> Result<(), &'static str> {
+        let me = cpu::current_cpu();
+        let taken: [u64; MAX_CPUS] = core::array::from_fn(nmi::nmis_taken);
+        nmi::send_nmi_self();
+        nmi::send_nmi_all_but_self();
+        cpu::isb();
+        timer::delay_ns(QUIET_NS);
+        ensure(
+            smp::online_cpus()
+                .iter()
+                .all(|c| nmi::nmis_taken(c) == taken[c] && !gic::pending_sgi(c, nmi::NMI_SGI)),
+            "pseudo_nmi=off, yet an NMI was sent or taken",
+        )?;
+        ensure(!nmi::nmis_available(), "NMIs claimed available")?;
+        ensure(hits(me) == 0, "the NMI handler ran")
+    }
+
+    /// With NMIs, the stop IPI reaches a CPU spinning with IRQs masked; without, the
+    /// call times out naming it.
+    fn stop_vs_spinner(other: usize) -> Result<(), &'static str> {
+        let online = smp::online_cpus();
+        start_spinner(other)?;
+        let ran = AtomicU32::new(0);
+        let result = STOP.stop_machine(
+            &|cpu| {
+                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            online,
+            StopOptions {
+                arrival_timeout_ns: 250_000_000,
+                ..StopOptions::DEFAULT
+            },
+        );
+        let still_spinning = SPINNING.load(Ordering::Acquire);
+        stop_spinner()?;
+        ensure(
+            still_spinning,
+            "the spinner stopped spinning during the call",
+        )?;
+        if irq::pseudo_nmi_enabled() {
+            ensure(
+                result.is_ok(),
+                "stop_machine failed with a CPU spinning IRQs-off",
+            )?;
+            ensure(
+                ran.load(Ordering::Relaxed) == online.bits(),
+                "the function did not run on every CPU",
+            )
+        } else {
+            match result {
+                Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(other) => {
+                    ensure(
+                        ran.load(Ordering::Relaxed) == 0,
+                        "the function ran despite the timeout",
+                    )
+                }
+                _ => Err("pseudo_nmi=off: expected a timeout naming the spinning CPU"),
+            }
+        }
+    }
+
+    #[cfg(feature = "stop-machine-nmi")]
+    static IN_NMI_RUNS: AtomicU32 = AtomicU32::new(0);
+    #[cfg(feature = "stop-machine-nmi")]
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    #[cfg(feature = "stop-machine-nmi")]
+    fn stop_machine_nmi_test() -> Result<(), &'static str> {
+        use crate::stop::{ETIMEDOUT, NmiSafe};
+        let online = smp::online_cpus();
+        IN_NMI_RUNS.store(0, Ordering::Relaxed);
+        RUNS.store(0, Ordering::Relaxed);
+        let f = |cpu: usize| {
+            RUNS.fetch_or(1 << cpu, Ordering::Relaxed);
+            if nmi::in_nmi() {
+                IN_NMI_RUNS.fetch_or(1 << cpu, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        // SAFETY: the function only does relaxed atomic RMWs on statics: no lock, no
+        // printing, no allocation, no exception.
+        let function = unsafe { NmiSafe::new(&f) };
+        let result = STOP.stop_machine_nmi(function, online, StopOptions::DEFAULT);
+        if irq::pseudo_nmi_enabled() {
+            ensure(result.is_ok(), "stop_machine_nmi failed")?;
+            ensure(
+                STOP.nmi_delivered() == online,
+                "the self-NMI did not run on every CPU",
+            )?;
+            ensure(
+                IN_NMI_RUNS.load(Ordering::Relaxed) == online.bits(),
+                "the function did not run in NMI context everywhere",
+            )
+        } else {
+            match result {
+                Err(StopError::Failed(f))
+                    if f.cpus() == online && f.iter().all(|(_, code)| code == ETIMEDOUT) =>
+                {
+                    ensure(
+                        RUNS.load(Ordering::Relaxed) == 0,
+                        "the function ran although no NMI exists",
+                    )
+                }
+                _ => Err("pseudo_nmi=off: expected ETIMEDOUT on every CPU"),
+            }
+        }
+    }
 }

@@ -97,6 +97,8 @@ macro_rules! check {
     ($cond:expr, $($arg:tt)*) => { if !$cond { fail!($($arg)*) } };
 }
 
+mod nmi;
+
 /// A self-test: its KTAP name and body.
 pub struct Test {
     /// The name printed in KTAP and accepted by `tests=`.
@@ -142,6 +144,26 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "torture",
         run: torture,
+    },
+    Test {
+        name: "nmi_mechanism",
+        run: nmi::nmi_mechanism,
+    },
+    Test {
+        name: "nmi_ipi",
+        run: nmi::nmi_ipi,
+    },
+    Test {
+        name: "nmi_reaches_irqs_off",
+        run: nmi::nmi_reaches_irqs_off,
+    },
+    Test {
+        name: "stop_machine_nmi",
+        run: nmi::stop_machine_nmi,
+    },
+    Test {
+        name: "nmi_safe_patching",
+        run: nmi::nmi_safe_patching,
     },
 ];
 

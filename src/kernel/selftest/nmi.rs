@@ -1,0 +1,395 @@
+//! Self-tests of the NMI paths: NMI IPIs, reaching CPUs with IRQs off, stop functions
+//! run from NMI context (seed 000), and patching that stays safe when NMI handlers run
+//! the code being patched (seed 003).
+
+use super::{
+    Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, TORTURE_A, TORTURE_B, Verdict, allowed, others,
+    torture_batch, torture_caller,
+};
+use crate::CpuSet;
+use crate::arch::aarch64::{STOP, irq, nmi, smp, timer};
+use crate::kernel::smp::run_on;
+use crate::kernel::text::{KERNEL_TEXT, set_write_probe};
+use crate::patch::{Patch, Text, patch_machine};
+use crate::stop::{MaskLevel, NmiSafe, StopError, StopOptions};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+unsafe extern "C" {
+    fn pm_torture_a() -> u64;
+    fn pm_torture_b() -> u64;
+}
+
+/// The NMI handler slot the tests use (slot 0 belongs to the stop machine).
+const TEST_SLOT: usize = 1;
+
+/// Per-CPU count of test NMIs handled, and whether any ran outside NMI context.
+static HITS: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+static NOT_IN_NMI: AtomicU32 = AtomicU32::new(0);
+
+fn count_hit(cpu: usize) -> bool {
+    if !nmi::in_nmi() {
+        NOT_IN_NMI.fetch_or(1 << cpu, Ordering::Relaxed);
+    }
+    HITS[cpu].fetch_add(1, Ordering::Release);
+    true
+}
+
+fn hits() -> [u32; crate::MAX_CPUS] {
+    core::array::from_fn(|cpu| HITS[cpu].load(Ordering::Acquire))
+}
+
+/// Waits (bounded) until every CPU in `cpus` has handled one more test NMI than in
+/// `before`; returns the ones that did not.
+fn wait_hits(cpus: CpuSet, before: &[u32; crate::MAX_CPUS]) -> CpuSet {
+    let start = timer::now_ns();
+    loop {
+        let missing = cpus
+            .iter()
+            .filter(|&cpu| HITS[cpu].load(Ordering::Acquire) <= before[cpu])
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
+            return missing;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+fn no_nmis() -> Option<Verdict> {
+    (!irq::pseudo_nmi_enabled() && !irq::feat_nmi_in_use())
+        .then(|| Verdict::Skip(msg!("pseudo_nmi=off: this kernel has no NMIs")))
+}
+
+/// Which NMI mechanism the boot chose, and that it is the one the bootargs and the CPU
+/// call for.
+pub fn nmi_mechanism(_: &Params) -> Verdict {
+    let pseudo = irq::pseudo_nmi_enabled();
+    let feat = irq::feat_nmi_in_use();
+    check!(!feat || pseudo, "FEAT_NMI in use with pseudo_nmi=off");
+    Verdict::Pass(msg!(
+        "{}",
+        match (pseudo, feat) {
+            (true, true) => "FEAT_NMI superpriority SGIs, PSTATE.ALLINT in the patch window",
+            (true, false) => "GICv3 pseudo-NMI: IRQs off = ICC_PMR_EL1, NMIs = priority 0x20",
+            _ => "pseudo_nmi=off: IRQs off = DAIF.I, no NMIs",
+        }
+    ))
+}
+
+/// NMI IPIs to one CPU, to all but self and to self, each taken in NMI context.
+pub fn nmi_ipi(_: &Params) -> Verdict {
+    if let Some(skip) = no_nmis() {
+        return skip;
+    }
+    nmi::register_nmi_handler(TEST_SLOT, count_hit);
+    NOT_IN_NMI.store(0, Ordering::Relaxed);
+    let me = smp::current_cpu();
+    let online = smp::online_cpus();
+    let one = others().lowest().map_or(CpuSet::EMPTY, CpuSet::single);
+    for (what, targets, send) in [
+        ("one", one, (|t| nmi::send_nmi(t)) as fn(CpuSet)),
+        ("all but self", online.without(me), |_| {
+            nmi::send_nmi_all_but_self()
+        }),
+        ("self", CpuSet::single(me), |_| nmi::send_nmi_self()),
+    ] {
+        let before = hits();
+        send(targets);
+        let missing = wait_hits(targets, &before);
+        check!(missing.is_empty(), "NMI to {what} never reached {missing}");
+    }
+    let outside = CpuSet::from_bits(NOT_IN_NMI.load(Ordering::Relaxed));
+    check!(
+        outside.is_empty(),
+        "handlers ran outside NMI context on {outside}"
+    );
+    Verdict::Pass(msg!("one, all-but-self and self delivered"))
+}
+
+struct IrqsOff {
+    holding: AtomicBool,
+    release: AtomicBool,
+    irqs_stayed_off: AtomicBool,
+}
+
+fn spin_with_irqs_off(_cpu: usize, hold: &IrqsOff) {
+    let flags = irq::local_irq_save();
+    hold.holding.store(true, Ordering::Release);
+    let start = timer::now_ns();
+    while !hold.release.load(Ordering::Acquire) && timer::now_ns() - start < 10_000_000_000 {
+        core::hint::spin_loop();
+    }
+    // Still masked: whatever reached this CPU meanwhile got through an IRQ mask.
+    hold.irqs_stayed_off
+        .store(irq::irqs_disabled(), Ordering::Relaxed);
+    irq::local_irq_restore(flags);
+}
+
+/// A stop request reaches a CPU that spins with IRQs off (an NMI gets there); without
+/// NMIs the same request times out naming the CPU.
+pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    let Some(held) = others().iter().last() else {
+        return Verdict::Skip(msg!("needs a second CPU"));
+    };
+    let hold = IrqsOff {
+        holding: AtomicBool::new(false),
+        release: AtomicBool::new(false),
+        irqs_stayed_off: AtomicBool::new(false),
+    };
+    // SAFETY: `hold` outlives the job: we wait for it below.
+    let job = unsafe { run_on(CpuSet::single(held), spin_with_irqs_off, &hold) };
+    while !hold.holding.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    let ran = AtomicU32::new(0);
+    let result = STOP.stop_machine(
+        &|cpu| {
+            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            Ok(())
+        },
+        online,
+        StopOptions {
+            arrival_timeout_ns: super::HOLD_TIMEOUT_NS,
+            ..OPTIONS
+        },
+    );
+    hold.release.store(true, Ordering::Release);
+    if let Err(pending) = job.wait(JOB_TIMEOUT_NS) {
+        fail!("cpu{held} never released: {pending}");
+    }
+    if irq::pseudo_nmi_enabled() {
+        check!(
+            result.is_ok(),
+            "cpu{held} spun with IRQs off (PMR): {}",
+            result.unwrap_err()
+        );
+        check!(
+            ran.load(Ordering::Relaxed) == online.bits(),
+            "ran on {}",
+            CpuSet::from_bits(ran.load(Ordering::Relaxed))
+        );
+        check!(
+            hold.irqs_stayed_off.load(Ordering::Relaxed),
+            "cpu{held} did not keep IRQs off while it was held"
+        );
+        Verdict::Pass(msg!("cpu{held} with IRQs PMR-masked joined through an NMI"))
+    } else {
+        match result {
+            Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {
+                Verdict::Pass(msg!(
+                    "pseudo_nmi=off: cpu{held} with DAIF.I set timed out, named"
+                ))
+            }
+            other => fail!("pseudo_nmi=off: expected a timeout naming cpu{held}, got {other:?}"),
+        }
+    }
+}
+
+/// Stop functions run from NMI context on exactly the active CPUs; errors from every
+/// CPU are kept.
+pub fn stop_machine_nmi(_: &Params) -> Verdict {
+    if let Some(skip) = no_nmis() {
+        return skip;
+    }
+    let online = smp::online_cpus();
+    let ran = AtomicU32::new(0);
+    let in_nmi = AtomicU32::new(0);
+    let function = |cpu: usize| {
+        ran.fetch_or(1 << cpu, Ordering::Relaxed);
+        if nmi::in_nmi() {
+            in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
+        }
+        if cpu % 2 == 1 {
+            Err(-200 - cpu as i32)
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: the function only touches atomics.
+    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, online, OPTIONS);
+    let odd = online
+        .iter()
+        .filter(|c| c % 2 == 1)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    match result {
+        Ok(()) if odd.is_empty() => {}
+        Err(StopError::Failed(failures)) if failures.cpus() == odd => {
+            for cpu in odd.iter() {
+                check!(
+                    failures.code(cpu) == Some(-200 - cpu as i32),
+                    "cpu{cpu}: {:?}",
+                    failures.code(cpu)
+                );
+            }
+        }
+        other => fail!("expected failures on {odd}, got {other:?}"),
+    }
+    let (ran, in_nmi) = (ran.load(Ordering::Relaxed), in_nmi.load(Ordering::Relaxed));
+    check!(ran == online.bits(), "ran on {}", CpuSet::from_bits(ran));
+    check!(
+        in_nmi == online.bits(),
+        "only {} ran in NMI context",
+        CpuSet::from_bits(in_nmi)
+    );
+    check!(
+        STOP.nmi_delivered() == online,
+        "NMIs delivered on {}",
+        STOP.nmi_delivered()
+    );
+    Verdict::Pass(msg!("ran from NMI on {online}, errors from {odd} kept"))
+}
+
+impl Callers {
+    /// Ready for another run.
+    fn reset(&self) {
+        self.stop.store(false, Ordering::Relaxed);
+        self.epoch.store(0, Ordering::Relaxed);
+        self.calls.store(0, Ordering::Relaxed);
+        self.bad.store(0, Ordering::Relaxed);
+        *self.first_bad.lock() = None;
+    }
+}
+
+/// NMI handlers that call the functions being patched, with NMIs aimed at every CPU
+/// from inside every patch window, during a torture run.
+struct Storm {
+    callers: Callers,
+    /// NMI handler entries that found their CPU inside a masked window.
+    in_window: AtomicU64,
+    handled: AtomicU64,
+    sends: AtomicU64,
+}
+
+static STORM: Storm = Storm {
+    callers: Callers::new(),
+    in_window: AtomicU64::new(0),
+    handled: AtomicU64::new(0),
+    sends: AtomicU64::new(0),
+};
+
+fn storm_handler(cpu: usize) -> bool {
+    if STOP.in_masked_window().contains(cpu) {
+        STORM.in_window.fetch_add(1, Ordering::Relaxed);
+    }
+    let callers = &STORM.callers;
+    let before = callers.epoch.load(Ordering::Acquire);
+    // SAFETY: plain assembly functions returning a value in x0.
+    let (a, b) = unsafe { (pm_torture_a(), pm_torture_b()) };
+    let after = callers.epoch.load(Ordering::Acquire);
+    if !allowed(&TORTURE_A, a, before, after) {
+        callers.record_bad(cpu, a, before, after);
+    }
+    if !allowed(&TORTURE_B, b, before, after) {
+        callers.record_bad(cpu, b, before, after);
+    }
+    STORM.handled.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+fn storm_from_window() {
+    STORM.sends.fetch_add(1, Ordering::Relaxed);
+    nmi::send_nmi(smp::online_cpus());
+}
+
+/// The Linux-today window: mask IRQs only (PMR), then write.
+fn weakened_patch(batch: &[Patch]) -> Result<(), StopError> {
+    let _writer = KERNEL_TEXT.writer_lock().lock();
+    STOP.stop_machine(
+        &|_| {
+            for patch in batch {
+                // SAFETY: the sites are the torture functions, validated by the real
+                // patch_machine runs before; this is the deliberately weakened window the
+                // test compares against (NMIs can run the site meanwhile: both the old and
+                // the new MOVZ are whole instructions).
+                unsafe { KERNEL_TEXT.write_insn(patch.addr, patch.new) };
+                KERNEL_TEXT.sync_icache(patch.addr..patch.addr + 4);
+            }
+            Ok(())
+        },
+        CpuSet::single(smp::current_cpu()),
+        StopOptions {
+            mask: MaskLevel::IrqsOnly,
+            ..OPTIONS
+        },
+    )
+}
+
+/// Patching the functions NMI handlers call, under an NMI storm, neither deadlocks nor
+/// lets a handler see anything but the old or the new code; no NMI handler starts
+/// inside a patch_machine window, while a PMR-only window (Linux today) lets them in.
+pub fn nmi_safe_patching(params: &Params) -> Verdict {
+    if let Some(skip) = no_nmis() {
+        return skip;
+    }
+    nmi::register_nmi_handler(TEST_SLOT, storm_handler);
+    STORM.callers.reset();
+    STORM.in_window.store(0, Ordering::Relaxed);
+    STORM.handled.store(0, Ordering::Relaxed);
+    STORM.sends.store(0, Ordering::Relaxed);
+    let flips = u64::from(params.flips.min(2_000));
+    // SAFETY: STORM is static.
+    let jobs = unsafe { run_on(others(), torture_caller, &STORM.callers) };
+    set_write_probe(Some(storm_from_window));
+    let mut failure = None;
+    for k in 0..flips {
+        let (from, to) = ((k % 3) as usize, ((k + 1) % 3) as usize);
+        if let Err(err) = patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(from, to), OPTIONS) {
+            failure = Some((k, err));
+            break;
+        }
+        STORM.callers.epoch.store(k + 1, Ordering::Release);
+    }
+    set_write_probe(None);
+    let full_in_window = STORM.in_window.load(Ordering::Relaxed);
+    let full_handled = STORM.handled.load(Ordering::Relaxed);
+
+    // The same storm against the weakened window.
+    STORM.in_window.store(0, Ordering::Relaxed);
+    set_write_probe(Some(storm_from_window));
+    let mut weak_failure = None;
+    let done = STORM.callers.epoch.load(Ordering::Relaxed);
+    for k in done..done + flips.min(200) {
+        let (from, to) = ((k % 3) as usize, ((k + 1) % 3) as usize);
+        if let Err(err) = weakened_patch(&torture_batch(from, to)) {
+            weak_failure = Some((k, err));
+            break;
+        }
+        STORM.callers.epoch.store(k + 1, Ordering::Release);
+    }
+    set_write_probe(None);
+    let weak_in_window = STORM.in_window.load(Ordering::Relaxed);
+
+    STORM.callers.stop.store(true, Ordering::Release);
+    let waited = jobs.wait(JOB_TIMEOUT_NS);
+    nmi::unregister_nmi_handler(TEST_SLOT);
+    let current = (STORM.callers.epoch.load(Ordering::Relaxed) % 3) as usize;
+    if current != 0 {
+        let _ = patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(current, 0), OPTIONS);
+    }
+    if let Some((k, err)) = failure {
+        fail!("patch_machine flip {k}: {err}");
+    }
+    if let Some((k, err)) = weak_failure {
+        fail!("weakened flip {k}: {err}");
+    }
+    if let Err(pending) = waited {
+        fail!("callers on {pending} did not stop");
+    }
+    if let Some((cpu, value, before, after)) = *STORM.callers.first_bad.lock() {
+        fail!("cpu{cpu} saw {value:#x} between patches {before} and {after}");
+    }
+    check!(full_handled > 0, "no storm NMI was handled");
+    check!(
+        full_in_window == 0,
+        "{full_in_window} NMI handlers started inside patch_machine windows"
+    );
+    check!(
+        weak_in_window > 0,
+        "the PMR-only window let no NMI in ({} storms sent): the comparison shows nothing",
+        STORM.sends.load(Ordering::Relaxed)
+    );
+    Verdict::Pass(msg!(
+        "{flips} flips: {full_handled} NMI handlers, 0 in windows; PMR-only window: {weak_in_window} in"
+    ))
+}
