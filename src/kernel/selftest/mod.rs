@@ -566,18 +566,24 @@ fn allowed(values: &[u16; 3], value: u64, before: u64, after: u64) -> bool {
     (before..=(after + 1).min(before + 2)).any(|k| u64::from(values[(k % 3) as usize]) == value)
 }
 
+/// Calls both torture functions once and records any value that no patch completed
+/// or in flight could have produced.
+fn call_torture_targets(cpu: usize, callers: &Callers) {
+    let before = callers.epoch.load(Ordering::Acquire);
+    // SAFETY: plain assembly functions returning a value in x0.
+    let (a, b) = unsafe { (pm_torture_a(), pm_torture_b()) };
+    let after = callers.epoch.load(Ordering::Acquire);
+    if !allowed(&TORTURE_A, a, before, after) {
+        callers.record_bad(cpu, a, before, after);
+    }
+    if !allowed(&TORTURE_B, b, before, after) {
+        callers.record_bad(cpu, b, before, after);
+    }
+}
+
 fn torture_caller(cpu: usize, callers: &Callers) {
     while !callers.stop.load(Ordering::Acquire) {
-        let before = callers.epoch.load(Ordering::Acquire);
-        // SAFETY: plain assembly functions returning a value in x0.
-        let (a, b) = unsafe { (pm_torture_a(), pm_torture_b()) };
-        let after = callers.epoch.load(Ordering::Acquire);
-        if !allowed(&TORTURE_A, a, before, after) {
-            callers.record_bad(cpu, a, before, after);
-        }
-        if !allowed(&TORTURE_B, b, before, after) {
-            callers.record_bad(cpu, b, before, after);
-        }
+        call_torture_targets(cpu, callers);
         if callers
             .calls
             .fetch_add(1, Ordering::Relaxed)

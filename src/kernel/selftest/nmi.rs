@@ -3,7 +3,7 @@
 //! the code being patched (seed 003).
 
 use super::{
-    Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, TORTURE_A, TORTURE_B, Verdict, allowed, others,
+    Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, Verdict, call_torture_targets, others,
     torture_batch, torture_caller,
 };
 use crate::CpuSet;
@@ -14,11 +14,6 @@ use crate::patch::{Patch, Text, patch_machine};
 use crate::stop::{MaskLevel, NmiSafe, StopError, StopOptions};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-
-unsafe extern "C" {
-    fn pm_torture_a() -> u64;
-    fn pm_torture_b() -> u64;
-}
 
 /// The NMI handler slot the tests use (slot 0 belongs to the stop machine).
 const TEST_SLOT: usize = 1;
@@ -272,17 +267,7 @@ fn storm_handler(cpu: usize) -> bool {
     if STOP.in_masked_window().contains(cpu) {
         STORM.in_window.fetch_add(1, Ordering::Relaxed);
     }
-    let callers = &STORM.callers;
-    let before = callers.epoch.load(Ordering::Acquire);
-    // SAFETY: plain assembly functions returning a value in x0.
-    let (a, b) = unsafe { (pm_torture_a(), pm_torture_b()) };
-    let after = callers.epoch.load(Ordering::Acquire);
-    if !allowed(&TORTURE_A, a, before, after) {
-        callers.record_bad(cpu, a, before, after);
-    }
-    if !allowed(&TORTURE_B, b, before, after) {
-        callers.record_bad(cpu, b, before, after);
-    }
+    call_torture_targets(cpu, &STORM.callers);
     STORM.handled.fetch_add(1, Ordering::Relaxed);
     true
 }
