@@ -224,6 +224,20 @@ fn stop_machine_active_cpus(_: &Params) -> Verdict {
     Verdict::Pass(Msg::new())
 }
 
+/// Stops the machine with a function that only records where it ran.
+fn stop_recording(active: CpuSet, options: StopOptions) -> (Result<(), StopError>, CpuSet) {
+    let ran = AtomicU32::new(0);
+    let result = STOP.stop_machine(
+        &|cpu| {
+            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            Ok(())
+        },
+        active,
+        options,
+    );
+    (result, CpuSet::from_bits(ran.load(Ordering::Relaxed)))
+}
+
 fn stop_machine_errors(_: &Params) -> Verdict {
     let online = smp::online_cpus();
     let result = STOP.stop_machine(
@@ -334,25 +348,13 @@ fn stop_machine_timeout(_: &Params) -> Verdict {
         "CPUs {} left masked",
         STOP.in_masked_window()
     );
-    let ran = AtomicU32::new(0);
-    let again = STOP.stop_machine(
-        &|cpu| {
-            ran.fetch_or(1 << cpu, Ordering::Relaxed);
-            Ok(())
-        },
-        online,
-        OPTIONS,
-    );
+    let (again, ran) = stop_recording(online, OPTIONS);
     check!(
         again.is_ok(),
         "the next stop_machine failed: {}",
         again.unwrap_err()
     );
-    check!(
-        ran.load(Ordering::Relaxed) == online.bits(),
-        "the next stop_machine ran on {}",
-        CpuSet::from_bits(ran.load(Ordering::Relaxed))
-    );
+    check!(ran == online, "the next stop_machine ran on {ran}");
     Verdict::Pass(msg!("timed out naming cpu{held}, then recovered"))
 }
 

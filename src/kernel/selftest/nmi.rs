@@ -4,7 +4,7 @@
 
 use super::{
     Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, Verdict, call_torture_targets, others,
-    torture_batch, torture_caller,
+    stop_recording, torture_batch, torture_caller,
 };
 use crate::CpuSet;
 use crate::arch::aarch64::{STOP, irq, nmi, smp, timer};
@@ -137,12 +137,7 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
     while !hold.holding.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }
-    let ran = AtomicU32::new(0);
-    let result = STOP.stop_machine(
-        &|cpu| {
-            ran.fetch_or(1 << cpu, Ordering::Relaxed);
-            Ok(())
-        },
+    let (result, ran) = stop_recording(
         online,
         StopOptions {
             arrival_timeout_ns: super::HOLD_TIMEOUT_NS,
@@ -159,11 +154,7 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
             "cpu{held} spun with IRQs off (PMR): {}",
             result.unwrap_err()
         );
-        check!(
-            ran.load(Ordering::Relaxed) == online.bits(),
-            "ran on {}",
-            CpuSet::from_bits(ran.load(Ordering::Relaxed))
-        );
+        check!(ran == online, "ran on {ran}");
         check!(
             hold.irqs_stayed_off.load(Ordering::Relaxed),
             "cpu{held} did not keep IRQs off while it was held"
