@@ -42,7 +42,7 @@ struct BadArg<'a> {
 /// Parses `tests=a,b flips=N nosync_flips=N`; anything else is an error naming it.
 fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
     let mut selection = Selection {
-        tests: (1u64 << TESTS.len()) - 1,
+        tests: default_tests(),
         params: Params::DEFAULT,
     };
     for word in bootargs.split_ascii_whitespace() {
@@ -96,6 +96,15 @@ fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
     Ok(selection)
 }
 
+/// The tests `tests=all` (and no `tests=`) selects: all but the benchmarks.
+fn default_tests() -> u64 {
+    TESTS
+        .iter()
+        .enumerate()
+        .filter(|(_, test)| test.by_default)
+        .fold(0, |mask, (index, _)| mask | 1 << index)
+}
+
 /// Entry of the boot CPU once every CPU is online and interrupts are enabled.
 pub fn primary_main(info: &'static BootInfo) -> ! {
     let selection = match parse_bootargs(info.bootargs) {
@@ -107,7 +116,7 @@ pub fn primary_main(info: &'static BootInfo) -> ! {
                 info.bootargs, bad.why, bad.word
             ));
             ktap.diag(format_args!(
-                "known: tests=all|{} flips=N nosync_flips=N pseudo_nmi=on|off",
+                "known: tests=all|{} (bench: only when named) flips=N nosync_flips=N pseudo_nmi=on|off",
                 TestNames
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);

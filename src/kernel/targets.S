@@ -34,3 +34,13 @@ pm_nosync_branch_dest:
 pm_spare_site:
     movz    x0, #0x5a5a
     ret
+
+// Sites for the benchmarks' batches (never called): patch_machine flips them between
+// NOP and MOVZ, in batches of up to BENCH_SITES.
+    .balign 64
+    .global pm_bench_sites
+pm_bench_sites:
+    .rept 1000
+    nop
+    .endr
+    ret

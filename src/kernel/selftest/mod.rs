@@ -97,6 +97,7 @@ macro_rules! check {
     ($cond:expr, $($arg:tt)*) => { if !$cond { fail!($($arg)*) } };
 }
 
+mod bench;
 mod nmi;
 
 /// A self-test: its KTAP name and body.
@@ -105,6 +106,8 @@ pub struct Test {
     pub name: &'static str,
     /// The body.
     pub run: fn(&Params) -> Verdict,
+    /// Whether `tests=all` (the default) runs it; the benchmarks run only when named.
+    pub by_default: bool,
 }
 
 /// Every test, in the order they run.
@@ -112,58 +115,77 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "cpus_online",
         run: cpus_online,
+        by_default: true,
     },
     Test {
         name: "stop_machine_active_cpus",
         run: stop_machine_active_cpus,
+        by_default: true,
     },
     Test {
         name: "stop_machine_errors",
         run: stop_machine_errors,
+        by_default: true,
     },
     Test {
         name: "stop_machine_timeout",
         run: stop_machine_timeout,
+        by_default: true,
     },
     Test {
         name: "patch_quiescence",
         run: patch_quiescence,
+        by_default: true,
     },
     Test {
         name: "patch_masking",
         run: patch_masking,
+        by_default: true,
     },
     Test {
         name: "bad_batches",
         run: bad_batches,
+        by_default: true,
     },
     Test {
         name: "nosync",
         run: nosync,
+        by_default: true,
     },
     Test {
         name: "torture",
         run: torture,
+        by_default: true,
     },
     Test {
         name: "nmi_mechanism",
         run: nmi::nmi_mechanism,
+        by_default: true,
     },
     Test {
         name: "nmi_ipi",
         run: nmi::nmi_ipi,
+        by_default: true,
     },
     Test {
         name: "nmi_reaches_irqs_off",
         run: nmi::nmi_reaches_irqs_off,
+        by_default: true,
     },
     Test {
         name: "stop_machine_nmi",
         run: nmi::stop_machine_nmi,
+        by_default: true,
     },
     Test {
         name: "nmi_safe_patching",
         run: nmi::nmi_safe_patching,
+        by_default: true,
+    },
+    Test {
+        name: "bench",
+        run: bench::bench,
+        by_default: false,
     },
 ];
 

@@ -1,0 +1,242 @@
+//! Benchmarks (`tests=bench`, or `./qemu.sh --bench`): latency of the rendezvous and of
+//! patching, measured in the guest with the architectural counter.
+//!
+//! Each figure is one KTAP diagnostic line,
+//! `# bench <name> cpus=<n> sites=<k> median_ns=<x> p99_ns=<y> iters=<i>`,
+//! taken over `iters` timed runs after a warm-up. `ipi_roundtrip` is the physical
+//! limit every other figure is compared with: one NMI-priority broadcast to the other
+//! CPUs and their acknowledgements (with a single CPU: an NMI to itself). With
+//! `pseudo_nmi=off` it is the same round trip with a normal-priority SGI, and the
+//! NMI-mode stop is skipped.
+
+use super::{Msg, OPTIONS, Params, Verdict, movz};
+use crate::CpuSet;
+use crate::arch::aarch64::{STOP, gic, nmi, smp, timer};
+use crate::kernel::text::KERNEL_TEXT;
+use crate::kprint;
+use crate::patch::insn::{self, Insn, NOP};
+use crate::patch::{Patch, PatchError, Text, patch_machine, patch_nosync};
+use crate::stop::{Arch, NmiSafe};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{pm_nosync_branch_dest, pm_nosync_target};
+
+unsafe extern "C" {
+    fn pm_bench_sites();
+}
+
+/// Patch sites in `pm_bench_sites` (targets.S).
+const BENCH_SITES: usize = 1000;
+/// The batch sizes measured.
+const BATCH_SIZES: [usize; 4] = [1, 10, 100, 1000];
+/// The NMI handler slot of the round-trip benchmark (1 is the NMI self-tests').
+const BENCH_SLOT: usize = 2;
+/// The SGI of the round trip without NMIs.
+const BENCH_SGI: u32 = gic::TEST_SGIS[1];
+/// How long one round trip may take before the benchmark gives up.
+const ROUNDTRIP_TIMEOUT_NS: u64 = 1_000_000_000;
+/// Upper bound on timed iterations (the sample buffer is static: no heap).
+const MAX_ITERS: usize = 4096;
+
+/// Timed samples of the benchmark running now (only the boot CPU runs benchmarks).
+static SAMPLES: spin::Mutex<[u64; MAX_ITERS]> = spin::Mutex::new([0; MAX_ITERS]);
+/// Both directions of the batch benchmark: NOP -> MOVZ and back.
+static BATCHES: spin::Mutex<[[Patch; BENCH_SITES]; 2]> =
+    spin::Mutex::new([[Patch::new(0, 0, 0); BENCH_SITES]; 2]);
+/// Per CPU: round-trip interrupts acknowledged.
+static ACKS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+
+/// Median and 99th percentile of one benchmark.
+struct Stats {
+    median_ns: u64,
+    p99_ns: u64,
+    iters: usize,
+}
+
+/// Runs `step` `warmup` times untimed, then `iters` times timed, and summarises.
+fn measure<E>(
+    warmup: usize,
+    iters: usize,
+    mut step: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Stats, E> {
+    let iters = iters.clamp(1, MAX_ITERS);
+    for i in 0..warmup {
+        step(i)?;
+    }
+    let mut samples = SAMPLES.lock();
+    for (i, sample) in samples[..iters].iter_mut().enumerate() {
+        let start = timer::now_ns();
+        step(warmup + i)?;
+        *sample = timer::now_ns() - start;
+    }
+    let sorted = &mut samples[..iters];
+    sorted.sort_unstable();
+    // Nearest-rank percentiles.
+    let rank = |percent: usize| sorted[(iters * percent).div_ceil(100).max(1) - 1];
+    Ok(Stats {
+        median_ns: rank(50),
+        p99_ns: rank(99),
+        iters,
+    })
+}
+
+fn report(name: &str, sites: usize, stats: &Stats) {
+    kprint!(
+        "# bench {name} cpus={} sites={sites} median_ns={} p99_ns={} iters={}\n",
+        smp::online_cpus().len(),
+        stats.median_ns,
+        stats.p99_ns,
+        stats.iters
+    );
+}
+
+fn count_ack(cpu: usize) -> bool {
+    ACKS[cpu].fetch_add(1, Ordering::Release);
+    // The sender waits in WFE, as the rendezvous does: the round trip costs what the
+    // rendezvous's own hand-offs cost.
+    STOP.arch().wake_waiters();
+    true
+}
+
+fn count_sgi_ack(cpu: usize) {
+    count_ack(cpu);
+}
+
+/// One broadcast to `targets` and the wait for every acknowledgement.
+fn roundtrip(targets: CpuSet, send: fn(CpuSet)) -> Result<(), CpuSet> {
+    let before: [u64; crate::MAX_CPUS] =
+        core::array::from_fn(|cpu| ACKS[cpu].load(Ordering::Relaxed));
+    let start = timer::now_ns();
+    send(targets);
+    loop {
+        // Acquire pairs with the Release in `count_ack`.
+        let missing = targets
+            .iter()
+            .filter(|&cpu| ACKS[cpu].load(Ordering::Acquire) == before[cpu])
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if timer::now_ns() - start > ROUNDTRIP_TIMEOUT_NS {
+            return Err(missing);
+        }
+        STOP.arch().relax();
+    }
+}
+
+fn bench_sites() -> usize {
+    pm_bench_sites as *const () as usize
+}
+
+/// Fills both directions of the batch benchmark, one entry per site.
+fn fill_batches(batches: &mut [[Patch; BENCH_SITES]; 2]) {
+    let other = movz(0x0b0b);
+    let [forwards, backs] = batches;
+    for (index, (forward, back)) in forwards.iter_mut().zip(backs.iter_mut()).enumerate() {
+        *forward = Patch::new(bench_sites() + 4 * index, NOP, other);
+        *back = forward.reversed();
+    }
+}
+
+/// Every benchmark, one line each; a failure of the machinery fails the test.
+pub fn bench(_: &Params) -> Verdict {
+    let online = smp::online_cpus();
+    let me = smp::current_cpu();
+    let others = online.without(me);
+    let targets = if others.is_empty() {
+        CpuSet::single(me)
+    } else {
+        others
+    };
+
+    // The physical limit: one interrupt round trip to every other CPU.
+    let roundtrip_stats = if nmi::nmis_available() {
+        nmi::register_nmi_handler(BENCH_SLOT, count_ack);
+        let stats = measure(100, 2000, |_| roundtrip(targets, nmi::send_nmi));
+        nmi::unregister_nmi_handler(BENCH_SLOT);
+        stats
+    } else {
+        gic::set_sgi_handler(BENCH_SGI, count_sgi_ack);
+        let stats = measure(100, 2000, |_| {
+            roundtrip(targets, |t| gic::send_sgi(BENCH_SGI, t))
+        });
+        gic::clear_sgi_handler(BENCH_SGI);
+        stats
+    };
+    let roundtrip_stats = match roundtrip_stats {
+        Ok(stats) => stats,
+        Err(missing) => fail!("ipi_roundtrip: no acknowledgement from {missing} within 1 s"),
+    };
+    report("ipi_roundtrip", 0, &roundtrip_stats);
+
+    let empty = |_: usize| -> Result<(), i32> { Ok(()) };
+    match measure(50, 1000, |_| STOP.stop_machine(&empty, online, OPTIONS)) {
+        Ok(stats) => report("stop_machine", 0, &stats),
+        Err(err) => fail!("stop_machine: {err}"),
+    }
+    if nmi::nmis_available() {
+        // SAFETY: the function touches nothing.
+        let function = unsafe { NmiSafe::new(&empty) };
+        match measure(50, 1000, |_| {
+            STOP.stop_machine_nmi(function, online, OPTIONS)
+        }) {
+            Ok(stats) => report("stop_machine_nmi", 0, &stats),
+            Err(err) => fail!("stop_machine_nmi: {err}"),
+        }
+    }
+
+    let mut batches = BATCHES.lock();
+    fill_batches(&mut batches);
+    let mut patch_median_1 = 0;
+    for sites in BATCH_SIZES {
+        let iters = match sites {
+            1 => 1000,
+            10 => 500,
+            100 => 100,
+            _ => 20,
+        };
+        // Even counts: the sites end as NOPs again.
+        let warmup = (iters / 10).max(2) & !1;
+        let result = measure(warmup, iters & !1, |i| {
+            let batch = &batches[i % 2][..sites];
+            patch_machine(&STOP, &KERNEL_TEXT, batch, OPTIONS).map(|_| ())
+        });
+        match result {
+            Ok(stats) => {
+                report("patch_machine", sites, &stats);
+                if sites == 1 {
+                    patch_median_1 = stats.median_ns;
+                }
+            }
+            Err(err) => fail!("patch_machine, {sites} sites: {err}"),
+        }
+    }
+    let first = bench_sites();
+    if KERNEL_TEXT.read_insn(first) != NOP {
+        let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
+    }
+    drop(batches);
+
+    let site = pm_nosync_target as *const () as usize;
+    let branch: Insn = match insn::b(site, pm_nosync_branch_dest as *const () as usize) {
+        Ok(branch) => branch,
+        Err(err) => fail!("encoding the nosync branch: {err}"),
+    };
+    let flips = [Patch::new(site, NOP, branch), Patch::new(site, branch, NOP)];
+    let result: Result<Stats, PatchError> = measure(100, 2000, |i| {
+        patch_nosync(STOP.arch(), &KERNEL_TEXT, &flips[i % 2..i % 2 + 1])
+    });
+    match result {
+        Ok(stats) => report("patch_nosync", 1, &stats),
+        Err(err) => fail!("patch_nosync: {err}"),
+    }
+
+    let ratio_x10 = (patch_median_1 * 10).div_ceil(roundtrip_stats.median_ns.max(1));
+    Verdict::Pass(msg!(
+        "patch_machine/ipi_roundtrip = {}.{} (median, 1 site, {} CPUs)",
+        ratio_x10 / 10,
+        ratio_x10 % 10,
+        online.len()
+    ))
+}
