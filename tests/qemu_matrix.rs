@@ -6,6 +6,22 @@
 //! two host cores. A missing QEMU is a failure with the command that fixes it,
 //! never a silent skip. Each cell's serial log is kept under
 //! `target/tmp/qemu-matrix/<cell>.log`.
+//!
+//! Each cell is one `#[test]` named after it, so libtest selects cells:
+//!
+//! ```text
+//! cargo test --test qemu_matrix                                  # every cell
+//! cargo test --test qemu_matrix -- --list                        # the cells' names
+//! cargo test --test qemu_matrix -- --exact aarch64_max_smp4_el2  # one cell
+//! cargo test --test qemu_matrix -- cortex_a7                     # cells whose name contains it
+//! ```
+//!
+//! A failing cell's message starts with the cell's name and QEMU configuration,
+//! then the kernel's failing KTAP results (`not ok N name`), then qemu.sh's
+//! verdict, the commands that rerun it and the end of the serial output. On
+//! GitHub Actions the first line is also an `::error` annotation.
+//! `.github/workflows/ci.yml` runs each cell as its own job; `tests/ci_workflow.rs`
+//! checks that its list of cells is this file's.
 
 use std::fmt::Write as _;
 use std::io::ErrorKind;
@@ -237,29 +253,74 @@ fn boot(cell: &Cell) -> Boot {
     }
 }
 
+/// The kernel's failing top-level KTAP results (`not ok N name ...`, not `# SKIP`)
+/// in `serial`.
+fn failing_ktap_results(serial: &str) -> Vec<&str> {
+    serial
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            l.strip_prefix("not ok ").is_some_and(|rest| {
+                rest.starts_with(|c: char| c.is_ascii_digit())
+                    && !rest.split_once(" #").is_some_and(|(_, directive)| {
+                        directive
+                            .trim_start()
+                            .to_ascii_uppercase()
+                            .starts_with("SKIP")
+                    })
+            })
+        })
+        .collect()
+}
+
+/// The command that reruns just `cell`.
+fn rerun(cell: &Cell) -> String {
+    format!("cargo test --test qemu_matrix -- --exact {}", cell.name)
+}
+
+/// On GitHub Actions, prints `line` as an error annotation (the workflow's summary
+/// then names the cell without opening its log).
+fn annotate(cell: &Cell, line: &str) {
+    if std::env::var_os("GITHUB_ACTIONS").is_some_and(|v| v == "true") {
+        let escaped = line
+            .replace('%', "%25")
+            .replace('\r', "%0D")
+            .replace('\n', "%0A");
+        println!("::error title=QEMU matrix cell {}::{escaped}", cell.name);
+    }
+}
+
 /// Boots `cell`, which must FAIL (a provoked fatal condition), and checks that the
 /// serial output says everything in `report` and that qemu.sh saw a failure status.
 fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
     let boot = boot(cell);
     let serial = String::from_utf8_lossy(&boot.out.stdout);
     let missing: Vec<&&str> = report.iter().filter(|w| !serial.contains(**w)).collect();
-    assert!(
-        !boot.out.status.success() && missing.is_empty(),
-        "cell {} ({}) should fail and report {report:?}; exit {}, missing {missing:?}\n\
-         command: {}\n{}\n--- last {TAIL_LINES} lines of serial output ---\n{}",
-        cell.name,
-        cell.describe(),
-        boot.out.status,
-        boot.shown,
-        boot.verdict,
-        tail(&serial, TAIL_LINES)
-    );
+    if boot.out.status.success() || !missing.is_empty() {
+        let first = format!(
+            "{} [{}]: should fail and report {report:?}; qemu.sh exit {}, missing {missing:?}",
+            cell.name,
+            cell.describe(),
+            boot.out.status
+        );
+        annotate(cell, &first);
+        panic!(
+            "{first}\n  {}\n  rerun this cell: {}\n  qemu.sh command: {}\n  full serial log: {}\n\
+             --- last {TAIL_LINES} lines of serial output ---\n{}",
+            boot.verdict,
+            rerun(cell),
+            boot.shown,
+            boot.log.display(),
+            tail(&serial, TAIL_LINES)
+        );
+    }
     println!("{}: failed as it must: {}", cell.name, boot.verdict);
 }
 
-/// Boots `cell` through `./qemu.sh --no-build ...` and panics with the
-/// configuration, qemu.sh's verdict and the end of the serial output unless it
-/// passed.
+/// Boots `cell` through `./qemu.sh --no-build ...` and, unless it passed, panics
+/// with a message that starts with the cell's name, its configuration and the
+/// failing KTAP results, then qemu.sh's verdict, how to rerun it and the end of
+/// the serial output.
 fn run_cell(cell: &Cell) {
     let Boot {
         out,
@@ -277,15 +338,32 @@ fn run_cell(cell: &Cell) {
         println!("{}: {verdict}", cell.name);
         return;
     }
+    let verdict = verdict.trim_start_matches("qemu.sh: ");
+    let failing = failing_ktap_results(&serial);
     let mut msg = String::new();
-    let _ = writeln!(
-        msg,
-        "QEMU matrix cell {} failed: {}",
-        cell.name,
-        verdict.trim_start_matches("qemu.sh: ")
-    );
-    let _ = writeln!(msg, "  configuration: {}", cell.describe());
-    let _ = writeln!(msg, "  command: {shown}");
+    let first = if failing.is_empty() {
+        format!(
+            "{} [{}]: {verdict} (no `not ok` KTAP result)",
+            cell.name,
+            cell.describe()
+        )
+    } else {
+        format!(
+            "{} [{}]: {}",
+            cell.name,
+            cell.describe(),
+            failing.join("; ")
+        )
+    };
+    annotate(cell, &first);
+    let _ = writeln!(msg, "{first}");
+    let _ = writeln!(msg, "  failing KTAP results: {}", failing.len());
+    for line in &failing {
+        let _ = writeln!(msg, "    {line}");
+    }
+    let _ = writeln!(msg, "  qemu.sh verdict: {verdict}");
+    let _ = writeln!(msg, "  rerun this cell: {}", rerun(cell));
+    let _ = writeln!(msg, "  qemu.sh command: {shown}");
     let status = out
         .status
         .code()
