@@ -35,6 +35,10 @@ Options:
                        gets thread=single (see pick_accel for why)
   --timeout SECONDS    kill QEMU after this long (default 300)
   --no-build           boot the existing image, do not run cargo build
+  --bench [OPTS]       run the in-guest benchmarks for 1, 2, 4 and 8 CPUs and
+                       write target/bench/bench.{csv,json} and SVG plots; OPTS:
+                       --arch A (repeatable), --cpus "1 2 4 8", --cpu MODEL,
+                       --no-build (see tools/bench.sh)
   --log FILE           also save the serial output to FILE
   -h, --help           show this help
   -- BOOTARGS...       the rest, joined with spaces, is passed as -append
@@ -366,6 +370,11 @@ parse_args() {
                 exit 0
                 ;;
             --no-build) OPT_BUILD=0 ;;
+            --bench)
+                # The benchmark sweep is its own driver; it boots through this script.
+                shift
+                exec bash "$ROOT/tools/bench.sh" "$@"
+                ;;
             --arch | --smp | --cpu | --machine-opts | --accel | --timeout | --log)
                 (($# >= 2)) || usage_error "option $1 needs a value"
                 case "$1" in

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the in-guest benchmarks (`tests=bench`) for several CPU counts through
+# ./qemu.sh, collects the `# bench ...` lines into target/bench/bench.{csv,json}
+# and draws the plots (target/bench/*.svg) with tools/bench_report.py.
+#
+# Usage: ./qemu.sh --bench [--arch ARCH]... [--cpus "1 2 4 8"] [--cpu MODEL]
+#        [--no-build] [-- EXTRA BOOTARGS]
+# Exit status: 0 when every run passed and the report was written, 1 otherwise,
+# 2 on a usage error.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+readonly ROOT
+say() { printf 'bench: %s\n' "$*" >&2; }
+
+arches=()
+cpus="1 2 4 8"
+cpu_model=max
+build=1
+extra=()
+while (($# > 0)); do
+    case "$1" in
+        --arch) arches+=("$2"); shift ;;
+        --cpus) cpus="$2"; shift ;;
+        --cpu) cpu_model="$2"; shift ;;
+        --no-build) build=0 ;;
+        -h | --help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --) shift; extra=("$@"); break ;;
+        *) say "unknown argument: $1"; exit 2 ;;
+    esac
+    shift
+done
+((${#arches[@]} > 0)) || arches=(aarch64)
+
+target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
+[[ "$target_dir" == /* ]] || target_dir="$ROOT/$target_dir"
+out="$target_dir/bench"
+mkdir -p "$out/logs"
+rm -f "$out"/logs/*.log
+
+status=0
+for arch in "${arches[@]}"; do
+    first=1
+    for n in $cpus; do
+        log="$out/logs/${arch}_smp${n}.log"
+        args=(--arch "$arch" --smp "$n" --cpu "$cpu_model" --timeout 600 --log "$log")
+        if ((!build || !first)); then args+=(--no-build); fi
+        first=0
+        say "$arch, $n CPUs: ./qemu.sh ${args[*]} -- tests=bench ${extra[*]}"
+        if ! "$ROOT/qemu.sh" "${args[@]}" -- tests=bench "${extra[@]}" >/dev/null; then
+            say "FAIL: $arch with $n CPUs (log: $log)"
+            status=1
+        fi
+    done
+done
+
+python3 "$ROOT/tools/bench_report.py" --out "$out" --cpu "$cpu_model" "$out"/logs/*.log || status=1
+exit "$status"

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Collects the kernel's `# bench` KTAP lines into CSV and JSON and draws SVG plots.
+
+Input: serial logs named `<arch>_smp<n>.log` (tools/bench.sh writes them). Each
+benchmark line reads
+    # bench <name> cpus=<n> sites=<k> median_ns=<x> p99_ns=<y> iters=<i>
+Every figure is also given relative to `ipi_roundtrip` measured in the same boot
+(the physical limit: one NMI-priority broadcast and its acknowledgements), which is
+what the plots show: latencies on a shared emulator vary from run to run, ratios
+within one run much less.
+
+Output, in --out: bench.csv, bench.json, latency_vs_cpus_<arch>.svg,
+latency_vs_batch_<arch>.svg. Standard library only, so it runs on any CI machine.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import sys
+
+LINE = re.compile(
+    r"^# bench (?P<name>\w+) cpus=(?P<cpus>\d+) sites=(?P<sites>\d+) "
+    r"median_ns=(?P<median_ns>\d+) p99_ns=(?P<p99_ns>\d+) iters=(?P<iters>\d+)\s*$"
+)
+LOG_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+?)_smp(?P<smp>\d+)\.log$")
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+
+
+def parse(paths, cpu_model):
+    rows = []
+    for path in paths:
+        match = LOG_NAME.match(os.path.basename(path))
+        if not match:
+            sys.exit(f"bench_report: {path}: name is not <arch>_smp<n>.log")
+        arch = match["arch"]
+        found = []
+        with open(path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                m = LINE.match(line.rstrip("\r\n"))
+                if m:
+                    row = {"arch": arch, "cpu_model": cpu_model, "name": m["name"]}
+                    for key in ("cpus", "sites", "median_ns", "p99_ns", "iters"):
+                        row[key] = int(m[key])
+                    found.append(row)
+        limit = [r for r in found if r["name"] == "ipi_roundtrip"]
+        if not limit:
+            print(f"bench_report: {path}: no ipi_roundtrip line; skipped", file=sys.stderr)
+            continue
+        base = limit[0]["median_ns"]
+        for row in found:
+            row["ratio_to_ipi"] = round(row["median_ns"] / base, 3) if base else None
+        rows.extend(found)
+    return rows
+
+
+def svg_plot(path, title, x_label, y_label, series, x_log, y_log):
+    """series: [(label, [(x, y), ...])]; draws a line chart with axes and legend."""
+    width, height = 720, 440
+    left, right, top, bottom = 70, 200, 40, 50
+    xs = [x for _, pts in series for x, _ in pts]
+    ys = [y for _, pts in series for _, y in pts if y > 0]
+    if not xs or not ys:
+        return False
+
+    def scale(values, log):
+        lo, hi = min(values), max(values)
+        if log:
+            lo, hi = 10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi))
+        elif lo == hi:
+            lo, hi = lo - 1, hi + 1
+        else:
+            lo = min(lo, 0)
+        return lo, hi
+
+    (x0, x1), (y0, y1) = scale(xs, x_log), scale(ys, y_log)
+
+    def px(x):
+        f = (math.log10(x) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) if x_log \
+            else (x - x0) / (x1 - x0)
+        return left + f * (width - left - right)
+
+    def py(y):
+        f = (math.log10(y) - math.log10(y0)) / (math.log10(y1) - math.log10(y0)) if y_log \
+            else (y - y0) / (y1 - y0)
+        return height - bottom - f * (height - top - bottom)
+
+    def ticks(lo, hi, log, given):
+        if log:
+            return [10 ** e for e in range(round(math.log10(lo)), round(math.log10(hi)) + 1)]
+        return sorted(set(given)) if given else [lo + (hi - lo) * i / 5 for i in range(6)]
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2 - right / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">{x_label}</text>',
+        f'<text transform="translate(16,{(top + height - bottom) / 2}) rotate(-90)" '
+        f'text-anchor="middle">{y_label}</text>',
+    ]
+    for x in ticks(x0, x1, x_log, xs):
+        out.append(f'<line x1="{px(x):.1f}" y1="{height - bottom}" x2="{px(x):.1f}" '
+                   f'y2="{height - bottom + 5}" stroke="black"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{height - bottom + 18}" text-anchor="middle">{x:g}</text>')
+    for y in ticks(y0, y1, y_log, None):
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{width - right}" y2="{py(y):.1f}" '
+                   f'stroke="#ddd"/>')
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    for i, (label, pts) in enumerate(series):
+        colour = COLOURS[i % len(COLOURS)]
+        pts = sorted(p for p in pts if p[1] > 0)
+        path_d = " ".join(f"{'M' if j == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for j, (x, y) in enumerate(pts))
+        out.append(f'<path d="{path_d}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        for x, y in pts:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>')
+        ly = top + 16 * i
+        out.append(f'<line x1="{width - right + 12}" y1="{ly}" x2="{width - right + 32}" y2="{ly}" '
+                   f'stroke="{colour}" stroke-width="2"/>')
+        out.append(f'<text x="{width - right + 38}" y="{ly + 4}">{label}</text>')
+    out.append("</svg>")
+    with open(path, "w", encoding="utf-8") as svg:
+        svg.write("\n".join(out) + "\n")
+    return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--cpu", default="max", help="QEMU CPU model the logs came from")
+    parser.add_argument("logs", nargs="+")
+    args = parser.parse_args()
+    rows = parse(args.logs, args.cpu)
+    if not rows:
+        sys.exit("bench_report: no benchmark lines found")
+    os.makedirs(args.out, exist_ok=True)
+    fields = ["arch", "cpu_model", "name", "cpus", "sites", "median_ns", "p99_ns", "iters", "ratio_to_ipi"]
+    with open(os.path.join(args.out, "bench.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+
+    for arch in sorted({r["arch"] for r in rows}):
+        mine = [r for r in rows if r["arch"] == arch]
+        lines = [("stop_machine", 0), ("stop_machine_nmi", 0), ("patch_machine", 1),
+                 ("patch_machine", 10), ("patch_nosync", 1)]
+        series = []
+        for name, sites in lines:
+            pts = [(r["cpus"], r["ratio_to_ipi"]) for r in mine if r["name"] == name and r["sites"] == sites]
+            if pts:
+                series.append((name if name != "patch_machine" else f"patch_machine x{sites}", pts))
+        svg_plot(os.path.join(args.out, f"latency_vs_cpus_{arch}.svg"),
+                 f"{arch}: median latency relative to ipi_roundtrip", "CPUs",
+                 "x ipi_roundtrip (same boot)", series, x_log=False, y_log=True)
+        series = []
+        for cpus in sorted({r["cpus"] for r in mine}):
+            pts = [(r["sites"], r["ratio_to_ipi"]) for r in mine
+                   if r["name"] == "patch_machine" and r["cpus"] == cpus]
+            if pts:
+                series.append((f"{cpus} CPUs", pts))
+        svg_plot(os.path.join(args.out, f"latency_vs_batch_{arch}.svg"),
+                 f"{arch}: patch_machine median vs batch size", "sites per batch",
+                 "x ipi_roundtrip (same boot)", series, x_log=True, y_log=True)
+
+    print("headline: patch_machine (1 site) / ipi_roundtrip, medians from the same boot")
+    for r in rows:
+        if r["name"] == "patch_machine" and r["sites"] == 1:
+            limit = next(x for x in rows if x["arch"] == r["arch"] and x["cpus"] == r["cpus"]
+                         and x["name"] == "ipi_roundtrip")
+            print(f"  {r['arch']} cpus={r['cpus']}: {r['median_ns']} ns / {limit['median_ns']} ns"
+                  f" = {r['ratio_to_ipi']}")
+    print(f"wrote {args.out}/bench.csv, bench.json and the SVG plots")
+
+
+if __name__ == "__main__":
+    main()
