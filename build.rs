@@ -11,4 +11,10 @@ fn main() {
     {
         println!("cargo:rustc-link-arg-bins=-T{dir}/linker.ld");
     }
+    println!("cargo:rerun-if-changed=linker-x86_64.ld");
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("none")
+        && env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64")
+    {
+        println!("cargo:rustc-link-arg-bins=-T{dir}/linker-x86_64.ld");
+    }
 }

@@ -37,6 +37,38 @@ mod aarch64 {
     }
 }
 
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+mod x86_64 {
+    use core::panic::PanicInfo;
+    use core::sync::atomic::{AtomicU32, Ordering};
+    use patch_machine::arch::x86_64::{console, cpu, exit};
+
+    /// CPUs that are panicking (a panic inside the panic path exits at once).
+    static PANICKING: AtomicU32 = AtomicU32::new(0);
+
+    #[panic_handler]
+    fn panic(info: &PanicInfo<'_>) -> ! {
+        cpu::cli_save();
+        let me = cpu::current_cpu();
+        let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
+        if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            console::write_raw_forced(b"PANIC: recursive panic\n");
+            exit::exit(false);
+        }
+        match info.location() {
+            Some(loc) => console::write_forced(format_args!(
+                "\nPANIC cpu {me}: {} at {}:{}:{}\n",
+                info.message(),
+                loc.file(),
+                loc.line(),
+                loc.column()
+            )),
+            None => console::write_forced(format_args!("\nPANIC cpu {me}: {}\n", info.message())),
+        }
+        exit::exit(false)
+    }
+}
+
 #[cfg(not(target_os = "none"))]
 fn main() {
     println!(

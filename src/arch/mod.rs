@@ -3,5 +3,8 @@
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod aarch64;
 
+#[cfg(all(target_arch = "x86_64", target_os = "none"))]
+pub mod x86_64;
+
 #[cfg(not(target_os = "none"))]
 pub mod host;

@@ -1,0 +1,70 @@
+/*
+ * Application-processor trampoline: copied to {base} (a page below 1 MiB) and started
+ * by a SIPI in real mode at {base}:0. It never runs in place. It goes to long mode
+ * with the kernel's final page tables and calls the Rust AP entry on its own stack,
+ * all read from the parameter page {data} written by smp.rs:
+ *   +0 CR3, +8 stack top, +16 entry (extern "C" fn() -> !).
+ * The GDT has its accessed bits preset, so loading segments never writes to this
+ * (read-only once paging is on) page.
+ */
+    .section .text.ap_trampoline, "ax", @progbits
+    .code16
+    .global ap_trampoline_start
+ap_trampoline_start:
+    cli
+    cld
+    xor %ax, %ax
+    mov %ax, %ds
+    lgdtl {base} + (tramp_gdtr - ap_trampoline_start)
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmpl $0x08, ${base} + (tramp32 - ap_trampoline_start)
+
+    .code32
+tramp32:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov %cr4, %eax
+    or $0x20, %eax          /* PAE */
+    mov %eax, %cr4
+    mov {data}, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx   /* EFER */
+    rdmsr
+    or $0x900, %eax         /* LME | NXE */
+    wrmsr
+    mov %cr0, %eax
+    or $0x80010001, %eax    /* PG | WP | PE */
+    mov %eax, %cr0
+    ljmp $0x18, ${base} + (tramp64 - ap_trampoline_start)
+
+    .code64
+tramp64:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov {data} + 8, %rsp
+    mov {data} + 16, %rax
+    xor %ebp, %ebp
+    call *%rax
+1:
+    cli
+    hlt
+    jmp 1b
+
+    .p2align 3
+tramp_gdt:
+    .quad 0
+    .quad 0x00cf9b000000ffff    /* 0x08: 32-bit code */
+    .quad 0x00cf93000000ffff    /* 0x10: data */
+    .quad 0x00af9b000000ffff    /* 0x18: 64-bit code */
+tramp_gdt_end:
+tramp_gdtr:
+    .word tramp_gdt_end - tramp_gdt - 1
+    .long {base} + (tramp_gdt - ap_trampoline_start)
+    .global ap_trampoline_end
+ap_trampoline_end:

@@ -1,0 +1,123 @@
+//! The local APIC, driven directly: x2APIC through MSRs when the CPU has it, xAPIC
+//! through its MMIO page otherwise. Also masks the legacy 8259 PICs.
+
+use super::cpu;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+const MSR_APIC_BASE: u32 = 0x1b;
+const XAPIC_BASE: usize = 0xfee0_0000;
+
+/// Whether x2APIC mode is in use (decided once by the boot CPU).
+static X2APIC: AtomicBool = AtomicBool::new(false);
+
+// Register offsets in xAPIC MMIO (x2APIC MSR = 0x800 + offset / 16).
+const REG_ID: usize = 0x20;
+const REG_EOI: usize = 0xb0;
+const REG_SVR: usize = 0xf0;
+const REG_ICR_LOW: usize = 0x300;
+const REG_ICR_HIGH: usize = 0x310;
+const REG_LVT_LINT0: usize = 0x350;
+const REG_LVT_LINT1: usize = 0x360;
+
+/// ICR delivery modes and flags.
+pub const DM_FIXED: u32 = 0 << 8;
+/// NMI delivery.
+pub const DM_NMI: u32 = 4 << 8;
+/// INIT.
+pub const DM_INIT: u32 = 5 << 8;
+/// Start-up.
+pub const DM_SIPI: u32 = 6 << 8;
+const LEVEL_ASSERT: u32 = 1 << 14;
+const DELIVERY_PENDING: u32 = 1 << 12;
+/// Destination shorthand: all excluding self.
+pub const ALL_BUT_SELF: u32 = 3 << 18;
+
+fn x2() -> bool {
+    // Relaxed: set by the boot CPU before secondaries start.
+    X2APIC.load(Ordering::Relaxed)
+}
+
+fn read(reg: usize) -> u32 {
+    if x2() {
+        cpu::rdmsr(0x800 + (reg >> 4) as u32) as u32
+    } else {
+        // SAFETY: the xAPIC page is identity-mapped (uncached by QEMU's emulation) and
+        // `reg` is a valid register offset.
+        unsafe { core::ptr::read_volatile((XAPIC_BASE + reg) as *const u32) }
+    }
+}
+
+fn write(reg: usize, value: u32) {
+    if x2() {
+        // SAFETY: a valid x2APIC register MSR.
+        unsafe { cpu::wrmsr(0x800 + (reg >> 4) as u32, u64::from(value)) };
+    } else {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::write_volatile((XAPIC_BASE + reg) as *mut u32, value) };
+    }
+}
+
+/// Masks both 8259 PICs (all their lines), so only the APIC delivers interrupts.
+pub fn mask_pic() {
+    cpu::outb(0x21, 0xff);
+    cpu::outb(0xa1, 0xff);
+}
+
+/// Chooses x2APIC or xAPIC. Boot CPU, once.
+pub fn init_boot() -> bool {
+    let x2 = cpu::cpuid(1, 0)[2] & (1 << 21) != 0;
+    // Relaxed: see `x2`.
+    X2APIC.store(x2, Ordering::Relaxed);
+    x2
+}
+
+/// Enables the calling CPU's local APIC with [`super::traps::SPURIOUS_VECTOR`];
+/// LINT0 masked, LINT1 as NMI (the platform's NMI line).
+pub fn init_cpu() {
+    let mut base = cpu::rdmsr(MSR_APIC_BASE) | (1 << 11);
+    if x2() {
+        base |= 1 << 10;
+    }
+    // SAFETY: enabling the APIC (and x2APIC mode, which the CPU has) at its current base.
+    unsafe { cpu::wrmsr(MSR_APIC_BASE, base) };
+    write(REG_LVT_LINT0, 1 << 16);
+    write(REG_LVT_LINT1, 4 << 8);
+    write(REG_SVR, 0x100 | u32::from(super::traps::SPURIOUS_VECTOR));
+}
+
+/// The calling CPU's APIC ID.
+pub fn id() -> u32 {
+    if x2() {
+        read(REG_ID)
+    } else {
+        read(REG_ID) >> 24
+    }
+}
+
+/// End of interrupt.
+#[inline]
+pub fn eoi() {
+    write(REG_EOI, 0);
+}
+
+/// Sends an IPI: `low` = vector | delivery mode | shorthand, to APIC ID `dest` (ignored
+/// with a shorthand). Callers keep interrupts off around it: in xAPIC mode the ICR is
+/// two registers, and an interrupt handler sending its own IPI in between would mix
+/// them up. Waits (bounded) for the xAPIC to accept the previous IPI.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_ipi(dest: u32, low: u32) {
+    let low = low | LEVEL_ASSERT;
+    if x2() {
+        // SAFETY: a write of the x2APIC ICR MSR; one atomic 64-bit write.
+        unsafe { cpu::wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low)) };
+        return;
+    }
+    for _ in 0..1_000_000 {
+        if read(REG_ICR_LOW) & DELIVERY_PENDING == 0 {
+            break;
+        }
+        cpu::pause();
+    }
+    write(REG_ICR_HIGH, dest << 24);
+    write(REG_ICR_LOW, low);
+}

@@ -1,0 +1,126 @@
+//! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence.
+
+use super::{apic, console, cpu, exit, gdt, layout, madt, paging, selftest, smp, timer, traps};
+use crate::kprintln;
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// hvm_start_info's physical address (written by the boot assembly).
+static START_INFO: AtomicU64 = AtomicU64::new(0);
+
+global_asm!(
+    include_str!("../../../boot/x86_64/entry.S"),
+    start_info = sym START_INFO,
+    stack = sym layout::X86_STACKS,
+    stack_size = const layout::STACK_SIZE,
+    pml4 = sym paging::BOOT_PML4,
+    pdpt = sym paging::BOOT_PDPT,
+    pd = sym paging::BOOT_PD,
+    main = sym boot_main,
+    options(att_syntax)
+);
+
+const PVH_MAGIC: u32 = 0x336e_c578;
+/// Longest kernel command line kept.
+pub const CMDLINE_MAX: usize = 512;
+
+/// The kernel command line (`-append`), copied out of low memory.
+pub static CMDLINE: spin::Once<([u8; CMDLINE_MAX], usize)> = spin::Once::new();
+
+/// The command line as text (invalid UTF-8 is cut at the first bad byte).
+pub fn cmdline() -> &'static str {
+    let Some((bytes, len)) = CMDLINE.get() else {
+        return "";
+    };
+    match core::str::from_utf8(&bytes[..*len]) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+    }
+}
+
+fn read<T: Copy>(pa: u64) -> T {
+    // SAFETY: PVH start info fields and the command line lie in RAM that the boot map
+    // identity-maps; read before anything reuses low memory.
+    unsafe { core::ptr::read_unaligned(pa as usize as *const T) }
+}
+
+/// Copies what we need out of hvm_start_info: the command line and the RSDP address.
+fn take_start_info() -> u64 {
+    let info = START_INFO.load(Ordering::Relaxed);
+    if info == 0 || read::<u32>(info) != PVH_MAGIC {
+        kprintln!("boot: no PVH start info (EBX {info:#x}); boot with an ELF -kernel");
+        exit::exit(false);
+    }
+    let cmdline = read::<u64>(info + 24);
+    let rsdp = read::<u64>(info + 32);
+    CMDLINE.call_once(|| {
+        let mut buf = [0u8; CMDLINE_MAX];
+        let mut len = 0;
+        if cmdline != 0 {
+            while len < CMDLINE_MAX {
+                let b = read::<u8>(cmdline + len as u64);
+                if b == 0 {
+                    break;
+                }
+                buf[len] = b;
+                len += 1;
+            }
+        }
+        (buf, len)
+    });
+    rsdp
+}
+
+/// The boot CPU's Rust entry, in long mode on CPU 0's stack with the boot map.
+extern "C" fn boot_main() -> ! {
+    cpu::set_cpu_index(0);
+    console::init();
+    let rsdp = take_start_info();
+    kprintln!("patch-machine x86_64: bootargs \"{}\"", cmdline());
+    gdt::load(0);
+    traps::init();
+    traps::load();
+    let khz = timer::init();
+    kprintln!("timer: TSC {} kHz", khz);
+    smp::install_trampoline();
+    paging::init();
+    apic::mask_pic();
+    let x2 = apic::init_boot();
+    apic::init_cpu();
+    smp::boot_cpu_online();
+    let cpus = match madt::parse(rsdp as usize) {
+        Ok(c) => c,
+        Err(e) => {
+            kprintln!("acpi: {e}");
+            exit::exit(false);
+        }
+    };
+    kprintln!(
+        "apic: {} mode, boot CPU APIC ID {}, MADT lists {} CPUs{}",
+        if x2 { "x2APIC" } else { "xAPIC" },
+        apic::id(),
+        cpus.count,
+        if cpus.dropped > 0 {
+            " (more than MAX_CPUS: extra ignored)"
+        } else {
+            ""
+        }
+    );
+    let t0 = timer::now_ns();
+    let (missing, n_missing) = smp::start_secondaries(&cpus);
+    kprintln!(
+        "smp: {} of {} CPUs online in {} us{}",
+        smp::online_cpus().len(),
+        cpus.count,
+        (timer::now_ns() - t0) / 1000,
+        if n_missing > 0 {
+            "; missing APIC IDs listed above"
+        } else {
+            ""
+        }
+    );
+    let _ = missing;
+    cpu::sti();
+    let ok = selftest::run(&cpus);
+    exit::exit(ok)
+}

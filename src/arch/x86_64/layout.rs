@@ -1,0 +1,76 @@
+//! Linker symbols, stacks and fixed low-memory pages.
+
+use crate::MAX_CPUS;
+use core::cell::UnsafeCell;
+
+/// Kernel stack per CPU.
+pub const STACK_SIZE: usize = 32 * 1024;
+/// Each IST stack (NMI, #DF, #MC) per CPU.
+pub const IST_SIZE: usize = 8 * 1024;
+/// Where the AP trampoline is copied (real-mode start address: page 8).
+pub const TRAMPOLINE_BASE: usize = 0x8000;
+/// The AP trampoline's parameter page (read-write, never executable).
+pub const TRAMPOLINE_DATA: usize = 0x9000;
+
+unsafe extern "C" {
+    static __text_start: u8;
+    static __text_end: u8;
+    static __nopatch_start: u8;
+    static __nopatch_end: u8;
+    static __rodata_start: u8;
+    static __rodata_end: u8;
+    static __image_end: u8;
+}
+
+macro_rules! sym_addr {
+    ($s:ident) => {
+        // Only the address of a linker symbol is taken, never its contents.
+        &raw const $s as usize
+    };
+}
+
+/// Kernel text `[start, end)`.
+pub fn text() -> (usize, usize) {
+    (sym_addr!(__text_start), sym_addr!(__text_end))
+}
+/// Code the patcher must never touch (boot, rendezvous, entry stubs).
+pub fn nopatch() -> (usize, usize) {
+    (sym_addr!(__nopatch_start), sym_addr!(__nopatch_end))
+}
+/// Read-only data `[start, end)`.
+pub fn rodata() -> (usize, usize) {
+    (sym_addr!(__rodata_start), sym_addr!(__rodata_end))
+}
+/// End of the image.
+pub fn image_end() -> usize {
+    sym_addr!(__image_end)
+}
+
+/// Stack memory that Rust never reads or writes directly (only through the CPUs'
+/// stack pointers).
+#[repr(C, align(4096))]
+pub struct Stacks<const N: usize>(UnsafeCell<[u8; N]>);
+
+// SAFETY: each stack is used by exactly one CPU through its stack pointer; Rust code
+// only computes addresses inside it.
+unsafe impl<const N: usize> Sync for Stacks<N> {}
+
+/// Kernel stacks: CPU `i` runs on `[i * STACK_SIZE, (i + 1) * STACK_SIZE)`.
+#[unsafe(link_section = ".pm_stacks")]
+#[unsafe(no_mangle)]
+pub static X86_STACKS: Stacks<{ STACK_SIZE * MAX_CPUS }> =
+    Stacks(UnsafeCell::new([0; STACK_SIZE * MAX_CPUS]));
+
+#[unsafe(link_section = ".pm_stacks")]
+static IST_STACKS: Stacks<{ IST_SIZE * 3 * MAX_CPUS }> =
+    Stacks(UnsafeCell::new([0; IST_SIZE * 3 * MAX_CPUS]));
+
+/// Top of CPU `cpu`'s kernel stack.
+pub fn stack_top(cpu: usize) -> usize {
+    X86_STACKS.0.get() as usize + (cpu + 1) * STACK_SIZE
+}
+
+/// Top of CPU `cpu`'s IST stack `which` (0 NMI, 1 #DF, 2 #MC).
+pub fn ist_top(cpu: usize, which: usize) -> usize {
+    IST_STACKS.0.get() as usize + (cpu * 3 + which + 1) * IST_SIZE
+}

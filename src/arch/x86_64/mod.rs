@@ -1,0 +1,126 @@
+//! The x86_64 platform: QEMU q35 (or anything with PVH boot, ACPI, a local APIC and a
+//! 16550 at 0x3f8), booted through the PVH ELF note.
+//!
+//! | module         | concern                                                       |
+//! |----------------|---------------------------------------------------------------|
+//! | [`boot`]       | PVH entry (assembly), the boot CPU's sequence, bootargs       |
+//! | [`console`]    | 16550 console, [`kprint!`](crate::kprint)/[`kprintln!`](crate::kprintln) |
+//! | [`gdt`]        | per-CPU GDT and TSS with IST stacks (NMI, #DF, #MC)           |
+//! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
+//! | [`paging`]     | identity map with W^X, the text alias ([`paging::poke_text`]) |
+//! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
+//! | [`apic`]       | local APIC (x2APIC or xAPIC), IPIs, 8259 masking              |
+//! | [`smp`]        | INIT-SIPI-SIPI bring-up, online CPUs, APIC IDs                |
+//! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
+//! | [`timer`]      | the TSC nanosecond clock                                      |
+//! | [`exit`]       | ending the run through isa-debug-exit                         |
+//! | [`cpu`]        | single instructions, the per-CPU index (GS base)              |
+//! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
+//! | [`selftest`]   | the KTAP self-tests                                           |
+//!
+//! [`X86_64`] implements [`crate::stop::Arch`]; [`STOP`] is the system's stop machine,
+//! reached through [`traps::STOP_VECTOR`].
+
+pub mod apic;
+pub mod boot;
+pub mod console;
+pub mod cpu;
+pub mod exit;
+pub mod gdt;
+pub mod layout;
+pub mod madt;
+pub mod nmi;
+pub mod paging;
+pub mod selftest;
+pub mod smp;
+pub mod timer;
+pub mod traps;
+
+pub use paging::{alias_mapped, poke_text};
+
+use crate::CpuSet;
+use crate::stop::{Arch, StopMachine};
+
+/// The x86_64 implementation of [`Arch`]: a handle to "this machine".
+///
+/// [`Arch::mask_all`] and [`Arch::mask_irqs`] are both `cli`: RFLAGS.IF is the only
+/// maskable-interrupt switch. NMIs cannot be masked by IF (nor by anything else
+/// software controls, short of being inside an NMI handler), so on x86 a CPU inside a
+/// `MaskLevel::All` window can still take an NMI; the core's quiescence evidence
+/// ([`Arch::all_masked`]) therefore means "IF clear", and patching code that NMI
+/// handlers run needs the NMI-side protocol (`stop_machine_nmi`), not masking.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct X86_64;
+
+// SAFETY: `cpu_id` reads `gs:[0]`, which each CPU points at its own logical index
+// (< MAX_CPUS) once, before it runs any code that asks and before it is marked online,
+// so it is unique, stable and in `online_cpus`. `mask_all` clears RFLAGS.IF, which keeps
+// out every maskable interrupt until `restore` (NMIs and exceptions are out of scope, as
+// the trait allows; see the type's docs). `send_stop_ipi` sends STOP_VECTOR by APIC ID
+// to each target; every online CPU has the IDT with that gate loaded and its APIC
+// enabled before it is marked online, and the handler calls `STOP.handle_stop_ipi()`.
+// `sync_context` is `cpuid`, a serialising instruction (SDM 9.3: what a cross-modifying
+// writer published is fetched afresh after it).
+unsafe impl Arch for X86_64 {
+    type MaskState = u64;
+
+    #[inline(always)]
+    fn cpu_id(&self) -> usize {
+        cpu::current_cpu()
+    }
+
+    #[inline(always)]
+    fn online_cpus(&self) -> CpuSet {
+        smp::online_cpus()
+    }
+
+    #[inline(always)]
+    fn mask_all(&self) -> u64 {
+        cpu::cli_save()
+    }
+
+    #[inline(always)]
+    fn mask_irqs(&self) -> u64 {
+        cpu::cli_save()
+    }
+
+    #[inline(always)]
+    fn restore(&self, saved: u64) {
+        cpu::restore_if(saved)
+    }
+
+    #[inline(always)]
+    fn all_masked(&self) -> bool {
+        !cpu::irqs_enabled()
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn send_stop_ipi(&self, targets: CpuSet) {
+        let saved = cpu::cli_save();
+        for t in targets.without(cpu::current_cpu()).iter() {
+            apic::send_ipi(
+                smp::apic_id(t),
+                apic::DM_FIXED | u32::from(traps::STOP_VECTOR),
+            );
+        }
+        cpu::restore_if(saved);
+    }
+
+    #[inline(always)]
+    fn sync_context(&self) {
+        cpu::serialize()
+    }
+
+    #[inline(always)]
+    fn relax(&self) {
+        cpu::pause()
+    }
+
+    #[inline(always)]
+    fn now_ns(&self) -> u64 {
+        timer::now_ns()
+    }
+}
+
+/// The system's stop machine.
+pub static STOP: StopMachine<X86_64> = StopMachine::new(X86_64);

@@ -1,0 +1,172 @@
+//! NMIs: NMI IPIs through the local APIC, per-CPU NMI state and the handler registry.
+//!
+//! x86 NMIs cannot be masked by RFLAGS.IF: `cli` keeps out normal interrupts only. Only
+//! the CPU's own NMI blocking (from NMI delivery until the next `iretq`) holds one
+//! back, and it latches at most one more. So an NMI carries no message: senders count
+//! requests per target in software ([`REQUESTS`]) before raising the NMI, and the
+//! handler drains the count and runs every registered handler until no request is
+//! left; each handler checks for work of its own. Slot 0 is the stop machine's.
+//!
+//! Handlers run on the NMI IST stack with IF clear; they must take no lock that
+//! interrupted code may hold, must not print, and must not fault (an exception's
+//! `iretq` would end NMI blocking early and a nested NMI would reuse the IST stack).
+
+use super::{X86_64, apic, cpu, smp};
+use crate::{CpuSet, MAX_CPUS};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// Number of NMI handler slots.
+pub const NMI_SLOTS: usize = 8;
+/// The slot reserved for the stop machine.
+pub const STOP_MACHINE_SLOT: usize = 0;
+
+static HANDLERS: [AtomicUsize; NMI_SLOTS] = [const { AtomicUsize::new(0) }; NMI_SLOTS];
+static IN_NMI: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+static TAKEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per target CPU: NMI requests not yet handled.
+static REQUESTS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+
+fn request(cpu: usize) {
+    // Release pairs with the handler's Acquire swap: whatever the sender prepared for
+    // the handler is visible once it sees the request.
+    REQUESTS[cpu].fetch_add(1, Ordering::Release);
+}
+
+/// Sends an NMI to every online CPU in `targets` (the caller too, if in the set), each
+/// by its APIC ID. Callable with interrupts off and from NMI context.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_nmi(targets: CpuSet) {
+    let saved = cpu::cli_save();
+    for t in targets.and(smp::online_cpus()).iter() {
+        request(t);
+        apic::send_ipi(smp::apic_id(t), apic::DM_NMI);
+    }
+    cpu::restore_if(saved);
+}
+
+/// Sends an NMI to every other online CPU with the all-excluding-self shorthand.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_nmi_all_but_self() {
+    let saved = cpu::cli_save();
+    let others = smp::online_cpus().without(cpu::current_cpu());
+    for t in others.iter() {
+        request(t);
+    }
+    apic::send_ipi(0, apic::DM_NMI | apic::ALL_BUT_SELF);
+    cpu::restore_if(saved);
+}
+
+/// Sends an NMI to the calling CPU, by its own APIC ID (the "self" shorthand is not
+/// valid for NMIs per the SDM).
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_nmi_self() {
+    send_nmi(CpuSet::single(cpu::current_cpu()));
+}
+
+/// Whether the calling CPU is running NMI handlers.
+#[inline(always)]
+pub fn in_nmi() -> bool {
+    // Relaxed: only this CPU writes its slot.
+    IN_NMI
+        .get(cpu::current_cpu())
+        .is_some_and(|n| n.load(Ordering::Relaxed) != 0)
+}
+
+/// How many NMIs `cpu` has taken.
+pub fn nmis_taken(cpu: usize) -> u64 {
+    TAKEN.get(cpu).map_or(0, |n| n.load(Ordering::Relaxed))
+}
+
+/// How many NMIs `cpu` took that no handler claimed.
+pub fn unclaimed_nmis(cpu: usize) -> u64 {
+    UNCLAIMED.get(cpu).map_or(0, |n| n.load(Ordering::Relaxed))
+}
+
+/// Registers `f(cpu)` in slot `slot` (1..NMI_SLOTS); it runs on every NMI, after the
+/// lower slots, and says whether it found work of its own.
+///
+/// # Panics
+/// If `slot` is [`STOP_MACHINE_SLOT`] or not below [`NMI_SLOTS`].
+pub fn register_nmi_handler(slot: usize, f: fn(cpu: usize) -> bool) {
+    assert!(
+        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
+        "NMI handler slot {slot}: 0 is the stop machine's, the others are 1..{NMI_SLOTS}"
+    );
+    // Release pairs with the Acquire in `run_handlers`.
+    HANDLERS[slot].store(f as usize, Ordering::Release);
+}
+
+/// Empties slot `slot`. A handler already running elsewhere finishes.
+pub fn unregister_nmi_handler(slot: usize) {
+    assert!(
+        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
+        "NMI handler slot {slot} out of range"
+    );
+    HANDLERS[slot].store(0, Ordering::Release);
+}
+
+#[unsafe(link_section = ".text.nopatch")]
+fn run_handlers(cpu: usize) -> bool {
+    #[cfg(feature = "stop-machine-nmi")]
+    let mut claimed = super::STOP.handle_nmi();
+    #[cfg(not(feature = "stop-machine-nmi"))]
+    let mut claimed = false;
+    for slot in HANDLERS.iter().skip(STOP_MACHINE_SLOT + 1) {
+        // Acquire pairs with the Release in `register_nmi_handler`.
+        let f = slot.load(Ordering::Acquire);
+        if f != 0 {
+            // SAFETY: only `register_nmi_handler` stores non-zero values, and those
+            // are `fn(usize) -> bool` pointers.
+            let f: fn(usize) -> bool = unsafe { core::mem::transmute(f) };
+            claimed |= f(cpu);
+        }
+    }
+    claimed
+}
+
+/// The NMI vector (2), on the NMI IST stack, NMIs blocked until `iretq`.
+#[unsafe(link_section = ".text.nopatch")]
+pub(crate) fn handle_nmi() {
+    let cpu = cpu::current_cpu();
+    let (Some(in_nmi), Some(taken), Some(requests)) =
+        (IN_NMI.get(cpu), TAKEN.get(cpu), REQUESTS.get(cpu))
+    else {
+        return;
+    };
+    in_nmi.fetch_add(1, Ordering::Relaxed);
+    taken.fetch_add(1, Ordering::Relaxed);
+    // Drain: requests that arrived while NMIs were blocked were latched once at most.
+    // Acquire pairs with the senders' Release in `request`.
+    let mut claimed = false;
+    let mut rounds = 0;
+    loop {
+        let pending = requests.swap(0, Ordering::Acquire);
+        claimed |= run_handlers(cpu);
+        rounds += 1;
+        // Bounded: a sender storm cannot keep one NMI running forever; requests left
+        // over are picked up by the NMI that is latched for them.
+        if pending == 0 || rounds >= 64 || requests.load(Ordering::Acquire) == 0 {
+            break;
+        }
+    }
+    if !claimed && let Some(n) = UNCLAIMED.get(cpu) {
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+    in_nmi.fetch_sub(1, Ordering::Relaxed);
+}
+
+// SAFETY: `send_self_nmi` raises an NMI on the calling CPU through its own APIC ID. x86
+// NMIs are not masked by RFLAGS.IF, so it is taken inside `mask_irqs` (`cli`), and
+// equally inside `mask_all` (also `cli`): on x86 `mask_all` cannot keep NMIs out,
+// which is why the core only sends self-NMIs in `IrqsOnly` windows. It never nests: the
+// CPU blocks NMIs from NMI delivery until `iretq`, and the handler takes no exception.
+// The handler (`handle_nmi` -> `run_handlers`) calls `STOP.handle_nmi()` before any
+// other handler.
+#[cfg(feature = "stop-machine-nmi")]
+unsafe impl crate::stop::NmiArch for X86_64 {
+    #[inline(always)]
+    fn send_self_nmi(&self) {
+        send_nmi_self();
+    }
+}

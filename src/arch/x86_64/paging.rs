@@ -1,0 +1,169 @@
+//! The identity map with W^X, and the text-patching alias.
+//!
+//! 0..8 MiB is mapped with 4 KiB pages: kernel text read-only and executable, the AP
+//! trampoline page read-only and executable, page 0 absent (null pointers fault), and
+//! everything else (rodata read-only) non-executable. 8 MiB..4 GiB (RAM, ACPI tables,
+//! the xAPIC page) is 2 MiB pages, read-write, non-executable. CR0.WP makes read-only
+//! binding for the kernel too: text is never writable through the identity map.
+//!
+//! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: two 4 KiB
+//! pages mapped read-write and non-executable for the duration of one write, then
+//! unmapped and flushed from this CPU's TLB.
+
+use super::{cpu, layout};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const P: u64 = 1;
+const RW: u64 = 1 << 1;
+const PS: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+const SMALL_LIMIT: usize = 8 << 20;
+/// Where the writable alias of kernel text appears (PDPT slot 4: above the identity map).
+pub const ALIAS_VA: usize = 0x1_0000_0000;
+
+#[repr(C, align(4096))]
+struct Table([AtomicU64; 512]);
+
+const fn table() -> Table {
+    Table([const { AtomicU64::new(0) }; 512])
+}
+
+impl Table {
+    fn addr(&self) -> u64 {
+        self as *const Table as u64
+    }
+}
+
+static PML4: Table = table();
+static PDPT: Table = table();
+static PD: [Table; 4] = [const { table() }; 4];
+static PT: [Table; SMALL_LIMIT >> 21] = [const { table() }; SMALL_LIMIT >> 21];
+static ALIAS_PD: Table = table();
+static ALIAS_PT: Table = table();
+
+/// Serialises alias users; taken with interrupts off.
+static ALIAS_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Page tables the boot assembly uses before [`init`]. Exposed for `boot.rs`.
+#[repr(C, align(4096))]
+pub struct BootTable(pub UnsafeCell<[u64; 512]>);
+// SAFETY: written only by the boot assembly before Rust runs, then read by the MMU.
+unsafe impl Sync for BootTable {}
+
+/// Boot-time PML4 (first GiB identity-mapped with 2 MiB pages).
+pub static BOOT_PML4: BootTable = BootTable(UnsafeCell::new([0; 512]));
+/// Boot-time PDPT.
+pub static BOOT_PDPT: BootTable = BootTable(UnsafeCell::new([0; 512]));
+/// Boot-time PD.
+pub static BOOT_PD: BootTable = BootTable(UnsafeCell::new([0; 512]));
+
+/// Builds the final map and switches to it. Boot CPU, once, before secondaries start
+/// (they load [`cr3`] from the trampoline).
+pub fn init() {
+    let (ts, te) = layout::text();
+    let (rs, re) = layout::rodata();
+    assert!(
+        layout::image_end() <= SMALL_LIMIT,
+        "kernel image ends at {:#x}, beyond the 4 KiB-mapped {:#x}",
+        layout::image_end(),
+        SMALL_LIMIT
+    );
+    let tramp = layout::TRAMPOLINE_BASE;
+    // Relaxed stores: the MMU does not walk these tables until the CR3 write below,
+    // which is serialising.
+    for (i, pt) in PT.iter().enumerate() {
+        for (j, e) in pt.0.iter().enumerate() {
+            let pa = (i << 21) | (j << 12);
+            let flags = if pa == 0 {
+                0
+            } else if (ts..te).contains(&pa) || pa == tramp {
+                P
+            } else if (rs..re).contains(&pa) {
+                P | NX
+            } else {
+                P | RW | NX
+            };
+            e.store(
+                if flags == 0 { 0 } else { pa as u64 | flags },
+                Ordering::Relaxed,
+            );
+        }
+    }
+    for (i, pd) in PD.iter().enumerate() {
+        for (j, e) in pd.0.iter().enumerate() {
+            let pa = (i << 30) | (j << 21);
+            let v = if pa < SMALL_LIMIT {
+                PT[pa >> 21].addr() | P | RW
+            } else {
+                pa as u64 | P | RW | PS | NX
+            };
+            e.store(v, Ordering::Relaxed);
+        }
+        PDPT.0[i].store(pd.addr() | P | RW, Ordering::Relaxed);
+    }
+    ALIAS_PD.0[0].store(ALIAS_PT.addr() | P | RW, Ordering::Relaxed);
+    PDPT.0[ALIAS_VA >> 30].store(ALIAS_PD.addr() | P | RW, Ordering::Relaxed);
+    PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+    load();
+}
+
+/// The physical address of the final PML4.
+pub fn cr3() -> u64 {
+    PML4.addr()
+}
+
+/// Switches the calling CPU to the final map.
+pub fn load() {
+    // SAFETY: the map identity-maps everything the kernel touches (image, stacks, low
+    // memory, ACPI, the APIC) with at least the permissions it needs.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3(), options(nostack)) };
+}
+
+/// Whether any alias page is mapped (it must not be outside [`poke_text`]).
+pub fn alias_mapped() -> bool {
+    ALIAS_PT.0[..2]
+        .iter()
+        .any(|e| e.load(Ordering::Relaxed) != 0)
+}
+
+/// Writes `bytes` over kernel text at `addr` through the temporary writable alias.
+/// Other CPUs must serialise (`cpuid`) before running the new bytes.
+///
+/// # Panics
+/// If `[addr, addr + len)` is not inside kernel text or crosses more than one page
+/// boundary.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn poke_text(addr: usize, bytes: &[u8]) {
+    let (ts, te) = layout::text();
+    let end = addr
+        .checked_add(bytes.len())
+        .expect("poke_text: address overflow");
+    assert!(
+        addr >= ts && end <= te,
+        "poke_text: {addr:#x}..{end:#x} is outside kernel text {ts:#x}..{te:#x}"
+    );
+    let page = addr & !0xfff;
+    assert!(end <= page + 0x2000, "poke_text: more than two pages");
+    let saved = cpu::cli_save();
+    let guard = ALIAS_LOCK.lock();
+    for i in 0..2 {
+        // Relaxed: the MMU walk after the invlpg below (a compiler barrier in program
+        // order on this CPU) sees the store; no other CPU uses the alias.
+        ALIAS_PT.0[i].store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
+        cpu::invlpg(ALIAS_VA + i * 0x1000);
+    }
+    let dst = (ALIAS_VA + (addr - page)) as *mut u8;
+    for (i, &b) in bytes.iter().enumerate() {
+        // SAFETY: dst..dst+len lies in the two alias pages just mapped read-write onto
+        // kernel text; volatile so the writes are not elided or merged oddly.
+        unsafe { dst.add(i).write_volatile(b) };
+    }
+    for i in 0..2 {
+        ALIAS_PT.0[i].store(0, Ordering::Relaxed);
+        cpu::invlpg(ALIAS_VA + i * 0x1000);
+    }
+    drop(guard);
+    cpu::serialize();
+    cpu::restore_if(saved);
+}

@@ -1,0 +1,362 @@
+//! KTAP self-tests of the x86_64 port, run on the boot CPU once every CPU is up.
+//! Bootargs: `tests=all|name,name,...`; anything else is reported as a failing line.
+
+use super::{STOP, boot, madt, nmi, smp, timer};
+use crate::ktap::{Ktap, Outcome};
+use crate::stop::{StopError, StopOptions};
+use crate::{CpuSet, kprint};
+use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        kprint!("{s}");
+        Ok(())
+    }
+}
+
+/// A short message without allocation.
+struct Msg {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Msg {
+    fn new() -> Msg {
+        Msg {
+            buf: [0; 160],
+            len: 0,
+        }
+    }
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?")
+    }
+}
+
+impl Write for Msg {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! msg {
+    ($($arg:tt)*) => {{
+        let mut m = Msg::new();
+        let _ = write!(m, $($arg)*);
+        m
+    }};
+}
+
+macro_rules! check {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return (Outcome::Fail, msg!($($arg)*));
+        }
+    };
+}
+
+type Verdict = (Outcome, Msg);
+
+const OPTIONS: StopOptions = StopOptions::DEFAULT;
+
+struct Ctx<'a> {
+    cpus: &'a madt::Cpus,
+}
+
+type Test = fn(&Ctx<'_>) -> Verdict;
+
+const TESTS: [(&str, Test); 5] = [
+    ("cpus_online", cpus_online),
+    ("stop_machine_active_cpus", stop_machine_active_cpus),
+    ("stop_machine_errors", stop_machine_errors),
+    ("nmi_ipi", nmi_ipi),
+    ("stop_machine_nmi", stop_machine_nmi),
+];
+
+fn cpus_online(ctx: &Ctx<'_>) -> Verdict {
+    let expected = ctx.cpus.count;
+    let online = smp::online_cpus();
+    check!(
+        online == CpuSet::first(expected),
+        "online CPUs {online}, but the MADT lists {expected}"
+    );
+    (Outcome::Pass, msg!("{expected} CPUs"))
+}
+
+fn stop_machine_active_cpus(_: &Ctx<'_>) -> Verdict {
+    let online = smp::online_cpus();
+    let last = online.len() - 1;
+    let odd = online
+        .iter()
+        .filter(|c| c % 2 == 1)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    let mut total_ns = 0;
+    let mut calls = 0;
+    for active in [online, CpuSet::single(0), CpuSet::single(last), odd] {
+        if active.is_empty() {
+            continue;
+        }
+        let ran = AtomicU32::new(0);
+        let runs = AtomicU32::new(0);
+        let t0 = timer::now_ns();
+        let result = STOP.stop_machine(
+            &|cpu| {
+                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                runs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+            active,
+            OPTIONS,
+        );
+        total_ns += timer::now_ns() - t0;
+        calls += 1;
+        check!(result.is_ok(), "active {active}: {}", result.unwrap_err());
+        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+        check!(
+            ran == active && runs.load(Ordering::Relaxed) as usize == active.len(),
+            "asked for {active}, ran on {ran} ({} runs)",
+            runs.load(Ordering::Relaxed)
+        );
+    }
+    (
+        Outcome::Pass,
+        msg!(
+            "{calls} calls, {} us each on average",
+            total_ns / calls / 1000
+        ),
+    )
+}
+
+fn stop_machine_errors(_: &Ctx<'_>) -> Verdict {
+    let online = smp::online_cpus();
+    let result = STOP.stop_machine(
+        &|cpu| {
+            if cpu % 2 == 1 || cpu == 0 {
+                Err(-100 - cpu as i32)
+            } else {
+                Ok(())
+            }
+        },
+        online,
+        OPTIONS,
+    );
+    let expected = online
+        .iter()
+        .filter(|c| c % 2 == 1 || *c == 0)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    match result {
+        Err(StopError::Failed(failures)) => {
+            check!(
+                failures.cpus() == expected,
+                "failing CPUs {} (expected {expected})",
+                failures.cpus()
+            );
+            for cpu in expected.iter() {
+                check!(
+                    failures.code(cpu) == Some(-100 - cpu as i32),
+                    "cpu{cpu} reported {:?}",
+                    failures.code(cpu)
+                );
+            }
+            (Outcome::Pass, Msg::new())
+        }
+        other => (
+            Outcome::Fail,
+            msg!("expected failures on {expected}, got {other:?}"),
+        ),
+    }
+}
+
+const TEST_SLOT: usize = 1;
+/// Per CPU: test handler entries.
+static HITS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+/// CPUs where the test handler ran outside NMI context.
+static NOT_IN_NMI: AtomicU32 = AtomicU32::new(0);
+
+fn count_hit(cpu: usize) -> bool {
+    if !nmi::in_nmi() {
+        NOT_IN_NMI.fetch_or(1 << cpu, Ordering::Relaxed);
+    }
+    // Release pairs with the Acquire in `wait_hits`.
+    HITS[cpu].fetch_add(1, Ordering::Release);
+    true
+}
+
+fn hits() -> [u64; crate::MAX_CPUS] {
+    core::array::from_fn(|i| HITS[i].load(Ordering::Acquire))
+}
+
+/// Waits (at most one second) until every CPU in `targets` took another hit; returns
+/// those that did not.
+fn wait_hits(targets: CpuSet, before: &[u64; crate::MAX_CPUS]) -> CpuSet {
+    let start = timer::now_ns();
+    loop {
+        let now = hits();
+        let missing = targets
+            .iter()
+            .filter(|&c| now[c] == before[c])
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
+            return missing;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+fn nmi_ipi(_: &Ctx<'_>) -> Verdict {
+    nmi::register_nmi_handler(TEST_SLOT, count_hit);
+    NOT_IN_NMI.store(0, Ordering::Relaxed);
+    let me = super::cpu::current_cpu();
+    let online = smp::online_cpus();
+    let others = online.without(me);
+    let one = others.lowest().map_or(CpuSet::EMPTY, CpuSet::single);
+    let mut result = (Outcome::Pass, msg!("one, all-but-self and self delivered"));
+    for (what, targets, send) in [
+        ("one", one, (|t| nmi::send_nmi(t)) as fn(CpuSet)),
+        ("all but self", others, |_| nmi::send_nmi_all_but_self()),
+        ("self", CpuSet::single(me), |_| nmi::send_nmi_self()),
+    ] {
+        let before = hits();
+        send(targets);
+        let missing = wait_hits(targets, &before);
+        if !missing.is_empty() {
+            result = (Outcome::Fail, msg!("NMI to {what} never reached {missing}"));
+            break;
+        }
+    }
+    nmi::unregister_nmi_handler(TEST_SLOT);
+    let outside = CpuSet::from_bits(NOT_IN_NMI.load(Ordering::Relaxed));
+    if result.0 == Outcome::Pass && !outside.is_empty() {
+        return (
+            Outcome::Fail,
+            msg!("handlers ran outside NMI context on {outside}"),
+        );
+    }
+    result
+}
+
+#[cfg(feature = "stop-machine-nmi")]
+fn stop_machine_nmi(_: &Ctx<'_>) -> Verdict {
+    use crate::stop::NmiSafe;
+    let online = smp::online_cpus();
+    let ran = AtomicU32::new(0);
+    let in_nmi = AtomicU32::new(0);
+    let function = |cpu: usize| {
+        ran.fetch_or(1 << cpu, Ordering::Relaxed);
+        if nmi::in_nmi() {
+            in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
+        }
+        if cpu % 2 == 1 {
+            Err(-200 - cpu as i32)
+        } else {
+            Ok(())
+        }
+    };
+    // SAFETY: the function only touches atomics: no lock, no print, no exception.
+    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, online, OPTIONS);
+    let odd = online
+        .iter()
+        .filter(|c| c % 2 == 1)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    match result {
+        Ok(()) if odd.is_empty() => {}
+        Err(StopError::Failed(failures)) if failures.cpus() == odd => {
+            for cpu in odd.iter() {
+                check!(
+                    failures.code(cpu) == Some(-200 - cpu as i32),
+                    "cpu{cpu}: {:?}",
+                    failures.code(cpu)
+                );
+            }
+        }
+        other => {
+            return (
+                Outcome::Fail,
+                msg!("expected failures on {odd}, got {other:?}"),
+            );
+        }
+    }
+    let (ran, in_nmi) = (ran.load(Ordering::Relaxed), in_nmi.load(Ordering::Relaxed));
+    check!(ran == online.bits(), "ran on {}", CpuSet::from_bits(ran));
+    check!(
+        in_nmi == online.bits(),
+        "only {} ran in NMI context",
+        CpuSet::from_bits(in_nmi)
+    );
+    check!(
+        STOP.nmi_delivered() == online,
+        "NMIs delivered on {}",
+        STOP.nmi_delivered()
+    );
+    (
+        Outcome::Pass,
+        msg!("ran from NMI on {online}, errors from {odd} kept"),
+    )
+}
+
+#[cfg(not(feature = "stop-machine-nmi"))]
+fn stop_machine_nmi(_: &Ctx<'_>) -> Verdict {
+    (
+        Outcome::Skip,
+        msg!("built without the stop-machine-nmi feature"),
+    )
+}
+
+/// Runs the selected tests as one KTAP report; returns the verdict.
+pub fn run(cpus: &madt::Cpus) -> bool {
+    let mut selected = [true; TESTS.len()];
+    let mut unknown = [""; 8];
+    let mut n_unknown = 0;
+    let mut push_unknown = |s: &'static str| {
+        if n_unknown < unknown.len() {
+            unknown[n_unknown] = s;
+        }
+        n_unknown += 1;
+    };
+    for arg in boot::cmdline().split_ascii_whitespace() {
+        match arg.split_once('=') {
+            Some(("tests", list)) if list != "all" => {
+                selected = [false; TESTS.len()];
+                for name in list.split(',').filter(|n| !n.is_empty()) {
+                    match TESTS.iter().position(|(t, _)| *t == name) {
+                        Some(i) => selected[i] = true,
+                        None => push_unknown(name),
+                    }
+                }
+            }
+            Some(("tests", _)) => {}
+            _ => push_unknown(arg),
+        }
+    }
+    let shown = n_unknown.min(unknown.len());
+    let planned = selected.iter().filter(|&&s| s).count() + shown;
+    let mut ktap = Ktap::start(Console, planned);
+    for name in &unknown[..shown] {
+        ktap.result(
+            "bootargs",
+            Outcome::Fail,
+            msg!("unknown argument or test name '{name}'").as_str(),
+        );
+    }
+    let ctx = Ctx { cpus };
+    for (i, (name, test)) in TESTS.iter().enumerate() {
+        if !selected[i] {
+            continue;
+        }
+        let t0 = timer::now_ns();
+        let (outcome, message) = test(&ctx);
+        ktap.diag(format_args!("{name}: {} us", (timer::now_ns() - t0) / 1000));
+        ktap.result(name, outcome, message.as_str());
+    }
+    let ok = ktap.finish() && n_unknown <= shown;
+    super::console::flush();
+    ok
+}

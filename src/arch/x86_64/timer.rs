@@ -1,0 +1,84 @@
+//! The nanosecond clock: the TSC, calibrated once against PIT channel 2 (or taken from
+//! CPUID leaf 0x15/0x16 when the CPU reports its frequency). QEMU's TSC is shared by all
+//! vCPUs, so one calibration serves every CPU.
+
+use super::cpu;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// TSC ticks per microsecond times 1024 (0: not calibrated; `now_ns` then assumes
+/// 1 GHz so that early bounded waits still end).
+static TSC_PER_US_X1024: AtomicU64 = AtomicU64::new(0);
+/// TSC value at calibration.
+static TSC_BASE: AtomicU64 = AtomicU64::new(0);
+
+const PIT_HZ: u64 = 1_193_182;
+
+/// Calibrates the TSC. Boot CPU, interrupts off, before secondaries start.
+pub fn init() -> u64 {
+    let khz = cpuid_tsc_khz().unwrap_or_else(pit_calibrate_khz);
+    // Relaxed: secondaries are started (which orders everything before it) afterwards.
+    TSC_PER_US_X1024.store((khz * 1024 / 1000).max(1), Ordering::Relaxed);
+    TSC_BASE.store(cpu::rdtsc(), Ordering::Relaxed);
+    khz
+}
+
+/// CPUID 0x15 (TSC/crystal ratio and crystal Hz) or 0x16 (base MHz), when reported.
+fn cpuid_tsc_khz() -> Option<u64> {
+    let max = cpu::cpuid(0, 0)[0];
+    if max >= 0x15 {
+        let [den, num, hz, _] = cpu::cpuid(0x15, 0);
+        if den != 0 && num != 0 && hz != 0 {
+            return Some(u64::from(hz) * u64::from(num) / u64::from(den) / 1000);
+        }
+    }
+    if max >= 0x16 {
+        let mhz = cpu::cpuid(0x16, 0)[0] & 0xffff;
+        if mhz != 0 {
+            return Some(u64::from(mhz) * 1000);
+        }
+    }
+    None
+}
+
+/// Counts TSC ticks over 10 ms of PIT channel 2 (mode 0, gate on, polling OUT2).
+fn pit_calibrate_khz() -> u64 {
+    const MS: u64 = 10;
+    let count = (PIT_HZ * MS / 1000) as u16;
+    // Gate high, speaker off.
+    let gate = (cpu::inb(0x61) & !0x02) | 0x01;
+    cpu::outb(0x61, gate);
+    cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
+    cpu::outb(0x42, count as u8);
+    cpu::outb(0x42, (count >> 8) as u8);
+    let start = cpu::rdtsc();
+    // Bounded: a PIT that never counts down must not hang boot (assume 1 GHz then).
+    let mut spins = 0u64;
+    while cpu::inb(0x61) & 0x20 == 0 {
+        spins += 1;
+        if spins > 100_000_000 {
+            return 1_000_000;
+        }
+    }
+    let ticks = cpu::rdtsc().wrapping_sub(start);
+    (ticks / MS).max(1)
+}
+
+/// Nanoseconds since calibration.
+#[inline]
+pub fn now_ns() -> u64 {
+    // Relaxed: written once before any other CPU runs.
+    let rate = TSC_PER_US_X1024.load(Ordering::Relaxed);
+    let ticks = cpu::rdtsc().wrapping_sub(TSC_BASE.load(Ordering::Relaxed));
+    if rate == 0 {
+        return ticks;
+    }
+    ((u128::from(ticks) * 1_024_000) / u128::from(rate)) as u64
+}
+
+/// Busy-waits `ns` nanoseconds.
+pub fn delay_ns(ns: u64) {
+    let start = now_ns();
+    while now_ns().wrapping_sub(start) < ns {
+        cpu::pause();
+    }
+}

@@ -1,0 +1,178 @@
+//! The IDT and trap dispatch. Entry stubs are in `boot/x86_64/vectors.S`; every gate is
+//! an interrupt gate (IF cleared on entry), NMI, #DF and #MC run on IST stacks.
+//! Unexpected exceptions print vector, error code, RIP, CR2 and the CPU, then end the
+//! run with a failure status.
+
+use super::{apic, console, cpu, exit, gdt, nmi};
+use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
+
+/// The stop-IPI vector (highest priority class, so nothing normal delays it).
+pub const STOP_VECTOR: u8 = 0xf0;
+/// The local APIC spurious vector.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+global_asm!(
+    include_str!("../../../boot/x86_64/vectors.S"),
+    dispatch = sym trap_dispatch,
+    stop = const STOP_VECTOR,
+    spurious = const SPURIOUS_VECTOR,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    /// 32 exception stubs, then the stop vector's and the spurious vector's.
+    static x86_vector_table: [usize; 34];
+}
+
+/// Saved state, as pushed by the stubs and the CPU.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    /// Vector number.
+    pub vector: u64,
+    /// Error code (0 where the CPU pushes none).
+    pub error: u64,
+    /// Interrupted RIP.
+    pub rip: u64,
+    cs: u64,
+    /// Interrupted RFLAGS.
+    pub rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+#[repr(C, align(16))]
+struct Idt(UnsafeCell<[[u64; 2]; 256]>);
+
+// SAFETY: written only by the boot CPU in `init`, before any other CPU loads it or any
+// interrupt is enabled; read-only afterwards.
+unsafe impl Sync for Idt {}
+
+static IDT: Idt = Idt(UnsafeCell::new([[0; 2]; 256]));
+
+fn gate(handler: usize, ist: u8) -> [u64; 2] {
+    let h = handler as u64;
+    let low = (h & 0xffff)
+        | (u64::from(gdt::KERNEL_CS) << 16)
+        | (u64::from(ist) << 32)
+        | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+        | ((h >> 16) & 0xffff) << 48;
+    [low, h >> 32]
+}
+
+/// Fills the IDT. Boot CPU, once, before `load`.
+pub fn init() {
+    // SAFETY: the table of stub addresses is immutable assembler data.
+    let table = unsafe { &x86_vector_table };
+    // SAFETY: only the boot CPU runs and nothing has loaded the IDT yet (see Idt).
+    let idt = unsafe { &mut *IDT.0.get() };
+    for (vector, &stub) in table.iter().enumerate().take(32) {
+        let ist = match vector {
+            2 => gdt::IST_NMI,
+            8 => gdt::IST_DF,
+            18 => gdt::IST_MC,
+            _ => 0,
+        };
+        idt[vector] = gate(stub, ist);
+    }
+    idt[usize::from(STOP_VECTOR)] = gate(table[32], 0);
+    idt[usize::from(SPURIOUS_VECTOR)] = gate(table[33], 0);
+}
+
+/// Loads the IDT on the calling CPU.
+pub fn load() {
+    #[repr(C, packed)]
+    struct Pointer {
+        limit: u16,
+        base: u64,
+    }
+    let ptr = Pointer {
+        limit: (256 * 16 - 1) as u16,
+        base: IDT.0.get() as u64,
+    };
+    // SAFETY: the IDT is complete (init ran) and lives forever.
+    unsafe { asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack)) };
+}
+
+const NAMES: [&str; 32] = [
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor segment overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved",
+];
+
+#[unsafe(link_section = ".text.nopatch")]
+extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    match frame.vector {
+        2 => nmi::handle_nmi(),
+        v if v == u64::from(STOP_VECTOR) => {
+            // EOI first: a stop IPI for the next call may then be accepted (and is
+            // delivered after this handler's iretq, since IF stays clear until then).
+            apic::eoi();
+            super::STOP.handle_stop_ipi();
+        }
+        v if v == u64::from(SPURIOUS_VECTOR) => {} // no EOI for spurious interrupts
+        _ => fatal(frame),
+    }
+}
+
+fn fatal(frame: &TrapFrame) -> ! {
+    cpu::cli_save();
+    let v = frame.vector as usize;
+    console::write_forced(format_args!(
+        "\nFATAL exception on cpu {}: vector {} ({}), error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RFLAGS {:#x}\n{:#x?}\n",
+        cpu::current_cpu(),
+        v,
+        NAMES.get(v).copied().unwrap_or("?"),
+        frame.error,
+        frame.rip,
+        cpu::cr2(),
+        frame.rflags,
+        frame,
+    ));
+    exit::exit(false)
+}
