@@ -2,8 +2,8 @@
 //! temporary alias, cache maintenance to the point of unification.
 
 use crate::arch::aarch64::{cache, layout, mmu};
-use crate::patch::Text;
 use crate::patch::insn::Insn;
+use crate::patch::{Patch, Text};
 use core::ops::Range;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -14,6 +14,22 @@ static WRITE_PROBE: AtomicUsize = AtomicUsize::new(0);
 /// Installs (or with `None` removes) the write probe.
 pub fn set_write_probe(probe: Option<fn()>) {
     WRITE_PROBE.store(probe.map_or(0, |f| f as usize), Ordering::SeqCst);
+}
+
+/// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
+const WORDS_PER_MAPPING: usize = 64;
+
+impl KernelText {
+    /// Calls the write probe, if one is installed.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn probe(&self) {
+        let probe = WRITE_PROBE.load(Ordering::Relaxed);
+        if probe != 0 {
+            // SAFETY: only `set_write_probe` stores non-zero values, and those are `fn()`.
+            let probe: fn() = unsafe { core::mem::transmute(probe) };
+            probe();
+        }
+    }
 }
 
 /// The running kernel's text.
@@ -54,11 +70,34 @@ unsafe impl Text for KernelText {
         // SAFETY: forwarded from the caller (validated address; no CPU executes it
         // unless the pair is CMODX-safe or the machine is stopped).
         unsafe { mmu::poke_text(addr, insn) };
-        let probe = WRITE_PROBE.load(Ordering::Relaxed);
-        if probe != 0 {
-            // SAFETY: only `set_write_probe` stores non-zero values, and those are `fn()`.
-            let probe: fn() = unsafe { core::mem::transmute(probe) };
-            probe();
+        self.probe();
+    }
+
+    /// Groups consecutive entries that share a page (up to [`WORDS_PER_MAPPING`] at a
+    /// time) under one mapping of the alias, then maintains the caches once over the
+    /// span they cover. Instruction order within the batch is kept.
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_batch(&self, batch: &[Patch]) {
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let page = first.addr & !(mmu::PAGE_SIZE - 1);
+            let run = rest
+                .iter()
+                .take(WORDS_PER_MAPPING)
+                .take_while(|p| p.addr & !(mmu::PAGE_SIZE - 1) == page)
+                .count();
+            let mut words = [(0usize, 0u32); WORDS_PER_MAPPING];
+            for (word, patch) in words.iter_mut().zip(&rest[..run]) {
+                *word = (patch.addr, patch.new);
+            }
+            // SAFETY: forwarded from the caller; every word is in `page`.
+            unsafe { mmu::poke_text_page(&words[..run]) };
+            self.probe();
+            let (low, high) = rest[..run].iter().fold((usize::MAX, 0), |(lo, hi), p| {
+                (lo.min(p.addr), hi.max(p.addr + 4))
+            });
+            cache::sync_icache_range(low, high);
+            rest = &rest[run..];
         }
     }
 

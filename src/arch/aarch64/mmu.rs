@@ -482,17 +482,38 @@ pub fn alias_mapped() -> bool {
 #[unsafe(link_section = ".text.nopatch")]
 #[inline(never)]
 pub unsafe fn poke_text(addr: usize, insn: u32) {
+    // SAFETY: forwarded from the caller.
+    unsafe { poke_text_page(&[(addr, insn)]) }
+}
+
+/// [`poke_text`] for several words of one page: the alias is mapped once for all of
+/// them, which saves a broadcast TLB invalidation per word in large batches.
+///
+/// # Safety
+/// As [`poke_text`], for every word; all of them must lie in the same page (checked;
+/// panics otherwise).
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub unsafe fn poke_text_page(words: &[(usize, u32)]) {
+    let Some(&(first, _)) = words.first() else {
+        return;
+    };
     let text = layout::text_range();
-    assert!(
-        addr.is_multiple_of(4) && addr >= text.start && addr + 4 <= text.end,
-        "poke_text: {addr:#x} is not an aligned kernel text address"
-    );
+    for &(addr, _) in words {
+        assert!(
+            addr.is_multiple_of(4) && addr >= text.start && addr + 4 <= text.end,
+            "poke_text: {addr:#x} is not an aligned kernel text address"
+        );
+        assert!(
+            addr & !(PAGE_SIZE - 1) == first & !(PAGE_SIZE - 1),
+            "poke_text_page: {addr:#x} is not in the page of {first:#x}"
+        );
+    }
     let pte_addr = ALIAS_PTE.load(Ordering::Relaxed);
     assert!(pte_addr != 0, "poke_text before the MMU is on");
     // SAFETY: the alias descriptor in the static pool; see `walk` for atomicity.
     let pte = unsafe { AtomicU64::from_ptr(pte_addr as *mut u64) };
-    let page = (addr & !(PAGE_SIZE - 1)) as u64;
-    let offset = addr & (PAGE_SIZE - 1);
+    let page = (first & !(PAGE_SIZE - 1)) as u64;
 
     let saved = cpu::mask_all();
     let guard = ALIAS_LOCK.lock();
@@ -500,9 +521,13 @@ pub unsafe fn poke_text(addr: usize, insn: u32) {
     // SAFETY: barriers only. DSB ISHST: the walker sees the new (previously invalid, so
     // no break-before-make) entry; ISB: our following accesses use it.
     unsafe { asm!("dsb ishst", "isb", options(nostack, preserves_flags)) };
-    // SAFETY: the alias maps `page` writable; `offset` keeps the access in that page and
-    // 4-byte aligned. The caller guarantees nobody executes the word unsafely meanwhile.
-    unsafe { core::ptr::write_volatile((ALIAS_VA + offset) as *mut u32, insn) };
+    for &(addr, insn) in words {
+        let offset = addr & (PAGE_SIZE - 1);
+        // SAFETY: the alias maps `page`, which holds every word (checked above),
+        // writable; `offset` keeps the access in it and 4-byte aligned. The caller
+        // guarantees nobody executes the words unsafely meanwhile.
+        unsafe { core::ptr::write_volatile((ALIAS_VA + offset) as *mut u32, insn) };
+    }
     pte.store(0, Ordering::Relaxed);
     // SAFETY: TLB maintenance and barriers only; `ALIAS_VA >> 12` is the TLBI operand
     // (VA[55:12], ASID ignored by VAALE1IS).

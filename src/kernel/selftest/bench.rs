@@ -240,3 +240,39 @@ pub fn bench(_: &Params) -> Verdict {
         online.len()
     ))
 }
+
+/// Every site of a 1000-entry batch, spanning pages and written in ascending and in
+/// descending order, holds its new instruction afterwards (the batched alias writes
+/// and the sorted-batch fast path of validation lose nothing).
+pub fn large_batches(_: &Params) -> Verdict {
+    let mut batches = BATCHES.lock();
+    fill_batches(&mut batches);
+    let pages = (bench_sites() + 4 * BENCH_SITES - 1) / 4096 - bench_sites() / 4096 + 1;
+    let other = movz(0x0b0b);
+    for descending in [false, true] {
+        for direction in 0..2 {
+            let batch = &mut batches[direction];
+            if descending {
+                batch.reverse();
+            }
+            let result = patch_machine(&STOP, &KERNEL_TEXT, &batch[..], OPTIONS);
+            if descending {
+                batch.reverse();
+            }
+            if let Err(err) = result {
+                fail!("{BENCH_SITES} sites (descending: {descending}): {err}");
+            }
+            let expected = if direction == 0 { other } else { NOP };
+            let wrong = (0..BENCH_SITES)
+                .filter(|i| KERNEL_TEXT.read_insn(bench_sites() + 4 * i) != expected)
+                .count();
+            check!(
+                wrong == 0,
+                "{wrong} of {BENCH_SITES} sites do not hold {expected:#010x} (descending: {descending})"
+            );
+        }
+    }
+    Verdict::Pass(msg!(
+        "{BENCH_SITES} sites over {pages} pages, both orders, both directions"
+    ))
+}

@@ -148,6 +148,11 @@ pub const TESTS: &[Test] = &[
         by_default: true,
     },
     Test {
+        name: "large_batches",
+        run: bench::large_batches,
+        by_default: true,
+    },
+    Test {
         name: "nosync",
         run: nosync,
         by_default: true,
