@@ -6,6 +6,9 @@
 //!   `cargo test` exercises the rendezvous, the instruction encoders and batch validation;
 //! - `x86_64-unknown-none` shares the same [`stop`] core through the [`stop::Arch`] trait.
 //!
+//! The [`porting`] reference maps Linux's x86 text patching and NMI machinery onto
+//! arm64, with links to the code here.
+//!
 //! The design follows Mark Rutland's arm64 `patch_machine()` series: every CPU must be
 //! quiescent, with every asynchronous exception masked, before the first byte changes.
 #![cfg_attr(target_os = "none", no_std)]
@@ -21,6 +24,13 @@ pub mod patch;
 pub mod stop;
 
 pub mod arch;
+
+/// The porting reference (`docs/porting.md`): each x86 mechanism of the seed posts next
+/// to its arm64 counterpart and the code implementing each side, and what the
+/// [`stop::Arch`] trait asks of a third architecture.
+pub mod porting {
+    #![doc = include_str!("../docs/porting.md")]
+}
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod kernel;
