@@ -38,6 +38,16 @@ pub fn cmdline() -> &'static str {
     }
 }
 
+/// The value of bootarg `key=value`, if present (the last one wins).
+pub fn bootarg(key: &str) -> Option<&'static str> {
+    cmdline()
+        .split_ascii_whitespace()
+        .filter_map(|a| a.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .next_back()
+}
+
 fn read<T: Copy>(pa: u64) -> T {
     // SAFETY: PVH start info fields and the command line lie in RAM that the boot map
     // identity-maps; read before anything reuses low memory.
@@ -121,6 +131,9 @@ extern "C" fn boot_main() -> ! {
     );
     let _ = missing;
     cpu::sti();
+    if let Some(mode) = bootarg("platform_selftest") {
+        selftest::provoke(mode);
+    }
     let ok = selftest::run(&cpus);
     exit::exit(ok)
 }

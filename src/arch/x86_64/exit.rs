@@ -2,7 +2,7 @@
 //! exit with status (v << 1) | 1. Success is 0x10 (status 33), failure 0x11 (35):
 //! both differ from 0, which is what a triple fault under `-no-reboot` gives.
 
-use super::{console, cpu};
+use super::{console, cpu, timer};
 
 const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// QEMU exit status 33.
@@ -15,6 +15,9 @@ pub fn exit(success: bool) -> ! {
     cpu::cli_save();
     console::flush_for_exit();
     cpu::outl(DEBUG_EXIT_PORT, if success { SUCCESS } else { FAILURE });
+    // QEMU ends the run asynchronously to the vCPU: give it a moment before deciding
+    // the device is missing.
+    timer::delay_ns(500_000_000);
     console::write_raw_forced(b"exit: no isa-debug-exit device; halting\n");
     cpu::halt_forever()
 }

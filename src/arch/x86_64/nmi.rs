@@ -45,11 +45,17 @@ pub fn send_nmi(targets: CpuSet) {
     cpu::restore_if(saved);
 }
 
-/// Sends an NMI to every other online CPU with the all-excluding-self shorthand.
+/// Sends an NMI to every other online CPU with the all-excluding-self shorthand, or
+/// one by one when some CPU the MADT lists is not online: the shorthand would also hit
+/// a CPU still waiting for its SIPI, and QEMU then starts it at the reset vector.
 #[unsafe(link_section = ".text.nopatch")]
 pub fn send_nmi_all_but_self() {
-    let saved = cpu::cli_save();
     let others = smp::online_cpus().without(cpu::current_cpu());
+    if smp::online_cpus().len() != smp::present() {
+        send_nmi(others);
+        return;
+    }
+    let saved = cpu::cli_save();
     for t in others.iter() {
         request(t);
     }

@@ -1,10 +1,16 @@
 //! KTAP self-tests of the x86_64 port, run on the boot CPU once every CPU is up.
-//! Bootargs: `tests=all|name,name,...`; anything else is reported as a failing line.
+//! Bootargs: `tests=all|name,name,...`; `platform_offline_cpu=N` (never start CPU N:
+//! `cpus_online` must then fail naming it); `platform_selftest=<mode>` provokes one
+//! fatal condition before the tests, which must be reported and end the run with the
+//! failure status: `text_write` (store to kernel text), `exec_data` (call into a
+//! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`.
+//! Anything else is reported as a failing KTAP line.
 
-use super::{STOP, boot, madt, nmi, smp, timer};
+use super::{STOP, boot, layout, madt, nmi, paging, smp, timer};
 use crate::ktap::{Ktap, Outcome};
 use crate::stop::{StopError, StopOptions};
 use crate::{CpuSet, kprint};
+use core::arch::global_asm;
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -73,8 +79,9 @@ struct Ctx<'a> {
 
 type Test = fn(&Ctx<'_>) -> Verdict;
 
-const TESTS: [(&str, Test); 5] = [
+const TESTS: [(&str, Test); 6] = [
     ("cpus_online", cpus_online),
+    ("poke_text", poke_text),
     ("stop_machine_active_cpus", stop_machine_active_cpus),
     ("stop_machine_errors", stop_machine_errors),
     ("nmi_ipi", nmi_ipi),
@@ -91,9 +98,128 @@ fn cpus_online(ctx: &Ctx<'_>) -> Verdict {
     (Outcome::Pass, msg!("{expected} CPUs"))
 }
 
+global_asm!(
+    ".pushsection .text.pm_poke_target, \"ax\"",
+    ".balign 16",
+    ".global pm_poke_target",
+    "pm_poke_target:",
+    "    mov eax, 0x11111111",
+    "    ret",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    /// Returns the immediate of its `mov eax, imm32` (bytes 1..5).
+    fn pm_poke_target() -> u32;
+}
+
+fn call_target() -> u32 {
+    // SAFETY: pm_poke_target is a leaf function following the C ABI.
+    unsafe { pm_poke_target() }
+}
+
+/// Text written through the alias is what runs afterwards, on this CPU and (inside a
+/// stop-machine call, which serialises every CPU) on all others; the alias is gone
+/// afterwards, and text stays read-only and executable.
+fn poke_text(_: &Ctx<'_>) -> Verdict {
+    let site = pm_poke_target as *const () as usize + 1;
+    let (ts, te) = layout::text();
+    check!((ts..te).contains(&site), "target {site:#x} outside text");
+    check!(
+        call_target() == 0x1111_1111,
+        "target returns {:#x}",
+        call_target()
+    );
+    paging::poke_text(site, &0x2222_2222u32.to_le_bytes());
+    check!(
+        !paging::alias_mapped(),
+        "alias still mapped after poke_text"
+    );
+    check!(
+        call_target() == 0x2222_2222,
+        "after poke: {:#x}",
+        call_target()
+    );
+    let seen = AtomicU32::new(0);
+    let result = STOP.stop_machine(
+        &|c| {
+            if c == 0 {
+                paging::poke_text(site, &0x3333_3333u32.to_le_bytes());
+            }
+            Ok(())
+        },
+        CpuSet::single(0),
+        OPTIONS,
+    );
+    check!(result.is_ok(), "stop_machine: {}", result.unwrap_err());
+    // Every other CPU serialised on its way out of the call: let them run the target.
+    let others = smp::online_cpus().without(0);
+    let run = STOP.stop_machine(
+        &|c| {
+            if call_target() == 0x3333_3333 {
+                seen.fetch_or(1 << c, Ordering::Relaxed);
+            }
+            Ok(())
+        },
+        smp::online_cpus(),
+        OPTIONS,
+    );
+    check!(run.is_ok(), "second stop_machine: {}", run.unwrap_err());
+    let seen = CpuSet::from_bits(seen.load(Ordering::Relaxed));
+    check!(
+        seen == smp::online_cpus(),
+        "new text seen on {seen} only (others {others})"
+    );
+    paging::poke_text(site, &0x1111_1111u32.to_le_bytes());
+    check!(
+        call_target() == 0x1111_1111,
+        "restore: {:#x}",
+        call_target()
+    );
+    check!(!paging::alias_mapped(), "alias still mapped");
+    (
+        Outcome::Pass,
+        msg!("written through the alias, seen on {seen}"),
+    )
+}
+
+/// A scratch data word (writable, so mapped non-executable).
+static DATA_WORD: AtomicU64 = AtomicU64::new(0xc3); // `ret`
+
+/// Provokes the fatal condition `mode` (see the module docs); returns only for an
+/// unknown mode, which is then reported.
+pub fn provoke(mode: &str) {
+    crate::kprintln!("# platform_selftest={mode}: expecting a fatal report");
+    match mode {
+        "text_write" => {
+            let p = pm_poke_target as *const () as *mut u8;
+            // SAFETY: deliberately faults: text is mapped read-only (CR0.WP is set).
+            unsafe { p.write_volatile(0x90) };
+        }
+        "exec_data" => {
+            // SAFETY: deliberately faults: data pages are non-executable.
+            let f: extern "C" fn() = unsafe { core::mem::transmute(DATA_WORD.as_ptr()) };
+            f();
+        }
+        "null" => {
+            // SAFETY: deliberately faults: page 0 is not mapped.
+            let v = unsafe { core::ptr::read_volatile(core::ptr::null::<u64>().wrapping_add(1)) };
+            crate::kprintln!("read {v:#x} from page 0");
+        }
+        // SAFETY: deliberately raises #UD.
+        "ud" => unsafe { core::arch::asm!("ud2") },
+        "panic" => panic!("platform_selftest=panic"),
+        _ => {
+            crate::kprintln!("# platform_selftest: unknown mode '{mode}'");
+            return;
+        }
+    }
+    crate::kprintln!("# platform_selftest={mode}: no fault happened");
+}
+
 fn stop_machine_active_cpus(_: &Ctx<'_>) -> Verdict {
     let online = smp::online_cpus();
-    let last = online.len() - 1;
+    let last = online.iter().last().unwrap_or(0);
     let odd = online
         .iter()
         .filter(|c| c % 2 == 1)
@@ -333,6 +459,9 @@ pub fn run(cpus: &madt::Cpus) -> bool {
                 }
             }
             Some(("tests", _)) => {}
+            Some(("platform_offline_cpu", v)) if v.parse::<usize>().is_ok() => {}
+            Some(("platform_selftest", m))
+                if ["text_write", "exec_data", "null", "ud", "panic"].contains(&m) => {}
             _ => push_unknown(arg),
         }
     }

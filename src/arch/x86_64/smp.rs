@@ -90,6 +90,9 @@ pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) 
     PRESENT.store(cpus.count, Ordering::Relaxed);
     set_param(0, paging::cr3());
     set_param(2, ap_entry as *const () as u64);
+    // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
+    let offline =
+        super::boot::bootarg("platform_offline_cpu").and_then(|v| v.parse::<usize>().ok());
     let mut missing = [None; MAX_CPUS];
     let mut n_missing = 0;
     for (index, &id) in (1..).zip(cpus.apic_ids[..cpus.count].iter().filter(|&&id| id != me)) {
@@ -98,13 +101,15 @@ pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) 
         // Release pairs with the AP's Acquire load in `ap_entry`: it sees its
         // parameters and APIC ID.
         STARTING.store(index, Ordering::Release);
-        let saved = cpu::cli_save();
-        apic::send_ipi(id, apic::DM_INIT);
-        cpu::restore_if(saved);
-        timer::delay_ns(10_000_000);
+        if offline != Some(index) {
+            let saved = cpu::cli_save();
+            apic::send_ipi(id, apic::DM_INIT);
+            cpu::restore_if(saved);
+            timer::delay_ns(10_000_000);
+        }
         let sipi = apic::DM_SIPI | (layout::TRAMPOLINE_BASE >> 12) as u32;
         for _ in 0..2 {
-            if online_cpus().contains(index) {
+            if online_cpus().contains(index) || offline == Some(index) {
                 break;
             }
             let saved = cpu::cli_save();
