@@ -164,7 +164,7 @@ fn fatal(frame: &TrapFrame) -> ! {
     cpu::cli_save();
     let v = frame.vector as usize;
     console::write_forced(format_args!(
-        "\nFATAL exception on cpu {}: vector {} ({}), error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RFLAGS {:#x}\n{:#x?}\n",
+        "\nUNEXPECTED EXCEPTION on cpu {}: vector {} ({}), error code {:#x}, RIP {:#018x}, CR2 {:#018x}, RFLAGS {:#x}\n{:#x?}\n",
         cpu::current_cpu(),
         v,
         NAMES.get(v).copied().unwrap_or("?"),
