@@ -298,16 +298,16 @@ fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
     let missing: Vec<&&str> = report.iter().filter(|w| !serial.contains(**w)).collect();
     if boot.out.status.success() || !missing.is_empty() {
         let first = format!(
-            "{} [{}]: should fail and report {report:?}; qemu.sh exit {}, missing {missing:?}",
+            "{} [{}]: should fail and report {report:?}; qemu.sh {}, missing {missing:?}",
             cell.name,
             cell.describe(),
             boot.out.status
         );
         annotate(cell, &first);
         panic!(
-            "{first}\n  {}\n  rerun this cell: {}\n  qemu.sh command: {}\n  full serial log: {}\n\
+            "{first}\n  qemu.sh verdict: {}\n  rerun this cell: {}\n  qemu.sh command: {}\n  full serial log: {}\n\
              --- last {TAIL_LINES} lines of serial output ---\n{}",
-            boot.verdict,
+            boot.verdict.trim_start_matches("qemu.sh: "),
             rerun(cell),
             boot.shown,
             boot.log.display(),
