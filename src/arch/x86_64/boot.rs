@@ -12,7 +12,7 @@ global_asm!(
     include_str!("../../../boot/x86_64/entry.S"),
     start_info = sym START_INFO,
     stack = sym layout::X86_STACKS,
-    stack_size = const layout::STACK_SIZE,
+    stack_size = const layout::STACK_SIZE + 4096,
     pml4 = sym paging::BOOT_PML4,
     pdpt = sym paging::BOOT_PDPT,
     pd = sym paging::BOOT_PD,

@@ -87,8 +87,9 @@ fn with_line_buf(f: impl FnOnce(&mut LineBuf)) {
 impl LineBuf {
     fn flush(&mut self) {
         if self.len > 0 {
-            let _guard = UART_LOCK.lock();
-            write_uart(&self.bytes[..self.len]);
+            // Bounded: past FORCE_WAIT_NS the holder is presumed stuck and the lock is
+            // broken, as on the fatal path.
+            write_raw_forced(&self.bytes[..self.len]);
             self.len = 0;
         }
     }

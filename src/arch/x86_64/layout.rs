@@ -55,11 +55,17 @@ pub struct Stacks<const N: usize>(UnsafeCell<[u8; N]>);
 // only computes addresses inside it.
 unsafe impl<const N: usize> Sync for Stacks<N> {}
 
-/// Kernel stacks: CPU `i` runs on `[i * STACK_SIZE, (i + 1) * STACK_SIZE)`.
+/// A stack slot: one unmapped guard page below each kernel stack, so an overflow
+/// faults (and the #PF, unable to push on the dead stack, becomes a #DF on its IST
+/// stack, which reports it) instead of running into the next CPU's stack.
+const STACK_SLOT: usize = STACK_SIZE + GUARD_SIZE;
+const GUARD_SIZE: usize = 4096;
+
+/// Kernel stacks: CPU `i` has slot `i`, a guard page then its stack.
 #[unsafe(link_section = ".pm_stacks")]
 #[unsafe(no_mangle)]
-pub static X86_STACKS: Stacks<{ STACK_SIZE * MAX_CPUS }> =
-    Stacks(UnsafeCell::new([0; STACK_SIZE * MAX_CPUS]));
+pub static X86_STACKS: Stacks<{ STACK_SLOT * MAX_CPUS }> =
+    Stacks(UnsafeCell::new([0; STACK_SLOT * MAX_CPUS]));
 
 #[unsafe(link_section = ".pm_stacks")]
 static IST_STACKS: Stacks<{ IST_SIZE * 3 * MAX_CPUS }> =
@@ -67,7 +73,13 @@ static IST_STACKS: Stacks<{ IST_SIZE * 3 * MAX_CPUS }> =
 
 /// Top of CPU `cpu`'s kernel stack.
 pub fn stack_top(cpu: usize) -> usize {
-    X86_STACKS.0.get() as usize + (cpu + 1) * STACK_SIZE
+    X86_STACKS.0.get() as usize + (cpu + 1) * STACK_SLOT
+}
+
+/// Whether the page at `pa` is a stack guard page (left unmapped).
+pub fn is_stack_guard(pa: usize) -> bool {
+    let base = X86_STACKS.0.get() as usize;
+    pa >= base && pa < base + STACK_SLOT * MAX_CPUS && (pa - base) % STACK_SLOT < GUARD_SIZE
 }
 
 /// Top of CPU `cpu`'s IST stack `which` (0 NMI, 1 #DF, 2 #MC).

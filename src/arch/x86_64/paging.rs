@@ -1,7 +1,8 @@
 //! The identity map with W^X, and the text-patching alias.
 //!
 //! 0..8 MiB is mapped with 4 KiB pages: kernel text read-only and executable, the AP
-//! trampoline page read-only and executable, page 0 absent (null pointers fault), and
+//! trampoline page read-only and executable, page 0 and the stack guard pages absent
+//! (null pointers and stack overflows fault), and
 //! everything else (rodata read-only) non-executable. 8 MiB..4 GiB (RAM, ACPI tables,
 //! the xAPIC page) is 2 MiB pages, read-write, non-executable. CR0.WP makes read-only
 //! binding for the kernel too: text is never writable through the identity map.
@@ -10,7 +11,7 @@
 //! pages mapped read-write and non-executable for the duration of one write, then
 //! unmapped and flushed from this CPU's TLB.
 
-use super::{cpu, layout};
+use super::{cpu, layout, timer};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -75,7 +76,7 @@ pub fn init() {
     for (i, pt) in PT.iter().enumerate() {
         for (j, e) in pt.0.iter().enumerate() {
             let pa = (i << 21) | (j << 12);
-            let flags = if pa == 0 {
+            let flags = if pa == 0 || layout::is_stack_guard(pa) {
                 0
             } else if (ts..te).contains(&pa) || pa == tramp {
                 P
@@ -146,7 +147,18 @@ pub fn poke_text(addr: usize, bytes: &[u8]) {
     let page = addr & !0xfff;
     assert!(end <= page + 0x2000, "poke_text: more than two pages");
     let saved = cpu::cli_save();
-    let guard = ALIAS_LOCK.lock();
+    // Bounded: the holder keeps it for a few stores with interrupts off.
+    let start = timer::now_ns();
+    let guard = loop {
+        if let Some(g) = ALIAS_LOCK.try_lock() {
+            break g;
+        }
+        assert!(
+            timer::now_ns() - start < 1_000_000_000,
+            "poke_text: the text alias lock was held for a second"
+        );
+        cpu::pause();
+    };
     for i in 0..2 {
         // Relaxed: the MMU walk after the invlpg below (a compiler barrier in program
         // order on this CPU) sees the store; no other CPU uses the alias.

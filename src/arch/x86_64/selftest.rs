@@ -3,7 +3,8 @@
 //! `cpus_online` must then fail naming it); `platform_selftest=<mode>` provokes one
 //! fatal condition before the tests, which must be reported and end the run with the
 //! failure status: `text_write` (store to kernel text), `exec_data` (call into a
-//! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`.
+//! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`,
+//! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
 //! Anything else is reported as a failing KTAP line.
 
 use super::{STOP, boot, layout, madt, nmi, paging, smp, timer};
@@ -183,6 +184,13 @@ fn poke_text(_: &Ctx<'_>) -> Verdict {
     )
 }
 
+/// Recurses without end (each frame keeps a live buffer), into the stack guard page.
+#[allow(unconditional_recursion, reason = "overflowing the stack is the point")]
+fn recurse(n: u64) -> u64 {
+    let buf = core::hint::black_box([n; 64]);
+    recurse(buf[7] + 1) + buf[3]
+}
+
 /// A scratch data word (writable, so mapped non-executable).
 static DATA_WORD: AtomicU64 = AtomicU64::new(0xc3); // `ret`
 
@@ -209,6 +217,10 @@ pub fn provoke(mode: &str) {
         // SAFETY: deliberately raises #UD.
         "ud" => unsafe { core::arch::asm!("ud2") },
         "panic" => panic!("platform_selftest=panic"),
+        "overflow" => {
+            let depth = recurse(core::hint::black_box(0));
+            crate::kprintln!("recursed {depth} times");
+        }
         _ => {
             crate::kprintln!("# platform_selftest: unknown mode '{mode}'");
             return;
@@ -461,7 +473,7 @@ pub fn run(cpus: &madt::Cpus) -> bool {
             Some(("tests", _)) => {}
             Some(("platform_offline_cpu", v)) if v.parse::<usize>().is_ok() => {}
             Some(("platform_selftest", m))
-                if ["text_write", "exec_data", "null", "ud", "panic"].contains(&m) => {}
+                if ["text_write", "exec_data", "null", "ud", "panic", "overflow"].contains(&m) => {}
             _ => push_unknown(arg),
         }
     }
