@@ -63,13 +63,15 @@ impl HostText {
 // SAFETY: a plain in-memory array: every address in `text_range` is backed, writes are
 // single atomic stores, and "instruction fetch" is an atomic load.
 unsafe impl Text for HostText {
+    type Insn = u32;
+
     fn text_range(&self) -> Range<usize> {
         BASE..BASE + WORDS * 4
     }
     fn protected_ranges(&self) -> &[Range<usize>] {
         &self.protected
     }
-    fn read_insn(&self, addr: usize) -> u32 {
+    fn read_insn(&self, addr: usize, _len: usize) -> u32 {
         self.at(addr).load(Ordering::Relaxed)
     }
     unsafe fn write_insn(&self, addr: usize, insn: u32) {
@@ -267,6 +269,6 @@ fn nosync_accepts_only_cmodx_safe_pairs() {
         Err(PatchError::NotCmodxSafe { index: 1, .. })
     ));
     // The refused mixed batch left even its valid first entry alone.
-    assert_eq!(text.read_insn(addr(7)), b);
-    assert_eq!(text.read_insn(addr(8)), movz(8));
+    assert_eq!(text.read_insn(addr(7), 4), b);
+    assert_eq!(text.read_insn(addr(8), 4), movz(8));
 }

@@ -50,6 +50,8 @@ pub static KERNEL_TEXT: KernelText = KernelText {
 // range; `mmu::poke_text` writes one aligned word through a temporary alias and never
 // makes text writable; `cache::sync_icache_range` is DC CVAU, DSB ISH, IC IVAU, DSB ISH.
 unsafe impl Text for KernelText {
+    type Insn = Insn;
+
     fn text_range(&self) -> Range<usize> {
         layout::text_range()
     }
@@ -60,7 +62,7 @@ unsafe impl Text for KernelText {
     }
 
     #[unsafe(link_section = ".text.nopatch")]
-    fn read_insn(&self, addr: usize) -> Insn {
+    fn read_insn(&self, addr: usize, _len: usize) -> Insn {
         // SAFETY: validation established that `addr` is aligned and inside mapped text.
         unsafe { core::ptr::read_volatile(addr as *const Insn) }
     }

@@ -6,6 +6,7 @@
 //! a temporary writable alias, so kernel text is never writable.
 
 pub mod insn;
+pub mod x86;
 
 use crate::CpuSet;
 use crate::stop::{Arch, Quiescence, StopError, StopMachine, StopOptions};
@@ -13,21 +14,55 @@ use core::fmt;
 use core::ops::Range;
 use insn::Insn;
 
-/// One instruction to replace: at `addr`, `old` must be there and becomes `new`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Patch {
-    /// Address of the instruction (4-byte aligned, inside kernel text).
-    pub addr: usize,
-    /// The instruction expected there now.
-    pub old: Insn,
-    /// The instruction to write.
-    pub new: Insn,
+/// An instruction encoding as the patcher moves it: fixed-size words on arm64
+/// ([`insn::Insn`]), byte strings on x86 ([`x86::Insn`]).
+pub trait Instruction: Copy + Eq + fmt::Debug + fmt::LowerHex + Send + Sync + 'static {
+    /// The alignment a patch site needs.
+    const ALIGN: usize;
+    /// Which pairs [`patch_nosync`] accepts, for its refusal message.
+    const CMODX_RULE: &'static str;
+
+    /// Bytes the encoding occupies.
+    fn size(&self) -> usize;
+
+    /// Whether `old` may be replaced by `new` while another CPU may execute it.
+    fn cmodx_pair_allowed(old: Self, new: Self) -> bool;
 }
 
-impl Patch {
+impl Instruction for Insn {
+    const ALIGN: usize = 4;
+    const CMODX_RULE: &'static str = "only B, BL, BRK, HVC, ISB, NOP, SMC, SVC pairs can";
+
+    fn size(&self) -> usize {
+        4
+    }
+
+    fn cmodx_pair_allowed(old: Self, new: Self) -> bool {
+        insn::cmodx_pair_allowed(old, new)
+    }
+}
+
+/// One instruction to replace: at `addr`, `old` must be there and becomes `new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patch<I: Instruction = Insn> {
+    /// Address of the instruction (aligned to [`Instruction::ALIGN`], inside kernel
+    /// text).
+    pub addr: usize,
+    /// The instruction expected there now.
+    pub old: I,
+    /// The instruction to write (as long as `old`).
+    pub new: I,
+}
+
+impl<I: Instruction> Patch<I> {
     /// Replace `old` at `addr` with `new`.
-    pub const fn new(addr: usize, old: Insn, new: Insn) -> Self {
+    pub const fn new(addr: usize, old: I, new: I) -> Self {
         Patch { addr, old, new }
+    }
+
+    /// The bytes the entry changes.
+    pub fn range(&self) -> Range<usize> {
+        self.addr..self.addr + self.old.size()
     }
 
     /// The same site patched back.
@@ -47,12 +82,16 @@ impl Patch {
 /// - [`text_range`](Text::text_range) covers only mapped, executable kernel text, and
 ///   [`protected_ranges`](Text::protected_ranges) cover every instruction the
 ///   rendezvous, the exception entry paths and the writer themselves execute.
-/// - [`write_insn`](Text::write_insn) stores the word with a single-copy-atomic 32-bit
-///   write visible at `addr`, without ever making `addr`'s own mapping writable.
+/// - [`write_insn`](Text::write_insn) stores the instruction visibly at `addr` (arm64:
+///   one single-copy-atomic 32-bit write), without ever making `addr`'s own mapping
+///   writable.
 /// - [`sync_icache`](Text::sync_icache) makes the range coherent between data and
 ///   instruction side for every CPU, to the point of unification, and waits for that to
 ///   complete (arm64: DC CVAU, DSB ISH, IC IVAU, DSB ISH).
 pub unsafe trait Text: Sync {
+    /// The instruction encoding of this text.
+    type Insn: Instruction;
+
     /// All of kernel text.
     fn text_range(&self) -> Range<usize>;
 
@@ -60,15 +99,16 @@ pub unsafe trait Text: Sync {
     /// patching path run.
     fn protected_ranges(&self) -> &[Range<usize>];
 
-    /// Reads the instruction at `addr`, which validation found aligned and in text.
-    fn read_insn(&self, addr: usize) -> Insn;
+    /// Reads the `len`-byte instruction at `addr`, which validation found aligned and
+    /// in text.
+    fn read_insn(&self, addr: usize, len: usize) -> Self::Insn;
 
     /// Writes `insn` at `addr` through a temporary writable alias.
     ///
     /// # Safety
     /// `addr` passed validation, and no CPU may execute it unless the pair is
     /// CMODX-safe or every other CPU is quiescent.
-    unsafe fn write_insn(&self, addr: usize, insn: Insn);
+    unsafe fn write_insn(&self, addr: usize, insn: Self::Insn);
 
     /// Cleans the D-cache and invalidates the I-cache for `range` to the point of
     /// unification, on every CPU, and waits for completion.
@@ -81,11 +121,11 @@ pub unsafe trait Text: Sync {
     ///
     /// # Safety
     /// As [`write_insn`](Text::write_insn), for every entry.
-    unsafe fn write_batch(&self, batch: &[Patch]) {
+    unsafe fn write_batch(&self, batch: &[Patch<Self::Insn>]) {
         for patch in batch {
             // SAFETY: forwarded from the caller.
             unsafe { self.write_insn(patch.addr, patch.new) };
-            self.sync_icache(patch.addr..patch.addr + 4);
+            self.sync_icache(patch.range());
         }
     }
 
@@ -96,15 +136,26 @@ pub unsafe trait Text: Sync {
 
 /// Why a batch was refused or failed. Every refusal happens before any byte changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PatchError {
+pub enum PatchError<I: Instruction = Insn> {
     /// The batch has no entries.
     EmptyBatch,
-    /// Entry `index` is not 4-byte aligned.
+    /// Entry `index` is not aligned to [`Instruction::ALIGN`].
     Misaligned {
         /// Position in the batch.
         index: usize,
         /// The address given.
         addr: usize,
+    },
+    /// Entry `index` replaces an instruction by one of another length.
+    LengthMismatch {
+        /// Position in the batch.
+        index: usize,
+        /// The address given.
+        addr: usize,
+        /// Length of the old instruction.
+        old_len: usize,
+        /// Length of the new one.
+        new_len: usize,
     },
     /// Entry `index` is not inside kernel text.
     OutsideText {
@@ -131,30 +182,31 @@ pub enum PatchError {
         /// The address given.
         addr: usize,
         /// The instruction the entry expected.
-        expected: Insn,
+        expected: I,
         /// The instruction found.
-        found: Insn,
+        found: I,
     },
-    /// Entry `index` patches the same address as entry `first`.
+    /// Entry `index` patches bytes that entry `first` patches too.
     Duplicate {
         /// Position in the batch.
         index: usize,
-        /// The earlier entry with the same address.
+        /// The earlier entry it overlaps.
         first: usize,
         /// The address.
         addr: usize,
     },
     /// Entry `index` changes an instruction pair that may not be modified while it can
-    /// execute; only B, BL, BRK, HVC, ISB, NOP, SMC and SVC pairs can.
+    /// execute (arm64: only B, BL, BRK, HVC, ISB, NOP, SMC and SVC pairs can; x86: none,
+    /// use the INT3 protocol or `patch_machine`).
     NotCmodxSafe {
         /// Position in the batch.
         index: usize,
         /// The address given.
         addr: usize,
         /// Current instruction.
-        old: Insn,
+        old: I,
         /// Requested instruction.
-        new: Insn,
+        new: I,
     },
     /// Another writer held the text for the whole arrival timeout; nothing was written.
     Busy {
@@ -165,13 +217,27 @@ pub enum PatchError {
     Stop(StopError),
 }
 
-impl fmt::Display for PatchError {
+impl<I: Instruction> fmt::Display for PatchError<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             PatchError::EmptyBatch => f.write_str("empty batch"),
             PatchError::Misaligned { index, addr } => {
-                write!(f, "entry {index} ({addr:#x}): not 4-byte aligned")
+                write!(
+                    f,
+                    "entry {index} ({addr:#x}): not {}-byte aligned",
+                    I::ALIGN
+                )
             }
+            PatchError::LengthMismatch {
+                index,
+                addr,
+                old_len,
+                new_len,
+            } => write!(
+                f,
+                "entry {index} ({addr:#x}): replaces a {old_len}-byte instruction with a \
+                 {new_len}-byte one"
+            ),
             PatchError::OutsideText { index, addr, text } => write!(
                 f,
                 "entry {index} ({addr:#x}): outside kernel text {:#x}..{:#x}",
@@ -191,10 +257,9 @@ impl fmt::Display for PatchError {
                 f,
                 "entry {index} ({addr:#x}): expected old instruction {expected:#010x}, found {found:#010x}"
             ),
-            PatchError::Duplicate { index, first, addr } => write!(
-                f,
-                "entry {index} ({addr:#x}): same address as entry {first}"
-            ),
+            PatchError::Duplicate { index, first, addr } => {
+                write!(f, "entry {index} ({addr:#x}): overlaps entry {first}")
+            }
             PatchError::NotCmodxSafe {
                 index,
                 addr,
@@ -203,7 +268,8 @@ impl fmt::Display for PatchError {
             } => write!(
                 f,
                 "entry {index} ({addr:#x}): {old:#010x} -> {new:#010x} may not change while it \
-                 can execute (only B, BL, BRK, HVC, ISB, NOP, SMC, SVC pairs can); use patch_machine"
+                 can execute ({}); use patch_machine",
+                I::CMODX_RULE
             ),
             PatchError::Busy { waited_ns } => write!(
                 f,
@@ -215,7 +281,7 @@ impl fmt::Display for PatchError {
     }
 }
 
-impl From<StopError> for PatchError {
+impl<I: Instruction> From<StopError> for PatchError<I> {
     fn from(err: StopError) -> Self {
         PatchError::Stop(err)
     }
@@ -223,37 +289,57 @@ impl From<StopError> for PatchError {
 
 /// Checks every entry of `batch` against the current text; the first problem found is
 /// returned and nothing is written.
-pub fn validate(text: &impl Text, batch: &[Patch]) -> Result<(), PatchError> {
+pub fn validate<T: Text>(text: &T, batch: &[Patch<T::Insn>]) -> Result<(), PatchError<T::Insn>> {
     if batch.is_empty() {
         return Err(PatchError::EmptyBatch);
     }
     let text_range = text.text_range();
     // Batches are usually sorted by address: then no entry can repeat an earlier one,
     // and the quadratic search below is skipped (1000 sites: 500,000 comparisons).
-    let ascending = batch.windows(2).all(|pair| pair[0].addr < pair[1].addr);
+    let ascending = batch
+        .windows(2)
+        .all(|pair| pair[0].range().end <= pair[1].addr);
     for (index, patch) in batch.iter().enumerate() {
         let addr = patch.addr;
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(T::Insn::ALIGN) {
             return Err(PatchError::Misaligned { index, addr });
         }
-        if !(text_range.start <= addr && addr.saturating_add(4) <= text_range.end) {
+        let len = patch.old.size();
+        if patch.new.size() != len {
+            return Err(PatchError::LengthMismatch {
+                index,
+                addr,
+                old_len: len,
+                new_len: patch.new.size(),
+            });
+        }
+        if !(text_range.start <= addr && addr.saturating_add(len) <= text_range.end) {
             return Err(PatchError::OutsideText {
                 index,
                 addr,
                 text: (text_range.start, text_range.end),
             });
         }
-        if let Some(range) = text.protected_ranges().iter().find(|r| r.contains(&addr)) {
+        let end = addr + len;
+        if let Some(range) = text
+            .protected_ranges()
+            .iter()
+            .find(|r| r.start < end && addr < r.end)
+        {
             return Err(PatchError::Protected {
                 index,
                 addr,
                 range: (range.start, range.end),
             });
         }
-        if !ascending && let Some(first) = batch[..index].iter().position(|p| p.addr == addr) {
+        if !ascending
+            && let Some(first) = batch[..index]
+                .iter()
+                .position(|p| p.addr < end && addr < p.range().end)
+        {
             return Err(PatchError::Duplicate { index, first, addr });
         }
-        let found = text.read_insn(addr);
+        let found = text.read_insn(addr, len);
         if found != patch.old {
             return Err(PatchError::OldMismatch {
                 index,
@@ -298,9 +384,9 @@ pub const ECHANGED: i32 = -11; // -EAGAIN
 pub fn patch_machine<A: Arch, T: Text>(
     stop: &StopMachine<A>,
     text: &T,
-    batch: &[Patch],
+    batch: &[Patch<T::Insn>],
     options: StopOptions,
-) -> Result<PatchReport, PatchError> {
+) -> Result<PatchReport, PatchError<T::Insn>> {
     // Waiting here keeps interrupts enabled: the holder may be stopping the machine.
     let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
     validate(text, batch)?;
@@ -323,7 +409,7 @@ pub fn patch_machine<A: Arch, T: Text>(
 fn write_stopped<A: Arch, T: Text>(
     stop: &StopMachine<A>,
     text: &T,
-    batch: &[Patch],
+    batch: &[Patch<T::Insn>],
     report: &spin::Mutex<Option<PatchReport>>,
 ) -> Result<(), i32> {
     let quiescence = stop.quiescence();
@@ -334,7 +420,10 @@ fn write_stopped<A: Arch, T: Text>(
     }
     // Writers are serialised, so the text cannot have changed since validation unless
     // someone bypassed `Text`; re-checking is cheap next to a rendezvous.
-    if batch.iter().any(|p| text.read_insn(p.addr) != p.old) {
+    if batch
+        .iter()
+        .any(|p| text.read_insn(p.addr, p.old.size()) != p.old)
+    {
         return Err(ECHANGED);
     }
     let first_write_stamp = stop.stamp();
@@ -360,8 +449,8 @@ fn write_stopped<A: Arch, T: Text>(
 pub fn patch_nosync<A: Arch, T: Text>(
     arch: &A,
     text: &T,
-    batch: &[Patch],
-) -> Result<(), PatchError> {
+    batch: &[Patch<T::Insn>],
+) -> Result<(), PatchError<T::Insn>> {
     let _writer = lock_bounded(
         arch,
         text.writer_lock(),
@@ -371,7 +460,7 @@ pub fn patch_nosync<A: Arch, T: Text>(
     if let Some((index, patch)) = batch
         .iter()
         .enumerate()
-        .find(|(_, p)| !insn::cmodx_pair_allowed(p.old, p.new))
+        .find(|(_, p)| !T::Insn::cmodx_pair_allowed(p.old, p.new))
     {
         return Err(PatchError::NotCmodxSafe {
             index,
@@ -384,18 +473,18 @@ pub fn patch_nosync<A: Arch, T: Text>(
         // SAFETY: validated; both instructions are CMODX-safe, so a CPU executing the
         // site concurrently sees either the old or the new one.
         unsafe { text.write_insn(patch.addr, patch.new) };
-        text.sync_icache(patch.addr..patch.addr + 4);
+        text.sync_icache(patch.range());
     }
     arch.sync_context();
     Ok(())
 }
 
 /// Takes `lock`, giving up after `timeout_ns`.
-fn lock_bounded<'a, A: Arch>(
+fn lock_bounded<'a, A: Arch, I: Instruction>(
     arch: &A,
     lock: &'a spin::Mutex<()>,
     timeout_ns: u64,
-) -> Result<spin::MutexGuard<'a, ()>, PatchError> {
+) -> Result<spin::MutexGuard<'a, ()>, PatchError<I>> {
     let start = arch.now_ns();
     loop {
         if let Some(guard) = lock.try_lock() {

@@ -213,7 +213,7 @@ pub fn bench(_: &Params) -> Verdict {
         }
     }
     let first = bench_sites();
-    if KERNEL_TEXT.read_insn(first) != NOP {
+    if KERNEL_TEXT.read_insn(first, 4) != NOP {
         let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
     }
     drop(batches);
@@ -264,7 +264,7 @@ pub fn large_batches(_: &Params) -> Verdict {
             }
             let expected = if direction == 0 { other } else { NOP };
             let wrong = (0..BENCH_SITES)
-                .filter(|i| KERNEL_TEXT.read_insn(bench_sites() + 4 * i) != expected)
+                .filter(|i| KERNEL_TEXT.read_insn(bench_sites() + 4 * i, 4) != expected)
                 .count();
             check!(
                 wrong == 0,

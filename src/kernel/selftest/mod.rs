@@ -391,13 +391,13 @@ fn spare_patch(from: u16, to: u16) -> Patch {
 
 fn patch_quiescence(_: &Params) -> Verdict {
     let site = pm_spare_site as *const () as usize;
-    let before = KERNEL_TEXT.read_insn(site);
+    let before = KERNEL_TEXT.read_insn(site, 4);
     check!(before == movz(0x5a5a), "spare site holds {before:#010x}");
     let report = match patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x1234)], OPTIONS) {
         Ok(report) => report,
         Err(err) => fail!("patch_machine: {err}"),
     };
-    let after = KERNEL_TEXT.read_insn(site);
+    let after = KERNEL_TEXT.read_insn(site, 4);
     let restored = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x1234, 0x5a5a)], OPTIONS);
     check!(
         after == movz(0x1234),
@@ -496,7 +496,7 @@ fn text_checksum() -> u64 {
         .text_range()
         .step_by(4)
         .fold(0xcbf2_9ce4_8422_2325, |hash, addr| {
-            (hash ^ u64::from(KERNEL_TEXT.read_insn(addr))).wrapping_mul(0x100_0000_01b3)
+            (hash ^ u64::from(KERNEL_TEXT.read_insn(addr, 4))).wrapping_mul(0x100_0000_01b3)
         })
 }
 
@@ -728,7 +728,7 @@ fn nosync(params: &Params) -> Verdict {
         other => fail!("NOP -> MOVZ without a stop: got {other:?}"),
     }
     check!(
-        KERNEL_TEXT.read_insn(site) == NOP,
+        KERNEL_TEXT.read_insn(site, 4) == NOP,
         "a refused nosync patch changed the text"
     );
     let callers = Callers::new();
@@ -754,7 +754,7 @@ fn nosync(params: &Params) -> Verdict {
     }
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
-    if KERNEL_TEXT.read_insn(site) != NOP {
+    if KERNEL_TEXT.read_insn(site, 4) != NOP {
         let _ = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, branch, NOP)]);
     }
     if let Some((k, err)) = failure {
