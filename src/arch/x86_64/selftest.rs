@@ -80,11 +80,12 @@ struct Ctx<'a> {
 
 type Test = fn(&Ctx<'_>) -> Verdict;
 
-const TESTS: [(&str, Test); 6] = [
+const TESTS: [(&str, Test); 7] = [
     ("cpus_online", cpus_online),
     ("poke_text", poke_text),
     ("stop_machine_active_cpus", stop_machine_active_cpus),
     ("stop_machine_errors", stop_machine_errors),
+    ("stop_machine_timeout", stop_machine_timeout),
     ("nmi_ipi", nmi_ipi),
     ("stop_machine_nmi", stop_machine_nmi),
 ];
@@ -311,6 +312,112 @@ fn stop_machine_errors(_: &Ctx<'_>) -> Verdict {
             msg!("expected failures on {expected}, got {other:?}"),
         ),
     }
+}
+
+const HOLD_SLOT: usize = 2;
+/// The CPU (index + 1; 0 = none) the next NMI should hold.
+static HOLD_TARGET: AtomicU32 = AtomicU32::new(0);
+/// CPUs currently held in the NMI handler.
+static HOLDING: AtomicU32 = AtomicU32::new(0);
+static HOLD_RELEASE: AtomicU32 = AtomicU32::new(0);
+const HOLD_LIMIT_NS: u64 = 2_000_000_000;
+
+/// NMI handler: spins (bounded) on the CPU named by HOLD_TARGET, so that CPU neither
+/// takes the stop IPI nor anything else meanwhile.
+fn hold_in_nmi(cpu: usize) -> bool {
+    // Acquire pairs with the test's Release store of the target.
+    if HOLD_TARGET.load(Ordering::Acquire) != cpu as u32 + 1 {
+        return false;
+    }
+    HOLD_TARGET.store(0, Ordering::Relaxed);
+    // Release/Acquire with the test's wait: it sees the CPU held before it calls.
+    HOLDING.fetch_or(1 << cpu, Ordering::Release);
+    let start = timer::now_ns();
+    while HOLD_RELEASE.load(Ordering::Acquire) == 0 && timer::now_ns() - start < HOLD_LIMIT_NS {
+        core::hint::spin_loop();
+    }
+    HOLDING.fetch_and(!(1 << cpu), Ordering::Release);
+    true
+}
+
+/// Waits (bounded) until `HOLDING` satisfies `done`.
+fn wait_holding(done: impl Fn(u32) -> bool) -> bool {
+    let start = timer::now_ns();
+    while !done(HOLDING.load(Ordering::Acquire)) {
+        if timer::now_ns() - start > HOLD_LIMIT_NS {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// A CPU that cannot take the stop IPI (held inside an NMI handler, interrupts off) is
+/// named in a timeout; the function runs nowhere; the next call succeeds.
+fn stop_machine_timeout(_: &Ctx<'_>) -> Verdict {
+    let online = smp::online_cpus();
+    let Some(held) = online.without(0).iter().last() else {
+        return (Outcome::Skip, msg!("needs a second CPU"));
+    };
+    nmi::register_nmi_handler(HOLD_SLOT, hold_in_nmi);
+    HOLD_RELEASE.store(0, Ordering::Relaxed);
+    HOLD_TARGET.store(held as u32 + 1, Ordering::Release);
+    nmi::send_nmi(CpuSet::single(held));
+    let verdict = (|| {
+        check!(
+            wait_holding(|h| h & (1 << held) != 0),
+            "cpu{held} never entered the holding NMI handler"
+        );
+        let ran = AtomicU32::new(0);
+        let options = StopOptions {
+            arrival_timeout_ns: 100_000_000,
+            ..OPTIONS
+        };
+        let result = STOP.stop_machine(
+            &|cpu| {
+                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            online,
+            options,
+        );
+        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+        match result {
+            Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {}
+            other => {
+                return (
+                    Outcome::Fail,
+                    msg!("cpu{held} held: expected a timeout naming it, got {other:?}"),
+                );
+            }
+        }
+        check!(
+            ran.is_empty(),
+            "the function ran on {ran} despite the timeout"
+        );
+        (Outcome::Pass, msg!("cpu{held} named"))
+    })();
+    HOLD_RELEASE.store(1, Ordering::Release);
+    let released = wait_holding(|h| h == 0);
+    HOLD_TARGET.store(0, Ordering::Relaxed);
+    nmi::unregister_nmi_handler(HOLD_SLOT);
+    if verdict.0 != Outcome::Pass {
+        return verdict;
+    }
+    check!(released, "cpu{held} did not leave the holding handler");
+    let ran = AtomicU32::new(0);
+    let next = STOP.stop_machine(
+        &|cpu| {
+            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            Ok(())
+        },
+        online,
+        OPTIONS,
+    );
+    check!(next.is_ok(), "the next call failed: {}", next.unwrap_err());
+    let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+    check!(ran == online, "the next call ran on {ran}");
+    verdict
 }
 
 const TEST_SLOT: usize = 1;
