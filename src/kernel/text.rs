@@ -80,26 +80,29 @@ unsafe impl Text for KernelText {
     /// span they cover. Instruction order within the batch is kept.
     #[unsafe(link_section = ".text.nopatch")]
     unsafe fn write_batch(&self, batch: &[Patch]) {
+        // No indexing that can panic here: a bounds-check failure would branch out of
+        // `.text.nopatch` (tests/kernel_image.rs checks).
         let mut rest = batch;
         while let Some(first) = rest.first() {
             let page = first.addr & !(mmu::PAGE_SIZE - 1);
-            let run = rest
-                .iter()
-                .take(WORDS_PER_MAPPING)
-                .take_while(|p| p.addr & !(mmu::PAGE_SIZE - 1) == page)
-                .count();
             let mut words = [(0usize, 0u32); WORDS_PER_MAPPING];
-            for (word, patch) in words.iter_mut().zip(&rest[..run]) {
+            let mut run = 0;
+            let (mut low, mut high) = (usize::MAX, 0);
+            for (word, patch) in words.iter_mut().zip(rest) {
+                if patch.addr & !(mmu::PAGE_SIZE - 1) != page {
+                    break;
+                }
                 *word = (patch.addr, patch.new);
+                (low, high) = (low.min(patch.addr), high.max(patch.addr + 4));
+                run += 1;
             }
+            let (written, tail) = rest.split_at_checked(run).unwrap_or((rest, &[]));
+            let words = words.get(..written.len()).unwrap_or(&[]);
             // SAFETY: forwarded from the caller; every word is in `page`.
-            unsafe { mmu::poke_text_page(&words[..run]) };
+            unsafe { mmu::poke_text_page(words) };
             self.probe();
-            let (low, high) = rest[..run].iter().fold((usize::MAX, 0), |(lo, hi), p| {
-                (lo.min(p.addr), hi.max(p.addr + 4))
-            });
             cache::sync_icache_range(low, high);
-            rest = &rest[run..];
+            rest = tail;
         }
     }
 
