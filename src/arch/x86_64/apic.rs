@@ -103,7 +103,9 @@ pub fn eoi() {
 /// Sends an IPI: `low` = vector | delivery mode | shorthand, to APIC ID `dest` (ignored
 /// with a shorthand). Callers keep interrupts off around it: in xAPIC mode the ICR is
 /// two registers, and an interrupt handler sending its own IPI in between would mix
-/// them up. Waits (bounded) for the xAPIC to accept the previous IPI.
+/// them up. An NMI handler that sends IPIs can still do that in xAPIC mode (`cli` does
+/// not hold NMIs off); in x2APIC mode the ICR is one MSR write and the problem does not
+/// exist. Waits (bounded) for the xAPIC to accept the previous IPI.
 #[unsafe(link_section = ".text.nopatch")]
 pub fn send_ipi(dest: u32, low: u32) {
     let low = low | LEVEL_ASSERT;

@@ -20,7 +20,7 @@ unsafe extern "C" {
 
 static ONLINE: AtomicU32 = AtomicU32::new(0);
 static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
-/// CPUs the MADT lists (and that fit in MAX_CPUS).
+/// Enabled CPUs the MADT lists (including any beyond MAX_CPUS, which never start).
 static PRESENT: AtomicUsize = AtomicUsize::new(1);
 /// The logical index of the CPU being started (one at a time).
 static STARTING: AtomicUsize = AtomicUsize::new(0);
@@ -42,7 +42,7 @@ pub fn apic_id(cpu: usize) -> u32 {
     APIC_IDS[cpu].load(Ordering::Relaxed)
 }
 
-/// How many CPUs the MADT listed.
+/// How many enabled CPUs the MADT listed (including any beyond MAX_CPUS).
 pub fn present() -> usize {
     PRESENT.load(Ordering::Relaxed)
 }
@@ -87,7 +87,7 @@ fn set_param(slot: usize, value: u64) {
 /// the CPUs (by logical index and APIC ID) that did not come up.
 pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) {
     let me = apic::id();
-    PRESENT.store(cpus.count, Ordering::Relaxed);
+    PRESENT.store(cpus.count + cpus.dropped, Ordering::Relaxed);
     set_param(0, paging::cr3());
     set_param(2, ap_entry as *const () as u64);
     // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
@@ -126,6 +126,11 @@ pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) 
                 "smp: cpu {index} (APIC ID {id}) did not come online within {} ms",
                 ONLINE_TIMEOUT_NS / 1_000_000
             );
+            // Back to wait-for-SIPI: a late arrival would run on parameters (stack,
+            // index) that by then belong to the next CPU.
+            let saved = cpu::cli_save();
+            apic::send_ipi(id, apic::DM_INIT);
+            cpu::restore_if(saved);
             missing[n_missing] = Some(id);
             n_missing += 1;
         }
@@ -137,17 +142,16 @@ pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) 
 extern "C" fn ap_entry() -> ! {
     // Acquire pairs with the Release store in `start_secondaries`.
     let index = STARTING.load(Ordering::Acquire);
+    apic::init_cpu();
+    let id = apic::id();
+    if id != apic_id(index) || online_cpus().contains(index) {
+        // Not the CPU being started (a stray SIPI or a late arrival): it would share
+        // another CPU's index and stack. It cannot even print (no per-CPU index yet).
+        cpu::halt_forever();
+    }
     cpu::set_cpu_index(index);
     gdt::load(index);
     traps::load();
-    apic::init_cpu();
-    let id = apic::id();
-    if id != apic_id(index) {
-        kprintln!(
-            "smp: cpu {index} expected APIC ID {}, has {id}",
-            apic_id(index)
-        );
-    }
     mark_online(index);
     kprintln!("cpu {index} online (APIC ID {id})");
     // Idle with interrupts on, so stop IPIs (and NMIs) are answered.
