@@ -32,11 +32,13 @@ const DELIVERY_PENDING: u32 = 1 << 12;
 /// Destination shorthand: all excluding self.
 pub const ALL_BUT_SELF: u32 = 3 << 18;
 
+#[inline(always)]
 fn x2() -> bool {
     // Relaxed: set by the boot CPU before secondaries start.
     X2APIC.load(Ordering::Relaxed)
 }
 
+#[inline(always)]
 fn read(reg: usize) -> u32 {
     if x2() {
         cpu::rdmsr(0x800 + (reg >> 4) as u32) as u32
@@ -47,6 +49,7 @@ fn read(reg: usize) -> u32 {
     }
 }
 
+#[inline(always)]
 fn write(reg: usize, value: u32) {
     if x2() {
         // SAFETY: a valid x2APIC register MSR.
@@ -95,7 +98,7 @@ pub fn id() -> u32 {
 }
 
 /// End of interrupt.
-#[inline]
+#[inline(always)]
 pub fn eoi() {
     write(REG_EOI, 0);
 }

@@ -27,6 +27,7 @@ static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS
 /// Per target CPU: NMI requests not yet handled.
 static REQUESTS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 
+#[inline(always)]
 fn request(cpu: usize) {
     // Release pairs with the handler's Acquire swap: whatever the sender prepared for
     // the handler is visible once it sees the request.

@@ -29,14 +29,14 @@ static STARTING: AtomicUsize = AtomicUsize::new(0);
 const ONLINE_TIMEOUT_NS: u64 = 1_000_000_000;
 
 /// The CPUs that are online and answer stop IPIs.
-#[inline]
+#[inline(always)]
 pub fn online_cpus() -> CpuSet {
     // Acquire pairs with each CPU's Release in `mark_online`: its set-up is visible.
     CpuSet::from_bits(ONLINE.load(Ordering::Acquire))
 }
 
 /// The APIC ID of logical CPU `cpu`.
-#[inline]
+#[inline(always)]
 pub fn apic_id(cpu: usize) -> u32 {
     // Relaxed: written before the CPU is marked online, which senders acquire.
     APIC_IDS[cpu].load(Ordering::Relaxed)

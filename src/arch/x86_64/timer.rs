@@ -64,7 +64,7 @@ fn pit_calibrate_khz() -> u64 {
 }
 
 /// Nanoseconds since calibration.
-#[inline]
+#[inline(always)]
 pub fn now_ns() -> u64 {
     // Relaxed: written once before any other CPU runs.
     let rate = TSC_PER_US_X1024.load(Ordering::Relaxed);
