@@ -37,18 +37,55 @@ const TIMEOUT_S: u32 = 240;
 /// Serial lines shown in a failure message.
 const TAIL_LINES: usize = 40;
 
-const TARGET: &str = "aarch64-unknown-none";
 const BIN: &str = "patch-machine";
-const QEMU: &str = "qemu-system-aarch64";
 
 /// Serialises the cells (cargo runs tests on parallel threads).
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-/// The outcome of the one release build, shared by every cell.
-static BUILD: OnceLock<Result<(), String>> = OnceLock::new();
+/// The outcome of the one release build per architecture, shared by its cells.
+static BUILD_AARCH64: OnceLock<Result<(), String>> = OnceLock::new();
+static BUILD_X86_64: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// An architecture of the matrix: its kernel target and its QEMU.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Aarch64,
+    X86_64,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Aarch64 => "aarch64",
+            Arch::X86_64 => "x86_64",
+        }
+    }
+
+    fn target(self) -> &'static str {
+        match self {
+            Arch::Aarch64 => "aarch64-unknown-none",
+            Arch::X86_64 => "x86_64-unknown-none",
+        }
+    }
+
+    fn qemu(self) -> &'static str {
+        match self {
+            Arch::Aarch64 => "qemu-system-aarch64",
+            Arch::X86_64 => "qemu-system-x86_64",
+        }
+    }
+
+    fn build(self) -> &'static OnceLock<Result<(), String>> {
+        match self {
+            Arch::Aarch64 => &BUILD_AARCH64,
+            Arch::X86_64 => &BUILD_X86_64,
+        }
+    }
+}
 
 /// One configuration of the matrix.
 struct Cell {
     name: &'static str,
+    arch: Arch,
     cpu: &'static str,
     smp: u32,
     /// Appended to `virt,gic-version=3`.
@@ -64,6 +101,7 @@ impl Cell {
     const fn new(name: &'static str, cpu: &'static str, smp: u32) -> Self {
         Cell {
             name,
+            arch: Arch::Aarch64,
             cpu,
             smp,
             machine_opts: "",
@@ -71,6 +109,13 @@ impl Cell {
             accel: "",
             timeout_s: TIMEOUT_S,
         }
+    }
+
+    /// The same cell on x86_64 (`-machine q35`), booted with the kernel's default tests.
+    const fn on_x86_64(mut self) -> Self {
+        self.arch = Arch::X86_64;
+        self.bootargs = "";
+        self
     }
 
     const fn accel(mut self, accel: &'static str) -> Self {
@@ -95,7 +140,10 @@ impl Cell {
 
     /// The machine, CPU and command line, for messages.
     fn describe(&self) -> String {
-        let mut machine = String::from("virt,gic-version=3");
+        let mut machine = String::from(match self.arch {
+            Arch::Aarch64 => "virt,gic-version=3",
+            Arch::X86_64 => "q35",
+        });
         if !self.machine_opts.is_empty() {
             machine.push(',');
             machine.push_str(self.machine_opts);
@@ -120,7 +168,7 @@ impl Cell {
         let mut args: Vec<String> = vec![
             "--no-build".into(),
             "--arch".into(),
-            "aarch64".into(),
+            self.arch.name().into(),
             "--cpu".into(),
             self.cpu.into(),
             "--smp".into(),
@@ -158,26 +206,34 @@ fn fix_qemu() -> String {
 }
 
 /// Fails (never skips) when QEMU is missing.
-fn require_qemu() {
-    match Command::new(QEMU).arg("--version").output() {
+fn require_qemu(arch: Arch) {
+    let qemu = arch.qemu();
+    match Command::new(qemu).arg("--version").output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!(
-            "`{QEMU} --version` failed ({}): {}\n{}",
+            "`{qemu} --version` failed ({}): {}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim(),
             fix_qemu()
         ),
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            panic!("{QEMU} not found; {}", fix_qemu())
+            panic!("{qemu} not found; {}", fix_qemu())
         }
-        Err(e) => panic!("cannot run {QEMU}: {e}; {}", fix_qemu()),
+        Err(e) => panic!("cannot run {qemu}: {e}; {}", fix_qemu()),
     }
 }
 
-/// `cargo build --release --target aarch64-unknown-none --bin patch-machine`.
-fn build_kernel() -> Result<(), String> {
+/// `cargo build --release --target <arch>-unknown-none --bin patch-machine`.
+fn build_kernel(arch: Arch) -> Result<(), String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let args = ["build", "--release", "--target", TARGET, "--bin", BIN];
+    let args = [
+        "build",
+        "--release",
+        "--target",
+        arch.target(),
+        "--bin",
+        BIN,
+    ];
     let shown = format!("cargo {}", args.join(" "));
     eprintln!("qemu_matrix: building the kernel: {shown}");
     let out = Command::new(cargo)
@@ -219,8 +275,8 @@ struct Boot {
 /// kernel build).
 fn boot(cell: &Cell) -> Boot {
     let _one_at_a_time = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    require_qemu();
-    if let Err(e) = BUILD.get_or_init(build_kernel) {
+    require_qemu(cell.arch);
+    if let Err(e) = cell.arch.build().get_or_init(|| build_kernel(cell.arch)) {
         panic!(
             "cell {} ({}) not run: the kernel build failed\n{e}",
             cell.name,
@@ -508,4 +564,37 @@ fn aarch64_missing_cpu_is_reported() {
             .bootargs("platform_offline_cpu=3 tests=cpus_online"),
         &["not ok 1 cpus_online", "but the DTB lists 4"],
     );
+}
+
+/// The benchmarks run to completion (figures are printed, never asserted).
+#[test]
+fn aarch64_bench_smp2() {
+    run_cell(&Cell::new("aarch64_bench_smp2", "max", 2).bootargs("tests=bench"));
+}
+
+/// x86_64 (q35, PVH boot) through the same stop-machine core.
+#[test]
+fn x86_64_max_smp1() {
+    run_cell(&Cell::new("x86_64_max_smp1", "max", 1).on_x86_64());
+}
+
+#[test]
+fn x86_64_max_smp2() {
+    run_cell(&Cell::new("x86_64_max_smp2", "max", 2).on_x86_64());
+}
+
+#[test]
+fn x86_64_max_smp4() {
+    run_cell(&Cell::new("x86_64_max_smp4", "max", 4).on_x86_64());
+}
+
+#[test]
+fn x86_64_max_smp8() {
+    run_cell(&Cell::new("x86_64_max_smp8", "max", 8).on_x86_64());
+}
+
+/// Without x2APIC: the xAPIC MMIO path.
+#[test]
+fn x86_64_qemu64_smp4() {
+    run_cell(&Cell::new("x86_64_qemu64_smp4", "qemu64", 4).on_x86_64());
 }
