@@ -90,8 +90,8 @@ extern "C" fn boot_main() -> ! {
     gdt::load(0);
     traps::init();
     traps::load();
-    let khz = timer::init();
-    kprintln!("timer: TSC {} kHz", khz);
+    let (khz, source) = timer::init();
+    kprintln!("timer: TSC {khz} kHz ({source})");
     smp::install_trampoline();
     paging::init();
     apic::mask_pic();

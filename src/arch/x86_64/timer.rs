@@ -13,13 +13,17 @@ static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 
 const PIT_HZ: u64 = 1_193_182;
 
-/// Calibrates the TSC. Boot CPU, interrupts off, before secondaries start.
-pub fn init() -> u64 {
-    let khz = cpuid_tsc_khz().unwrap_or_else(pit_calibrate_khz);
+/// Calibrates the TSC; returns its frequency in kHz and where it came from. Boot CPU,
+/// interrupts off, before secondaries start.
+pub fn init() -> (u64, &'static str) {
+    let (khz, source) = match cpuid_tsc_khz() {
+        Some(khz) => (khz, "CPUID"),
+        None => (pit_calibrate_khz(), "PIT"),
+    };
     // Relaxed: secondaries are started (which orders everything before it) afterwards.
     TSC_PER_US_X1024.store((khz * 1024 / 1000).max(1), Ordering::Relaxed);
     TSC_BASE.store(cpu::rdtsc(), Ordering::Relaxed);
-    khz
+    (khz, source)
 }
 
 /// CPUID 0x15 (TSC/crystal ratio and crystal Hz) or 0x16 (base MHz), when reported.
