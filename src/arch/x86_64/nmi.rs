@@ -3,7 +3,7 @@
 //! x86 NMIs cannot be masked by RFLAGS.IF: `cli` keeps out normal interrupts only. Only
 //! the CPU's own NMI blocking (from NMI delivery until the next `iretq`) holds one
 //! back, and it latches at most one more. So an NMI carries no message: senders count
-//! requests per target in software ([`REQUESTS`]) before raising the NMI, and the
+//! requests per target in software (`REQUESTS`) before raising the NMI, and the
 //! handler drains the count and runs every registered handler until no request is
 //! left; each handler checks for work of its own. Slot 0 is the stop machine's.
 //!
