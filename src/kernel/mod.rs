@@ -1,6 +1,7 @@
 //! The kernel proper: once the platform has brought every CPU up, the boot CPU runs the
 //! self-tests and reports them as KTAP while the secondaries wait for jobs.
 
+pub mod platform;
 mod selftest;
 mod smp;
 mod text;
@@ -8,13 +9,15 @@ mod text;
 pub use smp::secondary_main;
 pub use text::{KERNEL_TEXT, KernelText};
 
-use crate::arch::aarch64::{BootInfo, exit};
 use crate::kprint;
 use crate::ktap::{Ktap, Outcome};
 use core::fmt;
 use selftest::{Params, TESTS, Verdict};
 
-core::arch::global_asm!(include_str!("targets.S"));
+#[cfg(target_arch = "aarch64")]
+core::arch::global_asm!(include_str!("targets_aarch64.S"));
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));
 
 /// Writes KTAP to the console.
 struct Console;
@@ -106,14 +109,15 @@ fn default_tests() -> u64 {
 }
 
 /// Entry of the boot CPU once every CPU is online and interrupts are enabled.
-pub fn primary_main(info: &'static BootInfo) -> ! {
-    let selection = match parse_bootargs(info.bootargs) {
+pub fn primary_main() -> ! {
+    let bootargs = platform::bootargs();
+    let selection = match parse_bootargs(bootargs) {
         Ok(selection) => selection,
         Err(bad) => {
             let mut ktap = Ktap::start(Console, 1);
             ktap.diag(format_args!(
                 "bootargs \"{}\": {}: '{}'",
-                info.bootargs, bad.why, bad.word
+                bootargs, bad.why, bad.word
             ));
             ktap.diag(format_args!(
                 "known: tests=all|{} (bench: only when named) flips=N nosync_flips=N pseudo_nmi=on|off",
@@ -121,14 +125,15 @@ pub fn primary_main(info: &'static BootInfo) -> ! {
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);
             ktap.finish();
-            exit::exit(false);
+            platform::exit(false);
         }
     };
     let planned = selection.tests.count_ones() as usize;
     let mut ktap = Ktap::start(Console, planned);
     ktap.diag(format_args!(
         "patch-machine: {} CPUs, bootargs \"{}\"",
-        info.cpu_count, info.bootargs
+        platform::cpu_count(),
+        bootargs
     ));
     for (index, test) in TESTS.iter().enumerate() {
         if selection.tests & (1 << index) == 0 {
@@ -141,7 +146,7 @@ pub fn primary_main(info: &'static BootInfo) -> ! {
         };
         ktap.result(test.name, outcome, note.as_str());
     }
-    exit::exit(ktap.finish())
+    platform::exit(ktap.finish())
 }
 
 /// Displays the known test names, comma-separated.

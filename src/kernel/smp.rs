@@ -1,8 +1,8 @@
 //! Running jobs on other CPUs: each secondary waits in [`secondary_main`] for a job in
 //! its mailbox and runs it with interrupts enabled, so it answers stop IPIs meanwhile.
 
+use super::platform::{self, current_cpu, now_ns, online_cpus};
 use crate::CpuSet;
-use crate::arch::aarch64::{smp, timer};
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// One CPU's mailbox: a posted function (0 when empty), its argument, and a count of
@@ -28,8 +28,8 @@ pub fn secondary_main(cpu: usize) -> ! {
         // Acquire pairs with the release in `run_on`: the argument is visible.
         let function = mailbox.function.load(Ordering::Acquire);
         if function == 0 {
-            // Woken by the poster's SEV, or by any interrupt: interrupts are enabled.
-            aarch64_cpu::asm::wfe();
+            // Woken by the poster (`wake_idle`) or any interrupt: interrupts are enabled.
+            platform::idle_wait();
             continue;
         }
         let arg = mailbox.arg.load(Ordering::Relaxed);
@@ -56,13 +56,13 @@ pub struct Jobs {
 /// # Safety
 /// `arg` must stay valid until [`Jobs::wait`] has returned `Ok`.
 pub unsafe fn run_on<T: Sync>(cpus: CpuSet, function: fn(usize, &T), arg: &T) -> Jobs {
-    let me = smp::current_cpu();
+    let me = current_cpu();
     assert!(
         !cpus.contains(me),
         "run_on: cannot post a job to the calling CPU"
     );
     assert!(
-        cpus.is_subset(smp::online_cpus()),
+        cpus.is_subset(online_cpus()),
         "run_on: {cpus} not all online"
     );
     let mut jobs = Jobs {
@@ -82,9 +82,7 @@ pub unsafe fn run_on<T: Sync>(cpus: CpuSet, function: fn(usize, &T), arg: &T) ->
         // Release: publishes the argument, and everything the caller wrote before.
         mailbox.function.store(function as usize, Ordering::Release);
     }
-    // Wake CPUs waiting in WFE. The DSB makes the stores above visible first.
-    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::ISHST);
-    aarch64_cpu::asm::sev();
+    platform::wake_idle();
     jobs
 }
 
@@ -92,7 +90,7 @@ impl Jobs {
     /// Waits, at most `timeout_ns`, for every job to finish; on timeout returns the
     /// CPUs still running theirs.
     pub fn wait(self, timeout_ns: u64) -> Result<(), CpuSet> {
-        let start = timer::now_ns();
+        let start = now_ns();
         loop {
             let pending = self
                 .cpus
@@ -102,7 +100,7 @@ impl Jobs {
             if pending.is_empty() {
                 return Ok(());
             }
-            if timer::now_ns().saturating_sub(start) > timeout_ns {
+            if now_ns().saturating_sub(start) > timeout_ns {
                 return Err(pending);
             }
             core::hint::spin_loop();

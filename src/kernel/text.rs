@@ -1,8 +1,9 @@
 //! Kernel text as the patcher sees it: bounds from the linker, writes through the
 //! temporary alias, cache maintenance to the point of unification.
 
-use crate::arch::aarch64::{cache, layout, mmu};
-use crate::patch::insn::Insn;
+use super::platform::{self, Insn};
+#[cfg(target_arch = "aarch64")]
+use crate::arch::aarch64::{cache, mmu};
 use crate::patch::{Patch, Text};
 use core::ops::Range;
 use core::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ pub fn set_write_probe(probe: Option<fn()>) {
 }
 
 /// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
+#[cfg(target_arch = "aarch64")]
 const WORDS_PER_MAPPING: usize = 64;
 
 impl KernelText {
@@ -49,16 +51,16 @@ pub static KERNEL_TEXT: KernelText = KernelText {
 // handler, masking, cache maintenance, the alias writer) and boot code are the protected
 // range; `mmu::poke_text` writes one aligned word through a temporary alias and never
 // makes text writable; `cache::sync_icache_range` is DC CVAU, DSB ISH, IC IVAU, DSB ISH.
+#[cfg(target_arch = "aarch64")]
 unsafe impl Text for KernelText {
     type Insn = Insn;
 
     fn text_range(&self) -> Range<usize> {
-        layout::text_range()
+        platform::text_range()
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        self.protected
-            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+        self.protected.call_once(platform::protected_ranges)
     }
 
     #[unsafe(link_section = ".text.nopatch")]

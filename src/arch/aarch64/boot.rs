@@ -135,7 +135,7 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
     if info.has_bootarg("platform_selftest") {
         super::selftest::run(info);
     }
-    crate::kernel::primary_main(dtb::boot_info())
+    crate::kernel::primary_main()
 }
 
 /// A secondary CPU's Rust entry: x0 = logical CPU index, x1 = EL at entry. The MMU,

@@ -4,12 +4,13 @@
 //! property does not hold. Every one of them has been seen to fail against a kernel with
 //! that property broken (the README lists how).
 
+use super::platform::{
+    self, Insn, NOP, SITE_LEN, STOP, current_cpu, now_ns, online_cpus, returning,
+};
 use super::smp::run_on;
 use super::text::{KERNEL_TEXT, set_write_probe};
 use crate::CpuSet;
-use crate::arch::aarch64::{STOP, boot_info, gic, layout, mmu, smp, timer};
-use crate::patch::insn::{self, NOP};
-use crate::patch::{Patch, PatchError, Text, patch_machine, patch_nosync};
+use crate::patch::{Instruction, Patch, PatchError, Text, patch_machine, patch_nosync};
 use crate::stop::{Arch, StopError, StopOptions};
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -201,16 +202,16 @@ const JOB_TIMEOUT_NS: u64 = 30_000_000_000;
 const HOLD_TIMEOUT_NS: u64 = 250_000_000;
 
 fn others() -> CpuSet {
-    smp::online_cpus().without(smp::current_cpu())
+    online_cpus().without(current_cpu())
 }
 
-fn movz(value: u16) -> u32 {
-    insn::movz_x(0, value, 0).expect("x0 and shift 0 are valid")
+fn movz(value: u16) -> Insn {
+    returning(value)
 }
 
 fn cpus_online(_: &Params) -> Verdict {
-    let expected = boot_info().cpu_count;
-    let online = smp::online_cpus();
+    let expected = platform::cpu_count();
+    let online = online_cpus();
     check!(
         online == CpuSet::first(expected),
         "online CPUs {online}, but the DTB lists {expected}"
@@ -219,7 +220,7 @@ fn cpus_online(_: &Params) -> Verdict {
 }
 
 fn stop_machine_active_cpus(_: &Params) -> Verdict {
-    let online = smp::online_cpus();
+    let online = online_cpus();
     let last = online.len() - 1;
     let odd = online
         .iter()
@@ -266,7 +267,7 @@ fn stop_recording(active: CpuSet, options: StopOptions) -> (Result<(), StopError
 }
 
 fn stop_machine_errors(_: &Params) -> Verdict {
-    let online = smp::online_cpus();
+    let online = online_cpus();
     let result = STOP.stop_machine(
         &|cpu| {
             if cpu % 2 == 1 || cpu == 0 {
@@ -311,9 +312,9 @@ struct Hold {
 fn hold_masked(_cpu: usize, hold: &Hold) {
     let saved = STOP.arch().mask_all();
     hold.holding.store(true, Ordering::Release);
-    let start = timer::now_ns();
+    let start = now_ns();
     while !hold.release.load(Ordering::Acquire) {
-        if timer::now_ns() - start > 10_000_000_000 {
+        if now_ns() - start > 10_000_000_000 {
             hold.timed_out.store(true, Ordering::Relaxed);
             break;
         }
@@ -323,7 +324,7 @@ fn hold_masked(_cpu: usize, hold: &Hold) {
 }
 
 fn stop_machine_timeout(_: &Params) -> Verdict {
-    let online = smp::online_cpus();
+    let online = online_cpus();
     if online.len() < 2 {
         return Verdict::Skip(msg!("needs a second CPU to hold"));
     }
@@ -335,9 +336,9 @@ fn stop_machine_timeout(_: &Params) -> Verdict {
     };
     // SAFETY: `hold` outlives the job: we wait for it below before returning.
     let job = unsafe { run_on(CpuSet::single(held), hold_masked, &hold) };
-    let start = timer::now_ns();
+    let start = now_ns();
     while !hold.holding.load(Ordering::Acquire) {
-        if timer::now_ns() - start > JOB_TIMEOUT_NS {
+        if now_ns() - start > JOB_TIMEOUT_NS {
             fail!("cpu{held} never started holding");
         }
         core::hint::spin_loop();
@@ -385,26 +386,26 @@ fn stop_machine_timeout(_: &Params) -> Verdict {
     Verdict::Pass(msg!("timed out naming cpu{held}, then recovered"))
 }
 
-fn spare_patch(from: u16, to: u16) -> Patch {
+fn spare_patch(from: u16, to: u16) -> Patch<Insn> {
     Patch::new(pm_spare_site as *const () as usize, movz(from), movz(to))
 }
 
 fn patch_quiescence(_: &Params) -> Verdict {
     let site = pm_spare_site as *const () as usize;
-    let before = KERNEL_TEXT.read_insn(site, 4);
+    let before = KERNEL_TEXT.read_insn(site, SITE_LEN);
     check!(before == movz(0x5a5a), "spare site holds {before:#010x}");
     let report = match patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x1234)], OPTIONS) {
         Ok(report) => report,
         Err(err) => fail!("patch_machine: {err}"),
     };
-    let after = KERNEL_TEXT.read_insn(site, 4);
+    let after = KERNEL_TEXT.read_insn(site, SITE_LEN);
     let restored = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x1234, 0x5a5a)], OPTIONS);
     check!(
         after == movz(0x1234),
         "site reads {after:#010x} after the patch"
     );
     check!(restored.is_ok(), "patching back: {}", restored.unwrap_err());
-    let online = smp::online_cpus();
+    let online = online_cpus();
     check!(
         report.cpus == online,
         "rendezvous had {} of {online}",
@@ -421,7 +422,10 @@ fn patch_quiescence(_: &Params) -> Verdict {
         report.first_write_stamp,
         report.quiescence.last_ack_stamp
     );
-    check!(!mmu::alias_mapped(), "the writable alias is still mapped");
+    check!(
+        !platform::alias_mapped(),
+        "the writable alias is still mapped"
+    );
     Verdict::Pass(msg!(
         "write stamp {} after last ack {}",
         report.first_write_stamp,
@@ -430,7 +434,7 @@ fn patch_quiescence(_: &Params) -> Verdict {
 }
 
 /// The SGI the masking test sends from inside the patch window.
-const PROBE_SGI: u32 = gic::TEST_SGIS[0];
+const PROBE_SGI: u32 = platform::TEST_IPIS[0];
 
 /// Probe interrupts sent from inside the patch window, and where they landed.
 static PROBES_LANDED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
@@ -446,13 +450,13 @@ fn probe_handler(cpu: usize) {
 
 fn send_probes_from_window() {
     if !PROBE_SENT.swap(true, Ordering::Relaxed) {
-        gic::send_sgi(PROBE_SGI, smp::online_cpus());
+        platform::send_ipi(PROBE_SGI, online_cpus());
     }
 }
 
 fn patch_masking(_: &Params) -> Verdict {
-    let online = smp::online_cpus();
-    gic::set_sgi_handler(PROBE_SGI, probe_handler);
+    let online = online_cpus();
+    platform::set_ipi_handler(PROBE_SGI, probe_handler);
     let before: [u32; crate::MAX_CPUS] =
         core::array::from_fn(|cpu| PROBES_LANDED[cpu].load(Ordering::Acquire));
     PROBES_IN_WINDOW.store(0, Ordering::Relaxed);
@@ -467,13 +471,13 @@ fn patch_masking(_: &Params) -> Verdict {
         PROBE_SENT.load(Ordering::Relaxed),
         "the probe was never sent from the window"
     );
-    let start = timer::now_ns();
+    let start = now_ns();
     let missing = loop {
         let missing = online
             .iter()
             .filter(|&cpu| PROBES_LANDED[cpu].load(Ordering::Acquire) == before[cpu])
             .fold(CpuSet::EMPTY, CpuSet::with);
-        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
+        if missing.is_empty() || now_ns() - start > 1_000_000_000 {
             break missing;
         }
         core::hint::spin_loop();
@@ -491,12 +495,13 @@ fn patch_masking(_: &Params) -> Verdict {
 }
 
 fn text_checksum() -> u64 {
-    // FNV-1a over every text word: any change anywhere shows.
+    // FNV-1a over every text byte: any change anywhere shows.
     KERNEL_TEXT
         .text_range()
-        .step_by(4)
         .fold(0xcbf2_9ce4_8422_2325, |hash, addr| {
-            (hash ^ u64::from(KERNEL_TEXT.read_insn(addr, 4))).wrapping_mul(0x100_0000_01b3)
+            // SAFETY: kernel text is mapped readable for its whole range.
+            let byte = unsafe { core::ptr::read_volatile(addr as *const u8) };
+            (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3)
         })
 }
 
@@ -504,22 +509,41 @@ fn bad_batches(_: &Params) -> Verdict {
     static NOT_TEXT: u32 = 0;
     let site = pm_spare_site as *const () as usize;
     let good = spare_patch(0x5a5a, 0x7777);
-    let protected = layout::nopatch_range().start;
+    let protected = platform::protected_ranges()[0].start;
     let checksum = text_checksum();
-    type Expect = fn(&PatchError) -> bool;
-    let cases: [(&str, &[Patch], Expect); 6] = [
-        ("empty", &[], |e| matches!(e, PatchError::EmptyBatch)),
-        ("misaligned", &[good, Patch::new(site + 2, 0, NOP)], |e| {
+    type Expect = fn(&PatchError<Insn>) -> bool;
+    // Where sites must be aligned, a misaligned one; elsewhere (x86) one that overlaps
+    // the first entry.
+    let (second, second_name, second_expect): (Patch<Insn>, &str, Expect) = if Insn::ALIGN > 1 {
+        (Patch::new(site + 2, movz(0), NOP), "misaligned", |e| {
             matches!(e, PatchError::Misaligned { index: 1, .. })
-        }),
+        })
+    } else {
+        (Patch::new(site + 1, movz(0), NOP), "overlapping", |e| {
+            matches!(
+                e,
+                PatchError::Duplicate {
+                    index: 1,
+                    first: 0,
+                    ..
+                }
+            )
+        })
+    };
+    let cases: [(&str, &[Patch<Insn>], Expect); 6] = [
+        ("empty", &[], |e| matches!(e, PatchError::EmptyBatch)),
+        (second_name, &[good, second], second_expect),
         (
             "outside text",
-            &[good, Patch::new(&NOT_TEXT as *const u32 as usize, 0, NOP)],
+            &[
+                good,
+                Patch::new(&NOT_TEXT as *const u32 as usize, movz(0), NOP),
+            ],
             |e| matches!(e, PatchError::OutsideText { index: 1, .. }),
         ),
         (
             "rendezvous code",
-            &[good, Patch::new(protected, 0, NOP)],
+            &[good, Patch::new(protected, movz(0), NOP)],
             |e| matches!(e, PatchError::Protected { index: 1, .. }),
         ),
         (
@@ -618,23 +642,15 @@ fn torture_caller(cpu: usize, callers: &Callers) {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(CALLS_PER_YIELD)
         {
-            busy_wait_hint();
+            platform::cpu_yield();
         }
     }
 }
 
-/// Calls a caller makes between two [`busy_wait_hint`]s.
+/// Calls a caller makes between two [`platform::cpu_yield`]s.
 const CALLS_PER_YIELD: u64 = 64;
 
-/// `YIELD`: a hint on hardware; under single-threaded TCG it hands the host thread to
-/// the next vCPU, without which every broadcast TLBI of the patch alias waits for each
-/// caller's whole time slice (100 ms). (`core::hint::spin_loop` is an `ISB` on aarch64.)
-fn busy_wait_hint() {
-    // SAFETY: a hint instruction: no memory, stack or flags effect.
-    unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) };
-}
-
-fn torture_batch(from: usize, to: usize) -> [Patch; 2] {
+fn torture_batch(from: usize, to: usize) -> [Patch<Insn>; 2] {
     [
         Patch::new(
             pm_torture_a as *const () as usize,
@@ -654,7 +670,7 @@ fn torture(params: &Params) -> Verdict {
     let others = others();
     // SAFETY: `callers` outlives the jobs: we wait for them before returning.
     let jobs = unsafe { run_on(others, torture_caller, &callers) };
-    let start = timer::now_ns();
+    let start = now_ns();
     let mut failure = None;
     for k in 0..u64::from(params.flips) {
         let (from, to) = ((k % 3) as usize, ((k + 1) % 3) as usize);
@@ -666,10 +682,10 @@ fn torture(params: &Params) -> Verdict {
         // SAFETY: as above.
         let mine = unsafe { pm_torture_a() };
         if mine != u64::from(TORTURE_A[to]) {
-            callers.record_bad(smp::current_cpu(), mine, k + 1, k + 1);
+            callers.record_bad(current_cpu(), mine, k + 1, k + 1);
         }
     }
-    let elapsed_ns = timer::now_ns() - start;
+    let elapsed_ns = now_ns() - start;
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
     // Put the text back as it was, whatever happened.
@@ -711,26 +727,26 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
             .fetch_add(1, Ordering::Relaxed)
             .is_multiple_of(CALLS_PER_YIELD)
         {
-            busy_wait_hint();
+            platform::cpu_yield();
         }
     }
 }
 
 fn nosync(params: &Params) -> Verdict {
     let site = pm_nosync_target as *const () as usize;
-    let branch = match insn::b(site, pm_nosync_branch_dest as *const () as usize) {
-        Ok(branch) => branch,
-        Err(err) => fail!("encoding the branch: {err}"),
-    };
     // A pair that is not CMODX-safe is refused and changes nothing.
     match patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, NOP, movz(9))]) {
         Err(PatchError::NotCmodxSafe { .. }) => {}
         other => fail!("NOP -> MOVZ without a stop: got {other:?}"),
     }
     check!(
-        KERNEL_TEXT.read_insn(site, 4) == NOP,
+        KERNEL_TEXT.read_insn(site, SITE_LEN) == NOP,
         "a refused nosync patch changed the text"
     );
+    let branch = match platform::live_branch(site, pm_nosync_branch_dest as *const () as usize) {
+        Ok(branch) => branch,
+        Err(why) => return Verdict::Skip(msg!("NOP -> MOVZ refused; {why}")),
+    };
     let callers = Callers::new();
     // SAFETY: `callers` outlives the jobs: we wait for them before returning.
     let jobs = unsafe { run_on(others(), nosync_caller, &callers) };
@@ -749,12 +765,12 @@ fn nosync(params: &Params) -> Verdict {
         let mine = unsafe { pm_nosync_target() };
         let expected = if k % 2 == 0 { 2 } else { 1 };
         if mine != expected {
-            callers.record_bad(smp::current_cpu(), mine, u64::from(k), u64::from(k));
+            callers.record_bad(current_cpu(), mine, u64::from(k), u64::from(k));
         }
     }
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
-    if KERNEL_TEXT.read_insn(site, 4) != NOP {
+    if KERNEL_TEXT.read_insn(site, SITE_LEN) != NOP {
         let _ = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, branch, NOP)]);
     }
     if let Some((k, err)) = failure {

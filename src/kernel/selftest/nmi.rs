@@ -7,7 +7,7 @@ use super::{
     stop_recording, torture_batch, torture_caller,
 };
 use crate::CpuSet;
-use crate::arch::aarch64::{STOP, irq, nmi, smp, timer};
+use crate::kernel::platform::{self, Insn, STOP, nmi};
 use crate::kernel::smp::run_on;
 use crate::kernel::text::{KERNEL_TEXT, set_write_probe};
 use crate::patch::{Patch, Text, patch_machine};
@@ -37,13 +37,13 @@ fn hits() -> [u32; crate::MAX_CPUS] {
 /// Waits (bounded) until every CPU in `cpus` has handled one more test NMI than in
 /// `before`; returns the ones that did not.
 fn wait_hits(cpus: CpuSet, before: &[u32; crate::MAX_CPUS]) -> CpuSet {
-    let start = timer::now_ns();
+    let start = platform::now_ns();
     loop {
         let missing = cpus
             .iter()
             .filter(|&cpu| HITS[cpu].load(Ordering::Acquire) <= before[cpu])
             .fold(CpuSet::EMPTY, CpuSet::with);
-        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
+        if missing.is_empty() || platform::now_ns() - start > 1_000_000_000 {
             return missing;
         }
         core::hint::spin_loop();
@@ -51,24 +51,19 @@ fn wait_hits(cpus: CpuSet, before: &[u32; crate::MAX_CPUS]) -> CpuSet {
 }
 
 fn no_nmis() -> Option<Verdict> {
-    (!irq::pseudo_nmi_enabled() && !irq::feat_nmi_in_use())
-        .then(|| Verdict::Skip(msg!("pseudo_nmi=off: this kernel has no NMIs")))
+    platform::nmi_mechanism()
+        .err()
+        .map(|why| Verdict::Skip(msg!("{why}")))
 }
 
 /// Which NMI mechanism the boot chose, and that it is the one the bootargs and the CPU
 /// call for.
 pub fn nmi_mechanism(_: &Params) -> Verdict {
-    let pseudo = irq::pseudo_nmi_enabled();
-    let feat = irq::feat_nmi_in_use();
-    check!(!feat || pseudo, "FEAT_NMI in use with pseudo_nmi=off");
-    Verdict::Pass(msg!(
-        "{}",
-        match (pseudo, feat) {
-            (true, true) => "FEAT_NMI superpriority SGIs, PSTATE.ALLINT in the patch window",
-            (true, false) => "GICv3 pseudo-NMI: IRQs off = ICC_PMR_EL1, NMIs = priority 0x20",
-            _ => "pseudo_nmi=off: IRQs off = DAIF.I, no NMIs",
-        }
-    ))
+    match platform::nmi_mechanism() {
+        Ok(what) => Verdict::Pass(msg!("{what}")),
+        Err(why) if why.contains("in use with") => fail!("{why}"),
+        Err(why) => Verdict::Pass(msg!("{why}")),
+    }
 }
 
 /// NMI IPIs to one CPU, to all but self and to self, each taken in NMI context.
@@ -78,8 +73,8 @@ pub fn nmi_ipi(_: &Params) -> Verdict {
     }
     nmi::register_nmi_handler(TEST_SLOT, count_hit);
     NOT_IN_NMI.store(0, Ordering::Relaxed);
-    let me = smp::current_cpu();
-    let online = smp::online_cpus();
+    let me = platform::current_cpu();
+    let online = platform::online_cpus();
     let one = others().lowest().map_or(CpuSet::EMPTY, CpuSet::single);
     for (what, targets, send) in [
         ("one", one, (|t| nmi::send_nmi(t)) as fn(CpuSet)),
@@ -108,22 +103,22 @@ struct IrqsOff {
 }
 
 fn spin_with_irqs_off(_cpu: usize, hold: &IrqsOff) {
-    let flags = irq::local_irq_save();
+    let flags = platform::local_irq_save();
     hold.holding.store(true, Ordering::Release);
-    let start = timer::now_ns();
-    while !hold.release.load(Ordering::Acquire) && timer::now_ns() - start < 10_000_000_000 {
+    let start = platform::now_ns();
+    while !hold.release.load(Ordering::Acquire) && platform::now_ns() - start < 10_000_000_000 {
         core::hint::spin_loop();
     }
     // Still masked: whatever reached this CPU meanwhile got through an IRQ mask.
     hold.irqs_stayed_off
-        .store(irq::irqs_disabled(), Ordering::Relaxed);
-    irq::local_irq_restore(flags);
+        .store(platform::irqs_disabled(), Ordering::Relaxed);
+    platform::local_irq_restore(flags);
 }
 
 /// A stop request reaches a CPU that spins with IRQs off (an NMI gets there); without
 /// NMIs the same request times out naming the CPU.
 pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
-    let online = smp::online_cpus();
+    let online = platform::online_cpus();
     let Some(held) = others().iter().last() else {
         return Verdict::Skip(msg!("needs a second CPU"));
     };
@@ -148,10 +143,10 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
     if let Err(pending) = job.wait(JOB_TIMEOUT_NS) {
         fail!("cpu{held} never released: {pending}");
     }
-    if irq::pseudo_nmi_enabled() {
+    if platform::stop_ipi_reaches_irqs_off() {
         check!(
             result.is_ok(),
-            "cpu{held} spun with IRQs off (PMR): {}",
+            "cpu{held} spun with IRQs off: {}",
             result.unwrap_err()
         );
         check!(ran == online, "ran on {ran}");
@@ -159,15 +154,15 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
             hold.irqs_stayed_off.load(Ordering::Relaxed),
             "cpu{held} did not keep IRQs off while it was held"
         );
-        Verdict::Pass(msg!("cpu{held} with IRQs PMR-masked joined through an NMI"))
+        Verdict::Pass(msg!("cpu{held} with IRQs off joined through an NMI"))
     } else {
         match result {
             Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {
                 Verdict::Pass(msg!(
-                    "pseudo_nmi=off: cpu{held} with DAIF.I set timed out, named"
+                    "no NMI-class stop IPI here: cpu{held} with IRQs off timed out, named"
                 ))
             }
-            other => fail!("pseudo_nmi=off: expected a timeout naming cpu{held}, got {other:?}"),
+            other => fail!("expected a timeout naming cpu{held}, got {other:?}"),
         }
     }
 }
@@ -178,7 +173,7 @@ pub fn stop_machine_nmi(_: &Params) -> Verdict {
     if let Some(skip) = no_nmis() {
         return skip;
     }
-    let online = smp::online_cpus();
+    let online = platform::online_cpus();
     let ran = AtomicU32::new(0);
     let in_nmi = AtomicU32::new(0);
     let function = |cpu: usize| {
@@ -265,11 +260,11 @@ fn storm_handler(cpu: usize) -> bool {
 
 fn storm_from_window() {
     STORM.sends.fetch_add(1, Ordering::Relaxed);
-    nmi::send_nmi(smp::online_cpus());
+    nmi::send_nmi(platform::online_cpus());
 }
 
 /// The Linux-today window: mask IRQs only (PMR), then write.
-fn weakened_patch(batch: &[Patch]) -> Result<(), StopError> {
+fn weakened_patch(batch: &[Patch<Insn>]) -> Result<(), StopError> {
     let _writer = KERNEL_TEXT.writer_lock().lock();
     STOP.stop_machine(
         &|_| {
@@ -279,11 +274,11 @@ fn weakened_patch(batch: &[Patch]) -> Result<(), StopError> {
                 // test compares against (NMIs can run the site meanwhile: both the old and
                 // the new MOVZ are whole instructions).
                 unsafe { KERNEL_TEXT.write_insn(patch.addr, patch.new) };
-                KERNEL_TEXT.sync_icache(patch.addr..patch.addr + 4);
+                KERNEL_TEXT.sync_icache(patch.range());
             }
             Ok(())
         },
-        CpuSet::single(smp::current_cpu()),
+        CpuSet::single(platform::current_cpu()),
         StopOptions {
             mask: MaskLevel::IrqsOnly,
             ..OPTIONS
@@ -297,6 +292,9 @@ fn weakened_patch(batch: &[Patch]) -> Result<(), StopError> {
 pub fn nmi_safe_patching(params: &Params) -> Verdict {
     if let Some(skip) = no_nmis() {
         return skip;
+    }
+    if let Err(why) = platform::nmi_free_window() {
+        return Verdict::Skip(msg!("{why}"));
     }
     nmi::register_nmi_handler(TEST_SLOT, storm_handler);
     STORM.callers.reset();

@@ -1,0 +1,26 @@
+//! What the kernel proper (self-tests, job mailboxes, kernel text) needs from the
+//! platform, under one set of names on every architecture. Each architecture's file
+//! maps these names onto its own modules; the kernel names nothing else of `crate::arch`.
+//!
+//! | name | meaning |
+//! |---|---|
+//! | `STOP`, `Platform` | the system's stop machine and its `Arch` |
+//! | `cpu_count`, `bootargs`, `exit` | what firmware listed and passed; ending the run |
+//! | `current_cpu`, `online_cpus`, `now_ns` | the calling CPU, the online set, the clock |
+//! | `idle_wait`, `wake_idle`, `cpu_yield` | a bounded low-power wait, its wake-up, a spin hint that lets an emulator run other vCPUs |
+//! | `TEST_IPIS`, `set_ipi_handler`, `clear_ipi_handler`, `send_ipi` | normal-priority IPIs for the self-tests |
+//! | `IrqFlags`, `local_irq_save`, `local_irq_restore`, `irqs_disabled` | "IRQs off", which NMIs pass |
+//! | `nmi` | NMI IPIs, the NMI handler registry, `in_nmi` |
+//! | `nmi_mechanism`, `stop_ipi_reaches_irqs_off`, `nmi_free_window` | what the NMI self-tests expect here |
+//! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
+//! | `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it |
+
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
+#[cfg(target_arch = "aarch64")]
+pub use aarch64::*;
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64;
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::*;
