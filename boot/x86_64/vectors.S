@@ -3,8 +3,10 @@
  * pushes none) and its vector, then the common path saves the general registers and
  * calls {dispatch}(&frame) with a 16-byte aligned stack (5 + 2 + 15 quadwords above
  * the CPU's aligned frame). The kernel is soft-float: no FP/SIMD state to save.
- * {stop} is the stop-IPI vector, {spurious} the APIC spurious vector.
- * x86_vector_table: one stub address per vector 0..31, then {stop}, then {spurious}.
+ * {stop} is the stop-IPI vector, {spurious} the APIC spurious vector, {test0} and
+ * {test1} the self-tests' normal-priority IPIs.
+ * x86_vector_table: one stub address per vector 0..31, then {stop}, {spurious},
+ * {test0}, {test1}.
  */
     .section .text.nopatch.vectors, "ax", @progbits
     .code64
@@ -32,6 +34,8 @@ STUB_ERR \v
 .endr
 STUB_NOERR {stop}
 STUB_NOERR {spurious}
+STUB_NOERR {test0}
+STUB_NOERR {test1}
 
     .p2align 4
 x86_trap_common:
@@ -80,3 +84,5 @@ x86_vector_table:
 .endr
     .quad x86_stub_{stop}
     .quad x86_stub_{spurious}
+    .quad x86_stub_{test0}
+    .quad x86_stub_{test1}

@@ -2,6 +2,7 @@
 
 use crate::MAX_CPUS;
 use core::cell::UnsafeCell;
+use core::ops::Range;
 
 /// Kernel stack per CPU.
 pub const STACK_SIZE: usize = 32 * 1024;
@@ -16,6 +17,8 @@ unsafe extern "C" {
     static __text_start: u8;
     static __text_end: u8;
     static __nopatch_start: u8;
+    static __boot_start: u8;
+    static __boot_end: u8;
     static __nopatch_end: u8;
     static __rodata_start: u8;
     static __rodata_end: u8;
@@ -37,6 +40,23 @@ pub fn text() -> (usize, usize) {
 pub fn nopatch() -> (usize, usize) {
     (sym_addr!(__nopatch_start), sym_addr!(__nopatch_end))
 }
+/// Kernel text as a range.
+pub fn text_range() -> Range<usize> {
+    let (s, e) = text();
+    s..e
+}
+
+/// Code the patcher must never touch, as a range (contains [`boot_range`]).
+pub fn nopatch_range() -> Range<usize> {
+    let (s, e) = nopatch();
+    s..e
+}
+
+/// Boot code: the PVH entry and the AP trampoline's image (copied, never run in place).
+pub fn boot_range() -> Range<usize> {
+    sym_addr!(__boot_start)..sym_addr!(__boot_end)
+}
+
 /// Read-only data `[start, end)`.
 pub fn rodata() -> (usize, usize) {
     (sym_addr!(__rodata_start), sym_addr!(__rodata_end))

@@ -12,6 +12,8 @@
 //! | [`apic`]       | local APIC (x2APIC or xAPIC), IPIs, 8259 masking              |
 //! | [`smp`]        | INIT-SIPI-SIPI bring-up, online CPUs, APIC IDs                |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
+//! | [`ipi`]        | normal-priority test IPIs and their handlers                  |
+//! | [`irq`]        | "IRQs off" (`cli`), which NMIs pass                           |
 //! | [`timer`]      | the TSC nanosecond clock                                      |
 //! | [`exit`]       | ending the run through isa-debug-exit                         |
 //! | [`cpu`]        | single instructions, the per-CPU index (GS base)              |
@@ -27,6 +29,8 @@ pub mod console;
 pub mod cpu;
 pub mod exit;
 pub mod gdt;
+pub mod ipi;
+pub mod irq;
 pub mod layout;
 pub mod madt;
 pub mod nmi;

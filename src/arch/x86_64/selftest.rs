@@ -7,7 +7,7 @@
 //! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
 //! Anything else is reported as a failing KTAP line.
 
-use super::{STOP, boot, layout, madt, nmi, paging, smp, timer};
+use super::{STOP, boot, ipi, irq, layout, madt, nmi, paging, smp, timer};
 use crate::ktap::{Ktap, Outcome};
 use crate::stop::{StopError, StopOptions};
 use crate::{CpuSet, kprint};
@@ -80,12 +80,13 @@ struct Ctx<'a> {
 
 type Test = fn(&Ctx<'_>) -> Verdict;
 
-const TESTS: [(&str, Test); 7] = [
+const TESTS: [(&str, Test); 8] = [
     ("cpus_online", cpus_online),
     ("poke_text", poke_text),
     ("stop_machine_active_cpus", stop_machine_active_cpus),
     ("stop_machine_errors", stop_machine_errors),
     ("stop_machine_timeout", stop_machine_timeout),
+    ("test_ipi", test_ipi),
     ("nmi_ipi", nmi_ipi),
     ("stop_machine_nmi", stop_machine_nmi),
 ];
@@ -418,6 +419,55 @@ fn stop_machine_timeout(_: &Ctx<'_>) -> Verdict {
     let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
     check!(ran == online, "the next call ran on {ran}");
     verdict
+}
+
+/// CPUs where a test IPI handler ran, and where it ran with interrupts on (wrong).
+static IPI_HIT: AtomicU32 = AtomicU32::new(0);
+static IPI_IRQS_ON: AtomicU32 = AtomicU32::new(0);
+
+fn ipi_hit(cpu: usize) {
+    if !irq::irqs_disabled() {
+        IPI_IRQS_ON.fetch_or(1 << cpu, Ordering::Relaxed);
+    }
+    // Release pairs with the test's Acquire load.
+    IPI_HIT.fetch_or(1 << cpu, Ordering::Release);
+}
+
+/// Both test IPIs reach every online CPU, the sender included, and their handlers run
+/// with interrupts off.
+fn test_ipi(_: &Ctx<'_>) -> Verdict {
+    let online = smp::online_cpus();
+    for v in ipi::TEST_IPIS {
+        IPI_HIT.store(0, Ordering::Relaxed);
+        IPI_IRQS_ON.store(0, Ordering::Relaxed);
+        ipi::set_ipi_handler(v, ipi_hit);
+        ipi::send_ipi(v, online);
+        let start = timer::now_ns();
+        while IPI_HIT.load(Ordering::Acquire) != online.bits()
+            && timer::now_ns() - start < 1_000_000_000
+        {
+            core::hint::spin_loop();
+        }
+        ipi::clear_ipi_handler(v);
+        let hit = CpuSet::from_bits(IPI_HIT.load(Ordering::Acquire));
+        check!(
+            hit == online,
+            "IPI {v:#x} reached {hit} of {online} within 1 s"
+        );
+        let on = CpuSet::from_bits(IPI_IRQS_ON.load(Ordering::Relaxed));
+        check!(
+            on.is_empty(),
+            "IPI {v:#x} handler ran with interrupts on, on {on}"
+        );
+    }
+    (
+        Outcome::Pass,
+        msg!(
+            "vectors {:#x} and {:#x} on {online}",
+            ipi::TEST_IPIS[0],
+            ipi::TEST_IPIS[1]
+        ),
+    )
 }
 
 const TEST_SLOT: usize = 1;

@@ -18,7 +18,11 @@ unsafe extern "C" {
     static ap_trampoline_end: u8;
 }
 
+pub use super::cpu::current_cpu;
+
 static ONLINE: AtomicU32 = AtomicU32::new(0);
+/// CPUs the MADT lists that fit in MAX_CPUS.
+static COUNT: AtomicUsize = AtomicUsize::new(1);
 static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
 /// Enabled CPUs the MADT lists (including any beyond MAX_CPUS, which never start).
 static PRESENT: AtomicUsize = AtomicUsize::new(1);
@@ -40,6 +44,11 @@ pub fn online_cpus() -> CpuSet {
 pub fn apic_id(cpu: usize) -> u32 {
     // Relaxed: written before the CPU is marked online, which senders acquire.
     APIC_IDS[cpu].load(Ordering::Relaxed)
+}
+
+/// How many CPUs the MADT lists (up to MAX_CPUS): the CPUs that should come online.
+pub fn cpu_count() -> usize {
+    COUNT.load(Ordering::Relaxed)
 }
 
 /// How many enabled CPUs the MADT listed (including any beyond MAX_CPUS).
@@ -88,6 +97,7 @@ fn set_param(slot: usize, value: u64) {
 pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) {
     let me = apic::id();
     PRESENT.store(cpus.count + cpus.dropped, Ordering::Relaxed);
+    COUNT.store(cpus.count, Ordering::Relaxed);
     set_param(0, paging::cr3());
     set_param(2, ap_entry as *const () as u64);
     // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.

@@ -3,7 +3,7 @@
 //! Unexpected exceptions print vector, error code, RIP, CR2 and the CPU, then end the
 //! run with a failure status.
 
-use super::{apic, console, cpu, exit, gdt, nmi};
+use super::{apic, console, cpu, exit, gdt, ipi, nmi};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 
@@ -17,12 +17,14 @@ global_asm!(
     dispatch = sym trap_dispatch,
     stop = const STOP_VECTOR,
     spurious = const SPURIOUS_VECTOR,
+    test0 = const ipi::TEST_IPIS[0],
+    test1 = const ipi::TEST_IPIS[1],
     options(att_syntax)
 );
 
 unsafe extern "C" {
-    /// 32 exception stubs, then the stop vector's and the spurious vector's.
-    static x86_vector_table: [usize; 34];
+    /// 32 exception stubs, then the stop, spurious and two test vectors' stubs.
+    static x86_vector_table: [usize; 36];
 }
 
 /// Saved state, as pushed by the stubs and the CPU.
@@ -93,6 +95,9 @@ pub fn init() {
     }
     idt[usize::from(STOP_VECTOR)] = gate(table[32], 0);
     idt[usize::from(SPURIOUS_VECTOR)] = gate(table[33], 0);
+    for (i, &v) in ipi::TEST_IPIS.iter().enumerate() {
+        idt[v as usize] = gate(table[34 + i], 0);
+    }
 }
 
 /// Loads the IDT on the calling CPU.
@@ -156,6 +161,10 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             super::STOP.handle_stop_ipi();
         }
         v if v == u64::from(SPURIOUS_VECTOR) => {} // no EOI for spurious interrupts
+        v if ipi::TEST_IPIS.contains(&(v as u32)) => {
+            apic::eoi();
+            ipi::dispatch(v as u32);
+        }
         _ => fatal(frame),
     }
 }
