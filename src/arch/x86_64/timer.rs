@@ -18,7 +18,13 @@ const PIT_HZ: u64 = 1_193_182;
 pub fn init() -> (u64, &'static str) {
     let (khz, source) = match cpuid_tsc_khz() {
         Some(khz) => (khz, "CPUID"),
-        None => (pit_calibrate_khz(), "PIT"),
+        None => match pit_calibrate_khz() {
+            Some(khz) => (khz, "PIT"),
+            None => (
+                1_000_000,
+                "assumed: PIT channel 2 never counted down in 10^8 polls",
+            ),
+        },
     };
     // Relaxed: secondaries are started (which orders everything before it) afterwards.
     TSC_PER_US_X1024.store((khz * 1024 / 1000).max(1), Ordering::Relaxed);
@@ -44,8 +50,9 @@ fn cpuid_tsc_khz() -> Option<u64> {
     None
 }
 
-/// Counts TSC ticks over 10 ms of PIT channel 2 (mode 0, gate on, polling OUT2).
-fn pit_calibrate_khz() -> u64 {
+/// Counts TSC ticks over 10 ms of PIT channel 2 (mode 0, gate on, polling OUT2);
+/// `None` if OUT2 never rises.
+fn pit_calibrate_khz() -> Option<u64> {
     const MS: u64 = 10;
     let count = (PIT_HZ * MS / 1000) as u16;
     // Gate high, speaker off.
@@ -55,16 +62,16 @@ fn pit_calibrate_khz() -> u64 {
     cpu::outb(0x42, count as u8);
     cpu::outb(0x42, (count >> 8) as u8);
     let start = cpu::rdtsc();
-    // Bounded: a PIT that never counts down must not hang boot (assume 1 GHz then).
+    // Bounded: a PIT that never counts down must not hang boot.
     let mut spins = 0u64;
     while cpu::inb(0x61) & 0x20 == 0 {
         spins += 1;
         if spins > 100_000_000 {
-            return 1_000_000;
+            return None;
         }
     }
     let ticks = cpu::rdtsc().wrapping_sub(start);
-    (ticks / MS).max(1)
+    Some((ticks / MS).max(1))
 }
 
 /// Nanoseconds since calibration.
