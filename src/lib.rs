@@ -32,7 +32,7 @@ pub mod porting {
     #![doc = include_str!("../docs/porting.md")]
 }
 
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+#[cfg(target_os = "none")]
 pub mod kernel;
 
 pub use cpuset::{CpuSet, MAX_CPUS};

@@ -598,3 +598,31 @@ fn x86_64_max_smp8() {
 fn x86_64_qemu64_smp4() {
     run_cell(&Cell::new("x86_64_qemu64_smp4", "qemu64", 4).on_x86_64());
 }
+
+/// The x86_64 platform's own checks (APIC test vectors, text alias, NMI-held timeout).
+#[test]
+fn x86_64_platform_selftest() {
+    run_cell(
+        &Cell::new("x86_64_platform_selftest", "max", 4)
+            .on_x86_64()
+            .bootargs("platform_selftest=all"),
+    );
+}
+
+/// A write to kernel text through its own mapping faults (#PF, write to a present
+/// read-only page) and is reported.
+#[test]
+fn x86_64_text_write_faults() {
+    run_cell_expecting_failure(
+        &Cell::new("x86_64_text_write_faults", "max", 2)
+            .on_x86_64()
+            .bootargs("platform_selftest=text_write"),
+        &[
+            "UNEXPECTED EXCEPTION",
+            "#PF",
+            "error code 0x3",
+            "RIP",
+            "CR2",
+        ],
+    );
+}

@@ -4,7 +4,9 @@
 use super::platform::{self, Insn};
 #[cfg(target_arch = "aarch64")]
 use crate::arch::aarch64::{cache, mmu};
-use crate::patch::{Patch, Text};
+#[cfg(target_arch = "aarch64")]
+use crate::patch::Patch;
+use crate::patch::Text;
 use core::ops::Range;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -112,6 +114,51 @@ unsafe impl Text for KernelText {
     fn sync_icache(&self, range: Range<usize>) {
         cache::sync_icache_range(range.start, range.end);
     }
+
+    fn writer_lock(&self) -> &spin::Mutex<()> {
+        &self.writer
+    }
+}
+
+// SAFETY: the bounds come from the x86 linker script, whose text output section holds
+// every executable input section; `.text.nopatch` (entry stubs, trap dispatch, the stop
+// and NMI paths, the alias writer) and boot code are the protected ranges;
+// `paging::poke_text` writes through a temporary RW+NX alias and never makes text
+// writable. x86 keeps instruction fetch coherent with stores to the same physical
+// memory, so `sync_icache` has nothing to do; each CPU that will run the new bytes
+// executes a serialising instruction (the core's `Exit` phase) before it does.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Text for KernelText {
+    type Insn = Insn;
+
+    fn text_range(&self) -> Range<usize> {
+        platform::text_range()
+    }
+
+    fn protected_ranges(&self) -> &[Range<usize>] {
+        self.protected.call_once(platform::protected_ranges)
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn read_insn(&self, addr: usize, len: usize) -> Insn {
+        let mut bytes = [0u8; crate::patch::x86::MAX_LEN];
+        let len = len.min(bytes.len());
+        for (i, byte) in bytes.iter_mut().take(len).enumerate() {
+            // SAFETY: validation established that `addr..addr + len` is mapped text.
+            *byte = unsafe { core::ptr::read_volatile((addr + i) as *const u8) };
+        }
+        // `len` is 1..=MAX_LEN for any instruction validation accepted.
+        Insn::from_bytes(bytes.get(..len.max(1)).unwrap_or(&bytes)).unwrap_or(platform::NOP)
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_insn(&self, addr: usize, insn: Insn) {
+        crate::arch::x86_64::paging::poke_text(addr, insn.bytes());
+        self.probe();
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn sync_icache(&self, _range: Range<usize>) {}
 
     fn writer_lock(&self) -> &spin::Mutex<()> {
         &self.writer

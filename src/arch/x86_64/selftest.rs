@@ -630,7 +630,16 @@ pub fn run(cpus: &madt::Cpus) -> bool {
             Some(("tests", _)) => {}
             Some(("platform_offline_cpu", v)) if v.parse::<usize>().is_ok() => {}
             Some(("platform_selftest", m))
-                if ["text_write", "exec_data", "null", "ud", "panic", "overflow"].contains(&m) => {}
+                if [
+                    "all",
+                    "text_write",
+                    "exec_data",
+                    "null",
+                    "ud",
+                    "panic",
+                    "overflow",
+                ]
+                .contains(&m) => {}
             _ => push_unknown(arg),
         }
     }

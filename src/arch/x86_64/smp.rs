@@ -164,8 +164,7 @@ extern "C" fn ap_entry() -> ! {
     traps::load();
     mark_online(index);
     kprintln!("cpu {index} online (APIC ID {id})");
-    // Idle with interrupts on, so stop IPIs (and NMIs) are answered.
-    loop {
-        cpu::sti_hlt();
-    }
+    // Wait for jobs with interrupts on, so stop IPIs (and NMIs) are answered.
+    cpu::sti();
+    crate::kernel::secondary_main(index)
 }

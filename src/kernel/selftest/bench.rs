@@ -9,8 +9,9 @@
 //! `pseudo_nmi=off` it is the same round trip with a normal-priority SGI, and the
 //! NMI-mode stop is skipped.
 
-use super::{Msg, OPTIONS, Params, Verdict, movz};
+use super::{Msg, OPTIONS, Params, Verdict};
 use crate::CpuSet;
+use crate::kernel::platform::returning;
 use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
 use crate::kernel::text::KERNEL_TEXT;
 use crate::kprint;
@@ -130,7 +131,7 @@ fn bench_sites() -> usize {
 
 /// Fills both directions of the batch benchmark, one entry per site.
 fn fill_batches(batches: &mut [[Patch<Insn>; BENCH_SITES]; 2]) {
-    let other = movz(0x0b0b);
+    let other = returning(0x0b0b);
     let [forwards, backs] = batches;
     for (index, (forward, back)) in forwards.iter_mut().zip(backs.iter_mut()).enumerate() {
         *forward = Patch::new(bench_sites() + SITE_LEN * index, NOP, other);
@@ -150,7 +151,7 @@ pub fn bench(_: &Params) -> Verdict {
     };
 
     // The physical limit: one interrupt round trip to every other CPU.
-    let roundtrip_stats = if nmi::nmis_available() {
+    let roundtrip_stats = if platform::nmi_mechanism().is_ok() {
         nmi::register_nmi_handler(BENCH_SLOT, count_ack);
         let stats = measure(100, 2000, |_| roundtrip(targets, nmi::send_nmi));
         nmi::unregister_nmi_handler(BENCH_SLOT);
@@ -174,7 +175,7 @@ pub fn bench(_: &Params) -> Verdict {
         Ok(stats) => report("stop_machine", 0, &stats),
         Err(err) => fail!("stop_machine: {err}"),
     }
-    if nmi::nmis_available() {
+    if platform::nmi_mechanism().is_ok() {
         // SAFETY: the function touches nothing.
         let function = unsafe { NmiSafe::new(&empty) };
         match measure(50, 1000, |_| {
@@ -227,7 +228,7 @@ pub fn bench(_: &Params) -> Verdict {
             }
         };
     let flips = [Patch::new(site, NOP, branch), Patch::new(site, branch, NOP)];
-    let result: Result<Stats, PatchError> = measure(100, 2000, |i| {
+    let result: Result<Stats, PatchError<Insn>> = measure(100, 2000, |i| {
         patch_nosync(STOP.arch(), &KERNEL_TEXT, &flips[i % 2..i % 2 + 1])
     });
     match result {
@@ -256,7 +257,7 @@ pub fn large_batches(_: &Params) -> Verdict {
     let mut batches = BATCHES.lock();
     fill_batches(&mut batches);
     let pages = (bench_sites() + SITE_LEN * BENCH_SITES - 1) / 4096 - bench_sites() / 4096 + 1;
-    let other = movz(0x0b0b);
+    let other = returning(0x0b0b);
     for descending in [false, true] {
         for direction in 0..2 {
             let batch = &mut batches[direction];

@@ -205,10 +205,6 @@ fn others() -> CpuSet {
     online_cpus().without(current_cpu())
 }
 
-fn movz(value: u16) -> Insn {
-    returning(value)
-}
-
 fn cpus_online(_: &Params) -> Verdict {
     let expected = platform::cpu_count();
     let online = online_cpus();
@@ -387,13 +383,20 @@ fn stop_machine_timeout(_: &Params) -> Verdict {
 }
 
 fn spare_patch(from: u16, to: u16) -> Patch<Insn> {
-    Patch::new(pm_spare_site as *const () as usize, movz(from), movz(to))
+    Patch::new(
+        pm_spare_site as *const () as usize,
+        returning(from),
+        returning(to),
+    )
 }
 
 fn patch_quiescence(_: &Params) -> Verdict {
     let site = pm_spare_site as *const () as usize;
     let before = KERNEL_TEXT.read_insn(site, SITE_LEN);
-    check!(before == movz(0x5a5a), "spare site holds {before:#010x}");
+    check!(
+        before == returning(0x5a5a),
+        "spare site holds {before:#010x}"
+    );
     let report = match patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x1234)], OPTIONS) {
         Ok(report) => report,
         Err(err) => fail!("patch_machine: {err}"),
@@ -401,7 +404,7 @@ fn patch_quiescence(_: &Params) -> Verdict {
     let after = KERNEL_TEXT.read_insn(site, SITE_LEN);
     let restored = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x1234, 0x5a5a)], OPTIONS);
     check!(
-        after == movz(0x1234),
+        after == returning(0x1234),
         "site reads {after:#010x} after the patch"
     );
     check!(restored.is_ok(), "patching back: {}", restored.unwrap_err());
@@ -515,20 +518,24 @@ fn bad_batches(_: &Params) -> Verdict {
     // Where sites must be aligned, a misaligned one; elsewhere (x86) one that overlaps
     // the first entry.
     let (second, second_name, second_expect): (Patch<Insn>, &str, Expect) = if Insn::ALIGN > 1 {
-        (Patch::new(site + 2, movz(0), NOP), "misaligned", |e| {
+        (Patch::new(site + 2, returning(0), NOP), "misaligned", |e| {
             matches!(e, PatchError::Misaligned { index: 1, .. })
         })
     } else {
-        (Patch::new(site + 1, movz(0), NOP), "overlapping", |e| {
-            matches!(
-                e,
-                PatchError::Duplicate {
-                    index: 1,
-                    first: 0,
-                    ..
-                }
-            )
-        })
+        (
+            Patch::new(site + 1, returning(0), NOP),
+            "overlapping",
+            |e| {
+                matches!(
+                    e,
+                    PatchError::Duplicate {
+                        index: 1,
+                        first: 0,
+                        ..
+                    }
+                )
+            },
+        )
     };
     let cases: [(&str, &[Patch<Insn>], Expect); 6] = [
         ("empty", &[], |e| matches!(e, PatchError::EmptyBatch)),
@@ -537,20 +544,20 @@ fn bad_batches(_: &Params) -> Verdict {
             "outside text",
             &[
                 good,
-                Patch::new(&NOT_TEXT as *const u32 as usize, movz(0), NOP),
+                Patch::new(&NOT_TEXT as *const u32 as usize, returning(0), NOP),
             ],
             |e| matches!(e, PatchError::OutsideText { index: 1, .. }),
         ),
         (
             "rendezvous code",
-            &[good, Patch::new(protected, movz(0), NOP)],
+            &[good, Patch::new(protected, returning(0), NOP)],
             |e| matches!(e, PatchError::Protected { index: 1, .. }),
         ),
         (
             "old mismatch",
             &[
                 good,
-                Patch::new(pm_torture_a as *const () as usize, movz(0x9999), NOP),
+                Patch::new(pm_torture_a as *const () as usize, returning(0x9999), NOP),
             ],
             |e| matches!(e, PatchError::OldMismatch { index: 1, .. }),
         ),
@@ -654,13 +661,13 @@ fn torture_batch(from: usize, to: usize) -> [Patch<Insn>; 2] {
     [
         Patch::new(
             pm_torture_a as *const () as usize,
-            movz(TORTURE_A[from]),
-            movz(TORTURE_A[to]),
+            returning(TORTURE_A[from]),
+            returning(TORTURE_A[to]),
         ),
         Patch::new(
             pm_torture_b as *const () as usize,
-            movz(TORTURE_B[from]),
-            movz(TORTURE_B[to]),
+            returning(TORTURE_B[from]),
+            returning(TORTURE_B[to]),
         ),
     ]
 }
@@ -735,7 +742,11 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
 fn nosync(params: &Params) -> Verdict {
     let site = pm_nosync_target as *const () as usize;
     // A pair that is not CMODX-safe is refused and changes nothing.
-    match patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, NOP, movz(9))]) {
+    match patch_nosync(
+        STOP.arch(),
+        &KERNEL_TEXT,
+        &[Patch::new(site, NOP, returning(9))],
+    ) {
         Err(PatchError::NotCmodxSafe { .. }) => {}
         other => fail!("NOP -> MOVZ without a stop: got {other:?}"),
     }

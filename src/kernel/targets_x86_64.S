@@ -1,0 +1,47 @@
+// Functions the self-tests patch while other CPUs call them (x86_64, AT&T syntax). They
+// live in ordinary kernel text, mapped read-only and executable like the rest. Every
+// site is one 5-byte instruction: `mov $imm32, %eax` or the recommended 5-byte NOP.
+
+    .section .text.patch_targets, "ax", @progbits
+    .balign 64
+
+// Returns one of three values; the torture test cycles the MOV through them with
+// patch_machine.
+    .global pm_torture_a
+pm_torture_a:
+    mov     $0x1111, %eax
+    ret
+
+// A second site, patched in the same batch as the first.
+    .global pm_torture_b
+pm_torture_b:
+    mov     $0x2221, %eax
+    ret
+
+// Returns 1 while its first instruction is the NOP, 2 once it jumps to the second part
+// (x86 has no pair that may change under a running CPU: the nosync test only checks
+// that patch_nosync refuses).
+    .global pm_nosync_target
+pm_nosync_target:
+    .byte   0x0f, 0x1f, 0x44, 0x00, 0x00
+    mov     $1, %eax
+    ret
+    .global pm_nosync_branch_dest
+pm_nosync_branch_dest:
+    mov     $2, %eax
+    ret
+
+// Sites for the bad-batch test (never called).
+    .global pm_spare_site
+pm_spare_site:
+    mov     $0x5a5a, %eax
+    ret
+
+// Sites for the benchmarks' batches (never called).
+    .balign 64
+    .global pm_bench_sites
+pm_bench_sites:
+    .rept 1000
+    .byte   0x0f, 0x1f, 0x44, 0x00, 0x00
+    .endr
+    ret
