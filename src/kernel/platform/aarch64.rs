@@ -2,7 +2,7 @@
 
 use crate::CpuSet;
 use crate::arch::aarch64::{boot_info, gic, irq, layout};
-use crate::patch::insn;
+use crate::patch::{Patch, PatchError, insn};
 use core::ops::Range;
 
 pub use crate::arch::aarch64::exit::exit;
@@ -55,6 +55,12 @@ pub fn cpu_yield() {
 /// run it (`B`: CMODX-safe), or why this architecture has none.
 pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     insn::b(site, target).map_err(|_| "the nosync branch target is out of B's range")
+}
+
+/// Patches `batch` while other CPUs may run it, without stopping them: on arm64 only
+/// CMODX-safe pairs, through [`patch_nosync`](crate::patch::patch_nosync).
+pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
+    crate::patch::patch_nosync(&Platform, &crate::kernel::text::KERNEL_TEXT, batch)
 }
 
 /// Normal-priority IPIs the self-tests may use.

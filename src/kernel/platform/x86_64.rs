@@ -1,7 +1,7 @@
 //! The kernel's platform names on x86_64 (see the table in the parent module).
 
 use crate::arch::x86_64::{boot, cpu, layout, smp};
-use crate::patch::x86;
+use crate::patch::{Patch, PatchError, x86};
 use core::ops::Range;
 
 pub use crate::arch::x86_64::exit::exit;
@@ -62,6 +62,12 @@ pub fn live_branch(_site: usize, _target: usize) -> Result<Insn, &'static str> {
     Err(
         "x86 has no CMODX-safe pair: live patching needs the INT3 protocol (text_poke_bp), not implemented yet",
     )
+}
+
+/// Patches `batch` while other CPUs may run it, without stopping them: on x86 that is
+/// the INT3 protocol, not implemented yet, so this refuses like `patch_nosync` does.
+pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
+    crate::patch::patch_nosync(&Platform, &crate::kernel::text::KERNEL_TEXT, batch)
 }
 
 /// NMIs through the local APIC always exist on x86.

@@ -15,7 +15,7 @@ use crate::kernel::platform::returning;
 use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
 use crate::kernel::text::KERNEL_TEXT;
 use crate::kprint;
-use crate::patch::{Patch, PatchError, Text, patch_machine, patch_nosync};
+use crate::patch::{Patch, PatchError, Text, patch_machine};
 use crate::stop::{Arch, NmiSafe};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -229,7 +229,7 @@ pub fn bench(_: &Params) -> Verdict {
         };
     let flips = [Patch::new(site, NOP, branch), Patch::new(site, branch, NOP)];
     let result: Result<Stats, PatchError<Insn>> = measure(100, 2000, |i| {
-        patch_nosync(STOP.arch(), &KERNEL_TEXT, &flips[i % 2..i % 2 + 1])
+        platform::patch_live(&flips[i % 2..i % 2 + 1])
     });
     match result {
         Ok(stats) => report("patch_nosync", 1, &stats),

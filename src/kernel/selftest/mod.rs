@@ -768,7 +768,7 @@ fn nosync(params: &Params) -> Verdict {
         } else {
             Patch::new(site, branch, NOP)
         };
-        if let Err(err) = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[patch]) {
+        if let Err(err) = platform::patch_live(&[patch]) {
             failure = Some((k, err));
             break;
         }
@@ -782,7 +782,7 @@ fn nosync(params: &Params) -> Verdict {
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
     if KERNEL_TEXT.read_insn(site, SITE_LEN) != NOP {
-        let _ = patch_nosync(STOP.arch(), &KERNEL_TEXT, &[Patch::new(site, branch, NOP)]);
+        let _ = platform::patch_live(&[Patch::new(site, branch, NOP)]);
     }
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
