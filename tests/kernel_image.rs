@@ -4,10 +4,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Builds the release kernel once and returns its path.
+/// Builds the release aarch64 kernel once and returns its path.
 fn kernel_image() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
+    IMAGE.get_or_init(|| build("aarch64-unknown-none"))
+}
+
+/// Builds the release x86_64 kernel once and returns its path.
+fn x86_kernel_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| build("x86_64-unknown-none"))
+}
+
+fn build(target: &str) -> PathBuf {
+    {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let output = Command::new(cargo)
@@ -16,7 +26,7 @@ fn kernel_image() -> &'static Path {
                 "build",
                 "--release",
                 "--target",
-                "aarch64-unknown-none",
+                target,
                 "--bin",
                 "patch-machine",
             ])
@@ -30,15 +40,18 @@ fn kernel_image() -> &'static Path {
         let target_dir = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
-        target_dir.join("aarch64-unknown-none/release/patch-machine")
-    })
+        target_dir.join(target).join("release/patch-machine")
+    }
 }
 
 struct Segment {
     kind: u32,
     flags: u32,
+    offset: u64,
     vaddr: u64,
+    filesz: u64,
     memsz: u64,
+    align: u64,
 }
 
 const PT_LOAD: u32 = 1;
@@ -62,8 +75,11 @@ fn program_headers(elf: &[u8]) -> Vec<Segment> {
             Segment {
                 kind: u32_at(at),
                 flags: u32_at(at + 4),
+                offset: u64_at(at + 8),
                 vaddr: u64_at(at + 0x10),
+                filesz: u64_at(at + 0x20),
                 memsz: u64_at(at + 0x28),
+                align: u64_at(at + 0x30),
             }
         })
         .collect()
@@ -71,7 +87,13 @@ fn program_headers(elf: &[u8]) -> Vec<Segment> {
 
 #[test]
 fn no_segment_is_both_writable_and_executable() {
-    let elf = std::fs::read(kernel_image()).expect("reading the kernel image");
+    for image in [kernel_image(), x86_kernel_image()] {
+        no_wx_segment(image);
+    }
+}
+
+fn no_wx_segment(image: &Path) {
+    let elf = std::fs::read(image).expect("reading the kernel image");
     let segments = program_headers(&elf);
     assert!(
         segments
@@ -81,12 +103,52 @@ fn no_segment_is_both_writable_and_executable() {
     for s in &segments {
         assert!(
             s.flags & (PF_W | PF_X) != (PF_W | PF_X),
-            "segment at {:#x} (+{:#x}) is writable and executable (flags {:#x})",
+            "{}: segment at {:#x} (+{:#x}) is writable and executable (flags {:#x})",
+            image.display(),
             s.vaddr,
             s.memsz,
             s.flags
         );
     }
+}
+
+const PT_NOTE: u32 = 4;
+/// XEN_ELFNOTE_PHYS32_ENTRY: the PVH entry point QEMU's `-kernel` looks for.
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+
+/// The x86_64 image boots with a plain `-kernel`: a 4-byte aligned PT_NOTE (QEMU refuses
+/// 8-byte alignment) holding the "Xen" PVH entry note, whose entry lies in executable
+/// code.
+#[test]
+fn x86_image_has_the_pvh_entry_note() {
+    let elf = std::fs::read(x86_kernel_image()).expect("reading the x86 kernel image");
+    let segments = program_headers(&elf);
+    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().unwrap());
+    let mut entry = None;
+    for note in segments.iter().filter(|s| s.kind == PT_NOTE) {
+        assert_eq!(
+            note.align, 4,
+            "PT_NOTE at offset {:#x} is not 4-byte aligned",
+            note.offset
+        );
+        let (mut at, end) = (note.offset as usize, (note.offset + note.filesz) as usize);
+        while at + 12 <= end {
+            let (namesz, descsz, kind) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
+            let name = &elf[at + 12..at + 12 + namesz as usize];
+            let desc = at + 12 + (namesz as usize).next_multiple_of(4);
+            if name == b"Xen\0" && kind == XEN_ELFNOTE_PHYS32_ENTRY {
+                entry = Some(u64::from(u32_at(desc)));
+            }
+            at = desc + (descsz as usize).next_multiple_of(4);
+        }
+    }
+    let entry = entry.expect("no Xen PVH entry note (type 18) in any PT_NOTE");
+    assert!(
+        segments.iter().any(|s| s.kind == PT_LOAD
+            && s.flags & PF_X != 0
+            && (s.vaddr..s.vaddr + s.memsz).contains(&entry)),
+        "PVH entry {entry:#x} is not in an executable segment"
+    );
 }
 
 #[test]
