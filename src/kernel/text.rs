@@ -4,9 +4,7 @@
 use super::platform::{self, Insn};
 #[cfg(target_arch = "aarch64")]
 use crate::arch::aarch64::{cache, mmu};
-#[cfg(target_arch = "aarch64")]
-use crate::patch::Patch;
-use crate::patch::Text;
+use crate::patch::{Patch, Text};
 use core::ops::Range;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -18,6 +16,11 @@ static WRITE_PROBE: AtomicUsize = AtomicUsize::new(0);
 pub fn set_write_probe(probe: Option<fn()>) {
     WRITE_PROBE.store(probe.map_or(0, |f| f as usize), Ordering::SeqCst);
 }
+
+/// Bytes [`KernelText::write_batch`] writes under one mapping of the alias at most
+/// (x86: `poke_text` maps two pages, so any run this long fits).
+#[cfg(target_arch = "x86_64")]
+const BYTES_PER_MAPPING: usize = 256;
 
 /// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
 #[cfg(target_arch = "aarch64")]
@@ -155,6 +158,34 @@ unsafe impl Text for KernelText {
     unsafe fn write_insn(&self, addr: usize, insn: Insn) {
         crate::arch::x86_64::paging::poke_text(addr, insn.bytes());
         self.probe();
+    }
+
+    /// Entries that follow each other back to back (as a table of call sites or a run
+    /// of NOPs does) are written with one mapping of the alias, up to
+    /// [`BYTES_PER_MAPPING`] bytes at a time; order within the batch is kept.
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_batch(&self, batch: &[Patch<Insn>]) {
+        // No indexing that can panic: the rendezvous path stays in `.text.nopatch`.
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let mut bytes = [0u8; BYTES_PER_MAPPING];
+            let (mut len, mut run) = (0, 0);
+            for patch in rest {
+                let new = patch.new.bytes();
+                let Some(slot) = bytes.get_mut(len..len + new.len()) else {
+                    break;
+                };
+                if patch.addr != first.addr + len {
+                    break;
+                }
+                slot.copy_from_slice(new);
+                len += new.len();
+                run += 1;
+            }
+            crate::arch::x86_64::paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[]));
+            self.probe();
+            rest = rest.get(run.max(1)..).unwrap_or(&[]);
+        }
     }
 
     #[unsafe(link_section = ".text.nopatch")]
