@@ -265,3 +265,70 @@ fn rendezvous_code_does_not_call_patchable_text() {
         escapes.join("\n")
     );
 }
+
+/// The same property for the x86_64 image (host binutils read it): every direct call or
+/// jump out of `.text.nopatch` goes to a failure path or is the boot hand-off.
+#[test]
+fn x86_rendezvous_code_does_not_call_patchable_text() {
+    const ALLOWED: &[(&str, &str)] = &[
+        ("core::panicking::panic_fmt", "panic: the run ends"),
+        ("core::option::expect_failed", "panic: the run ends"),
+        ("traps::fatal", "unexpected exception: the run ends"),
+        ("boot::boot_main", "boot hand-off, before any rendezvous"),
+    ];
+    let image = x86_kernel_image();
+    let run = |tool: &str, args: &[&str]| {
+        let output = Command::new(tool)
+            .args(args)
+            .arg(image)
+            .output()
+            .unwrap_or_else(|err| panic!("cannot run {tool} ({err}): needs the host's binutils"));
+        assert!(output.status.success(), "{tool} failed");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let nm = run("nm", &[]);
+    let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
+    assert!(end > start);
+    let disassembly = run(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let mut escapes = Vec::new();
+    let mut function = "";
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line;
+            continue;
+        }
+        // "  200f3c:\tcall   2034a0 <core::panicking::panic_fmt>"
+        let Some(insn) = line.split('\t').nth(1) else {
+            continue;
+        };
+        let mut fields = insn.split_whitespace();
+        let (Some(mnemonic), Some(operand)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let branch = mnemonic == "call" || mnemonic.starts_with('j');
+        let Ok(target) = u64::from_str_radix(operand, 16) else {
+            continue;
+        };
+        if !branch || (start..end).contains(&target) {
+            continue;
+        }
+        if ALLOWED.iter().any(|(callee, _)| insn.contains(callee)) {
+            continue;
+        }
+        escapes.push(format!("{function} {line}"));
+    }
+    assert!(
+        escapes.is_empty(),
+        "x86 .text.nopatch branches into patchable text:\n{}",
+        escapes.join("\n")
+    );
+}

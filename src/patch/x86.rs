@@ -66,7 +66,9 @@ impl Insn {
 
     /// The encoding.
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes[..self.len as usize]
+        // `get`: `len <= MAX_LEN` always, but the rendezvous path calls this and must not
+        // hold a branch to a bounds-check panic out of `.text.nopatch`.
+        self.bytes.get(..self.len as usize).unwrap_or(&self.bytes)
     }
 }
 
