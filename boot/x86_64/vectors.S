@@ -4,9 +4,9 @@
  * calls {dispatch}(&frame) with a 16-byte aligned stack (5 + 2 + 15 quadwords above
  * the CPU's aligned frame). The kernel is soft-float: no FP/SIMD state to save.
  * {stop} is the stop-IPI vector, {spurious} the APIC spurious vector, {test0} and
- * {test1} the self-tests' normal-priority IPIs.
+ * {test1} the self-tests' normal-priority IPIs, {sync} the INT3 protocol's sync IPI.
  * x86_vector_table: one stub address per vector 0..31, then {stop}, {spurious},
- * {test0}, {test1}.
+ * {test0}, {test1}, {sync}.
  */
     .section .text.nopatch.vectors, "ax", @progbits
     .code64
@@ -36,6 +36,7 @@ STUB_NOERR {stop}
 STUB_NOERR {spurious}
 STUB_NOERR {test0}
 STUB_NOERR {test1}
+STUB_NOERR {sync}
 
     .p2align 4
 x86_trap_common:
@@ -86,3 +87,4 @@ x86_vector_table:
     .quad x86_stub_{spurious}
     .quad x86_stub_{test0}
     .quad x86_stub_{test1}
+    .quad x86_stub_{sync}

@@ -18,9 +18,9 @@ pm_torture_b:
     mov     $0x2221, %eax
     ret
 
-// Returns 1 while its first instruction is the NOP, 2 once it jumps to the second part
-// (x86 has no pair that may change under a running CPU: the nosync test only checks
-// that patch_nosync refuses).
+// Returns 1 while its first instruction is the NOP, 2 once it is a JMP rel32 to the
+// second part: the nosync test flips it with the INT3 protocol (text_poke_bp) while
+// other CPUs call it.
     .global pm_nosync_target
 pm_nosync_target:
     .byte   0x0f, 0x1f, 0x44, 0x00, 0x00

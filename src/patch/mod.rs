@@ -479,8 +479,8 @@ pub fn patch_nosync<A: Arch, T: Text>(
     Ok(())
 }
 
-/// Takes `lock`, giving up after `timeout_ns`.
-fn lock_bounded<'a, A: Arch, I: Instruction>(
+/// Takes `lock`, giving up after `timeout_ns` (also used by x86's `text_poke_bp`).
+pub(crate) fn lock_bounded<'a, A: Arch, I: Instruction>(
     arch: &A,
     lock: &'a spin::Mutex<()>,
     timeout_ns: u64,

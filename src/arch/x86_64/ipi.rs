@@ -1,9 +1,10 @@
 //! Normal-priority IPIs for the self-tests: two fixed vectors, each with one handler
-//! `fn(cpu)`, run with interrupts off after the EOI.
+//! `fn(cpu)`, run with interrupts off after the EOI; and the sync IPI of the INT3
+//! protocol ([`sync_all`]).
 
-use super::{apic, cpu, smp};
+use super::{apic, cpu, smp, timer};
 use crate::CpuSet;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// The test IPI vectors (priority class 14: below the stop IPI's 15).
 pub const TEST_IPIS: [u32; 2] = [0xe0, 0xe1];
@@ -51,5 +52,71 @@ pub(crate) fn dispatch(ipi: u32) {
         // SAFETY: only `set_ipi_handler` stores non-zero values: `fn(usize)` pointers.
         let f: fn(usize) = unsafe { core::mem::transmute(f) };
         f(cpu::current_cpu());
+    }
+}
+
+/// The sync IPI vector (priority class 15, with the stop IPI): its handler executes a
+/// serialising instruction and acknowledges, for [`sync_all`].
+pub const SYNC_VECTOR: u8 = 0xf1;
+
+/// Generation of the latest [`sync_all`] request.
+static SYNC_GEN: AtomicU64 = AtomicU64::new(0);
+/// Per CPU: the latest generation it serialised for.
+static SYNC_ACK: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+
+/// The sync IPI's handler (from the trap dispatch, after the EOI): serialise, then
+/// acknowledge. Code the INT3 protocol runs, so it lives in `.text.nopatch`.
+#[unsafe(link_section = ".text.nopatch")]
+pub(crate) fn handle_sync() {
+    // Acquire pairs with the AcqRel increment in `sync_all`: the generation read is at
+    // least the one whose IPI brought us here (a later one is fine: it was requested
+    // after the earlier writes too, and we serialise after reading it).
+    let generation = SYNC_GEN.load(Ordering::Acquire);
+    cpu::serialize();
+    if let Some(ack) = SYNC_ACK.get(cpu::current_cpu()) {
+        // Release pairs with the Acquire load in `sync_all`'s wait: the serialisation
+        // above happened before the requester sees the acknowledgement.
+        ack.store(generation, Ordering::Release);
+    }
+}
+
+/// Makes every online CPU execute a serialising instruction (Linux's
+/// `text_poke_sync`: an IPI to the others, `sync_core` locally) and waits up to
+/// `timeout_ns` for each to acknowledge. A CPU spinning with IF clear cannot take the
+/// IPI: the error names the CPUs that did not acknowledge and how long we waited.
+///
+/// Callers are serialised (the text writer lock): a late acknowledgement of an
+/// earlier generation never satisfies a later call.
+pub fn sync_all(timeout_ns: u64) -> Result<(), (CpuSet, u64)> {
+    let me = cpu::current_cpu();
+    // AcqRel: Release pairs with the Acquire in `handle_sync` (our text writes before
+    // this point are ordered before the IPI's handler reads the generation).
+    let generation = SYNC_GEN.fetch_add(1, Ordering::AcqRel) + 1;
+    let others = smp::online_cpus().without(me);
+    let saved = cpu::cli_save();
+    for t in others.iter() {
+        apic::send_ipi(smp::apic_id(t), apic::DM_FIXED | u32::from(SYNC_VECTOR));
+    }
+    cpu::restore_if(saved);
+    cpu::serialize();
+    let start = timer::now_ns();
+    loop {
+        // Acquire pairs with the Release store in `handle_sync`.
+        let missing = others
+            .iter()
+            .filter(|&c| {
+                SYNC_ACK
+                    .get(c)
+                    .is_none_or(|a| a.load(Ordering::Acquire) < generation)
+            })
+            .fold(CpuSet::from_bits(0), CpuSet::with);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let waited_ns = timer::now_ns().saturating_sub(start);
+        if waited_ns > timeout_ns {
+            return Err((missing, waited_ns));
+        }
+        cpu::pause();
     }
 }

@@ -12,7 +12,8 @@
 //! | [`apic`]       | local APIC (x2APIC or xAPIC), IPIs, 8259 masking              |
 //! | [`smp`]        | INIT-SIPI-SIPI bring-up, online CPUs, APIC IDs                |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
-//! | [`ipi`]        | normal-priority test IPIs and their handlers                  |
+//! | [`ipi`]        | normal-priority test IPIs and their handlers, the sync IPI    |
+//! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
 //! | [`irq`]        | "IRQs off" (`cli`), which NMIs pass                           |
 //! | [`timer`]      | the TSC nanosecond clock                                      |
 //! | [`exit`]       | ending the run through isa-debug-exit                         |
@@ -37,6 +38,7 @@ pub mod nmi;
 pub mod paging;
 pub mod selftest;
 pub mod smp;
+pub mod text_poke;
 pub mod timer;
 pub mod traps;
 

@@ -19,12 +19,13 @@ global_asm!(
     spurious = const SPURIOUS_VECTOR,
     test0 = const ipi::TEST_IPIS[0],
     test1 = const ipi::TEST_IPIS[1],
+    sync = const ipi::SYNC_VECTOR,
     options(att_syntax)
 );
 
 unsafe extern "C" {
-    /// 32 exception stubs, then the stop, spurious and two test vectors' stubs.
-    static x86_vector_table: [usize; 36];
+    /// 32 exception stubs, then the stop, spurious, two test and the sync vectors' stubs.
+    static x86_vector_table: [usize; 37];
 }
 
 /// Saved state, as pushed by the stubs and the CPU.
@@ -45,7 +46,8 @@ pub struct TrapFrame {
     rdx: u64,
     rcx: u64,
     rbx: u64,
-    rax: u64,
+    /// Interrupted RAX (the INT3 handler emulates `MOV $imm32, %eax`).
+    pub(super) rax: u64,
     /// Vector number.
     pub vector: u64,
     /// Error code (0 where the CPU pushes none).
@@ -98,6 +100,7 @@ pub fn init() {
     for (i, &v) in ipi::TEST_IPIS.iter().enumerate() {
         idt[v as usize] = gate(table[34 + i], 0);
     }
+    idt[usize::from(ipi::SYNC_VECTOR)] = gate(table[36], 0);
 }
 
 /// Loads the IDT on the calling CPU.
@@ -154,6 +157,16 @@ const NAMES: [&str; 32] = [
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
         2 => nmi::handle_nmi(),
+        // A site the INT3 protocol has in flight: emulated, else fatal like any #BP.
+        3 => {
+            if !super::text_poke::handle_int3(frame) {
+                fatal(frame)
+            }
+        }
+        v if v == u64::from(ipi::SYNC_VECTOR) => {
+            apic::eoi();
+            ipi::handle_sync();
+        }
         v if v == u64::from(STOP_VECTOR) => {
             // EOI first: a stop IPI for the next call may then be accepted (and is
             // delivered after this handler's iretq, since IF stays clear until then).

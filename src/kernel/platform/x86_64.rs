@@ -56,18 +56,16 @@ pub fn cpu_yield() {
     cpu::pause();
 }
 
-/// x86 has no instruction another CPU may see change under it without the INT3
-/// protocol, which this kernel does not implement yet.
-pub fn live_branch(_site: usize, _target: usize) -> Result<Insn, &'static str> {
-    Err(
-        "x86 has no CMODX-safe pair: live patching needs the INT3 protocol (text_poke_bp), not implemented yet",
-    )
+/// `JMP rel32` from `site` to `target`: the live pair (with the 5-byte NOP) that
+/// [`patch_live`] changes through the INT3 protocol.
+pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
+    x86::jmp_rel32(site, target).map_err(|_| "the branch target is out of rel32 range")
 }
 
-/// Patches `batch` while other CPUs may run it, without stopping them: on x86 that is
-/// the INT3 protocol, not implemented yet, so this refuses like `patch_nosync` does.
+/// Patches `batch` while other CPUs may run it, without stopping them: the INT3
+/// protocol (`text_poke_bp`, Linux's `text_poke_bp_batch`).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
-    crate::patch::patch_nosync(&Platform, &crate::kernel::text::KERNEL_TEXT, batch)
+    crate::arch::x86_64::text_poke::text_poke_bp(&crate::kernel::text::KERNEL_TEXT, batch)
 }
 
 /// NMIs through the local APIC always exist on x86.
