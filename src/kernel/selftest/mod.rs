@@ -739,6 +739,12 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
     }
 }
 
+/// Live patching without a stop: a pair `patch_nosync` may not change is refused with
+/// the text unchanged; then `platform::patch_live` flips the site between the NOP and
+/// `platform::live_branch` (arm64: B through `patch_nosync`; x86: NOP5 <-> JMP rel32
+/// through the INT3 protocol, `text_poke_bp`) `nosync_flips` times while every other
+/// CPU calls it. Every call must return 1 (NOP) or 2 (branch taken); the patching CPU
+/// must see the new one at once.
 fn nosync(params: &Params) -> Verdict {
     let site = pm_nosync_target as *const () as usize;
     // A pair that is not CMODX-safe is refused and changes nothing.
