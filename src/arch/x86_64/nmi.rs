@@ -8,8 +8,10 @@
 //! left; each handler checks for work of its own. Slot 0 is the stop machine's.
 //!
 //! Handlers run on the NMI IST stack with IF clear; they must take no lock that
-//! interrupted code may hold, must not print, and must not fault (an exception's
-//! `iretq` would end NMI blocking early and a nested NMI would reuse the IST stack).
+//! interrupted code may hold and must not print. They may take an exception (the INT3
+//! protocol's #BP): its `iretq` ends NMI blocking early, but the entry stub
+//! (`x86_stub_2` in `boot/x86_64/vectors.S`) latches an NMI arriving then and runs the
+//! handlers again once the first pass is done, never on top of it ([`nmis_latched`]).
 
 use super::{X86_64, apic, cpu, smp};
 use crate::{CpuSet, MAX_CPUS};
@@ -26,6 +28,21 @@ static TAKEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Per target CPU: NMI requests not yet handled.
 static REQUESTS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per CPU: requests the handler drained (each request counted once, when drained).
+static DRAINED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Nested NMIs the entry stub latched (turned into a repeat of the outer NMI's
+/// handlers), all CPUs; incremented by the stub with `lock incq`.
+pub(super) static NMI_LATCHED: AtomicU64 = AtomicU64::new(0);
+
+/// How many nested NMIs the entry stub latched, on all CPUs, since boot.
+pub fn nmis_latched() -> u64 {
+    NMI_LATCHED.load(Ordering::Relaxed)
+}
+
+/// How many NMI requests (one per NMI sent to it) `cpu`'s handler has drained.
+pub fn requests_drained(cpu: usize) -> u64 {
+    DRAINED.get(cpu).map_or(0, |n| n.load(Ordering::Relaxed))
+}
 
 #[inline(always)]
 fn request(cpu: usize) {
@@ -136,9 +153,12 @@ fn run_handlers(cpu: usize) -> bool {
 #[unsafe(link_section = ".text.nopatch")]
 pub(crate) fn handle_nmi() {
     let cpu = cpu::current_cpu();
-    let (Some(in_nmi), Some(taken), Some(requests)) =
-        (IN_NMI.get(cpu), TAKEN.get(cpu), REQUESTS.get(cpu))
-    else {
+    let (Some(in_nmi), Some(taken), Some(requests), Some(drained)) = (
+        IN_NMI.get(cpu),
+        TAKEN.get(cpu),
+        REQUESTS.get(cpu),
+        DRAINED.get(cpu),
+    ) else {
         return;
     };
     in_nmi.fetch_add(1, Ordering::Relaxed);
@@ -149,6 +169,7 @@ pub(crate) fn handle_nmi() {
     let mut rounds = 0;
     loop {
         let pending = requests.swap(0, Ordering::Acquire);
+        drained.fetch_add(u64::from(pending), Ordering::Relaxed);
         claimed |= run_handlers(cpu);
         rounds += 1;
         // Bounded: a sender storm cannot keep one NMI running forever; requests left
@@ -167,7 +188,8 @@ pub(crate) fn handle_nmi() {
 // NMIs are not masked by RFLAGS.IF, so it is taken inside `mask_irqs` (`cli`), and
 // equally inside `mask_all` (also `cli`): on x86 `mask_all` cannot keep NMIs out,
 // which is why the core only sends self-NMIs in `IrqsOnly` windows. It never nests: the
-// CPU blocks NMIs from NMI delivery until `iretq`, and the handler takes no exception.
+// CPU blocks NMIs from NMI delivery until `iretq`, and an NMI arriving after an
+// exception's `iretq` inside the handler is latched by the entry stub and run after.
 // The handler (`handle_nmi` -> `run_handlers`) calls `STOP.handle_nmi()` before any
 // other handler.
 #[cfg(feature = "stop-machine-nmi")]

@@ -80,7 +80,7 @@ struct Ctx<'a> {
 
 type Test = fn(&Ctx<'_>) -> Verdict;
 
-const TESTS: [(&str, Test); 8] = [
+const TESTS: [(&str, Test); 9] = [
     ("cpus_online", cpus_online),
     ("poke_text", poke_text),
     ("stop_machine_active_cpus", stop_machine_active_cpus),
@@ -89,6 +89,7 @@ const TESTS: [(&str, Test); 8] = [
     ("test_ipi", test_ipi),
     ("nmi_ipi", nmi_ipi),
     ("stop_machine_nmi", stop_machine_nmi),
+    ("nested_nmi", nested_nmi),
 ];
 
 fn cpus_online(ctx: &Ctx<'_>) -> Verdict {
@@ -602,6 +603,236 @@ fn stop_machine_nmi(_: &Ctx<'_>) -> Verdict {
     (
         Outcome::Skip,
         msg!("built without the stop-machine-nmi feature"),
+    )
+}
+
+global_asm!(
+    ".pushsection .text.pm_nmi_ud2, \"ax\"",
+    ".balign 16",
+    ".global pm_nmi_ud2_probe",
+    "pm_nmi_ud2_probe:",
+    "    ud2",
+    "    ret",
+    ".popsection",
+);
+
+unsafe extern "C" {
+    /// `ud2; ret`: the #UD handler recognises this `ud2` and skips it (`traps.rs`).
+    fn pm_nmi_ud2_probe();
+}
+
+/// The address of the NMI self-test's `ud2`, for the #UD handler.
+#[inline(always)]
+pub(super) fn nmi_ud2_site() -> u64 {
+    pm_nmi_ud2_probe as *const () as u64
+}
+
+const NESTED_SLOT: usize = 3;
+const NESTED_ITERATIONS: u32 = 2000;
+/// How long the armed handler spins after the `ud2` (NMIs unblocked), for nested NMIs
+/// from the storm to arrive.
+const NESTED_SPIN_NS: u64 = 20_000;
+const NESTED_LIMIT_NS: u64 = 5_000_000_000;
+/// The CPU under test (index + 1; 0 = none).
+static NESTED_TARGET: AtomicU32 = AtomicU32::new(0);
+/// Set by the runner before each self-NMI: the next handler pass takes the `ud2`.
+static NESTED_ARMED: AtomicU32 = AtomicU32::new(0);
+/// Armed passes completed.
+static NESTED_DONE: AtomicU32 = AtomicU32::new(0);
+/// Current and deepest nesting of the test handler on the target.
+static NESTED_DEPTH: AtomicU32 = AtomicU32::new(0);
+static NESTED_MAX_DEPTH: AtomicU32 = AtomicU32::new(0);
+/// Stack canary and callee-saved register mismatches seen after the `ud2`.
+static NESTED_BAD_CANARY: AtomicU32 = AtomicU32::new(0);
+static NESTED_BAD_REGS: AtomicU32 = AtomicU32::new(0);
+/// Per sender: NMIs sent to the target.
+static NESTED_SENT: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+static STORM_STOP: AtomicU32 = AtomicU32::new(0);
+static STORM_RUNNING: AtomicU32 = AtomicU32::new(0);
+
+/// NMI handler: on the target, when armed, raises #UD (whose `iretq` ends NMI
+/// blocking), then spins while the other CPUs keep sending NMIs, and checks that its
+/// stack and registers survived.
+fn nested_nmi_handler(cpu: usize) -> bool {
+    // Acquire pairs with the runner's Release store of the target.
+    if NESTED_TARGET.load(Ordering::Acquire) != cpu as u32 + 1 {
+        return false;
+    }
+    // Only this CPU touches the depth counters: Relaxed.
+    let depth = NESTED_DEPTH.fetch_add(1, Ordering::Relaxed) + 1;
+    NESTED_MAX_DEPTH.fetch_max(depth, Ordering::Relaxed);
+    if NESTED_ARMED.swap(0, Ordering::Acquire) != 0 {
+        let mut canary = [0u64; 32];
+        for (i, w) in canary.iter_mut().enumerate() {
+            *w = 0x5a5a_0000_0000_0000 | i as u64;
+        }
+        let canary = core::hint::black_box(canary);
+        let pattern: [u64; 4] = [
+            0x1212_3434_5656_7878,
+            0x2323_4545_6767_8989,
+            0x3434_5656_7878_9a9a,
+            0x4545_6767_8989_abab,
+        ];
+        let mut regs = pattern;
+        // SAFETY: the probe is `ud2; ret`; the #UD handler skips the `ud2` and returns
+        // with `iretq` (ending NMI blocking, the point of the test). The probe follows
+        // the C ABI; r12-r15 are callee-saved, so they must come back unchanged.
+        unsafe {
+            core::arch::asm!(
+                "call {probe}",
+                probe = sym pm_nmi_ud2_probe,
+                inout("r12") regs[0],
+                inout("r13") regs[1],
+                inout("r14") regs[2],
+                inout("r15") regs[3],
+                clobber_abi("C"),
+            );
+        }
+        let start = timer::now_ns();
+        while timer::now_ns() - start < NESTED_SPIN_NS {
+            core::hint::spin_loop();
+        }
+        let canary = core::hint::black_box(canary);
+        if canary
+            .iter()
+            .enumerate()
+            .any(|(i, &w)| w != 0x5a5a_0000_0000_0000 | i as u64)
+        {
+            NESTED_BAD_CANARY.fetch_add(1, Ordering::Relaxed);
+        }
+        if regs != pattern {
+            NESTED_BAD_REGS.fetch_add(1, Ordering::Relaxed);
+        }
+        // Release pairs with the runner's Acquire wait.
+        NESTED_DONE.fetch_add(1, Ordering::Release);
+    }
+    NESTED_DEPTH.fetch_sub(1, Ordering::Relaxed);
+    true
+}
+
+/// Test IPI handler on every other CPU: sends NMIs to the target, counting each,
+/// until told to stop (bounded by `NESTED_LIMIT_NS`).
+fn nmi_storm(cpu: usize) {
+    // Acquire pairs with the runner's Release store of the target.
+    let target = NESTED_TARGET.load(Ordering::Acquire);
+    if target == 0 {
+        return;
+    }
+    STORM_RUNNING.fetch_or(1 << cpu, Ordering::Release);
+    let start = timer::now_ns();
+    while STORM_STOP.load(Ordering::Acquire) == 0 && timer::now_ns() - start < NESTED_LIMIT_NS {
+        nmi::send_nmi(CpuSet::single(target as usize - 1));
+        NESTED_SENT[cpu].fetch_add(1, Ordering::Relaxed);
+        for _ in 0..50 {
+            core::hint::spin_loop();
+        }
+    }
+    // Release pairs with the runner's Acquire: our sent count is final.
+    STORM_RUNNING.fetch_and(!(1 << cpu), Ordering::Release);
+}
+
+/// Seed 001: an exception inside the NMI handler ends NMI blocking; NMIs then
+/// arriving (from every other CPU) must be latched by the entry stub and run after
+/// the first, never on top of its stack. Every request is drained exactly once, the
+/// handler never nests, its stack canary and callee-saved registers survive.
+fn nested_nmi(_: &Ctx<'_>) -> Verdict {
+    let me = super::cpu::current_cpu();
+    let others = smp::online_cpus().without(me);
+    for s in &NESTED_SENT {
+        s.store(0, Ordering::Relaxed);
+    }
+    for a in [
+        &NESTED_ARMED,
+        &NESTED_DONE,
+        &NESTED_DEPTH,
+        &NESTED_MAX_DEPTH,
+        &NESTED_BAD_CANARY,
+        &NESTED_BAD_REGS,
+        &STORM_STOP,
+    ] {
+        a.store(0, Ordering::Relaxed);
+    }
+    let drained0 = nmi::requests_drained(me);
+    let latched0 = nmi::nmis_latched();
+    nmi::register_nmi_handler(NESTED_SLOT, nested_nmi_handler);
+    NESTED_TARGET.store(me as u32 + 1, Ordering::Release);
+    ipi::set_ipi_handler(ipi::TEST_IPIS[1], nmi_storm);
+    ipi::send_ipi(ipi::TEST_IPIS[1], others);
+    let start = timer::now_ns();
+    while STORM_RUNNING.load(Ordering::Acquire) != others.bits()
+        && timer::now_ns() - start < 1_000_000_000
+    {
+        core::hint::spin_loop();
+    }
+    let storming = CpuSet::from_bits(STORM_RUNNING.load(Ordering::Acquire));
+    let mut self_sent = 0u64;
+    let mut stuck = None;
+    for i in 0..NESTED_ITERATIONS {
+        NESTED_ARMED.store(1, Ordering::Release);
+        nmi::send_nmi_self();
+        self_sent += 1;
+        let start = timer::now_ns();
+        // Acquire pairs with the handler's Release increment.
+        while NESTED_DONE.load(Ordering::Acquire) <= i {
+            if timer::now_ns() - start > 1_000_000_000 {
+                stuck = Some(i);
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        if stuck.is_some() {
+            break;
+        }
+    }
+    STORM_STOP.store(1, Ordering::Release);
+    let start = timer::now_ns();
+    while STORM_RUNNING.load(Ordering::Acquire) != 0 && timer::now_ns() - start < NESTED_LIMIT_NS {
+        core::hint::spin_loop();
+    }
+    let still = CpuSet::from_bits(STORM_RUNNING.load(Ordering::Acquire));
+    let sent = self_sent
+        + NESTED_SENT
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .sum::<u64>();
+    // The last NMIs may still be in flight: wait (bounded) for their requests.
+    let start = timer::now_ns();
+    while nmi::requests_drained(me) - drained0 < sent && timer::now_ns() - start < 1_000_000_000 {
+        core::hint::spin_loop();
+    }
+    let handled = nmi::requests_drained(me) - drained0;
+    let latched = nmi::nmis_latched() - latched0;
+    ipi::clear_ipi_handler(ipi::TEST_IPIS[1]);
+    NESTED_TARGET.store(0, Ordering::Release);
+    nmi::unregister_nmi_handler(NESTED_SLOT);
+    check!(
+        storming == others,
+        "NMI storm started on {storming} of {others} within 1 s"
+    );
+    check!(
+        stuck.is_none(),
+        "armed NMI {stuck:?} never completed within 1 s"
+    );
+    check!(still.is_empty(), "storm still running on {still} after 5 s");
+    check!(
+        handled == sent,
+        "cpu{me}: {sent} NMI requests sent, {handled} drained within 1 s"
+    );
+    let depth = NESTED_MAX_DEPTH.load(Ordering::Relaxed);
+    check!(depth == 1, "NMI handler nesting depth {depth}");
+    let canary = NESTED_BAD_CANARY.load(Ordering::Relaxed);
+    check!(canary == 0, "stack canary corrupted in {canary} passes");
+    let regs = NESTED_BAD_REGS.load(Ordering::Relaxed);
+    check!(regs == 0, "r12-r15 corrupted in {regs} passes");
+    check!(
+        latched > 0 || others.is_empty(),
+        "no nested NMI latched in {NESTED_ITERATIONS} passes: the window was not exercised"
+    );
+    (
+        Outcome::Pass,
+        msg!(
+            "cpu{me}: {NESTED_ITERATIONS} #UD passes, {sent} sent = {handled} drained, {latched} nested latched, depth 1"
+        ),
     )
 }
 
