@@ -7,8 +7,11 @@
 //! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
 //! Anything else is reported as a failing KTAP line.
 
+use super::text_poke::text_poke_bp;
 use super::{STOP, boot, ipi, irq, layout, madt, nmi, paging, smp, timer};
+use crate::kernel::KERNEL_TEXT;
 use crate::ktap::{Ktap, Outcome};
+use crate::patch::{Patch, PatchError, x86};
 use crate::stop::{StopError, StopOptions};
 use crate::{CpuSet, kprint};
 use core::arch::global_asm;
@@ -397,7 +400,34 @@ fn stop_machine_timeout(_: &Ctx<'_>) -> Verdict {
             ran.is_empty(),
             "the function ran on {ran} despite the timeout"
         );
-        (Outcome::Pass, msg!("cpu{held} named"))
+        // The INT3 protocol's first sync cannot reach the held CPU either: the call
+        // fails naming it and puts the old bytes back.
+        let (site, live) = live_site();
+        let before = site_bytes(site);
+        match text_poke_bp(
+            &KERNEL_TEXT,
+            &[Patch::new(site, x86::nop(5).unwrap_or(live), live)],
+        ) {
+            Err(PatchError::Stop(StopError::Timeout { missing, .. }))
+                if missing == CpuSet::single(held) => {}
+            other => {
+                return (
+                    Outcome::Fail,
+                    msg!(
+                        "text_poke_bp with cpu{held} held: expected a timeout naming it, got {other:?}"
+                    ),
+                );
+            }
+        }
+        check!(
+            site_bytes(site) == before,
+            "a failed text_poke_bp left {:02x?} at the site (was {before:02x?})",
+            site_bytes(site)
+        );
+        (
+            Outcome::Pass,
+            msg!("cpu{held} named by stop_machine and text_poke_bp"),
+        )
     })();
     HOLD_RELEASE.store(1, Ordering::Release);
     let released = wait_holding(|h| h == 0);
@@ -419,7 +449,37 @@ fn stop_machine_timeout(_: &Ctx<'_>) -> Verdict {
     check!(next.is_ok(), "the next call failed: {}", next.unwrap_err());
     let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
     check!(ran == online, "the next call ran on {ran}");
+    // Once everyone answers again, the INT3 protocol works (and retires what the failed
+    // call left published).
+    let (site, live) = live_site();
+    let nop = x86::nop(5).unwrap_or(live);
+    for (old, new) in [(nop, live), (live, nop)] {
+        let result = text_poke_bp(&KERNEL_TEXT, &[Patch::new(site, old, new)]);
+        check!(
+            result.is_ok(),
+            "text_poke_bp after the release: {}",
+            result.unwrap_err()
+        );
+    }
     verdict
+}
+
+unsafe extern "C" {
+    fn pm_nosync_target() -> u64;
+    fn pm_nosync_branch_dest();
+}
+
+/// The kernel's live-patching site (a 5-byte NOP) and the JMP that may replace it.
+fn live_site() -> (usize, x86::Insn) {
+    let site = pm_nosync_target as *const () as usize;
+    let dest = pm_nosync_branch_dest as *const () as usize;
+    (site, x86::jmp_rel32(site, dest).unwrap_or(x86::int3()))
+}
+
+/// The five bytes at `site`.
+fn site_bytes(site: usize) -> [u8; 5] {
+    // SAFETY: `site` is a 5-byte site in mapped kernel text.
+    core::array::from_fn(|i| unsafe { core::ptr::read_volatile((site + i) as *const u8) })
 }
 
 /// CPUs where a test IPI handler ran, and where it ran with interrupts on (wrong).
