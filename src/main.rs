@@ -1,54 +1,28 @@
 //! The patch-machine kernel binary.
 //!
-//! On `aarch64-unknown-none` the image is the library's platform code
-//! (`patch_machine::arch::aarch64`: boot assembly, entry points) plus the panic handler
-//! below; boot it with `./qemu.sh`. On the host this is a stub that says so.
+//! On `aarch64-unknown-none` and `x86_64-unknown-none` the image is the library's
+//! platform code (`patch_machine::arch::*`: boot assembly, entry points) plus the panic
+//! handler below; boot it with `./qemu.sh [--arch x86_64]`. On the host this is a stub
+//! that says so.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
-#[cfg(all(target_arch = "aarch64", target_os = "none"))]
-mod aarch64 {
+/// The panic handler of both kernels: only how to mask and where the console lives
+/// differ between the architectures.
+#[cfg(target_os = "none")]
+mod panic {
     use core::panic::PanicInfo;
     use core::sync::atomic::{AtomicU32, Ordering};
-    use patch_machine::arch::aarch64::{console, cpu, exit};
+    #[cfg(target_arch = "aarch64")]
+    use patch_machine::arch::aarch64::{console, cpu, cpu::mask_all as mask, exit};
+    #[cfg(target_arch = "x86_64")]
+    use patch_machine::arch::x86_64::{console, cpu, cpu::cli_save as mask, exit};
 
     /// CPUs that are panicking (a panic inside the panic path exits at once).
     static PANICKING: AtomicU32 = AtomicU32::new(0);
 
     #[panic_handler]
     fn panic(info: &PanicInfo<'_>) -> ! {
-        cpu::mask_all();
-        let me = cpu::current_cpu();
-        let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
-        if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
-            console::write_raw_forced(b"PANIC: recursive panic\n");
-            exit::exit(false);
-        }
-        match info.location() {
-            Some(loc) => console::write_forced(format_args!(
-                "\nPANIC cpu {me}: {} at {}:{}:{}\n",
-                info.message(),
-                loc.file(),
-                loc.line(),
-                loc.column()
-            )),
-            None => console::write_forced(format_args!("\nPANIC cpu {me}: {}\n", info.message())),
-        }
-        exit::exit(false)
-    }
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "none"))]
-mod x86_64 {
-    use core::panic::PanicInfo;
-    use core::sync::atomic::{AtomicU32, Ordering};
-    use patch_machine::arch::x86_64::{console, cpu, exit};
-
-    /// CPUs that are panicking (a panic inside the panic path exits at once).
-    static PANICKING: AtomicU32 = AtomicU32::new(0);
-
-    #[panic_handler]
-    fn panic(info: &PanicInfo<'_>) -> ! {
-        cpu::cli_save();
+        mask();
         let me = cpu::current_cpu();
         let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
         if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
