@@ -137,7 +137,7 @@ extern "C" fn boot_main() -> ! {
         if mode != "all" {
             selftest::provoke(mode);
         }
-        exit::exit(selftest::run(&cpus))
+        exit::exit(selftest::run())
     }
     crate::kernel::primary_main()
 }

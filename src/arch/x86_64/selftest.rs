@@ -1,6 +1,10 @@
-//! KTAP self-tests of the x86_64 port, run on the boot CPU once every CPU is up.
+//! KTAP self-tests of what only the x86_64 platform has (the text alias, test IPI
+//! vectors, a CPU held inside an NMI, nested NMIs), run with `platform_selftest=all` on
+//! the boot CPU once every CPU is up. The tests both architectures share (CPUs online,
+//! stop_machine, NMI IPIs, stop_machine_nmi, patching) are the kernel's, in
+//! `src/kernel/selftest`, and run by default.
 //! Bootargs: `tests=all|name,name,...`; `platform_offline_cpu=N` (never start CPU N:
-//! `cpus_online` must then fail naming it); `platform_selftest=<mode>` provokes one
+//! the kernel's `cpus_online` must then fail naming it); `platform_selftest=<mode>` provokes one
 //! fatal condition before the tests, which must be reported and end the run with the
 //! failure status: `text_write` (store to kernel text), `exec_data` (call into a
 //! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`,
@@ -8,7 +12,7 @@
 //! Anything else is reported as a failing KTAP line.
 
 use super::text_poke::text_poke_bp;
-use super::{STOP, boot, ipi, irq, layout, madt, nmi, paging, smp, timer};
+use super::{STOP, boot, ipi, irq, layout, nmi, paging, smp, timer};
 use crate::kernel::KERNEL_TEXT;
 use crate::ktap::{Ktap, Outcome};
 use crate::patch::{Patch, PatchError, x86};
@@ -77,33 +81,14 @@ type Verdict = (Outcome, Msg);
 
 const OPTIONS: StopOptions = StopOptions::DEFAULT;
 
-struct Ctx<'a> {
-    cpus: &'a madt::Cpus,
-}
+type Test = fn() -> Verdict;
 
-type Test = fn(&Ctx<'_>) -> Verdict;
-
-const TESTS: [(&str, Test); 9] = [
-    ("cpus_online", cpus_online),
+const TESTS: [(&str, Test); 4] = [
     ("poke_text", poke_text),
-    ("stop_machine_active_cpus", stop_machine_active_cpus),
-    ("stop_machine_errors", stop_machine_errors),
     ("stop_machine_timeout", stop_machine_timeout),
     ("test_ipi", test_ipi),
-    ("nmi_ipi", nmi_ipi),
-    ("stop_machine_nmi", stop_machine_nmi),
     ("nested_nmi", nested_nmi),
 ];
-
-fn cpus_online(ctx: &Ctx<'_>) -> Verdict {
-    let expected = ctx.cpus.count;
-    let online = smp::online_cpus();
-    check!(
-        online == CpuSet::first(expected),
-        "online CPUs {online}, but the MADT lists {expected}"
-    );
-    (Outcome::Pass, msg!("{expected} CPUs"))
-}
 
 global_asm!(
     ".pushsection .text.pm_poke_target, \"ax\"",
@@ -128,7 +113,7 @@ fn call_target() -> u32 {
 /// Text written through the alias is what runs afterwards, on this CPU and (inside a
 /// stop-machine call, which serialises every CPU) on all others; the alias is gone
 /// afterwards, and text stays read-only and executable.
-fn poke_text(_: &Ctx<'_>) -> Verdict {
+fn poke_text() -> Verdict {
     let site = pm_poke_target as *const () as usize + 1;
     let (ts, te) = layout::text();
     check!((ts..te).contains(&site), "target {site:#x} outside text");
@@ -235,90 +220,6 @@ pub fn provoke(mode: &str) {
     crate::kprintln!("# platform_selftest={mode}: no fault happened");
 }
 
-fn stop_machine_active_cpus(_: &Ctx<'_>) -> Verdict {
-    let online = smp::online_cpus();
-    let last = online.iter().last().unwrap_or(0);
-    let odd = online
-        .iter()
-        .filter(|c| c % 2 == 1)
-        .fold(CpuSet::EMPTY, CpuSet::with);
-    let mut total_ns = 0;
-    let mut calls = 0;
-    for active in [online, CpuSet::single(0), CpuSet::single(last), odd] {
-        if active.is_empty() {
-            continue;
-        }
-        let ran = AtomicU32::new(0);
-        let runs = AtomicU32::new(0);
-        let t0 = timer::now_ns();
-        let result = STOP.stop_machine(
-            &|cpu| {
-                ran.fetch_or(1 << cpu, Ordering::Relaxed);
-                runs.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            },
-            active,
-            OPTIONS,
-        );
-        total_ns += timer::now_ns() - t0;
-        calls += 1;
-        check!(result.is_ok(), "active {active}: {}", result.unwrap_err());
-        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
-        check!(
-            ran == active && runs.load(Ordering::Relaxed) as usize == active.len(),
-            "asked for {active}, ran on {ran} ({} runs)",
-            runs.load(Ordering::Relaxed)
-        );
-    }
-    (
-        Outcome::Pass,
-        msg!(
-            "{calls} calls, {} us each on average",
-            total_ns / calls / 1000
-        ),
-    )
-}
-
-fn stop_machine_errors(_: &Ctx<'_>) -> Verdict {
-    let online = smp::online_cpus();
-    let result = STOP.stop_machine(
-        &|cpu| {
-            if cpu % 2 == 1 || cpu == 0 {
-                Err(-100 - cpu as i32)
-            } else {
-                Ok(())
-            }
-        },
-        online,
-        OPTIONS,
-    );
-    let expected = online
-        .iter()
-        .filter(|c| c % 2 == 1 || *c == 0)
-        .fold(CpuSet::EMPTY, CpuSet::with);
-    match result {
-        Err(StopError::Failed(failures)) => {
-            check!(
-                failures.cpus() == expected,
-                "failing CPUs {} (expected {expected})",
-                failures.cpus()
-            );
-            for cpu in expected.iter() {
-                check!(
-                    failures.code(cpu) == Some(-100 - cpu as i32),
-                    "cpu{cpu} reported {:?}",
-                    failures.code(cpu)
-                );
-            }
-            (Outcome::Pass, Msg::new())
-        }
-        other => (
-            Outcome::Fail,
-            msg!("expected failures on {expected}, got {other:?}"),
-        ),
-    }
-}
-
 const HOLD_SLOT: usize = 2;
 /// The CPU (index + 1; 0 = none) the next NMI should hold.
 static HOLD_TARGET: AtomicU32 = AtomicU32::new(0);
@@ -359,7 +260,7 @@ fn wait_holding(done: impl Fn(u32) -> bool) -> bool {
 
 /// A CPU that cannot take the stop IPI (held inside an NMI handler, interrupts off) is
 /// named in a timeout; the function runs nowhere; the next call succeeds.
-fn stop_machine_timeout(_: &Ctx<'_>) -> Verdict {
+fn stop_machine_timeout() -> Verdict {
     let online = smp::online_cpus();
     let Some(held) = online.without(0).iter().last() else {
         return (Outcome::Skip, msg!("needs a second CPU"));
@@ -496,7 +397,7 @@ fn ipi_hit(cpu: usize) {
 
 /// Both test IPIs reach every online CPU, the sender included, and their handlers run
 /// with interrupts off.
-fn test_ipi(_: &Ctx<'_>) -> Verdict {
+fn test_ipi() -> Verdict {
     let online = smp::online_cpus();
     for v in ipi::TEST_IPIS {
         IPI_HIT.store(0, Ordering::Relaxed);
@@ -528,141 +429,6 @@ fn test_ipi(_: &Ctx<'_>) -> Verdict {
             ipi::TEST_IPIS[0],
             ipi::TEST_IPIS[1]
         ),
-    )
-}
-
-const TEST_SLOT: usize = 1;
-/// Per CPU: test handler entries.
-static HITS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
-/// CPUs where the test handler ran outside NMI context.
-static NOT_IN_NMI: AtomicU32 = AtomicU32::new(0);
-
-fn count_hit(cpu: usize) -> bool {
-    if !nmi::in_nmi() {
-        NOT_IN_NMI.fetch_or(1 << cpu, Ordering::Relaxed);
-    }
-    // Release pairs with the Acquire in `wait_hits`.
-    HITS[cpu].fetch_add(1, Ordering::Release);
-    true
-}
-
-fn hits() -> [u64; crate::MAX_CPUS] {
-    core::array::from_fn(|i| HITS[i].load(Ordering::Acquire))
-}
-
-/// Waits (at most one second) until every CPU in `targets` took another hit; returns
-/// those that did not.
-fn wait_hits(targets: CpuSet, before: &[u64; crate::MAX_CPUS]) -> CpuSet {
-    let start = timer::now_ns();
-    loop {
-        let now = hits();
-        let missing = targets
-            .iter()
-            .filter(|&c| now[c] == before[c])
-            .fold(CpuSet::EMPTY, CpuSet::with);
-        if missing.is_empty() || timer::now_ns() - start > 1_000_000_000 {
-            return missing;
-        }
-        core::hint::spin_loop();
-    }
-}
-
-fn nmi_ipi(_: &Ctx<'_>) -> Verdict {
-    nmi::register_nmi_handler(TEST_SLOT, count_hit);
-    NOT_IN_NMI.store(0, Ordering::Relaxed);
-    let me = super::cpu::current_cpu();
-    let online = smp::online_cpus();
-    let others = online.without(me);
-    let one = others.lowest().map_or(CpuSet::EMPTY, CpuSet::single);
-    let mut result = (Outcome::Pass, msg!("one, all-but-self and self delivered"));
-    for (what, targets, send) in [
-        ("one", one, (|t| nmi::send_nmi(t)) as fn(CpuSet)),
-        ("all but self", others, |_| nmi::send_nmi_all_but_self()),
-        ("self", CpuSet::single(me), |_| nmi::send_nmi_self()),
-    ] {
-        let before = hits();
-        send(targets);
-        let missing = wait_hits(targets, &before);
-        if !missing.is_empty() {
-            result = (Outcome::Fail, msg!("NMI to {what} never reached {missing}"));
-            break;
-        }
-    }
-    nmi::unregister_nmi_handler(TEST_SLOT);
-    let outside = CpuSet::from_bits(NOT_IN_NMI.load(Ordering::Relaxed));
-    if result.0 == Outcome::Pass && !outside.is_empty() {
-        return (
-            Outcome::Fail,
-            msg!("handlers ran outside NMI context on {outside}"),
-        );
-    }
-    result
-}
-
-#[cfg(feature = "stop-machine-nmi")]
-fn stop_machine_nmi(_: &Ctx<'_>) -> Verdict {
-    use crate::stop::NmiSafe;
-    let online = smp::online_cpus();
-    let ran = AtomicU32::new(0);
-    let in_nmi = AtomicU32::new(0);
-    let function = |cpu: usize| {
-        ran.fetch_or(1 << cpu, Ordering::Relaxed);
-        if nmi::in_nmi() {
-            in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
-        }
-        if cpu % 2 == 1 {
-            Err(-200 - cpu as i32)
-        } else {
-            Ok(())
-        }
-    };
-    // SAFETY: the function only touches atomics: no lock, no print, no exception.
-    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, online, OPTIONS);
-    let odd = online
-        .iter()
-        .filter(|c| c % 2 == 1)
-        .fold(CpuSet::EMPTY, CpuSet::with);
-    match result {
-        Ok(()) if odd.is_empty() => {}
-        Err(StopError::Failed(failures)) if failures.cpus() == odd => {
-            for cpu in odd.iter() {
-                check!(
-                    failures.code(cpu) == Some(-200 - cpu as i32),
-                    "cpu{cpu}: {:?}",
-                    failures.code(cpu)
-                );
-            }
-        }
-        other => {
-            return (
-                Outcome::Fail,
-                msg!("expected failures on {odd}, got {other:?}"),
-            );
-        }
-    }
-    let (ran, in_nmi) = (ran.load(Ordering::Relaxed), in_nmi.load(Ordering::Relaxed));
-    check!(ran == online.bits(), "ran on {}", CpuSet::from_bits(ran));
-    check!(
-        in_nmi == online.bits(),
-        "only {} ran in NMI context",
-        CpuSet::from_bits(in_nmi)
-    );
-    check!(
-        STOP.nmi_delivered() == online,
-        "NMIs delivered on {}",
-        STOP.nmi_delivered()
-    );
-    (
-        Outcome::Pass,
-        msg!("ran from NMI on {online}, errors from {odd} kept"),
-    )
-}
-
-#[cfg(not(feature = "stop-machine-nmi"))]
-fn stop_machine_nmi(_: &Ctx<'_>) -> Verdict {
-    (
-        Outcome::Skip,
-        msg!("built without the stop-machine-nmi feature"),
     )
 }
 
@@ -795,7 +561,7 @@ fn nmi_storm(cpu: usize) {
 /// arriving (from every other CPU) must be latched by the entry stub and run after
 /// the first, never on top of its stack. Every request is drained exactly once, the
 /// handler never nests, its stack canary and callee-saved registers survive.
-fn nested_nmi(_: &Ctx<'_>) -> Verdict {
+fn nested_nmi() -> Verdict {
     let me = super::cpu::current_cpu();
     let others = smp::online_cpus().without(me);
     for s in &NESTED_SENT {
@@ -897,7 +663,7 @@ fn nested_nmi(_: &Ctx<'_>) -> Verdict {
 }
 
 /// Runs the selected tests as one KTAP report; returns the verdict.
-pub fn run(cpus: &madt::Cpus) -> bool {
+pub fn run() -> bool {
     let mut selected = [true; TESTS.len()];
     let mut unknown = [""; 8];
     let mut n_unknown = 0;
@@ -944,13 +710,12 @@ pub fn run(cpus: &madt::Cpus) -> bool {
             msg!("unknown argument or test name '{name}'").as_str(),
         );
     }
-    let ctx = Ctx { cpus };
     for (i, (name, test)) in TESTS.iter().enumerate() {
         if !selected[i] {
             continue;
         }
         let t0 = timer::now_ns();
-        let (outcome, message) = test(&ctx);
+        let (outcome, message) = test();
         ktap.diag(format_args!("{name}: {} us", (timer::now_ns() - t0) / 1000));
         ktap.result(name, outcome, message.as_str());
     }
