@@ -26,6 +26,43 @@ x86_stub_\v:
     jmp x86_trap_common
 .endm
 
+.macro DISPATCH_SAVING_REGISTERS
+    /* The trap frame (see TrapFrame): general registers below vector and error code. */
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    cld
+    mov %rsp, %rdi
+    call {dispatch}
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rbp
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rbx
+    pop %rax
+.endm
+
 .irp v, 0,1,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
 STUB_NOERR \v
 .endr
@@ -133,39 +170,7 @@ x86_nmi_repeat:
 x86_nmi_end_repeat:
     pushq $0
     pushq $2
-    push %rax
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
-    cld
-    mov %rsp, %rdi
-    call {dispatch}
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
-    pop %rax
+    DISPATCH_SAVING_REGISTERS
     /* Drop vector, error code and the outermost frame: %rsp = the "iret" frame. */
     addq $(7*8), %rsp
     /*
@@ -177,39 +182,7 @@ x86_nmi_end_repeat:
 
     .p2align 4
 x86_trap_common:
-    push %rax
-    push %rbx
-    push %rcx
-    push %rdx
-    push %rsi
-    push %rdi
-    push %rbp
-    push %r8
-    push %r9
-    push %r10
-    push %r11
-    push %r12
-    push %r13
-    push %r14
-    push %r15
-    cld
-    mov %rsp, %rdi
-    call {dispatch}
-    pop %r15
-    pop %r14
-    pop %r13
-    pop %r12
-    pop %r11
-    pop %r10
-    pop %r9
-    pop %r8
-    pop %rbp
-    pop %rdi
-    pop %rsi
-    pop %rdx
-    pop %rcx
-    pop %rbx
-    pop %rax
+    DISPATCH_SAVING_REGISTERS
     add $16, %rsp
     iretq
 
