@@ -20,6 +20,7 @@
 
 pub mod cpuset;
 pub mod ktap;
+pub mod nmi_handlers;
 pub mod patch;
 pub mod stop;
 

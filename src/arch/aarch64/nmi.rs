@@ -16,18 +16,16 @@
 //! must not fault.
 
 use super::{Aarch64, cpu, gic, irq, smp};
+use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// The SGI used as the NMI IPI.
 pub const NMI_SGI: u32 = 0;
-/// Number of NMI handler slots.
-pub const NMI_SLOTS: usize = 8;
-/// The slot reserved for the stop machine.
-pub const STOP_MACHINE_SLOT: usize = 0;
+pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
-/// NMI handlers: a `fn(usize) -> bool` as usize, 0 = none. Slot 0 is never stored.
-static HANDLERS: [AtomicUsize; NMI_SLOTS] = [const { AtomicUsize::new(0) }; NMI_SLOTS];
+/// The NMI handlers (slot 0, the stop machine's, is called directly).
+static HANDLERS: NmiHandlers = NmiHandlers::new();
 /// Per CPU: NMI handlers in progress (0 or 1: NMIs do not nest).
 static IN_NMI: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 /// Per CPU: NMIs taken.
@@ -92,23 +90,13 @@ pub fn unclaimed_nmis(cpu: usize) -> u64 {
 /// # Panics
 /// If `slot` is [`STOP_MACHINE_SLOT`] (reserved) or not below [`NMI_SLOTS`].
 pub fn register_nmi_handler(slot: usize, f: fn(cpu: usize) -> bool) {
-    assert!(
-        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
-        "NMI handler slot {slot}: 0 is the stop machine's, the others are 1..{NMI_SLOTS}"
-    );
-    // Release pairs with the Acquire in `run_handlers`: what `f` relies on that was set
-    // up before registration is visible when it runs.
-    HANDLERS[slot].store(f as usize, Ordering::Release);
+    HANDLERS.register(slot, f);
 }
 
 /// Empties NMI handler slot `slot`. An NMI already running the handler on another CPU
 /// finishes it.
 pub fn unregister_nmi_handler(slot: usize) {
-    assert!(
-        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
-        "NMI handler slot {slot} out of range"
-    );
-    HANDLERS[slot].store(0, Ordering::Release);
+    HANDLERS.unregister(slot);
 }
 
 /// The NMI: runs every handler in slot order. Called by [`irq::handle_irq_exception`]
@@ -124,16 +112,7 @@ pub(crate) fn run_handlers(cpu: usize) {
     let mut claimed = super::STOP.handle_nmi();
     #[cfg(not(feature = "stop-machine-nmi"))]
     let mut claimed = false;
-    for slot in HANDLERS.iter().skip(STOP_MACHINE_SLOT + 1) {
-        // Acquire pairs with the Release in `register_nmi_handler`.
-        let f = slot.load(Ordering::Acquire);
-        if f != 0 {
-            // SAFETY: only `register_nmi_handler` stores non-zero values, and those are
-            // `fn(usize) -> bool` pointers.
-            let f: fn(usize) -> bool = unsafe { core::mem::transmute(f) };
-            claimed |= f(cpu);
-        }
-    }
+    claimed |= HANDLERS.run(cpu);
     if !claimed && let Some(n) = UNCLAIMED.get(cpu) {
         n.fetch_add(1, Ordering::Relaxed);
     }

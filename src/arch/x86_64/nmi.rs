@@ -14,15 +14,14 @@
 //! handlers again once the first pass is done, never on top of it ([`nmis_latched`]).
 
 use super::{X86_64, apic, cpu, smp};
+use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// Number of NMI handler slots.
-pub const NMI_SLOTS: usize = 8;
-/// The slot reserved for the stop machine.
-pub const STOP_MACHINE_SLOT: usize = 0;
+pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
-static HANDLERS: [AtomicUsize; NMI_SLOTS] = [const { AtomicUsize::new(0) }; NMI_SLOTS];
+/// The NMI handlers (slot 0, the stop machine's, is called directly).
+static HANDLERS: NmiHandlers = NmiHandlers::new();
 static IN_NMI: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static TAKEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
@@ -113,40 +112,22 @@ pub fn unclaimed_nmis(cpu: usize) -> u64 {
 /// # Panics
 /// If `slot` is [`STOP_MACHINE_SLOT`] or not below [`NMI_SLOTS`].
 pub fn register_nmi_handler(slot: usize, f: fn(cpu: usize) -> bool) {
-    assert!(
-        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
-        "NMI handler slot {slot}: 0 is the stop machine's, the others are 1..{NMI_SLOTS}"
-    );
-    // Release pairs with the Acquire in `run_handlers`.
-    HANDLERS[slot].store(f as usize, Ordering::Release);
+    HANDLERS.register(slot, f);
 }
 
 /// Empties slot `slot`. A handler already running elsewhere finishes.
 pub fn unregister_nmi_handler(slot: usize) {
-    assert!(
-        slot != STOP_MACHINE_SLOT && slot < NMI_SLOTS,
-        "NMI handler slot {slot} out of range"
-    );
-    HANDLERS[slot].store(0, Ordering::Release);
+    HANDLERS.unregister(slot);
 }
 
 #[unsafe(link_section = ".text.nopatch")]
 fn run_handlers(cpu: usize) -> bool {
+    // The stop machine first (seed 003), then every registered handler.
     #[cfg(feature = "stop-machine-nmi")]
-    let mut claimed = super::STOP.handle_nmi();
+    let claimed = super::STOP.handle_nmi();
     #[cfg(not(feature = "stop-machine-nmi"))]
-    let mut claimed = false;
-    for slot in HANDLERS.iter().skip(STOP_MACHINE_SLOT + 1) {
-        // Acquire pairs with the Release in `register_nmi_handler`.
-        let f = slot.load(Ordering::Acquire);
-        if f != 0 {
-            // SAFETY: only `register_nmi_handler` stores non-zero values, and those
-            // are `fn(usize) -> bool` pointers.
-            let f: fn(usize) -> bool = unsafe { core::mem::transmute(f) };
-            claimed |= f(cpu);
-        }
-    }
-    claimed
+    let claimed = false;
+    claimed | HANDLERS.run(cpu)
 }
 
 /// The NMI vector (2), on the NMI IST stack, NMIs blocked until `iretq`.
