@@ -18,6 +18,7 @@
 // carries one code per CPU: 136 bytes on paths that are anything but hot.
 #![allow(clippy::result_large_err)]
 
+pub mod console_line;
 pub mod cpuset;
 pub mod ktap;
 pub mod nmi_handlers;

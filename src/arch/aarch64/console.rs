@@ -37,10 +37,7 @@ static READY: AtomicBool = AtomicBool::new(false);
 static EARLY_UART: AtomicUsize = AtomicUsize::new(0);
 
 /// One CPU's partial line.
-struct LineBuf {
-    bytes: [u8; LINE_CAPACITY],
-    len: usize,
-}
+type LineBuf = crate::console_line::LineBuf<LINE_CAPACITY>;
 
 /// Per-CPU line buffers. Slot `i` is only touched by CPU `i` with every exception
 /// masked (so never re-entered: fatal paths do not use it).
@@ -50,14 +47,8 @@ struct LineBufs([UnsafeCell<LineBuf>; MAX_CPUS]);
 // `with_line_buf`), so there is never concurrent or re-entrant access to a slot.
 unsafe impl Sync for LineBufs {}
 
-static LINE_BUFS: LineBufs = LineBufs(
-    [const {
-        UnsafeCell::new(LineBuf {
-            bytes: [0; LINE_CAPACITY],
-            len: 0,
-        })
-    }; MAX_CPUS],
-);
+static LINE_BUFS: LineBufs =
+    LineBufs([const { UnsafeCell::new(LineBuf::new(write_locked)) }; MAX_CPUS]);
 
 /// Sets up the UART at `base` (from the DTB). `clock_hz` is the UART reference clock
 /// from the DTB; without it the UART is used as the firmware left it. Boot CPU, once,
@@ -179,31 +170,6 @@ fn with_line_buf(f: impl FnOnce(&mut LineBuf)) {
     cpu::restore(saved);
 }
 
-impl LineBuf {
-    fn flush(&mut self) {
-        if self.len > 0 {
-            write_locked(&self.bytes[..self.len]);
-            self.len = 0;
-        }
-    }
-}
-
-impl Write for LineBuf {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &b in s.as_bytes() {
-            if self.len == LINE_CAPACITY {
-                self.flush();
-            }
-            self.bytes[self.len] = b;
-            self.len += 1;
-            if b == b'\n' {
-                self.flush();
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The implementation of [`kprint!`](crate::kprint) and [`kprintln!`](crate::kprintln).
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments<'_>) {
@@ -298,12 +264,9 @@ pub(crate) fn flush_for_exit() {
     // be mid-update, but `len` is always <= LINE_CAPACITY, so the bytes read are in
     // bounds (possibly a torn line, which is acceptable on the way out).
     let buf = unsafe { &mut *LINE_BUFS.0[cpu].get() };
-    let len = buf.len.min(LINE_CAPACITY);
+    let (line, len) = buf.take();
     if len > 0 {
-        let mut line = [0u8; LINE_CAPACITY];
-        line[..len].copy_from_slice(&buf.bytes[..len]);
-        buf.len = 0;
-        write_raw_forced(&line[..len]);
+        write_raw_forced(line.get(..len).unwrap_or(&[]));
         write_raw_forced(b"\n");
     }
 }

@@ -54,10 +54,8 @@ fn write_uart(bytes: &[u8]) {
     }
 }
 
-struct LineBuf {
-    bytes: [u8; LINE_CAPACITY],
-    len: usize,
-}
+/// One CPU's partial line.
+type LineBuf = crate::console_line::LineBuf<LINE_CAPACITY>;
 
 struct LineBufs([UnsafeCell<LineBuf>; MAX_CPUS]);
 
@@ -65,14 +63,8 @@ struct LineBufs([UnsafeCell<LineBuf>; MAX_CPUS]);
 // and NMI handlers do not print, so there is never concurrent or re-entrant access.
 unsafe impl Sync for LineBufs {}
 
-static LINE_BUFS: LineBufs = LineBufs(
-    [const {
-        UnsafeCell::new(LineBuf {
-            bytes: [0; LINE_CAPACITY],
-            len: 0,
-        })
-    }; MAX_CPUS],
-);
+static LINE_BUFS: LineBufs =
+    LineBufs([const { UnsafeCell::new(LineBuf::new(write_raw_forced)) }; MAX_CPUS]);
 
 fn with_line_buf(f: impl FnOnce(&mut LineBuf)) {
     let saved = cpu::cli_save();
@@ -82,33 +74,6 @@ fn with_line_buf(f: impl FnOnce(&mut LineBuf)) {
         f(unsafe { &mut *LINE_BUFS.0[me].get() });
     }
     cpu::restore_if(saved);
-}
-
-impl LineBuf {
-    fn flush(&mut self) {
-        if self.len > 0 {
-            // Bounded: past FORCE_WAIT_NS the holder is presumed stuck and the lock is
-            // broken, as on the fatal path.
-            write_raw_forced(&self.bytes[..self.len]);
-            self.len = 0;
-        }
-    }
-}
-
-impl Write for LineBuf {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &b in s.as_bytes() {
-            if self.len == LINE_CAPACITY {
-                self.flush();
-            }
-            self.bytes[self.len] = b;
-            self.len += 1;
-            if b == b'\n' {
-                self.flush();
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The implementation of [`kprint!`](crate::kprint) and [`kprintln!`](crate::kprintln).
@@ -192,12 +157,9 @@ pub(crate) fn flush_for_exit() {
     // SAFETY: interrupts are off (exit path) and this is our own slot; a fatal path may
     // have interrupted an update, but `len` stays <= LINE_CAPACITY.
     let buf = unsafe { &mut *LINE_BUFS.0[me].get() };
-    let len = buf.len.min(LINE_CAPACITY);
+    let (line, len) = buf.take();
     if len > 0 {
-        let mut line = [0u8; LINE_CAPACITY];
-        line[..len].copy_from_slice(&buf.bytes[..len]);
-        buf.len = 0;
-        write_raw_forced(&line[..len]);
+        write_raw_forced(line.get(..len).unwrap_or(&[]));
         write_raw_forced(b"\n");
     }
 }
