@@ -172,7 +172,17 @@ fn other_cpus_are_masked_while_the_function_runs() {
         let outcome = stop.stop_machine(
             &|cpu| {
                 let arch = stop.arch();
-                let unmasked: Vec<usize> = (0..cpus).filter(|&c| !arch.is_masked(c)).collect();
+                // Watch for a while: a CPU that left early takes a moment to unmask.
+                let mut unmasked: Vec<usize> = Vec::new();
+                let watch_until = Instant::now() + Duration::from_millis(20);
+                while Instant::now() < watch_until {
+                    for c in (0..cpus).filter(|&c| !arch.is_masked(c)) {
+                        if !unmasked.contains(&c) {
+                            unmasked.push(c);
+                        }
+                    }
+                    thread::yield_now();
+                }
                 let quiescence = stop.quiescence();
                 let stamp = stop.stamp();
                 seen.lock()
@@ -208,27 +218,79 @@ fn other_cpus_are_masked_while_the_function_runs() {
 }
 
 #[test]
-fn every_cpu_synchronises_context_before_leaving() {
+fn every_cpu_synchronises_context_after_the_write_and_before_it_unmasks() {
     let cpus = 4;
     let machine = Machine::new(cpus);
     let arch = machine.stop.arch().clone();
     let before: Vec<u64> = (0..cpus).map(|c| arch.syncs(c)).collect();
-    machine
-        .on_cpu(0, |stop| {
-            stop.stop_machine(&|_| Ok(()), CpuSet::single(0), QUICK)
-                .unwrap();
-            // When stop_machine returns, every CPU must already have synchronised.
-            (0..4).map(|c| stop.arch().syncs(c)).collect::<Vec<_>>()
-        })
-        .iter()
-        .enumerate()
-        .for_each(|(cpu, &after)| {
-            assert_eq!(
-                after,
-                before[cpu] + 1,
-                "cpu{cpu} did not synchronise exactly once before the call returned"
-            );
-        });
+    let write = Arc::new(AtomicU64::new(0));
+    let write_in_fn = write.clone();
+    machine.on_cpu(0, move |stop| {
+        stop.stop_machine(
+            &|_| {
+                // The "text write": every CPU must synchronise after this tick.
+                write_in_fn.store(stop.arch().tick(), Ordering::SeqCst);
+                Ok(())
+            },
+            CpuSet::single(0),
+            QUICK,
+        )
+        .unwrap();
+    });
+    // The initiator does not wait for the others to leave; they do on their own.
+    assert!(machine.all_idle_again(CpuSet::first(cpus)));
+    let write = write.load(Ordering::SeqCst);
+    for (cpu, &before) in before.iter().enumerate() {
+        assert_eq!(
+            arch.syncs(cpu),
+            before + 1,
+            "cpu{cpu} did not synchronise exactly once"
+        );
+        let (sync, restore) = (arch.last_sync(cpu), arch.last_restore(cpu));
+        assert!(
+            write < sync && sync < restore,
+            "cpu{cpu}: write at tick {write}, sync at {sync}, unmask at {restore}: \
+             it must synchronise after the write and before it unmasks"
+        );
+    }
+}
+
+#[test]
+fn back_to_back_calls_synchronise_every_cpu_once_per_call() {
+    // The initiator leaves as soon as it has opened `Exit`, so its next call starts
+    // while the others may still be leaving the last one: their IPI waits until they
+    // have unmasked, and they join the next call normally.
+    let cpus = 4;
+    let calls = 300;
+    let machine = Machine::new(cpus);
+    let arch = machine.stop.arch().clone();
+    let before: Vec<u64> = (0..cpus).map(|c| arch.syncs(c)).collect();
+    let ran = machine.on_cpu(1, move |stop| {
+        let ran = AtomicU64::new(0);
+        for _ in 0..calls {
+            stop.stop_machine(
+                &|_| {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+                CpuSet::first(cpus),
+                QUICK,
+            )
+            .unwrap();
+        }
+        ran.load(Ordering::Relaxed)
+    });
+    assert_eq!(ran, calls * cpus as u64);
+    assert!(machine.all_idle_again(CpuSet::first(cpus)));
+    for (cpu, &before) in before.iter().enumerate() {
+        assert_eq!(
+            arch.syncs(cpu),
+            before + calls,
+            "cpu{cpu} synchronised {} times in {calls} calls",
+            arch.syncs(cpu) - before
+        );
+        assert!(!arch.is_masked(cpu), "cpu{cpu} left masked");
+    }
 }
 
 #[test]

@@ -1,23 +1,43 @@
-//! The arch-free stop-machine core: Linux's `multi_cpu_stop` state machine.
+//! The arch-free stop-machine core: Linux's `multi_cpu_stop` state machine, shortened.
 //!
 //! One CPU (the *initiator*) calls [`StopMachine::stop_machine`]; every other online CPU
-//! is pulled in by a stop IPI and runs the same loop from its IPI handler. All of them
-//! step through the phases together, and no phase starts before every participant has
-//! acknowledged the previous one:
+//! (a *joiner*) is pulled in by a stop IPI and runs the same loop from its IPI handler.
+//! A call has three phases, and each opens only when every CPU it waits for has
+//! acknowledged the one before:
 //!
-//! | phase     | each CPU does                                   | why                                   |
-//! |-----------|--------------------------------------------------|---------------------------------------|
-//! | `Prepare` | nothing: its acknowledgement is its arrival      | nobody masks until everyone is here   |
-//! | `Mask`    | masks every asynchronous exception, records it   | quiescence: nothing can interrupt it  |
-//! | `Run`     | active CPUs run the function                     | everyone else is provably quiescent   |
-//! | `Exit`    | context synchronisation (ISB), then leaves       | no stale instructions survive the run |
+//! | phase    | who acknowledges | each CPU does                                        | opened by                                  |
+//! |----------|------------------|------------------------------------------------------|--------------------------------------------|
+//! | `Arrive` | every participant | masks every asynchronous exception, records that, acknowledges; the initiator does so last, once all the others have | the initiator's stop IPI |
+//! | `Run`    | the active CPUs  | active CPUs run the function; the others only wait   | the initiator's own `Arrive` acknowledgement |
+//! | `Exit`   | nobody           | context synchronisation (ISB), unmask, leave         | the last active CPU's `Run` acknowledgement |
+//!
+//! Linux needs four hand-offs (`PREPARE`, `DISABLE_IRQ`, `RUN`, `EXIT`) because its
+//! stopper threads arrive with interrupts on and must keep serving them until everyone
+//! is there. Here a joiner arrives in an interrupt handler, already unable to take a
+//! normal interrupt, so it masks on arrival: its acknowledgement is both "here" and
+//! "quiescent". The initiator, the one CPU that arrives with interrupts on, keeps them
+//! on while it waits for the others and masks last, so its acknowledgement opens `Run`
+//! without a cross-CPU hand-off. `Exit` is a release, not a rendezvous: nothing that a
+//! joiner does after it changes what the initiator may conclude, so the initiator leaves
+//! as soon as it has opened `Exit` (or seen it opened), and a call with one active CPU
+//! costs the stop IPI, one gather of acknowledgements and one release — one interrupt
+//! round trip plus the function.
+//!
+//! That keeps every guarantee of the four-phase loop:
+//! - the function runs only after every participant has acknowledged with its
+//!   exceptions masked ([`Quiescence`] holds the evidence);
+//! - every CPU that masked executes [`Arch::sync_context`] after it observed the end of
+//!   `Run` (or anything later) and before it unmasks, so no CPU runs normal code with a
+//!   stale instruction stream, whenever it leaves;
+//! - a CPU still leaving call `g` when the initiator starts call `g + 1` has its stop IPI
+//!   pending until it unmasks, then joins `g + 1` normally: calls never overlap on a CPU.
 //!
 //! Unlike Linux's loop, every wait is bounded. If some CPU does not *arrive* within
 //! [`StopOptions::arrival_timeout_ns`], the initiator aborts the call: the function runs
-//! nowhere, the CPUs that did arrive leave (they have not masked anything yet), and the
-//! error names the CPUs that never came. Once everyone has arrived, a CPU that stops
-//! answering is stuck with its exceptions masked; that is a hard lockup, and the core
-//! panics with the phase and the CPUs it waited for rather than spin forever.
+//! nowhere, the CPUs that did arrive unmask and leave, and the error names the CPUs that
+//! never came. Once everyone has arrived, a CPU that stops answering is stuck with its
+//! exceptions masked; that is a hard lockup, and the core panics with the phase and the
+//! CPUs it waited for rather than spin forever.
 //!
 //! Every function here is placed in `.text.nopatch`: the code the rendezvous runs is
 //! never a valid patch target.
@@ -208,38 +228,32 @@ pub struct Quiescence {
     pub last_ack_stamp: u64,
 }
 
-/// The phases of one call, in order. `Done` and `Aborted` are terminal.
+/// The phases of one call, in order. `Exit` and `Aborted` are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 enum Phase {
     Idle = 0,
-    Prepare = 1,
-    Mask = 2,
-    Run = 3,
-    Exit = 4,
-    Done = 5,
-    Aborted = 6,
+    Arrive = 1,
+    Run = 2,
+    Exit = 3,
+    Aborted = 4,
 }
 
 impl Phase {
     fn from_bits(bits: u8) -> Phase {
         match bits {
-            1 => Phase::Prepare,
-            2 => Phase::Mask,
-            3 => Phase::Run,
-            4 => Phase::Exit,
-            5 => Phase::Done,
-            6 => Phase::Aborted,
+            1 => Phase::Arrive,
+            2 => Phase::Run,
+            3 => Phase::Exit,
+            4 => Phase::Aborted,
             _ => Phase::Idle,
         }
     }
 
     fn next(self) -> Phase {
         match self {
-            Phase::Prepare => Phase::Mask,
-            Phase::Mask => Phase::Run,
+            Phase::Arrive => Phase::Run,
             Phase::Run => Phase::Exit,
-            Phase::Exit => Phase::Done,
             terminal => terminal,
         }
     }
@@ -283,10 +297,20 @@ struct Work<'a> {
 
 /// How a CPU's pass through the loop ended.
 enum Outcome {
-    /// It acknowledged `Exit` (the initiator: and every CPU did).
+    /// The call reached `Exit` (for the initiator: every active CPU has finished).
     Completed,
-    /// The initiator aborted the call before anyone masked anything.
+    /// The call ended before `Run`: the initiator aborted it, or this CPU's IPI was
+    /// stale. The function ran nowhere.
     Aborted { missing: CpuSet, waited_ns: u64 },
+}
+
+/// What a CPU is in a call.
+#[derive(Clone, Copy)]
+enum Role {
+    /// The caller: it arrives last and alone may abort the call.
+    Initiator { arrival_timeout_ns: u64 },
+    /// A CPU pulled in by the stop IPI.
+    Joiner,
 }
 
 /// The stop machine of one system. Make it a `static` and route the architecture's
@@ -415,7 +439,7 @@ impl<A: Arch> StopMachine<A> {
             .store(options.mask == MaskLevel::IrqsOnly, Ordering::Relaxed);
         self.work.store(
             // The pointer is dereferenced only in the `Run` phase, which cannot end
-            // before this function has seen `Done` (or panicked): `work` outlives it.
+            // before this function has seen `Exit` (or panicked): `work` outlives it.
             (work as *const Work<'_>).cast::<Work<'static>>().cast_mut(),
             Ordering::Relaxed,
         );
@@ -424,21 +448,25 @@ impl<A: Arch> StopMachine<A> {
         // Release: publishes every field above to a CPU that acquires this state, in
         // `handle_stop_ipi` or in its acknowledgement's compare-and-swap.
         self.state.store(
-            State::new(generation, Phase::Prepare, CpuSet::EMPTY).0,
+            State::new(generation, Phase::Arrive, CpuSet::EMPTY).0,
             Ordering::Release,
         );
         arch.wake_waiters();
         arch.send_stop_ipi(online.without(me));
 
-        let outcome = self.participate(generation, me, Some(options.arrival_timeout_ns));
+        let role = Role::Initiator {
+            arrival_timeout_ns: options.arrival_timeout_ns,
+        };
+        let outcome = self.participate(generation, me, role);
         self.work.store(core::ptr::null_mut(), Ordering::Relaxed);
         match outcome {
             Outcome::Aborted { missing, waited_ns } => {
                 Err(StopError::Timeout { missing, waited_ns })
             }
             Outcome::Completed => {
-                // Acquire (in `participate`'s wait for `Done`) pairs with each CPU's
-                // release of its acknowledgement: their codes are visible.
+                // The Acquire that saw `Exit` (or the CAS that opened it) pairs with
+                // every active CPU's release of its `Run` acknowledgement: their codes
+                // are visible.
                 let failed = CpuSet::from_bits(self.failed.load(Ordering::Relaxed));
                 if failed.is_empty() {
                     return Ok(());
@@ -462,9 +490,9 @@ impl<A: Arch> StopMachine<A> {
     /// completed or was aborted) finds no call to join and returns at once.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn handle_stop_ipi(&self) {
-        // Acquire pairs with the initiator's release of `Prepare`.
+        // Acquire pairs with the initiator's release of `Arrive`.
         let state = State(self.state.load(Ordering::Acquire));
-        if state.phase() != Phase::Prepare {
+        if state.phase() != Phase::Arrive {
             return;
         }
         let me = self.arch.cpu_id();
@@ -474,7 +502,7 @@ impl<A: Arch> StopMachine<A> {
         }
         // If a newer call has replaced this one meanwhile, the first acknowledgement
         // names a stale generation and fails; `participate` then leaves at once.
-        let _ = self.participate(state.generation(), me, None);
+        let _ = self.participate(state.generation(), me, Role::Joiner);
     }
 
     /// A fresh stamp from the same sequence the `Mask` acknowledgements draw from.
@@ -605,84 +633,143 @@ impl<A: Arch> StopMachine<A> {
         CpuSet::from_bits(self.in_window.load(Ordering::Relaxed))
     }
 
-    /// One CPU's walk through the phases of call `generation`. `arrival_timeout_ns` is
-    /// `Some` for the initiator, which alone may abort the call.
+    /// One CPU's pass through call `generation`, from arrival to leaving.
     #[unsafe(link_section = ".text.nopatch")]
-    fn participate(&self, generation: u32, me: usize, arrival_timeout_ns: Option<u64>) -> Outcome {
+    fn participate(&self, generation: u32, me: usize, role: Role) -> Outcome {
         let arch = &self.arch;
-        let mut phase = Phase::Prepare;
-        let mut saved = None;
-        let outcome = loop {
-            match phase {
-                Phase::Mask => {
-                    saved = Some(if self.mask_irqs_only.load(Ordering::Relaxed) {
-                        arch.mask_irqs()
-                    } else {
-                        arch.mask_all()
-                    });
-                    self.in_window
-                        .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
-                    if arch.all_masked() {
-                        self.masked_at_ack
-                            .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
-                    }
-                    self.ack_stamp[me].store(self.stamp(), Ordering::Relaxed);
-                }
-                Phase::Run
-                    if CpuSet::from_bits(self.active.load(Ordering::Relaxed)).contains(me) =>
-                {
-                    // SAFETY: `work` was set before `Prepare` was released and is reset
-                    // only after `Done`, which needs this CPU's `Run` acknowledgement
-                    // below: the pointee is alive.
-                    let work = unsafe { &*self.work.load(Ordering::Relaxed) };
-                    if let Err(code) = self.run_function(work, me) {
-                        self.codes[me].store(code, Ordering::Relaxed);
-                        self.failed
-                            .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
-                    }
-                }
-                // Pairs with the `Acquire` that observed `Exit`: whatever the active
-                // CPUs wrote and made coherent before acknowledging `Run` is now what
-                // this CPU fetches.
-                Phase::Exit => arch.sync_context(),
-                _ => {}
+        if let Role::Initiator { arrival_timeout_ns } = role {
+            // Interrupts stay on while the others arrive: one of them may be waiting
+            // for this CPU before it can take the stop IPI.
+            if let Err(aborted) = self.await_arrivals(generation, me, arrival_timeout_ns) {
+                return aborted;
             }
-            if !self.acknowledge(generation, phase, me) {
-                break Outcome::Aborted {
-                    missing: CpuSet::EMPTY,
-                    waited_ns: 0,
-                };
-            }
-            if phase == Phase::Exit && arrival_timeout_ns.is_none() {
-                break Outcome::Completed;
-            }
-            match self.wait_for_next(generation, phase, me, arrival_timeout_ns) {
-                Ok(Phase::Done) => break Outcome::Completed,
-                Ok(next) => phase = next,
-                Err(aborted) => break aborted,
-            }
-        };
-        if let Some(saved) = saved {
-            self.in_window
-                .fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
-            arch.restore(saved);
         }
+        let saved = if self.mask_irqs_only.load(Ordering::Relaxed) {
+            arch.mask_irqs()
+        } else {
+            arch.mask_all()
+        };
+        let bit = CpuSet::single(me).bits();
+        self.in_window.fetch_or(bit, Ordering::Relaxed);
+        if arch.all_masked() {
+            self.masked_at_ack.fetch_or(bit, Ordering::Relaxed);
+        }
+        self.ack_stamp[me].store(self.stamp(), Ordering::Relaxed);
+
+        let outcome = self.run_masked(generation, me, role);
+
+        // Every way out of `run_masked` passed an Acquire of a state at or after the end
+        // of `Run` of this call (or of an abort, when nothing was written): what the
+        // active CPUs wrote and made coherent before acknowledging `Run` is what this
+        // CPU fetches from here on. Unconditional, so that no path can unmask without it.
+        arch.sync_context();
+        self.in_window.fetch_and(!bit, Ordering::Relaxed);
+        arch.restore(saved);
         outcome
     }
 
-    /// Adds `me` to the acknowledgements of `phase`; the last CPU opens the next phase.
-    /// Returns false if the call is no longer in `phase` of `generation` (it was
-    /// aborted, or this CPU's IPI was stale).
+    /// The initiator's wait for every other participant's `Arrive` acknowledgement,
+    /// with its own interrupts as the caller left them. Past `arrival_timeout_ns` it
+    /// aborts the call, unless the last CPU arrives at that very moment.
     #[unsafe(link_section = ".text.nopatch")]
-    fn acknowledge(&self, generation: u32, phase: Phase, me: usize) -> bool {
+    fn await_arrivals(
+        &self,
+        generation: u32,
+        me: usize,
+        arrival_timeout_ns: u64,
+    ) -> Result<(), Outcome> {
+        let arch = &self.arch;
+        let others = CpuSet::from_bits(self.participants.load(Ordering::Relaxed)).without(me);
+        let start = arch.now_ns();
+        loop {
+            // Acquire pairs with each joiner's release of its acknowledgement: its mask
+            // evidence and stamp are visible.
+            let current = State(self.state.load(Ordering::Acquire));
+            if others.is_subset(current.acked()) {
+                return Ok(());
+            }
+            let waited_ns = arch.now_ns().saturating_sub(start);
+            if waited_ns > arrival_timeout_ns {
+                let aborted = State::new(generation, Phase::Aborted, current.acked());
+                if self
+                    .state
+                    .compare_exchange(current.0, aborted.0, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    arch.wake_waiters();
+                    return Err(Outcome::Aborted {
+                        missing: others.minus(current.acked()),
+                        waited_ns,
+                    });
+                }
+                continue;
+            }
+            arch.relax();
+        }
+    }
+
+    /// The masked part of a call: acknowledge arrival, run the function if this CPU is
+    /// active, and wait for `Exit`.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_masked(&self, generation: u32, me: usize, role: Role) -> Outcome {
+        const STALE: Outcome = Outcome::Aborted {
+            missing: CpuSet::EMPTY,
+            waited_ns: 0,
+        };
         let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+        let active = CpuSet::from_bits(self.active.load(Ordering::Relaxed));
+        if !self.acknowledge(generation, Phase::Arrive, me, participants) {
+            // A joiner whose IPI was stale, or whose call was aborted meanwhile.
+            return STALE;
+        }
+        // The initiator's acknowledgement is the last and has opened `Run`; a joiner
+        // waits for it. A joiner at most waits twice the stall limit: the initiator
+        // aborts a late arrival within its arrival timeout, short of a stall.
+        if let Role::Joiner = role {
+            let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
+            let state = self.wait_past(
+                generation,
+                Phase::Arrive,
+                me,
+                participants,
+                stall_timeout_ns.saturating_mul(2),
+            );
+            if state.generation() != generation || state.phase() == Phase::Aborted {
+                return STALE;
+            }
+        }
+        if active.contains(me) {
+            // SAFETY: `work` was set before `Arrive` was released and is reset only
+            // after `Exit`, which needs this CPU's `Run` acknowledgement below: the
+            // pointee is alive.
+            let work = unsafe { &*self.work.load(Ordering::Relaxed) };
+            if let Err(code) = self.run_function(work, me) {
+                self.codes[me].store(code, Ordering::Relaxed);
+                self.failed
+                    .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
+            }
+            // Cannot fail: `Run` needs this very acknowledgement to end.
+            self.acknowledge(generation, Phase::Run, me, active);
+        }
+        // Any state past `Run` of this call: `Exit`, or, for a joiner slow to look, the
+        // initiator's next call (which it could start only after `Exit`).
+        let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
+        self.wait_past(generation, Phase::Run, me, active, stall_timeout_ns);
+        Outcome::Completed
+    }
+
+    /// Adds `me` to the acknowledgements of `phase`; when that completes `required`, the
+    /// phase ends and the next opens. Returns false if the call is no longer in `phase`
+    /// of `generation` (it was aborted, or this CPU's IPI was stale).
+    #[unsafe(link_section = ".text.nopatch")]
+    fn acknowledge(&self, generation: u32, phase: Phase, me: usize, required: CpuSet) -> bool {
         let mut current = State(self.state.load(Ordering::Relaxed));
         loop {
             if current.generation() != generation || current.phase() != phase {
                 return false;
             }
             let acked = current.acked().with(me);
-            let next = if acked == participants {
+            let next = if required.is_subset(acked) {
                 State::new(generation, phase.next(), CpuSet::EMPTY)
             } else {
                 State::new(generation, phase, acked)
@@ -697,9 +784,9 @@ impl<A: Arch> StopMachine<A> {
                 Ordering::Relaxed,
             ) {
                 Ok(_) => {
-                    if next.phase() != phase {
-                        self.arch.wake_waiters();
-                    }
+                    // Someone waits for this acknowledgement in a low-power wait: the
+                    // initiator for the last joiner's arrival, everyone for a new phase.
+                    self.arch.wake_waiters();
                     return true;
                 }
                 Err(seen) => current = State(seen),
@@ -707,67 +794,34 @@ impl<A: Arch> StopMachine<A> {
         }
     }
 
-    /// Waits until the call leaves `phase`. Bounded: the initiator aborts a `Prepare`
-    /// that outlasts the arrival timeout; any other wait that outlasts the stall
-    /// timeout is a CPU stuck with exceptions masked, and panics.
+    /// Waits until the state is no longer `phase` of `generation`, and returns the state
+    /// it saw. `required` are the CPUs whose acknowledgements end the phase (named if the
+    /// wait outlasts `limit_ns`, which is a CPU stuck with exceptions masked: panic).
     #[unsafe(link_section = ".text.nopatch")]
-    fn wait_for_next(
+    fn wait_past(
         &self,
         generation: u32,
         phase: Phase,
         me: usize,
-        arrival_timeout_ns: Option<u64>,
-    ) -> Result<Phase, Outcome> {
+        required: CpuSet,
+        limit_ns: u64,
+    ) -> State {
         let arch = &self.arch;
         let start = arch.now_ns();
-        let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
         loop {
-            // Acquire pairs with the release of the CPU that opened the next phase.
+            // Acquire pairs with the release of the CPU that ended the phase (and, for a
+            // later call's state, with the initiator's release of it, which came after).
             let current = State(self.state.load(Ordering::Acquire));
-            if current.generation() != generation || current.phase() == Phase::Aborted {
-                return Err(Outcome::Aborted {
-                    missing: CpuSet::EMPTY,
-                    waited_ns: 0,
-                });
-            }
-            if current.phase() != phase {
-                return Ok(current.phase());
+            if current.generation() != generation || current.phase() != phase {
+                return current;
             }
             let waited_ns = arch.now_ns().saturating_sub(start);
-            match arrival_timeout_ns {
-                Some(limit) if phase == Phase::Prepare && waited_ns > limit => {
-                    // Nobody has masked anything yet: abort unless the last CPU arrives
-                    // at this very moment (then the exchange fails and we go on).
-                    let aborted = State::new(generation, Phase::Aborted, current.acked());
-                    if self
-                        .state
-                        .compare_exchange(current.0, aborted.0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        arch.wake_waiters();
-                        let participants =
-                            CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
-                        return Err(Outcome::Aborted {
-                            missing: participants.minus(current.acked()),
-                            waited_ns,
-                        });
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            let limit = match (phase, arrival_timeout_ns) {
-                // A CPU that arrived waits for the initiator's abort at worst.
-                (Phase::Prepare, None) => stall_timeout_ns.saturating_add(stall_timeout_ns),
-                _ => stall_timeout_ns,
-            };
-            if waited_ns > limit {
-                let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
+            if waited_ns > limit_ns {
                 panic!(
                     "stop_machine: cpu{me} waited {} us in phase {phase:?} of call {generation} \
                      for CPUs {} (acknowledged: {})",
                     waited_ns / 1000,
-                    participants.minus(current.acked()),
+                    required.minus(current.acked()),
                     current.acked()
                 );
             }
@@ -823,22 +877,14 @@ mod tests {
 
     #[test]
     fn phases_advance_in_order() {
-        let mut phase = Phase::Prepare;
+        let mut phase = Phase::Arrive;
         let mut seen = vec![phase];
-        while phase != Phase::Done {
+        while phase != Phase::Exit {
             phase = phase.next();
             seen.push(phase);
         }
-        assert_eq!(
-            seen,
-            [
-                Phase::Prepare,
-                Phase::Mask,
-                Phase::Run,
-                Phase::Exit,
-                Phase::Done
-            ]
-        );
+        assert_eq!(seen, [Phase::Arrive, Phase::Run, Phase::Exit]);
+        assert_eq!(Phase::Exit.next(), Phase::Exit);
         assert_eq!(Phase::Aborted.next(), Phase::Aborted);
     }
 }

@@ -137,20 +137,20 @@ pub static STOP: StopMachine<Aarch64> = StopMachine::new(Aarch64);
 /// a CPU that spins with IRQs PMR-masked. [`irq::handle_irq_exception`] then ends it
 /// (EOI) before calling this, and runs this with IRQs off (PMR = [`irq::PMR_IRQOFF`])
 /// but NMIs on (PSTATE.I and ALLINT clear): a `MaskLevel::IrqsOnly` window still lets
-/// the self-NMI of `stop_machine_nmi` in, and `MaskLevel::All` masks everything in the
-/// core's `Mask` phase. The interrupted PMR, DAIF and ALLINT come back on return (trap
+/// the self-NMI of `stop_machine_nmi` in, and `MaskLevel::All` masks everything when
+/// this CPU arrives in the core's rendezvous. The interrupted PMR, DAIF and ALLINT come back on return (trap
 /// frame and SPSR). A CPU with everything masked ([`Arch::mask_all`]) is not reached;
 /// the core's arrival timeout then names it. Without NMIs it is a normal interrupt and
 /// this runs with PSTATE.I set, as before.
 ///
 /// Re-entrancy. Because the stop IPI was ended before this runs and NMIs are open, a
 /// second stop IPI can interrupt this handler. The core would cope with a nested call:
-/// `handle_stop_ipi` joins a call only in its `Prepare` phase and only if this CPU has
+/// `handle_stop_ipi` joins a call only in its `Arrive` phase and only if this CPU has
 /// not acknowledged it yet, so a stale IPI arriving while this CPU is in the rendezvous
-/// (acknowledged `Prepare`, or any later phase) returns at once; and if one arrived after
+/// (acknowledged `Arrive`, or any later phase) returns at once; and if one arrived after
 /// this CPU loaded the state but before it acknowledged, the nested handler would take
 /// part in the whole call and the outer one would fail its first acknowledgement (wrong
-/// phase or generation) and leave without masking anything. But each new call's IPI
+/// phase or generation) and leave, unmasking what it had just masked. But each new call's IPI
 /// landing in the last instructions of the previous handler would nest one level deeper,
 /// and trap frames are limited. So a nested stop IPI only records itself, and the outer
 /// handler calls `handle_stop_ipi` again before it leaves (which returns at once if there

@@ -34,6 +34,10 @@ struct Shared {
     nmi_lost: AtomicU32,
     nmis_taken: [AtomicU64; MAX_CPUS],
     syncs: [AtomicU64; MAX_CPUS],
+    /// Per CPU: the [`HostArch::tick`] of its last `sync_context` and last `restore`.
+    last_sync: [AtomicU64; MAX_CPUS],
+    last_restore: [AtomicU64; MAX_CPUS],
+    ticks: AtomicU64,
     ipis_sent: AtomicU64,
     epoch: OnceLock<Instant>,
     stop_ipi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -70,6 +74,9 @@ impl HostArch {
             nmi_lost: AtomicU32::new(0),
             nmis_taken: [const { AtomicU64::new(0) }; MAX_CPUS],
             syncs: [const { AtomicU64::new(0) }; MAX_CPUS],
+            last_sync: [const { AtomicU64::new(0) }; MAX_CPUS],
+            last_restore: [const { AtomicU64::new(0) }; MAX_CPUS],
+            ticks: AtomicU64::new(0),
             ipis_sent: AtomicU64::new(0),
             epoch: OnceLock::new(),
             stop_ipi_handler: OnceLock::new(),
@@ -191,6 +198,24 @@ impl HostArch {
         self.shared.syncs[cpu].load(Ordering::Relaxed)
     }
 
+    /// The next value of a machine-wide event sequence, shared with the records of
+    /// [`last_sync`](Self::last_sync) and [`last_restore`](Self::last_restore): a test
+    /// takes one when it "writes text" and compares.
+    pub fn tick(&self) -> u64 {
+        // SeqCst: one total order of events across all CPU threads.
+        self.shared.ticks.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The [`tick`](Self::tick) at `cpu`'s latest context synchronisation (0: never).
+    pub fn last_sync(&self, cpu: usize) -> u64 {
+        self.shared.last_sync[cpu].load(Ordering::SeqCst)
+    }
+
+    /// The [`tick`](Self::tick) at `cpu`'s latest [`Arch::restore`] (0: never).
+    pub fn last_restore(&self, cpu: usize) -> u64 {
+        self.shared.last_restore[cpu].load(Ordering::SeqCst)
+    }
+
     /// How many stop IPIs have been sent in total.
     pub fn ipis_sent(&self) -> u64 {
         self.shared.ipis_sent.load(Ordering::Relaxed)
@@ -232,6 +257,7 @@ unsafe impl Arch for HostArch {
 
     fn restore(&self, saved: HostMask) {
         let cpu = self.cpu_id();
+        self.shared.last_restore[cpu].store(self.tick(), Ordering::SeqCst);
         self.shared.masked[cpu].store(saved.irqs, Ordering::Relaxed);
         self.shared.nmi_masked[cpu].store(saved.nmis, Ordering::Relaxed);
     }
@@ -251,7 +277,9 @@ unsafe impl Arch for HostArch {
 
     fn sync_context(&self) {
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.shared.syncs[self.cpu_id()].fetch_add(1, Ordering::Relaxed);
+        let cpu = self.cpu_id();
+        self.shared.syncs[cpu].fetch_add(1, Ordering::Relaxed);
+        self.shared.last_sync[cpu].store(self.tick(), Ordering::SeqCst);
     }
 
     fn relax(&self) {
