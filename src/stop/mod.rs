@@ -228,6 +228,33 @@ pub struct Quiescence {
     pub last_ack_stamp: u64,
 }
 
+/// Where the initiator's time went in its last call that reached `Run`: the profile of
+/// the rendezvous, in nanoseconds of [`Arch::now_ns`]. `tests=bench` prints it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallProfile {
+    /// From entry to the stop IPI sent: checking the CPUs, taking the machine,
+    /// publishing the call.
+    pub setup_ns: u64,
+    /// From the stop IPI sent to the last other CPU's arrival (masked and acknowledged):
+    /// the gather, at best one interrupt round trip.
+    pub arrive_ns: u64,
+    /// From the last arrival to `Exit`: the initiator masking and acknowledging, and the
+    /// function on every active CPU.
+    pub run_ns: u64,
+    /// From `Exit` to the initiator unmasked: its context synchronisation and restore.
+    pub exit_ns: u64,
+}
+
+/// The instants the initiator records in a call, indexes into `StopMachine::timeline`.
+#[derive(Clone, Copy)]
+enum Mark {
+    Entry = 0,
+    IpiSent = 1,
+    Arrived = 2,
+    Exit = 3,
+    Unmasked = 4,
+}
+
 /// The phases of one call, in order. `Exit` and `Aborted` are terminal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -330,6 +357,8 @@ pub struct StopMachine<A: Arch> {
     stamps: AtomicU64,
     masked_at_ack: AtomicU32,
     ack_stamp: [AtomicU64; MAX_CPUS],
+    /// The initiator's [`Mark`]s in its last call.
+    timeline: [AtomicU64; 5],
     /// CPUs between their `mask_all` and their `restore` in a call.
     in_window: AtomicU32,
     /// The current call masks with [`MaskLevel::IrqsOnly`].
@@ -366,6 +395,7 @@ impl<A: Arch> StopMachine<A> {
             stamps: AtomicU64::new(0),
             masked_at_ack: AtomicU32::new(0),
             ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
+            timeline: [const { AtomicU64::new(0) }; 5],
             in_window: AtomicU32::new(0),
             mask_irqs_only: AtomicBool::new(false),
             #[cfg(feature = "stop-machine-nmi")]
@@ -453,6 +483,8 @@ impl<A: Arch> StopMachine<A> {
         );
         arch.wake_waiters();
         arch.send_stop_ipi(online.without(me));
+        self.timeline[Mark::Entry as usize].store(start, Ordering::Relaxed);
+        self.mark(Mark::IpiSent);
 
         let role = Role::Initiator {
             arrival_timeout_ns: options.arrival_timeout_ns,
@@ -643,6 +675,7 @@ impl<A: Arch> StopMachine<A> {
             if let Err(aborted) = self.await_arrivals(generation, me, arrival_timeout_ns) {
                 return aborted;
             }
+            self.mark(Mark::Arrived);
         }
         let saved = if self.mask_irqs_only.load(Ordering::Relaxed) {
             arch.mask_irqs()
@@ -657,6 +690,10 @@ impl<A: Arch> StopMachine<A> {
         self.ack_stamp[me].store(self.stamp(), Ordering::Relaxed);
 
         let outcome = self.run_masked(generation, me, role);
+        let initiator = matches!(role, Role::Initiator { .. });
+        if initiator {
+            self.mark(Mark::Exit);
+        }
 
         // Every way out of `run_masked` passed an Acquire of a state at or after the end
         // of `Run` of this call (or of an abort, when nothing was written): what the
@@ -665,7 +702,30 @@ impl<A: Arch> StopMachine<A> {
         arch.sync_context();
         self.in_window.fetch_and(!bit, Ordering::Relaxed);
         arch.restore(saved);
+        if initiator {
+            self.mark(Mark::Unmasked);
+        }
         outcome
+    }
+
+    /// Records instant `mark` of the current call (the initiator only: it alone writes
+    /// the timeline, under the machine's lock).
+    #[unsafe(link_section = ".text.nopatch")]
+    fn mark(&self, mark: Mark) {
+        self.timeline[mark as usize].store(self.arch.now_ns(), Ordering::Relaxed);
+    }
+
+    /// The profile of this CPU's last call that reached `Run`. Meaningful on the CPU
+    /// that made the call, after it returned, and before anyone makes another.
+    pub fn last_call_profile(&self) -> CallProfile {
+        let at = |mark: Mark| self.timeline[mark as usize].load(Ordering::Relaxed);
+        let span = |from: Mark, to: Mark| at(to).saturating_sub(at(from));
+        CallProfile {
+            setup_ns: span(Mark::Entry, Mark::IpiSent),
+            arrive_ns: span(Mark::IpiSent, Mark::Arrived),
+            run_ns: span(Mark::Arrived, Mark::Exit),
+            exit_ns: span(Mark::Exit, Mark::Unmasked),
+        }
     }
 
     /// The initiator's wait for every other participant's `Arrive` acknowledgement,

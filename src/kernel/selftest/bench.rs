@@ -16,7 +16,7 @@ use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
 use crate::kernel::text::KERNEL_TEXT;
 use crate::kprint;
 use crate::patch::{Patch, PatchError, Text, patch_machine};
-use crate::stop::{Arch, NmiSafe};
+use crate::stop::{Arch, CallProfile, NmiSafe, StopError};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -36,6 +36,11 @@ const BENCH_SLOT: usize = 2;
 const BENCH_SGI: u32 = platform::TEST_IPIS[1];
 /// How long one round trip may take before the benchmark gives up.
 const ROUNDTRIP_TIMEOUT_NS: u64 = 1_000_000_000;
+/// How long the benchmarking CPU idles before each timed iteration, so that every
+/// iteration starts with the other CPUs back in their idle loop: a latency, not the
+/// throughput of back-to-back calls (whose tail, on an emulator that runs one vCPU at a
+/// time, lands in the next call's gather).
+const SETTLE_NS: u64 = 200_000;
 /// Upper bound on timed iterations (the sample buffer is static: no heap).
 const MAX_ITERS: usize = 4096;
 
@@ -46,6 +51,12 @@ static BATCHES: spin::Mutex<[[Patch<Insn>; BENCH_SITES]; 2]> =
     spin::Mutex::new([[Patch::new(0, NOP, NOP); BENCH_SITES]; 2]);
 /// Per CPU: round-trip interrupts acknowledged.
 static ACKS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+
+/// Iterations of each profile.
+const PROFILE_ITERS: usize = 200;
+/// Per profiled iteration: total, setup, arrive, run, exit, and what lies outside the
+/// rendezvous (validation and everything else the caller does around it).
+static PROFILE: spin::Mutex<[[u64; PROFILE_ITERS]; 6]> = spin::Mutex::new([[0; PROFILE_ITERS]; 6]);
 
 /// Median and 99th percentile of one benchmark.
 struct Stats {
@@ -66,6 +77,7 @@ fn measure<E>(
     }
     let mut samples = SAMPLES.lock();
     for (i, sample) in samples[..iters].iter_mut().enumerate() {
+        settle();
         let start = platform::now_ns();
         step(warmup + i)?;
         *sample = platform::now_ns() - start;
@@ -81,6 +93,14 @@ fn measure<E>(
     })
 }
 
+/// Lets the other CPUs finish whatever the last iteration left them doing.
+fn settle() {
+    let until = platform::now_ns() + SETTLE_NS;
+    while platform::now_ns() < until {
+        STOP.arch().relax();
+    }
+}
+
 fn report(name: &str, sites: usize, stats: &Stats) {
     kprint!(
         "# bench {name} cpus={} sites={sites} median_ns={} p99_ns={} iters={}\n",
@@ -89,6 +109,60 @@ fn report(name: &str, sites: usize, stats: &Stats) {
         stats.p99_ns,
         stats.iters
     );
+}
+
+/// Runs `step` (one stop-machine call, or a patch built on one) `iters` times after a
+/// warm-up and prints where the time went, as medians of
+/// [`CallProfile`](crate::stop::CallProfile)'s spans:
+/// `# profile <name> cpus=<n> sites=<k> total_ns=.. outside_ns=.. setup_ns=.. arrive_ns=.. run_ns=.. exit_ns=.. iters=<i>`.
+fn profile<E>(
+    name: &str,
+    sites: usize,
+    iters: usize,
+    mut step: impl FnMut(usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let iters = iters.clamp(1, PROFILE_ITERS) & !1;
+    for i in 0..iters.max(2) {
+        step(i)?;
+    }
+    let mut samples = PROFILE.lock();
+    for i in 0..iters {
+        settle();
+        let start = platform::now_ns();
+        step(i)?;
+        let total = platform::now_ns() - start;
+        let CallProfile {
+            setup_ns,
+            arrive_ns,
+            run_ns,
+            exit_ns,
+        } = STOP.last_call_profile();
+        let inside = setup_ns + arrive_ns + run_ns + exit_ns;
+        let row = [
+            total,
+            setup_ns,
+            arrive_ns,
+            run_ns,
+            exit_ns,
+            total.saturating_sub(inside),
+        ];
+        for (column, value) in samples.iter_mut().zip(row) {
+            column[i] = value;
+        }
+    }
+    let mut medians = [0; 6];
+    for (median, column) in medians.iter_mut().zip(samples.iter_mut()) {
+        let column = &mut column[..iters];
+        column.sort_unstable();
+        *median = column[iters.div_ceil(2) - 1];
+    }
+    let [total, setup, arrive, run, exit, outside] = medians;
+    kprint!(
+        "# profile {name} cpus={} sites={sites} total_ns={total} outside_ns={outside} \
+         setup_ns={setup} arrive_ns={arrive} run_ns={run} exit_ns={exit} iters={iters}\n",
+        platform::online_cpus().len(),
+    );
+    Ok(())
 }
 
 fn count_ack(cpu: usize) -> bool {
@@ -186,8 +260,29 @@ pub fn bench(_: &Params) -> Verdict {
         }
     }
 
+    // Where the time of one call goes: an empty function on the calling CPU only (the
+    // rendezvous that `patch_machine` stands on), on every CPU, and patching.
     let mut batches = BATCHES.lock();
     fill_batches(&mut batches);
+    let profiled: Result<(), StopError> = profile("stop_machine_one", 0, PROFILE_ITERS, |_| {
+        STOP.stop_machine(&empty, CpuSet::single(me), OPTIONS)
+    })
+    .and_then(|()| {
+        profile("stop_machine", 0, PROFILE_ITERS, |_| {
+            STOP.stop_machine(&empty, online, OPTIONS)
+        })
+    });
+    if let Err(err) = profiled {
+        fail!("profile: {err}");
+    }
+    for (sites, iters) in [(1, PROFILE_ITERS), (1000, 20)] {
+        if let Err(err) = profile("patch_machine", sites, iters, |i| {
+            patch_machine(&STOP, &KERNEL_TEXT, &batches[i % 2][..sites], OPTIONS).map(|_| ())
+        }) {
+            fail!("profile: patch_machine, {sites} sites: {err}");
+        }
+    }
+
     let mut patch_median_1 = 0;
     for sites in BATCH_SIZES {
         let iters = match sites {
