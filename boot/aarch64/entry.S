@@ -81,10 +81,12 @@ pm_secondary_entry:
     add     x0, x0, :lo12:{mmu_regs}
     ldp     x1, x2, [x0]                    // MAIR_EL1, TCR_EL1
     ldp     x3, x4, [x0, #16]               // TTBR0_EL1, SCTLR_EL1
+    ldr     x5, [x0, #32]                   // TTBR1_EL1: the empty root
     cbz     x4, pm_park                     // not published: refuse to run
     msr     mair_el1, x1
     msr     tcr_el1, x2
     msr     ttbr0_el1, x3
+    msr     ttbr1_el1, x5
     isb
     tlbi    vmalle1                         // nothing stale from before us
     dsb     nsh

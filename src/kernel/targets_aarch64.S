@@ -37,10 +37,11 @@ pm_spare_site:
 
 // Sites for the benchmarks' batches (never called): patch_machine flips them between
 // NOP and MOVZ, in batches of up to BENCH_SITES.
-    .balign 64
+    .balign 4096
     .global pm_bench_sites
 pm_bench_sites:
     .rept 1000
     nop
     .endr
     ret
+    .balign 4096

@@ -1,7 +1,8 @@
 //! The MMU: one identity map shared by every CPU, built with aarch64-paging from a
-//! static pool of page-table pages (no heap), and the text-patching alias.
+//! static pool of page-table pages (no heap), and the text-patching alias in a
+//! translation table of its own that only the patching CPU ever walks.
 //!
-//! # The map (4 KiB granule, 39-bit VA, TTBR0 only, ASID 0, global entries)
+//! # The map (4 KiB granule, 39-bit VA, TTBR0, ASID 0, global entries)
 //!
 //! | range                        | attributes                           |
 //! |------------------------------|--------------------------------------|
@@ -12,23 +13,31 @@
 //! | `.data`, stacks, `.bss`      | Normal WB, RW, XN                    |
 //! | stack guard pages            | unmapped                             |
 //! | GICD, GICR, PL011 (from DTB) | Device-nGnRnE, RW, XN                |
-//! | [`ALIAS_VA`] (one page)      | unmapped except inside [`poke_text`] |
+//! | [`ALIAS_VA`] (one page, TTBR1) | only in [`poke_text`], only on its CPU |
 //!
 //! No page is both writable and executable, and SCTLR_EL1.WXN is set as well, so the
 //! hardware treats any writable page as execute-never regardless of its entry.
 //!
 //! # Patching text
 //!
-//! Text stays read-only. [`poke_text`] (like Linux's `patch_map()` fixmap) maps the
-//! physical page holding the target at [`ALIAS_VA`] as writable, non-executable normal
-//! memory, stores the word through it and removes the alias again. The level-3 table
-//! for the alias is created at boot, so a poke only ever changes that one entry:
-//! - map: invalid -> valid needs no break-before-make; `DSB ISHST` makes the entry
-//!   visible to the table walker and `ISB` to our own subsequent accesses;
-//! - unmap: write the invalid entry, `DSB ISHST` (the entry and the data store are
-//!   complete), `TLBI VAALE1IS` for the alias VA (all ASIDs, last level, inner
-//!   shareable: also drops any entry another CPU's walker cached speculatively),
-//!   `DSB ISH` (invalidation complete everywhere), `ISB`.
+//! Text stays read-only. [`poke_text`] maps the physical page holding the target at
+//! [`ALIAS_VA`] as writable, non-executable normal memory, stores the word through it
+//! and removes the alias again. Linux's arm64 `patch_map()` puts that alias in the
+//! shared kernel tables (a fixmap slot), where any CPU's walker may cache it
+//! speculatively, so its unmap needs a broadcast `TLBI VAALE1IS` and a `DSB ISH` that
+//! waits for every CPU. Here the alias lives in the upper half (TTBR1), and every CPU's
+//! TTBR1_EL1 points at an empty root, except the patching CPU's for the length of one
+//! poke (x86's `text_poke` does the same with its private `poking_mm`):
+//! - map: `TTBR1_EL1` = the alias root, `ISB`; write the valid level-3 entry (invalid
+//!   -> valid: no break-before-make), `DSB ISHST` (visible to the walker), `ISB`;
+//! - unmap: write the invalid entry, `DSB ISHST` (entry and data stores complete),
+//!   `TTBR1_EL1` = the empty root, `ISB` (no walk of ours reaches the alias tables any
+//!   more), then `TLBI VAE1` for the alias VA (this CPU only, every level: the
+//!   walk-cache copies of the alias's table entries go too), `DSB ISH`, `ISB`.
+//!
+//! No other CPU can hold the alias in its TLB: its walks of the upper half start at the
+//! empty root and fault, and faulting walks are not cached. So no invalidation has to
+//! reach, or wait for, another CPU.
 
 use super::dtb::{BootInfo, Region};
 use super::{cache, cpu, layout};
@@ -52,9 +61,11 @@ pub const PAGE_SIZE: usize = 4096;
 pub const VA_BITS: u32 = 39;
 /// The root table level for a 39-bit VA with a 4 KiB granule.
 const ROOT_LEVEL: usize = 1;
-/// The fixed virtual address of the text-patching alias: the last page of the VA
-/// space, above any RAM or device the identity map can cover.
-pub const ALIAS_VA: usize = (1 << VA_BITS) - PAGE_SIZE;
+/// The fixed virtual address of the text-patching alias: the last page of the upper
+/// (TTBR1) half of the VA space.
+pub const ALIAS_VA: usize = usize::MAX - (PAGE_SIZE - 1);
+/// The identity map covers addresses below this.
+const IDENTITY_LIMIT: usize = 1 << VA_BITS;
 /// Page-table pages available to the identity map.
 const POOL_PAGES: usize = 64;
 
@@ -151,13 +162,14 @@ static KERNEL_MAP: spin::Once<spin::Mutex<KernelMap>> = spin::Once::new();
 /// The register values every CPU loads to turn the MMU on. Published (and cleaned to the
 /// point of coherency) by the boot CPU before it starts any secondary, which reads them
 /// with its MMU off in `boot/aarch64/entry.S`. Layout fixed: the assembly reads
-/// `[mair, tcr, ttbr0, sctlr]` with two LDPs.
+/// `[mair, tcr, ttbr0, sctlr]` with two LDPs and `ttbr1` at offset 32.
 #[repr(C, align(64))]
 pub struct MmuRegs {
     mair: AtomicU64,
     tcr: AtomicU64,
     ttbr0: AtomicU64,
     sctlr: AtomicU64,
+    ttbr1: AtomicU64,
 }
 
 /// See [`MmuRegs`].
@@ -166,10 +178,37 @@ pub static MMU_REGS: MmuRegs = MmuRegs {
     tcr: AtomicU64::new(0),
     ttbr0: AtomicU64::new(0),
     sctlr: AtomicU64::new(0),
+    ttbr1: AtomicU64::new(0),
 };
 
 /// Address of the level-3 descriptor of [`ALIAS_VA`] (0 before [`init_primary`]).
 static ALIAS_PTE: AtomicUsize = AtomicUsize::new(0);
+
+/// One translation table page, built by hand: aarch64-paging builds the identity map,
+/// but these two roots must exist before any CPU turns its MMU on, never change but for
+/// one entry, and are three fixed descriptors.
+#[repr(C, align(4096))]
+struct RawTable([AtomicU64; 512]);
+
+impl RawTable {
+    const fn new() -> Self {
+        RawTable([const { AtomicU64::new(0) }; 512])
+    }
+
+    fn addr(&self) -> u64 {
+        self as *const RawTable as u64
+    }
+}
+
+/// The upper-half root every CPU's TTBR1_EL1 holds: all entries invalid.
+static EMPTY_ROOT: RawTable = RawTable::new();
+/// The upper-half tables of the alias: level 1 (the root), 2 and 3, each with only the
+/// entry for [`ALIAS_VA`] (the last one) in use.
+static ALIAS_TABLES: [RawTable; 3] = [RawTable::new(), RawTable::new(), RawTable::new()];
+/// Index of [`ALIAS_VA`] in each of its tables.
+const ALIAS_INDEX: usize = 511;
+/// A table descriptor (valid, table).
+const TABLE_DESC: u64 = 0b11;
 
 /// Serialises alias users: there is one alias page.
 static ALIAS_LOCK: spin::Mutex<()> = spin::Mutex::new(());
@@ -203,7 +242,7 @@ fn map(
     if r.size == 0 {
         return Ok(());
     }
-    if r.end() > ALIAS_VA || r.end() < r.base {
+    if r.end() > IDENTITY_LIMIT || r.end() < r.base {
         return Err(MmuError::OutOfRange(what, r));
     }
     mapping
@@ -223,8 +262,9 @@ fn region(r: Range<usize>) -> Region {
     }
 }
 
-/// TCR_EL1: T0SZ = 25, TTBR0 walks inner-shareable write-back cacheable, 4 KiB granule,
-/// TTBR1 walks disabled (EPD1), IPS from ID_AA64MMFR0_EL1.PARange.
+/// TCR_EL1: T0SZ = T1SZ = 25, walks of both halves inner-shareable write-back
+/// cacheable, 4 KiB granules, ASID from TTBR0 (A1 = 0), IPS from
+/// ID_AA64MMFR0_EL1.PARange.
 fn tcr() -> u64 {
     let mmfr0: u64;
     // SAFETY: reading an ID register has no side effect.
@@ -232,8 +272,10 @@ fn tcr() -> u64 {
         asm!("mrs {}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nomem, nostack, preserves_flags))
     };
     let ips = (mmfr0 & 0xf).min(5);
-    let t0sz = 64 - VA_BITS as u64;
-    t0sz | 0b01 << 8 | 0b01 << 10 | 0b11 << 12 | 1 << 23 | 0b10 << 30 | ips << 32
+    let tsz = 64 - VA_BITS as u64;
+    let lower = tsz | 0b01 << 8 | 0b01 << 10 | 0b11 << 12; // T0SZ IRGN0 ORGN0 SH0 (TG0 = 4K)
+    let upper = tsz << 16 | 0b01 << 24 | 0b01 << 26 | 0b11 << 28 | 0b10 << 30; // ... TG1 = 4K
+    lower | upper | ips << 32
 }
 
 /// Builds the identity map from the DTB and the linker layout and turns the MMU and
@@ -258,7 +300,7 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
         // needs RAM it can address).
         let clipped = Region {
             base: mem.base,
-            size: mem.size.min(ALIAS_VA.saturating_sub(mem.base)),
+            size: mem.size.min(IDENTITY_LIMIT.saturating_sub(mem.base)),
         };
         map(m, "RAM", clipped, RW_DATA)?;
     }
@@ -277,28 +319,18 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
     map(m, "the GIC distributor", info.gicd, DEVICE_RW)?;
     map(m, "the GIC redistributors", info.gicr, DEVICE_RW)?;
     map(m, "the UART", info.uart, DEVICE_RW)?;
-    // An invalid entry at the alias: creates its level-3 table now, so that a poke only
-    // ever writes that one entry.
-    let alias = Region {
-        base: ALIAS_VA,
-        size: PAGE_SIZE,
-    };
-    mapping
-        .map_range(
-            &MemoryRegion::new(alias.base, alias.end()),
-            // Ignored for an invalid entry, but aarch64-paging computes `pa - va % block`
-            // (which overflows in debug builds for pa = 0).
-            PhysicalAddress(alias.base),
-            El1Attributes::empty(),
-            Constraints::NO_CONTIGUOUS_HINT | Constraints::NO_BLOCK_MAPPINGS,
-        )
-        .map_err(|e| MmuError::Map("the patch alias", alias, e))?;
-
     let root = mapping.root_address().0 as u64;
-    let pte = walk(root, ALIAS_VA)
-        .filter(|w| w.level == 3)
-        .expect("the alias has a level-3 table");
-    ALIAS_PTE.store(pte.entry_addr, Ordering::Relaxed);
+    // The alias tables: level 1 -> 2 -> 3, the level-3 entry invalid until a poke.
+    for level in 0..2 {
+        ALIAS_TABLES[level].0[ALIAS_INDEX].store(
+            ALIAS_TABLES[level + 1].addr() | TABLE_DESC,
+            Ordering::Relaxed,
+        );
+    }
+    ALIAS_PTE.store(
+        &ALIAS_TABLES[2].0[ALIAS_INDEX] as *const AtomicU64 as usize,
+        Ordering::Relaxed,
+    );
 
     let tcr = tcr();
     // Everything written so far (BSS, boot info, page tables, this stack) went straight
@@ -312,7 +344,7 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
     // SAFETY: the map covers all code, data, stacks and devices the kernel uses with the
     // same addresses (identity), so execution continues seamlessly; TLBs and the
     // I-cache are invalidated first so nothing from before applies.
-    unsafe { enable(MAIR.0, tcr, root, SCTLR_MMU_ON) };
+    unsafe { enable(MAIR.0, tcr, root, EMPTY_ROOT.addr(), SCTLR_MMU_ON) };
 
     // From here on caches are on and atomics work.
     mapping.mark_active();
@@ -320,6 +352,7 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
     MMU_REGS.mair.store(MAIR.0, Ordering::Relaxed);
     MMU_REGS.tcr.store(tcr, Ordering::Relaxed);
     MMU_REGS.ttbr0.store(root, Ordering::Relaxed);
+    MMU_REGS.ttbr1.store(EMPTY_ROOT.addr(), Ordering::Relaxed);
     MMU_REGS.sctlr.store(SCTLR_MMU_ON, Ordering::Relaxed);
     // Secondaries read the block with their MMU off: push it to the point of coherency.
     let regs = &MMU_REGS as *const MmuRegs as usize;
@@ -330,8 +363,9 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
 /// Loads the translation registers and turns the MMU on.
 ///
 /// # Safety
-/// The tables at `ttbr0` must map the running code, its stack and data identically.
-unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, sctlr: u64) {
+/// The tables at `ttbr0` must map the running code, its stack and data identically;
+/// `ttbr1` must be the empty root.
+unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, ttbr1: u64, sctlr: u64) {
     // SAFETY: forwarded from the caller. Not `nomem`: memory accesses must not move
     // across the switch.
     unsafe {
@@ -339,6 +373,7 @@ unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, sctlr: u64) {
             "msr mair_el1, {mair}",
             "msr tcr_el1, {tcr}",
             "msr ttbr0_el1, {ttbr0}",
+            "msr ttbr1_el1, {ttbr1}",
             "isb",
             "tlbi vmalle1",
             "dsb nsh",
@@ -350,6 +385,7 @@ unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, sctlr: u64) {
             mair = in(reg) mair,
             tcr = in(reg) tcr,
             ttbr0 = in(reg) ttbr0,
+            ttbr1 = in(reg) ttbr1,
             sctlr = in(reg) sctlr,
             options(nostack, preserves_flags),
         )
@@ -371,8 +407,6 @@ pub fn mmu_regs() -> [u64; 4] {
 struct Leaf {
     /// Level of the descriptor (1, 2: block; 3: page).
     level: usize,
-    /// Address of the descriptor.
-    entry_addr: usize,
     /// The descriptor.
     desc: u64,
 }
@@ -394,11 +428,7 @@ fn walk(root: u64, va: usize) -> Option<Leaf> {
         let desc = unsafe { AtomicU64::from_ptr(entry_addr as *mut u64) }.load(Ordering::Relaxed);
         let is_table = level < 3 && desc & 0b11 == 0b11;
         if !is_table {
-            return Some(Leaf {
-                level,
-                entry_addr,
-                desc,
-            });
+            return Some(Leaf { level, desc });
         }
         table = (desc & DESC_ADDR_MASK) as usize;
         level += 1;
@@ -487,7 +517,7 @@ pub unsafe fn poke_text(addr: usize, insn: u32) {
 }
 
 /// [`poke_text`] for several words of one page: the alias is mapped once for all of
-/// them, which saves a broadcast TLB invalidation per word in large batches.
+/// them, which saves two TTBR1 switches and a TLB invalidation per word in batches.
 ///
 /// # Safety
 /// As [`poke_text`], for every word; all of them must lie in the same page (checked;
@@ -509,40 +539,126 @@ pub unsafe fn poke_text_page(words: &[(usize, u32)]) {
             "poke_text_page: {addr:#x} is not in the page of {first:#x}"
         );
     }
-    let pte_addr = ALIAS_PTE.load(Ordering::Relaxed);
-    assert!(pte_addr != 0, "poke_text before the MMU is on");
-    // SAFETY: the alias descriptor in the static pool; see `walk` for atomicity.
-    let pte = unsafe { AtomicU64::from_ptr(pte_addr as *mut u64) };
-    let page = (first & !(PAGE_SIZE - 1)) as u64;
-
-    let saved = cpu::mask_all();
-    let guard = ALIAS_LOCK.lock();
-    pte.store(page | ALIAS_ATTRS, Ordering::Relaxed);
-    // SAFETY: barriers only. DSB ISHST: the walker sees the new (previously invalid, so
-    // no break-before-make) entry; ISB: our following accesses use it.
-    unsafe { asm!("dsb ishst", "isb", options(nostack, preserves_flags)) };
+    let page = first & !(PAGE_SIZE - 1);
+    // SAFETY: `page` is a kernel text page (checked above); only the words are stored.
+    let alias = unsafe { TextAlias::map(page) };
     for &(addr, insn) in words {
         let offset = addr & (PAGE_SIZE - 1);
         // SAFETY: the alias maps `page`, which holds every word (checked above),
         // writable; `offset` keeps the access in it and 4-byte aligned. The caller
         // guarantees nobody executes the words unsafely meanwhile.
-        unsafe { core::ptr::write_volatile((ALIAS_VA + offset) as *mut u32, insn) };
+        unsafe { core::ptr::write_volatile((alias.addr() + offset) as *mut u32, insn) };
     }
-    pte.store(0, Ordering::Relaxed);
-    // SAFETY: TLB maintenance and barriers only; `ALIAS_VA >> 12` is the TLBI operand
-    // (VA[55:12], ASID ignored by VAALE1IS).
+    drop(alias);
+}
+
+/// The text alias, mapped on this CPU only: [`TextAlias::map`] maps a page writable at
+/// [`ALIAS_VA`]; dropping it removes the mapping again (see the module docs for the
+/// exact steps). Every exception stays masked and the alias lock held meanwhile.
+pub struct TextAlias {
+    pte: &'static AtomicU64,
+    saved: u64,
+    lock: Option<spin::MutexGuard<'static, ()>>,
+}
+
+impl TextAlias {
+    /// Maps the physical page `page` writable at [`ALIAS_VA`] on this CPU.
+    ///
+    /// # Safety
+    /// `page` must be a page-aligned page of the kernel image; the caller makes through
+    /// the alias only the writes it is allowed to make there.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(never)]
+    pub unsafe fn map(page: usize) -> TextAlias {
+        let pte_addr = ALIAS_PTE.load(Ordering::Relaxed);
+        assert!(pte_addr != 0, "poke_text before the MMU is on");
+        // SAFETY: the alias descriptor in a static table, only written with single-copy
+        // atomic stores.
+        let pte = unsafe { AtomicU64::from_ptr(pte_addr as *mut u64) };
+        let saved = cpu::mask_all();
+        let lock = ALIAS_LOCK.lock();
+        // SAFETY: TTBR1 only translates the upper half, where nothing but the alias
+        // lives: switching it to the alias tables changes no other mapping. The ISB makes
+        // the walker use the new root; after the entry is stored, DSB ISHST makes it
+        // visible to the walker and the ISB orders our accesses through the alias after
+        // it.
+        unsafe {
+            asm!(
+                "msr ttbr1_el1, {root}",
+                "isb",
+                root = in(reg) ALIAS_TABLES[0].addr(),
+                options(nostack, preserves_flags),
+            )
+        };
+        pte.store(page as u64 | ALIAS_ATTRS, Ordering::Relaxed);
+        // SAFETY: barriers only (see above).
+        unsafe { asm!("dsb ishst", "isb", options(nostack, preserves_flags)) };
+        TextAlias {
+            pte,
+            saved,
+            lock: Some(lock),
+        }
+    }
+
+    /// The alias's address ([`ALIAS_VA`]).
+    pub fn addr(&self) -> usize {
+        ALIAS_VA
+    }
+}
+
+impl Drop for TextAlias {
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(never)]
+    fn drop(&mut self) {
+        self.pte.store(0, Ordering::Relaxed);
+        // SAFETY: barriers, the switch back to the empty root and TLB maintenance. DSB
+        // ISHST: the invalid entry and the data stores are complete. TTBR1 = the empty
+        // root, then ISB: from here no walk of ours can reach the alias tables, so
+        // nothing can be cached from them again. TLBI VAE1 (this CPU only; every level,
+        // so the walk-cache copies of the alias's table entries go too; global entries
+        // included): no other CPU ever walked the alias tables (their TTBR1 is the empty
+        // root), so none can hold any of it. DSB ISH completes the invalidation, the ISB
+        // orders what follows.
+        unsafe {
+            asm!(
+                "dsb ishst",
+                "msr ttbr1_el1, {empty}",
+                "isb",
+                "tlbi vae1, {va}",
+                "dsb ish",
+                "isb",
+                va = in(reg) ((ALIAS_VA >> 12) & ((1 << 44) - 1)) as u64,
+                empty = in(reg) EMPTY_ROOT.addr(),
+                options(nostack, preserves_flags),
+            )
+        };
+        // Unlock before unmasking: an interrupt taken here must not find it held.
+        drop(self.lock.take());
+        cpu::restore(self.saved);
+    }
+}
+
+/// Whether this CPU can translate a write to [`ALIAS_VA`] right now (`AT S1E1W`: a real
+/// stage-1 walk, or a TLB hit, with the write permission checked). Outside
+/// a [`TextAlias`] of this very CPU it must be false on every CPU.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn alias_writable_here() -> bool {
+    let saved = cpu::mask_all();
+    let par: u64;
+    // SAFETY: AT only writes PAR_EL1, which nothing else here uses, and exceptions are
+    // masked so no handler's AT can interleave; the ISB makes the result readable.
     unsafe {
         asm!(
-            "dsb ishst",
-            "tlbi vaale1is, {va}",
-            "dsb ish",
+            "at s1e1w, {va}",
             "isb",
-            va = in(reg) (ALIAS_VA >> 12) as u64,
+            "mrs {par}, par_el1",
+            va = in(reg) ALIAS_VA as u64,
+            par = out(reg) par,
             options(nostack, preserves_flags),
         )
     };
-    drop(guard);
     cpu::restore(saved);
+    par & 1 == 0
 }
 
 /// Page-table pages the identity map uses (of the static pool).

@@ -118,6 +118,7 @@ pub fn run(info: &BootInfo) {
     r.check("sgi_self_pending_while_masked", sgi_self_masked());
     r.check("brk_hook_resumes_with_frame", brk_test());
     r.check("poke_text_via_alias", poke_test());
+    r.check("alias_private_to_its_cpu", alias_private());
     r.check("icache_sync_lines", icache_test());
     nmi_tests::run(&mut r);
     kprintln!(
@@ -308,6 +309,84 @@ fn brk_test() -> Result<(), &'static str> {
     ensure(exceptions::depth() == 0, "exception depth not back to 0")
 }
 
+/// Polls `done` until it holds or `timeout_ns` passed; returns its last value.
+fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
+    let start = timer::now_ns();
+    while !done() {
+        if timer::now_ns() - start > timeout_ns {
+            return done();
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// The text alias is writable only on the CPU that maps it: while the boot CPU holds
+/// it (inside a stop-machine call, so the other CPU's probe cannot miss the window),
+/// another CPU's `AT S1E1W` of the alias faults, and the boot CPU's own succeeds (so the
+/// probe can tell). With the alias in the shared tables, the other CPU's probe would
+/// succeed.
+fn alias_private() -> Result<(), &'static str> {
+    use super::STOP;
+    use crate::stop::StopOptions;
+    use core::sync::atomic::AtomicBool;
+    static MAPPED: AtomicBool = AtomicBool::new(false);
+    /// 0: not probed yet; 1: the other CPU could not write the alias; 2: it could.
+    static PROBED: AtomicU32 = AtomicU32::new(0);
+    const PROBE_WAIT_NS: u64 = 1_000_000_000;
+
+    ensure(
+        !mmu::alias_writable_here(),
+        "the alias is writable outside with_alias",
+    )?;
+    let me = cpu::current_cpu();
+    let Some(other) = smp::online_cpus().without(me).iter().next() else {
+        return Ok(());
+    };
+    MAPPED.store(false, Ordering::Relaxed);
+    PROBED.store(0, Ordering::Relaxed);
+    let page = pm_selftest_target as *const () as usize & !(mmu::PAGE_SIZE - 1);
+    let mine = AtomicU32::new(0);
+    let result = STOP.stop_machine(
+        &|cpu| {
+            if cpu == me {
+                // SAFETY: a kernel text page; nothing is written through the alias.
+                let alias = unsafe { mmu::TextAlias::map(page) };
+                let writable = mmu::alias_writable_here();
+                // Release pairs with the other CPU's Acquire: it probes only while the
+                // alias is mapped here.
+                MAPPED.store(true, Ordering::Release);
+                wait_until(PROBE_WAIT_NS, || PROBED.load(Ordering::Acquire) != 0);
+                drop(alias);
+                mine.store(u32::from(writable), Ordering::Relaxed);
+            } else {
+                if !wait_until(PROBE_WAIT_NS, || MAPPED.load(Ordering::Acquire)) {
+                    return Err(-110);
+                }
+                let writable = mmu::alias_writable_here();
+                PROBED.store(if writable { 2 } else { 1 }, Ordering::Release);
+            }
+            Ok(())
+        },
+        CpuSet::single(me).with(other),
+        StopOptions::DEFAULT,
+    );
+    ensure(result.is_ok(), "the stop-machine call of the probe failed")?;
+    ensure(
+        mine.load(Ordering::Relaxed) == 1,
+        "the mapping CPU could not write its own alias",
+    )?;
+    match PROBED.load(Ordering::Relaxed) {
+        1 => {}
+        2 => return Err("another CPU could write the alias while it was mapped"),
+        _ => return Err("the other CPU never probed the alias"),
+    }
+    ensure(
+        !mmu::alias_writable_here(),
+        "the alias is still writable after with_alias",
+    )
+}
+
 fn poke_test() -> Result<(), &'static str> {
     let addr = pm_selftest_target as *const () as usize;
     // SAFETY: the target is ordinary text only this test calls.
@@ -416,7 +495,7 @@ fn provoke(mode: &str) {
 mod nmi_tests {
     use super::super::irq::{self, NmiMode, PMR_IRQOFF, PMR_IRQON};
     use super::super::{STOP, cpu, gic, nmi, smp, timer};
-    use super::{Results, SGI_HITS, ensure, sgi_hit};
+    use super::{Results, SGI_HITS, ensure, sgi_hit, wait_until};
     use crate::stop::{Arch, StopError, StopOptions};
     use crate::{CpuSet, MAX_CPUS};
     use core::arch::asm;
@@ -467,17 +546,6 @@ mod nmi_tests {
 
     fn hits(cpu: usize) -> u64 {
         NMI_HITS[cpu].load(Ordering::Acquire)
-    }
-
-    fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
-        let start = timer::now_ns();
-        while !done() {
-            if timer::now_ns() - start > timeout_ns {
-                return done();
-            }
-            core::hint::spin_loop();
-        }
-        true
     }
 
     fn handler_flags_ok() -> Result<(), &'static str> {
