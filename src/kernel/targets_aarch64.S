@@ -36,7 +36,10 @@ pm_spare_site:
     ret
 
 // Sites for the benchmarks' batches (never called): patch_machine flips them between
-// NOP and MOVZ, in batches of up to BENCH_SITES.
+// NOP and MOVZ, in batches of up to BENCH_SITES. On pages of their own: under QEMU
+// every store to a page that also holds translated code takes the emulator's slow
+// self-modifying-code path (3-4 us a store here), which would be measured instead of
+// the patcher.
     .balign 4096
     .global pm_bench_sites
 pm_bench_sites:

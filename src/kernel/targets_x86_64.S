@@ -37,11 +37,14 @@ pm_spare_site:
     mov     $0x5a5a, %eax
     ret
 
-// Sites for the benchmarks' batches (never called).
-    .balign 64
+// Sites for the benchmarks' batches (never called), on pages of their own: under QEMU
+// every store to a page that also holds translated code takes the emulator's slow
+// self-modifying-code path, which would be measured instead of the patcher.
+    .balign 4096
     .global pm_bench_sites
 pm_bench_sites:
     .rept 1000
     .byte   0x0f, 0x1f, 0x44, 0x00, 0x00
     .endr
     ret
+    .balign 4096

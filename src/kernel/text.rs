@@ -18,9 +18,11 @@ pub fn set_write_probe(probe: Option<fn()>) {
 }
 
 /// Bytes [`KernelText::write_batch`] writes under one mapping of the alias at most
-/// (x86: `poke_text` maps two pages, so any run this long fits).
+/// (x86: `poke_text` maps two pages, so any run this long fits). A page: each mapping
+/// costs two CR3 loads, each a flush of this CPU's TLB, so fewer is better; the
+/// buffer lives on the patching CPU's stack for the length of the write.
 #[cfg(target_arch = "x86_64")]
-const BYTES_PER_MAPPING: usize = 256;
+const BYTES_PER_MAPPING: usize = 4096;
 
 /// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
 #[cfg(target_arch = "aarch64")]

@@ -8,8 +8,13 @@
 //! binding for the kernel too: text is never writable through the identity map.
 //!
 //! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: two 4 KiB
-//! pages mapped read-write and non-executable for the duration of one write, then
-//! unmapped and flushed from this CPU's TLB.
+//! pages mapped read-write and non-executable for the duration of one write, in an
+//! address space of their own. As Linux's `text_poke` does with `poking_mm`, the alias
+//! exists only under [`POKE_PML4`]'s second entry; that PML4 shares the identity map
+//! (its first entry) with the kernel's, and only the poking CPU loads it, for the
+//! length of one poke. No other CPU ever walks a table that maps the alias, so none can
+//! cache it in its TLB, and the write needs no TLB shootdown: loading CR3 back (and an
+//! `invlpg` of the alias pages) drops this CPU's copies.
 
 use super::{cpu, layout, timer};
 use core::cell::UnsafeCell;
@@ -20,8 +25,11 @@ const RW: u64 = 1 << 1;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const SMALL_LIMIT: usize = 8 << 20;
-/// Where the writable alias of kernel text appears (PDPT slot 4: above the identity map).
-pub const ALIAS_VA: usize = 0x1_0000_0000;
+/// Where the writable alias of kernel text appears: PML4 slot 1 (512 GiB), a slot the
+/// kernel's own PML4 leaves empty.
+pub const ALIAS_VA: usize = 0x80_0000_0000;
+/// The PML4 slot of [`ALIAS_VA`].
+const ALIAS_PML4_SLOT: usize = ALIAS_VA >> 39;
 
 #[repr(C, align(4096))]
 struct Table([AtomicU64; 512]);
@@ -40,6 +48,9 @@ static PML4: Table = table();
 static PDPT: Table = table();
 static PD: [Table; 4] = [const { table() }; 4];
 static PT: [Table; SMALL_LIMIT >> 21] = [const { table() }; SMALL_LIMIT >> 21];
+/// The poking address space: the identity map plus the alias (see the module docs).
+static POKE_PML4: Table = table();
+static ALIAS_PDPT: Table = table();
 static ALIAS_PD: Table = table();
 static ALIAS_PT: Table = table();
 
@@ -103,9 +114,11 @@ pub fn init() {
         }
         PDPT.0[i].store(pd.addr() | P | RW, Ordering::Relaxed);
     }
-    ALIAS_PD.0[0].store(ALIAS_PT.addr() | P | RW, Ordering::Relaxed);
-    PDPT.0[ALIAS_VA >> 30].store(ALIAS_PD.addr() | P | RW, Ordering::Relaxed);
     PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+    ALIAS_PD.0[0].store(ALIAS_PT.addr() | P | RW, Ordering::Relaxed);
+    ALIAS_PDPT.0[0].store(ALIAS_PD.addr() | P | RW, Ordering::Relaxed);
+    POKE_PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+    POKE_PML4.0[ALIAS_PML4_SLOT].store(ALIAS_PDPT.addr() | P | RW, Ordering::Relaxed);
     load();
 }
 
@@ -146,26 +159,8 @@ pub fn poke_text(addr: usize, bytes: &[u8]) {
     );
     let page = addr & !0xfff;
     assert!(end <= page + 0x2000, "poke_text: more than two pages");
-    let saved = cpu::cli_save();
-    // Bounded: the holder keeps it for a few stores with interrupts off.
-    let start = timer::now_ns();
-    let guard = loop {
-        if let Some(g) = ALIAS_LOCK.try_lock() {
-            break g;
-        }
-        assert!(
-            timer::now_ns() - start < 1_000_000_000,
-            "poke_text: the text alias lock was held for a second"
-        );
-        cpu::pause();
-    };
-    for i in 0..2 {
-        // Relaxed: the MMU walk after the invlpg below (a compiler barrier in program
-        // order on this CPU) sees the store; no other CPU uses the alias.
-        ALIAS_PT.0[i].store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
-        cpu::invlpg(ALIAS_VA + i * 0x1000);
-    }
-    let dst = ALIAS_VA + (addr - page);
+    let alias = TextAlias::map(page);
+    let dst = alias.addr() + (addr - page);
     // Bytes up to an 8-byte boundary, then whole quadwords, then the tail: one store per
     // quadword, not per byte (under QEMU each store to a page holding translated code
     // takes the slow self-modifying-code path, so a 1000-site batch costs 5x less).
@@ -187,11 +182,110 @@ pub fn poke_text(addr: usize, bytes: &[u8]) {
             i += 1;
         }
     }
-    for i in 0..2 {
-        ALIAS_PT.0[i].store(0, Ordering::Relaxed);
-        cpu::invlpg(ALIAS_VA + i * 0x1000);
+    // Dropping the alias reloads CR3, a serialising instruction: this CPU runs the new
+    // bytes from here on.
+    drop(alias);
+}
+
+/// The text alias, mapped on this CPU only: [`TextAlias::map`] switches to the poking
+/// address space and maps two pages of kernel text writable at [`ALIAS_VA`]; dropping it
+/// unmaps them and switches back. Interrupts stay off and the alias lock held meanwhile.
+pub struct TextAlias {
+    saved_flags: u64,
+    lock: Option<spin::MutexGuard<'static, ()>>,
+}
+
+impl TextAlias {
+    /// Maps the two pages from `page` at [`ALIAS_VA`] on this CPU.
+    ///
+    /// # Panics
+    /// If `page` is not page-aligned inside kernel text, or the alias lock stays held
+    /// for a second.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(never)]
+    pub fn map(page: usize) -> TextAlias {
+        let (ts, te) = layout::text();
+        assert!(
+            page.is_multiple_of(0x1000) && page >= ts && page < te,
+            "TextAlias::map: {page:#x} is not a kernel text page"
+        );
+        let saved_flags = cpu::cli_save();
+        // Bounded: the holder keeps it for a few stores with interrupts off.
+        let start = timer::now_ns();
+        let lock = loop {
+            if let Some(g) = ALIAS_LOCK.try_lock() {
+                break g;
+            }
+            assert!(
+                timer::now_ns() - start < 1_000_000_000,
+                "poke_text: the text alias lock was held for a second"
+            );
+            cpu::pause();
+        };
+        // SAFETY: the poking PML4 maps the identity range exactly as the kernel's does
+        // (it shares the PDPT), so execution, the stack and data continue unchanged; it
+        // adds only the alias. The CR3 write flushes this CPU's non-global entries.
+        unsafe { core::arch::asm!("mov cr3, {}", in(reg) POKE_PML4.addr(), options(nostack)) };
+        for i in 0..2 {
+            // Relaxed: only this CPU walks these tables, and its next access to the alias
+            // comes after these stores in program order.
+            ALIAS_PT.0[i].store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
+        }
+        TextAlias {
+            saved_flags,
+            lock: Some(lock),
+        }
     }
-    drop(guard);
-    cpu::serialize();
-    cpu::restore_if(saved);
+
+    /// The alias's address ([`ALIAS_VA`]): `page` appears there.
+    pub fn addr(&self) -> usize {
+        ALIAS_VA
+    }
+}
+
+impl Drop for TextAlias {
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(never)]
+    fn drop(&mut self) {
+        for i in 0..2 {
+            ALIAS_PT.0[i].store(0, Ordering::Relaxed);
+            cpu::invlpg(ALIAS_VA + i * 0x1000);
+        }
+        // SAFETY: back to the kernel's own map, which maps everything the poking map
+        // does except the alias. Serialising; flushes this CPU's non-global entries.
+        unsafe { core::arch::asm!("mov cr3, {}", in(reg) PML4.addr(), options(nostack)) };
+        // Unlock before interrupts come back: a handler must not find it held.
+        drop(self.lock.take());
+        cpu::restore_if(self.saved_flags);
+    }
+}
+
+/// Whether the page tables at `cr3` map `va` writable (every level present and
+/// writable). A software walk: on the CPU that loaded `cr3`, a translation absent here
+/// can be in no TLB either, because no table it ever walked held it.
+pub fn maps_writable(cr3: u64, va: usize) -> bool {
+    let mut table = cr3 & 0x000f_ffff_ffff_f000;
+    for level in (0..4).rev() {
+        let index = (va >> (12 + 9 * level)) & 0x1ff;
+        // SAFETY: page tables are identity-mapped statics; entries are aligned u64s
+        // only ever stored whole (atomically).
+        let entry = unsafe { AtomicU64::from_ptr((table + index as u64 * 8) as *mut u64) }
+            .load(Ordering::Relaxed);
+        if entry & P == 0 || entry & RW == 0 {
+            return false;
+        }
+        if level == 0 || entry & PS != 0 {
+            return true;
+        }
+        table = entry & 0x000f_ffff_ffff_f000;
+    }
+    false
+}
+
+/// The calling CPU's CR3.
+pub fn current_cr3() -> u64 {
+    let cr3: u64;
+    // SAFETY: reads a control register.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    cr3
 }

@@ -20,7 +20,7 @@ use crate::stop::{StopError, StopOptions};
 use crate::{CpuSet, kprint};
 use core::arch::global_asm;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 struct Console;
 
@@ -83,8 +83,9 @@ const OPTIONS: StopOptions = StopOptions::DEFAULT;
 
 type Test = fn() -> Verdict;
 
-const TESTS: [(&str, Test); 4] = [
+const TESTS: [(&str, Test); 5] = [
     ("poke_text", poke_text),
+    ("alias_private", alias_private),
     ("stop_machine_timeout", stop_machine_timeout),
     ("test_ipi", test_ipi),
     ("nested_nmi", nested_nmi),
@@ -172,6 +173,84 @@ fn poke_text() -> Verdict {
     (
         Outcome::Pass,
         msg!("written through the alias, seen on {seen}"),
+    )
+}
+
+/// The text alias exists only in the address space of the CPU that maps it: while CPU 0
+/// holds it (inside a stop-machine call, so the other CPU cannot miss the window), the
+/// tables another CPU walks (its CR3) do not map it writable, and CPU 0's do (so the
+/// probe can tell). With the alias in the shared tables, the other CPU's would.
+fn alias_private() -> Verdict {
+    static MAPPED: AtomicBool = AtomicBool::new(false);
+    /// 0: not probed yet; 1: the other CPU's tables lack the alias; 2: they map it.
+    static PROBED: AtomicU32 = AtomicU32::new(0);
+    const PROBE_WAIT_NS: u64 = 1_000_000_000;
+    let wait = |done: &dyn Fn() -> bool| {
+        let start = timer::now_ns();
+        while !done() && timer::now_ns() - start < PROBE_WAIT_NS {
+            core::hint::spin_loop();
+        }
+        done()
+    };
+
+    check!(
+        !paging::maps_writable(paging::current_cr3(), paging::ALIAS_VA),
+        "the kernel's own tables map the alias"
+    );
+    let Some(other) = smp::online_cpus().without(0).iter().next() else {
+        return (Outcome::Skip, msg!("one CPU: nobody to compare with"));
+    };
+    MAPPED.store(false, Ordering::Relaxed);
+    PROBED.store(0, Ordering::Relaxed);
+    let page = pm_poke_target as *const () as usize & !0xfff;
+    let mine = AtomicBool::new(false);
+    let result = STOP.stop_machine(
+        &|cpu| {
+            if cpu == 0 {
+                let alias = paging::TextAlias::map(page);
+                mine.store(
+                    paging::maps_writable(paging::current_cr3(), alias.addr()),
+                    Ordering::Relaxed,
+                );
+                // Release pairs with the other CPU's Acquire: it probes only while the
+                // alias is mapped here.
+                MAPPED.store(true, Ordering::Release);
+                wait(&|| PROBED.load(Ordering::Acquire) != 0);
+                drop(alias);
+            } else {
+                if !wait(&|| MAPPED.load(Ordering::Acquire)) {
+                    return Err(-110);
+                }
+                let mapped = paging::maps_writable(paging::current_cr3(), paging::ALIAS_VA);
+                PROBED.store(if mapped { 2 } else { 1 }, Ordering::Release);
+            }
+            Ok(())
+        },
+        CpuSet::single(0).with(other),
+        OPTIONS,
+    );
+    check!(result.is_ok(), "stop_machine: {}", result.unwrap_err());
+    check!(
+        mine.load(Ordering::Relaxed),
+        "the mapping CPU's own tables lack the alias"
+    );
+    match PROBED.load(Ordering::Relaxed) {
+        1 => {}
+        2 => {
+            return (
+                Outcome::Fail,
+                msg!("cpu{other}'s tables map the alias while cpu0 holds it"),
+            );
+        }
+        _ => return (Outcome::Fail, msg!("cpu{other} never probed")),
+    }
+    check!(
+        !paging::maps_writable(paging::current_cr3(), paging::ALIAS_VA),
+        "the alias is still mapped after the drop"
+    );
+    (
+        Outcome::Pass,
+        msg!("mapped on cpu0 only; cpu{other}'s tables never held it"),
     )
 }
 
