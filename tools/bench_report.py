@@ -9,8 +9,15 @@ Every figure is also given relative to `ipi_roundtrip` measured in the same boot
 what the plots show: latencies on a shared emulator vary from run to run, ratios
 within one run much less.
 
-Output, in --out: bench.csv, bench.json, latency_vs_cpus_<arch>.svg,
-latency_vs_batch_<arch>.svg. Standard library only, so it runs on any CI machine.
+The guest also profiles single calls, one line each:
+    # profile <name> cpus=<n> sites=<k> total_ns=.. outside_ns=.. setup_ns=..
+      arrive_ns=.. run_ns=.. exit_ns=.. iters=<i>
+(medians of where the initiator's time went: setup, the gather of the other CPUs'
+arrivals, the function, leaving; outside = the caller's own work around the call).
+
+Output, in --out: bench.csv, bench.json, profile.csv, profile.json,
+latency_vs_cpus_<arch>.svg, latency_vs_batch_<arch>.svg. Standard library only, so it
+runs on any CI machine.
 """
 
 import argparse
@@ -25,8 +32,31 @@ LINE = re.compile(
     r"^# bench (?P<name>\w+) cpus=(?P<cpus>\d+) sites=(?P<sites>\d+) "
     r"median_ns=(?P<median_ns>\d+) p99_ns=(?P<p99_ns>\d+) iters=(?P<iters>\d+)\s*$"
 )
+PROFILE_FIELDS = ["total_ns", "outside_ns", "setup_ns", "arrive_ns", "run_ns", "exit_ns"]
+PROFILE = re.compile(
+    r"^# profile (?P<name>\w+) cpus=(?P<cpus>\d+) sites=(?P<sites>\d+) "
+    + " ".join(f"{f}=(?P<{f}>\\d+)" for f in PROFILE_FIELDS)
+    + r" iters=(?P<iters>\d+)\s*$"
+)
 LOG_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+?)_smp(?P<smp>\d+)\.log$")
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
+
+
+def parse_profiles(paths):
+    rows = []
+    for path in paths:
+        match = LOG_NAME.match(os.path.basename(path))
+        if not match:
+            continue
+        with open(path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                m = PROFILE.match(line.rstrip("\r\n"))
+                if m:
+                    row = {"arch": match["arch"], "name": m["name"]}
+                    for key in ["cpus", "sites", *PROFILE_FIELDS, "iters"]:
+                        row[key] = int(m[key])
+                    rows.append(row)
+    return rows
 
 
 def parse(paths, cpu_model):
@@ -145,6 +175,14 @@ def main():
         writer.writerows(rows)
     with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
+    profiles = parse_profiles(args.logs)
+    fields = ["arch", "name", "cpus", "sites", *PROFILE_FIELDS, "iters"]
+    with open(os.path.join(args.out, "profile.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(profiles)
+    with open(os.path.join(args.out, "profile.json"), "w", encoding="utf-8") as f:
+        json.dump(profiles, f, indent=1)
 
     for arch in sorted({r["arch"] for r in rows}):
         mine = [r for r in rows if r["arch"] == arch]
@@ -175,7 +213,15 @@ def main():
                          and x["name"] == "ipi_roundtrip")
             print(f"  {r['arch']} cpus={r['cpus']}: {r['median_ns']} ns / {limit['median_ns']} ns"
                   f" = {r['ratio_to_ipi']}")
-    print(f"wrote {args.out}/bench.csv, bench.json and the SVG plots")
+    if profiles:
+        print("where one call's time goes (medians, us): total = outside + setup + arrive + run + exit")
+        for p in profiles:
+            limit = next((x for x in rows if x["arch"] == p["arch"] and x["cpus"] == p["cpus"]
+                          and x["name"] == "ipi_roundtrip"), None)
+            ratio = f", total / ipi_roundtrip = {p['total_ns'] / limit['median_ns']:.2f}" if limit else ""
+            us = " ".join(f"{f[:-3]}={p[f] / 1000:.1f}" for f in PROFILE_FIELDS)
+            print(f"  {p['arch']} cpus={p['cpus']} {p['name']} x{p['sites']}: {us}{ratio}")
+    print(f"wrote {args.out}/bench.csv, bench.json, profile.csv, profile.json and the SVG plots")
 
 
 if __name__ == "__main__":

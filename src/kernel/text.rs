@@ -18,9 +18,10 @@ pub fn set_write_probe(probe: Option<fn()>) {
 }
 
 /// Bytes [`KernelText::write_batch`] writes under one mapping of the alias at most
-/// (x86: `poke_text` maps two pages, so any run this long fits). A page: each mapping
-/// costs two CR3 loads, each a flush of this CPU's TLB, so fewer is better; the
-/// buffer lives on the patching CPU's stack for the length of the write.
+/// (x86: `poke_text` maps two pages, so any run this long fits). A page, so that a
+/// batch of back-to-back sites needs few mappings (each ends in two `invlpg`s and a
+/// serialising instruction); the buffer lives on the patching CPU's stack for the
+/// length of the write.
 #[cfg(target_arch = "x86_64")]
 const BYTES_PER_MAPPING: usize = 4096;
 

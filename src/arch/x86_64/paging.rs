@@ -8,15 +8,18 @@
 //! binding for the kernel too: text is never writable through the identity map.
 //!
 //! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: two 4 KiB
-//! pages mapped read-write and non-executable for the duration of one write, in an
-//! address space of their own. As Linux's `text_poke` does with `poking_mm`, the alias
-//! exists only under [`POKE_PML4`]'s second entry; that PML4 shares the identity map
-//! (its first entry) with the kernel's, and only the poking CPU loads it, for the
-//! length of one poke. No other CPU ever walks a table that maps the alias, so none can
-//! cache it in its TLB, and the write needs no TLB shootdown: loading CR3 back (and an
-//! `invlpg` of the alias pages) drops this CPU's copies.
+//! pages mapped read-write and non-executable for the duration of one write, visible to
+//! the poking CPU only. Linux's `text_poke` gets that from `poking_mm`, an address
+//! space only the poking CPU loads. Here every CPU runs on a PML4 of its own (all of
+//! them share the identity map's PDPT), and the alias is linked into the poking CPU's
+//! own PML4, in a slot nobody else's uses, for the length of one poke. No other CPU
+//! ever walks a table that maps the alias, so none can cache it, and the write needs
+//! neither a TLB shootdown nor a CR3 load: unlinking it and an `invlpg` of the alias
+//! pages (which also empties this CPU's paging-structure caches) drop this CPU's
+//! copies.
 
 use super::{cpu, layout, timer};
+use crate::MAX_CPUS;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -48,8 +51,8 @@ static PML4: Table = table();
 static PDPT: Table = table();
 static PD: [Table; 4] = [const { table() }; 4];
 static PT: [Table; SMALL_LIMIT >> 21] = [const { table() }; SMALL_LIMIT >> 21];
-/// The poking address space: the identity map plus the alias (see the module docs).
-static POKE_PML4: Table = table();
+/// Each CPU's own PML4: the identity map, plus the alias while that CPU pokes.
+static CPU_PML4: [Table; MAX_CPUS] = [const { table() }; MAX_CPUS];
 static ALIAS_PDPT: Table = table();
 static ALIAS_PD: Table = table();
 static ALIAS_PT: Table = table();
@@ -117,21 +120,25 @@ pub fn init() {
     PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
     ALIAS_PD.0[0].store(ALIAS_PT.addr() | P | RW, Ordering::Relaxed);
     ALIAS_PDPT.0[0].store(ALIAS_PD.addr() | P | RW, Ordering::Relaxed);
-    POKE_PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
-    POKE_PML4.0[ALIAS_PML4_SLOT].store(ALIAS_PDPT.addr() | P | RW, Ordering::Relaxed);
+    for pml4 in &CPU_PML4 {
+        pml4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+    }
     load();
 }
 
-/// The physical address of the final PML4.
+/// The physical address of the shared PML4 the AP trampoline starts with (the final
+/// identity map; never the alias).
 pub fn cr3() -> u64 {
     PML4.addr()
 }
 
-/// Switches the calling CPU to the final map.
+/// Switches the calling CPU to its own PML4 (the final map). Once per CPU, after
+/// [`init`] and after the CPU knows its index.
 pub fn load() {
-    // SAFETY: the map identity-maps everything the kernel touches (image, stacks, low
-    // memory, ACPI, the APIC) with at least the permissions it needs.
-    unsafe { core::arch::asm!("mov cr3, {}", in(reg) cr3(), options(nostack)) };
+    let own = CPU_PML4[cpu::current_cpu()].addr();
+    // SAFETY: every CPU's PML4 identity-maps everything the kernel touches (image,
+    // stacks, low memory, ACPI, the APIC) with at least the permissions it needs.
+    unsafe { core::arch::asm!("mov cr3, {}", in(reg) own, options(nostack)) };
 }
 
 /// Whether any alias page is mapped (it must not be outside [`poke_text`]).
@@ -182,15 +189,15 @@ pub fn poke_text(addr: usize, bytes: &[u8]) {
             i += 1;
         }
     }
-    // Dropping the alias reloads CR3, a serialising instruction: this CPU runs the new
-    // bytes from here on.
     drop(alias);
 }
 
-/// The text alias, mapped on this CPU only: [`TextAlias::map`] switches to the poking
-/// address space and maps two pages of kernel text writable at [`ALIAS_VA`]; dropping it
-/// unmaps them and switches back. Interrupts stay off and the alias lock held meanwhile.
+/// The text alias, mapped on this CPU only: [`TextAlias::map`] links the alias tables
+/// into this CPU's own PML4 and maps two pages of kernel text writable at
+/// [`ALIAS_VA`]; dropping it unlinks and flushes them. Interrupts stay off and the alias
+/// lock held meanwhile.
 pub struct TextAlias {
+    pml4_slot: &'static AtomicU64,
     saved_flags: u64,
     lock: Option<spin::MutexGuard<'static, ()>>,
 }
@@ -222,16 +229,19 @@ impl TextAlias {
             );
             cpu::pause();
         };
-        // SAFETY: the poking PML4 maps the identity range exactly as the kernel's does
-        // (it shares the PDPT), so execution, the stack and data continue unchanged; it
-        // adds only the alias. The CR3 write flushes this CPU's non-global entries.
-        unsafe { core::arch::asm!("mov cr3, {}", in(reg) POKE_PML4.addr(), options(nostack)) };
+        // Relaxed: only this CPU walks these tables (its own PML4 is the only one that
+        // links them, from here to the drop), and its next access to the alias comes
+        // after these stores in program order. The slot and the entries were invalid,
+        // and invalid entries are never cached: nothing to invalidate first.
         for i in 0..2 {
-            // Relaxed: only this CPU walks these tables, and its next access to the alias
-            // comes after these stores in program order.
             ALIAS_PT.0[i].store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
         }
+        // `current_cpu() < MAX_CPUS` (set_cpu_index checks); the modulo keeps the
+        // bounds-check panic, a call out of `.text.nopatch`, out of the code.
+        let pml4_slot = &CPU_PML4[cpu::current_cpu() % MAX_CPUS].0[ALIAS_PML4_SLOT];
+        pml4_slot.store(ALIAS_PDPT.addr() | P | RW, Ordering::Relaxed);
         TextAlias {
+            pml4_slot,
             saved_flags,
             lock: Some(lock),
         }
@@ -247,13 +257,15 @@ impl Drop for TextAlias {
     #[unsafe(link_section = ".text.nopatch")]
     #[inline(never)]
     fn drop(&mut self) {
+        self.pml4_slot.store(0, Ordering::Relaxed);
         for i in 0..2 {
             ALIAS_PT.0[i].store(0, Ordering::Relaxed);
+            // Drops this CPU's TLB entry for the page and, INVLPG being what it is, every
+            // paging-structure-cache entry of this CPU (SDM 4.10.4.1).
             cpu::invlpg(ALIAS_VA + i * 0x1000);
         }
-        // SAFETY: back to the kernel's own map, which maps everything the poking map
-        // does except the alias. Serialising; flushes this CPU's non-global entries.
-        unsafe { core::arch::asm!("mov cr3, {}", in(reg) PML4.addr(), options(nostack)) };
+        // The new bytes run on this CPU from here on.
+        cpu::serialize();
         // Unlock before interrupts come back: a handler must not find it held.
         drop(self.lock.take());
         cpu::restore_if(self.saved_flags);

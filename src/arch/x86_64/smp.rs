@@ -160,6 +160,8 @@ extern "C" fn ap_entry() -> ! {
         cpu::halt_forever();
     }
     cpu::set_cpu_index(index);
+    // Off the trampoline's shared PML4 onto this CPU's own (see `paging`).
+    paging::load();
     gdt::load(index);
     traps::load();
     mark_online(index);
