@@ -158,6 +158,16 @@ def svg_plot(path, title, x_label, y_label, series, x_log, y_log):
     return True
 
 
+def write_table(out, stem, rows, fields):
+    """Writes rows as <out>/<stem>.csv (the given column order) and <out>/<stem>.json."""
+    with open(os.path.join(out, f"{stem}.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -168,21 +178,12 @@ def main():
     if not rows:
         sys.exit("bench_report: no benchmark lines found")
     os.makedirs(args.out, exist_ok=True)
-    fields = ["arch", "cpu_model", "name", "cpus", "sites", "median_ns", "p99_ns", "iters", "ratio_to_ipi"]
-    with open(os.path.join(args.out, "bench.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(args.out, "bench.json"), "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1)
+    write_table(args.out, "bench", rows,
+                ["arch", "cpu_model", "name", "cpus", "sites", "median_ns", "p99_ns", "iters",
+                 "ratio_to_ipi"])
     profiles = parse_profiles(args.logs)
-    fields = ["arch", "name", "cpus", "sites", *PROFILE_FIELDS, "iters"]
-    with open(os.path.join(args.out, "profile.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(profiles)
-    with open(os.path.join(args.out, "profile.json"), "w", encoding="utf-8") as f:
-        json.dump(profiles, f, indent=1)
+    write_table(args.out, "profile", profiles,
+                ["arch", "name", "cpus", "sites", *PROFILE_FIELDS, "iters"])
 
     for arch in sorted({r["arch"] for r in rows}):
         mine = [r for r in rows if r["arch"] == arch]
