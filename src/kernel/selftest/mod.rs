@@ -600,6 +600,8 @@ struct Callers {
     /// Patches completed: bumped by the patcher after each patch returns.
     epoch: AtomicU64,
     calls: AtomicU64,
+    /// Per CPU: calls it has made (the torture waits for each caller after each patch).
+    calls_by: [AtomicU64; crate::MAX_CPUS],
     bad: AtomicU32,
     /// First bad observation: cpu, value, epoch before, epoch after.
     first_bad: spin::Mutex<Option<(usize, u64, u64, u64)>>,
@@ -611,6 +613,7 @@ impl Callers {
             stop: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             calls: AtomicU64::new(0),
+            calls_by: [const { AtomicU64::new(0) }; crate::MAX_CPUS],
             bad: AtomicU32::new(0),
             first_bad: spin::Mutex::new(None),
         }
@@ -650,6 +653,8 @@ fn call_torture_targets(cpu: usize, callers: &Callers) {
 fn torture_caller(cpu: usize, callers: &Callers) {
     while !callers.stop.load(Ordering::Acquire) {
         call_torture_targets(cpu, callers);
+        // Release pairs with the patcher's Acquire in `wait_for_callers`.
+        callers.calls_by[cpu].fetch_add(1, Ordering::Release);
         if callers
             .calls
             .fetch_add(1, Ordering::Relaxed)
@@ -659,6 +664,26 @@ fn torture_caller(cpu: usize, callers: &Callers) {
         }
     }
 }
+
+/// Waits (bounded) until every CPU in `cpus` has made a call since `since` was taken;
+/// returns the CPUs that did not.
+fn wait_for_callers(callers: &Callers, cpus: CpuSet, since: &[u64; crate::MAX_CPUS]) -> CpuSet {
+    let start = now_ns();
+    loop {
+        // Acquire pairs with the Release in `torture_caller`.
+        let idle = cpus
+            .iter()
+            .filter(|&cpu| callers.calls_by[cpu].load(Ordering::Acquire) == since[cpu])
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if idle.is_empty() || now_ns() - start > CALLER_WAIT_NS {
+            return idle;
+        }
+        platform::cpu_yield();
+    }
+}
+
+/// How long the torture waits for every caller to call again after a patch.
+const CALLER_WAIT_NS: u64 = 1_000_000_000;
 
 /// Calls a caller makes between two [`platform::cpu_yield`]s.
 const CALLS_PER_YIELD: u64 = 64;
@@ -683,22 +708,34 @@ fn torture(params: &Params) -> Verdict {
     let others = others();
     // SAFETY: `callers` outlives the jobs: we wait for them before returning.
     let jobs = unsafe { run_on(others, torture_caller, &callers) };
-    let start = now_ns();
+    let mut patch_ns = 0;
     let mut failure = None;
+    let mut starved = None;
     for k in 0..u64::from(params.flips) {
         let (from, to) = ((k % 3) as usize, ((k + 1) % 3) as usize);
+        let start = now_ns();
         if let Err(err) = patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(from, to), OPTIONS) {
             failure = Some((k, err));
             break;
         }
+        patch_ns += now_ns() - start;
         callers.epoch.store(k + 1, Ordering::Release);
+        // Every caller calls the patched functions between every two patches: without
+        // this wait the patcher can keep the others inside back-to-back rendezvous, and
+        // the test would check nothing.
+        let since: [u64; crate::MAX_CPUS] =
+            core::array::from_fn(|cpu| callers.calls_by[cpu].load(Ordering::Relaxed));
+        let idle = wait_for_callers(&callers, others, &since);
+        if !idle.is_empty() {
+            starved = Some((k, idle));
+            break;
+        }
         // SAFETY: as above.
         let mine = unsafe { pm_torture_a() };
         if mine != u64::from(TORTURE_A[to]) {
             callers.record_bad(current_cpu(), mine, k + 1, k + 1);
         }
     }
-    let elapsed_ns = now_ns() - start;
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
     // Put the text back as it was, whatever happened.
@@ -708,6 +745,12 @@ fn torture(params: &Params) -> Verdict {
     }
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
+    }
+    if let Some((k, idle)) = starved {
+        fail!(
+            "after flip {k}, CPUs {idle} made no call within {} ms",
+            CALLER_WAIT_NS / 1_000_000
+        );
     }
     if let Err(pending) = waited {
         fail!("callers on {pending} did not stop");
@@ -724,7 +767,7 @@ fn torture(params: &Params) -> Verdict {
         params.flips,
         callers.calls.load(Ordering::Relaxed),
         others.len(),
-        elapsed_ns / flips / 1000
+        patch_ns / flips / 1000
     ))
 }
 
