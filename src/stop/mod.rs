@@ -99,7 +99,7 @@ pub struct StopOptions {
     /// How long any CPU waits for a phase to complete once everyone has arrived. Past
     /// this a CPU is stuck with exceptions masked: the core panics.
     pub stall_timeout_ns: u64,
-    /// What the `Mask` phase masks.
+    /// What each CPU masks on arrival (the `Arrive` phase).
     pub mask: MaskLevel,
 }
 
@@ -222,9 +222,9 @@ impl fmt::Display for StopError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quiescence {
     /// CPUs that reported every asynchronous exception masked when they acknowledged
-    /// the `Mask` phase.
+    /// the `Arrive` phase.
     pub masked: CpuSet,
-    /// The latest stamp taken by any CPU as it acknowledged the `Mask` phase.
+    /// The latest stamp taken by any CPU as it acknowledged the `Arrive` phase.
     pub last_ack_stamp: u64,
 }
 
@@ -537,7 +537,7 @@ impl<A: Arch> StopMachine<A> {
         let _ = self.participate(state.generation(), me, Role::Joiner);
     }
 
-    /// A fresh stamp from the same sequence the `Mask` acknowledgements draw from.
+    /// A fresh stamp from the same sequence the `Arrive` acknowledgements draw from.
     ///
     /// Taken right before a side effect inside the stop function, it proves the effect
     /// came after every CPU's quiescence: compare with [`Quiescence::last_ack_stamp`].
@@ -546,7 +546,7 @@ impl<A: Arch> StopMachine<A> {
         self.stamps.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// What the CPUs reported as they acknowledged the `Mask` phase of the current call.
+    /// What the CPUs reported as they acknowledged the `Arrive` phase of the current call.
     ///
     /// Meaningful from inside the stop function.
     #[unsafe(link_section = ".text.nopatch")]
@@ -778,6 +778,7 @@ impl<A: Arch> StopMachine<A> {
         };
         let participants = CpuSet::from_bits(self.participants.load(Ordering::Relaxed));
         let active = CpuSet::from_bits(self.active.load(Ordering::Relaxed));
+        let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
         if !self.acknowledge(generation, Phase::Arrive, me, participants) {
             // A joiner whose IPI was stale, or whose call was aborted meanwhile.
             return STALE;
@@ -786,7 +787,6 @@ impl<A: Arch> StopMachine<A> {
         // waits for it. A joiner at most waits twice the stall limit: the initiator
         // aborts a late arrival within its arrival timeout, short of a stall.
         if let Role::Joiner = role {
-            let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
             let state = self.wait_past(
                 generation,
                 Phase::Arrive,
@@ -813,7 +813,6 @@ impl<A: Arch> StopMachine<A> {
         }
         // Any state past `Run` of this call: `Exit`, or, for a joiner slow to look, the
         // initiator's next call (which it could start only after `Exit`).
-        let stall_timeout_ns = self.stall_timeout_ns.load(Ordering::Relaxed);
         self.wait_past(generation, Phase::Run, me, active, stall_timeout_ns);
         Outcome::Completed
     }

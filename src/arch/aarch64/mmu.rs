@@ -51,7 +51,7 @@ use core::cell::UnsafeCell;
 use core::fmt;
 use core::ops::Range;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 pub use super::layout::{boot_range, nopatch_range, text_range};
 
@@ -181,9 +181,6 @@ pub static MMU_REGS: MmuRegs = MmuRegs {
     ttbr1: AtomicU64::new(0),
 };
 
-/// Address of the level-3 descriptor of [`ALIAS_VA`] (0 before [`init_primary`]).
-static ALIAS_PTE: AtomicUsize = AtomicUsize::new(0);
-
 /// One translation table page, built by hand: aarch64-paging builds the identity map,
 /// but these two roots must exist before any CPU turns its MMU on, never change but for
 /// one entry, and are three fixed descriptors.
@@ -209,6 +206,12 @@ static ALIAS_TABLES: [RawTable; 3] = [RawTable::new(), RawTable::new(), RawTable
 const ALIAS_INDEX: usize = 511;
 /// A table descriptor (valid, table).
 const TABLE_DESC: u64 = 0b11;
+
+/// The level-3 descriptor of [`ALIAS_VA`].
+#[inline(always)]
+fn alias_pte() -> &'static AtomicU64 {
+    &ALIAS_TABLES[2].0[ALIAS_INDEX]
+}
 
 /// Serialises alias users: there is one alias page.
 static ALIAS_LOCK: spin::Mutex<()> = spin::Mutex::new(());
@@ -327,10 +330,6 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
             Ordering::Relaxed,
         );
     }
-    ALIAS_PTE.store(
-        &ALIAS_TABLES[2].0[ALIAS_INDEX] as *const AtomicU64 as usize,
-        Ordering::Relaxed,
-    );
 
     let tcr = tcr();
     // Everything written so far (BSS, boot info, page tables, this stack) went straight
@@ -484,12 +483,7 @@ pub fn is_text_writable(addr: usize) -> bool {
 
 /// Whether the patch alias is currently mapped (true only inside [`poke_text`]).
 pub fn alias_mapped() -> bool {
-    let pte = ALIAS_PTE.load(Ordering::Relaxed);
-    if pte == 0 {
-        return false;
-    }
-    // SAFETY: `pte` is the alias descriptor in the static pool (see `init_primary`).
-    unsafe { AtomicU64::from_ptr(pte as *mut u64) }.load(Ordering::Relaxed) & 1 != 0
+    alias_pte().load(Ordering::Relaxed) & 1 != 0
 }
 
 /// Writes the 32-bit word `insn` at kernel-text address `addr` through a temporary
@@ -556,7 +550,6 @@ pub unsafe fn poke_text_page(words: &[(usize, u32)]) {
 /// [`ALIAS_VA`]; dropping it removes the mapping again (see the module docs for the
 /// exact steps). Every exception stays masked and the alias lock held meanwhile.
 pub struct TextAlias {
-    pte: &'static AtomicU64,
     saved: u64,
     lock: Option<spin::MutexGuard<'static, ()>>,
 }
@@ -570,11 +563,11 @@ impl TextAlias {
     #[unsafe(link_section = ".text.nopatch")]
     #[inline(never)]
     pub unsafe fn map(page: usize) -> TextAlias {
-        let pte_addr = ALIAS_PTE.load(Ordering::Relaxed);
-        assert!(pte_addr != 0, "poke_text before the MMU is on");
-        // SAFETY: the alias descriptor in a static table, only written with single-copy
-        // atomic stores.
-        let pte = unsafe { AtomicU64::from_ptr(pte_addr as *mut u64) };
+        // `init_primary` links the alias tables before the MMU goes on.
+        assert!(
+            ALIAS_TABLES[0].0[ALIAS_INDEX].load(Ordering::Relaxed) != 0,
+            "poke_text before the MMU is on"
+        );
         let saved = cpu::mask_all();
         let lock = ALIAS_LOCK.lock();
         // SAFETY: TTBR1 only translates the upper half, where nothing but the alias
@@ -590,11 +583,10 @@ impl TextAlias {
                 options(nostack, preserves_flags),
             )
         };
-        pte.store(page as u64 | ALIAS_ATTRS, Ordering::Relaxed);
+        alias_pte().store(page as u64 | ALIAS_ATTRS, Ordering::Relaxed);
         // SAFETY: barriers only (see above).
         unsafe { asm!("dsb ishst", "isb", options(nostack, preserves_flags)) };
         TextAlias {
-            pte,
             saved,
             lock: Some(lock),
         }
@@ -610,7 +602,7 @@ impl Drop for TextAlias {
     #[unsafe(link_section = ".text.nopatch")]
     #[inline(never)]
     fn drop(&mut self) {
-        self.pte.store(0, Ordering::Relaxed);
+        alias_pte().store(0, Ordering::Relaxed);
         // SAFETY: barriers, the switch back to the empty root and TLB maintenance. DSB
         // ISHST: the invalid entry and the data stores are complete. TTBR1 = the empty
         // root, then ISB: from here no walk of ours can reach the alias tables, so

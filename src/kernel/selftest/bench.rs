@@ -84,13 +84,16 @@ fn measure<E>(
     }
     let sorted = &mut samples[..iters];
     sorted.sort_unstable();
-    // Nearest-rank percentiles.
-    let rank = |percent: usize| sorted[(iters * percent).div_ceil(100).max(1) - 1];
     Ok(Stats {
-        median_ns: rank(50),
-        p99_ns: rank(99),
+        median_ns: percentile(sorted, 50),
+        p99_ns: percentile(sorted, 99),
         iters,
     })
+}
+
+/// The nearest-rank `percent`ile of `sorted` (ascending, not empty).
+fn percentile(sorted: &[u64], percent: usize) -> u64 {
+    sorted[(sorted.len() * percent).div_ceil(100).max(1) - 1]
 }
 
 /// Lets the other CPUs finish whatever the last iteration left them doing.
@@ -154,7 +157,7 @@ fn profile<E>(
     for (median, column) in medians.iter_mut().zip(samples.iter_mut()) {
         let column = &mut column[..iters];
         column.sort_unstable();
-        *median = column[iters.div_ceil(2) - 1];
+        *median = percentile(column, 50);
     }
     let [total, setup, arrive, run, exit, outside] = medians;
     kprint!(
