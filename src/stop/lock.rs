@@ -83,7 +83,10 @@ mod tests {
             "the test lock",
             1000,
             || clock.get(),
-            || clock.set(clock.get() + 300),
+            || {
+                assert!(clock.get() < 10_000, "lock_within waited past its bound");
+                clock.set(clock.get() + 300)
+            },
         );
         let err = result.map(|_| ()).unwrap_err();
         // 0, 300, 600, 900 are within the bound; 1200 is past it.

@@ -57,6 +57,7 @@ impl<A: NmiArch> StopMachine<A> {
             function: function.0,
             raise_nmi: Some(&raise),
         };
+        // Relaxed: published with the call by the `Arrive` release in `call`.
         self.nmi.delivered.store(0, Ordering::Relaxed);
         let options = StopOptions {
             mask: MaskLevel::IrqsOnly,
@@ -89,6 +90,8 @@ impl<A: NmiArch> StopMachine<A> {
             Ok(()) => 0,
             Err(code) => code,
         };
+        // Relaxed: both released by `done` below (and `delivered` again by this CPU's
+        // `Run` acknowledgement, before the initiator reads it).
         self.nmi.codes[me].store(code, Ordering::Relaxed);
         self.nmi.delivered.fetch_or(bit, Ordering::Relaxed);
         // Release: the result is stored before `run_in_nmi` can see `done`.
@@ -110,6 +113,7 @@ impl<A: Arch> StopMachine<A> {
         let arch = &self.arch;
         let nmi = &self.nmi;
         let bit = CpuSet::single(me).bits();
+        // Relaxed: only this CPU's handler sets the bit, after the release below.
         nmi.done.fetch_and(!bit, Ordering::Relaxed);
         // Release pairs with the handler's claim (AcqRel in `handle_nmi`).
         nmi.pending.fetch_or(bit, Ordering::Release);

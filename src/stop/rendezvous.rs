@@ -199,6 +199,8 @@ impl<A: Arch> StopMachine<A> {
         )
         .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
 
+        // Relaxed: only the lock holder changes the generation, and taking the lock
+        // acquired the previous holder's last state.
         let previous = self.state.load(Ordering::Relaxed);
         let generation = previous.generation().wrapping_add(1) & State::GENERATION_MASK;
         let published = &self.published;
@@ -235,6 +237,7 @@ impl<A: Arch> StopMachine<A> {
             arrival_timeout_ns: options.arrival_timeout_ns,
         };
         let outcome = self.participate(generation, me, role);
+        // Relaxed: past `Exit` (or an abort) no CPU dereferences it (see `work`).
         published
             .work
             .store(core::ptr::null_mut(), Ordering::Relaxed);
@@ -349,6 +352,7 @@ impl<A: Arch> StopMachine<A> {
         // which the initiator resets `work`, needs that acknowledgement.
         let work = unsafe { self.published.work() };
         if let Err(code) = self.run_function(work, me) {
+            // Relaxed: released by this CPU's `Run` acknowledgement, right after.
             self.results.codes[me].store(code, Ordering::Relaxed);
             self.results
                 .failed
