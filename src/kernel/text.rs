@@ -159,7 +159,8 @@ unsafe impl Text for KernelText {
 
     #[unsafe(link_section = ".text.nopatch")]
     unsafe fn write_insn(&self, addr: usize, insn: Insn) {
-        crate::arch::x86_64::paging::poke_text(addr, insn.bytes());
+        // SAFETY: forwarded from the caller (validated; no CPU executes `addr` meanwhile).
+        unsafe { crate::arch::x86_64::paging::poke_text(addr, insn.bytes()) };
         self.probe();
     }
 
@@ -185,7 +186,10 @@ unsafe impl Text for KernelText {
                 len += new.len();
                 run += 1;
             }
-            crate::arch::x86_64::paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[]));
+            // SAFETY: forwarded from the caller, for each entry of the run.
+            unsafe {
+                crate::arch::x86_64::paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[]))
+            };
             self.probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
         }
