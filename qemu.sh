@@ -241,31 +241,53 @@ ktap_verdict() {
 # Prerequisites, build, boot
 # ---------------------------------------------------------------------------
 
+# ensure_qemu PROGRAM: installs QEMU (and the aarch64 binutils) through
+# .ci/install-qemu.sh when PROGRAM is missing and we are root; otherwise stops
+# with the command that installs it.
 ensure_qemu() {
-    command -v "$QEMU_AARCH64" >/dev/null && return 0
+    local program="$1"
+    command -v "$program" >/dev/null && return 0
     if [[ "$(id -u)" == 0 ]]; then
-        say "$QEMU_AARCH64 not found; installing it: bash $ROOT/.ci/install-qemu.sh"
+        say "$program not found; installing it: bash $ROOT/.ci/install-qemu.sh"
         if ! bash "$ROOT/.ci/install-qemu.sh"; then
             say "FAIL (could not install QEMU with .ci/install-qemu.sh)"
             exit 2
         fi
-        command -v "$QEMU_AARCH64" >/dev/null && return 0
-        say "FAIL (.ci/install-qemu.sh ran but $QEMU_AARCH64 is still missing)"
+        command -v "$program" >/dev/null && return 0
+        say "FAIL (.ci/install-qemu.sh ran but $program is still missing)"
         exit 2
     fi
-    say "FAIL ($QEMU_AARCH64 not found; install it with: sudo bash $ROOT/.ci/install-qemu.sh)"
+    say "FAIL ($program not found; install it with: sudo bash $ROOT/.ci/install-qemu.sh)"
     exit 2
 }
 
+# rust_target_installed TARGET: the toolchain cargo uses here (rust-toolchain.toml
+# picks it) has TARGET's standard library.
+rust_target_installed() {
+    local sysroot
+    sysroot="$(cd "$ROOT" && rustc --print sysroot 2>/dev/null)" || return 1
+    [[ -d "$sysroot/lib/rustlib/$1/lib" ]]
+}
+
+# ensure_rust_target TARGET: rustup adds rust-toolchain.toml's targets only when
+# it installs the toolchain, so a toolchain that was already installed lacks
+# them (cargo build then fails with "can't find crate for `core`"): add it.
 ensure_rust_target() {
-    command -v rustup >/dev/null || return 0
+    local target="$1"
+    command -v cargo >/dev/null || {
+        say "FAIL (cargo not found: install Rust with rustup first; rust-toolchain.toml then picks the version)"
+        exit 2
+    }
+    rust_target_installed "$target" && return 0
+    if ! command -v rustup >/dev/null; then
+        say "FAIL (the Rust toolchain has no $target standard library and there is no rustup to add it; with rustup: cd $ROOT && rustup target add $target)"
+        exit 2
+    fi
     # Run from ROOT so that rust-toolchain.toml selects the pinned toolchain.
-    if ! (cd "$ROOT" && rustup target list --installed 2>/dev/null) | grep -qx "$KERNEL_TARGET"; then
-        say "rust target $KERNEL_TARGET missing; running: rustup target add $KERNEL_TARGET"
-        (cd "$ROOT" && rustup target add "$KERNEL_TARGET") || {
-            say "FAIL (rustup target add $KERNEL_TARGET failed)"
-            exit 2
-        }
+    say "rust target $target missing; running: rustup target add $target"
+    if ! (cd "$ROOT" && rustup target add "$target") || ! rust_target_installed "$target"; then
+        say "FAIL (rustup target add $target failed; run it yourself: cd $ROOT && rustup target add $target)"
+        exit 2
     fi
 }
 
@@ -381,10 +403,7 @@ x86_64_kvm_usable() {
 }
 
 x86_64_main() {
-    command -v "$QEMU_X86_64" >/dev/null || {
-        say "FAIL ($QEMU_X86_64 not found; install it with: sudo bash $ROOT/.ci/install-qemu.sh)"
-        return 2
-    }
+    ensure_qemu "$QEMU_X86_64"
     TMP="$(mktemp -d "${TMPDIR:-/tmp}/qemu.sh.XXXXXX")"
     trap 'rm -rf "$TMP"' EXIT
     local accel
@@ -398,6 +417,7 @@ x86_64_main() {
     fi
     accel="$(pick_accel "$OPT_ACCEL" "$OPT_SMP")"
     if ((OPT_BUILD)); then
+        ensure_rust_target "$X86_64_TARGET"
         local -a cmd=(cargo build --release --target "$X86_64_TARGET" --bin "$KERNEL_BIN")
         say "building: ${cmd[*]}"
         (cd "$ROOT" && "${cmd[@]}") || {
@@ -520,9 +540,9 @@ parse_args() {
 main() {
     parse_args "$@"
 
-    ensure_qemu
+    ensure_qemu "$QEMU_AARCH64"
     if ((OPT_BUILD)); then
-        ensure_rust_target
+        ensure_rust_target "$KERNEL_TARGET"
         build_kernel
     fi
     local image

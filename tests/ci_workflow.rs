@@ -1,6 +1,8 @@
 //! Keeps `.github/workflows/ci.yml` in step with the tests it runs: its QEMU job's
 //! `cell` list must be exactly the cells (`#[test]` functions) of
-//! `tests/qemu_matrix.rs`, and every file in `tests/` must be run by some job.
+//! `tests/qemu_matrix.rs`, every file in `tests/` must be run by some job, and
+//! every job must install what the tests it runs need (QEMU, the aarch64
+//! binutils, the bare-metal Rust targets: read from the tests' code).
 //! Host-only and textual: no YAML parser, no dependencies.
 
 use std::collections::BTreeSet;
@@ -185,6 +187,165 @@ fn unrun_test_files(yaml: &str, files: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// What a test's code naming a program or target needs installed: (the name
+/// it uses, the Debian/Ubuntu package or Rust target that provides it).
+const PACKAGE_NEEDS: &[(&str, &str)] = &[
+    ("aarch64-linux-gnu-", "binutils-aarch64-linux-gnu"),
+    ("qemu-system-aarch64", "qemu-system-arm"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+];
+const TARGETS: &[&str] = &["aarch64-unknown-none", "x86_64-unknown-none"];
+
+/// What the code (not the comments) of a test file needs: (apt packages, Rust targets).
+fn test_needs(source: &str) -> (BTreeSet<&'static str>, BTreeSet<&'static str>) {
+    let code: Vec<&str> = source
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//"))
+        .collect();
+    let names = |needle: &str| code.iter().any(|l| l.contains(needle));
+    let packages = PACKAGE_NEEDS
+        .iter()
+        .filter(|(used, _)| names(used))
+        .map(|&(_, package)| package)
+        .collect();
+    let targets = TARGETS.iter().copied().filter(|t| names(t)).collect();
+    (packages, targets)
+}
+
+/// One job of the workflow: its key and its lines.
+struct Job<'a> {
+    key: &'a str,
+    lines: Vec<&'a str>,
+}
+
+/// The jobs under the top-level `jobs:` key (each a two-space-indented key).
+fn jobs(yaml: &str) -> Vec<Job<'_>> {
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut in_jobs = false;
+    for line in yaml.lines() {
+        if !line.starts_with(' ') && !line.trim().is_empty() && !line.starts_with('#') {
+            in_jobs = line.trim_end() == "jobs:";
+            continue;
+        }
+        if !in_jobs {
+            continue;
+        }
+        let key = line
+            .strip_prefix("  ")
+            .filter(|rest| !rest.starts_with(' ') && !rest.starts_with('#'))
+            .and_then(|rest| rest.trim_end().strip_suffix(':'));
+        match (key, jobs.last_mut()) {
+            (Some(key), _) => jobs.push(Job {
+                key,
+                lines: Vec::new(),
+            }),
+            (None, Some(job)) => job.lines.push(line),
+            (None, None) => {}
+        }
+    }
+    jobs
+}
+
+/// The job's shell lines (continuation lines joined) that start the given
+/// command, each with the words that follow it (options left out).
+fn command_args<'a>(job: &Job<'a>, command: &str) -> BTreeSet<String> {
+    let mut logical = Vec::new();
+    let mut current = String::new();
+    for line in &job.lines {
+        let line = line.trim();
+        if let Some(head) = line.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+        } else {
+            current.push_str(line);
+            logical.push(std::mem::take(&mut current));
+        }
+    }
+    logical
+        .iter()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("name:") && !l.starts_with("- name:"))
+        .flat_map(|l| l.split(command).skip(1))
+        .flat_map(|rest| {
+            rest.split(['&', '|', ';'])
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .filter(|w| !w.starts_with('-'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The test files (stems) the job runs: those a `--test NAME` names, and with the
+/// host tests' loop every file it does not leave out.
+fn job_tests(job: &Job, files: &[String]) -> BTreeSet<String> {
+    let text = job.lines.join("\n");
+    let mut run: BTreeSet<String> = job
+        .lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| {
+            let l = l.strip_prefix("- ").unwrap_or(l);
+            !l.starts_with("name:") && !l.starts_with('#')
+        })
+        .flat_map(|l| l.split("--test ").skip(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter(|name| files.iter().any(|f| f == name))
+        .map(str::to_string)
+        .collect();
+    if let Some(excluded) = host_test_exclusions(&text) {
+        run.extend(files.iter().filter(|f| !excluded.contains(f)).cloned());
+    }
+    run
+}
+
+/// For each job, what the tests it runs (and its `--target` builds) need and it
+/// does not install; `sources` maps a test file's stem to its code.
+fn missing_prerequisites(yaml: &str, sources: &[(String, String)]) -> Vec<String> {
+    let files: Vec<String> = sources.iter().map(|(stem, _)| stem.clone()).collect();
+    let mut errors = Vec::new();
+    for job in jobs(yaml) {
+        let packages = command_args(&job, "apt-get install");
+        let targets = command_args(&job, "rustup target add");
+        for test in job_tests(&job, &files) {
+            let source = &sources.iter().find(|(stem, _)| *stem == test).unwrap().1;
+            let (need_packages, need_targets) = test_needs(source);
+            for package in need_packages.iter().filter(|p| !packages.contains(**p)) {
+                errors.push(format!(
+                    "{WORKFLOW}: job `{}` runs tests/{test}.rs, which needs {package}, but \
+                     does not install it (add it to the job's `apt-get install`)",
+                    job.key
+                ));
+            }
+            for target in need_targets.iter().filter(|t| !targets.contains(**t)) {
+                errors.push(format!(
+                    "{WORKFLOW}: job `{}` runs tests/{test}.rs, which builds for {target}, \
+                     but does not install it (add it to the job's `rustup target add`)",
+                    job.key
+                ));
+            }
+        }
+        let built: BTreeSet<&str> = job
+            .lines
+            .iter()
+            .flat_map(|l| l.split("--target ").skip(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .collect();
+        for target in built {
+            if !targets.contains(target) {
+                errors.push(format!(
+                    "{WORKFLOW}: job `{}` builds with --target {target} but does not install \
+                     it (add it to the job's `rustup target add`)",
+                    job.key
+                ));
+            }
+        }
+    }
+    errors
+}
+
 fn test_files() -> Vec<String> {
     let dir: PathBuf = root().join("tests");
     let mut stems: Vec<String> = std::fs::read_dir(&dir)
@@ -216,6 +377,28 @@ fn workflow_runs_every_test_file() {
         "{WORKFLOW}: no job runs tests/{{{}}}.rs: the checks job's host tests leave it \
          out and no `cargo test --test NAME` runs it",
         unrun.join(",")
+    );
+}
+
+#[test]
+fn every_job_installs_what_its_tests_need() {
+    let sources: Vec<(String, String)> = test_files()
+        .into_iter()
+        .map(|stem| {
+            // This file names every program and target in its own tables.
+            let code = if stem == "ci_workflow" {
+                String::new()
+            } else {
+                read(&format!("tests/{stem}.rs"))
+            };
+            (stem, code)
+        })
+        .collect();
+    let errors = missing_prerequisites(&read(WORKFLOW), &sources);
+    assert!(
+        errors.is_empty(),
+        "{WORKFLOW}: jobs lack prerequisites:\n  {}",
+        errors.join("\n  ")
     );
 }
 
@@ -334,5 +517,75 @@ fn an_unrun_test_file_is_reported() {
     assert_eq!(
         unrun_test_files(&yaml, &files),
         ["host_a", "named_only", "new_one"]
+    );
+}
+
+const SAMPLE_JOBS: &str = "\
+on: push
+jobs:
+  checks:
+    steps:
+      - name: tools (apt-get install must not count from a name)
+        run: |
+          sudo apt-get install -y -qq --no-install-recommends \\
+            binutils-aarch64-linux-gnu
+      - run: rustup target add aarch64-unknown-none
+      - run: cargo clippy --target aarch64-unknown-none
+      - run: |
+          for f in tests/*.rs; do
+            case \"$name\" in
+              boots) ;;
+              *) args+=(--test \"$name\") ;;
+            esac
+          done
+  boot:
+    steps:
+      - run: sudo apt-get install -y qemu-system-arm && echo qemu-system-x86
+      - run: cargo test --test boots
+";
+
+#[test]
+fn a_job_missing_a_prerequisite_is_an_error() {
+    let sources = [
+        ("disasm", "const AS: &str = \"aarch64-linux-gnu-as\";"),
+        (
+            "host",
+            "// mentions qemu-system-x86_64 and x86_64-unknown-none in a comment",
+        ),
+        (
+            "boots",
+            "Arch::A => \"qemu-system-aarch64\",\nArch::X => \"qemu-system-x86_64\",\n\
+             build(\"aarch64-unknown-none\")",
+        ),
+    ]
+    .map(|(a, b)| (a.to_string(), b.to_string()));
+    let errors = missing_prerequisites(SAMPLE_JOBS, &sources);
+    // The boot job installs qemu-system-arm only (the `echo` is not an install),
+    // and no target.
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert!(errors[0].contains("job `boot` runs tests/boots.rs, which needs qemu-system-x86"));
+    assert!(
+        errors[1].contains("job `boot` runs tests/boots.rs, which builds for aarch64-unknown-none")
+    );
+
+    // The checks job runs disasm through the loop: without binutils it is an error.
+    let yaml = SAMPLE_JOBS.replace(
+        "            binutils-aarch64-linux-gnu\n",
+        "            make\n",
+    );
+    let errors = missing_prerequisites(&yaml, &sources);
+    assert!(
+        errors.iter().any(|e| e
+            .contains("job `checks` runs tests/disasm.rs, which needs binutils-aarch64-linux-gnu")),
+        "{errors:#?}"
+    );
+    // A --target build without the target installed.
+    let yaml = SAMPLE_JOBS.replace("rustup target add aarch64-unknown-none", "rustup show");
+    let errors = missing_prerequisites(&yaml, &sources);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("job `checks` builds with --target aarch64-unknown-none")),
+        "{errors:#?}"
     );
 }

@@ -12,6 +12,8 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod support;
+
 use patch_machine::patch::insn::{self, Cond, EncodeError, Insn, InsnClass};
 
 const AS: &str = "aarch64-linux-gnu-as";
@@ -109,6 +111,7 @@ impl Drop for Scratch {
 
 /// Runs a binutils tool, failing the test with the install command if it is missing.
 fn run(tool: &str, args: &[&std::ffi::OsStr]) -> Output {
+    support::ensure_installed(tool).unwrap_or_else(|e| panic!("{e}"));
     match Command::new(tool).args(args).output() {
         Ok(out) => out,
         Err(e) => panic!(

@@ -1,5 +1,7 @@
 //! Properties of the built kernel image, checked without booting it.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -17,6 +19,7 @@ fn x86_kernel_image() -> &'static Path {
 }
 
 fn build(target: &str) -> PathBuf {
+    support::ensure_rust_target(target).unwrap_or_else(|e| panic!("{e}"));
     {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -167,6 +170,7 @@ fn kernel_is_linked_above_the_dtb_slot() {
 /// Runs a binutils tool from Debian's binutils-aarch64-linux-gnu on the image.
 fn binutils(tool: &str, args: &[&str]) -> String {
     let program = format!("aarch64-linux-gnu-{tool}");
+    support::ensure_installed(&program).unwrap_or_else(|e| panic!("{e}"));
     let output = Command::new(&program)
         .args(args)
         .arg(kernel_image())

@@ -29,6 +29,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+mod support;
+
 /// Torture parameters for most cells; `aarch64_max_smp4` runs the kernel's
 /// full default, as plain `./qemu.sh` does.
 const QUICK: &str = "flips=2000";
@@ -205,9 +207,10 @@ fn fix_qemu() -> String {
     )
 }
 
-/// Fails (never skips) when QEMU is missing.
+/// Fails (never skips) when QEMU is missing and cannot be installed.
 fn require_qemu(arch: Arch) {
     let qemu = arch.qemu();
+    support::ensure_installed(qemu).unwrap_or_else(|e| panic!("{e}"));
     match Command::new(qemu).arg("--version").output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!(
@@ -235,6 +238,7 @@ fn build_kernel(arch: Arch) -> Result<(), String> {
         BIN,
     ];
     let shown = format!("cargo {}", args.join(" "));
+    support::ensure_rust_target(arch.target())?;
     eprintln!("qemu_matrix: building the kernel: {shown}");
     let out = Command::new(cargo)
         .args(args)

@@ -20,9 +20,15 @@ build=1
 extra=()
 while (($# > 0)); do
     case "$1" in
-        --arch) arches+=("$2"); shift ;;
-        --cpus) cpus="$2"; shift ;;
-        --cpu) cpu_model="$2"; shift ;;
+        --arch | --cpus | --cpu)
+            (($# >= 2)) || { say "option $1 needs a value"; exit 2; }
+            case "$1" in
+                --arch) arches+=("$2") ;;
+                --cpus) cpus="$2" ;;
+                --cpu) cpu_model="$2" ;;
+            esac
+            shift
+            ;;
         --no-build) build=0 ;;
         -h | --help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
         --) shift; extra=("$@"); break ;;
@@ -31,6 +37,22 @@ while (($# > 0)); do
     shift
 done
 ((${#arches[@]} > 0)) || arches=(aarch64)
+for arch in "${arches[@]}"; do
+    case "$arch" in
+        aarch64 | x86_64) ;;
+        *) say "unknown --arch '$arch' (aarch64 or x86_64)"; exit 2 ;;
+    esac
+done
+for n in $cpus; do
+    [[ "$n" =~ ^[0-9]+$ && "$n" =~ [1-9] ]] || { say "--cpus needs positive CPU counts, got '$cpus'"; exit 2; }
+done
+# The report needs only python3's standard library. Checked before the boots, so
+# that a missing python3 does not cost a whole sweep. (QEMU and the Rust target
+# are installed or named by the first ./qemu.sh of each architecture.)
+command -v python3 >/dev/null || {
+    say "FAIL (python3 not found; install it with: sudo apt-get install -y python3)"
+    exit 2
+}
 
 target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ "$target_dir" == /* ]] || target_dir="$ROOT/$target_dir"
