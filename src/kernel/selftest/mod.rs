@@ -30,6 +30,8 @@ pub struct Params {
     pub flips: u32,
     /// Nosync flips (`nosync_flips=N`).
     pub nosync_flips: u32,
+    /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
+    pub expect_nmi: Option<platform::NmiMechanism>,
 }
 
 impl Params {
@@ -37,6 +39,7 @@ impl Params {
     pub const DEFAULT: Params = Params {
         flips: 10_000,
         nosync_flips: 2_000,
+        expect_nmi: None,
     };
 }
 

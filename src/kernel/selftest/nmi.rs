@@ -56,14 +56,56 @@ fn no_nmis() -> Option<Verdict> {
         .map(|why| Verdict::Skip(msg!("{why}")))
 }
 
-/// Which NMI mechanism the boot chose, and that it is the one the bootargs and the CPU
-/// call for.
-pub fn nmi_mechanism(_: &Params) -> Verdict {
-    match platform::nmi_mechanism() {
-        Ok(what) => Verdict::Pass(msg!("{what}")),
-        Err(why) if why.contains("in use with") => fail!("{why}"),
-        Err(why) => Verdict::Pass(msg!("{why}")),
+/// One observation of the NMI mechanism per CPU.
+struct Observations {
+    seen: [spin::Mutex<Option<platform::NmiObserved>>; crate::MAX_CPUS],
+}
+
+fn observe_on(cpu: usize, out: &Observations) {
+    *out.seen[cpu].lock() = Some(platform::observe_nmi_mechanism());
+}
+
+/// The NMI mechanism every CPU really uses (its registers, and a self-NMI sent with
+/// IRQs off) is the one the hardware and the bootargs call for, derived afresh
+/// (arm64: ID_AA64PFR1_EL1.NMI, GICD_TYPER.NMI, `pseudo_nmi=`; x86: CPUID's x2APIC);
+/// with `expect_nmi=NAME`, it is that one.
+pub fn nmi_mechanism(params: &Params) -> Verdict {
+    let (expected, inputs) = platform::expected_nmi_mechanism();
+    let out = Observations {
+        seen: [const { spin::Mutex::new(None) }; crate::MAX_CPUS],
+    };
+    observe_on(platform::current_cpu(), &out);
+    // One CPU at a time: the FEAT_NMI evidence is a counter of all CPUs.
+    for cpu in others().iter() {
+        // SAFETY: `out` outlives the job: we wait for it right here.
+        let job = unsafe { run_on(CpuSet::single(cpu), observe_on, &out) };
+        if let Err(pending) = job.wait(JOB_TIMEOUT_NS) {
+            fail!("cpu{pending} did not finish observing its NMI mechanism");
+        }
     }
+    let online = platform::online_cpus();
+    for cpu in online.iter() {
+        let Some(seen) = *out.seen[cpu].lock() else {
+            fail!("cpu{cpu} made no observation");
+        };
+        match seen.mechanism() {
+            Some(used) if used == expected => {}
+            Some(used) => fail!("cpu{cpu} uses {used} ({seen}); {inputs} call for {expected}"),
+            None => {
+                fail!("cpu{cpu}: no consistent NMI mechanism: {seen}; {inputs} call for {expected}")
+            }
+        }
+    }
+    if let Some(want) = params.expect_nmi {
+        check!(
+            expected == want,
+            "expect_nmi={want}, but {expected} is in use ({inputs})"
+        );
+    }
+    let Some(mine) = *out.seen[platform::current_cpu()].lock() else {
+        fail!("no observation of the calling CPU");
+    };
+    Verdict::Pass(msg!("{expected} on {online}: {inputs}; {mine}"))
 }
 
 /// NMI IPIs to one CPU, to all but self and to self, each taken in NMI context.
