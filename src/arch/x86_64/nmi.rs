@@ -16,7 +16,7 @@
 use super::{X86_64, apic, cpu, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
@@ -42,6 +42,17 @@ pub(super) static NMI_LATCHED_BY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::ne
 static LATCHES_ANSWERED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static REPEAT_PASSES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static LATCHES_LOST: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Per CPU: set while a repeat pass (one that answers a latch) runs the handlers.
+static IN_REPEAT: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Whether the calling CPU's NMI handlers are running again for a latched NMI.
+pub fn in_repeat_pass() -> bool {
+    // Relaxed: only this CPU writes its slot.
+    IN_REPEAT
+        .get(cpu::current_cpu())
+        .is_some_and(|r| r.load(Ordering::Relaxed))
+}
 
 /// What the nested-NMI latch did on one CPU since boot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -213,6 +224,10 @@ pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
     // swap is one `xchg`, so a nested NMI's `incq` lands before or after it, never lost.
     let answering = unsafe { AtomicU64::from_ptr(latches) }.swap(0, Ordering::Relaxed);
     account_latches(cpu, answering);
+    let repeat = IN_REPEAT.get(cpu);
+    if let Some(r) = repeat {
+        r.store(answering != 0, Ordering::Relaxed);
+    }
     in_nmi.fetch_add(1, Ordering::Relaxed);
     taken.fetch_add(1, Ordering::Relaxed);
     // Drain: requests that arrived while NMIs were blocked were latched once at most.
@@ -232,6 +247,9 @@ pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
     }
     if !claimed && let Some(n) = UNCLAIMED.get(cpu) {
         n.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(r) = repeat {
+        r.store(false, Ordering::Relaxed);
     }
     in_nmi.fetch_sub(1, Ordering::Relaxed);
 }

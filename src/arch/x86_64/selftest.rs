@@ -547,6 +547,8 @@ static NESTED_DONE: AtomicU32 = AtomicU32::new(0);
 /// Current and deepest nesting of the test handler on the target.
 static NESTED_DEPTH: AtomicU32 = AtomicU32::new(0);
 static NESTED_MAX_DEPTH: AtomicU32 = AtomicU32::new(0);
+/// Runs of the test handler on the target inside a repeat pass (a latched NMI's).
+static NESTED_REPEAT_RUNS: AtomicU64 = AtomicU64::new(0);
 /// Stack canary and callee-saved register mismatches seen after the `ud2`.
 static NESTED_BAD_CANARY: AtomicU32 = AtomicU32::new(0);
 static NESTED_BAD_REGS: AtomicU32 = AtomicU32::new(0);
@@ -566,6 +568,9 @@ fn nested_nmi_handler(cpu: usize) -> bool {
     // Only this CPU touches the depth counters: Relaxed.
     let depth = NESTED_DEPTH.fetch_add(1, Ordering::Relaxed) + 1;
     NESTED_MAX_DEPTH.fetch_max(depth, Ordering::Relaxed);
+    if nmi::in_repeat_pass() {
+        NESTED_REPEAT_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
     if NESTED_ARMED.swap(0, Ordering::Acquire) != 0 {
         let mut canary = [0u64; 32];
         for (i, w) in canary.iter_mut().enumerate() {
@@ -659,6 +664,7 @@ fn nested_nmi() -> Verdict {
     ] {
         a.store(0, Ordering::Relaxed);
     }
+    NESTED_REPEAT_RUNS.store(0, Ordering::Relaxed);
     let drained0 = nmi::requests_drained(me);
     let latched0 = nmi::nmis_latched();
     let latches0 = nmi::latch_counts(me);
@@ -737,6 +743,11 @@ fn nested_nmi() -> Verdict {
     check!(
         repeats > 0 && repeats <= mine || others.is_empty(),
         "cpu{me}: {repeats} repeat passes for {mine} latched NMIs"
+    );
+    let reran = NESTED_REPEAT_RUNS.load(Ordering::Relaxed);
+    check!(
+        reran >= repeats,
+        "cpu{me}: the test handler ran in {reran} of {repeats} repeat passes"
     );
     check!(
         latched >= mine,
