@@ -125,7 +125,7 @@ impl core::fmt::Display for NmiMechanism {
 /// What the mechanism is chosen from: the CPU, the GIC and the bootargs.
 #[derive(Clone, Copy, Debug)]
 pub struct NmiInputs {
-    /// ID_AA64PFR1_EL1.NMI (bits [39:36]): 1 = FEAT_NMI.
+    /// ID_AA64PFR1_EL1.NMI (bits 39:36): 1 = FEAT_NMI.
     cpu_nmi: u64,
     /// GICD_TYPER.NMI: the distributor has the NMI property.
     gic_nmi: bool,
