@@ -448,12 +448,12 @@ fn run_cell(cell: &Cell) {
 
 #[test]
 fn aarch64_max_smp1() {
-    run_cell(&Cell::new("aarch64_max_smp1", "max", 1));
+    run_cell(&Cell::new("aarch64_max_smp1", "max", 1).bootargs("flips=2000 expect_nmi=feat_nmi"));
 }
 
 #[test]
 fn aarch64_max_smp2() {
-    run_cell(&Cell::new("aarch64_max_smp2", "max", 2));
+    run_cell(&Cell::new("aarch64_max_smp2", "max", 2).bootargs("flips=2000 expect_nmi=feat_nmi"));
 }
 
 /// Two vCPUs truly in parallel (multi-threaded TCG, one host core each), for the
@@ -487,13 +487,17 @@ fn aarch64_max_smp4() {
 
 #[test]
 fn aarch64_max_smp8() {
-    run_cell(&Cell::new("aarch64_max_smp8", "max", 8));
+    run_cell(&Cell::new("aarch64_max_smp8", "max", 8).bootargs("flips=2000 expect_nmi=feat_nmi"));
 }
 
 /// Starts at EL2; PSCI goes through SMC.
 #[test]
 fn aarch64_max_smp4_el2() {
-    run_cell(&Cell::new("aarch64_max_smp4_el2", "max", 4).machine_opts("virtualization=on"));
+    run_cell(
+        &Cell::new("aarch64_max_smp4_el2", "max", 4)
+            .machine_opts("virtualization=on")
+            .bootargs("flips=2000 expect_nmi=feat_nmi"),
+    );
 }
 
 /// GICv4 (TCG accepts it only with `virtualization=on`).
@@ -501,24 +505,34 @@ fn aarch64_max_smp4_el2() {
 fn aarch64_max_smp4_el2_gicv4() {
     run_cell(
         &Cell::new("aarch64_max_smp4_el2_gicv4", "max", 4)
-            .machine_opts("virtualization=on,gic-version=4"),
+            .machine_opts("virtualization=on,gic-version=4")
+            .bootargs("flips=2000 expect_nmi=feat_nmi"),
     );
 }
 
 /// No `CTR_EL0.{IDC,DIC}`: the full `DC CVAU` / `IC IVAU` path; 62.5 MHz timer.
 #[test]
 fn aarch64_cortex_a72_smp4() {
-    run_cell(&Cell::new("aarch64_cortex_a72_smp4", "cortex-a72", 4));
+    run_cell(
+        &Cell::new("aarch64_cortex_a72_smp4", "cortex-a72", 4)
+            .bootargs("flips=2000 expect_nmi=pseudo_nmi"),
+    );
 }
 
 #[test]
 fn aarch64_cortex_a57_smp2() {
-    run_cell(&Cell::new("aarch64_cortex_a57_smp2", "cortex-a57", 2));
+    run_cell(
+        &Cell::new("aarch64_cortex_a57_smp2", "cortex-a57", 2)
+            .bootargs("flips=2000 expect_nmi=pseudo_nmi"),
+    );
 }
 
 #[test]
 fn aarch64_cortex_a53_smp2() {
-    run_cell(&Cell::new("aarch64_cortex_a53_smp2", "cortex-a53", 2));
+    run_cell(
+        &Cell::new("aarch64_cortex_a53_smp2", "cortex-a53", 2)
+            .bootargs("flips=2000 expect_nmi=pseudo_nmi"),
+    );
 }
 
 /// IRQs off = DAIF.I and no NMIs at all: the NMI tests must say so (skip) or show the
@@ -527,7 +541,7 @@ fn aarch64_cortex_a53_smp2() {
 fn aarch64_max_smp4_pseudo_nmi_off() {
     run_cell(
         &Cell::new("aarch64_max_smp4_pseudo_nmi_off", "max", 4)
-            .bootargs("pseudo_nmi=off flips=2000"),
+            .bootargs("pseudo_nmi=off flips=2000 expect_nmi=none"),
     );
 }
 
@@ -536,7 +550,7 @@ fn aarch64_max_smp4_pseudo_nmi_off() {
 fn aarch64_cortex_a72_smp4_pseudo_nmi_off() {
     run_cell(
         &Cell::new("aarch64_cortex_a72_smp4_pseudo_nmi_off", "cortex-a72", 4)
-            .bootargs("pseudo_nmi=off flips=2000"),
+            .bootargs("pseudo_nmi=off flips=2000 expect_nmi=none"),
     );
 }
 
@@ -579,28 +593,48 @@ fn aarch64_bench_smp2() {
 /// x86_64 (q35, PVH boot) through the same stop-machine core.
 #[test]
 fn x86_64_max_smp1() {
-    run_cell(&Cell::new("x86_64_max_smp1", "max", 1).on_x86_64());
+    run_cell(
+        &Cell::new("x86_64_max_smp1", "max", 1)
+            .on_x86_64()
+            .bootargs("expect_nmi=x2apic"),
+    );
 }
 
 #[test]
 fn x86_64_max_smp2() {
-    run_cell(&Cell::new("x86_64_max_smp2", "max", 2).on_x86_64());
+    run_cell(
+        &Cell::new("x86_64_max_smp2", "max", 2)
+            .on_x86_64()
+            .bootargs("expect_nmi=x2apic"),
+    );
 }
 
 #[test]
 fn x86_64_max_smp4() {
-    run_cell(&Cell::new("x86_64_max_smp4", "max", 4).on_x86_64());
+    run_cell(
+        &Cell::new("x86_64_max_smp4", "max", 4)
+            .on_x86_64()
+            .bootargs("expect_nmi=x2apic"),
+    );
 }
 
 #[test]
 fn x86_64_max_smp8() {
-    run_cell(&Cell::new("x86_64_max_smp8", "max", 8).on_x86_64());
+    run_cell(
+        &Cell::new("x86_64_max_smp8", "max", 8)
+            .on_x86_64()
+            .bootargs("expect_nmi=x2apic"),
+    );
 }
 
 /// Without x2APIC: the xAPIC MMIO path.
 #[test]
 fn x86_64_qemu64_smp4() {
-    run_cell(&Cell::new("x86_64_qemu64_smp4", "qemu64", 4).on_x86_64());
+    run_cell(
+        &Cell::new("x86_64_qemu64_smp4", "qemu64", 4)
+            .on_x86_64()
+            .bootargs("expect_nmi=xapic"),
+    );
 }
 
 /// The x86_64 platform's own checks (APIC test vectors, text alias, NMI-held timeout).

@@ -96,8 +96,11 @@ STUB_NOERR {sync}
  *   T-104 .. T-136  "outermost" frame: the first NMI's hardware frame, never
  *                   written again until the handlers are done; copied to "iret"
  *                   on every pass
- *   below           error code 0, vector 2, general registers: a TrapFrame whose
- *                   rip..ss are the outermost frame (17 pushes: 16-aligned call)
+ *   T-144           error code slot: how many nested NMIs the coming pass answers
+ *                   (0 on the first pass; each latch adds 1; Rust swaps it to 0 at
+ *                   the start of each pass, see nmi::handle_nmi)
+ *   below           vector 2, general registers: with the slot above, a TrapFrame
+ *                   whose rip..ss are the outermost frame (17 pushes: 16-aligned call)
  *
  * Nesting is detected by (a) the interrupted RIP in [x86_nmi_repeat, end_repeat):
  * the outer is copying outermost -> iret and is about to run the handlers anyway,
@@ -107,7 +110,9 @@ STUB_NOERR {sync}
  * CPU's NMI stack: covers the window after the outer cleared "NMI executing" and
  * before its IRETQ. Kernel only (no user mode, no SWAPGS): RSP cannot be forged.
  * Nested NMIs run with NMIs blocked and return to kernel mode: their IRETQ cannot
- * fault. {nmi_latched} counts the nested NMIs that requested a repeat.
+ * fault. {nmi_latched} counts the nested NMIs that requested a repeat, and
+ * {nmi_latched_by} the same per CPU (indexed by %gs:0, the CPU index); the self-test
+ * checks every one of them was answered by a repeat pass of its outer NMI.
  */
     .p2align 4
 x86_stub_2:
@@ -142,7 +147,12 @@ x86_nmi_nested:
     leaq x86_nmi_repeat(%rip), %rdx
     pushq %rdx
     addq $(6*8), %rsp
+    /* One more for the repeat to answer (T-144; plain incq: only this CPU, and one
+     * instruction, so atomic against the outer's swap). */
+    incq -12*8(%rsp)
     lock incq {nmi_latched}(%rip)
+    movq %gs:0, %rdx
+    lock incq {nmi_latched_by}(,%rdx,8)
 x86_nmi_nested_out:
     popq %rdx
     iretq
@@ -155,6 +165,8 @@ x86_nmi_first:
     .rept 5
     pushq 11*8(%rsp)
     .endr
+    /* The first pass answers no latch (T-144). */
+    movq $0, -8(%rsp)
 x86_nmi_repeat:
     /*
      * %rsp = T-136. After a latched NMI we arrive here by IRETQ, NMIs unblocked: a
@@ -168,7 +180,8 @@ x86_nmi_repeat:
     .endr
     subq $(5*8), %rsp
 x86_nmi_end_repeat:
-    pushq $0
+    /* The error code slot (T-144) keeps its count of latches for this pass. */
+    subq $8, %rsp
     pushq $2
     DISPATCH_SAVING_REGISTERS
     /* Drop vector, error code and the outermost frame: %rsp = the "iret" frame. */

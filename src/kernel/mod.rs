@@ -42,7 +42,7 @@ struct BadArg<'a> {
     why: &'static str,
 }
 
-/// Parses `tests=a,b flips=N nosync_flips=N`; anything else is an error naming it.
+/// Parses `tests=a,b flips=N nosync_flips=N expect_nmi=NAME`; anything else is an error naming it.
 fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
     let mut selection = Selection {
         tests: default_tests(),
@@ -88,6 +88,17 @@ fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
                     why: "nosync_flips= takes a number",
                 })?
             }
+            "expect_nmi" => {
+                selection.params.expect_nmi = Some(
+                    platform::NmiMechanism::ALL
+                        .into_iter()
+                        .find(|m| m.name() == value)
+                        .ok_or(BadArg {
+                            word,
+                            why: "expect_nmi= takes an NMI mechanism of this architecture",
+                        })?,
+                )
+            }
             _ => {
                 return Err(BadArg {
                     word,
@@ -120,7 +131,7 @@ pub fn primary_main() -> ! {
                 bootargs, bad.why, bad.word
             ));
             ktap.diag(format_args!(
-                "known: tests=all|{} (bench: only when named) flips=N nosync_flips=N pseudo_nmi=on|off",
+                "known: tests=all|{} (bench: only when named) flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM",
                 TestNames
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);

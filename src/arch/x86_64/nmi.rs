@@ -16,7 +16,7 @@
 use super::{X86_64, apic, cpu, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
@@ -32,6 +32,51 @@ static DRAINED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Nested NMIs the entry stub latched (turned into a repeat of the outer NMI's
 /// handlers), all CPUs; incremented by the stub with `lock incq`.
 pub(super) static NMI_LATCHED: AtomicU64 = AtomicU64::new(0);
+
+/// Per CPU: nested NMIs the entry stub latched there (`lock incq`, indexed by the CPU
+/// index at `%gs:0`).
+pub(super) static NMI_LATCHED_BY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: latches a repeat pass answered (its handlers ran after them, before the
+/// outer NMI returned), the repeat passes that answered any, and latches whose outer
+/// NMI returned without a repeat for them (seen at the next NMI's first pass).
+static LATCHES_ANSWERED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static REPEAT_PASSES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static LATCHES_LOST: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Per CPU: set while a repeat pass (one that answers a latch) runs the handlers.
+static IN_REPEAT: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Whether the calling CPU's NMI handlers are running again for a latched NMI.
+pub fn in_repeat_pass() -> bool {
+    // Relaxed: only this CPU writes its slot.
+    IN_REPEAT
+        .get(cpu::current_cpu())
+        .is_some_and(|r| r.load(Ordering::Relaxed))
+}
+
+/// What the nested-NMI latch did on one CPU since boot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatchCounts {
+    /// Nested NMIs the entry stub latched.
+    pub latched: u64,
+    /// Latches a repeat pass of their outer NMI answered.
+    pub answered: u64,
+    /// Repeat passes that answered at least one latch.
+    pub repeats: u64,
+    /// Latches whose outer NMI returned without repeating for them.
+    pub lost: u64,
+}
+
+/// The nested-NMI latch counts of `cpu`.
+pub fn latch_counts(cpu: usize) -> LatchCounts {
+    let get = |a: &[AtomicU64; MAX_CPUS]| a.get(cpu).map_or(0, |n| n.load(Ordering::Relaxed));
+    LatchCounts {
+        latched: get(&NMI_LATCHED_BY),
+        answered: get(&LATCHES_ANSWERED),
+        repeats: get(&REPEAT_PASSES),
+        lost: get(&LATCHES_LOST),
+    }
+}
 
 /// How many nested NMIs the entry stub latched, on all CPUs, since boot.
 pub fn nmis_latched() -> u64 {
@@ -130,9 +175,42 @@ fn run_handlers(cpu: usize) -> bool {
     claimed | HANDLERS.run(cpu)
 }
 
-/// The NMI vector (2), on the NMI IST stack, NMIs blocked until `iretq`.
+/// Books the latches this pass answers (`answering`, from the frame): every latch the
+/// stub counted on this CPU must be answered by now, by an earlier repeat pass of its
+/// own outer NMI or by this one; any other was lost (its outer NMI returned first).
 #[unsafe(link_section = ".text.nopatch")]
-pub(crate) fn handle_nmi() {
+fn account_latches(cpu: usize, answering: u64) {
+    let (Some(latched), Some(answered), Some(repeats), Some(lost)) = (
+        NMI_LATCHED_BY.get(cpu),
+        LATCHES_ANSWERED.get(cpu),
+        REPEAT_PASSES.get(cpu),
+        LATCHES_LOST.get(cpu),
+    ) else {
+        return;
+    };
+    // Relaxed: only this CPU writes these (the stub's increments run on this CPU, and
+    // finish before this code resumes).
+    let latched = latched.load(Ordering::Relaxed);
+    let unanswered = latched
+        .saturating_sub(answered.load(Ordering::Relaxed))
+        .saturating_sub(answering);
+    if unanswered != 0 {
+        lost.fetch_add(unanswered, Ordering::Relaxed);
+    }
+    answered.store(latched, Ordering::Relaxed);
+    if answering != 0 {
+        repeats.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The NMI vector (2), on the NMI IST stack, NMIs blocked until `iretq`.
+///
+/// # Safety
+/// `latches` is the error code slot of this NMI's frame, where the entry stub counts
+/// the nested NMIs this pass answers; nothing but this CPU's nested NMIs (one `incq`
+/// each) touches it meanwhile.
+#[unsafe(link_section = ".text.nopatch")]
+pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
     let cpu = cpu::current_cpu();
     let (Some(in_nmi), Some(taken), Some(requests), Some(drained)) = (
         IN_NMI.get(cpu),
@@ -142,6 +220,14 @@ pub(crate) fn handle_nmi() {
     ) else {
         return;
     };
+    // SAFETY: aligned (a stack slot) and valid for the whole pass (the caller); the
+    // swap is one `xchg`, so a nested NMI's `incq` lands before or after it, never lost.
+    let answering = unsafe { AtomicU64::from_ptr(latches) }.swap(0, Ordering::Relaxed);
+    account_latches(cpu, answering);
+    let repeat = IN_REPEAT.get(cpu);
+    if let Some(r) = repeat {
+        r.store(answering != 0, Ordering::Relaxed);
+    }
     in_nmi.fetch_add(1, Ordering::Relaxed);
     taken.fetch_add(1, Ordering::Relaxed);
     // Drain: requests that arrived while NMIs were blocked were latched once at most.
@@ -161,6 +247,9 @@ pub(crate) fn handle_nmi() {
     }
     if !claimed && let Some(n) = UNCLAIMED.get(cpu) {
         n.fetch_add(1, Ordering::Relaxed);
+    }
+    if let Some(r) = repeat {
+        r.store(false, Ordering::Relaxed);
     }
     in_nmi.fetch_sub(1, Ordering::Relaxed);
 }

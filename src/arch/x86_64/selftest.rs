@@ -551,6 +551,8 @@ static NESTED_DONE: AtomicU32 = AtomicU32::new(0);
 /// Current and deepest nesting of the test handler on the target.
 static NESTED_DEPTH: AtomicU32 = AtomicU32::new(0);
 static NESTED_MAX_DEPTH: AtomicU32 = AtomicU32::new(0);
+/// Runs of the test handler on the target inside a repeat pass (a latched NMI's).
+static NESTED_REPEAT_RUNS: AtomicU64 = AtomicU64::new(0);
 /// Stack canary and callee-saved register mismatches seen after the `ud2`.
 static NESTED_BAD_CANARY: AtomicU32 = AtomicU32::new(0);
 static NESTED_BAD_REGS: AtomicU32 = AtomicU32::new(0);
@@ -570,6 +572,9 @@ fn nested_nmi_handler(cpu: usize) -> bool {
     // Only this CPU touches the depth counters: Relaxed.
     let depth = NESTED_DEPTH.fetch_add(1, Ordering::Relaxed) + 1;
     NESTED_MAX_DEPTH.fetch_max(depth, Ordering::Relaxed);
+    if nmi::in_repeat_pass() {
+        NESTED_REPEAT_RUNS.fetch_add(1, Ordering::Relaxed);
+    }
     if NESTED_ARMED.swap(0, Ordering::Acquire) != 0 {
         let mut canary = [0u64; 32];
         for (i, w) in canary.iter_mut().enumerate() {
@@ -643,7 +648,9 @@ fn nmi_storm(cpu: usize) {
 /// Seed 001: an exception inside the NMI handler ends NMI blocking; NMIs then
 /// arriving (from every other CPU) must be latched by the entry stub and run after
 /// the first, never on top of its stack. Every request is drained exactly once, the
-/// handler never nests, its stack canary and callee-saved registers survive.
+/// handler never nests, its stack canary and callee-saved registers survive, and every
+/// latched NMI was answered by a repeat pass (the handlers ran again) of its own outer
+/// NMI, before that one returned (`nmi::latch_counts`).
 fn nested_nmi() -> Verdict {
     let me = super::cpu::current_cpu();
     let others = smp::online_cpus().without(me);
@@ -661,8 +668,10 @@ fn nested_nmi() -> Verdict {
     ] {
         a.store(0, Ordering::Relaxed);
     }
+    NESTED_REPEAT_RUNS.store(0, Ordering::Relaxed);
     let drained0 = nmi::requests_drained(me);
     let latched0 = nmi::nmis_latched();
+    let latches0 = nmi::latch_counts(me);
     nmi::register_nmi_handler(NESTED_SLOT, nested_nmi_handler);
     NESTED_TARGET.store(me as u32 + 1, Ordering::Release);
     ipi::set_ipi_handler(ipi::TEST_IPIS[1], nmi_storm);
@@ -711,6 +720,13 @@ fn nested_nmi() -> Verdict {
     }
     let handled = nmi::requests_drained(me) - drained0;
     let latched = nmi::nmis_latched() - latched0;
+    let latches = nmi::latch_counts(me);
+    let (mine, answered, repeats, lost) = (
+        latches.latched - latches0.latched,
+        latches.answered - latches0.answered,
+        latches.repeats - latches0.repeats,
+        latches.lost - latches0.lost,
+    );
     ipi::clear_ipi_handler(ipi::TEST_IPIS[1]);
     NESTED_TARGET.store(0, Ordering::Release);
     nmi::unregister_nmi_handler(NESTED_SLOT);
@@ -723,6 +739,24 @@ fn nested_nmi() -> Verdict {
         "armed NMI {stuck:?} never completed within 1 s"
     );
     check!(still.is_empty(), "storm still running on {still} after 5 s");
+    // Every latch made its outer NMI run the handlers again before returning.
+    check!(
+        lost == 0 && answered == mine,
+        "cpu{me}: {mine} nested NMIs latched, {answered} answered by {repeats} repeat passes, {lost} lost (the outer NMI returned without repeating)"
+    );
+    check!(
+        repeats > 0 && repeats <= mine || others.is_empty(),
+        "cpu{me}: {repeats} repeat passes for {mine} latched NMIs"
+    );
+    let reran = NESTED_REPEAT_RUNS.load(Ordering::Relaxed);
+    check!(
+        reran >= repeats,
+        "cpu{me}: the test handler ran in {reran} of {repeats} repeat passes"
+    );
+    check!(
+        latched >= mine,
+        "cpu{me}: {mine} latched here but {latched} on all CPUs"
+    );
     check!(
         handled == sent,
         "cpu{me}: {sent} NMI requests sent, {handled} drained within 1 s"
@@ -740,7 +774,7 @@ fn nested_nmi() -> Verdict {
     (
         Outcome::Pass,
         msg!(
-            "cpu{me}: {NESTED_ITERATIONS} #UD passes, {sent} sent = {handled} drained, {latched} nested latched, depth 1"
+            "cpu{me}: {NESTED_ITERATIONS} #UD passes, {sent} sent = {handled} drained, {mine} nested latched = answered by {repeats} repeats, depth 1"
         ),
     )
 }

@@ -22,6 +22,7 @@ global_asm!(
     sync = const ipi::SYNC_VECTOR,
     nmi_stack_size = const super::layout::IST_SIZE,
     nmi_latched = sym nmi::NMI_LATCHED,
+    nmi_latched_by = sym nmi::NMI_LATCHED_BY,
     kernel_cs = const gdt::KERNEL_CS,
     kernel_ds = const gdt::KERNEL_DS,
     options(att_syntax)
@@ -160,7 +161,9 @@ const NAMES: [&str; 32] = [
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
-        2 => nmi::handle_nmi(),
+        // SAFETY: the NMI frame's error slot counts the latches this pass answers; only
+        // this CPU's nested NMIs touch it besides, each with one `incq`.
+        2 => unsafe { nmi::handle_nmi(&raw mut frame.error) },
         // A site the INT3 protocol has in flight: emulated, else fatal like any #BP.
         3 => {
             if !super::text_poke::handle_int3(frame) {

@@ -91,6 +91,182 @@ pub fn nmi_mechanism() -> Result<&'static str, &'static str> {
     }
 }
 
+/// An NMI mechanism arm64 can run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NmiMechanism {
+    /// No NMIs: IRQs off is PSTATE.I.
+    None,
+    /// GICv3 pseudo-NMIs: IRQs off is ICC_PMR_EL1, NMIs are a priority it admits.
+    PseudoNmi,
+    /// FEAT_NMI superpriority interrupts (GICR_INMIR0, ICC_NMIAR1_EL1), PMR masking.
+    FeatNmi,
+}
+
+impl NmiMechanism {
+    /// Every mechanism, by its `expect_nmi=` spelling ([`name`](Self::name)).
+    pub const ALL: [NmiMechanism; 3] = [Self::None, Self::PseudoNmi, Self::FeatNmi];
+
+    /// The `expect_nmi=` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::PseudoNmi => "pseudo_nmi",
+            Self::FeatNmi => "feat_nmi",
+        }
+    }
+}
+
+impl core::fmt::Display for NmiMechanism {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the mechanism is chosen from: the CPU, the GIC and the bootargs.
+#[derive(Clone, Copy, Debug)]
+pub struct NmiInputs {
+    /// ID_AA64PFR1_EL1.NMI (bits 39:36): 1 = FEAT_NMI.
+    cpu_nmi: u64,
+    /// GICD_TYPER.NMI: the distributor has the NMI property.
+    gic_nmi: bool,
+    /// `pseudo_nmi=off`.
+    off: bool,
+    /// `platform_feat_nmi=off`: pseudo-NMIs even with FEAT_NMI.
+    feat_off: bool,
+}
+
+impl core::fmt::Display for NmiInputs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "ID_AA64PFR1_EL1.NMI={} GICD_TYPER.NMI={} pseudo_nmi={}{}",
+            self.cpu_nmi,
+            u8::from(self.gic_nmi),
+            if self.off { "off" } else { "on" },
+            if self.feat_off {
+                " platform_feat_nmi=off"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The mechanism the calling CPU, the GIC and the bootargs call for, read afresh from
+/// the hardware (not the boot's choice): none with `pseudo_nmi=off`; FEAT_NMI when
+/// the CPU (ID_AA64PFR1_EL1.NMI) and the distributor (GICD_TYPER.NMI) both have it,
+/// unless `platform_feat_nmi=off`; GICv3 pseudo-NMIs otherwise.
+pub fn expected_nmi_mechanism() -> (NmiMechanism, NmiInputs) {
+    let pfr1: u64;
+    // SAFETY: reading an ID register has no side effect. By hand: aarch64-cpu 11.2's
+    // ID_AA64PFR1_EL1 has no NMI field.
+    unsafe {
+        core::arch::asm!("mrs {}, S3_0_C0_C4_1", out(reg) pfr1, options(nomem, nostack, preserves_flags))
+    };
+    let gicd = boot_info().gicd.base;
+    // SAFETY: GICD_TYPER (offset 4) of the distributor the DTB names, mapped as device
+    // memory since boot; a read-only register, no side effect.
+    let typer = unsafe { core::ptr::read_volatile((gicd + 4) as *const u32) };
+    let inputs = NmiInputs {
+        cpu_nmi: (pfr1 >> 36) & 0xf,
+        gic_nmi: typer & irq::GICD_TYPER_NMI != 0,
+        off: boot_info().bootarg("pseudo_nmi") == Some("off"),
+        feat_off: boot_info().bootarg("platform_feat_nmi") == Some("off"),
+    };
+    let expected = if inputs.off {
+        NmiMechanism::None
+    } else if inputs.cpu_nmi >= 1 && inputs.gic_nmi && !inputs.feat_off {
+        NmiMechanism::FeatNmi
+    } else {
+        NmiMechanism::PseudoNmi
+    };
+    (expected, inputs)
+}
+
+/// What the calling CPU really does, seen from its registers and one self-NMI.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NmiObserved {
+    /// SCTLR_EL1.NMI.
+    sctlr_nmi: bool,
+    /// GICR_INMIR0 bits of the NMI and stop SGIs.
+    inmir0: u32,
+    /// "IRQs off" (`local_irq_save`): the PMR value, and PSTATE.I.
+    pmr_off: u8,
+    i_off: bool,
+    /// A self-NMI sent with IRQs off: taken (at all), and through ICC_NMIAR1_EL1.
+    taken: bool,
+    superpriority: bool,
+}
+
+impl NmiObserved {
+    /// The mechanism these observations add up to, `None` if they contradict each
+    /// other.
+    pub fn mechanism(&self) -> Option<NmiMechanism> {
+        let both = 1 << gic::STOP_SGI | 1 << nmi::NMI_SGI;
+        let pmr_masking = self.pmr_off == irq::PMR_IRQOFF && !self.i_off;
+        match (self.sctlr_nmi, self.inmir0) {
+            (true, i) if i == both && pmr_masking && self.taken && self.superpriority => {
+                Some(NmiMechanism::FeatNmi)
+            }
+            (false, 0) if pmr_masking && self.taken && !self.superpriority => {
+                Some(NmiMechanism::PseudoNmi)
+            }
+            (false, 0) if self.i_off && !self.taken => Some(NmiMechanism::None),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for NmiObserved {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "SCTLR.NMI={} INMIR0={:#x} IRQs off: PMR {:#x} I={}, self-NMI {}",
+            u8::from(self.sctlr_nmi),
+            self.inmir0,
+            self.pmr_off,
+            u8::from(self.i_off),
+            match (self.taken, self.superpriority) {
+                (false, _) => "not taken",
+                (true, false) => "taken (IAR1)",
+                (true, true) => "taken (NMIAR1)",
+            }
+        )
+    }
+}
+
+/// Observes the NMI mechanism the calling CPU really uses: SCTLR_EL1.NMI, its
+/// redistributor's GICR_INMIR0, what "IRQs off" writes, and, when IRQs off is the
+/// priority mask, whether a self-NMI gets through it and how it is acknowledged.
+pub fn observe_nmi_mechanism() -> NmiObserved {
+    let me = current_cpu();
+    let sctlr: u64;
+    // SAFETY: reading SCTLR_EL1 has no side effect.
+    unsafe {
+        core::arch::asm!("mrs {}, sctlr_el1", out(reg) sctlr, options(nomem, nostack, preserves_flags))
+    };
+    let mut seen = NmiObserved {
+        sctlr_nmi: (sctlr >> 61) & 1 != 0,
+        inmir0: gic::nmi_property(me) & (1 << gic::STOP_SGI | 1 << nmi::NMI_SGI),
+        ..NmiObserved::default()
+    };
+    let flags = local_irq_save();
+    seen.pmr_off = irq::pmr();
+    seen.i_off = crate::arch::aarch64::cpu::daif() & crate::arch::aarch64::cpu::DAIF_I != 0;
+    if !seen.i_off {
+        let (taken0, acks0) = (gic::sgi_count(me, nmi::NMI_SGI), irq::superpriority_acks());
+        nmi::send_nmi_self();
+        let start = now_ns();
+        while gic::sgi_count(me, nmi::NMI_SGI) == taken0 && now_ns() - start < 100_000_000 {
+            core::hint::spin_loop();
+        }
+        seen.taken = gic::sgi_count(me, nmi::NMI_SGI) != taken0;
+        seen.superpriority = irq::superpriority_acks() != acks0;
+    }
+    local_irq_restore(flags);
+    seen
+}
+
 /// Whether a stop request reaches a CPU that spins with IRQs off: with NMIs the stop
 /// IPI is NMI-class.
 pub fn stop_ipi_reaches_irqs_off() -> bool {

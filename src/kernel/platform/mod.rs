@@ -12,6 +12,7 @@
 //! | `IrqFlags`, `local_irq_save`, `local_irq_restore`, `irqs_disabled` | "IRQs off", which NMIs pass |
 //! | `nmi` | NMI IPIs, the NMI handler registry, `in_nmi` |
 //! | `nmi_mechanism`, `stop_ipi_reaches_irqs_off`, `nmi_free_window` | what the NMI self-tests expect here |
+//! | `NmiMechanism`, `expected_nmi_mechanism`, `observe_nmi_mechanism` | the NMI mechanism the hardware and bootargs call for, and the one a CPU really uses |
 //! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
 //! | `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it |
 

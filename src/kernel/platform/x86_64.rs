@@ -73,6 +73,118 @@ pub fn nmi_mechanism() -> Result<&'static str, &'static str> {
     Ok("APIC NMIs (delivery mode NMI); IRQs off = RFLAGS.IF, which NMIs pass")
 }
 
+/// How NMI IPIs reach a CPU on x86: NMIs are architectural, the local APIC's mode is
+/// the choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NmiMechanism {
+    /// x2APIC: the ICR is one MSR (0x830), written atomically.
+    X2Apic,
+    /// xAPIC: the ICR is two MMIO registers at 0xfee0_0000.
+    XApic,
+}
+
+impl NmiMechanism {
+    /// Every mechanism, by its `expect_nmi=` spelling ([`name`](Self::name)).
+    pub const ALL: [NmiMechanism; 2] = [Self::X2Apic, Self::XApic];
+
+    /// The `expect_nmi=` spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::X2Apic => "x2apic",
+            Self::XApic => "xapic",
+        }
+    }
+}
+
+impl core::fmt::Display for NmiMechanism {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the mechanism is chosen from: CPUID.
+#[derive(Clone, Copy, Debug)]
+pub struct NmiInputs {
+    /// CPUID.01H:ECX.x2APIC (bit 21).
+    x2apic: bool,
+}
+
+impl core::fmt::Display for NmiInputs {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "CPUID.1:ECX.x2APIC={}", u8::from(self.x2apic))
+    }
+}
+
+/// The mechanism the calling CPU calls for, read afresh from CPUID: x2APIC whenever
+/// the CPU has it (the kernel has no reason to prefer the two-register ICR).
+pub fn expected_nmi_mechanism() -> (NmiMechanism, NmiInputs) {
+    let inputs = NmiInputs {
+        x2apic: cpu::cpuid(1, 0)[2] & (1 << 21) != 0,
+    };
+    let expected = if inputs.x2apic {
+        NmiMechanism::X2Apic
+    } else {
+        NmiMechanism::XApic
+    };
+    (expected, inputs)
+}
+
+/// What the calling CPU's local APIC really is, and whether a self-NMI through it
+/// arrives.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NmiObserved {
+    /// IA32_APIC_BASE (MSR 0x1b): EN (bit 11) and EXTD (bit 10, x2APIC mode).
+    enabled: bool,
+    extd: bool,
+    /// A self-NMI sent with IF clear was taken.
+    taken: bool,
+}
+
+impl NmiObserved {
+    /// The mechanism these observations add up to, `None` if there is none.
+    pub fn mechanism(&self) -> Option<NmiMechanism> {
+        match (self.enabled, self.extd, self.taken) {
+            (true, true, true) => Some(NmiMechanism::X2Apic),
+            (true, false, true) => Some(NmiMechanism::XApic),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for NmiObserved {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "IA32_APIC_BASE.EN={} EXTD={}, self-NMI with IF=0 {}",
+            u8::from(self.enabled),
+            u8::from(self.extd),
+            if self.taken { "taken" } else { "not taken" }
+        )
+    }
+}
+
+/// Observes the calling CPU's APIC mode (IA32_APIC_BASE) and sends it an NMI with
+/// interrupts off, through the ICR of the mode in use.
+pub fn observe_nmi_mechanism() -> NmiObserved {
+    let me = current_cpu();
+    let base = cpu::rdmsr(0x1b);
+    let mut seen = NmiObserved {
+        enabled: base & (1 << 11) != 0,
+        extd: base & (1 << 10) != 0,
+        taken: false,
+    };
+    let flags = local_irq_save();
+    let taken0 = nmi::nmis_taken(me);
+    nmi::send_nmi_self();
+    let start = now_ns();
+    while nmi::nmis_taken(me) == taken0 && now_ns() - start < 100_000_000 {
+        cpu::pause();
+    }
+    seen.taken = nmi::nmis_taken(me) != taken0;
+    local_irq_restore(flags);
+    seen
+}
+
 /// The stop IPI is a normal vector: a CPU spinning with IF clear is not reached (the
 /// arrival timeout names it).
 pub fn stop_ipi_reaches_irqs_off() -> bool {

@@ -30,6 +30,8 @@ pub struct Params {
     pub flips: u32,
     /// Nosync flips (`nosync_flips=N`).
     pub nosync_flips: u32,
+    /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
+    pub expect_nmi: Option<platform::NmiMechanism>,
 }
 
 impl Params {
@@ -37,6 +39,7 @@ impl Params {
     pub const DEFAULT: Params = Params {
         flips: 10_000,
         nosync_flips: 2_000,
+        expect_nmi: None,
     };
 }
 
@@ -778,6 +781,8 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
         if value != 1 && value != 2 {
             callers.record_bad(cpu, value, 0, 0);
         }
+        // Release pairs with the patcher's Acquire in `wait_for_callers`.
+        callers.calls_by[cpu].fetch_add(1, Ordering::Release);
         if callers
             .calls
             .fetch_add(1, Ordering::Relaxed)
@@ -793,7 +798,9 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
 /// `platform::live_branch` (arm64: B through `patch_nosync`; x86: NOP5 <-> JMP rel32
 /// through the INT3 protocol, `text_poke_bp`) `nosync_flips` times while every other
 /// CPU calls it. Every call must return 1 (NOP) or 2 (branch taken); the patching CPU
-/// must see the new one at once.
+/// must see the new one at once; every other CPU must call the site between every two
+/// flips (as in `torture`: a flipping CPU that never lets the callers run, as under
+/// single-threaded TCG, would otherwise check nothing).
 fn nosync(params: &Params) -> Verdict {
     let site = pm_nosync_target as *const () as usize;
     // A pair that is not CMODX-safe is refused and changes nothing.
@@ -814,10 +821,23 @@ fn nosync(params: &Params) -> Verdict {
         Err(why) => return Verdict::Skip(msg!("NOP -> MOVZ refused; {why}")),
     };
     let callers = Callers::new();
+    let others = others();
     // SAFETY: `callers` outlives the jobs: we wait for them before returning.
-    let jobs = unsafe { run_on(others(), nosync_caller, &callers) };
+    let jobs = unsafe { run_on(others, nosync_caller, &callers) };
     let mut failure = None;
-    for k in 0..params.nosync_flips {
+    let mut starved = None;
+    // Every caller has started before the first flip.
+    let idle = wait_for_callers(&callers, others, &[0; crate::MAX_CPUS]);
+    if !idle.is_empty() {
+        starved = Some((None, idle));
+    }
+    let calls_before = callers.calls.load(Ordering::Relaxed);
+    let flips = if starved.is_none() {
+        params.nosync_flips
+    } else {
+        0
+    };
+    for k in 0..flips {
         let patch = if k % 2 == 0 {
             Patch::new(site, NOP, branch)
         } else {
@@ -833,7 +853,16 @@ fn nosync(params: &Params) -> Verdict {
         if mine != expected {
             callers.record_bad(current_cpu(), mine, u64::from(k), u64::from(k));
         }
+        // Every caller runs the site as this flip left it before the next flip.
+        let since: [u64; crate::MAX_CPUS] =
+            core::array::from_fn(|cpu| callers.calls_by[cpu].load(Ordering::Relaxed));
+        let idle = wait_for_callers(&callers, others, &since);
+        if !idle.is_empty() {
+            starved = Some((Some(k), idle));
+            break;
+        }
     }
+    let concurrent = callers.calls.load(Ordering::Relaxed) - calls_before;
     callers.stop.store(true, Ordering::Release);
     let waited = jobs.wait(JOB_TIMEOUT_NS);
     if KERNEL_TEXT.read_insn(site, SITE_LEN) != NOP {
@@ -842,6 +871,17 @@ fn nosync(params: &Params) -> Verdict {
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
     }
+    match starved {
+        Some((None, idle)) => fail!(
+            "CPUs {idle} never called the site within {} ms of being started",
+            CALLER_WAIT_NS / 1_000_000
+        ),
+        Some((Some(k), idle)) => fail!(
+            "after flip {k}, CPUs {idle} made no call within {} ms",
+            CALLER_WAIT_NS / 1_000_000
+        ),
+        None => {}
+    }
     if let Err(pending) = waited {
         fail!("callers on {pending} did not stop");
     }
@@ -849,8 +889,8 @@ fn nosync(params: &Params) -> Verdict {
         fail!("cpu{cpu} got {value} (flip {k})");
     }
     Verdict::Pass(msg!(
-        "{} flips without a stop, {} concurrent calls",
+        "{} flips without a stop, {concurrent} concurrent calls on {} CPUs",
         params.nosync_flips,
-        callers.calls.load(Ordering::Relaxed)
+        others.len()
     ))
 }

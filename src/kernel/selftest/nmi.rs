@@ -56,14 +56,56 @@ fn no_nmis() -> Option<Verdict> {
         .map(|why| Verdict::Skip(msg!("{why}")))
 }
 
-/// Which NMI mechanism the boot chose, and that it is the one the bootargs and the CPU
-/// call for.
-pub fn nmi_mechanism(_: &Params) -> Verdict {
-    match platform::nmi_mechanism() {
-        Ok(what) => Verdict::Pass(msg!("{what}")),
-        Err(why) if why.contains("in use with") => fail!("{why}"),
-        Err(why) => Verdict::Pass(msg!("{why}")),
+/// One observation of the NMI mechanism per CPU.
+struct Observations {
+    seen: [spin::Mutex<Option<platform::NmiObserved>>; crate::MAX_CPUS],
+}
+
+fn observe_on(cpu: usize, out: &Observations) {
+    *out.seen[cpu].lock() = Some(platform::observe_nmi_mechanism());
+}
+
+/// The NMI mechanism every CPU really uses (its registers, and a self-NMI sent with
+/// IRQs off) is the one the hardware and the bootargs call for, derived afresh
+/// (arm64: ID_AA64PFR1_EL1.NMI, GICD_TYPER.NMI, `pseudo_nmi=`; x86: CPUID's x2APIC);
+/// with `expect_nmi=NAME`, it is that one.
+pub fn nmi_mechanism(params: &Params) -> Verdict {
+    let (expected, inputs) = platform::expected_nmi_mechanism();
+    let out = Observations {
+        seen: [const { spin::Mutex::new(None) }; crate::MAX_CPUS],
+    };
+    observe_on(platform::current_cpu(), &out);
+    // One CPU at a time: the FEAT_NMI evidence is a counter of all CPUs.
+    for cpu in others().iter() {
+        // SAFETY: `out` outlives the job: we wait for it right here.
+        let job = unsafe { run_on(CpuSet::single(cpu), observe_on, &out) };
+        if let Err(pending) = job.wait(JOB_TIMEOUT_NS) {
+            fail!("cpu{pending} did not finish observing its NMI mechanism");
+        }
     }
+    let online = platform::online_cpus();
+    for cpu in online.iter() {
+        let Some(seen) = *out.seen[cpu].lock() else {
+            fail!("cpu{cpu} made no observation");
+        };
+        match seen.mechanism() {
+            Some(used) if used == expected => {}
+            Some(used) => fail!("cpu{cpu} uses {used} ({seen}); {inputs} call for {expected}"),
+            None => {
+                fail!("cpu{cpu}: no consistent NMI mechanism: {seen}; {inputs} call for {expected}")
+            }
+        }
+    }
+    if let Some(want) = params.expect_nmi {
+        check!(
+            expected == want,
+            "expect_nmi={want}, but {expected} is in use ({inputs})"
+        );
+    }
+    let Some(mine) = *out.seen[platform::current_cpu()].lock() else {
+        fail!("no observation of the calling CPU");
+    };
+    Verdict::Pass(msg!("{expected} on {online}: {inputs}; {mine}"))
 }
 
 /// NMI IPIs to one CPU, to all but self and to self, each taken in NMI context.
@@ -167,17 +209,52 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
     }
 }
 
-/// Stop functions run from NMI context on exactly the active CPUs; errors from every
-/// CPU are kept.
+/// Stop functions run from NMI context on exactly the active CPUs, for all CPUs and
+/// for proper subsets (one other CPU, all but the initiator, the initiator with one
+/// other, the initiator alone); NMIs land on exactly those CPUs; errors from every
+/// active CPU are kept.
 pub fn stop_machine_nmi(_: &Params) -> Verdict {
     if let Some(skip) = no_nmis() {
         return skip;
     }
     let online = platform::online_cpus();
+    let me = platform::current_cpu();
+    let others = online.without(me);
+    let first_other = others.lowest().map_or(CpuSet::EMPTY, CpuSet::single);
+    let last_other = others.iter().last().map_or(CpuSet::EMPTY, CpuSet::single);
+    let subsets = [
+        ("all", online),
+        ("one other", first_other),
+        ("all but the initiator", others),
+        ("the initiator and one other", last_other.with(me)),
+        ("the initiator alone", CpuSet::single(me)),
+    ];
+    nmi::register_nmi_handler(TEST_SLOT, count_hit);
+    let mut tried = 0;
+    for (what, active) in subsets {
+        if active.is_empty() || (active == online && what != "all") {
+            continue;
+        }
+        if let failed @ Verdict::Fail(_) = stop_machine_nmi_on(what, active) {
+            nmi::unregister_nmi_handler(TEST_SLOT);
+            return failed;
+        }
+        tried += 1;
+    }
+    nmi::unregister_nmi_handler(TEST_SLOT);
+    Verdict::Pass(msg!(
+        "{tried} active sets of {online}: ran from NMI on exactly each, odd CPUs' errors kept"
+    ))
+}
+
+/// One `stop_machine_nmi` call on `active` (named `what` in failures).
+fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
     let ran = AtomicU32::new(0);
+    let runs = AtomicU32::new(0);
     let in_nmi = AtomicU32::new(0);
     let function = |cpu: usize| {
         ran.fetch_or(1 << cpu, Ordering::Relaxed);
+        runs.fetch_add(1, Ordering::Relaxed);
         if nmi::in_nmi() {
             in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
         }
@@ -187,9 +264,10 @@ pub fn stop_machine_nmi(_: &Params) -> Verdict {
             Ok(())
         }
     };
+    let before = hits();
     // SAFETY: the function only touches atomics.
-    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, online, OPTIONS);
-    let odd = online
+    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, active, OPTIONS);
+    let odd = active
         .iter()
         .filter(|c| c % 2 == 1)
         .fold(CpuSet::EMPTY, CpuSet::with);
@@ -199,26 +277,38 @@ pub fn stop_machine_nmi(_: &Params) -> Verdict {
             for cpu in odd.iter() {
                 check!(
                     failures.code(cpu) == Some(-200 - cpu as i32),
-                    "cpu{cpu}: {:?}",
+                    "{what} {active}: cpu{cpu}: {:?}",
                     failures.code(cpu)
                 );
             }
         }
-        other => fail!("expected failures on {odd}, got {other:?}"),
+        other => fail!("{what} {active}: expected failures on {odd}, got {other:?}"),
     }
     let (ran, in_nmi) = (ran.load(Ordering::Relaxed), in_nmi.load(Ordering::Relaxed));
-    check!(ran == online.bits(), "ran on {}", CpuSet::from_bits(ran));
+    let runs = runs.load(Ordering::Relaxed) as usize;
     check!(
-        in_nmi == online.bits(),
-        "only {} ran in NMI context",
+        ran == active.bits() && runs == active.len(),
+        "{what} {active}: ran on {} ({runs} runs)",
+        CpuSet::from_bits(ran)
+    );
+    check!(
+        in_nmi == active.bits(),
+        "{what} {active}: only {} ran in NMI context",
         CpuSet::from_bits(in_nmi)
     );
     check!(
-        STOP.nmi_delivered() == online,
-        "NMIs delivered on {}",
+        STOP.nmi_delivered() == active,
+        "{what} {active}: NMIs delivered on {}",
         STOP.nmi_delivered()
     );
-    Verdict::Pass(msg!("ran from NMI on {online}, errors from {odd} kept"))
+    // Every NMI runs the test handler too: it counts where NMIs landed.
+    let after = hits();
+    let landed = platform::online_cpus()
+        .iter()
+        .filter(|&cpu| after[cpu] != before[cpu])
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    check!(landed == active, "{what} {active}: NMIs landed on {landed}");
+    Verdict::Pass(Msg::new())
 }
 
 impl Callers {
