@@ -14,6 +14,7 @@
 //! | `nmi_mechanism`, `stop_ipi_reaches_irqs_off`, `nmi_free_window` | what the NMI self-tests expect here |
 //! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
 //! | `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it |
+//! | `SELFTESTS`, `FAULT_MODES`, `provoke` | the platform's own checks (KTAP suite `platform`) and the fatal conditions `platform_selftest=` provokes |
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;

@@ -3,7 +3,7 @@
 //! the code being patched (seed 003).
 
 use super::{
-    Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, Verdict, call_torture_targets, others,
+    Callers, JOB_TIMEOUT_NS, OPTIONS, Params, Verdict, call_torture_targets, others,
     stop_recording, torture_batch, torture_caller,
 };
 use crate::CpuSet;
