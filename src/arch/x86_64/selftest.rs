@@ -207,7 +207,9 @@ pub const FAULT_MODES: &[&str] = &["text_write", "exec_data", "null", "ud", "pan
 /// Provokes the fatal condition `mode` (one of [`FAULT_MODES`], see the module docs);
 /// returns only if it did not bring the kernel down.
 pub fn provoke(mode: &str) {
-    crate::kprintln!("# platform_selftest={mode}: expecting a fatal report");
+    crate::kprintln!(
+        "# platform_selftest={mode}: provoking it (expect a fatal report, failure status)"
+    );
     match mode {
         "text_write" => {
             let p = pm_poke_target as *const () as *mut u8;
