@@ -74,6 +74,8 @@ is_positive() { [[ "$1" =~ ^[0-9]+$ && "$1" =~ [1-9] ]]; }
 #   crash LINE                          first PANIC / UNEXPECTED EXCEPTION line
 #   crashed_in NAME                     the test running at the crash (SUITE.NAME
 #                                       inside a suite), from its "# NAME: start"
+#   running NAME                        a test that started ("# NAME: start")
+#                                       and never reported a result
 #   error TEXT                          each structural problem, in order
 # Subtest suites are KUnit's: a level is four spaces deeper, opens with its own
 # "KTAP version 1", "# Subtest: NAME" and plan, and its verdict is the parent's
@@ -212,6 +214,13 @@ ktap_scan() {
         next
     }
     END {
+        # A test that started and never reported: where a hang, an exit or a crash
+        # left the run.
+        for (i = depth; i >= 0; i--)
+            if (started[i] != "") {
+                print "running " (i > 0 ? path(i) "." : "") started[i]
+                break
+            }
         while (depth > 0) {
             err("suite " path(depth) " never ended (ran " seen[depth] " of " planned[depth] ")")
             close_level(depth)
@@ -239,7 +248,7 @@ ktap_scan() {
 ktap_verdict() {
     local serial="$1" status="$2" timed_out="$3" errfile="$4" elapsed="$5"
     local seen=0 npass=0 nfail=0 nskip=0
-    local last="" lastline="" crash="" crashed_in="" kind rest suites=""
+    local last="" lastline="" crash="" crashed_in="" running="" kind rest suites=""
     local -a errors=() notoks=() subnotoks=()
 
     while IFS= read -r fact; do
@@ -251,6 +260,7 @@ ktap_verdict() {
             lastline) lastline="$rest" ;;
             crash) crash="$rest" ;;
             crashed_in) crashed_in="$rest" ;;
+            running) running="$rest" ;;
             notok) notoks+=("$rest") ;;
             subnotok) subnotoks+=("$rest") ;;
             suite)
@@ -284,7 +294,7 @@ ktap_verdict() {
 
     local reason=""
     if [[ "$timed_out" != 0 ]]; then
-        reason="timeout after $timed_out s; $where"
+        reason="timeout after $timed_out s${running:+ in $running}; $where"
     elif [[ -n "$crash" ]]; then
         reason="kernel crashed${crashed_in:+ in $crashed_in}: $crash; $where"
     elif ((nfail > 0 || ${#subnotoks[@]} > 0)); then
@@ -303,6 +313,7 @@ ktap_verdict() {
         reason="QEMU exited with status $status: $qemu_error"
     elif ((${#errors[@]} > 0)); then
         reason="bad KTAP report: ${errors[0]}"
+        if [[ -n "$running" ]]; then reason="the run ended in $running; $reason"; fi
         if ((${#errors[@]} > 1)); then reason+=" (and $((${#errors[@]} - 1)) more problem(s))"; fi
         if [[ "$status" != 0 ]]; then reason+="; QEMU exit status $status"; fi
         reason+="; $where"

@@ -71,7 +71,8 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
                     if name == "all" {
                         selection.tests |= default_tests();
                     } else if name == PLATFORM_SUITE {
-                        selection.platform = u64::MAX >> (64 - platform::SELFTESTS.len());
+                        selection.platform =
+                            (0..platform::SELFTESTS.len()).fold(0, |mask, i| mask | 1 << i);
                     } else if let Some(case) = name.strip_prefix("platform.") {
                         match platform::SELFTESTS.iter().position(|t| t.name == case) {
                             Some(index) => selection.platform |= 1 << index,
@@ -162,12 +163,12 @@ pub fn primary_main() -> ! {
             ktap.diag(format_args!(
                 "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
                  flips=N nosync_flips=N pseudo_nmi=on|off platform_selftest={}",
-                Names(TESTS.iter().map(|t| t.name)),
-                Names(platform::FAULT_MODES.iter().copied()),
+                Names(TESTS.iter().map(|t| t.name), ","),
+                Names(platform::FAULT_MODES.iter().copied(), "|"),
             ));
             ktap.diag(format_args!(
                 "platform tests: {}",
-                Names(platform::SELFTESTS.iter().map(|t| t.name))
+                Names(platform::SELFTESTS.iter().map(|t| t.name), ",")
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);
             ktap.finish();
@@ -212,14 +213,14 @@ fn word_of(bootargs: &'static str, key: &'static str) -> &'static str {
         .unwrap_or(key)
 }
 
-/// Displays names, comma-separated.
-struct Names<I>(I);
+/// Displays names, separated by the second field.
+struct Names<I>(I, &'static str);
 
 impl<'a, I: Iterator<Item = &'a str> + Clone> fmt::Display for Names<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, name) in self.0.clone().enumerate() {
             if i > 0 {
-                f.write_str(",")?;
+                f.write_str(self.1)?;
             }
             f.write_str(name)?;
         }

@@ -9,7 +9,8 @@
 //! (as the run's only KTAP test), which must be reported and end the run with the
 //! failure status: `text_write` (store to kernel text), `exec_data` (call into a
 //! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`,
-//! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
+//! `overflow` (stack overflow into the guard page: a #DF on its IST stack), `exit_fail`
+//! (`exit(false)`).
 
 use super::text_poke::text_poke_bp;
 use super::{STOP, ipi, irq, layout, nmi, paging, smp, timer};
@@ -202,7 +203,15 @@ fn recurse(n: u64) -> u64 {
 static DATA_WORD: AtomicU64 = AtomicU64::new(0xc3); // `ret`
 
 /// The modes of `platform_selftest=`: the fatal conditions [`provoke`] knows.
-pub const FAULT_MODES: &[&str] = &["text_write", "exec_data", "null", "ud", "panic", "overflow"];
+pub const FAULT_MODES: &[&str] = &[
+    "text_write",
+    "exec_data",
+    "null",
+    "ud",
+    "panic",
+    "overflow",
+    "exit_fail",
+];
 
 /// Provokes the fatal condition `mode` (one of [`FAULT_MODES`], see the module docs);
 /// returns only if it did not bring the kernel down.
@@ -233,6 +242,7 @@ pub fn provoke(mode: &str) {
             let depth = recurse(core::hint::black_box(0));
             crate::kprintln!("recursed {depth} times");
         }
+        "exit_fail" => super::exit::exit(false),
         _ => crate::kprintln!("# platform_selftest: unknown mode '{mode}'"),
     }
 }
