@@ -1,7 +1,8 @@
 //! The self-test harness of the kernel suite and of both platforms' own checks: a
-//! test's [`Verdict`] and its [`Msg`], the [`msg!`](crate::msg), [`fail!`](crate::fail)
-//! and [`check!`](crate::check) macros, the [`Test`] table entry, and [`run`] /
-//! [`run_suite`], which report through [`Ktap`].
+//! test's [`Verdict`] and its [`Msg`], the `msg!`, `fail!` and `check!` macros (in scope
+//! crate-wide: `lib.rs` declares this module `#[macro_use]`, before the modules with
+//! tests), the [`Test`] table entry, and [`run`] / [`run_suite`], which report through
+//! [`Ktap`].
 //!
 //! Before each test the runner prints `# NAME: start`: if the test brings the kernel
 //! down, the log names the test that was running (KTAP then reads it as crashed).
@@ -10,7 +11,6 @@ use crate::ktap::{Ktap, Outcome};
 use core::fmt::{self, Write};
 
 /// A [`Msg`] from `format!`-style arguments (`core::fmt::Write` must be in scope).
-#[macro_export]
 macro_rules! msg {
     ($($arg:tt)*) => {{
         let mut m = $crate::harness::Msg::new();
@@ -19,19 +19,23 @@ macro_rules! msg {
     }};
 }
 
-/// Returns [`Verdict::Fail`] with a [`msg!`](crate::msg) from the enclosing test.
-#[macro_export]
+/// Returns [`Verdict::Fail`] with a `msg!` from the enclosing test.
+#[cfg_attr(
+    not(target_os = "none"),
+    allow(unused_macros, reason = "the host build has no kernel tests")
+)]
 macro_rules! fail {
-    ($($arg:tt)*) => { return $crate::harness::Verdict::Fail($crate::msg!($($arg)*)) };
+    ($($arg:tt)*) => { return $crate::harness::Verdict::Fail(msg!($($arg)*)) };
 }
 
 /// Fails the enclosing test with the message unless the condition holds.
-#[macro_export]
+#[cfg_attr(
+    not(target_os = "none"),
+    allow(unused_macros, reason = "the host build has no kernel tests")
+)]
 macro_rules! check {
-    ($cond:expr, $($arg:tt)*) => { if !$cond { $crate::fail!($($arg)*) } };
+    ($cond:expr, $($arg:tt)*) => { if !$cond { fail!($($arg)*) } };
 }
-
-pub use crate::{check, fail, msg};
 
 /// A failure or skip message, kept in a fixed buffer (the kernel has no heap); longer
 /// text is cut.
