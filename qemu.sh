@@ -66,97 +66,178 @@ is_positive() { [[ "$1" =~ ^[0-9]+$ && "$1" =~ [1-9] ]]; }
 
 # ktap_scan FILE: reads a serial log and prints one fact per line:
 #   count PLANNED SEEN PASS FAIL SKIP   (PLANNED is -1 without a plan line)
-#   last LINE                           last top-level result line
+#   suite NAME PLANNED SEEN PASS FAIL SKIP   each subtest suite, when it ends
+#   last LINE                           last result line (SUITE: LINE in a suite)
 #   lastline LINE                       last non-empty line of output
 #   notok LINE                          each failed top-level result
+#   subnotok SUITE: LINE                each failed result inside a subtest suite
 #   crash LINE                          first PANIC / UNEXPECTED EXCEPTION line
+#   crashed_in NAME                     the test running at the crash (SUITE.NAME
+#                                       inside a suite), from its "# NAME: start"
+#   running NAME                        a test that started ("# NAME: start")
+#                                       and never reported a result
 #   error TEXT                          each structural problem, in order
-# Only top-level KTAP lines count; indented lines (subtests) are ignored.
-# A result line is `ok N ...` or `not ok N ...`; a `# SKIP` directive makes it
-# a skip (as kunit does), which is never a failure.
+# Subtest suites are KUnit's: a level is four spaces deeper, opens with its own
+# "KTAP version 1", "# Subtest: NAME" and plan, and its verdict is the parent's
+# next result, "ok N NAME" or "not ok N NAME", which must be "not ok" exactly
+# when a result inside failed or is missing. Every level is checked like the
+# top one (plan, numbering, Totals). A result line is `ok N ...` or
+# `not ok N ...`; a `# SKIP` directive makes it a skip (as kunit does), which is
+# never a failure.
 ktap_scan() {
     LC_ALL=C awk '
     function err(msg) { print "error " msg }
+    # The path of suite level d, e.g. "platform".
+    function path(d,    p, i) {
+        p = ""
+        for (i = 1; i <= d; i++) p = p (p == "" ? "" : ".") sname[i]
+        return p
+    }
+    function where(d) { return d > 0 ? "suite " path(d) ": " : "" }
+    function open_level(d) {
+        planned[d] = -1; seen[d] = 0; npass[d] = 0; nfail[d] = 0; nskip[d] = 0
+        totals[d] = ""; started[d] = ""; delete tot
+    }
+    # Ends suite level d (its parent result, if any, follows).
+    function close_level(d) {
+        if (planned[d] < 0) err(where(d) "no plan line")
+        else if (seen[d] != planned[d])
+            err(where(d) seen[d] " result line(s) for a plan of " planned[d])
+        if (totals[d] == "") err(where(d) "no \"# Totals:\" line")
+        print "suite " path(d) " " planned[d] " " seen[d] " " npass[d] " " nfail[d] " " nskip[d]
+        closed_name = sname[d]
+        closed_bad = (nfail[d] > 0 || seen[d] != planned[d] || planned[d] < 0)
+        depth = d - 1
+    }
     {
         sub(/\r+$/, "")
         if ($0 ~ /[^ \t]/) lastline = $0
+        # A KTAP line of level d is indented by 4*d spaces.
+        match($0, /^ */)
+        indent = RLENGTH
+        body = substr($0, indent + 1)
+        d = (indent % 4 == 0) ? indent / 4 : -1
     }
     /^(PANIC|UNEXPECTED EXCEPTION)/ {
-        if (crash == "") crash = $0
+        if (crash == "") {
+            crash = $0
+            if (started[depth] != "") crashed_in = (depth > 0 ? path(depth) "." : "") started[depth]
+            else if (headers) crashed_in = (depth > 0 ? path(depth) " test " : "test ") seen[depth] + 1
+        }
         next
     }
-    /^KTAP version / {
-        if ($0 != "KTAP version 1") { err("unsupported header \"" $0 "\""); next }
-        headers++
-        if (headers > 1) err("KTAP header printed more than once (did the kernel restart?)")
+    d < 0 { next }
+    body ~ /^KTAP version / {
+        if (body != "KTAP version 1") { err("unsupported header \"" body "\""); next }
+        if (d == 0) {
+            headers++
+            if (headers > 1) err("KTAP header printed more than once (did the kernel restart?)")
+            next
+        }
+        if (d != depth + 1) { err("subtest header \"" $0 "\" at the wrong depth"); next }
+        depth = d
+        sname[d] = "(unnamed)"
+        open_level(d)
         next
     }
-    /^1\.\.[0-9]+$/ {
-        if (!headers) { err("plan line \"" $0 "\" before the KTAP header"); next }
-        if (planned >= 0) { err("more than one plan line"); next }
-        planned = substr($0, 4) + 0
+    d > 0 && d <= depth && body ~ /^# Subtest: / {
+        sname[d] = substr(body, 12)
         next
     }
-    /^(not )?ok [0-9]+( |$)/ {
-        notok = ($0 ~ /^not /)
-        line = $0
+    d <= depth && body ~ /^1\.\.[0-9]+$/ {
+        if (d == 0 && !headers) { err("plan line \"" $0 "\" before the KTAP header"); next }
+        if (planned[d] >= 0) { err(where(d) "more than one plan line"); next }
+        planned[d] = substr(body, 4) + 0
+        next
+    }
+    d <= depth && body ~ /^# [^ ]+: start$/ {
+        started[d] = substr(body, 3, length(body) - 9)
+        next
+    }
+    body ~ /^(not )?ok [0-9]+( |$)/ {
+        if (d > depth) { err("result \"" $0 "\" deeper than any open suite"); next }
+        closed_name = ""
+        while (depth > d) close_level(depth)
+        notok = (body ~ /^not /)
+        line = body
         num = line; sub(/^(not )?ok /, "", num); sub(/ .*$/, "", num); num += 0
-        if (!headers) err("result \"" $0 "\" before the KTAP header")
-        else if (planned < 0) err("result \"" $0 "\" before the plan line")
-        if (totals != "") err("result \"" $0 "\" after the Totals line")
-        seen++
-        if (num != seen) err("result numbered " num " where " seen " was expected: \"" $0 "\"")
+        if (d == 0 && !headers) err("result \"" $0 "\" before the KTAP header")
+        else if (planned[d] < 0) err(where(d) "result \"" body "\" before the plan line")
+        if (totals[d] != "") err(where(d) "result \"" body "\" after the Totals line")
+        seen[d]++
+        started[d] = ""
+        if (num != seen[d]) err(where(d) "result numbered " num " where " seen[d] " was expected: \"" body "\"")
         # The directive is whatever follows the first " # " of the line.
         skip = 0
+        name = line; sub(/^(not )?ok [0-9]+ /, "", name); sub(/ #.*$/, "", name)
         if (match(line, / #/)) {
             directive = toupper(substr(line, RSTART + 2))
             sub(/^[ \t]*/, "", directive)
             skip = (directive ~ /^SKIP([ \t]|$)/)
         }
-        if (skip) nskip++
-        else if (notok) { nfail++; print "notok " $0 }
-        else npass++
-        last = $0
+        if (closed_name != "") {
+            if (name != closed_name) err("suite \"" closed_name "\" ends with the result of \"" name "\"")
+            if (closed_bad && !notok) err("suite \"" closed_name "\" has failed or missing results but reports \"" body "\"")
+            if (!closed_bad && notok) err("suite \"" closed_name "\" reports \"" body "\" without a failed result")
+        }
+        if (skip) nskip[d]++
+        else if (notok) {
+            nfail[d]++
+            if (d == 0) print "notok " body
+            else print "subnotok " path(d) ": " body
+        } else npass[d]++
+        last = (d > 0 ? path(d) ": " : "") body
         next
     }
-    /^# Totals:/ {
-        if (totals != "") { err("more than one Totals line"); next }
-        totals = $0
-        rest = substr($0, 10)
+    d <= depth && body ~ /^# Totals:/ {
+        if (totals[d] != "") { err(where(d) "more than one Totals line"); next }
+        totals[d] = body
+        delete tot
+        rest = substr(body, 10)
         n = split(rest, kv, /[ \t]+/)
         for (i = 1; i <= n; i++) {
             if (kv[i] == "") continue
-            if (kv[i] !~ /^[a-z_]+:[0-9]+$/) { err("unparsable Totals field \"" kv[i] "\""); continue }
+            if (kv[i] !~ /^[a-z_]+:[0-9]+$/) { err(where(d) "unparsable Totals field \"" kv[i] "\""); continue }
             split(kv[i], p, ":")
             tot[p[1]] = p[2] + 0
         }
+        if (!("pass" in tot) || !("fail" in tot) || !("skip" in tot))
+            err(where(d) "Totals line lacks pass/fail/skip: \"" body "\"")
+        else {
+            if (d == 0 && tot["fail"] != 0) err("Totals report fail:" tot["fail"])
+            if (tot["pass"] != npass[d] || tot["fail"] != nfail[d] || tot["skip"] != nskip[d])
+                err(where(d) "\"" body "\" disagrees with the results (pass:" npass[d]+0 " fail:" nfail[d]+0 " skip:" nskip[d]+0 ")")
+        }
+        for (k in tot)
+            if (k != "pass" && k != "fail" && k != "skip" && k != "xfail" && tot[k] != 0)
+                err(where(d) "Totals report " k ":" tot[k])
         next
     }
     END {
-        if (!headers) err("no \"KTAP version 1\" line")
-        else if (planned < 0) err("no plan line \"1..N\"")
-        else if (planned == 0) err("empty plan \"1..0\": no test was run")
-        if (planned >= 0 && seen != planned)
-            err(seen+0 " result line(s) for a plan of " planned)
-        if (headers && totals == "") err("no \"# Totals:\" line")
-        if (totals != "") {
-            if (!("pass" in tot) || !("fail" in tot) || !("skip" in tot))
-                err("Totals line lacks pass/fail/skip: \"" totals "\"")
-            else {
-                if (tot["fail"] != 0) err("Totals report fail:" tot["fail"])
-                if (tot["pass"] != npass || tot["fail"] != nfail || tot["skip"] != nskip)
-                    err("\"" totals "\" disagrees with the results (pass:" npass+0 " fail:" nfail+0 " skip:" nskip+0 ")")
+        # A test that started and never reported: where a hang, an exit or a crash
+        # left the run.
+        for (i = depth; i >= 0; i--)
+            if (started[i] != "") {
+                print "running " (i > 0 ? path(i) "." : "") started[i]
+                break
             }
-            for (k in tot)
-                if (k != "pass" && k != "fail" && k != "skip" && k != "xfail" && tot[k] != 0)
-                    err("Totals report " k ":" tot[k])
+        while (depth > 0) {
+            err("suite " path(depth) " never ended (ran " seen[depth] " of " planned[depth] ")")
+            close_level(depth)
         }
+        if (!headers) err("no \"KTAP version 1\" line")
+        else if (planned[0] < 0) err("no plan line \"1..N\"")
+        else if (planned[0] == 0) err("empty plan \"1..0\": no test was run")
+        if (planned[0] >= 0 && seen[0] != planned[0])
+            err(seen[0]+0 " result line(s) for a plan of " planned[0])
+        if (headers && totals[0] == "") err("no \"# Totals:\" line")
         if (crash != "") print "crash " crash
-        print "count " planned " " seen+0 " " npass+0 " " nfail+0 " " nskip+0
+        if (crashed_in != "") print "crashed_in " crashed_in
+        print "count " planned[0] " " seen[0]+0 " " npass[0]+0 " " nfail[0]+0 " " nskip[0]+0
         if (last != "") print "last " last
         if (lastline != "") print "lastline " lastline
     }
-    BEGIN { planned = -1 }
+    BEGIN { depth = 0; open_level(0) }
     ' "$1"
 }
 
@@ -167,8 +248,8 @@ ktap_scan() {
 ktap_verdict() {
     local serial="$1" status="$2" timed_out="$3" errfile="$4" elapsed="$5"
     local seen=0 npass=0 nfail=0 nskip=0
-    local last="" lastline="" crash="" kind rest
-    local -a errors=() notoks=()
+    local last="" lastline="" crash="" crashed_in="" running="" kind rest suites=""
+    local -a errors=() notoks=() subnotoks=()
 
     while IFS= read -r fact; do
         kind="${fact%% *}"
@@ -178,7 +259,16 @@ ktap_verdict() {
             last) last="$rest" ;;
             lastline) lastline="$rest" ;;
             crash) crash="$rest" ;;
+            crashed_in) crashed_in="$rest" ;;
+            running) running="$rest" ;;
             notok) notoks+=("$rest") ;;
+            subnotok) subnotoks+=("$rest") ;;
+            suite)
+                local s_name s_planned s_seen s_pass s_fail s_skip
+                read -r s_name s_planned s_seen s_pass s_fail s_skip <<<"$rest"
+                suites+="; $s_name: $s_seen of $s_planned tests, $s_pass passed, $s_skip skipped"
+                ((s_fail == 0)) || suites+=", $s_fail failed"
+                ;;
             error) errors+=("$rest") ;;
         esac
     done < <(ktap_scan "$serial")
@@ -198,23 +288,32 @@ ktap_verdict() {
     fi
 
     local line
-    for line in "${notoks[@]}"; do
+    for line in "${notoks[@]}" "${subnotoks[@]}"; do
         say "  $line"
     done
 
     local reason=""
     if [[ "$timed_out" != 0 ]]; then
-        reason="timeout after $timed_out s; $where"
+        reason="timeout after $timed_out s${running:+ in $running}; $where"
     elif [[ -n "$crash" ]]; then
-        reason="kernel crashed: $crash; $where"
-    elif ((nfail > 0)); then
-        reason="$nfail of $seen test(s) failed: ${notoks[0]}"
-        if ((nfail > 1)); then reason+=" (and $((nfail - 1)) more)"; fi
+        reason="kernel crashed${crashed_in:+ in $crashed_in}: $crash; $where"
+    elif ((nfail > 0 || ${#subnotoks[@]} > 0)); then
+        if ((nfail > 0)); then
+            reason="$nfail of $seen test(s) failed: ${notoks[0]}"
+            if ((nfail > 1)); then reason+=" (and $((nfail - 1)) more)"; fi
+        else
+            reason="a subtest failed (its suite reported no failure)"
+        fi
+        if ((${#subnotoks[@]} > 0)); then
+            reason+="; in suite ${subnotoks[0]}"
+            if ((${#subnotoks[@]} > 1)); then reason+=" (and $((${#subnotoks[@]} - 1)) more)"; fi
+        fi
         if ((status == 0)); then reason+="; QEMU exited 0 nevertheless"; fi
     elif [[ "$status" != 0 && -n "$qemu_error" && "$seen" == 0 ]]; then
         reason="QEMU exited with status $status: $qemu_error"
     elif ((${#errors[@]} > 0)); then
         reason="bad KTAP report: ${errors[0]}"
+        if [[ -n "$running" ]]; then reason="the run ended in $running; $reason"; fi
         if ((${#errors[@]} > 1)); then reason+=" (and $((${#errors[@]} - 1)) more problem(s))"; fi
         if [[ "$status" != 0 ]]; then reason+="; QEMU exit status $status"; fi
         reason+="; $where"
@@ -233,7 +332,7 @@ ktap_verdict() {
         say "FAIL ($reason)"
         return 1
     fi
-    say "PASS ($seen tests: $npass passed, $nskip skipped; ${elapsed} s)"
+    say "PASS ($seen tests: $npass passed, $nskip skipped$suites; ${elapsed} s)"
     return 0
 }
 

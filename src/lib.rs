@@ -21,6 +21,10 @@
 
 pub mod console_line;
 pub mod cpuset;
+// Before every module that writes tests: `#[macro_use]` puts `msg!`, `fail!` and
+// `check!` in their scope.
+#[macro_use]
+pub mod harness;
 pub mod ktap;
 pub mod nmi_handlers;
 pub mod patch;

@@ -313,12 +313,12 @@ fn boot(cell: &Cell) -> Boot {
     }
 }
 
-/// The kernel's failing top-level KTAP results (`not ok N name ...`, not `# SKIP`)
-/// in `serial`.
+/// The kernel's failing KTAP results (`not ok N name ...`, not `# SKIP`) in `serial`,
+/// those inside subtest suites (indented) too.
 fn failing_ktap_results(serial: &str) -> Vec<&str> {
     serial
         .lines()
-        .map(|l| l.trim_end_matches('\r'))
+        .map(|l| l.trim_end_matches('\r').trim_start_matches(' '))
         .filter(|l| {
             l.strip_prefix("not ok ").is_some_and(|rest| {
                 rest.starts_with(|c: char| c.is_ascii_digit())
@@ -351,11 +351,13 @@ fn annotate(cell: &Cell, line: &str) {
 }
 
 /// Boots `cell`, which must FAIL (a provoked fatal condition), and checks that the
-/// serial output says everything in `report` and that qemu.sh saw a failure status.
+/// serial output (without `\r`) or qemu.sh's verdict says everything in `report` and
+/// that qemu.sh saw a failure status.
 fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
     let boot = boot(cell);
     let serial = String::from_utf8_lossy(&boot.out.stdout);
-    let missing: Vec<&&str> = report.iter().filter(|w| !serial.contains(**w)).collect();
+    let said = format!("{}\n{}", serial.replace('\r', ""), boot.verdict);
+    let missing: Vec<&&str> = report.iter().filter(|w| !said.contains(**w)).collect();
     if boot.out.status.success() || !missing.is_empty() {
         let first = format!(
             "{} [{}]: should fail and report {report:?}; qemu.sh {}, missing {missing:?}",
@@ -490,15 +492,20 @@ fn aarch64_max_smp8() {
     run_cell(&Cell::new("aarch64_max_smp8", "max", 8).bootargs("flips=2000 expect_nmi=feat_nmi"));
 }
 
-/// Starts at EL2; PSCI goes through SMC.
+/// Starts at EL2; PSCI goes through SMC. The platform's checks run too: `entry_el`
+/// asserts the EL2 entry the cell asks for.
 #[test]
 fn aarch64_max_smp4_el2() {
     run_cell(
         &Cell::new("aarch64_max_smp4_el2", "max", 4)
             .machine_opts("virtualization=on")
-            .bootargs("flips=2000 expect_nmi=feat_nmi"),
+            .bootargs(EL2_BOOTARGS),
     );
 }
+
+/// The EL2 cells' command line: the kernel's tests and the platform's, with the entry
+/// exception level `entry_el` must see.
+const EL2_BOOTARGS: &str = "tests=all,platform platform_entry_el=2 flips=2000 expect_nmi=feat_nmi";
 
 /// GICv4 (TCG accepts it only with `virtualization=on`).
 #[test]
@@ -506,7 +513,7 @@ fn aarch64_max_smp4_el2_gicv4() {
     run_cell(
         &Cell::new("aarch64_max_smp4_el2_gicv4", "max", 4)
             .machine_opts("virtualization=on,gic-version=4")
-            .bootargs("flips=2000 expect_nmi=feat_nmi"),
+            .bootargs(EL2_BOOTARGS),
     );
 }
 
@@ -536,12 +543,13 @@ fn aarch64_cortex_a53_smp2() {
 }
 
 /// IRQs off = DAIF.I and no NMIs at all: the NMI tests must say so (skip) or show the
-/// other world (a CPU with IRQs off is not reachable and is named).
+/// other world (a CPU with IRQs off is not reachable and is named); the platform's
+/// checks too (its NMI checks skip, `no_nmis_with_pseudo_nmi_off` runs).
 #[test]
 fn aarch64_max_smp4_pseudo_nmi_off() {
     run_cell(
         &Cell::new("aarch64_max_smp4_pseudo_nmi_off", "max", 4)
-            .bootargs("pseudo_nmi=off flips=2000 expect_nmi=none"),
+            .bootargs("tests=all,platform pseudo_nmi=off flips=2000 expect_nmi=none"),
     );
 }
 
@@ -554,25 +562,40 @@ fn aarch64_cortex_a72_smp4_pseudo_nmi_off() {
     );
 }
 
-/// The platform's own checks (page permissions, stack guards, SGIs, BRK hook, alias
-/// poke, I-cache maintenance) before the kernel's tests.
+/// The platform's own checks (entry EL, page permissions, stack guards, SGIs, BRK hook,
+/// alias poke, I-cache maintenance, NMIs), KTAP suite `platform`, before the kernel's
+/// tests.
 #[test]
 fn aarch64_platform_selftest() {
     run_cell(
         &Cell::new("aarch64_platform_selftest", "cortex-a72", 2)
-            .bootargs("platform_selftest flips=200"),
+            .bootargs("tests=all,platform platform_entry_el=1 flips=200"),
     );
 }
 
 /// Kernel text is never writable: a store through its own mapping is a permission
-/// fault, reported with ESR, ELR, FAR and the CPU, and the run fails.
+/// fault, reported with ESR, ELR, FAR and the CPU, and the run fails; the KTAP header,
+/// plan and test name come first, so qemu.sh reads the fault as that test crashing.
 #[test]
 fn aarch64_text_write_faults() {
     run_cell_expecting_failure(
         &Cell::new("aarch64_text_write_faults", "max", 2).bootargs("platform_selftest=text_write"),
-        &["UNEXPECTED EXCEPTION", "ESR", "ELR", "FAR", "cpu"],
+        &[
+            FAULT_KTAP,
+            "UNEXPECTED EXCEPTION",
+            "ESR",
+            "ELR",
+            "FAR",
+            "cpu",
+            FAULT_VERDICT,
+        ],
     );
 }
+
+/// What a provoked `platform_selftest=text_write` prints before it faults, and the
+/// crash qemu.sh then reports.
+const FAULT_KTAP: &str = "KTAP version 1\n1..1\n";
+const FAULT_VERDICT: &str = "FAIL (kernel crashed in platform_selftest=text_write: ";
 
 /// A CPU that never comes online makes `cpus_online` fail, naming the count.
 #[test]
@@ -637,13 +660,14 @@ fn x86_64_qemu64_smp4() {
     );
 }
 
-/// The x86_64 platform's own checks (APIC test vectors, text alias, NMI-held timeout).
+/// The x86_64 platform's own checks (APIC test vectors, text alias, NMI-held timeout,
+/// nested NMIs), KTAP suite `platform`.
 #[test]
 fn x86_64_platform_selftest() {
     run_cell(
         &Cell::new("x86_64_platform_selftest", "max", 4)
             .on_x86_64()
-            .bootargs("platform_selftest=all"),
+            .bootargs("tests=platform"),
     );
 }
 
@@ -656,11 +680,13 @@ fn x86_64_text_write_faults() {
             .on_x86_64()
             .bootargs("platform_selftest=text_write"),
         &[
+            FAULT_KTAP,
             "UNEXPECTED EXCEPTION",
             "#PF",
             "error code 0x3",
             "RIP",
             "CR2",
+            FAULT_VERDICT,
         ],
     );
 }

@@ -9,10 +9,11 @@ mod text;
 pub use smp::secondary_main;
 pub use text::{KERNEL_TEXT, KernelText};
 
+use crate::harness::{self, Verdict};
 use crate::kprint;
 use crate::ktap::{Ktap, Outcome};
-use core::fmt;
-use selftest::{Params, TESTS, Verdict};
+use core::fmt::{self, Write};
+use selftest::{Params, TESTS};
 
 #[cfg(target_arch = "aarch64")]
 core::arch::global_asm!(include_str!("targets_aarch64.S"));
@@ -33,8 +34,17 @@ impl fmt::Write for Console {
 struct Selection {
     /// Bit `n` selects `TESTS[n]`.
     tests: u64,
+    /// Bit `n` selects `platform::SELFTESTS[n]`, run as subtest suite `platform`.
+    platform: u64,
+    /// `platform_selftest=MODE`: provoke this fatal condition instead of testing.
+    fault: Option<&'static str>,
     params: Params,
 }
+
+/// The name of the suite of the platform's own checks in `tests=` and in KTAP.
+const PLATFORM_SUITE: &str = "platform";
+
+const _: () = assert!(TESTS.len() <= 64 && platform::SELFTESTS.len() <= 64);
 
 /// A kernel argument that was not understood.
 struct BadArg<'a> {
@@ -42,30 +52,50 @@ struct BadArg<'a> {
     why: &'static str,
 }
 
-/// Parses `tests=a,b flips=N nosync_flips=N expect_nmi=NAME`; anything else is an error naming it.
-fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
+/// Parses `tests=a,b flips=N nosync_flips=N expect_nmi=NAME platform_selftest=MODE`; anything else is
+/// an error naming it. In `tests=`, `all` is the default set, `platform` the platform's
+/// own checks, `platform.NAME` one of them.
+fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> {
     let mut selection = Selection {
         tests: default_tests(),
+        platform: 0,
+        fault: None,
         params: Params::DEFAULT,
     };
     for word in bootargs.split_ascii_whitespace() {
         let (key, value) = word.split_once('=').unwrap_or((word, ""));
         match key {
-            "tests" if value != "all" => {
+            "tests" => {
                 selection.tests = 0;
                 for name in value.split(',') {
-                    match TESTS.iter().position(|t| t.name == name) {
-                        Some(index) => selection.tests |= 1 << index,
-                        None => {
-                            return Err(BadArg {
-                                word: name,
-                                why: "unknown test",
-                            });
+                    if name == "all" {
+                        selection.tests |= default_tests();
+                    } else if name == PLATFORM_SUITE {
+                        selection.platform =
+                            (0..platform::SELFTESTS.len()).fold(0, |mask, i| mask | 1 << i);
+                    } else if let Some(case) = name.strip_prefix("platform.") {
+                        match platform::SELFTESTS.iter().position(|t| t.name == case) {
+                            Some(index) => selection.platform |= 1 << index,
+                            None => {
+                                return Err(BadArg {
+                                    word: name,
+                                    why: "unknown platform test",
+                                });
+                            }
+                        }
+                    } else {
+                        match TESTS.iter().position(|t| t.name == name) {
+                            Some(index) => selection.tests |= 1 << index,
+                            None => {
+                                return Err(BadArg {
+                                    word: name,
+                                    why: "unknown test",
+                                });
+                            }
                         }
                     }
                 }
             }
-            "tests" => {}
             // Read by the platform at boot (arch::aarch64::irq).
             "pseudo_nmi" if matches!(value, "on" | "off") => {}
             "pseudo_nmi" => {
@@ -74,7 +104,16 @@ fn parse_bootargs(bootargs: &str) -> Result<Selection, BadArg<'_>> {
                     why: "pseudo_nmi= takes on or off",
                 });
             }
-            // Consumed by the platform before the kernel runs (see arch::aarch64::selftest).
+            "platform_selftest" if platform::FAULT_MODES.contains(&value) => {
+                selection.fault = Some(value);
+            }
+            "platform_selftest" => {
+                return Err(BadArg {
+                    word,
+                    why: "platform_selftest= takes a fault mode (the platform's checks are tests=platform)",
+                });
+            }
+            // Consumed by the platform before the kernel runs (`platform_offline_cpu=`...).
             platform if platform.starts_with("platform_") => {}
             "flips" => {
                 selection.params.flips = value.parse().map_err(|_| BadArg {
@@ -119,7 +158,9 @@ fn default_tests() -> u64 {
         .fold(0, |mask, (index, _)| mask | 1 << index)
 }
 
-/// Entry of the boot CPU once every CPU is online and interrupts are enabled.
+/// Entry of the boot CPU once every CPU is online and interrupts are enabled. The KTAP
+/// header and plan come first, before anything that can bring the kernel down, so that
+/// a crash reads as a crashed test.
 pub fn primary_main() -> ! {
     let bootargs = platform::bootargs();
     let selection = match parse_bootargs(bootargs) {
@@ -131,45 +172,68 @@ pub fn primary_main() -> ! {
                 bootargs, bad.why, bad.word
             ));
             ktap.diag(format_args!(
-                "known: tests=all|{} (bench: only when named) flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM",
-                TestNames
+                "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
+                 flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM platform_selftest={}",
+                Names(TESTS.iter().map(|t| t.name), ","),
+                Names(platform::FAULT_MODES.iter().copied(), "|"),
+            ));
+            ktap.diag(format_args!(
+                "platform tests: {}",
+                Names(platform::SELFTESTS.iter().map(|t| t.name), ",")
             ));
             ktap.result("bootargs", Outcome::Fail, bad.why);
             ktap.finish();
             platform::exit(false);
         }
     };
-    let planned = selection.tests.count_ones() as usize;
+    let planned = match selection.fault {
+        Some(_) => 1,
+        None => selection.tests.count_ones() as usize + usize::from(selection.platform != 0),
+    };
     let mut ktap = Ktap::start(Console, planned);
     ktap.diag(format_args!(
         "patch-machine: {} CPUs, bootargs \"{}\"",
         platform::cpu_count(),
         bootargs
     ));
+    if let Some(mode) = selection.fault {
+        harness::run(&mut ktap, word_of(bootargs, "platform_selftest"), || {
+            platform::provoke(mode);
+            Verdict::Fail(msg!("'{mode}' did not bring the kernel down"))
+        });
+        platform::exit(false);
+    }
+    if selection.platform != 0 {
+        harness::run_suite(&mut ktap, PLATFORM_SUITE, platform::SELFTESTS, |index| {
+            selection.platform & (1 << index) != 0
+        });
+    }
     for (index, test) in TESTS.iter().enumerate() {
-        if selection.tests & (1 << index) == 0 {
-            continue;
+        if selection.tests & (1 << index) != 0 {
+            harness::run(&mut ktap, test.name, || (test.run)(&selection.params));
         }
-        let (outcome, note) = match (test.run)(&selection.params) {
-            Verdict::Pass(note) => (Outcome::Pass, note),
-            Verdict::Fail(why) => (Outcome::Fail, why),
-            Verdict::Skip(why) => (Outcome::Skip, why),
-        };
-        ktap.result(test.name, outcome, note.as_str());
     }
     platform::exit(ktap.finish())
 }
 
-/// Displays the known test names, comma-separated.
-struct TestNames;
+/// The last word of `bootargs` that is `key=...` (the test name of a provoked fault).
+fn word_of(bootargs: &'static str, key: &'static str) -> &'static str {
+    bootargs
+        .split_ascii_whitespace()
+        .rfind(|word| word.split_once('=').is_some_and(|(k, _)| k == key))
+        .unwrap_or(key)
+}
 
-impl fmt::Display for TestNames {
+/// Displays names, separated by the second field.
+struct Names<I>(I, &'static str);
+
+impl<'a, I: Iterator<Item = &'a str> + Clone> fmt::Display for Names<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, test) in TESTS.iter().enumerate() {
+        for (i, name) in self.0.clone().enumerate() {
             if i > 0 {
-                f.write_str(",")?;
+                f.write_str(self.1)?;
             }
-            f.write_str(test.name)?;
+            f.write_str(name)?;
         }
         Ok(())
     }

@@ -131,10 +131,6 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
         }
     );
     cpu::unmask_all();
-
-    if info.has_bootarg("platform_selftest") {
-        super::selftest::run(info);
-    }
     crate::kernel::primary_main()
 }
 

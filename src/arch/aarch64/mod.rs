@@ -18,7 +18,7 @@
 //! | [`exit`]        | ending the run (semihosting, PSCI)                           |
 //! | [`cpu`]         | DAIF masking, barriers, identity registers                   |
 //! | [`layout`]      | linker symbols and stacks                                    |
-//! | [`selftest`]    | platform self-tests (bootarg `platform_selftest`)            |
+//! | [`selftest`]    | platform self-tests (`tests=platform`), `platform_selftest=`  |
 //!
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].

@@ -1,10 +1,11 @@
-//! Platform self-tests, run by the boot CPU before the kernel proper when the bootargs
-//! contain `platform_selftest` (all CPUs are online and interrupts are enabled).
+//! Platform self-tests: the checks of what only arm64 has, run as KTAP subtest suite
+//! `platform` by the kernel's runner (`tests=platform`, or `tests=all,platform` before
+//! the kernel's own tests; `tests=platform.NAME` runs one) on the boot CPU once all
+//! CPUs are online and interrupts are enabled. A check that does not apply to this
+//! configuration is a KTAP `# SKIP`.
 //!
-//! `platform_selftest` alone runs the checks below and, if any fails, ends the run with
-//! a failure status; otherwise the boot continues. Output lines start with `# ` so they
-//! read as KTAP diagnostics. `platform_selftest=<mode>` instead provokes one fatal
-//! condition, to check that it is reported and ends the run with a failure status:
+//! `platform_selftest=<mode>` instead provokes one fatal condition (as the run's only
+//! KTAP test), to check that it is reported and ends the run with a failure status:
 //!
 //! | mode           | provokes                                                     |
 //! |----------------|--------------------------------------------------------------|
@@ -20,6 +21,8 @@
 //! `platform_offline_cpu=N` (handled in [`super::boot`]) keeps CPU N from coming
 //! online, to exercise the bring-up timeout. `platform_feat_nmi=off` (handled in
 //! [`super::irq`]) uses GICv3 pseudo-NMIs even on a CPU with FEAT_NMI.
+//! `platform_entry_el=N` tells `entry_el` the exception level the kernel must have
+//! been entered at (without it: the one the PSCI conduit implies).
 //!
 //! The interrupt-masking and NMI checks (`nmi_tests`) adapt to the mode chosen at boot
 //! (`pseudo_nmi=on|off`, FEAT_NMI or not): NMIs to one CPU, to all but self and to self
@@ -30,12 +33,16 @@
 //! handler changed it) is the interrupted value; the stop IPI reaches a CPU spinning
 //! with IRQs masked (`pseudo_nmi=off`: the call times out naming it); and
 //! `stop_machine_nmi` runs the function in NMI context (off: ETIMEDOUT everywhere).
+//! The NMI-only checks skip with `pseudo_nmi=off`, the two-CPU ones on one CPU.
 
 use super::dtb::BootInfo;
 use super::exceptions::TrapFrame;
-use super::{cache, cpu, exceptions, exit, gic, layout, mmu, smp, timer};
+use super::psci::Conduit;
+use super::{boot_info, cache, cpu, exceptions, exit, gic, layout, mmu, smp, timer};
+use crate::harness::{Test, Verdict};
 use crate::{CpuSet, MAX_CPUS, kprintln};
 use core::arch::{asm, global_asm};
+use core::fmt::Write;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 global_asm!(
@@ -76,59 +83,94 @@ fn brk_hook(frame: &mut TrapFrame) -> bool {
     true
 }
 
-struct Results {
-    failed: u32,
-    run: u32,
-}
-
-impl Results {
-    fn check(&mut self, name: &str, result: Result<(), &'static str>) {
-        self.run += 1;
-        match result {
-            Ok(()) => kprintln!("# platform_selftest: ok {name}"),
-            Err(why) => {
-                self.failed += 1;
-                kprintln!("# platform_selftest: FAILED {name}: {why}");
-            }
-        }
-    }
-
-    /// A check that does not apply to this configuration (counted as passed).
-    fn skip(&mut self, name: &str, why: &str) {
-        self.run += 1;
-        kprintln!("# platform_selftest: ok {name} # SKIP {why}");
-    }
-}
-
 fn ensure(cond: bool, why: &'static str) -> Result<(), &'static str> {
     if cond { Ok(()) } else { Err(why) }
 }
 
-/// Runs the self-tests (or the fatal mode) selected by the bootargs.
-pub fn run(info: &BootInfo) {
-    if let Some(mode) = info.bootarg("platform_selftest") {
-        provoke(mode);
+/// The platform's checks, in the order they run.
+pub const SELFTESTS: &[Test] = &[
+    Test::new("cpus_online", || cpus_online(boot_info()).into()),
+    Test::new("entry_el", entry_el),
+    Test::new("timer", || timer_test().into()),
+    Test::new("memory_permissions", || permissions().into()),
+    Test::new("stack_guards", || stack_guards(boot_info()).into()),
+    Test::new("sgi_to_all_others", || sgi_all().into()),
+    Test::new("sgi_self_pending_while_masked", || sgi_self_masked().into()),
+    Test::new("brk_hook_resumes_with_frame", || brk_test().into()),
+    Test::new("poke_text_via_alias", || poke_test().into()),
+    Test::new("alias_private_to_its_cpu", || {
+        with_other_cpu(|_| alias_private().into())
+    }),
+    Test::new("icache_sync_lines", || icache_test().into()),
+    Test::new("irq_mode_matches_boot_choice", || {
+        nmi_tests::installed(nmi_tests::mode_test)
+    }),
+    Test::new("local_irq_save_restore", || {
+        nmi_tests::installed(nmi_tests::local_irq_test)
+    }),
+    Test::new("nmi_to_one_cpu", || {
+        with_other_cpu(|other| nmi_tests::with_nmis(|| nmi_tests::nmi_one(other)))
+    }),
+    Test::new("nmi_to_all_but_self", || {
+        nmi_tests::with_nmis(nmi_tests::nmi_all_but_self)
+    }),
+    Test::new("nmi_to_self_in_nmi_context", || {
+        nmi_tests::with_nmis(nmi_tests::nmi_self)
+    }),
+    Test::new("nmi_while_irqs_masked_probe_pending", || {
+        nmi_tests::with_nmis(nmi_tests::nmi_self_irqs_masked)
+    }),
+    Test::new("nmi_reaches_cpu_spinning_irqs_off", || {
+        with_other_cpu(|other| nmi_tests::with_nmis(|| nmi_tests::nmi_spinner(other)))
+    }),
+    Test::new("nmi_not_taken_under_mask_all", || {
+        nmi_tests::with_nmis(nmi_tests::nmi_mask_all)
+    }),
+    Test::new("nmi_vs_pstate_i_and_allint", || {
+        nmi_tests::with_nmis(nmi_tests::nmi_pstate)
+    }),
+    Test::new("pmr_restored_after_nmi_and_irq", || {
+        nmi_tests::with_nmis(nmi_tests::pmr_restored)
+    }),
+    Test::new("no_nmis_with_pseudo_nmi_off", nmi_tests::no_nmis),
+    Test::new("stop_ipi_vs_cpu_spinning_irqs_off", || {
+        with_other_cpu(|other| nmi_tests::installed(|| nmi_tests::stop_vs_spinner(other)))
+    }),
+    Test::new("stop_machine_nmi_runs_in_nmi", nmi_tests::stop_machine_nmi),
+];
+
+/// Runs `check` with a CPU other than this one, or skips.
+fn with_other_cpu(check: impl FnOnce(usize) -> Verdict) -> Verdict {
+    match smp::online_cpus().without(cpu::current_cpu()).lowest() {
+        Some(other) => check(other),
+        None => Verdict::Skip(msg!("needs a second CPU")),
     }
-    let mut r = Results { failed: 0, run: 0 };
-    r.check("cpus_online", cpus_online(info));
-    r.check("timer", timer_test());
-    r.check("memory_permissions", permissions());
-    r.check("stack_guards", stack_guards(info));
-    r.check("sgi_to_all_others", sgi_all());
-    r.check("sgi_self_pending_while_masked", sgi_self_masked());
-    r.check("brk_hook_resumes_with_frame", brk_test());
-    r.check("poke_text_via_alias", poke_test());
-    r.check("alias_private_to_its_cpu", alias_private());
-    r.check("icache_sync_lines", icache_test());
-    nmi_tests::run(&mut r);
-    kprintln!(
-        "# platform_selftest: {} of {} passed",
-        r.run - r.failed,
-        r.run
+}
+
+/// The kernel was entered at the exception level the boot set-up calls for:
+/// `platform_entry_el=N` if given, else the one QEMU `virt`'s PSCI conduit implies
+/// (SMC: the firmware hands EL2 to the kernel, `virtualization=on`; HVC: a hypervisor
+/// owns EL2, so EL1). Whatever the entry, the kernel runs at EL1.
+fn entry_el() -> Verdict {
+    use aarch64_cpu::registers::{CurrentEL, Readable};
+    let info = boot_info();
+    let (expected, source) = match (info.bootarg("platform_entry_el"), info.psci_conduit) {
+        (Some("1"), _) => (1, "platform_entry_el=1"),
+        (Some("2"), _) => (2, "platform_entry_el=2"),
+        (Some(other), _) => fail!("platform_entry_el={other}: takes 1 or 2"),
+        (None, Conduit::Smc) => (2, "PSCI conduit SMC"),
+        (None, Conduit::Hvc) => (1, "PSCI conduit HVC"),
+    };
+    check!(
+        info.entry_el == expected,
+        "entered at EL{}, but {source} calls for EL{expected}",
+        info.entry_el
     );
-    if r.failed != 0 {
-        exit::exit(false);
-    }
+    let now = CurrentEL.read(CurrentEL::EL);
+    check!(now == 1, "running at EL{now}, not EL1");
+    Verdict::Pass(msg!(
+        "entered at EL{expected} as {source} calls for; running at EL1"
+    ))
 }
 
 fn cpus_online(info: &BootInfo) -> Result<(), &'static str> {
@@ -446,9 +488,22 @@ fn faulting_hook(_frame: &mut TrapFrame) -> bool {
     false
 }
 
-/// Provokes the fatal condition `mode`; never returns if it works.
-fn provoke(mode: &str) {
-    kprintln!("# platform_selftest: provoking '{mode}' (expect a fatal report and exit status 1)");
+/// The modes of `platform_selftest=`: the fatal conditions [`provoke`] knows.
+pub const FAULT_MODES: &[&str] = &[
+    "text_write",
+    "exec_data",
+    "null",
+    "brk",
+    "nested",
+    "overflow",
+    "panic",
+    "exit_fail",
+];
+
+/// Provokes the fatal condition `mode` (one of [`FAULT_MODES`]); returns only if it
+/// did not bring the kernel down.
+pub fn provoke(mode: &str) {
+    kprintln!("# platform_selftest={mode}: provoking it (expect a fatal report, failure status)");
     match mode {
         "text_write" => {
             // SAFETY: deliberately faults: text is mapped read-only.
@@ -482,23 +537,20 @@ fn provoke(mode: &str) {
         }
         "panic" => panic!("platform_selftest=panic"),
         "exit_fail" => exit::exit(false),
-        _ => {
-            kprintln!("# platform_selftest: unknown mode '{mode}'");
-            exit::exit(false);
-        }
+        _ => kprintln!("# platform_selftest: unknown mode '{mode}'"),
     }
-    kprintln!("# platform_selftest: '{mode}' did NOT fault");
-    exit::exit(false);
 }
 
 /// NMI and interrupt-masking checks (`pseudo_nmi=on|off`, FEAT_NMI or not).
 mod nmi_tests {
     use super::super::irq::{self, NmiMode, PMR_IRQOFF, PMR_IRQON};
     use super::super::{STOP, cpu, gic, nmi, smp, timer};
-    use super::{Results, SGI_HITS, ensure, sgi_hit, wait_until};
+    use super::{SGI_HITS, ensure, sgi_hit, wait_until};
+    use crate::harness::Verdict;
     use crate::stop::{Arch, StopError, StopOptions};
     use crate::{CpuSet, MAX_CPUS};
     use core::arch::asm;
+    use core::fmt::Write;
     use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
     /// The NMI handler slot the checks use (unregistered afterwards).
@@ -614,45 +666,42 @@ mod nmi_tests {
         ensure(stopped, "the spinning CPU never came back")
     }
 
-    pub(super) fn run(r: &mut Results) {
+    /// Runs `check` with the checks' NMI handler and probe SGI installed.
+    pub(super) fn installed(check: impl FnOnce() -> Result<(), &'static str>) -> Verdict {
         nmi::register_nmi_handler(SLOT, test_nmi);
         gic::set_sgi_handler(PROBE_SGI, sgi_hit);
-        r.check("irq_mode_matches_boot_choice", mode_test());
-        r.check("local_irq_save_restore", local_irq_test());
-        let other = smp::online_cpus().without(cpu::current_cpu()).lowest();
-        if irq::pseudo_nmi_enabled() {
-            match other {
-                Some(other) => r.check("nmi_to_one_cpu", nmi_one(other)),
-                None => r.skip("nmi_to_one_cpu", "needs a second CPU"),
-            }
-            r.check("nmi_to_all_but_self", nmi_all_but_self());
-            r.check("nmi_to_self_in_nmi_context", nmi_self());
-            r.check(
-                "nmi_while_irqs_masked_probe_pending",
-                nmi_self_irqs_masked(),
-            );
-            match other {
-                Some(other) => r.check("nmi_reaches_cpu_spinning_irqs_off", nmi_spinner(other)),
-                None => r.skip("nmi_reaches_cpu_spinning_irqs_off", "needs a second CPU"),
-            }
-            r.check("nmi_not_taken_under_mask_all", nmi_mask_all());
-            r.check("nmi_vs_pstate_i_and_allint", nmi_pstate());
-            r.check("pmr_restored_after_nmi_and_irq", pmr_restored());
-        } else {
-            r.check("no_nmis_with_pseudo_nmi_off", nmi_off());
-        }
-        match other {
-            Some(other) => r.check("stop_ipi_vs_cpu_spinning_irqs_off", stop_vs_spinner(other)),
-            None => r.skip("stop_ipi_vs_cpu_spinning_irqs_off", "needs a second CPU"),
-        }
-        #[cfg(feature = "stop-machine-nmi")]
-        r.check("stop_machine_nmi_runs_in_nmi", stop_machine_nmi_test());
+        let result = check();
         nmi::unregister_nmi_handler(SLOT);
         gic::clear_sgi_handler(PROBE_SGI);
         gic::clear_sgi_handler(SPIN_SGI);
+        result.into()
     }
 
-    fn mode_test() -> Result<(), &'static str> {
+    /// [`installed`], or a skip when there are no NMIs (`pseudo_nmi=off`).
+    pub(super) fn with_nmis(check: impl FnOnce() -> Result<(), &'static str>) -> Verdict {
+        if !irq::pseudo_nmi_enabled() {
+            return Verdict::Skip(msg!("pseudo_nmi=off: no NMIs"));
+        }
+        installed(check)
+    }
+
+    /// With `pseudo_nmi=off`, no NMI is ever sent or taken.
+    pub(super) fn no_nmis() -> Verdict {
+        if irq::pseudo_nmi_enabled() {
+            return Verdict::Skip(msg!("NMIs are in use (pseudo_nmi=on)"));
+        }
+        installed(nmi_off)
+    }
+
+    /// `stop_machine_nmi` runs the function in NMI context (`pseudo_nmi=off`: ETIMEDOUT).
+    pub(super) fn stop_machine_nmi() -> Verdict {
+        #[cfg(feature = "stop-machine-nmi")]
+        return installed(stop_machine_nmi_test);
+        #[cfg(not(feature = "stop-machine-nmi"))]
+        Verdict::Skip(msg!("built without feature stop-machine-nmi"))
+    }
+
+    pub(super) fn mode_test() -> Result<(), &'static str> {
         let info = super::super::boot_info();
         let off = info.bootarg("pseudo_nmi") == Some("off");
         ensure(
@@ -694,7 +743,7 @@ mod nmi_tests {
         Ok(())
     }
 
-    fn local_irq_test() -> Result<(), &'static str> {
+    pub(super) fn local_irq_test() -> Result<(), &'static str> {
         let flags = irq::local_irq_save();
         let masked = irq::irqs_disabled();
         let pmr = irq::pmr();
@@ -728,7 +777,7 @@ mod nmi_tests {
         }
     }
 
-    fn nmi_one(other: usize) -> Result<(), &'static str> {
+    pub(super) fn nmi_one(other: usize) -> Result<(), &'static str> {
         let before: [u64; MAX_CPUS] = core::array::from_fn(hits);
         let taken = nmi::nmis_taken(other);
         nmi::send_nmi(CpuSet::single(other));
@@ -750,7 +799,7 @@ mod nmi_tests {
         handler_flags_ok()
     }
 
-    fn nmi_all_but_self() -> Result<(), &'static str> {
+    pub(super) fn nmi_all_but_self() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         let others = smp::online_cpus().without(me);
         let before: [u64; MAX_CPUS] = core::array::from_fn(hits);
@@ -764,7 +813,7 @@ mod nmi_tests {
         handler_flags_ok()
     }
 
-    fn nmi_self() -> Result<(), &'static str> {
+    pub(super) fn nmi_self() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         let before = hits(me);
         let taken = nmi::nmis_taken(me);
@@ -784,7 +833,7 @@ mod nmi_tests {
         handler_flags_ok()
     }
 
-    fn nmi_self_irqs_masked() -> Result<(), &'static str> {
+    pub(super) fn nmi_self_irqs_masked() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         let before = hits(me);
         let probes = SGI_HITS[me].load(Ordering::Relaxed);
@@ -813,7 +862,7 @@ mod nmi_tests {
         handler_flags_ok()
     }
 
-    fn nmi_spinner(other: usize) -> Result<(), &'static str> {
+    pub(super) fn nmi_spinner(other: usize) -> Result<(), &'static str> {
         let probes = SGI_HITS[other].load(Ordering::Relaxed);
         start_spinner(other)?;
         let before = hits(other);
@@ -846,7 +895,7 @@ mod nmi_tests {
         handler_flags_ok()
     }
 
-    fn nmi_mask_all() -> Result<(), &'static str> {
+    pub(super) fn nmi_mask_all() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         let before = hits(me);
         let saved = STOP.arch().mask_all();
@@ -868,7 +917,7 @@ mod nmi_tests {
 
     /// PSTATE.I alone: a superpriority NMI (FEAT_NMI) gets through, a pseudo-NMI does
     /// not. ALLINT alone (FEAT_NMI): the NMI waits.
-    fn nmi_pstate() -> Result<(), &'static str> {
+    pub(super) fn nmi_pstate() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         let feat = irq::feat_nmi_in_use();
         let before = hits(me);
@@ -917,7 +966,7 @@ mod nmi_tests {
         TAMPER_HITS.fetch_add(1, Ordering::Release);
     }
 
-    fn pmr_restored() -> Result<(), &'static str> {
+    pub(super) fn pmr_restored() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
         // An NMI handler that changes PMR, taken with IRQs masked and with IRQs on.
         TAMPER_PMR.store(0x80, Ordering::Relaxed);
@@ -978,7 +1027,7 @@ mod nmi_tests {
 
     /// With NMIs, the stop IPI reaches a CPU spinning with IRQs masked; without, the
     /// call times out naming it.
-    fn stop_vs_spinner(other: usize) -> Result<(), &'static str> {
+    pub(super) fn stop_vs_spinner(other: usize) -> Result<(), &'static str> {
         let online = smp::online_cpus();
         start_spinner(other)?;
         let ran = AtomicU32::new(0);

@@ -1,6 +1,6 @@
 //! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence.
 
-use super::{apic, console, cpu, exit, gdt, layout, madt, paging, selftest, smp, timer, traps};
+use super::{apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps};
 use crate::kprintln;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -131,13 +131,5 @@ extern "C" fn boot_main() -> ! {
     );
     let _ = missing;
     cpu::sti();
-    // `platform_selftest=all` runs this platform's own checks, any other mode provokes
-    // that fatal condition first; otherwise the kernel's shared self-test suite runs.
-    if let Some(mode) = bootarg("platform_selftest") {
-        if mode != "all" {
-            selftest::provoke(mode);
-        }
-        exit::exit(selftest::run())
-    }
     crate::kernel::primary_main()
 }

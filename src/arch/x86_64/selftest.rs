@@ -1,94 +1,37 @@
 //! KTAP self-tests of what only the x86_64 platform has (the text alias, test IPI
-//! vectors, a CPU held inside an NMI, nested NMIs), run with `platform_selftest=all` on
-//! the boot CPU once every CPU is up. The tests both architectures share (CPUs online,
-//! stop_machine, NMI IPIs, stop_machine_nmi, patching) are the kernel's, in
+//! vectors, a CPU held inside an NMI, nested NMIs), run as KTAP subtest suite
+//! `platform` by the kernel's runner (`tests=platform`, `tests=platform.NAME` for one)
+//! on the boot CPU once every CPU is up. The tests both architectures share (CPUs
+//! online, stop_machine, NMI IPIs, stop_machine_nmi, patching) are the kernel's, in
 //! `src/kernel/selftest`, and run by default.
-//! Bootargs: `tests=all|name,name,...`; `platform_offline_cpu=N` (never start CPU N:
-//! the kernel's `cpus_online` must then fail naming it); `platform_selftest=<mode>` provokes one
-//! fatal condition before the tests, which must be reported and end the run with the
+//! Bootargs: `platform_offline_cpu=N` (never start CPU N: the kernel's `cpus_online`
+//! must then fail naming it); `platform_selftest=<mode>` provokes one fatal condition
+//! (as the run's only KTAP test), which must be reported and end the run with the
 //! failure status: `text_write` (store to kernel text), `exec_data` (call into a
 //! non-executable data page), `null` (load from page 0), `ud` (`ud2`), `panic`,
-//! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
-//! Anything else is reported as a failing KTAP line.
+//! `overflow` (stack overflow into the guard page: a #DF on its IST stack), `exit_fail`
+//! (`exit(false)`).
 
 use super::text_poke::text_poke_bp;
-use super::{STOP, boot, ipi, irq, layout, nmi, paging, smp, timer};
+use super::{STOP, ipi, irq, layout, nmi, paging, smp, timer};
+use crate::CpuSet;
+use crate::harness::{Test, Verdict};
 use crate::kernel::KERNEL_TEXT;
-use crate::ktap::{Ktap, Outcome};
 use crate::patch::{Patch, PatchError, x86};
 use crate::stop::{StopError, StopOptions};
-use crate::{CpuSet, kprint};
 use core::arch::global_asm;
-use core::fmt::{self, Write};
+use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-
-struct Console;
-
-impl Write for Console {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        kprint!("{s}");
-        Ok(())
-    }
-}
-
-/// A short message without allocation.
-struct Msg {
-    buf: [u8; 160],
-    len: usize,
-}
-
-impl Msg {
-    fn new() -> Msg {
-        Msg {
-            buf: [0; 160],
-            len: 0,
-        }
-    }
-    fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?")
-    }
-}
-
-impl Write for Msg {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &b in s.as_bytes() {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = b;
-                self.len += 1;
-            }
-        }
-        Ok(())
-    }
-}
-
-macro_rules! msg {
-    ($($arg:tt)*) => {{
-        let mut m = Msg::new();
-        let _ = write!(m, $($arg)*);
-        m
-    }};
-}
-
-macro_rules! check {
-    ($cond:expr, $($arg:tt)*) => {
-        if !$cond {
-            return (Outcome::Fail, msg!($($arg)*));
-        }
-    };
-}
-
-type Verdict = (Outcome, Msg);
 
 const OPTIONS: StopOptions = StopOptions::DEFAULT;
 
-type Test = fn() -> Verdict;
-
-const TESTS: [(&str, Test); 5] = [
-    ("poke_text", poke_text),
-    ("alias_private", alias_private),
-    ("stop_machine_timeout", stop_machine_timeout),
-    ("test_ipi", test_ipi),
-    ("nested_nmi", nested_nmi),
+/// The platform's checks, in the order they run.
+pub const SELFTESTS: &[Test] = &[
+    Test::new("poke_text", poke_text),
+    Test::new("alias_private", alias_private),
+    Test::new("stop_machine_timeout", stop_machine_timeout),
+    Test::new("test_ipi", test_ipi),
+    Test::new("nested_nmi", nested_nmi),
 ];
 
 global_asm!(
@@ -173,10 +116,7 @@ fn poke_text() -> Verdict {
         call_target()
     );
     check!(!paging::alias_mapped(), "alias still mapped");
-    (
-        Outcome::Pass,
-        msg!("written through the alias, seen on {seen}"),
-    )
+    Verdict::Pass(msg!("written through the alias, seen on {seen}"))
 }
 
 /// The text alias exists only in the address space of the CPU that maps it: while CPU 0
@@ -201,7 +141,7 @@ fn alias_private() -> Verdict {
         "the kernel's own tables map the alias"
     );
     let Some(other) = smp::online_cpus().without(0).iter().next() else {
-        return (Outcome::Skip, msg!("one CPU: nobody to compare with"));
+        return Verdict::Skip(msg!("one CPU: nobody to compare with"));
     };
     MAPPED.store(false, Ordering::Relaxed);
     PROBED.store(0, Ordering::Relaxed);
@@ -241,21 +181,19 @@ fn alias_private() -> Verdict {
     match PROBED.load(Ordering::Relaxed) {
         1 => {}
         2 => {
-            return (
-                Outcome::Fail,
-                msg!("cpu{other}'s tables map the alias while cpu0 holds it"),
-            );
+            return Verdict::Fail(msg!(
+                "cpu{other}'s tables map the alias while cpu0 holds it"
+            ));
         }
-        _ => return (Outcome::Fail, msg!("cpu{other} never probed")),
+        _ => return Verdict::Fail(msg!("cpu{other} never probed")),
     }
     check!(
         !paging::maps_writable(paging::current_cr3(), paging::ALIAS_VA),
         "the alias is still mapped after the drop"
     );
-    (
-        Outcome::Pass,
-        msg!("mapped on cpu0 only; cpu{other}'s tables never held it"),
-    )
+    Verdict::Pass(msg!(
+        "mapped on cpu0 only; cpu{other}'s tables never held it"
+    ))
 }
 
 /// Recurses without end (each frame keeps a live buffer), into the stack guard page.
@@ -268,10 +206,23 @@ fn recurse(n: u64) -> u64 {
 /// A scratch data word (writable, so mapped non-executable).
 static DATA_WORD: AtomicU64 = AtomicU64::new(0xc3); // `ret`
 
-/// Provokes the fatal condition `mode` (see the module docs); returns only for an
-/// unknown mode, which is then reported.
+/// The modes of `platform_selftest=`: the fatal conditions [`provoke`] knows.
+pub const FAULT_MODES: &[&str] = &[
+    "text_write",
+    "exec_data",
+    "null",
+    "ud",
+    "panic",
+    "overflow",
+    "exit_fail",
+];
+
+/// Provokes the fatal condition `mode` (one of [`FAULT_MODES`], see the module docs);
+/// returns only if it did not bring the kernel down.
 pub fn provoke(mode: &str) {
-    crate::kprintln!("# platform_selftest={mode}: expecting a fatal report");
+    crate::kprintln!(
+        "# platform_selftest={mode}: provoking it (expect a fatal report, failure status)"
+    );
     match mode {
         "text_write" => {
             let p = pm_poke_target as *const () as *mut u8;
@@ -295,12 +246,9 @@ pub fn provoke(mode: &str) {
             let depth = recurse(core::hint::black_box(0));
             crate::kprintln!("recursed {depth} times");
         }
-        _ => {
-            crate::kprintln!("# platform_selftest: unknown mode '{mode}'");
-            return;
-        }
+        "exit_fail" => super::exit::exit(false),
+        _ => crate::kprintln!("# platform_selftest: unknown mode '{mode}'"),
     }
-    crate::kprintln!("# platform_selftest={mode}: no fault happened");
 }
 
 const HOLD_SLOT: usize = 2;
@@ -346,7 +294,7 @@ fn wait_holding(done: impl Fn(u32) -> bool) -> bool {
 fn stop_machine_timeout() -> Verdict {
     let online = smp::online_cpus();
     let Some(held) = online.without(0).iter().last() else {
-        return (Outcome::Skip, msg!("needs a second CPU"));
+        return Verdict::Skip(msg!("needs a second CPU"));
     };
     nmi::register_nmi_handler(HOLD_SLOT, hold_in_nmi);
     HOLD_RELEASE.store(0, Ordering::Relaxed);
@@ -374,10 +322,9 @@ fn stop_machine_timeout() -> Verdict {
         match result {
             Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {}
             other => {
-                return (
-                    Outcome::Fail,
-                    msg!("cpu{held} held: expected a timeout naming it, got {other:?}"),
-                );
+                return Verdict::Fail(msg!(
+                    "cpu{held} held: expected a timeout naming it, got {other:?}"
+                ));
             }
         }
         check!(
@@ -395,12 +342,9 @@ fn stop_machine_timeout() -> Verdict {
             Err(PatchError::Stop(StopError::Timeout { missing, .. }))
                 if missing == CpuSet::single(held) => {}
             other => {
-                return (
-                    Outcome::Fail,
-                    msg!(
-                        "text_poke_bp with cpu{held} held: expected a timeout naming it, got {other:?}"
-                    ),
-                );
+                return Verdict::Fail(msg!(
+                    "text_poke_bp with cpu{held} held: expected a timeout naming it, got {other:?}"
+                ));
             }
         }
         check!(
@@ -408,16 +352,13 @@ fn stop_machine_timeout() -> Verdict {
             "a failed text_poke_bp left {:02x?} at the site (was {before:02x?})",
             site_bytes(site)
         );
-        (
-            Outcome::Pass,
-            msg!("cpu{held} named by stop_machine and text_poke_bp"),
-        )
+        Verdict::Pass(msg!("cpu{held} named by stop_machine and text_poke_bp"))
     })();
     HOLD_RELEASE.store(1, Ordering::Release);
     let released = wait_holding(|h| h == 0);
     HOLD_TARGET.store(0, Ordering::Relaxed);
     nmi::unregister_nmi_handler(HOLD_SLOT);
-    if verdict.0 != Outcome::Pass {
+    if !matches!(verdict, Verdict::Pass(_)) {
         return verdict;
     }
     check!(released, "cpu{held} did not leave the holding handler");
@@ -505,14 +446,11 @@ fn test_ipi() -> Verdict {
             "IPI {v:#x} handler ran with interrupts on, on {on}"
         );
     }
-    (
-        Outcome::Pass,
-        msg!(
-            "vectors {:#x} and {:#x} on {online}",
-            ipi::TEST_IPIS[0],
-            ipi::TEST_IPIS[1]
-        ),
-    )
+    Verdict::Pass(msg!(
+        "vectors {:#x} and {:#x} on {online}",
+        ipi::TEST_IPIS[0],
+        ipi::TEST_IPIS[1]
+    ))
 }
 
 global_asm!(
@@ -771,72 +709,7 @@ fn nested_nmi() -> Verdict {
         latched > 0 || others.is_empty(),
         "no nested NMI latched in {NESTED_ITERATIONS} passes: the window was not exercised"
     );
-    (
-        Outcome::Pass,
-        msg!(
-            "cpu{me}: {NESTED_ITERATIONS} #UD passes, {sent} sent = {handled} drained, {mine} nested latched = answered by {repeats} repeats, depth 1"
-        ),
-    )
-}
-
-/// Runs the selected tests as one KTAP report; returns the verdict.
-pub fn run() -> bool {
-    let mut selected = [true; TESTS.len()];
-    let mut unknown = [""; 8];
-    let mut n_unknown = 0;
-    let mut push_unknown = |s: &'static str| {
-        if n_unknown < unknown.len() {
-            unknown[n_unknown] = s;
-        }
-        n_unknown += 1;
-    };
-    for arg in boot::cmdline().split_ascii_whitespace() {
-        match arg.split_once('=') {
-            Some(("tests", list)) if list != "all" => {
-                selected = [false; TESTS.len()];
-                for name in list.split(',').filter(|n| !n.is_empty()) {
-                    match TESTS.iter().position(|(t, _)| *t == name) {
-                        Some(i) => selected[i] = true,
-                        None => push_unknown(name),
-                    }
-                }
-            }
-            Some(("tests", _)) => {}
-            Some(("platform_offline_cpu", v)) if v.parse::<usize>().is_ok() => {}
-            Some(("platform_selftest", m))
-                if [
-                    "all",
-                    "text_write",
-                    "exec_data",
-                    "null",
-                    "ud",
-                    "panic",
-                    "overflow",
-                ]
-                .contains(&m) => {}
-            _ => push_unknown(arg),
-        }
-    }
-    let shown = n_unknown.min(unknown.len());
-    let planned = selected.iter().filter(|&&s| s).count() + shown;
-    let mut ktap = Ktap::start(Console, planned);
-    for name in &unknown[..shown] {
-        ktap.result(
-            "bootargs",
-            Outcome::Fail,
-            msg!("unknown argument or test name '{name}'").as_str(),
-        );
-    }
-    for (i, (name, test)) in TESTS.iter().enumerate() {
-        if !selected[i] {
-            continue;
-        }
-        let t0 = timer::now_ns();
-        let (outcome, message) = test();
-        ktap.diag(format_args!("{name}: {} us", (timer::now_ns() - t0) / 1000));
-        ktap.result(name, outcome, message.as_str());
-    }
-    let ok = ktap.finish() && n_unknown <= shown;
-    super::console::flush();
-    ok
+    Verdict::Pass(msg!(
+        "cpu{me}: {NESTED_ITERATIONS} #UD passes, {sent} sent = {handled} drained, {mine} nested latched = answered by {repeats} repeats, depth 1"
+    ))
 }

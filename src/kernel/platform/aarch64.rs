@@ -8,6 +8,7 @@ use core::ops::Range;
 pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
 pub use crate::arch::aarch64::mmu::alias_mapped;
+pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
 pub use crate::arch::aarch64::timer::now_ns;
 pub use crate::arch::aarch64::{Aarch64 as Platform, STOP, nmi};

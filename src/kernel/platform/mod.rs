@@ -15,6 +15,7 @@
 //! | `NmiMechanism`, `expected_nmi_mechanism`, `observe_nmi_mechanism` | the NMI mechanism the hardware and bootargs call for, and the one a CPU really uses |
 //! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
 //! | `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it |
+//! | `SELFTESTS`, `FAULT_MODES`, `provoke` | the platform's own checks (KTAP suite `platform`) and the fatal conditions `platform_selftest=` provokes |
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;

@@ -8,6 +8,7 @@ pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
 pub use crate::arch::x86_64::paging::alias_mapped;
+pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::x86_64::smp::online_cpus;
 pub use crate::arch::x86_64::timer::now_ns;
 pub use crate::arch::x86_64::{STOP, X86_64 as Platform, nmi};

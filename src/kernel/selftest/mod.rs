@@ -10,9 +10,10 @@ use super::platform::{
 use super::smp::run_on;
 use super::text::{KERNEL_TEXT, set_write_probe};
 use crate::CpuSet;
+use crate::harness::{self, Msg, Verdict};
 use crate::patch::{Instruction, Patch, PatchError, Text, patch_machine, patch_nosync};
 use crate::stop::{Arch, StopError, StopOptions};
-use core::fmt::{self, Write};
+use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 unsafe extern "C" {
@@ -43,76 +44,11 @@ impl Params {
     };
 }
 
-/// A failure or skip message, kept in a fixed buffer (the kernel has no heap).
-pub struct Msg {
-    buf: [u8; 200],
-    len: usize,
-}
-
-impl Msg {
-    fn new() -> Msg {
-        Msg {
-            buf: [0; 200],
-            len: 0,
-        }
-    }
-
-    /// The message text.
-    pub fn as_str(&self) -> &str {
-        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<bad utf-8>")
-    }
-}
-
-impl Write for Msg {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        for &byte in s.as_bytes() {
-            if self.len < self.buf.len() {
-                self.buf[self.len] = byte;
-                self.len += 1;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The result of one test.
-pub enum Verdict {
-    /// Passed, with an optional note.
-    Pass(Msg),
-    /// Failed: what was seen.
-    Fail(Msg),
-    /// Could not run here: why.
-    Skip(Msg),
-}
-
-macro_rules! msg {
-    ($($arg:tt)*) => {{
-        let mut m = Msg::new();
-        let _ = write!(m, $($arg)*);
-        m
-    }};
-}
-
-macro_rules! fail {
-    ($($arg:tt)*) => { return Verdict::Fail(msg!($($arg)*)) };
-}
-
-macro_rules! check {
-    ($cond:expr, $($arg:tt)*) => { if !$cond { fail!($($arg)*) } };
-}
-
 mod bench;
 mod nmi;
 
-/// A self-test: its KTAP name and body.
-pub struct Test {
-    /// The name printed in KTAP and accepted by `tests=`.
-    pub name: &'static str,
-    /// The body.
-    pub run: fn(&Params) -> Verdict,
-    /// Whether `tests=all` (the default) runs it; the benchmarks run only when named.
-    pub by_default: bool,
-}
+/// A kernel self-test: `tests=all` (the default) runs those `by_default`.
+pub type Test = harness::Test<fn(&Params) -> Verdict>;
 
 /// Every test, in the order they run.
 pub const TESTS: &[Test] = &[

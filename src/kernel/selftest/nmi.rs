@@ -3,7 +3,7 @@
 //! the code being patched (seed 003).
 
 use super::{
-    Callers, JOB_TIMEOUT_NS, Msg, OPTIONS, Params, Verdict, call_torture_targets, others,
+    Callers, JOB_TIMEOUT_NS, OPTIONS, Params, Verdict, call_torture_targets, others,
     stop_recording, torture_batch, torture_caller,
 };
 use crate::CpuSet;
@@ -308,7 +308,7 @@ fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
         .filter(|&cpu| after[cpu] != before[cpu])
         .fold(CpuSet::EMPTY, CpuSet::with);
     check!(landed == active, "{what} {active}: NMIs landed on {landed}");
-    Verdict::Pass(Msg::new())
+    Verdict::Pass(crate::harness::Msg::new())
 }
 
 impl Callers {
