@@ -11,9 +11,9 @@
 //! `overflow` (stack overflow into the guard page: a #DF on its IST stack).
 //! Anything else is reported as a failing KTAP line.
 
+use super::text::KERNEL_TEXT;
 use super::text_poke::text_poke_bp;
 use super::{STOP, boot, ipi, irq, layout, nmi, paging, smp, timer};
-use crate::kernel::KERNEL_TEXT;
 use crate::ktap::{Ktap, Outcome};
 use crate::patch::{Patch, PatchError, x86};
 use crate::stop::{StopError, StopOptions};
@@ -528,7 +528,7 @@ unsafe extern "C" {
 
 /// The address of the NMI self-test's `ud2`, for the #UD handler.
 #[inline(always)]
-pub(super) fn nmi_ud2_site() -> u64 {
+fn nmi_ud2_site() -> u64 {
     pm_nmi_ud2_probe as *const () as u64
 }
 
@@ -641,6 +641,7 @@ fn nmi_storm(cpu: usize) {
 /// the first, never on top of its stack. Every request is drained exactly once, the
 /// handler never nests, its stack canary and callee-saved registers survive.
 fn nested_nmi() -> Verdict {
+    super::traps::skip_ud2_at(nmi_ud2_site());
     let me = super::cpu::current_cpu();
     let others = smp::online_cpus().without(me);
     for s in &NESTED_SENT {

@@ -1,17 +1,28 @@
 //! The kernel's platform names on aarch64 (see the table in the parent module).
 
 use crate::CpuSet;
-use crate::arch::aarch64::{boot_info, gic, irq, layout};
+use crate::arch::aarch64::{boot_info, cpu, gic, layout, nmi_mode};
 use crate::patch::{Patch, PatchError, insn};
 use core::ops::Range;
 
+pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
 pub use crate::arch::aarch64::exit::exit;
-pub use crate::arch::aarch64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
+pub use crate::arch::aarch64::irqflags::{
+    IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
+};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
+pub use crate::arch::aarch64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::aarch64::timer::now_ns;
 pub use crate::arch::aarch64::{Aarch64 as Platform, STOP, nmi};
+pub use crate::arch::write_probe::set_write_probe;
 pub use crate::patch::insn::{Insn, NOP};
+
+/// Masks every exception on the calling CPU, NMIs included, for good: the panic
+/// handler's first step (DAIF and, with FEAT_NMI, ALLINT).
+pub fn mask_for_panic() {
+    cpu::mask_all();
+}
 
 /// Bytes of one patch site.
 pub const SITE_LEN: usize = 4;
@@ -60,7 +71,7 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
 /// Patches `batch` while other CPUs may run it, without stopping them: on arm64 only
 /// CMODX-safe pairs, through [`patch_nosync`](crate::patch::patch_nosync).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
-    crate::patch::patch_nosync(&Platform, &crate::kernel::text::KERNEL_TEXT, batch)
+    crate::patch::patch_nosync(&Platform, &KERNEL_TEXT, batch)
 }
 
 /// Normal-priority IPIs the self-tests may use.
@@ -83,7 +94,7 @@ pub fn send_ipi(ipi: u32, targets: CpuSet) {
 
 /// The NMI mechanism in use, or why there is none (`Err`: the NMI tests skip).
 pub fn nmi_mechanism() -> Result<&'static str, &'static str> {
-    match (irq::pseudo_nmi_enabled(), irq::feat_nmi_in_use()) {
+    match (nmi_mode::pseudo_nmi_enabled(), nmi_mode::feat_nmi_in_use()) {
         (true, true) => Ok("FEAT_NMI superpriority SGIs, PSTATE.ALLINT in the patch window"),
         (true, false) => Ok("GICv3 pseudo-NMI: IRQs off = ICC_PMR_EL1, NMIs = priority 0x20"),
         (false, true) => Err("FEAT_NMI in use with pseudo_nmi=off"),
@@ -94,7 +105,7 @@ pub fn nmi_mechanism() -> Result<&'static str, &'static str> {
 /// Whether a stop request reaches a CPU that spins with IRQs off: with NMIs the stop
 /// IPI is NMI-class.
 pub fn stop_ipi_reaches_irqs_off() -> bool {
-    irq::pseudo_nmi_enabled()
+    nmi_mode::pseudo_nmi_enabled()
 }
 
 /// Whether `patch_machine`'s window keeps NMIs out (`Err`: why not). On arm64
@@ -112,3 +123,5 @@ pub fn text_range() -> Range<usize> {
 pub fn protected_ranges() -> [Range<usize>; 2] {
     [layout::nopatch_range(), layout::boot_range()]
 }
+
+core::arch::global_asm!(include_str!("targets_aarch64.S"));
