@@ -127,11 +127,18 @@ const NAMES: [&str; 32] = [
 /// self-test's, whose exception inside an NMI handler is the point.
 static SKIPPED_UD2: AtomicU64 = AtomicU64::new(0);
 
-/// Makes the `ud2` at `site` a no-op: a #UD there resumes after it.
+/// Makes the `ud2` at `site` a no-op: a #UD there resumes after it. Set it before the
+/// code that executes the `ud2` runs.
 pub fn skip_ud2_at(site: u64) {
-    // Relaxed: set before the code that executes the `ud2` runs (on this CPU, or on
-    // one that a later IPI or NMI, which orders it, sets going).
-    SKIPPED_UD2.store(site, Ordering::Relaxed);
+    // Release pairs with the Acquire in `is_skipped_ud2`.
+    SKIPPED_UD2.store(site, Ordering::Release);
+}
+
+/// Whether a #UD at `rip` is the registered `ud2`.
+#[inline(always)]
+fn is_skipped_ud2(rip: u64) -> bool {
+    let site = SKIPPED_UD2.load(Ordering::Acquire);
+    site != 0 && rip == site
 }
 
 #[unsafe(link_section = ".text.nopatch")]
@@ -144,9 +151,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
                 fatal(frame)
             }
         }
-        // The NMI self-test's deliberate `ud2` (an exception inside an NMI handler,
-        // whose IRETQ ends NMI blocking): skip it. Anything else is fatal.
-        6 if frame.rip == SKIPPED_UD2.load(Ordering::Relaxed) => frame.rip += 2,
+        // The registered `ud2` (the NMI self-test's: an exception inside an NMI
+        // handler, whose IRETQ ends NMI blocking): skip it. Anything else is fatal.
+        6 if is_skipped_ud2(frame.rip) => frame.rip += 2,
         v if v == u64::from(ipi::SYNC_VECTOR) => {
             apic::eoi();
             ipi::handle_sync();
