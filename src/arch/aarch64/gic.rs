@@ -53,6 +53,7 @@ pub const PMR_NORMAL: u8 = PMR_IRQON;
 
 const _: () = assert!(PRIO_NMI < PMR_IRQOFF && PMR_IRQOFF < DEFAULT_PRIORITY);
 const _: () = assert!(STOP_SGI_PRIORITY >= PMR_IRQOFF && DEFAULT_PRIORITY < PMR_IRQON);
+
 /// The INTID the CPU interface returns when nothing is pending.
 pub const SPURIOUS: u32 = 1023;
 /// The INTID ICC_IAR1_EL1 returns when the highest-priority pending interrupt is an NMI

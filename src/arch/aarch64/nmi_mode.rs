@@ -78,11 +78,7 @@ static REQUESTED: AtomicU8 = AtomicU8::new(0);
 pub fn nmi_mode() -> NmiMode {
     // Relaxed: written once by the boot CPU before any other CPU starts and before
     // interrupts are first unmasked.
-    match MODE.load(Ordering::Relaxed) {
-        1 => NmiMode::PseudoNmi,
-        2 => NmiMode::FeatNmi,
-        _ => NmiMode::None,
-    }
+    decode(MODE.load(Ordering::Relaxed))
 }
 
 /// Whether `pseudo_nmi=on` is in force: IRQs are masked with ICC_PMR_EL1 and NMIs exist
@@ -142,7 +138,12 @@ pub(crate) fn select_mode(pseudo_nmi: Option<&str>, feat_nmi_allowed: bool, gicd
 /// The mode, for a secondary CPU's set-up: Acquire pairs with the Release in
 /// [`select_mode`], which the boot CPU ran before starting it.
 pub(crate) fn published_mode() -> NmiMode {
-    match MODE.load(Ordering::Acquire) {
+    decode(MODE.load(Ordering::Acquire))
+}
+
+#[inline(always)]
+fn decode(mode: u8) -> NmiMode {
+    match mode {
         1 => NmiMode::PseudoNmi,
         2 => NmiMode::FeatNmi,
         _ => NmiMode::None,
