@@ -13,6 +13,7 @@
 //! quiescent, with every asynchronous exception masked, before the first byte changes.
 #![cfg_attr(target_os = "none", no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 #![warn(missing_docs)]
 // Errors are carried by value (the kernel has no heap), and a stop-machine failure
 // carries one code per CPU: 136 bytes on paths that are anything but hot.

@@ -5,6 +5,7 @@
 //! handler below; boot it with `./qemu.sh [--arch x86_64]`. On the host this is a stub
 //! that says so.
 #![cfg_attr(target_os = "none", no_std, no_main)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 /// The panic handler of both kernels. It reaches the machine through
 /// `kernel::platform`, as the rest of the kernel does.

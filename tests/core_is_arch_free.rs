@@ -13,8 +13,9 @@
 
 #[path = "../src/cpuset.rs"]
 mod cpuset;
+// `pub`: the core's re-exports (CallProfile, Quiescence, ...) are its API, used or not.
 #[path = "../src/stop/mod.rs"]
-mod stop;
+pub mod stop;
 
 pub use cpuset::{CpuSet, MAX_CPUS};
 

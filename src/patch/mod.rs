@@ -9,7 +9,9 @@ pub mod insn;
 pub mod x86;
 
 use crate::CpuSet;
-use crate::stop::{Arch, Quiescence, StopError, StopMachine, StopOptions};
+use crate::stop::{
+    Arch, LockTimeout, Quiescence, StopError, StopMachine, StopOptions, lock_within,
+};
 use core::fmt;
 use core::ops::Range;
 use insn::Insn;
@@ -479,21 +481,19 @@ pub fn patch_nosync<A: Arch, T: Text>(
     Ok(())
 }
 
-/// Takes `lock`, giving up after `timeout_ns` (also used by x86's `text_poke_bp`).
+/// Takes the text writer `lock`, giving up after `timeout_ns` with
+/// [`PatchError::Busy`] (also used by x86's `text_poke_bp`).
 pub(crate) fn lock_bounded<'a, A: Arch, I: Instruction>(
     arch: &A,
     lock: &'a spin::Mutex<()>,
     timeout_ns: u64,
 ) -> Result<spin::MutexGuard<'a, ()>, PatchError<I>> {
-    let start = arch.now_ns();
-    loop {
-        if let Some(guard) = lock.try_lock() {
-            return Ok(guard);
-        }
-        let waited_ns = arch.now_ns().saturating_sub(start);
-        if waited_ns > timeout_ns {
-            return Err(PatchError::Busy { waited_ns });
-        }
-        arch.relax();
-    }
+    lock_within(
+        lock,
+        "the text writer lock",
+        timeout_ns,
+        || arch.now_ns(),
+        || arch.relax(),
+    )
+    .map_err(|LockTimeout { waited_ns, .. }| PatchError::Busy { waited_ns })
 }

@@ -6,36 +6,56 @@
 //! Everything the rendezvous may run lives in `.text.nopatch`.
 
 use core::arch::asm;
+use tock_registers::interfaces::Readable;
+use tock_registers::register_bitfields;
 
-/// CTR_EL0.IDC: data cache clean to PoU is not required for instruction coherence.
-const CTR_IDC: u64 = 1 << 28;
-/// CTR_EL0.DIC: instruction cache invalidation to PoU is not required.
-const CTR_DIC: u64 = 1 << 29;
+register_bitfields! {u64,
+    /// Cache Type Register (the fields used here).
+    CTR_EL0 [
+        /// Instruction-side coherence to PoU does not need the I-cache invalidated.
+        DIC OFFSET(29) NUMBITS(1) [],
+        /// Instruction-side coherence to PoU does not need the D-cache cleaned.
+        IDC OFFSET(28) NUMBITS(1) [],
+        /// log2 of the smallest data cache line, in words.
+        DminLine OFFSET(16) NUMBITS(4) [],
+        /// log2 of the smallest instruction cache line, in words.
+        IminLine OFFSET(0) NUMBITS(4) []
+    ]
+}
 
-#[inline(always)]
-fn ctr_el0() -> u64 {
-    let ctr: u64;
-    // SAFETY: reading CTR_EL0 has no side effect.
-    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
-    ctr
+/// CTR_EL0, read through tock-registers' typed fields. aarch64-cpu 11.2 has no CTR_EL0,
+/// so the read itself is written here.
+struct CtrEl0;
+
+impl Readable for CtrEl0 {
+    type T = u64;
+    type R = CTR_EL0::Register;
+
+    #[inline(always)]
+    fn get(&self) -> u64 {
+        let ctr: u64;
+        // SAFETY: reading CTR_EL0 has no side effect.
+        unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+        ctr
+    }
 }
 
 /// Smallest data cache line size in bytes (CTR_EL0.DminLine).
 #[inline(always)]
 pub fn dcache_line_size() -> usize {
-    4 << ((ctr_el0() >> 16) & 0xf)
+    4 << CtrEl0.read(CTR_EL0::DminLine)
 }
 
 /// Smallest instruction cache line size in bytes (CTR_EL0.IminLine).
 #[inline(always)]
 pub fn icache_line_size() -> usize {
-    4 << (ctr_el0() & 0xf)
+    4 << CtrEl0.read(CTR_EL0::IminLine)
 }
 
 /// Whether CTR_EL0.IDC and CTR_EL0.DIC are set (in that order).
 pub fn idc_dic() -> (bool, bool) {
-    let ctr = ctr_el0();
-    (ctr & CTR_IDC != 0, ctr & CTR_DIC != 0)
+    let ctr = CtrEl0.extract();
+    (ctr.is_set(CTR_EL0::IDC), ctr.is_set(CTR_EL0::DIC))
 }
 
 /// Makes instructions written to `[start, end)` (through any alias) visible to
@@ -57,9 +77,9 @@ pub fn sync_icache_range(start: usize, end: usize) {
     if start >= end {
         return;
     }
-    let ctr = ctr_el0();
-    if ctr & CTR_IDC == 0 {
-        let line = 4usize << ((ctr >> 16) & 0xf);
+    let ctr = CtrEl0.extract();
+    if !ctr.is_set(CTR_EL0::IDC) {
+        let line = 4usize << ctr.read(CTR_EL0::DminLine);
         let mut addr = start & !(line - 1);
         while addr < end {
             // SAFETY: DC CVAU on a mapped address only cleans a cache line; it does not
@@ -72,8 +92,8 @@ pub fn sync_icache_range(start: usize, end: usize) {
     // SAFETY: barrier only. Orders the cleans (or, with IDC, the writes themselves)
     // before the invalidations below and before anything that follows.
     unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
-    if ctr & CTR_DIC == 0 {
-        let line = 4usize << (ctr & 0xf);
+    if !ctr.is_set(CTR_EL0::DIC) {
+        let line = 4usize << ctr.read(CTR_EL0::IminLine);
         let mut addr = start & !(line - 1);
         while addr < end {
             // SAFETY: IC IVAU only invalidates instruction cache lines.

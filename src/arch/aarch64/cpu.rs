@@ -1,12 +1,17 @@
 //! Small per-CPU primitives: exception masking, barriers, identity registers.
 //!
-//! Every `asm!` that changes what the CPU may take (DAIF) or orders memory is written
-//! without `nomem`, so it is also a compiler barrier: the compiler may not move memory
-//! accesses across it. (Crate accessors such as arm-sysregs' are `nomem`: neither a
-//! compiler barrier nor an ISB; see PLATFORM-FACTS.md.) Everything here is inlined or
-//! lives in `.text.nopatch`, because the rendezvous runs it.
+//! Identity registers (TPIDR_EL1, MPIDR_EL1, CurrentEL) and the ISB/DSB barriers come
+//! from aarch64-cpu. What changes what the CPU may take (DAIF, ALLINT), WFE and SEV stay
+//! `asm!` written without `nomem`, so that each is also a compiler barrier: the
+//! compiler may not move memory accesses across it. aarch64-cpu's register accessors,
+//! `wfe` and `sev` are `nomem` (neither a compiler barrier nor an ISB), and it has no
+//! DAIFSet/DAIFClr or ALLINT. Everything here is inlined or lives in `.text.nopatch`,
+//! because the rendezvous runs it.
 
+use aarch64_cpu::asm::barrier;
+use aarch64_cpu::registers::{CurrentEL, MPIDR_EL1, TPIDR_EL1};
 use core::arch::asm;
+use tock_registers::interfaces::Readable;
 
 /// DAIF bit for debug exceptions (D).
 pub const DAIF_D: u64 = 1 << 9;
@@ -27,8 +32,9 @@ pub const ALLINT: u64 = 1 << 13;
 #[inline(always)]
 pub fn daif() -> u64 {
     let daif: u64;
-    // SAFETY: reading DAIF has no side effect. Not `nomem`: callers use it to order
+    // Not aarch64-cpu's `DAIF.get()`, which is `nomem`: callers use this read to order
     // their reasoning about masking with their memory accesses.
+    // SAFETY: reading DAIF has no side effect.
     unsafe { asm!("mrs {}, daif", out(reg) daif, options(nostack, preserves_flags)) };
     daif
 }
@@ -69,6 +75,8 @@ pub fn allint_clear() {
 #[inline(always)]
 pub fn mask_all() -> u64 {
     let old: u64;
+    // One asm (not aarch64-cpu's DAIF accessors, which are `nomem` and have no DAIFSet):
+    // read and mask back to back, and a compiler barrier.
     // SAFETY: masking exceptions cannot break memory safety. No `nomem`: a compiler
     // barrier, so nothing the caller does "under the mask" is hoisted above it. The
     // write to DAIF by MSR DAIFSet is self-synchronising for the masking it performs.
@@ -100,9 +108,10 @@ pub fn restore(saved: u64) {
     if allint && saved & ALLINT != 0 {
         allint_set();
     }
+    // Not aarch64-cpu's `DAIF.set()`, which is `nomem`: nothing the caller did under the
+    // mask may sink below the unmask.
     // SAFETY: DAIF only affects which exceptions are taken; every handler is installed
-    // before interrupts are first unmasked. No `nomem`: a compiler barrier, so nothing
-    // the caller did under the mask sinks below the unmask.
+    // before interrupts are first unmasked.
     unsafe { asm!("msr daif, {}", in(reg) saved & DAIF_ALL, options(nostack, preserves_flags)) };
     if allint && saved & ALLINT == 0 {
         allint_clear();
@@ -130,20 +139,15 @@ pub fn all_masked() -> bool {
 /// The logical index of the calling CPU (TPIDR_EL1, set by the boot code).
 #[inline(always)]
 pub fn current_cpu() -> usize {
-    let cpu: u64;
-    // SAFETY: reading TPIDR_EL1 has no side effect; it is written only by the boot code
-    // before any Rust code runs on the CPU, so `nomem` is right.
-    unsafe { asm!("mrs {}, tpidr_el1", out(reg) cpu, options(nomem, nostack, preserves_flags)) };
-    cpu as usize
+    // The accessor is `nomem`, which is right: TPIDR_EL1 is written only by the boot
+    // code before any Rust code runs on the CPU.
+    TPIDR_EL1.get() as usize
 }
 
 /// MPIDR_EL1 affinity fields (Aff3..Aff0) of the calling CPU, in the DTB `reg` format.
 #[inline]
 pub fn mpidr() -> u64 {
-    let mpidr: u64;
-    // SAFETY: reading MPIDR_EL1 has no side effect.
-    unsafe { asm!("mrs {}, mpidr_el1", out(reg) mpidr, options(nomem, nostack, preserves_flags)) };
-    mpidr & MPIDR_AFFINITY_MASK
+    MPIDR_EL1.get() & MPIDR_AFFINITY_MASK
 }
 
 /// The affinity bits of MPIDR_EL1 (Aff3 at 39:32, Aff2..Aff0 at 23:0).
@@ -152,29 +156,30 @@ pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 /// Instruction synchronisation barrier (context synchronisation event).
 #[inline(always)]
 pub fn isb() {
-    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
-    unsafe { asm!("isb", options(nostack, preserves_flags)) };
+    // aarch64-cpu's barriers are not `nomem`: also a compiler barrier.
+    barrier::isb(barrier::SY);
 }
 
 /// `DSB ISH`.
 #[inline(always)]
 pub fn dsb_ish() {
-    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
-    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+    // Also a compiler barrier (see `isb`).
+    barrier::dsb(barrier::ISH);
 }
 
 /// `DSB ISHST`.
 #[inline(always)]
 pub fn dsb_ishst() {
-    // SAFETY: a barrier. Not `nomem`: also a compiler barrier.
-    unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
+    // Also a compiler barrier (see `isb`).
+    barrier::dsb(barrier::ISHST);
 }
 
 /// Waits for an event (`WFE`). Ends at the latest at the next timer event-stream tick
 /// (see [`super::timer`]), so it may be used in loops that poll a condition.
 #[inline(always)]
 pub fn wfe() {
-    // SAFETY: WFE only waits. Not `nomem`: the caller re-reads memory afterwards.
+    // Not aarch64-cpu's `wfe()`, which is `nomem`: the caller re-reads memory afterwards.
+    // SAFETY: WFE only waits.
     unsafe { asm!("wfe", options(nostack, preserves_flags)) };
 }
 
@@ -182,6 +187,8 @@ pub fn wfe() {
 /// before it are visible to CPUs that wake up.
 #[inline(always)]
 pub fn sev() {
+    // One asm: aarch64-cpu's `sev()` is `nomem` and would be a separate block from the
+    // DSB it must follow.
     // SAFETY: barrier and event only.
     unsafe { asm!("dsb ishst", "sev", options(nostack, preserves_flags)) };
 }
@@ -189,8 +196,5 @@ pub fn sev() {
 /// The exception level this code runs at (always 1 once booted).
 #[inline]
 pub fn current_el() -> u8 {
-    let el: u64;
-    // SAFETY: reading CurrentEL has no side effect.
-    unsafe { asm!("mrs {}, CurrentEL", out(reg) el, options(nomem, nostack, preserves_flags)) };
-    ((el >> 2) & 3) as u8
+    CurrentEL.read(CurrentEL::EL) as u8
 }

@@ -40,8 +40,10 @@
 //! reach, or wait for, another CPU.
 
 use super::dtb::{BootInfo, Region};
-use super::{cache, cpu, layout};
+use super::{cache, cpu, layout, timer};
 use crate::MAX_CPUS;
+use crate::stop::lock_within;
+use aarch64_cpu::registers::{ID_AA64MMFR0_EL1, TTBR0_EL1};
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{El1Attributes, PhysicalAddress};
 use aarch64_paging::mair::{Mair, MairAttribute, NormalMemory};
@@ -52,6 +54,7 @@ use core::fmt;
 use core::ops::Range;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
+use tock_registers::interfaces::Readable;
 
 pub use super::layout::{boot_range, nopatch_range, text_range};
 
@@ -269,12 +272,7 @@ fn region(r: Range<usize>) -> Region {
 /// cacheable, 4 KiB granules, ASID from TTBR0 (A1 = 0), IPS from
 /// ID_AA64MMFR0_EL1.PARange.
 fn tcr() -> u64 {
-    let mmfr0: u64;
-    // SAFETY: reading an ID register has no side effect.
-    unsafe {
-        asm!("mrs {}, id_aa64mmfr0_el1", out(reg) mmfr0, options(nomem, nostack, preserves_flags))
-    };
-    let ips = (mmfr0 & 0xf).min(5);
+    let ips = ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange).min(5);
     let tsz = 64 - VA_BITS as u64;
     let lower = tsz | 0b01 << 8 | 0b01 << 10 | 0b11 << 12; // T0SZ IRGN0 ORGN0 SH0 (TG0 = 4K)
     let upper = tsz << 16 | 0b01 << 24 | 0b01 << 26 | 0b11 << 28 | 0b10 << 30; // ... TG1 = 4K
@@ -365,6 +363,8 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
 /// The tables at `ttbr0` must map the running code, its stack and data identically;
 /// `ttbr1` must be the empty root.
 unsafe fn enable(mair: u64, tcr: u64, ttbr0: u64, ttbr1: u64, sctlr: u64) {
+    // One asm, not aarch64-cpu's MAIR/TCR/TTBR/SCTLR_EL1 accessors: the MMU switch must
+    // be this exact sequence, with no compiler-placed access in it.
     // SAFETY: forwarded from the caller. Not `nomem`: memory accesses must not move
     // across the switch.
     unsafe {
@@ -435,10 +435,7 @@ fn walk(root: u64, va: usize) -> Option<Leaf> {
 }
 
 fn current_root() -> u64 {
-    let ttbr0: u64;
-    // SAFETY: reading TTBR0_EL1 has no side effect.
-    unsafe { asm!("mrs {}, ttbr0_el1", out(reg) ttbr0, options(nomem, nostack, preserves_flags)) };
-    ttbr0
+    TTBR0_EL1.get()
 }
 
 /// What the identity map says about one address.
@@ -569,7 +566,18 @@ impl TextAlias {
             "poke_text before the MMU is on"
         );
         let saved = cpu::mask_all();
-        let lock = ALIAS_LOCK.lock();
+        // Bounded: the holder keeps it for one poke with every exception masked.
+        let lock = match lock_within(
+            &ALIAS_LOCK,
+            "the text alias lock",
+            1_000_000_000,
+            timer::now_ns,
+            core::hint::spin_loop,
+        ) {
+            Ok(guard) => guard,
+            Err(timeout) => panic!("poke_text: {timeout}"),
+        };
+        // One asm with its ISB: aarch64-cpu's `TTBR1_EL1.set()` is `nomem`, no ISB.
         // SAFETY: TTBR1 only translates the upper half, where nothing but the alias
         // lives: switching it to the alias tables changes no other mapping. The ISB makes
         // the walker use the new root; after the entry is stored, DSB ISHST makes it

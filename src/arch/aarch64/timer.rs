@@ -8,8 +8,11 @@
 //! Every CPU also enables the timer event stream, so that a `WFE` always ends within
 //! about 100 us even if no `SEV` comes: wait loops built on WFE keep their timeouts.
 
+use aarch64_cpu::asm::barrier;
+use aarch64_cpu::registers::{CNTFRQ_EL0, CNTKCTL_EL1};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use tock_registers::interfaces::{ReadWriteable, Readable};
 
 /// `(1e9 << 32) / CNTFRQ_EL0`; 0 until [`init`] ran (then [`now_ns`] returns 0).
 static MULT: AtomicU64 = AtomicU64::new(0);
@@ -19,10 +22,7 @@ static FREQ: AtomicU64 = AtomicU64::new(0);
 
 /// Reads CNTFRQ_EL0.
 fn cntfrq() -> u64 {
-    let freq: u64;
-    // SAFETY: reading CNTFRQ_EL0 has no side effect.
-    unsafe { asm!("mrs {}, cntfrq_el0", out(reg) freq, options(nomem, nostack, preserves_flags)) };
-    freq
+    CNTFRQ_EL0.get()
 }
 
 /// Reads the virtual counter, after an ISB so that the read is not speculated ahead of
@@ -30,6 +30,8 @@ fn cntfrq() -> u64 {
 #[inline(always)]
 pub fn ticks() -> u64 {
     let cnt: u64;
+    // One asm, not aarch64-cpu's `isb` then `CNTVCT_EL0.get()`: that read is `nomem`, a
+    // separate block the compiler may schedule apart from the ISB it must follow.
     // SAFETY: reading CNTVCT_EL0 has no side effect (EL1 access is never trapped: the
     // boot code gives EL1 the counter when it starts at EL2).
     unsafe { asm!("isb", "mrs {}, cntvct_el0", out(reg) cnt, options(nostack, preserves_flags)) };
@@ -61,17 +63,12 @@ pub fn init_cpu() {
     // ticks. Pick the largest period not above 100 us (EVNTI is 4 bits).
     let target = (freq / 10_000).max(2);
     let evnti = (target.ilog2() as u64).saturating_sub(1).min(15);
-    let mut cntkctl: u64;
-    // SAFETY: reading CNTKCTL_EL1 has no side effect.
-    unsafe {
-        asm!("mrs {}, cntkctl_el1", out(reg) cntkctl, options(nomem, nostack, preserves_flags))
-    };
-    cntkctl &= !(0xf << 4 | 1 << 3);
-    cntkctl |= evnti << 4 | 1 << 2; // EVNTI, EVNTDIR = 0 (rising), EVNTEN
-    // SAFETY: CNTKCTL_EL1 only controls EL0 timer access and the event stream.
-    unsafe {
-        asm!("msr cntkctl_el1, {}", "isb", in(reg) cntkctl, options(nostack, preserves_flags))
-    };
+    CNTKCTL_EL1.modify(
+        CNTKCTL_EL1::EVNTI.val(evnti)
+            + CNTKCTL_EL1::EVNTDIR::ZeroToOne
+            + CNTKCTL_EL1::EVNTEN::Enable,
+    );
+    barrier::isb(barrier::SY);
 }
 
 /// Nanoseconds since the counter started (monotonic, shared by all CPUs).

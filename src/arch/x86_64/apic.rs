@@ -65,8 +65,11 @@ fn write(reg: usize, value: u32) {
 
 /// Masks both 8259 PICs (all their lines), so only the APIC delivers interrupts.
 pub fn mask_pic() {
-    cpu::outb(0x21, 0xff);
-    cpu::outb(0xa1, 0xff);
+    // SAFETY: the 8259s' data ports (OCW1); all ones masks every line.
+    unsafe {
+        cpu::outb(0x21, 0xff);
+        cpu::outb(0xa1, 0xff);
+    }
 }
 
 /// Chooses x2APIC or xAPIC. Boot CPU, once.

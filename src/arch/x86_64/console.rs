@@ -25,24 +25,30 @@ static UART_LOCK: spin::Mutex<()> = spin::Mutex::new(());
 
 /// 115200 8N1, FIFOs on, no interrupts. Boot CPU, once, before anything prints.
 pub fn init() {
-    cpu::outb(COM1 + 1, 0x00); // IER: no interrupts
-    cpu::outb(COM1 + 3, 0x80); // LCR: DLAB
-    cpu::outb(COM1, 0x01); // DLL: 115200
-    cpu::outb(COM1 + 1, 0x00); // DLM
-    cpu::outb(COM1 + 3, 0x03); // LCR: 8N1
-    cpu::outb(COM1 + 2, 0xc7); // FCR: enable and clear FIFOs
-    cpu::outb(COM1 + 4, 0x03); // MCR: DTR, RTS
+    // SAFETY: COM1's registers, programmed as a 16550 expects (the sequence of its data
+    // sheet); nothing else drives them yet.
+    unsafe {
+        cpu::outb(COM1 + 1, 0x00); // IER: no interrupts
+        cpu::outb(COM1 + 3, 0x80); // LCR: DLAB
+        cpu::outb(COM1, 0x01); // DLL: 115200
+        cpu::outb(COM1 + 1, 0x00); // DLM
+        cpu::outb(COM1 + 3, 0x03); // LCR: 8N1
+        cpu::outb(COM1 + 2, 0xc7); // FCR: enable and clear FIFOs
+        cpu::outb(COM1 + 4, 0x03); // MCR: DTR, RTS
+    }
 }
 
 fn put(b: u8) {
     // Bounded: a missing UART must not hang the kernel (LSR reads 0xff then anyway).
     for _ in 0..100_000 {
-        if cpu::inb(COM1 + 5) & 0x20 != 0 {
+        // SAFETY: COM1's line status register; reading it has no side effect.
+        if unsafe { cpu::inb(COM1 + 5) } & 0x20 != 0 {
             break;
         }
         cpu::pause();
     }
-    cpu::outb(COM1, b);
+    // SAFETY: COM1's transmit register (DLAB is off after `init`).
+    unsafe { cpu::outb(COM1, b) };
 }
 
 fn write_uart(bytes: &[u8]) {

@@ -114,27 +114,39 @@ pub fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
-/// `outb`.
+/// `outb`: writes `value` to I/O port `port`.
+///
+/// # Safety
+/// `port` must belong to a device this kernel drives (16550, PIT, 8259,
+/// isa-debug-exit) and `value` must be a write that device expects: port I/O changes
+/// hardware state behind the compiler's back (a wrong port can reprogram a DMA engine,
+/// reset the machine or unmask interrupts nobody handles).
 #[inline(always)]
-pub fn outb(port: u16, value: u8) {
-    // SAFETY: callers only touch the legacy devices this kernel drives (16550, PIT,
-    // 8259, isa-debug-exit), which have no memory side effects.
+pub unsafe fn outb(port: u16, value: u8) {
+    // SAFETY: the caller names a port and value its device accepts; no memory side
+    // effects on the devices allowed.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
 }
 
-/// `inb`.
+/// `inb`: reads I/O port `port`.
+///
+/// # Safety
+/// As [`outb`]: reads can have side effects too (clearing a status, popping a FIFO).
 #[inline(always)]
-pub fn inb(port: u16) -> u8 {
+pub unsafe fn inb(port: u16) -> u8 {
     let value: u8;
-    // SAFETY: as for `outb`.
+    // SAFETY: as for `outb`, forwarded from the caller.
     unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
     value
 }
 
-/// `outl`.
+/// `outl`: writes `value` to I/O port `port`.
+///
+/// # Safety
+/// As [`outb`].
 #[inline(always)]
-pub fn outl(port: u16, value: u32) {
-    // SAFETY: as for `outb`.
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`, forwarded from the caller.
     unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) };
 }
 

@@ -14,7 +14,8 @@ pub const FAILURE: u32 = 0x11;
 pub fn exit(success: bool) -> ! {
     cpu::cli_save();
     console::flush_for_exit();
-    cpu::outl(DEBUG_EXIT_PORT, if success { SUCCESS } else { FAILURE });
+    // SAFETY: QEMU's isa-debug-exit port; ending the run is the point.
+    unsafe { cpu::outl(DEBUG_EXIT_PORT, if success { SUCCESS } else { FAILURE }) };
     // QEMU ends the run asynchronously to the vCPU: give it a moment before deciding
     // the device is missing.
     timer::delay_ns(500_000_000);

@@ -20,6 +20,7 @@
 
 use super::{cpu, layout, timer};
 use crate::MAX_CPUS;
+use crate::stop::lock_within;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -151,11 +152,21 @@ pub fn alias_mapped() -> bool {
 /// Writes `bytes` over kernel text at `addr` through the temporary writable alias.
 /// Other CPUs must serialise (`cpuid`) before running the new bytes.
 ///
+/// # Safety
+/// - No CPU may execute `[addr, addr + len)` while it changes (e.g. the machine is
+///   stopped), except as x86's cross-modifying-code rules allow: one byte becoming or
+///   ceasing to be an INT3 whose handler covers the site, as [`text_poke_bp`] does.
+/// - `[addr, addr + len)` must not be in `.text.nopatch` unless nothing executes that
+///   code meanwhile, and must hold whole instructions once the write is done.
+/// - The calling CPU runs on its own PML4 ([`load`] ran on it).
+///
 /// # Panics
 /// If `[addr, addr + len)` is not inside kernel text or crosses more than one page
 /// boundary.
+///
+/// [`text_poke_bp`]: super::text_poke::text_poke_bp
 #[unsafe(link_section = ".text.nopatch")]
-pub fn poke_text(addr: usize, bytes: &[u8]) {
+pub unsafe fn poke_text(addr: usize, bytes: &[u8]) {
     let (ts, te) = layout::text();
     let end = addr
         .checked_add(bytes.len())
@@ -166,7 +177,9 @@ pub fn poke_text(addr: usize, bytes: &[u8]) {
     );
     let page = addr & !0xfff;
     assert!(end <= page + 0x2000, "poke_text: more than two pages");
-    let alias = TextAlias::map(page);
+    // SAFETY: `page` is a page of kernel text (checked above); what is written through
+    // the alias is the caller's write, which it is allowed to make.
+    let alias = unsafe { TextAlias::map(page) };
     let dst = alias.addr() + (addr - page);
     // Bytes up to an 8-byte boundary, then whole quadwords, then the tail: one store per
     // quadword, not per byte (under QEMU each store to a page holding translated code
@@ -205,12 +218,17 @@ pub struct TextAlias {
 impl TextAlias {
     /// Maps the two pages from `page` at [`ALIAS_VA`] on this CPU.
     ///
+    /// # Safety
+    /// The caller makes through the alias only writes it is allowed to make to that
+    /// text (see [`poke_text`]); the calling CPU runs on its own PML4 ([`load`] ran on
+    /// it).
+    ///
     /// # Panics
     /// If `page` is not page-aligned inside kernel text, or the alias lock stays held
     /// for a second.
     #[unsafe(link_section = ".text.nopatch")]
     #[inline(never)]
-    pub fn map(page: usize) -> TextAlias {
+    pub unsafe fn map(page: usize) -> TextAlias {
         let (ts, te) = layout::text();
         assert!(
             page.is_multiple_of(0x1000) && page >= ts && page < te,
@@ -218,16 +236,15 @@ impl TextAlias {
         );
         let saved_flags = cpu::cli_save();
         // Bounded: the holder keeps it for a few stores with interrupts off.
-        let start = timer::now_ns();
-        let lock = loop {
-            if let Some(g) = ALIAS_LOCK.try_lock() {
-                break g;
-            }
-            assert!(
-                timer::now_ns() - start < 1_000_000_000,
-                "poke_text: the text alias lock was held for a second"
-            );
-            cpu::pause();
+        let lock = match lock_within(
+            &ALIAS_LOCK,
+            "the text alias lock",
+            1_000_000_000,
+            timer::now_ns,
+            cpu::pause,
+        ) {
+            Ok(guard) => guard,
+            Err(timeout) => panic!("poke_text: {timeout}"),
         };
         // Relaxed: only this CPU walks these tables (its own PML4 is the only one that
         // links them, from here to the drop), and its next access to the alias comes

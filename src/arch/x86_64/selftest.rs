@@ -123,7 +123,8 @@ fn poke_text() -> Verdict {
         "target returns {:#x}",
         call_target()
     );
-    paging::poke_text(site, &0x2222_2222u32.to_le_bytes());
+    // SAFETY: the target's immediate; only this test runs the target, not now.
+    unsafe { paging::poke_text(site, &0x2222_2222u32.to_le_bytes()) };
     check!(
         !paging::alias_mapped(),
         "alias still mapped after poke_text"
@@ -137,7 +138,8 @@ fn poke_text() -> Verdict {
     let result = STOP.stop_machine(
         &|c| {
             if c == 0 {
-                paging::poke_text(site, &0x3333_3333u32.to_le_bytes());
+                // SAFETY: as above, and every other CPU is in the rendezvous.
+                unsafe { paging::poke_text(site, &0x3333_3333u32.to_le_bytes()) };
             }
             Ok(())
         },
@@ -163,7 +165,8 @@ fn poke_text() -> Verdict {
         seen == smp::online_cpus(),
         "new text seen on {seen} only (others {others})"
     );
-    paging::poke_text(site, &0x1111_1111u32.to_le_bytes());
+    // SAFETY: as for the first write.
+    unsafe { paging::poke_text(site, &0x1111_1111u32.to_le_bytes()) };
     check!(
         call_target() == 0x1111_1111,
         "restore: {:#x}",
@@ -207,7 +210,8 @@ fn alias_private() -> Verdict {
     let result = STOP.stop_machine(
         &|cpu| {
             if cpu == 0 {
-                let alias = paging::TextAlias::map(page);
+                // SAFETY: nothing is written through the alias.
+                let alias = unsafe { paging::TextAlias::map(page) };
                 mine.store(
                     paging::maps_writable(paging::current_cr3(), alias.addr()),
                     Ordering::Relaxed,

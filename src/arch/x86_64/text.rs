@@ -66,7 +66,8 @@ unsafe impl Text for KernelText {
 
     #[unsafe(link_section = ".text.nopatch")]
     unsafe fn write_insn(&self, addr: usize, insn: Insn) {
-        paging::poke_text(addr, insn.bytes());
+        // SAFETY: forwarded from the caller (validated; no CPU executes `addr` meanwhile).
+        unsafe { paging::poke_text(addr, insn.bytes()) };
         call_write_probe();
     }
 
@@ -92,7 +93,8 @@ unsafe impl Text for KernelText {
                 len += new.len();
                 run += 1;
             }
-            paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[]));
+            // SAFETY: forwarded from the caller, for each entry of the run.
+            unsafe { paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[])) };
             call_write_probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
         }

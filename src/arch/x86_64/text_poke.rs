@@ -106,33 +106,43 @@ fn poke_round(round: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
     REFS.store(1, Ordering::Release);
 
     for p in round {
-        paging::poke_text(p.addr, &[x86::INT3]);
+        // SAFETY: a validated site, no other writer (writer lock); one byte becoming an
+        // INT3 that the handler, through the table published above, covers.
+        unsafe { paging::poke_text(p.addr, &[x86::INT3]) };
     }
     if let Err(err) = sync() {
         for p in round {
-            paging::poke_text(p.addr, p.old.bytes().get(..1).unwrap_or(&[]));
+            // SAFETY: the INT3 written above becomes the old first byte again; the
+            // rest of the site never changed.
+            unsafe { paging::poke_text(p.addr, p.old.bytes().get(..1).unwrap_or(&[])) };
         }
         return Err(err);
     }
     for p in round {
         if let Some(tail) = p.new.bytes().get(1..).filter(|t| !t.is_empty()) {
-            paging::poke_text(p.addr + 1, tail);
+            // SAFETY: every CPU serialised since the INT3 went in, so none executes
+            // the bytes after it: they all trap on the INT3 first.
+            unsafe { paging::poke_text(p.addr + 1, tail) };
         }
     }
     if let Err(err) = sync() {
         // Tails back while the INT3s still guard them, then the first bytes.
         for p in round {
             if let Some(tail) = p.old.bytes().get(1..).filter(|t| !t.is_empty()) {
-                paging::poke_text(p.addr + 1, tail);
+                // SAFETY: as for the new tail: the INT3 still guards it.
+                unsafe { paging::poke_text(p.addr + 1, tail) };
             }
         }
         for p in round {
-            paging::poke_text(p.addr, p.old.bytes().get(..1).unwrap_or(&[]));
+            // SAFETY: the INT3 becomes the old first byte, in front of the old tail.
+            unsafe { paging::poke_text(p.addr, p.old.bytes().get(..1).unwrap_or(&[])) };
         }
         return Err(err);
     }
     for p in round {
-        paging::poke_text(p.addr, p.new.bytes().get(..1).unwrap_or(&[]));
+        // SAFETY: the INT3 becomes the new first byte, in front of the new tail that
+        // every CPU serialised onto.
+        unsafe { paging::poke_text(p.addr, p.new.bytes().get(..1).unwrap_or(&[])) };
     }
     if sync().is_ok() {
         retire();

@@ -56,15 +56,20 @@ fn pit_calibrate_khz() -> Option<u64> {
     const MS: u64 = 10;
     let count = (PIT_HZ * MS / 1000) as u16;
     // Gate high, speaker off.
-    let gate = (cpu::inb(0x61) & !0x02) | 0x01;
-    cpu::outb(0x61, gate);
-    cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
-    cpu::outb(0x42, count as u8);
-    cpu::outb(0x42, (count >> 8) as u8);
+    // SAFETY: port 0x61 (gate of PIT channel 2, speaker) and the PIT's command and
+    // channel 2 ports, programmed as the 8254 expects; only this calibration uses them.
+    unsafe {
+        let gate = (cpu::inb(0x61) & !0x02) | 0x01;
+        cpu::outb(0x61, gate);
+        cpu::outb(0x43, 0b1011_0000); // channel 2, lobyte/hibyte, mode 0, binary
+        cpu::outb(0x42, count as u8);
+        cpu::outb(0x42, (count >> 8) as u8);
+    }
     let start = cpu::rdtsc();
     // Bounded: a PIT that never counts down must not hang boot.
     let mut spins = 0u64;
-    while cpu::inb(0x61) & 0x20 == 0 {
+    // SAFETY: port 0x61's OUT2 bit; reading it has no side effect.
+    while unsafe { cpu::inb(0x61) } & 0x20 == 0 {
         spins += 1;
         if spins > 100_000_000 {
             return None;

@@ -1,0 +1,164 @@
+//! What callers of the stop machine see: the stop function's types, the per-call
+//! options, and the errors.
+
+use crate::{CpuSet, MAX_CPUS};
+use core::fmt;
+
+/// What a stop function returns on one CPU: `Err(code)` with a non-zero, errno-like code.
+pub type StopFnResult = Result<(), i32>;
+
+/// A function run by [`StopMachine::stop_machine`](super::StopMachine::stop_machine) on
+/// each active CPU; its argument is the index of the CPU it runs on.
+pub type StopFn<'a> = &'a (dyn Fn(usize) -> StopFnResult + Sync);
+
+/// A stop function that may run in NMI context: it takes no lock, does not print,
+/// does not allocate, and takes no exception (on x86 an exception's IRET would
+/// re-enable NMIs; on arm64 nothing may fault in a handler that runs with interrupts
+/// masked). The wrapper makes that promise explicit at the type level, as the
+/// `cpu_stop_nmisafe_fn_t` of Chang S. Bae, "stop_machine: Add NMI-based execution
+/// path" (LKML, 2026) does.
+#[derive(Clone, Copy)]
+pub struct NmiSafe<'a>(pub(super) StopFn<'a>);
+
+impl<'a> NmiSafe<'a> {
+    /// Marks `function` as safe to run from an NMI handler.
+    ///
+    /// # Safety
+    /// `function` takes no lock, does not print or allocate, and takes no exception.
+    pub const unsafe fn new(function: StopFn<'a>) -> Self {
+        NmiSafe(function)
+    }
+}
+
+/// The error code of an active CPU whose self-NMI never ran the function.
+pub const ETIMEDOUT: i32 = -110;
+
+/// How long an active CPU waits for its own NMI before giving up (the NMI path of
+/// Chang S. Bae's "stop_machine: Add NMI-based execution path" waits one second).
+pub const NMI_TIMEOUT_NS: u64 = 1_000_000_000;
+
+/// Per-call limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StopOptions {
+    /// How long the initiator waits for the machine to be free and then for every CPU
+    /// to arrive before it gives up cleanly ([`StopError::Busy`], [`StopError::Timeout`]).
+    pub arrival_timeout_ns: u64,
+    /// How long any CPU waits for a phase to complete once everyone has arrived. Past
+    /// this a CPU is stuck with exceptions masked: the core panics.
+    pub stall_timeout_ns: u64,
+    /// What each CPU masks on arrival (the `Arrive` phase).
+    pub mask: MaskLevel,
+}
+
+/// What the CPUs mask for the window of a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskLevel {
+    /// Every maskable asynchronous exception, NMIs included where the architecture can
+    /// mask them ([`Arch::mask_all`](super::Arch::mask_all)). The only level safe for
+    /// patching code that NMI handlers run: no handler can start inside the window.
+    All,
+    /// Normal interrupts only ([`Arch::mask_irqs`](super::Arch::mask_irqs)): NMIs still
+    /// arrive. This is Linux's `stop_machine` (`local_irq_disable`), and what NMI
+    /// execution needs.
+    IrqsOnly,
+}
+
+impl StopOptions {
+    /// One second to arrive, ten to finish a phase: generous for emulated CPUs.
+    pub const DEFAULT: StopOptions = StopOptions {
+        arrival_timeout_ns: 1_000_000_000,
+        stall_timeout_ns: 10_000_000_000,
+        mask: MaskLevel::All,
+    };
+}
+
+impl Default for StopOptions {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Why [`StopMachine::stop_machine`](super::StopMachine::stop_machine) failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopError {
+    /// `active` was empty or named CPUs that are not online. Nothing ran.
+    InvalidCpus {
+        /// The set asked for.
+        requested: CpuSet,
+        /// The online CPUs at the time of the call.
+        online: CpuSet,
+    },
+    /// Another stop-machine call held the machine for the whole arrival timeout.
+    Busy {
+        /// How long the caller waited.
+        waited_ns: u64,
+    },
+    /// These CPUs did not arrive in time. The function ran on no CPU and every CPU that
+    /// had arrived has left.
+    Timeout {
+        /// The CPUs that never acknowledged arrival.
+        missing: CpuSet,
+        /// How long the initiator waited.
+        waited_ns: u64,
+    },
+    /// The function ran and returned an error on at least one CPU.
+    Failed(Failures),
+}
+
+/// The errors returned by the stop function, one per failing CPU (never just the last).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Failures {
+    pub(super) cpus: CpuSet,
+    pub(super) codes: [i32; MAX_CPUS],
+}
+
+impl Failures {
+    /// The CPUs on which the function failed.
+    pub fn cpus(&self) -> CpuSet {
+        self.cpus
+    }
+
+    /// The error `cpu` returned, if it failed.
+    pub fn code(&self, cpu: usize) -> Option<i32> {
+        self.cpus.contains(cpu).then(|| self.codes[cpu])
+    }
+
+    /// `(cpu, code)` for every failing CPU, in CPU order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, i32)> + '_ {
+        self.cpus.iter().map(|cpu| (cpu, self.codes[cpu]))
+    }
+}
+
+impl fmt::Debug for Failures {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for StopError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopError::InvalidCpus { requested, online } => write!(
+                f,
+                "active CPUs {requested} must be a non-empty subset of the online CPUs {online}"
+            ),
+            StopError::Busy { waited_ns } => write!(
+                f,
+                "another stop_machine held the machine for {} us",
+                waited_ns / 1000
+            ),
+            StopError::Timeout { missing, waited_ns } => write!(
+                f,
+                "CPUs {missing} did not arrive within {} us; the function did not run",
+                waited_ns / 1000
+            ),
+            StopError::Failed(failures) => {
+                f.write_str("stop function failed on")?;
+                for (cpu, code) in failures.iter() {
+                    write!(f, " cpu{cpu}={code}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! What the core records about a call besides its outcome: the evidence that every CPU
+//! was quiescent before the function ran ([`Quiescence`]), the masked-window witness,
+//! and the initiator's profile of the rendezvous ([`CallProfile`]).
+//!
+//! All of it is measurement: nothing here decides anything, so every access is
+//! `Relaxed`, made visible by the state word's release/acquire pairs of the phase it
+//! belongs to.
+
+use super::{Arch, StopMachine};
+use crate::{CpuSet, MAX_CPUS};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Evidence, recorded by the core, that every CPU was quiescent before the function ran.
+///
+/// Read it from inside the stop function (the `Run` phase) and compare it with
+/// [`StopMachine::stamp`] taken right before the first side effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quiescence {
+    /// CPUs that reported every asynchronous exception masked when they acknowledged
+    /// the `Arrive` phase.
+    pub masked: CpuSet,
+    /// The latest stamp taken by any CPU as it acknowledged the `Arrive` phase.
+    pub last_ack_stamp: u64,
+}
+
+/// Where the initiator's time went in its last call that reached `Run`: the profile of
+/// the rendezvous, in nanoseconds of [`Arch::now_ns`]. `tests=bench` prints it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CallProfile {
+    /// From entry to the stop IPI sent: checking the CPUs, taking the machine,
+    /// publishing the call.
+    pub setup_ns: u64,
+    /// From the stop IPI sent to the last other CPU's arrival (masked and acknowledged):
+    /// the gather, at best one interrupt round trip.
+    pub arrive_ns: u64,
+    /// From the last arrival to `Exit`: the initiator masking and acknowledging, and the
+    /// function on every active CPU.
+    pub run_ns: u64,
+    /// From `Exit` to the initiator unmasked: its context synchronisation and restore.
+    pub exit_ns: u64,
+}
+
+/// What each CPU reports as it arrives, and who is inside a masked window.
+pub(super) struct Evidence {
+    /// The sequence [`StopMachine::stamp`] draws from.
+    stamps: AtomicU64,
+    /// CPUs that found themselves fully masked on arrival in the current call.
+    masked_at_ack: AtomicU32,
+    /// Each CPU's stamp as it arrived.
+    ack_stamp: [AtomicU64; MAX_CPUS],
+    /// CPUs between their mask and their restore in a call.
+    in_window: AtomicU32,
+}
+
+impl Evidence {
+    pub(super) const fn new() -> Self {
+        Evidence {
+            stamps: AtomicU64::new(0),
+            masked_at_ack: AtomicU32::new(0),
+            ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
+            in_window: AtomicU32::new(0),
+        }
+    }
+
+    /// Forgets the last call's mask reports (the initiator, under the machine's lock,
+    /// before it opens `Arrive`).
+    pub(super) fn reset(&self) {
+        self.masked_at_ack.store(0, Ordering::Relaxed);
+    }
+
+    #[inline(always)]
+    fn next_stamp(&self) -> u64 {
+        self.stamps.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// `me` has just masked: it is in the window, and reports whether it is fully masked
+    /// and its stamp. Released by its `Arrive` acknowledgement.
+    #[inline(always)]
+    pub(super) fn arrived(&self, me: usize, all_masked: bool) {
+        let bit = CpuSet::single(me).bits();
+        self.in_window.fetch_or(bit, Ordering::Relaxed);
+        if all_masked {
+            self.masked_at_ack.fetch_or(bit, Ordering::Relaxed);
+        }
+        self.ack_stamp[me].store(self.next_stamp(), Ordering::Relaxed);
+    }
+
+    /// `me` is about to restore its mask.
+    #[inline(always)]
+    pub(super) fn leaving(&self, me: usize) {
+        self.in_window
+            .fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
+    }
+}
+
+/// The instants the initiator records in a call, indexes into [`Profile`].
+#[derive(Clone, Copy)]
+pub(super) enum Mark {
+    Entry = 0,
+    IpiSent = 1,
+    Arrived = 2,
+    Exit = 3,
+    Unmasked = 4,
+}
+
+/// The initiator's [`Mark`]s in its last call. Only the initiator writes it, under the
+/// machine's lock.
+pub(super) struct Profile {
+    timeline: [AtomicU64; 5],
+}
+
+impl Profile {
+    pub(super) const fn new() -> Self {
+        Profile {
+            timeline: [const { AtomicU64::new(0) }; 5],
+        }
+    }
+
+    #[inline(always)]
+    pub(super) fn record(&self, mark: Mark, now_ns: u64) {
+        self.timeline[mark as usize].store(now_ns, Ordering::Relaxed);
+    }
+
+    fn span(&self, from: Mark, to: Mark) -> u64 {
+        let at = |mark: Mark| self.timeline[mark as usize].load(Ordering::Relaxed);
+        at(to).saturating_sub(at(from))
+    }
+}
+
+impl<A: Arch> StopMachine<A> {
+    /// A fresh stamp from the same sequence the `Arrive` acknowledgements draw from.
+    ///
+    /// Taken right before a side effect inside the stop function, it proves the effect
+    /// came after every CPU's quiescence: compare with [`Quiescence::last_ack_stamp`].
+    #[unsafe(link_section = ".text.nopatch")]
+    pub fn stamp(&self) -> u64 {
+        self.evidence.next_stamp()
+    }
+
+    /// What the CPUs reported as they acknowledged the `Arrive` phase of the current call.
+    ///
+    /// Meaningful from inside the stop function.
+    #[unsafe(link_section = ".text.nopatch")]
+    pub fn quiescence(&self) -> Quiescence {
+        let evidence = &self.evidence;
+        let last_ack_stamp = self
+            .published
+            .participants()
+            .iter()
+            .map(|cpu| evidence.ack_stamp[cpu].load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Quiescence {
+            masked: CpuSet::from_bits(evidence.masked_at_ack.load(Ordering::Relaxed)),
+            last_ack_stamp,
+        }
+    }
+
+    /// The CPUs that are inside a call's masked window right now: they have masked their
+    /// exceptions for it and not yet restored them.
+    ///
+    /// An interrupt handler that finds its own CPU here ran inside the window, which
+    /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
+    #[unsafe(link_section = ".text.nopatch")]
+    pub fn in_masked_window(&self) -> CpuSet {
+        CpuSet::from_bits(self.evidence.in_window.load(Ordering::Relaxed))
+    }
+
+    /// Records instant `mark` of the current call (the initiator only).
+    #[unsafe(link_section = ".text.nopatch")]
+    pub(super) fn mark(&self, mark: Mark) {
+        self.profile.record(mark, self.arch.now_ns());
+    }
+
+    /// The profile of this CPU's last call that reached `Run`. Meaningful on the CPU
+    /// that made the call, after it returned, and before anyone makes another.
+    pub fn last_call_profile(&self) -> CallProfile {
+        let profile = &self.profile;
+        CallProfile {
+            setup_ns: profile.span(Mark::Entry, Mark::IpiSent),
+            arrive_ns: profile.span(Mark::IpiSent, Mark::Arrived),
+            run_ns: profile.span(Mark::Arrived, Mark::Exit),
+            exit_ns: profile.span(Mark::Exit, Mark::Unmasked),
+        }
+    }
+}
