@@ -7,40 +7,39 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
-/// The panic handler of both kernels: only how to mask and where the console lives
-/// differ between the architectures.
+/// The panic handler of both kernels. It reaches the machine through
+/// `kernel::platform`, as the rest of the kernel does.
 #[cfg(target_os = "none")]
 mod panic {
     use core::panic::PanicInfo;
     use core::sync::atomic::{AtomicU32, Ordering};
-    #[cfg(target_arch = "aarch64")]
-    use patch_machine::arch::aarch64::{console, cpu, cpu::mask_all as mask, exit};
-    #[cfg(target_arch = "x86_64")]
-    use patch_machine::arch::x86_64::{console, cpu, cpu::cli_save as mask, exit};
+    use patch_machine::kernel::platform::{
+        current_cpu, exit, mask_for_panic, write_forced, write_raw_forced,
+    };
 
     /// CPUs that are panicking (a panic inside the panic path exits at once).
     static PANICKING: AtomicU32 = AtomicU32::new(0);
 
     #[panic_handler]
     fn panic(info: &PanicInfo<'_>) -> ! {
-        mask();
-        let me = cpu::current_cpu();
+        mask_for_panic();
+        let me = current_cpu();
         let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
         if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
-            console::write_raw_forced(b"PANIC: recursive panic\n");
-            exit::exit(false);
+            write_raw_forced(b"PANIC: recursive panic\n");
+            exit(false);
         }
         match info.location() {
-            Some(loc) => console::write_forced(format_args!(
+            Some(loc) => write_forced(format_args!(
                 "\nPANIC cpu {me}: {} at {}:{}:{}\n",
                 info.message(),
                 loc.file(),
                 loc.line(),
                 loc.column()
             )),
-            None => console::write_forced(format_args!("\nPANIC cpu {me}: {}\n", info.message())),
+            None => write_forced(format_args!("\nPANIC cpu {me}: {}\n", info.message())),
         }
-        exit::exit(false)
+        exit(false)
     }
 }
 

@@ -8,3 +8,6 @@ pub mod x86_64;
 
 #[cfg(not(target_os = "none"))]
 pub mod host;
+
+#[cfg(target_os = "none")]
+pub mod write_probe;

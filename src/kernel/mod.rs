@@ -4,21 +4,14 @@
 pub mod platform;
 mod selftest;
 mod smp;
-mod text;
 
 pub use smp::secondary_main;
-pub use text::{KERNEL_TEXT, KernelText};
 
 use crate::harness::{self, Verdict};
 use crate::kprint;
 use crate::ktap::{Ktap, Outcome};
 use core::fmt::{self, Write};
 use selftest::{Params, TESTS};
-
-#[cfg(target_arch = "aarch64")]
-core::arch::global_asm!(include_str!("targets_aarch64.S"));
-#[cfg(target_arch = "x86_64")]
-core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));
 
 /// Writes KTAP to the console.
 struct Console;
@@ -96,7 +89,7 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
                     }
                 }
             }
-            // Read by the platform at boot (arch::aarch64::irq).
+            // Read by the platform at boot (arch::aarch64::nmi_mode).
             "pseudo_nmi" if matches!(value, "on" | "off") => {}
             "pseudo_nmi" => {
                 return Err(BadArg {

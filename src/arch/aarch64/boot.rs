@@ -2,14 +2,17 @@
 //! entry points it calls.
 //!
 //! Boot CPU: console-less DTB parse and MMU set-up with the MMU off, then console,
-//! exceptions, GIC and the NMI mechanism ([`super::irq`]), secondaries, IRQs on,
+//! exceptions, GIC and the NMI mechanism ([`super::nmi_mode`]), secondaries, IRQs on,
 //! [`crate::kernel::primary_main`].
 //! Secondary: (MMU and VBAR already on from the assembly) timer, GIC, NMI set-up,
 //! online, IRQs on,
 //! [`crate::kernel::secondary_main`].
 
 use super::exceptions::{self, FRAME_SIZE, MAX_DEPTH, TrapFrame};
-use super::{console, cpu, dtb, exit, gic, irq, layout, mmu, psci, smp, timer};
+use super::{
+    cache, console, cpu, dtb, exit, gic, irqflags, layout, mmu, nmi_mode, psci, semihosting, smp,
+    timer,
+};
 use crate::MAX_CPUS;
 use core::arch::global_asm;
 use core::mem::offset_of;
@@ -35,7 +38,7 @@ global_asm!(
     estacks = sym layout::EXCEPTION_STACKS,
     depth = sym exceptions::DEPTH,
     handler = sym exceptions::handle_exception,
-    exit_block = sym exit::EXIT_FAILURE_BLOCK,
+    exit_block = sym semihosting::EXIT_FAILURE_BLOCK,
     conduit = sym psci::CONDUIT,
     guard = const layout::STACK_GUARD,
     low = const FRAME_SIZE + STACK_MARGIN,
@@ -50,8 +53,8 @@ global_asm!(
     off_depth = const offset_of!(TrapFrame, depth),
     off_q = const offset_of!(TrapFrame, q),
     off_pmr = const offset_of!(TrapFrame, pmr),
-    pmr_live = sym irq::PMR_LIVE,
-    pmr_sync = sym irq::PMR_SYNC,
+    pmr_live = sym nmi_mode::PMR_LIVE,
+    pmr_sync = sym nmi_mode::PMR_SYNC,
     max_depth = const MAX_DEPTH,
 );
 
@@ -93,6 +96,18 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
         Err(e) => early_fatal(format_args!("{e}")),
     };
     // SAFETY: only this CPU runs; the DTB is not written by anyone.
+    let early = match unsafe { dtb::early_devices(dtb_addr) } {
+        Ok(early) => early,
+        Err(e) => early_fatal(format_args!("DTB at {dtb_addr:#x}: {e}")),
+    };
+    // Early output and PSCI (exit paths) work from here on, even if parsing fails below.
+    if early.uart.size != 0 {
+        console::set_early_uart(early.uart.base);
+    }
+    if let Some(conduit) = early.psci {
+        psci::set_conduit(conduit);
+    }
+    // SAFETY: as above.
     let info = match unsafe { dtb::parse(dtb_addr, cpu::mpidr(), entry_el as u8) } {
         Ok(info) => info,
         Err(e) => early_fatal(format_args!("DTB at {dtb_addr:#x}: {e}")),
@@ -115,8 +130,8 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
         crate::kprintln!("PANIC cpu 0: GIC: {e}");
         exit::exit(false);
     }
-    irq::init_cpu(0);
-    crate::kprintln!("{}", irq::describe());
+    irqflags::init_cpu(0);
+    crate::kprintln!("{}", nmi_mode::describe());
     gic::set_sgi_handler(gic::STOP_SGI, super::stop_sgi_handler);
 
     let online = smp::start_secondaries(info);
@@ -149,14 +164,14 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
         crate::kprintln!("PANIC cpu {cpu}: GIC: {e}");
         exit::exit(false);
     }
-    irq::init_cpu(cpu);
+    irqflags::init_cpu(cpu);
     smp::mark_online(cpu);
     cpu::unmask_all();
     crate::kernel::secondary_main(cpu)
 }
 
 fn print_banner(info: &dtb::BootInfo) {
-    let (idc, dic) = super::cache::idc_dic();
+    let (idc, dic) = cache::idc_dic();
     let psci_version = psci::version();
     crate::kprintln!(
         "patch-machine: aarch64 kernel, entered at EL{}",
@@ -209,8 +224,8 @@ fn print_banner(info: &dtb::BootInfo) {
     crate::kprintln!(
         "cpu: timer {} Hz, D-line {} B, I-line {} B, IDC {}, DIC {}",
         timer::frequency(),
-        super::cache::dcache_line_size(),
-        super::cache::icache_line_size(),
+        cache::dcache_line_size(),
+        cache::icache_line_size(),
         idc as u8,
         dic as u8,
     );

@@ -15,7 +15,7 @@
 //!   it ([`set_early_uart`]), and to semihosting SYS_WRITE0 before that (or if the DTB
 //!   names no PL011).
 
-use super::{cpu, exit, timer};
+use super::{cpu, semihosting, timer};
 use crate::MAX_CPUS;
 use arm_pl011_uart::{DataBits, LineConfig, Parity, StopBits, Uart, UniqueMmioPointer};
 use core::cell::UnsafeCell;
@@ -89,7 +89,7 @@ pub fn set_early_uart(base: usize) {
 fn write_early(bytes: &[u8]) {
     let base = EARLY_UART.load(Ordering::Relaxed);
     if base == 0 {
-        exit::semihost_write(bytes);
+        semihosting::write(bytes);
         return;
     }
     for &b in bytes {
@@ -146,7 +146,7 @@ fn write_uart(uart: &mut Option<Uart<'static>>, bytes: &[u8]) {
                 put(uart, b);
             }
         }
-        None => exit::semihost_write(bytes),
+        None => semihosting::write(bytes),
     }
 }
 
@@ -252,7 +252,7 @@ pub fn write_raw_forced(bytes: &[u8]) {
     write_uart(&mut guard, bytes);
 }
 
-/// Flushes the calling CPU's partial line on the way out ([`exit::exit`]), without
+/// Flushes the calling CPU's partial line on the way out ([`super::exit::exit`]), without
 /// waiting forever for the lock.
 pub(crate) fn flush_for_exit() {
     let cpu = cpu::current_cpu();

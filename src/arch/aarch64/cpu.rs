@@ -40,7 +40,7 @@ pub fn daif() -> u64 {
 }
 
 /// Reads PSTATE.ALLINT (as [`ALLINT`] or 0). Only on a CPU with FEAT_NMI: callers check
-/// [`super::irq::feat_nmi_in_use`] first (the register is UNDEFINED without it).
+/// [`super::nmi_mode::feat_nmi_in_use`] first (the register is UNDEFINED without it).
 #[inline(always)]
 pub fn allint() -> u64 {
     let v: u64;
@@ -88,7 +88,7 @@ pub fn mask_all() -> u64 {
             options(nostack, preserves_flags),
         )
     };
-    if super::irq::feat_nmi_in_use() {
+    if super::nmi_mode::feat_nmi_in_use() {
         // Read before setting: the caller's state. ALLINT after DAIF: either order
         // leaves no window, since both only mask.
         let allint = allint();
@@ -102,7 +102,7 @@ pub fn mask_all() -> u64 {
 /// [`daif`] (which carries no ALLINT bit: ALLINT is then cleared).
 #[inline(always)]
 pub fn restore(saved: u64) {
-    let allint = super::irq::feat_nmi_in_use();
+    let allint = super::nmi_mode::feat_nmi_in_use();
     // ALLINT is masked first and unmasked last (Linux's order): no NMI arrives in a
     // state that is neither the current nor the saved one.
     if allint && saved & ALLINT != 0 {
@@ -123,7 +123,7 @@ pub fn restore(saved: u64) {
 pub fn unmask_all() {
     // SAFETY: as for `restore`; the ISB makes pending interrupts taken right here.
     unsafe { asm!("msr daifclr, #0xf", options(nostack, preserves_flags)) };
-    if super::irq::feat_nmi_in_use() {
+    if super::nmi_mode::feat_nmi_in_use() {
         allint_clear();
     }
     isb();
@@ -133,7 +133,7 @@ pub fn unmask_all() {
 /// ALLINT set when FEAT_NMI is in use (it is what masks NMIs then).
 #[inline(always)]
 pub fn all_masked() -> bool {
-    daif() & DAIF_ALL == DAIF_ALL && (!super::irq::feat_nmi_in_use() || allint() != 0)
+    daif() & DAIF_ALL == DAIF_ALL && (!super::nmi_mode::feat_nmi_in_use() || allint() != 0)
 }
 
 /// The logical index of the calling CPU (TPIDR_EL1, set by the boot code).

@@ -280,38 +280,9 @@ pub unsafe fn parse(
     // header and bounds every access by `totalsize`.
     let fdt = unsafe { Fdt::from_ptr(dtb as *const u8) }.map_err(|_| DtbError::BadHeader(dtb))?;
 
-    // UART: the stdout-path node if it is a PL011, else the first PL011.
+    let (uart, uart_clock_hz) = find_uart(&fdt);
+    let psci_conduit = find_psci(&fdt).ok_or(DtbError::NoPsci)?;
     let chosen = fdt.find_node("/chosen");
-    let stdout = chosen
-        .and_then(|c| prop_str(c, "stdout-path"))
-        .map(|p| p.split(':').next().unwrap_or(p))
-        .and_then(|p| fdt.find_node(p))
-        .filter(|n| is_compatible(*n, "arm,pl011"));
-    let uart_node = stdout.or_else(|| fdt.all_nodes().find(|n| is_compatible(*n, "arm,pl011")));
-    let uart = uart_node.and_then(|n| reg_entry(n, 0)).unwrap_or_default();
-    let uart_clock_hz = uart_node.and_then(|n| uart_clock(&fdt, n));
-    // Early output and PSCI (exit paths) work from here on, even if parsing fails below.
-    if uart.size != 0 {
-        super::console::set_early_uart(uart.base);
-    }
-
-    // PSCI.
-    let psci = fdt
-        .find_node("/psci")
-        .or_else(|| {
-            fdt.all_nodes().find(|n| {
-                is_compatible(*n, "arm,psci-1.0")
-                    || is_compatible(*n, "arm,psci-0.2")
-                    || is_compatible(*n, "arm,psci")
-            })
-        })
-        .ok_or(DtbError::NoPsci)?;
-    let psci_conduit = match prop_str(psci, "method") {
-        Some("hvc") => Conduit::Hvc,
-        Some("smc") => Conduit::Smc,
-        _ => return Err(DtbError::NoPsci),
-    };
-    super::psci::set_conduit(psci_conduit);
 
     // CPUs: DTB order; the boot CPU becomes logical CPU 0.
     let cpus = fdt.find_node("/cpus").ok_or(DtbError::NoCpus)?;
@@ -440,6 +411,62 @@ pub unsafe fn parse(
     // read-modify-write), so it is fine with the MMU off.
     READY.store(true, Ordering::Release);
     Ok(boot_info())
+}
+
+/// What the exit and early-report paths need, found before the rest of the DTB is
+/// parsed (by [`early_devices`]) so that a failure further on can still be reported and
+/// end the run. The caller sets them up; this module configures nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct EarlyDevices {
+    /// The console PL011 (size 0: none).
+    pub uart: Region,
+    /// How PSCI calls are made, if the DTB says (`/psci` `method`).
+    pub psci: Option<Conduit>,
+}
+
+/// Finds the console UART and the PSCI conduit in the DTB at `dtb`. Boot CPU, MMU off.
+///
+/// # Safety
+/// As for [`parse`]: `dtb` must point to a readable FDT blob that nothing writes while
+/// this runs.
+pub unsafe fn early_devices(dtb: usize) -> Result<EarlyDevices, DtbError> {
+    // SAFETY: the caller guarantees a readable FDT at `dtb`; Fdt::from_ptr validates the
+    // header and bounds every access by `totalsize`.
+    let fdt = unsafe { Fdt::from_ptr(dtb as *const u8) }.map_err(|_| DtbError::BadHeader(dtb))?;
+    Ok(EarlyDevices {
+        uart: find_uart(&fdt).0,
+        psci: find_psci(&fdt),
+    })
+}
+
+/// The console PL011 (the stdout-path node if it is a PL011, else the first PL011;
+/// size 0: none) and its reference clock.
+fn find_uart(fdt: &Fdt<'_>) -> (Region, Option<u32>) {
+    let stdout = fdt
+        .find_node("/chosen")
+        .and_then(|c| prop_str(c, "stdout-path"))
+        .map(|p| p.split(':').next().unwrap_or(p))
+        .and_then(|p| fdt.find_node(p))
+        .filter(|n| is_compatible(*n, "arm,pl011"));
+    let uart_node = stdout.or_else(|| fdt.all_nodes().find(|n| is_compatible(*n, "arm,pl011")));
+    let uart = uart_node.and_then(|n| reg_entry(n, 0)).unwrap_or_default();
+    (uart, uart_node.and_then(|n| uart_clock(fdt, n)))
+}
+
+/// The PSCI conduit (`/psci`, or the first PSCI-compatible node: its `method`).
+fn find_psci(fdt: &Fdt<'_>) -> Option<Conduit> {
+    let psci = fdt.find_node("/psci").or_else(|| {
+        fdt.all_nodes().find(|n| {
+            is_compatible(*n, "arm,psci-1.0")
+                || is_compatible(*n, "arm,psci-0.2")
+                || is_compatible(*n, "arm,psci")
+        })
+    })?;
+    match prop_str(psci, "method") {
+        Some("hvc") => Some(Conduit::Hvc),
+        Some("smc") => Some(Conduit::Smc),
+        _ => None,
+    }
 }
 
 /// The PL011's `uartclk` frequency: the `clocks` phandle named "uartclk" in

@@ -13,7 +13,7 @@
 //!   handler) prints an `UNEXPECTED EXCEPTION` report (kind, ESR decoded, ELR, FAR,
 //!   SPSR, SP, CPU, registers) and ends the run with a failure status.
 
-use super::{console, cpu, exit, irq};
+use super::{console, cpu, exit, irq, semihosting};
 use crate::MAX_CPUS;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -49,7 +49,7 @@ pub struct TrapFrame {
     pub emergency: u64,
     /// ICC_PMR_EL1 at the exception, written back on return so that no handler can
     /// leave the priority mask changed (`u64::MAX`: not saved, the CPU's GIC interface
-    /// was not up yet; see [`super::irq`]).
+    /// was not up yet; see [`super::nmi_mode`]).
     pub pmr: u64,
     /// Keeps `q` 16-byte aligned.
     pub reserved: u64,
@@ -229,7 +229,7 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
         // At depth > 1 only an NMI-class interrupt may have been taken (inside a handler
         // that let NMIs in); the IRQ path reports anything else.
         kind::IRQ_SPX => {
-            if let Err(why) = irq::handle_irq_exception(frame) {
+            if let Err(why) = irq::handle_irq_exception(frame.depth, frame.pmr) {
                 fatal(frame, why);
             }
         }
@@ -250,7 +250,7 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
 
 /// Offers a synchronous exception to the semihosting probe and the BRK hook.
 fn handle_sync(frame: &mut TrapFrame) -> bool {
-    if exit::semihosting_trapped(frame.elr) {
+    if semihosting::trapped(frame.elr) {
         frame.x[0] = u64::MAX;
         frame.elr += 4;
         return true;

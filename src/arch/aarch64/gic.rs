@@ -11,9 +11,9 @@
 //!
 //! Priorities are multiples of 8 (QEMU implements 5 priority bits). All SGIs are
 //! Group 1 Non-secure and enabled on every CPU, at [`DEFAULT_PRIORITY`] except two:
-//! the NMI SGI ([`super::nmi::NMI_SGI`]) and the stop IPI ([`STOP_SGI`]). With NMIs (see
-//! [`super::irq`]) both are NMI-class: priority [`super::irq::PRIO_NMI`], below the
-//! "IRQs off" mask [`super::irq::PMR_IRQOFF`], and with FEAT_NMI also the GIC NMI
+//! the NMI SGI ([`NMI_SGI`]) and the stop IPI ([`STOP_SGI`]). With NMIs (see
+//! [`super::nmi_mode`]) both are NMI-class: priority [`PRIO_NMI`], below the
+//! "IRQs off" mask [`PMR_IRQOFF`], and with FEAT_NMI also the GIC NMI
 //! property (GICR_INMIR0), i.e. superpriority. Without NMIs the NMI SGI is never sent
 //! and the stop IPI is a normal interrupt at [`STOP_SGI_PRIORITY`]. The priority mask
 //! runs at [`PMR_NORMAL`] ("IRQs on"), which admits everything.
@@ -23,8 +23,9 @@
 //! receiver executes `DSB SY` right after reading ICC_IAR1_EL1, so its handler's
 //! memory accesses come after the acknowledge (the pattern Linux uses).
 
-use super::cpu;
 use super::dtb::BootInfo;
+use super::nmi_mode::{self, PMR_IRQOFF, PMR_IRQON, PRIO_NMI};
+use super::{cpu, irqflags};
 use crate::{CpuSet, MAX_CPUS};
 use arm_gic::IntId;
 use arm_gic::UniqueMmioPointer;
@@ -35,18 +36,24 @@ use core::fmt;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+/// The SGI used as the NMI IPI (see [`super::nmi`]).
+pub const NMI_SGI: u32 = 0;
 /// The SGI that asks a CPU to join the stop-machine rendezvous.
 pub const STOP_SGI: u32 = 1;
 /// SGIs reserved for tests (no meaning to the kernel itself).
 pub const TEST_SGIS: [u32; 4] = [2, 3, 4, 5];
 /// Priority of [`STOP_SGI`] when there are no NMIs (`pseudo_nmi=off`); with NMIs it is
-/// [`super::irq::PRIO_NMI`]. Above (numerically below) [`DEFAULT_PRIORITY`], and at or
+/// [`PRIO_NMI`]. Above (numerically below) [`DEFAULT_PRIORITY`], and at or
 /// above the "IRQs off" mask, so it stays a normal interrupt.
 pub const STOP_SGI_PRIORITY: u8 = 0x80;
 /// Priority of every other SGI.
 pub const DEFAULT_PRIORITY: u8 = 0xa0;
-/// The priority mask of "IRQs on" ([`super::irq::PMR_IRQON`]): admits all of the above.
-pub const PMR_NORMAL: u8 = super::irq::PMR_IRQON;
+/// The priority mask of "IRQs on" ([`PMR_IRQON`]): admits all of the above.
+pub const PMR_NORMAL: u8 = PMR_IRQON;
+
+const _: () = assert!(PRIO_NMI < PMR_IRQOFF && PMR_IRQOFF < DEFAULT_PRIORITY);
+const _: () = assert!(STOP_SGI_PRIORITY >= PMR_IRQOFF && DEFAULT_PRIORITY < PMR_IRQON);
+
 /// The INTID the CPU interface returns when nothing is pending.
 pub const SPURIOUS: u32 = 1023;
 /// The INTID ICC_IAR1_EL1 returns when the highest-priority pending interrupt is an NMI
@@ -188,15 +195,19 @@ pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
     // SAFETY: GICD_TYPER of the distributor the caller vouched for; a read-only
     // register, no side effect.
     let typer = unsafe { core::ptr::read_volatile((info.gicd.base + GICD_TYPER) as *const u32) };
-    super::irq::select_mode(info, typer);
+    nmi_mode::select_mode(
+        info.bootarg("pseudo_nmi"),
+        info.bootarg("platform_feat_nmi") != Some("off"),
+        typer,
+    );
     init_cpu(0)
 }
 
 /// The priority of SGI `sgi` in the mode chosen at boot.
 fn sgi_priority(sgi: u32) -> u8 {
-    let nmis = super::irq::pseudo_nmi_enabled();
-    if nmis && (sgi == STOP_SGI || sgi == super::nmi::NMI_SGI) {
-        super::irq::PRIO_NMI
+    let nmis = nmi_mode::pseudo_nmi_enabled();
+    if nmis && (sgi == STOP_SGI || sgi == NMI_SGI) {
+        PRIO_NMI
     } else if sgi == STOP_SGI {
         STOP_SGI_PRIORITY
     } else {
@@ -207,8 +218,8 @@ fn sgi_priority(sgi: u32) -> u8 {
 /// The GICR_INMIR0 value of the mode chosen at boot: the NMI SGIs are superpriority
 /// interrupts with FEAT_NMI, nothing otherwise.
 fn inmir0() -> u32 {
-    if super::irq::feat_nmi_in_use() {
-        1 << STOP_SGI | 1 << super::nmi::NMI_SGI
+    if nmi_mode::feat_nmi_in_use() {
+        1 << STOP_SGI | 1 << NMI_SGI
     } else {
         0
     }
@@ -265,7 +276,7 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
         )
     };
     // ICC_CTLR_EL1 as arm-gic left it (PMHE may be forced by EL3).
-    super::irq::note_cpu_interface(cpu, icc_read!("S3_0_C12_C12_4"));
+    nmi_mode::note_cpu_interface(cpu, icc_read!("S3_0_C12_C12_4"));
     Ok(())
 }
 
@@ -371,11 +382,11 @@ pub fn priority_mask() -> u8 {
 
 /// Sets the calling CPU's priority mask (ICC_PMR_EL1): only interrupts of numerically
 /// lower priority are signalled. Followed by `DSB SY` if ICC_CTLR_EL1.PMHE asks for it
-/// (see [`super::irq`]) and an ISB, so newly admitted interrupts are taken right here.
-/// Prefer [`super::irq::local_irq_save`] and friends; an exception return puts back the
+/// (see [`super::irqflags`]) and an ISB, so newly admitted interrupts are taken right
+/// here. Prefer [`super::irqflags::local_irq_save`] and friends; an exception return puts back the
 /// PMR the exception interrupted.
 pub fn set_priority_mask(pmr: u8) {
-    super::irq::pmr_write(pmr);
+    irqflags::pmr_write(pmr);
     cpu::isb();
 }
 

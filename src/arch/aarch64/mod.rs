@@ -3,23 +3,31 @@
 //!
 //! | module          | concern                                                      |
 //! |-----------------|--------------------------------------------------------------|
+//! | [`selftest`]    | platform self-tests (`tests=platform`), `platform_selftest=`  |
 //! | [`boot`]        | boot assembly, Rust entry points, the boot sequence          |
-//! | [`dtb`]         | the machine description ([`BootInfo`], [`boot_info`])        |
-//! | [`console`]     | PL011 console, [`kprint!`](crate::kprint)/[`kprintln!`](crate::kprintln) |
-//! | [`mmu`]         | identity map, W^X, the text-patching alias ([`mmu::poke_text`]) |
-//! | [`cache`]       | instruction/data cache maintenance                           |
+//! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
-//! | [`gic`]         | GICv3 set-up, SGIs, acknowledge/EOI, SGI dispatch            |
-//! | [`irq`]         | IRQs off/on, the NMI mode (pseudo-NMI, FEAT_NMI), IRQ entry  |
+//! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
 //! | [`nmi`]         | NMI IPIs, NMI handlers, per-CPU NMI state                    |
+//! | [`gic`]         | GICv3 set-up, SGIs and their numbers, acknowledge/EOI        |
 //! | [`smp`]         | secondary bring-up (PSCI), online CPUs                       |
+//! | [`mmu`]         | identity map, W^X, the text-patching alias ([`mmu::poke_text`]) |
+//! | [`exit`]        | ending the run (semihosting, then PSCI)                      |
+//! | [`console`]     | PL011 console, [`kprint!`](crate::kprint)/[`kprintln!`](crate::kprintln) |
+//! | [`irqflags`]    | IRQs off/on (`local_irq_*`), `mask_all`/`mask_irqs`          |
+//! | [`cache`]       | instruction/data cache maintenance                           |
+//! | [`dtb`]         | the machine description ([`BootInfo`], [`boot_info`])        |
+//! | [`cpu`]         | DAIF masking, barriers, identity registers                   |
+//! | [`nmi_mode`]    | the NMI mode (pseudo-NMI, FEAT_NMI) and the priorities       |
+//! | [`semihosting`] | Arm semihosting calls (console of last resort, exit status)  |
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
-//! | [`exit`]        | ending the run (semihosting, PSCI)                           |
-//! | [`cpu`]         | DAIF masking, barriers, identity registers                   |
 //! | [`layout`]      | linker symbols and stacks                                    |
-//! | [`selftest`]    | platform self-tests (`tests=platform`), `platform_selftest=`  |
 //!
+//! The table goes from top to bottom: a module uses only modules below it (and this
+//! one's [`Aarch64`]/[`STOP`], which `nmi` and `boot` use), never one above, so the
+//! modules form a DAG (`tests/layering.rs` checks it). The leaves ([`nmi_mode`],
+//! [`semihosting`], [`psci`], [`layout`]) use no other module of the port. //!
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
@@ -32,12 +40,16 @@ pub mod exceptions;
 pub mod exit;
 pub mod gic;
 pub mod irq;
+pub mod irqflags;
 pub mod layout;
 pub mod mmu;
 pub mod nmi;
+pub mod nmi_mode;
 pub mod psci;
 pub mod selftest;
+pub mod semihosting;
 pub mod smp;
+pub mod text;
 pub mod timer;
 
 pub use dtb::{BootInfo, boot_info};
@@ -52,9 +64,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 /// use, PSTATE.ALLINT, so a masked CPU takes no asynchronous exception at all: IRQ,
 /// FIQ, NMIs (pseudo or superpriority), SError and debug exceptions all wait (this
 /// kernel has no SDEI). [`Arch::mask_irqs`] masks normal interrupts only and lets NMIs
-/// in: with `pseudo_nmi=on` it lowers ICC_PMR_EL1 to [`irq::PMR_IRQOFF`] and clears
+/// in: with `pseudo_nmi=on` it lowers ICC_PMR_EL1 to [`nmi_mode::PMR_IRQOFF`] and clears
 /// PSTATE.I (and ALLINT) if set; with `pseudo_nmi=off` it sets PSTATE.I. The saved state
-/// is DAIF, ALLINT and the PMR ([`irq::MaskState`]). Waiting uses `WFE`, woken by
+/// is DAIF, ALLINT and the PMR ([`irqflags::MaskState`]). Waiting uses `WFE`, woken by
 /// [`Arch::wake_waiters`] (`SEV`) or at the latest by the timer event stream (~100 us),
 /// so a wait never depends on an event arriving.
 ///
@@ -70,7 +82,7 @@ pub struct Aarch64;
 // (registered before any CPU unmasks IRQs) calls `STOP.handle_stop_ipi()`, and every
 // online CPU has it enabled; `sync_context` is an ISB.
 unsafe impl Arch for Aarch64 {
-    type MaskState = irq::MaskState;
+    type MaskState = irqflags::MaskState;
 
     #[inline(always)]
     fn cpu_id(&self) -> usize {
@@ -83,23 +95,23 @@ unsafe impl Arch for Aarch64 {
     }
 
     #[inline(always)]
-    fn mask_all(&self) -> irq::MaskState {
-        irq::mask_all()
+    fn mask_all(&self) -> irqflags::MaskState {
+        irqflags::mask_all()
     }
 
     #[inline(always)]
-    fn mask_irqs(&self) -> irq::MaskState {
-        irq::mask_irqs()
+    fn mask_irqs(&self) -> irqflags::MaskState {
+        irqflags::mask_irqs()
     }
 
     #[inline(always)]
-    fn restore(&self, saved: irq::MaskState) {
-        irq::restore(saved)
+    fn restore(&self, saved: irqflags::MaskState) {
+        irqflags::restore(saved)
     }
 
     #[inline(always)]
     fn all_masked(&self) -> bool {
-        irq::all_masked()
+        irqflags::all_masked()
     }
 
     #[inline(always)]
@@ -133,9 +145,9 @@ pub static STOP: StopMachine<Aarch64> = StopMachine::new(Aarch64);
 
 /// The [`gic::STOP_SGI`] handler.
 ///
-/// With NMIs ([`irq::pseudo_nmi_enabled`]) the stop IPI is NMI-class, so it also reaches
+/// With NMIs ([`nmi_mode::pseudo_nmi_enabled`]) the stop IPI is NMI-class, so it also reaches
 /// a CPU that spins with IRQs PMR-masked. [`irq::handle_irq_exception`] then ends it
-/// (EOI) before calling this, and runs this with IRQs off (PMR = [`irq::PMR_IRQOFF`])
+/// (EOI) before calling this, and runs this with IRQs off (PMR = [`nmi_mode::PMR_IRQOFF`])
 /// but NMIs on (PSTATE.I and ALLINT clear): a `MaskLevel::IrqsOnly` window still lets
 /// the self-NMI of `stop_machine_nmi` in, and `MaskLevel::All` masks everything when
 /// this CPU arrives in the core's rendezvous. The interrupted PMR, DAIF and ALLINT come back on return (trap

@@ -1,9 +1,9 @@
 //! NMIs: the NMI IPI, the per-CPU NMI state, and the NMI handlers.
 //!
-//! An NMI is the SGI [`NMI_SGI`], NMI-class in the sense of [`super::irq`]: a GICv3
-//! pseudo-NMI (priority [`super::irq::PRIO_NMI`], taken while IRQs are PMR-masked) or a
-//! FEAT_NMI superpriority interrupt (taken even with PSTATE.I set). Only
-//! [`super::irq::mask_all`] (PSTATE.I, and ALLINT with FEAT_NMI) keeps one out. With
+//! An NMI is the SGI [`NMI_SGI`], NMI-class in the sense of [`super::nmi_mode`]: a
+//! GICv3 pseudo-NMI (priority [`super::nmi_mode::PRIO_NMI`], taken while IRQs are
+//! PMR-masked) or a FEAT_NMI superpriority interrupt (taken even with PSTATE.I set).
+//! Only [`super::irqflags::mask_all`] (PSTATE.I, and ALLINT with FEAT_NMI) keeps one out. With
 //! `pseudo_nmi=off` there are no NMIs: the senders below do nothing.
 //!
 //! NMIs coalesce (an SGI is pending or not), so an NMI carries no message: the handler
@@ -15,13 +15,12 @@
 //! preempt them. They must take no lock that code with only IRQs masked may hold, and
 //! must not fault.
 
-use super::{Aarch64, cpu, gic, irq, smp};
+use super::{Aarch64, cpu, gic, nmi_mode, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// The SGI used as the NMI IPI.
-pub const NMI_SGI: u32 = 0;
+pub use super::gic::NMI_SGI;
 pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
 /// The NMI handlers (slot 0, the stop machine's, is called directly).
@@ -36,7 +35,7 @@ static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS
 /// Whether this machine has NMIs (`pseudo_nmi=on`, the default).
 #[inline(always)]
 pub fn nmis_available() -> bool {
-    irq::pseudo_nmi_enabled()
+    nmi_mode::pseudo_nmi_enabled()
 }
 
 /// Sends an NMI to every online CPU in `targets` (the caller too, if it is in the set).
@@ -99,7 +98,7 @@ pub fn unregister_nmi_handler(slot: usize) {
     HANDLERS.unregister(slot);
 }
 
-/// The NMI: runs every handler in slot order. Called by [`irq::handle_irq_exception`]
+/// The NMI: runs every handler in slot order. Called by [`super::irq::handle_irq_exception`]
 /// with PSTATE.I (and ALLINT) set, between the acknowledge and the EOI of [`NMI_SGI`].
 #[unsafe(link_section = ".text.nopatch")]
 pub(crate) fn run_handlers(cpu: usize) {

@@ -20,7 +20,7 @@
 //!
 //! `platform_offline_cpu=N` (handled in [`super::boot`]) keeps CPU N from coming
 //! online, to exercise the bring-up timeout. `platform_feat_nmi=off` (handled in
-//! [`super::irq`]) uses GICv3 pseudo-NMIs even on a CPU with FEAT_NMI.
+//! [`super::nmi_mode`]) uses GICv3 pseudo-NMIs even on a CPU with FEAT_NMI.
 //! `platform_entry_el=N` tells `entry_el` the exception level the kernel must have
 //! been entered at (without it: the one the PSCI conduit implies).
 //!
@@ -543,8 +543,8 @@ pub fn provoke(mode: &str) {
 
 /// NMI and interrupt-masking checks (`pseudo_nmi=on|off`, FEAT_NMI or not).
 mod nmi_tests {
-    use super::super::irq::{self, NmiMode, PMR_IRQOFF, PMR_IRQON};
-    use super::super::{STOP, cpu, gic, nmi, smp, timer};
+    use super::super::nmi_mode::{self, NmiMode, PMR_IRQOFF, PMR_IRQON};
+    use super::super::{STOP, cpu, gic, irq, irqflags, nmi, smp, timer};
     use super::{SGI_HITS, ensure, sgi_hit, wait_until};
     use crate::harness::Verdict;
     use crate::stop::{Arch, StopError, StopOptions};
@@ -582,7 +582,7 @@ mod nmi_tests {
         if cpu::daif() & cpu::DAIF_I == 0 {
             BAD_I.fetch_or(bit, Ordering::Relaxed);
         }
-        if irq::feat_nmi_in_use() && cpu::allint() == 0 {
+        if nmi_mode::feat_nmi_in_use() && cpu::allint() == 0 {
             BAD_ALLINT.fetch_or(bit, Ordering::Relaxed);
         }
         let tamper = TAMPER_PMR.load(Ordering::Relaxed);
@@ -629,20 +629,20 @@ mod nmi_tests {
         if SPIN_CPU.load(Ordering::Relaxed) != cpu {
             return;
         }
-        let flags = irq::local_irq_save();
-        let mut masked = irq::irqs_disabled();
+        let flags = irqflags::local_irq_save();
+        let mut masked = irqflags::irqs_disabled();
         let before = hits(cpu);
         SPINNING.store(true, Ordering::Release);
         let start = timer::now_ns();
         while !SPIN_RELEASE.load(Ordering::Acquire) && timer::now_ns() - start < 5_000_000_000 {
             if hits(cpu) != before && SPIN_PMR_AFTER_NMI.load(Ordering::Relaxed) == 0 {
-                SPIN_PMR_AFTER_NMI.store(u32::from(irq::pmr()) | 0x100, Ordering::Relaxed);
+                SPIN_PMR_AFTER_NMI.store(u32::from(irqflags::pmr()) | 0x100, Ordering::Relaxed);
             }
-            masked &= irq::irqs_disabled();
+            masked &= irqflags::irqs_disabled();
             core::hint::spin_loop();
         }
         SPIN_MASKED.store(masked, Ordering::Relaxed);
-        irq::local_irq_restore(flags);
+        irqflags::local_irq_restore(flags);
         SPINNING.store(false, Ordering::Release);
     }
 
@@ -679,7 +679,7 @@ mod nmi_tests {
 
     /// [`installed`], or a skip when there are no NMIs (`pseudo_nmi=off`).
     pub(super) fn with_nmis(check: impl FnOnce() -> Result<(), &'static str>) -> Verdict {
-        if !irq::pseudo_nmi_enabled() {
+        if !nmi_mode::pseudo_nmi_enabled() {
             return Verdict::Skip(msg!("pseudo_nmi=off: no NMIs"));
         }
         installed(check)
@@ -687,7 +687,7 @@ mod nmi_tests {
 
     /// With `pseudo_nmi=off`, no NMI is ever sent or taken.
     pub(super) fn no_nmis() -> Verdict {
-        if irq::pseudo_nmi_enabled() {
+        if nmi_mode::pseudo_nmi_enabled() {
             return Verdict::Skip(msg!("NMIs are in use (pseudo_nmi=on)"));
         }
         installed(nmi_off)
@@ -705,23 +705,23 @@ mod nmi_tests {
         let info = super::super::boot_info();
         let off = info.bootarg("pseudo_nmi") == Some("off");
         ensure(
-            off == (irq::nmi_mode() == NmiMode::None),
+            off == (nmi_mode::nmi_mode() == NmiMode::None),
             "the NMI mode does not follow pseudo_nmi=",
         )?;
-        ensure(!irq::irqs_disabled(), "IRQs are masked in normal code")?;
+        ensure(!irqflags::irqs_disabled(), "IRQs are masked in normal code")?;
         ensure(
             cpu::daif() & cpu::DAIF_I == 0,
             "PSTATE.I is set in normal code",
         )?;
-        if irq::pseudo_nmi_enabled() {
-            ensure(irq::pmr() == PMR_IRQON, "PMR is not the IRQs-on value")?;
+        if nmi_mode::pseudo_nmi_enabled() {
+            ensure(irqflags::pmr() == PMR_IRQON, "PMR is not the IRQs-on value")?;
         }
         let sctlr: u64;
         // SAFETY: reading SCTLR_EL1 has no side effect.
         unsafe {
             asm!("mrs {}, sctlr_el1", out(reg) sctlr, options(nomem, nostack, preserves_flags))
         };
-        let feat = irq::feat_nmi_in_use();
+        let feat = nmi_mode::feat_nmi_in_use();
         ensure(
             (sctlr >> 61) & 1 == u64::from(feat) && (sctlr >> 62) & 1 == 0,
             "SCTLR_EL1.NMI/SPINTMASK do not match the mode",
@@ -744,31 +744,31 @@ mod nmi_tests {
     }
 
     pub(super) fn local_irq_test() -> Result<(), &'static str> {
-        let flags = irq::local_irq_save();
-        let masked = irq::irqs_disabled();
-        let pmr = irq::pmr();
+        let flags = irqflags::local_irq_save();
+        let masked = irqflags::irqs_disabled();
+        let pmr = irqflags::pmr();
         let daif = cpu::daif();
-        let inner = irq::local_irq_save();
-        irq::local_irq_restore(inner);
-        let still = irq::irqs_disabled();
-        irq::local_irq_restore(flags);
-        let after = irq::irqs_disabled();
-        irq::local_irq_disable();
-        let disabled = irq::irqs_disabled();
-        irq::local_irq_enable();
-        let enabled = !irq::irqs_disabled();
+        let inner = irqflags::local_irq_save();
+        irqflags::local_irq_restore(inner);
+        let still = irqflags::irqs_disabled();
+        irqflags::local_irq_restore(flags);
+        let after = irqflags::irqs_disabled();
+        irqflags::local_irq_disable();
+        let disabled = irqflags::irqs_disabled();
+        irqflags::local_irq_enable();
+        let enabled = !irqflags::irqs_disabled();
         ensure(masked && still, "local_irq_save did not mask")?;
         ensure(!after, "local_irq_restore did not unmask")?;
         ensure(
             disabled && enabled,
             "local_irq_disable/enable did not toggle",
         )?;
-        if irq::pseudo_nmi_enabled() {
+        if nmi_mode::pseudo_nmi_enabled() {
             ensure(
                 pmr == PMR_IRQOFF && daif & cpu::DAIF_I == 0,
                 "pseudo-NMI: IRQs off is not PMR = IRQOFF with PSTATE.I clear",
             )?;
-            ensure(irq::pmr() == PMR_IRQON, "PMR not back to IRQs on")
+            ensure(irqflags::pmr() == PMR_IRQON, "PMR not back to IRQs on")
         } else {
             ensure(
                 daif & cpu::DAIF_I != 0,
@@ -825,7 +825,7 @@ mod nmi_tests {
             "the NMI to self was not taken",
         )?;
         ensure(
-            (irq::superpriority_acks() > acks) == irq::feat_nmi_in_use(),
+            (irq::superpriority_acks() > acks) == nmi_mode::feat_nmi_in_use(),
             "the NMI was not acknowledged through ICC_NMIAR1_EL1 exactly when FEAT_NMI is in use",
         )?;
         ensure(nmi::nmis_taken(me) > taken, "nmis_taken did not count it")?;
@@ -837,16 +837,16 @@ mod nmi_tests {
         let me = cpu::current_cpu();
         let before = hits(me);
         let probes = SGI_HITS[me].load(Ordering::Relaxed);
-        let flags = irq::local_irq_save();
+        let flags = irqflags::local_irq_save();
         gic::send_sgi(PROBE_SGI, CpuSet::single(me));
         nmi::send_nmi_self();
         cpu::isb();
         let taken = wait_until(WAIT_NS, || hits(me) > before);
-        let pmr_after = irq::pmr();
+        let pmr_after = irqflags::pmr();
         timer::delay_ns(QUIET_NS);
         let probe_pending = gic::pending_sgi(me, PROBE_SGI);
         let probe_early = SGI_HITS[me].load(Ordering::Relaxed) != probes;
-        irq::local_irq_restore(flags);
+        irqflags::local_irq_restore(flags);
         cpu::isb();
         let probe_later = wait_until(WAIT_NS, || SGI_HITS[me].load(Ordering::Relaxed) != probes);
         ensure(taken, "the NMI was not taken with IRQs masked")?;
@@ -919,7 +919,7 @@ mod nmi_tests {
     /// not. ALLINT alone (FEAT_NMI): the NMI waits.
     pub(super) fn nmi_pstate() -> Result<(), &'static str> {
         let me = cpu::current_cpu();
-        let feat = irq::feat_nmi_in_use();
+        let feat = nmi_mode::feat_nmi_in_use();
         let before = hits(me);
         let daif = cpu::daif();
         // SAFETY: masks IRQs (PSTATE.I) only; restored below.
@@ -973,14 +973,14 @@ mod nmi_tests {
         let mut result = Ok(());
         for masked in [true, false] {
             let before = hits(me);
-            let flags = masked.then(irq::local_irq_save);
-            let expected = irq::pmr();
+            let flags = masked.then(irqflags::local_irq_save);
+            let expected = irqflags::pmr();
             nmi::send_nmi_self();
             cpu::isb();
             let taken = wait_until(WAIT_NS, || hits(me) > before);
-            let after = irq::pmr();
+            let after = irqflags::pmr();
             if let Some(flags) = flags {
-                irq::local_irq_restore(flags);
+                irqflags::local_irq_restore(flags);
             }
             if !taken {
                 result = Err("the NMI was not taken");
@@ -997,7 +997,7 @@ mod nmi_tests {
         gic::send_sgi(SGI_TAMPER, CpuSet::single(me));
         cpu::isb();
         let taken = wait_until(WAIT_NS, || TAMPER_HITS.load(Ordering::Acquire) != before);
-        let after = irq::pmr();
+        let after = irqflags::pmr();
         gic::clear_sgi_handler(SGI_TAMPER);
         ensure(taken, "the SGI was not taken")?;
         ensure(
@@ -1048,7 +1048,7 @@ mod nmi_tests {
             still_spinning,
             "the spinner stopped spinning during the call",
         )?;
-        if irq::pseudo_nmi_enabled() {
+        if nmi_mode::pseudo_nmi_enabled() {
             ensure(
                 result.is_ok(),
                 "stop_machine failed with a CPU spinning IRQs-off",
@@ -1092,7 +1092,7 @@ mod nmi_tests {
         // printing, no allocation, no exception.
         let function = unsafe { NmiSafe::new(&f) };
         let result = STOP.stop_machine_nmi(function, online, StopOptions::DEFAULT);
-        if irq::pseudo_nmi_enabled() {
+        if nmi_mode::pseudo_nmi_enabled() {
             ensure(result.is_ok(), "stop_machine_nmi failed")?;
             ensure(
                 STOP.nmi_delivered() == online,

@@ -4,6 +4,9 @@
 use super::cpu;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+/// The local APIC spurious vector.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
 const MSR_APIC_BASE: u32 = 0x1b;
 const XAPIC_BASE: usize = 0xfee0_0000;
 
@@ -77,7 +80,7 @@ pub fn init_boot() -> bool {
     x2
 }
 
-/// Enables the calling CPU's local APIC with [`super::traps::SPURIOUS_VECTOR`];
+/// Enables the calling CPU's local APIC with [`SPURIOUS_VECTOR`];
 /// LINT0 masked, LINT1 as NMI (the platform's NMI line).
 pub fn init_cpu() {
     let mut base = cpu::rdmsr(MSR_APIC_BASE) | (1 << 11);
@@ -88,7 +91,7 @@ pub fn init_cpu() {
     unsafe { cpu::wrmsr(MSR_APIC_BASE, base) };
     write(REG_LVT_LINT0, 1 << 16);
     write(REG_LVT_LINT1, 4 << 8);
-    write(REG_SVR, 0x100 | u32::from(super::traps::SPURIOUS_VECTOR));
+    write(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
 }
 
 /// The calling CPU's APIC ID.

@@ -1,4 +1,5 @@
-//! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence.
+//! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence, and each
+//! secondary's once it leaves the trampoline.
 
 use super::{apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps};
 use crate::kprintln;
@@ -117,7 +118,9 @@ extern "C" fn boot_main() -> ! {
         }
     );
     let t0 = timer::now_ns();
-    let (missing, n_missing) = smp::start_secondaries(&cpus);
+    // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
+    let offline = bootarg("platform_offline_cpu").and_then(|v| v.parse::<usize>().ok());
+    let (missing, n_missing) = smp::start_secondaries(&cpus, ap_entry, offline);
     kprintln!(
         "smp: {} of {} CPUs online in {} us{}",
         smp::online_cpus().len(),
@@ -132,4 +135,26 @@ extern "C" fn boot_main() -> ! {
     let _ = missing;
     cpu::sti();
     crate::kernel::primary_main()
+}
+
+/// Where a secondary arrives from the trampoline, in long mode on its own stack.
+extern "C" fn ap_entry() -> ! {
+    let index = smp::starting_cpu();
+    apic::init_cpu();
+    let id = apic::id();
+    if id != smp::apic_id(index) || smp::online_cpus().contains(index) {
+        // Not the CPU being started (a stray SIPI or a late arrival): it would share
+        // another CPU's index and stack. It cannot even print (no per-CPU index yet).
+        cpu::halt_forever();
+    }
+    cpu::set_cpu_index(index);
+    // Off the trampoline's shared PML4 onto this CPU's own (see `paging`).
+    paging::load();
+    gdt::load(index);
+    traps::load();
+    smp::mark_online(index);
+    kprintln!("cpu {index} online (APIC ID {id})");
+    // Wait for jobs with interrupts on, so stop IPIs (and NMIs) are answered.
+    cpu::sti();
+    crate::kernel::secondary_main(index)
 }

@@ -1,10 +1,14 @@
-//! Normal-priority IPIs for the self-tests: two fixed vectors, each with one handler
-//! `fn(cpu)`, run with interrupts off after the EOI; and the sync IPI of the INT3
-//! protocol ([`sync_all`]).
+//! The IPI vectors ([`STOP_VECTOR`], [`TEST_IPIS`], [`SYNC_VECTOR`]). Normal-priority
+//! IPIs for the self-tests: two fixed vectors, each with one handler `fn(cpu)`, run
+//! with interrupts off after the EOI; and the sync IPI of the INT3 protocol
+//! ([`sync_all`]). The stop IPI's handler is the stop machine's (see [`super::traps`]).
 
 use super::{apic, cpu, smp, timer};
 use crate::CpuSet;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// The stop-IPI vector (highest priority class, so nothing normal delays it).
+pub const STOP_VECTOR: u8 = 0xf0;
 
 /// The test IPI vectors (priority class 14: below the stop IPI's 15).
 pub const TEST_IPIS: [u32; 2] = [0xe0, 0xe1];

@@ -3,32 +3,40 @@
 //!
 //! | module         | concern                                                       |
 //! |----------------|---------------------------------------------------------------|
-//! | [`boot`]       | PVH entry (assembly), the boot CPU's sequence, bootargs       |
-//! | [`console`]    | 16550 console, [`kprint!`](crate::kprint)/[`kprintln!`](crate::kprintln) |
-//! | [`gdt`]        | per-CPU GDT and TSS with IST stacks (NMI, #DF, #MC)           |
-//! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
-//! | [`paging`]     | identity map with W^X, the text alias ([`paging::poke_text`]) |
-//! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
-//! | [`apic`]       | local APIC (x2APIC or xAPIC), IPIs, 8259 masking              |
-//! | [`smp`]        | INIT-SIPI-SIPI bring-up, online CPUs, APIC IDs                |
-//! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
-//! | [`ipi`]        | normal-priority test IPIs and their handlers, the sync IPI    |
-//! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
-//! | [`irq`]        | "IRQs off" (`cli`), which NMIs pass                           |
-//! | [`timer`]      | the TSC nanosecond clock                                      |
-//! | [`exit`]       | ending the run through isa-debug-exit                         |
-//! | [`cpu`]        | single instructions, the per-CPU index (GS base)              |
-//! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
 //! | [`selftest`]   | the KTAP self-tests                                           |
+//! | [`boot`]       | PVH entry (assembly), the boot CPU's and the APs' sequences, bootargs |
+//! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
+//! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
+//! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
+//! | [`text`]       | kernel text for the patcher ([`text::KERNEL_TEXT`])           |
+//! | [`ipi`]        | the IPI vectors, test IPIs and their handlers, the sync IPI   |
+//! | [`smp`]        | INIT-SIPI-SIPI bring-up, online CPUs, APIC IDs                |
+//! | [`paging`]     | identity map with W^X, the text alias ([`paging::poke_text`]) |
+//! | [`exit`]       | ending the run through isa-debug-exit                         |
+//! | [`console`]    | 16550 console, [`kprint!`](crate::kprint)/[`kprintln!`](crate::kprintln) |
+//! | [`apic`]       | local APIC (x2APIC or xAPIC), IPIs, 8259 masking              |
+//! | [`irq`]        | "IRQs off" (`cli`), which NMIs pass                           |
+//! | [`gdt`]        | per-CPU GDT and TSS with IST stacks (NMI, #DF, #MC)           |
+//! | [`timer`]      | the TSC nanosecond clock                                      |
+//! | [`frame`]      | the trap frame the entry stubs build                          |
+//! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
+//! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
+//! | [`cpu`]        | single instructions, the per-CPU index (GS base)              |
+//!
+//! The table goes from top to bottom: a module uses only modules below it (and this
+//! one's [`X86_64`]/[`STOP`], which `traps`, `text_poke` and `nmi` use), never one
+//! above, so the modules form a DAG (`tests/layering.rs` checks it). One edge is still
+//! known to point up: [`boot`] calls [`selftest`].
 //!
 //! [`X86_64`] implements [`crate::stop::Arch`]; [`STOP`] is the system's stop machine,
-//! reached through [`traps::STOP_VECTOR`].
+//! reached through [`ipi::STOP_VECTOR`].
 
 pub mod apic;
 pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod exit;
+pub mod frame;
 pub mod gdt;
 pub mod ipi;
 pub mod irq;
@@ -38,6 +46,7 @@ pub mod nmi;
 pub mod paging;
 pub mod selftest;
 pub mod smp;
+pub mod text;
 pub mod text_poke;
 pub mod timer;
 pub mod traps;
@@ -112,7 +121,7 @@ unsafe impl Arch for X86_64 {
             return;
         }
         let saved = cpu::cli_save();
-        let vector = apic::DM_FIXED | u32::from(traps::STOP_VECTOR);
+        let vector = apic::DM_FIXED | u32::from(ipi::STOP_VECTOR);
         if targets == online.without(me) && online.len() == smp::present() {
             apic::send_ipi(0, vector | apic::ALL_BUT_SELF);
         } else {

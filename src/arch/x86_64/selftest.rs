@@ -12,11 +12,11 @@
 //! `overflow` (stack overflow into the guard page: a #DF on its IST stack), `exit_fail`
 //! (`exit(false)`).
 
+use super::text::KERNEL_TEXT;
 use super::text_poke::text_poke_bp;
 use super::{STOP, ipi, irq, layout, nmi, paging, smp, timer};
 use crate::CpuSet;
 use crate::harness::{Test, Verdict};
-use crate::kernel::KERNEL_TEXT;
 use crate::patch::{Patch, PatchError, x86};
 use crate::stop::{StopError, StopOptions};
 use core::arch::global_asm;
@@ -470,7 +470,7 @@ unsafe extern "C" {
 
 /// The address of the NMI self-test's `ud2`, for the #UD handler.
 #[inline(always)]
-pub(super) fn nmi_ud2_site() -> u64 {
+fn nmi_ud2_site() -> u64 {
     pm_nmi_ud2_probe as *const () as u64
 }
 
@@ -590,6 +590,7 @@ fn nmi_storm(cpu: usize) {
 /// latched NMI was answered by a repeat pass (the handlers ran again) of its own outer
 /// NMI, before that one returned (`nmi::latch_counts`).
 fn nested_nmi() -> Verdict {
+    super::traps::skip_ud2_at(nmi_ud2_site());
     let me = super::cpu::current_cpu();
     let others = smp::online_cpus().without(me);
     for s in &NESTED_SENT {

@@ -1,7 +1,7 @@
 //! Secondary CPU bring-up (INIT-SIPI-SIPI into a real-mode trampoline) and the online
 //! set. Logical indices: 0 is the boot CPU, then the MADT's other CPUs in MADT order.
 
-use super::{apic, cpu, gdt, layout, madt, paging, timer, traps};
+use super::{apic, cpu, layout, madt, paging, timer};
 use crate::{CpuSet, MAX_CPUS, kprintln};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -56,7 +56,9 @@ pub fn present() -> usize {
     PRESENT.load(Ordering::Relaxed)
 }
 
-fn mark_online(cpu: usize) {
+/// Marks `cpu` online, once its GDT, IDT and APIC are set up (it then gets stop IPIs
+/// and NMIs).
+pub fn mark_online(cpu: usize) {
     // Release: everything this CPU set up (GDT, IDT, APIC) happens before anyone sends
     // it a stop IPI or an NMI.
     ONLINE.fetch_or(1 << cpu, Ordering::Release);
@@ -92,17 +94,21 @@ fn set_param(slot: usize, value: u64) {
     unsafe { core::ptr::write_volatile((layout::TRAMPOLINE_DATA + slot * 8) as *mut u64, value) };
 }
 
-/// Starts every other CPU of `cpus`, one at a time, each with a bounded wait. Returns
-/// the CPUs (by logical index and APIC ID) that did not come up.
-pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) {
+/// Starts every other CPU of `cpus`, one at a time, each with a bounded wait; each
+/// arrives at `entry` in long mode on its own stack (and finds its index with
+/// [`starting_cpu`]). CPU `offline` is never started (`platform_offline_cpu=N`, to
+/// exercise the bounded wait). Returns the CPUs (by logical index and APIC ID) that
+/// did not come up.
+pub fn start_secondaries(
+    cpus: &madt::Cpus,
+    entry: extern "C" fn() -> !,
+    offline: Option<usize>,
+) -> ([Option<u32>; MAX_CPUS], usize) {
     let me = apic::id();
     PRESENT.store(cpus.count + cpus.dropped, Ordering::Relaxed);
     COUNT.store(cpus.count, Ordering::Relaxed);
     set_param(0, paging::cr3());
-    set_param(2, ap_entry as *const () as u64);
-    // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
-    let offline =
-        super::boot::bootarg("platform_offline_cpu").and_then(|v| v.parse::<usize>().ok());
+    set_param(2, entry as *const () as u64);
     let mut missing = [None; MAX_CPUS];
     let mut n_missing = 0;
     for (index, &id) in (1..).zip(cpus.apic_ids[..cpus.count].iter().filter(|&&id| id != me)) {
@@ -148,25 +154,9 @@ pub fn start_secondaries(cpus: &madt::Cpus) -> ([Option<u32>; MAX_CPUS], usize) 
     (missing, n_missing)
 }
 
-/// Where a secondary arrives from the trampoline, in long mode on its own stack.
-extern "C" fn ap_entry() -> ! {
-    // Acquire pairs with the Release store in `start_secondaries`.
-    let index = STARTING.load(Ordering::Acquire);
-    apic::init_cpu();
-    let id = apic::id();
-    if id != apic_id(index) || online_cpus().contains(index) {
-        // Not the CPU being started (a stray SIPI or a late arrival): it would share
-        // another CPU's index and stack. It cannot even print (no per-CPU index yet).
-        cpu::halt_forever();
-    }
-    cpu::set_cpu_index(index);
-    // Off the trampoline's shared PML4 onto this CPU's own (see `paging`).
-    paging::load();
-    gdt::load(index);
-    traps::load();
-    mark_online(index);
-    kprintln!("cpu {index} online (APIC ID {id})");
-    // Wait for jobs with interrupts on, so stop IPIs (and NMIs) are answered.
-    cpu::sti();
-    crate::kernel::secondary_main(index)
+/// The logical index of the secondary being started, for it to read on arrival.
+pub fn starting_cpu() -> usize {
+    // Acquire pairs with the Release store in `start_secondaries`: the CPU sees its
+    // parameters and APIC ID.
+    STARTING.load(Ordering::Acquire)
 }

@@ -6,7 +6,7 @@
 //! emulation of the NEW instruction), write INT3 over every site's first byte, sync
 //! every CPU ([`ipi::sync_all`]), write every tail (bytes `1..len`), sync, write every
 //! first byte, sync, retire the table. A CPU that reaches a site meanwhile takes #BP;
-//! [`handle_int3`] finds the site and emulates the new instruction on the trap frame,
+//! `handle_int3` finds the site and emulates the new instruction on the trap frame,
 //! as Linux's `poke_int3_handler` does. So another CPU runs the old instruction, INT3
 //! (= the new one) or the new one, never a mix of old and new bytes.
 //!
@@ -14,7 +14,8 @@
 //! where the emulated return address would be pushed (Linux's int3 entry leaves a gap
 //! for it; this kernel's does not yet).
 
-use super::{X86_64, ipi, paging, timer, traps::TrapFrame};
+use super::frame::TrapFrame;
+use super::{X86_64, ipi, paging, timer};
 use crate::patch::x86::{self, Emulation, Insn};
 use crate::patch::{Patch, PatchError, Text, lock_bounded, validate};
 use crate::stop::{StopError, StopOptions};

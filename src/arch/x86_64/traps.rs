@@ -3,14 +3,13 @@
 //! Unexpected exceptions print vector, error code, RIP, CR2 and the CPU, then end the
 //! run with a failure status.
 
+use super::apic::SPURIOUS_VECTOR;
+use super::frame::TrapFrame;
+use super::ipi::STOP_VECTOR;
 use super::{apic, console, cpu, exit, gdt, ipi, nmi};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
-
-/// The stop-IPI vector (highest priority class, so nothing normal delays it).
-pub const STOP_VECTOR: u8 = 0xf0;
-/// The local APIC spurious vector.
-pub const SPURIOUS_VECTOR: u8 = 0xff;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 global_asm!(
     include_str!("../../../boot/x86_64/vectors.S"),
@@ -31,39 +30,6 @@ global_asm!(
 unsafe extern "C" {
     /// 32 exception stubs, then the stop, spurious, two test and the sync vectors' stubs.
     static x86_vector_table: [usize; 37];
-}
-
-/// Saved state, as pushed by the stubs and the CPU.
-#[repr(C)]
-#[derive(Debug)]
-pub struct TrapFrame {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    rbp: u64,
-    rdi: u64,
-    rsi: u64,
-    rdx: u64,
-    rcx: u64,
-    rbx: u64,
-    /// Interrupted RAX (the INT3 handler emulates `MOV $imm32, %eax`).
-    pub(super) rax: u64,
-    /// Vector number.
-    pub vector: u64,
-    /// Error code (0 where the CPU pushes none).
-    pub error: u64,
-    /// Interrupted RIP.
-    pub rip: u64,
-    cs: u64,
-    /// Interrupted RFLAGS.
-    pub rflags: u64,
-    rsp: u64,
-    ss: u64,
 }
 
 #[repr(C, align(16))]
@@ -158,6 +124,24 @@ const NAMES: [&str; 32] = [
     "reserved",
 ];
 
+/// The address of a `ud2` that #UD skips instead of reporting (0: none): the NMI
+/// self-test's, whose exception inside an NMI handler is the point.
+static SKIPPED_UD2: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the `ud2` at `site` a no-op: a #UD there resumes after it. Set it before the
+/// code that executes the `ud2` runs.
+pub fn skip_ud2_at(site: u64) {
+    // Release pairs with the Acquire in `is_skipped_ud2`.
+    SKIPPED_UD2.store(site, Ordering::Release);
+}
+
+/// Whether a #UD at `rip` is the registered `ud2`.
+#[inline(always)]
+fn is_skipped_ud2(rip: u64) -> bool {
+    let site = SKIPPED_UD2.load(Ordering::Acquire);
+    site != 0 && rip == site
+}
+
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     match frame.vector {
@@ -170,9 +154,9 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
                 fatal(frame)
             }
         }
-        // The NMI self-test's deliberate `ud2` (an exception inside an NMI handler,
-        // whose IRETQ ends NMI blocking): skip it. Anything else is fatal.
-        6 if frame.rip == super::selftest::nmi_ud2_site() => frame.rip += 2,
+        // The registered `ud2` (the NMI self-test's: an exception inside an NMI
+        // handler, whose IRETQ ends NMI blocking): skip it. Anything else is fatal.
+        6 if is_skipped_ud2(frame.rip) => frame.rip += 2,
         v if v == u64::from(ipi::SYNC_VECTOR) => {
             apic::eoi();
             ipi::handle_sync();

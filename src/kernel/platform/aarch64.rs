@@ -1,18 +1,29 @@
 //! The kernel's platform names on aarch64 (see the table in the parent module).
 
 use crate::CpuSet;
-use crate::arch::aarch64::{boot_info, gic, irq, layout};
+use crate::arch::aarch64::{boot_info, cpu, gic, irq, irqflags, layout, nmi_mode};
 use crate::patch::{Patch, PatchError, insn};
 use core::ops::Range;
 
+pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
 pub use crate::arch::aarch64::exit::exit;
-pub use crate::arch::aarch64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
+pub use crate::arch::aarch64::irqflags::{
+    IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
+};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
+pub use crate::arch::aarch64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::aarch64::timer::now_ns;
 pub use crate::arch::aarch64::{Aarch64 as Platform, STOP, nmi};
+pub use crate::arch::write_probe::set_write_probe;
 pub use crate::patch::insn::{Insn, NOP};
+
+/// Masks every exception on the calling CPU, NMIs included, for good: the panic
+/// handler's first step (DAIF and, with FEAT_NMI, ALLINT).
+pub fn mask_for_panic() {
+    cpu::mask_all();
+}
 
 /// Bytes of one patch site.
 pub const SITE_LEN: usize = 4;
@@ -61,7 +72,7 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
 /// Patches `batch` while other CPUs may run it, without stopping them: on arm64 only
 /// CMODX-safe pairs, through [`patch_nosync`](crate::patch::patch_nosync).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
-    crate::patch::patch_nosync(&Platform, &crate::kernel::text::KERNEL_TEXT, batch)
+    crate::patch::patch_nosync(&Platform, &KERNEL_TEXT, batch)
 }
 
 /// Normal-priority IPIs the self-tests may use.
@@ -84,7 +95,7 @@ pub fn send_ipi(ipi: u32, targets: CpuSet) {
 
 /// The NMI mechanism in use, or why there is none (`Err`: the NMI tests skip).
 pub fn nmi_mechanism() -> Result<&'static str, &'static str> {
-    match (irq::pseudo_nmi_enabled(), irq::feat_nmi_in_use()) {
+    match (nmi_mode::pseudo_nmi_enabled(), nmi_mode::feat_nmi_in_use()) {
         (true, true) => Ok("FEAT_NMI superpriority SGIs, PSTATE.ALLINT in the patch window"),
         (true, false) => Ok("GICv3 pseudo-NMI: IRQs off = ICC_PMR_EL1, NMIs = priority 0x20"),
         (false, true) => Err("FEAT_NMI in use with pseudo_nmi=off"),
@@ -170,7 +181,7 @@ pub fn expected_nmi_mechanism() -> (NmiMechanism, NmiInputs) {
     let typer = unsafe { core::ptr::read_volatile((gicd + 4) as *const u32) };
     let inputs = NmiInputs {
         cpu_nmi: (pfr1 >> 36) & 0xf,
-        gic_nmi: typer & irq::GICD_TYPER_NMI != 0,
+        gic_nmi: typer & nmi_mode::GICD_TYPER_NMI != 0,
         off: boot_info().bootarg("pseudo_nmi") == Some("off"),
         feat_off: boot_info().bootarg("platform_feat_nmi") == Some("off"),
     };
@@ -204,7 +215,7 @@ impl NmiObserved {
     /// other.
     pub fn mechanism(&self) -> Option<NmiMechanism> {
         let both = 1 << gic::STOP_SGI | 1 << nmi::NMI_SGI;
-        let pmr_masking = self.pmr_off == irq::PMR_IRQOFF && !self.i_off;
+        let pmr_masking = self.pmr_off == nmi_mode::PMR_IRQOFF && !self.i_off;
         match (self.sctlr_nmi, self.inmir0) {
             (true, i) if i == both && pmr_masking && self.taken && self.superpriority => {
                 Some(NmiMechanism::FeatNmi)
@@ -252,7 +263,7 @@ pub fn observe_nmi_mechanism() -> NmiObserved {
         ..NmiObserved::default()
     };
     let flags = local_irq_save();
-    seen.pmr_off = irq::pmr();
+    seen.pmr_off = irqflags::pmr();
     seen.i_off = crate::arch::aarch64::cpu::daif() & crate::arch::aarch64::cpu::DAIF_I != 0;
     if !seen.i_off {
         let (taken0, acks0) = (gic::sgi_count(me, nmi::NMI_SGI), irq::superpriority_acks());
@@ -271,7 +282,7 @@ pub fn observe_nmi_mechanism() -> NmiObserved {
 /// Whether a stop request reaches a CPU that spins with IRQs off: with NMIs the stop
 /// IPI is NMI-class.
 pub fn stop_ipi_reaches_irqs_off() -> bool {
-    irq::pseudo_nmi_enabled()
+    nmi_mode::pseudo_nmi_enabled()
 }
 
 /// Whether `patch_machine`'s window keeps NMIs out (`Err`: why not). On arm64
@@ -289,3 +300,5 @@ pub fn text_range() -> Range<usize> {
 pub fn protected_ranges() -> [Range<usize>; 2] {
     [layout::nopatch_range(), layout::boot_range()]
 }
+
+core::arch::global_asm!(include_str!("targets_aarch64.S"));

@@ -1,4 +1,4 @@
-//! What the kernel proper (self-tests, job mailboxes, kernel text) needs from the
+//! What the kernel proper (self-tests, job mailboxes, the panic handler) needs from the
 //! platform, under one set of names on every architecture. Each architecture's file
 //! maps these names onto its own modules; the kernel names nothing else of `crate::arch`.
 //!
@@ -14,8 +14,13 @@
 //! | `nmi_mechanism`, `stop_ipi_reaches_irqs_off`, `nmi_free_window` | what the NMI self-tests expect here |
 //! | `NmiMechanism`, `expected_nmi_mechanism`, `observe_nmi_mechanism` | the NMI mechanism the hardware and bootargs call for, and the one a CPU really uses |
 //! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
-//! | `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it |
+//! | `KERNEL_TEXT`, `KernelText`, `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it (the `Text` each port implements next to its `poke_text`) |
 //! | `SELFTESTS`, `FAULT_MODES`, `provoke` | the platform's own checks (KTAP suite `platform`) and the fatal conditions `platform_selftest=` provokes |
+//! | `set_write_probe` | a function the text writer calls after each write, inside the patch window (self-tests only) |
+//! | `mask_for_panic`, `write_forced`, `write_raw_forced` | the panic handler's: mask for good, report past a held console lock |
+//!
+//! The patch targets the self-tests flip (`targets_aarch64.S`, `targets_x86_64.S`) are
+//! assembled here too, so the kernel proper holds no assembly.
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;

@@ -4,12 +4,15 @@ use crate::arch::x86_64::{boot, cpu, layout, smp};
 use crate::patch::{Patch, PatchError, x86};
 use core::ops::Range;
 
+pub use crate::arch::write_probe::set_write_probe;
+pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::x86_64::smp::online_cpus;
+pub use crate::arch::x86_64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::x86_64::timer::now_ns;
 pub use crate::arch::x86_64::{STOP, X86_64 as Platform, nmi};
 pub use crate::patch::x86::Insn;
@@ -22,6 +25,12 @@ pub const NOP: Insn = match x86::nop(SITE_LEN) {
     Ok(nop) => nop,
     Err(_) => panic!("SITE_LEN has a recommended NOP"),
 };
+
+/// Masks interrupts on the calling CPU for good (`cli`): the panic handler's first
+/// step. NMIs still arrive; the run ends before that matters.
+pub fn mask_for_panic() {
+    cpu::cli_save();
+}
 
 /// The calling CPU's index.
 pub fn current_cpu() -> usize {
@@ -66,7 +75,7 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
 /// Patches `batch` while other CPUs may run it, without stopping them: the INT3
 /// protocol (`text_poke_bp`, Linux's `text_poke_bp_batch`).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
-    crate::arch::x86_64::text_poke::text_poke_bp(&crate::kernel::text::KERNEL_TEXT, batch)
+    crate::arch::x86_64::text_poke::text_poke_bp(&KERNEL_TEXT, batch)
 }
 
 /// NMIs through the local APIC always exist on x86.
@@ -208,3 +217,5 @@ pub fn text_range() -> Range<usize> {
 pub fn protected_ranges() -> [Range<usize>; 2] {
     [layout::nopatch_range(), layout::boot_range()]
 }
+
+core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));

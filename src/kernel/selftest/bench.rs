@@ -11,9 +11,9 @@
 
 use super::{Msg, OPTIONS, Params, Verdict};
 use crate::CpuSet;
+use crate::kernel::platform::KERNEL_TEXT;
 use crate::kernel::platform::returning;
 use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
-use crate::kernel::text::KERNEL_TEXT;
 use crate::kprint;
 use crate::patch::{Patch, PatchError, Text, patch_machine};
 use crate::stop::{Arch, CallProfile, NmiSafe, StopError};

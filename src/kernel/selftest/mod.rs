@@ -7,8 +7,8 @@
 use super::platform::{
     self, Insn, NOP, SITE_LEN, STOP, current_cpu, now_ns, online_cpus, returning,
 };
+use super::platform::{KERNEL_TEXT, set_write_probe};
 use super::smp::run_on;
-use super::text::{KERNEL_TEXT, set_write_probe};
 use crate::CpuSet;
 use crate::harness::{self, Msg, Verdict};
 use crate::patch::{Instruction, Patch, PatchError, Text, patch_machine, patch_nosync};

@@ -8,8 +8,8 @@ use super::{
 };
 use crate::CpuSet;
 use crate::kernel::platform::{self, Insn, STOP, nmi};
+use crate::kernel::platform::{KERNEL_TEXT, set_write_probe};
 use crate::kernel::smp::run_on;
-use crate::kernel::text::{KERNEL_TEXT, set_write_probe};
 use crate::patch::{Patch, Text, patch_machine};
 use crate::stop::{MaskLevel, NmiSafe, StopError, StopOptions};
 use core::fmt::Write;

@@ -1,0 +1,96 @@
+//! Kernel text as the patcher sees it ([`KERNEL_TEXT`]): bounds from the linker, writes
+//! through the temporary alias ([`mmu::poke_text`]), cache maintenance to the point of
+//! unification ([`cache::sync_icache_range`]).
+
+use super::{cache, layout, mmu};
+use crate::arch::write_probe::call_write_probe;
+use crate::patch::insn::Insn;
+use crate::patch::{Patch, Text};
+use core::ops::Range;
+
+/// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
+const WORDS_PER_MAPPING: usize = 64;
+
+/// The running kernel's text.
+pub struct KernelText {
+    writer: spin::Mutex<()>,
+    protected: spin::Once<[Range<usize>; 2]>,
+}
+
+/// The one instance: its lock serialises every writer of kernel text.
+pub static KERNEL_TEXT: KernelText = KernelText {
+    writer: spin::Mutex::new(()),
+    protected: spin::Once::new(),
+};
+
+// SAFETY: the bounds come from the linker script, whose text output section holds every
+// executable input section; `.text.nopatch` (exception vectors, IRQ entry, the stop IPI
+// handler, masking, cache maintenance, the alias writer) and boot code are the protected
+// range; `mmu::poke_text` writes one aligned word through a temporary alias and never
+// makes text writable; `cache::sync_icache_range` is DC CVAU, DSB ISH, IC IVAU, DSB ISH.
+unsafe impl Text for KernelText {
+    type Insn = Insn;
+
+    fn text_range(&self) -> Range<usize> {
+        layout::text_range()
+    }
+
+    fn protected_ranges(&self) -> &[Range<usize>] {
+        self.protected
+            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn read_insn(&self, addr: usize, _len: usize) -> Insn {
+        // SAFETY: validation established that `addr` is aligned and inside mapped text.
+        unsafe { core::ptr::read_volatile(addr as *const Insn) }
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_insn(&self, addr: usize, insn: Insn) {
+        // SAFETY: forwarded from the caller (validated address; no CPU executes it
+        // unless the pair is CMODX-safe or the machine is stopped).
+        unsafe { mmu::poke_text(addr, insn) };
+        call_write_probe();
+    }
+
+    /// Groups consecutive entries that share a page (up to `WORDS_PER_MAPPING` at a
+    /// time) under one mapping of the alias, then maintains the caches once over the
+    /// span they cover. Instruction order within the batch is kept.
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_batch(&self, batch: &[Patch]) {
+        // No indexing that can panic here: a bounds-check failure would branch out of
+        // `.text.nopatch` (tests/kernel_image.rs checks).
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let page = first.addr & !(mmu::PAGE_SIZE - 1);
+            let mut words = [(0usize, 0u32); WORDS_PER_MAPPING];
+            let mut run = 0;
+            let (mut low, mut high) = (usize::MAX, 0);
+            for (word, patch) in words.iter_mut().zip(rest) {
+                if patch.addr & !(mmu::PAGE_SIZE - 1) != page {
+                    break;
+                }
+                *word = (patch.addr, patch.new);
+                (low, high) = (low.min(patch.addr), high.max(patch.addr + 4));
+                run += 1;
+            }
+            let (written, tail) = rest.split_at_checked(run).unwrap_or((rest, &[]));
+            let words = words.get(..written.len()).unwrap_or(&[]);
+            // SAFETY: forwarded from the caller; every word is in `page`.
+            unsafe { mmu::poke_text_page(words) };
+            call_write_probe();
+            cache::sync_icache_range(low, high);
+            rest = tail;
+        }
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn sync_icache(&self, range: Range<usize>) {
+        cache::sync_icache_range(range.start, range.end);
+    }
+
+    fn writer_lock(&self) -> &spin::Mutex<()> {
+        &self.writer
+    }
+}

@@ -1,0 +1,36 @@
+//! The trap frame the entry stubs in `boot/x86_64/vectors.S` build: a leaf, so the
+//! dispatcher ([`super::traps`]) and the handlers it calls (the INT3 protocol's
+//! `text_poke::handle_int3`) share it without naming each other.
+
+/// Saved state, as pushed by the stubs and the CPU.
+#[repr(C)]
+#[derive(Debug)]
+pub struct TrapFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rbp: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    /// Interrupted RAX (the INT3 handler emulates `MOV $imm32, %eax`).
+    pub(super) rax: u64,
+    /// Vector number.
+    pub vector: u64,
+    /// Error code (0 where the CPU pushes none).
+    pub error: u64,
+    /// Interrupted RIP.
+    pub rip: u64,
+    cs: u64,
+    /// Interrupted RFLAGS.
+    pub rflags: u64,
+    rsp: u64,
+    ss: u64,
+}

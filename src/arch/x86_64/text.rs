@@ -1,0 +1,109 @@
+//! Kernel text as the patcher sees it ([`KERNEL_TEXT`]): bounds from the linker, writes
+//! through the temporary alias ([`paging::poke_text`]).
+
+use super::{layout, paging};
+use crate::arch::write_probe::call_write_probe;
+use crate::patch::x86::{self, Insn};
+use crate::patch::{Patch, Text};
+use core::ops::Range;
+
+/// What [`KernelText::read_insn`] returns for a length no instruction has (validation
+/// never asks for one): the 5-byte NOP.
+const NOP5: Insn = match x86::nop(5) {
+    Ok(nop) => nop,
+    Err(_) => panic!("a 5-byte NOP exists"),
+};
+
+/// Bytes [`KernelText::write_batch`] writes under one mapping of the alias at most
+/// (x86: `poke_text` maps two pages, so any run this long fits). A page, so that a
+/// batch of back-to-back sites needs few mappings (each ends in two `invlpg`s and a
+/// serialising instruction); the buffer lives on the patching CPU's stack for the
+/// length of the write.
+const BYTES_PER_MAPPING: usize = 4096;
+
+/// The running kernel's text.
+pub struct KernelText {
+    writer: spin::Mutex<()>,
+    protected: spin::Once<[Range<usize>; 2]>,
+}
+
+/// The one instance: its lock serialises every writer of kernel text.
+pub static KERNEL_TEXT: KernelText = KernelText {
+    writer: spin::Mutex::new(()),
+    protected: spin::Once::new(),
+};
+
+// SAFETY: the bounds come from the x86 linker script, whose text output section holds
+// every executable input section; `.text.nopatch` (entry stubs, trap dispatch, the stop
+// and NMI paths, the alias writer) and boot code are the protected ranges;
+// `paging::poke_text` writes through a temporary RW+NX alias and never makes text
+// writable. x86 keeps instruction fetch coherent with stores to the same physical
+// memory, so `sync_icache` has nothing to do; each CPU that will run the new bytes
+// executes a serialising instruction (the core's `Exit` phase) before it does.
+unsafe impl Text for KernelText {
+    type Insn = Insn;
+
+    fn text_range(&self) -> Range<usize> {
+        layout::text_range()
+    }
+
+    fn protected_ranges(&self) -> &[Range<usize>] {
+        self.protected
+            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn read_insn(&self, addr: usize, len: usize) -> Insn {
+        let mut bytes = [0u8; x86::MAX_LEN];
+        let len = len.min(bytes.len());
+        for (i, byte) in bytes.iter_mut().take(len).enumerate() {
+            // SAFETY: validation established that `addr..addr + len` is mapped text.
+            *byte = unsafe { core::ptr::read_volatile((addr + i) as *const u8) };
+        }
+        // `len` is 1..=MAX_LEN for any instruction validation accepted.
+        Insn::from_bytes(bytes.get(..len.max(1)).unwrap_or(&bytes)).unwrap_or(NOP5)
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_insn(&self, addr: usize, insn: Insn) {
+        // SAFETY: forwarded from the caller (validated; no CPU executes `addr` meanwhile).
+        unsafe { paging::poke_text(addr, insn.bytes()) };
+        call_write_probe();
+    }
+
+    /// Entries that follow each other back to back (as a table of call sites or a run
+    /// of NOPs does) are written with one mapping of the alias, up to
+    /// `BYTES_PER_MAPPING` bytes at a time; order within the batch is kept.
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_batch(&self, batch: &[Patch<Insn>]) {
+        // No indexing that can panic: the rendezvous path stays in `.text.nopatch`.
+        let mut rest = batch;
+        while let Some(first) = rest.first() {
+            let mut bytes = [0u8; BYTES_PER_MAPPING];
+            let (mut len, mut run) = (0, 0);
+            for patch in rest {
+                let new = patch.new.bytes();
+                let Some(slot) = bytes.get_mut(len..len + new.len()) else {
+                    break;
+                };
+                if patch.addr != first.addr + len {
+                    break;
+                }
+                slot.copy_from_slice(new);
+                len += new.len();
+                run += 1;
+            }
+            // SAFETY: forwarded from the caller, for each entry of the run.
+            unsafe { paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[])) };
+            call_write_probe();
+            rest = rest.get(run.max(1)..).unwrap_or(&[]);
+        }
+    }
+
+    #[unsafe(link_section = ".text.nopatch")]
+    fn sync_icache(&self, _range: Range<usize>) {}
+
+    fn writer_lock(&self) -> &spin::Mutex<()> {
+        &self.writer
+    }
+}
