@@ -45,7 +45,9 @@ pub fn send_ipi(ipi: u32, targets: CpuSet) {
     cpu::restore_if(saved);
 }
 
-/// Runs the handler of test IPI `ipi` (from the trap dispatch, after the EOI).
+/// Runs the handler of test IPI `ipi` (from the trap dispatch, after the EOI). Part of
+/// the trap path, so it lives in `.text.nopatch` with it.
+#[unsafe(link_section = ".text.nopatch")]
 pub(crate) fn dispatch(ipi: u32) {
     let Some(i) = TEST_IPIS.iter().position(|&v| v == ipi) else {
         return;
