@@ -219,6 +219,8 @@ pub enum PatchError<I: Instruction = Insn> {
     Stop(StopError),
 }
 
+impl<I: Instruction> core::error::Error for PatchError<I> {}
+
 impl<I: Instruction> fmt::Display for PatchError<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {

@@ -135,6 +135,8 @@ impl fmt::Debug for Failures {
     }
 }
 
+impl core::error::Error for StopError {}
+
 impl fmt::Display for StopError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

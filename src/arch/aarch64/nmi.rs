@@ -10,7 +10,8 @@
 //! runs every registered handler, in slot order, and each checks whether it has work
 //! of its own and says whether it did. Slot 0 is the stop machine's
 //! ([`super::STOP`]`.handle_nmi()`, with the `stop-machine-nmi` feature), so the stop
-//! function takes priority over any other NMI work (seed 003). Handlers run with
+//! function takes priority over any other NMI work (as in Ankur Arora,
+//! "x86/alternatives: NMI safe runtime patching", LKML, 2020). Handlers run with
 //! PSTATE.I (and ALLINT) set and the GIC running priority at NMI level: no other NMI can
 //! preempt them. They must take no lock that code with only IRQs masked may hold, and
 //! must not fault.

@@ -167,7 +167,7 @@ pub fn unregister_nmi_handler(slot: usize) {
 
 #[unsafe(link_section = ".text.nopatch")]
 fn run_handlers(cpu: usize) -> bool {
-    // The stop machine first (seed 003), then every registered handler.
+    // The stop machine first (as in Ankur Arora's NMI-safe runtime patching), then every registered handler.
     #[cfg(feature = "stop-machine-nmi")]
     let claimed = super::STOP.handle_nmi();
     #[cfg(not(feature = "stop-machine-nmi"))]

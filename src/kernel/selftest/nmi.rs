@@ -1,6 +1,7 @@
 //! Self-tests of the NMI paths: NMI IPIs, reaching CPUs with IRQs off, stop functions
-//! run from NMI context (seed 000), and patching that stays safe when NMI handlers run
-//! the code being patched (seed 003).
+//! run from NMI context (Chang S. Bae, "stop_machine: Add NMI-based execution path",
+//! LKML, 2026), and patching that stays safe when NMI handlers run the code being
+//! patched (Ankur Arora, "x86/alternatives: NMI safe runtime patching", LKML, 2020).
 
 use super::{
     Callers, JOB_TIMEOUT_NS, OPTIONS, Params, Verdict, call_torture_targets, others,
