@@ -14,7 +14,7 @@ const BASE: usize = 0x4020_0000;
 /// A row of instruction words that plays kernel text.
 pub struct HostText {
     words: Box<[AtomicU32]>,
-    protected: [Range<usize>; 1],
+    protected: Range<usize>,
     writer: spin::Mutex<()>,
 }
 
@@ -29,7 +29,7 @@ impl HostText {
     pub fn with_protected(words: &[Insn], protected: Range<usize>) -> Self {
         HostText {
             words: words.iter().map(|&w| AtomicU32::new(w)).collect(),
-            protected: [BASE + 4 * protected.start..BASE + 4 * protected.end],
+            protected: BASE + 4 * protected.start..BASE + 4 * protected.end,
             writer: spin::Mutex::new(()),
         }
     }
@@ -63,7 +63,7 @@ unsafe impl Text for HostText {
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        &self.protected
+        core::slice::from_ref(&self.protected)
     }
 
     fn read_insn(&self, addr: usize, _len: usize) -> Insn {
