@@ -718,3 +718,223 @@ fn patch_window_indirect_calls_stay_in_nopatch() {
 fn x86_patch_window_indirect_calls_stay_in_nopatch() {
     indirect_calls_stay_in_nopatch(&Image::open(x86_kernel_image(), ""));
 }
+
+/// One disassembled instruction: address, mnemonic, operands.
+struct Insn {
+    addr: u64,
+    mnemonic: String,
+    operands: String,
+}
+
+impl Insn {
+    /// The target of a direct branch ("b.cc 40202e68 <...>", "cbz x8, 40201838 <...>",
+    /// "jne 20130f <...>").
+    fn direct_target(&self) -> Option<u64> {
+        let operands = self.operands.split('<').next()?;
+        let last = operands.split([',', ' ']).rfind(|t| !t.is_empty())?;
+        u64::from_str_radix(last, 16).ok()
+    }
+
+    /// Whether this arm64 instruction may continue at its direct target and also falls
+    /// through (a conditional branch).
+    fn arm64_conditional(&self) -> bool {
+        self.mnemonic.starts_with("b.")
+            || matches!(self.mnemonic.as_str(), "cbz" | "cbnz" | "tbz" | "tbnz")
+    }
+}
+
+/// The functions of `.text.nopatch`, each as its header line and its instructions.
+fn nopatch_functions(image: &Image) -> Vec<(String, Vec<Insn>)> {
+    let mut functions: Vec<(String, Vec<Insn>)> = Vec::new();
+    for line in image.nopatch_disassembly().lines() {
+        if line.ends_with(">:") {
+            functions.push((line.to_string(), Vec::new()));
+            continue;
+        }
+        // "  40202e68:\tdc\tcvau, x10" / "  20128c:\tcpuid  "
+        let Some((addr, insn)) = line.split_once(":\t") else {
+            continue;
+        };
+        let (Ok(addr), Some((_, insns))) =
+            (u64::from_str_radix(addr.trim(), 16), functions.last_mut())
+        else {
+            continue;
+        };
+        let insn = insn.replace('\t', " ");
+        let (mnemonic, operands) = insn.trim().split_once(' ').unwrap_or((insn.trim(), ""));
+        insns.push(Insn {
+            addr,
+            mnemonic: mnemonic.to_string(),
+            operands: operands.trim().to_string(),
+        });
+    }
+    functions
+}
+
+fn function<'a>(functions: &'a [(String, Vec<Insn>)], name: &str) -> &'a [Insn] {
+    let found: Vec<_> = functions.iter().filter(|(h, _)| h.contains(name)).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one function matching {name} in .text.nopatch"
+    );
+    &found[0].1
+}
+
+/// What QEMU's TCG cannot observe (it keeps instruction fetch coherent whatever the
+/// kernel does), checked in the arm64 image: `sync_icache_range` cleans to the PoU line
+/// by line (a loop of DC CVAU), DSB ISH, invalidates line by line (a loop of IC IVAU),
+/// DSB ISH, in that order, returning only after the last barrier; `KernelText` runs it
+/// after every page it writes and for `sync_icache`. Which lines, and which side CTR_EL0
+/// lets it skip, is `patch::icache::plan`'s decision, tested on the host
+/// (tests/patch_host.rs).
+#[test]
+fn arm64_text_writes_are_cleaned_then_invalidated_with_barriers() {
+    let image = Image::open(kernel_image(), "aarch64-linux-gnu-");
+    let functions = nopatch_functions(&image);
+    let sync = function(&functions, "cache::sync_icache_range>:");
+    let step = |i: &Insn| {
+        let op = i.operands.split([',', ' ']).next().unwrap_or("");
+        match (i.mnemonic.as_str(), op) {
+            ("dc", "cvau") => Some("dc cvau"),
+            ("ic", "ivau") => Some("ic ivau"),
+            ("dsb", "ish") => Some("dsb ish"),
+            ("dc" | "ic" | "dsb" | "dmb" | "isb", _) => Some("other maintenance or barrier"),
+            _ => None,
+        }
+    };
+    let mut sequence: Vec<&str> = sync.iter().filter_map(step).collect();
+    sequence.dedup();
+    assert_eq!(
+        sequence,
+        ["dc cvau", "dsb ish", "ic ivau", "dsb ish"],
+        "sync_icache_range must clean, DSB ISH, invalidate, DSB ISH, in that order"
+    );
+    for op in ["dc cvau", "ic ivau"] {
+        let at = sync.iter().find(|i| step(i) == Some(op)).unwrap().addr;
+        let in_loop = sync.iter().any(|b| {
+            b.addr >= at
+                && b.mnemonic.starts_with('b')
+                && b.direct_target().is_some_and(|t| t <= at)
+        });
+        assert!(in_loop, "{op} at {at:#x} is not in a loop over the lines");
+    }
+    let first = sync.iter().find(|i| step(i).is_some()).unwrap().addr;
+    let last = sync.iter().rev().find(|i| step(i).is_some()).unwrap().addr;
+    for ret in sync.iter().filter(|i| i.mnemonic == "ret") {
+        assert!(
+            ret.addr < first || ret.addr > last,
+            "sync_icache_range returns at {:#x}, before its last barrier",
+            ret.addr
+        );
+    }
+
+    // On every path from a page written through the alias, sync_icache_range runs
+    // before the next page is written or the function returns: in `write_batch`, or
+    // wherever it is inlined.
+    // (`mmu::poke_text`, the one-word writer under `write_insn`, leaves the maintenance
+    // to its caller, as `Text::write_insn` does: tests/patch_host.rs models that.)
+    let mut pokes = 0;
+    for (header, insns) in functions.iter().filter(|(h, _)| !h.contains("mmu::")) {
+        for (at, poke) in insns.iter().enumerate() {
+            if poke.mnemonic == "bl" && poke.operands.contains("mmu::poke_text_page>") {
+                pokes += 1;
+                if let Err(path) = maintained_after(insns, at) {
+                    panic!(
+                        "{header} writes a page at {:#x} and can reach {path} without \
+                         sync_icache_range",
+                        poke.addr
+                    );
+                }
+            }
+        }
+    }
+    assert!(pokes > 0, "no call of mmu::poke_text_page in .text.nopatch");
+    let sync_icache = function(&functions, "as patch_machine::patch::Text>::sync_icache>:");
+    assert!(
+        sync_icache
+            .iter()
+            .any(|i| matches!(i.mnemonic.as_str(), "b" | "bl")
+                && i.operands.contains("cache::sync_icache_range>")),
+        "Text::sync_icache does not run sync_icache_range"
+    );
+}
+
+/// Whether every path on from `insns[start]` (a page write) calls `sync_icache_range`
+/// before it writes again, returns or leaves the function; `Err` names where one does
+/// not.
+fn maintained_after(insns: &[Insn], start: usize) -> Result<(), String> {
+    let index = |addr: u64| insns.iter().position(|i| i.addr == addr);
+    let mut seen = vec![false; insns.len()];
+    let mut pending = vec![start + 1];
+    while let Some(at) = pending.pop() {
+        let Some(insn) = insns.get(at) else {
+            return Err("the end of the function".into());
+        };
+        if std::mem::replace(&mut seen[at], true) {
+            continue;
+        }
+        let what = || format!("{} {} at {:#x}", insn.mnemonic, insn.operands, insn.addr);
+        let branch = matches!(insn.mnemonic.as_str(), "b" | "bl");
+        if branch && insn.operands.contains("cache::sync_icache_range>") {
+            continue;
+        }
+        if insn.mnemonic == "ret" || insn.mnemonic == "br" || insn.operands.contains("poke_text") {
+            return Err(what());
+        }
+        if insn.mnemonic == "b" || insn.arm64_conditional() {
+            let target = insn.direct_target().and_then(index).ok_or_else(what)?;
+            pending.push(target);
+        }
+        if insn.mnemonic != "b" {
+            pending.push(at + 1);
+        }
+    }
+    Ok(())
+}
+
+/// Serialising instructions (Intel SDM vol. 3, "Serializing Instructions"): what a CPU
+/// must execute before it runs code another CPU modified.
+const X86_SERIALISING: &[&str] = &["cpuid", "serialize", "iretq", "iret"];
+
+/// x86: every CPU leaving the rendezvous executes a serialising instruction before it
+/// unmasks (the core's `sync_context` then `restore`, inlined in `participate`): each
+/// `sti` / `popf` there is reached only through a CPUID (or SERIALIZE, IRETQ), with no
+/// call and no branch target in between.
+#[test]
+fn x86_cpus_serialise_before_they_unmask() {
+    let image = Image::open(x86_kernel_image(), "");
+    let functions = nopatch_functions(&image);
+    let participate = function(&functions, "StopMachine<A>::participate>:");
+    let targets: Vec<u64> = participate
+        .iter()
+        .filter(|i| i.mnemonic.starts_with('j'))
+        .filter_map(Insn::direct_target)
+        .collect();
+    let mut unmasks = 0;
+    for (at, unmask) in participate.iter().enumerate() {
+        if !matches!(unmask.mnemonic.as_str(), "sti" | "popf" | "popfq") {
+            continue;
+        }
+        unmasks += 1;
+        let mut serialised = false;
+        for i in participate[..=at].iter().rev() {
+            if X86_SERIALISING.contains(&i.mnemonic.as_str()) {
+                serialised = true;
+                break;
+            }
+            if targets.contains(&i.addr) || i.mnemonic.starts_with("call") {
+                break;
+            }
+        }
+        assert!(
+            serialised,
+            "participate unmasks at {:#x} ({}) without a serialising instruction on the way",
+            unmask.addr, unmask.mnemonic
+        );
+    }
+    assert!(
+        unmasks > 0,
+        "no sti/popf in participate: restore moved? (the check needs it inlined there)"
+    );
+}
