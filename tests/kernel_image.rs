@@ -524,6 +524,7 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("::traps::trap_dispatch", IRQ_DISPATCH),
     ("::handle_int3", IRQ_DISPATCH),
     ("NmiHandlers::run", NMI_DISPATCH),
+    ("::nmi::run_handlers", NMI_DISPATCH),
     ("::nmi::handle_nmi", NMI_DISPATCH),
     (
         "tramp64",
