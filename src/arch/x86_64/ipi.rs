@@ -36,6 +36,8 @@ pub fn clear_ipi_handler(ipi: u32) {
 }
 
 /// Sends test IPI `ipi` to every online CPU in `targets` (the caller too, if in it).
+/// In `.text.nopatch`: the patch-masking self-test sends it from inside the patch window.
+#[unsafe(link_section = ".text.nopatch")]
 pub fn send_ipi(ipi: u32, targets: CpuSet) {
     let vector = TEST_IPIS[slot(ipi)];
     let saved = cpu::cli_save();

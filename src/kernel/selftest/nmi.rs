@@ -349,6 +349,8 @@ fn storm_handler(cpu: usize) -> bool {
     true
 }
 
+/// A write probe: runs inside the patch window, so it lives in `.text.nopatch`.
+#[unsafe(link_section = ".text.nopatch")]
 fn storm_from_window() {
     STORM.sends.fetch_add(1, Ordering::Relaxed);
     nmi::send_nmi(platform::online_cpus());
