@@ -515,8 +515,8 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("StopMachine<A>>::run_in_nmi", Indirect::StopCore),
     ("StopMachine<A>::run_function", Indirect::StopCore),
     ("::write_probe::call_write_probe", Indirect::WriteProbe),
-    ("patch::Text>::write_insn", Indirect::WriteProbe),
-    ("patch::Text>::write_batch", Indirect::WriteProbe),
+    ("KernelText>::write_insn", Indirect::WriteProbe),
+    ("KernelText>::write_batch", Indirect::WriteProbe),
     ("StopMachine<A>::wait_past", Indirect::GotSlot),
     ("TextAlias::map", Indirect::GotSlot),
     ("::gic::dispatch", IRQ_DISPATCH),
@@ -836,7 +836,7 @@ fn arm64_text_writes_are_cleaned_then_invalidated_with_barriers() {
         }
     }
     assert!(pokes > 0, "no call of mmu::poke_text_page in .text.nopatch");
-    let sync_icache = function(&functions, "as patch_machine::patch::Text>::sync_icache>:");
+    let sync_icache = function(&functions, "KernelText>::sync_icache>:");
     assert!(
         sync_icache
             .iter()
