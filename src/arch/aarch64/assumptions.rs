@@ -69,8 +69,8 @@ fn eoimode_verdict(cpu: usize, icc_ctlr: u64) -> Verdict {
     check!(
         icc_ctlr & ICC_CTLR_EOIMODE == 0,
         "assumption EOImode 0 broken: cpu{cpu} ICC_CTLR_EL1 {icc_ctlr:#x} has EOImode=1; \
-         an NMI's active priority would outlive its EOI until a DIR, and no NMI could \
-         nest-proof itself by running priority"
+         ICC_EOIR1_EL1 then only drops priority, this kernel never writes ICC_DIR_EL1, \
+         so interrupts would stay active (the no-nesting argument needs EOImode 0)"
     );
     Verdict::Pass(msg!("cpu{cpu}: EOImode=0"))
 }
