@@ -10,6 +10,7 @@ pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irqflags::{
     IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
 };
+pub use crate::arch::aarch64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};

@@ -9,6 +9,7 @@ pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
+pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::x86_64::smp::online_cpus;
