@@ -393,7 +393,11 @@ impl<T: KeyText, const N: usize> StaticKeys<T, N> {
             if !batch.is_empty()
                 && let Err(error) = self.text.patch(batch)
             {
-                if !batch.iter().all(|p| self.text.read(p.addr) == p.new) {
+                // Only a failed synchronisation can leave the batch written; any other
+                // error is a refusal made before the first write.
+                let written = matches!(error, PatchError::Stop(_))
+                    && batch.iter().all(|p| self.text.read(p.addr) == p.new);
+                if !written {
                     return Err(KeyError::Patch {
                         key: key.name,
                         error,
