@@ -350,8 +350,7 @@ fn jump_entries(image: &Path, nm: &str) -> Vec<[u64; 4]> {
         .into_iter()
         .find(|s| s.kind == PT_LOAD && s.vaddr <= start && end <= s.vaddr + s.filesz)
         .expect("the jump table is in a loaded segment");
-    let bytes = &elf[(segment.offset + start - segment.vaddr) as usize..]
-        [..(end - start) as usize];
+    let bytes = &elf[(segment.offset + start - segment.vaddr) as usize..][..(end - start) as usize];
     bytes
         .chunks(32)
         .map(|e| std::array::from_fn(|i| u64::from_le_bytes(e[i * 8..][..8].try_into().unwrap())))

@@ -104,12 +104,12 @@ pub fn kick_all_cpus_sync() -> Result<(), StopError> {
     INSTALLED.call_once(|| gic::set_sgi_handler(KICK_SGI, kick_handler));
     let me = smp::current_cpu();
     let others = smp::online_cpus().without(me);
-    if others.is_empty() {
-        return Ok(());
-    }
     // AcqRel: Release orders our text writes before any target reads the generation
     // (`send_sgi`'s DSB ISHST makes them visible before the SGI).
     let generation = KICK_GEN.fetch_add(1, Ordering::AcqRel) + 1;
+    if others.is_empty() {
+        return Ok(());
+    }
     gic::send_sgi(KICK_SGI, others);
     let start = timer::now_ns();
     loop {
@@ -128,6 +128,17 @@ pub fn kick_all_cpus_sync() -> Result<(), StopError> {
         // SAFETY: a hint; under single-threaded TCG it lets the targets run.
         unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) };
     }
+}
+
+/// Kicks so far (one per static key batch): with [`kick_acked`], what the self-test
+/// checks a flip synchronised.
+pub fn kick_generation() -> u64 {
+    KICK_GEN.load(Ordering::Acquire)
+}
+
+/// The latest kick `cpu` took.
+pub fn kick_acked(cpu: usize) -> u64 {
+    KICK_ACK.get(cpu).map_or(0, |a| a.load(Ordering::Acquire))
 }
 
 unsafe extern "C" {

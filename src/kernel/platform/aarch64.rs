@@ -70,6 +70,18 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     insn::b(site, target).map_err(|_| "the nosync branch target is out of B's range")
 }
 
+/// Cross-CPU synchronisations one static key batch makes: one kick of every other CPU.
+pub const SYNCS_PER_KEY_BATCH: u64 = 1;
+
+/// Cross-CPU synchronisations made so far by static key flips, and the latest one `cpu`
+/// took (arm64: the kick after each batch).
+pub fn key_syncs() -> (u64, fn(usize) -> u64) {
+    (
+        crate::arch::aarch64::jump_label::kick_generation(),
+        crate::arch::aarch64::jump_label::kick_acked,
+    )
+}
+
 /// Patches `batch` while other CPUs may run it, without stopping them: on arm64 only
 /// CMODX-safe pairs, through [`patch_nosync`](crate::patch::patch_nosync).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {

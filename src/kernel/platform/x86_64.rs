@@ -73,6 +73,18 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     x86::jmp_rel32(site, target).map_err(|_| "the branch target is out of rel32 range")
 }
 
+/// Cross-CPU synchronisations one static key batch makes: the INT3 protocol's three.
+pub const SYNCS_PER_KEY_BATCH: u64 = 3;
+
+/// Cross-CPU synchronisations made so far by live patches, and the latest one `cpu`
+/// took (x86: the INT3 protocol's sync IPIs).
+pub fn key_syncs() -> (u64, fn(usize) -> u64) {
+    (
+        crate::arch::x86_64::ipi::sync_generation(),
+        crate::arch::x86_64::ipi::sync_acked,
+    )
+}
+
 /// Patches `batch` while other CPUs may run it, without stopping them: the INT3
 /// protocol (`text_poke_bp`, Linux's `text_poke_bp_batch`).
 pub fn patch_live(batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {

@@ -122,7 +122,8 @@ impl Flips {
 /// `static_key_flips` flips of a key with four sites (two unlikely, two likely)
 /// through `enable`/`disable`, while every other CPU runs the sites in a loop. A call
 /// made while no flip was in flight must see every site in the key's current state;
-/// after each flip returns, every other CPU must make such a call (the handshake: it
+/// each flip must make exactly one batch's cross-CPU synchronisations, taken by every
+/// other CPU before it returns; after each flip returns, every other CPU must make such a call (the handshake: it
 /// sees the new state, and a CPU that runs nothing is named within a bounded wait).
 pub fn static_keys(params: &Params) -> Verdict {
     if let Err(err) = STATIC_KEYS.check() {
@@ -147,6 +148,7 @@ pub fn static_keys(params: &Params) -> Verdict {
     // SAFETY: `flips` outlives the jobs: we wait for them before returning.
     let jobs = unsafe { run_on(others, flip_caller, &flips) };
     let mut failure = None;
+    let mut sync_failure = None;
     let mut starved = flips.wait_synced(others, 0);
     let mut starved_at = None;
     let patches_before = STATIC_KEYS.flips();
@@ -161,6 +163,7 @@ pub fn static_keys(params: &Params) -> Verdict {
         // an odd generation at one end.
         flips.generation.store(2 * k - 1, Ordering::Release);
         core::sync::atomic::fence(Ordering::SeqCst);
+        let (syncs_before, _) = platform::key_syncs();
         let start = now_ns();
         let result = if k % 2 == 1 {
             STATIC_KEYS.enable(&FLIP_KEY)
@@ -170,6 +173,17 @@ pub fn static_keys(params: &Params) -> Verdict {
         flip_ns += now_ns() - start;
         if let Err(err) = result {
             failure = Some((k, err));
+            break;
+        }
+        // One batch for the four sites: exactly the architecture's synchronisations
+        // for one batch, and every other CPU took the last of them.
+        let (syncs_after, acked) = platform::key_syncs();
+        let unsynced = others
+            .iter()
+            .filter(|&cpu| acked(cpu) < syncs_after)
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        if syncs_after - syncs_before != platform::SYNCS_PER_KEY_BATCH || !unsynced.is_empty() {
+            sync_failure = Some((k, syncs_after - syncs_before, unsynced));
             break;
         }
         flips.generation.store(2 * k, Ordering::Release);
@@ -189,6 +203,13 @@ pub fn static_keys(params: &Params) -> Verdict {
     let _ = STATIC_KEYS.disable(&FLIP_KEY);
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
+    }
+    if let Some((k, syncs, unsynced)) = sync_failure {
+        fail!(
+            "flip {k}: {syncs} cross-CPU synchronisations (one batch makes {}), \
+             CPUs {unsynced} did not take the last",
+            platform::SYNCS_PER_KEY_BATCH
+        );
     }
     if !starved.is_empty() {
         match starved_at {
@@ -223,7 +244,8 @@ pub fn static_keys(params: &Params) -> Verdict {
         "{count} flips patched {patches} batches"
     );
     Verdict::Pass(msg!(
-        "{count} flips of {sites} sites, {} calls on {} CPUs ({} during a flip), {} us per flip",
+        "{count} flips of {sites} sites, {} sync(s) each, {} calls on {} CPUs ({} during a flip), {} us per flip",
+        platform::SYNCS_PER_KEY_BATCH,
         flips.calls.load(Ordering::Relaxed),
         others.len(),
         flips.overlapping.load(Ordering::Relaxed),
