@@ -205,9 +205,11 @@ pub fn static_keys(params: &Params) -> Verdict {
         fail!("flip {k}: {err}");
     }
     if let Some((k, syncs, unsynced)) = sync_failure {
+        if !unsynced.is_empty() {
+            fail!("flip {k} returned before CPUs {unsynced} took its last synchronisation");
+        }
         fail!(
-            "flip {k}: {syncs} cross-CPU synchronisations (one batch makes {}), \
-             CPUs {unsynced} did not take the last",
+            "flip {k}: {syncs} cross-CPU synchronisations, but one batch makes {}",
             platform::SYNCS_PER_KEY_BATCH
         );
     }
