@@ -31,6 +31,8 @@ struct Words {
     words: Vec<AtomicU32>,
     protected: [Range<usize>; 1],
     lock: spin::Mutex<()>,
+    /// `write_batch` calls.
+    batches_written: AtomicUsize,
 }
 
 // SAFETY: a plain in-memory array: every address in `text_range` is backed, writes are
@@ -50,6 +52,13 @@ unsafe impl Text for Words {
         self.words[(addr - BASE) / 4].store(insn, Ordering::Relaxed);
     }
     fn sync_icache(&self, _range: Range<usize>) {}
+    unsafe fn write_batch(&self, batch: &[Patch<u32>]) {
+        self.batches_written.fetch_add(1, Ordering::Relaxed);
+        for p in batch {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.write_insn(p.addr, p.new) };
+        }
+    }
     fn writer_lock(&self) -> &spin::Mutex<()> {
         &self.lock
     }
@@ -128,6 +137,7 @@ fn tables(entries: Vec<JumpEntry>, keys: Vec<&'static StaticKey>) -> StaticKeys<
         words: (0..WORDS).map(|_| AtomicU32::new(NOP)).collect(),
         protected: [PROTECTED],
         lock: spin::Mutex::new(()),
+        batches_written: AtomicUsize::new(0),
     };
     for e in &entries {
         if e.kind == BranchKind::Likely as usize
@@ -173,7 +183,17 @@ fn a_flip_patches_exactly_the_keys_sites_in_one_batch_with_the_right_encodings()
     assert_eq!(keys.check(), Ok(()));
     assert_eq!(keys.sites(a).count(), 3);
     let before = snapshot(&keys);
+    let syncs = keys.text().arch.syncs(0);
     keys.enable(a).unwrap();
+    // patch_nosync: one write pass and one context synchronisation for the batch.
+    assert_eq!(
+        (
+            keys.text().text.batches_written.load(Ordering::Relaxed),
+            keys.text().arch.syncs(0) - syncs
+        ),
+        (1, 1),
+        "write passes and syncs for one 3-site flip"
+    );
     assert_eq!(a.count(), 1);
     assert_eq!(keys.text().batches.load(Ordering::Relaxed), 1, "one batch");
     assert_eq!(
