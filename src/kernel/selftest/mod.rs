@@ -117,6 +117,11 @@ pub const TESTS: &[Test] = &[
         by_default: true,
     },
     Test {
+        name: "static_key_refs",
+        run: static_keys::static_key_refs,
+        by_default: true,
+    },
+    Test {
         name: "static_key_hook",
         run: static_keys::static_key_hook,
         by_default: true,

@@ -402,6 +402,94 @@ pub fn static_key_errors(_: &Params) -> Verdict {
 /// A key operation, for the count steps.
 type KeyOp = fn(&StaticKey) -> Result<(), KeyError<platform::Insn>>;
 
+/// What the CPUs of `static_key_refs` share.
+struct Refs {
+    /// The highest count a CPU saw while it held a reference.
+    most: AtomicU64,
+    /// First failure: cpu, round, what went wrong.
+    failed: spin::Mutex<Option<(usize, u32, &'static str)>>,
+    go: AtomicBool,
+}
+
+/// Reference rounds per CPU in `static_key_refs`.
+const REF_ROUNDS: u32 = 200;
+
+fn ref_rounds(cpu: usize, refs: &Refs) {
+    let start = now_ns();
+    while !refs.go.load(Ordering::Acquire) && now_ns() - start < CALLER_WAIT_NS {
+        platform::cpu_yield();
+    }
+    for round in 0..REF_ROUNDS {
+        if STATIC_KEYS.inc(&COUNT_KEY).is_err() {
+            refs.failed.lock().get_or_insert((cpu, round, "inc failed"));
+            return;
+        }
+        // Holding a reference: the site is enabled here, whoever patched it.
+        if !count_site() {
+            refs.failed.lock().get_or_insert((
+                cpu,
+                round,
+                "the site was disabled while a reference was held",
+            ));
+        }
+        refs.most
+            .fetch_max(COUNT_KEY.count() as u64, Ordering::Relaxed);
+        platform::cpu_yield();
+        if STATIC_KEYS.dec(&COUNT_KEY).is_err() {
+            refs.failed.lock().get_or_insert((cpu, round, "dec failed"));
+            return;
+        }
+        // Staggered pauses, so the count also falls to 0 between rounds (1 -> 0 and
+        // 0 -> 1 under contention), not only at the end.
+        for _ in 0..(round + cpu as u32) % 8 {
+            platform::cpu_yield();
+        }
+    }
+}
+
+/// Every CPU takes and drops references to one key at once (`inc`/`dec`, 200 rounds
+/// each): while a CPU holds one, its own run of the site takes the enabled arm; at the
+/// end the count is 0 and the site disabled, after an even number of batches; and two
+/// CPUs must have held the key at once (else nothing concurrent was tested).
+pub fn static_key_refs(_: &Params) -> Verdict {
+    let others = others();
+    if others.is_empty() {
+        return Verdict::Skip(msg!("one CPU: nothing concurrent to test"));
+    }
+    let refs = Refs {
+        most: AtomicU64::new(0),
+        failed: spin::Mutex::new(None),
+        go: AtomicBool::new(false),
+    };
+    let batches = STATIC_KEYS.flips();
+    // SAFETY: `refs` outlives the jobs: we wait for them before returning.
+    let jobs = unsafe { run_on(others, ref_rounds, &refs) };
+    refs.go.store(true, Ordering::Release);
+    ref_rounds(current_cpu(), &refs);
+    if let Err(pending) = jobs.wait(JOB_TIMEOUT_NS) {
+        fail!("CPUs {pending} did not finish their rounds");
+    }
+    if let Some((cpu, round, what)) = *refs.failed.lock() {
+        fail!("cpu{cpu}, round {round}: {what}");
+    }
+    let batches = STATIC_KEYS.flips() - batches;
+    check!(
+        COUNT_KEY.count() == 0 && !count_site() && batches % 2 == 0,
+        "after the rounds: count {}, site {}, {batches} batches",
+        COUNT_KEY.count(),
+        count_site()
+    );
+    let most = refs.most.load(Ordering::Relaxed);
+    check!(
+        most >= 2,
+        "no two CPUs ever held the key at once (highest count {most}): nothing concurrent"
+    );
+    Verdict::Pass(msg!(
+        "{} CPUs x {REF_ROUNDS} inc/dec, {batches} batches, up to {most} references at once",
+        others.len() + 1
+    ))
+}
+
 fn noop_job(_: usize, _: &()) {}
 
 /// Runs one job on every CPU of `cpus` and returns how many jobs they traced.
