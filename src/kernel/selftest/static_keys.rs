@@ -474,7 +474,7 @@ pub fn static_key_refs(_: &Params) -> Verdict {
     }
     let batches = STATIC_KEYS.flips() - batches;
     check!(
-        COUNT_KEY.count() == 0 && !count_site() && batches % 2 == 0,
+        COUNT_KEY.count() == 0 && !count_site() && batches.is_multiple_of(2),
         "after the rounds: count {}, site {}, {batches} batches",
         COUNT_KEY.count(),
         count_site()
