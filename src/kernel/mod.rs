@@ -195,6 +195,10 @@ pub fn primary_main() -> ! {
         platform::cpu_count(),
         bootargs
     ));
+    // A jump site in code that is never patched disables every key: say so at boot.
+    if let Err(err) = platform::STATIC_KEYS.check() {
+        ktap.diag(format_args!("static keys refused: {err}"));
+    }
     if let Some(mode) = selection.fault {
         harness::run(&mut ktap, word_of(bootargs, "platform_selftest"), || {
             platform::provoke(mode);
