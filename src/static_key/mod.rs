@@ -283,6 +283,11 @@ pub const LOCK_TIMEOUT_NS: u64 = 2_000_000_000;
 
 /// The key table of one text: the update lock and the batch buffer (the kernel has no
 /// heap: a key has at most `N` sites).
+///
+/// Key operations wait (bounded) for the update lock and for every other CPU to
+/// synchronise, with interrupts as the caller left them: call them with interrupts
+/// enabled, never from an interrupt or NMI handler (Linux's `static_key_enable` may
+/// sleep for the same reason).
 pub struct StaticKeys<T: KeyText, const N: usize> {
     text: T,
     /// The update lock, and the batch being built under it.
