@@ -162,6 +162,10 @@ pub fn static_keys(params: &Params) -> Verdict {
         // Release pairs with the callers' Acquire: a call that overlaps the flip sees
         // an odd generation at one end.
         flips.generation.store(2 * k - 1, Ordering::Release);
+        // The odd generation is visible before the first site changes (the patch path's
+        // barriers follow). An instruction fetch is not ordered with the callers' loads
+        // on hardware, so a CPU there could fetch a new site early and be reported; the
+        // emulator never fetches ahead of a write.
         core::sync::atomic::fence(Ordering::SeqCst);
         let (syncs_before, _) = platform::key_syncs();
         let start = now_ns();
