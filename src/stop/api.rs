@@ -35,7 +35,10 @@ impl StopFunction for StopFn<'_> {
 /// `cpu_stop_nmisafe_fn_t` of Chang S. Bae, "stop_machine: Add NMI-based execution
 /// path" (LKML, 2026) does.
 #[derive(Clone, Copy)]
-pub struct NmiSafe<'a>(pub(super) StopFn<'a>);
+pub struct NmiSafe<'a>(
+    // Read only by the NMI path.
+    #[cfg_attr(not(feature = "stop-machine-nmi"), allow(dead_code))] pub(super) StopFn<'a>,
+);
 
 impl<'a> NmiSafe<'a> {
     /// Marks `function` as safe to run from an NMI handler.

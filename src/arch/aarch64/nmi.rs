@@ -16,7 +16,7 @@
 //! preempt them. They must take no lock that code with only IRQs masked may hold, and
 //! must not fault.
 
-use super::{Aarch64, cpu, gic, nmi_mode, smp};
+use super::{cpu, gic, nmi_mode, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -129,7 +129,7 @@ pub(crate) fn run_handlers(cpu: usize) {
 // the core's bounded wait then reports ETIMEDOUT for that CPU and withdraws the request,
 // so the function never runs outside NMI context.
 #[cfg(feature = "stop-machine-nmi")]
-unsafe impl crate::stop::NmiArch for Aarch64 {
+unsafe impl crate::stop::NmiArch for super::Aarch64 {
     #[inline(always)]
     fn send_self_nmi(&self) {
         send_nmi_self();

@@ -13,7 +13,7 @@
 //! (`x86_stub_2` in `boot/x86_64/vectors.S`) latches an NMI arriving then and runs the
 //! handlers again once the first pass is done, never on top of it ([`nmis_latched`]).
 
-use super::{X86_64, apic, cpu, smp};
+use super::{apic, cpu, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -263,7 +263,7 @@ pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
 // The handler (`handle_nmi` -> `run_handlers`) calls `STOP.handle_nmi()` before any
 // other handler.
 #[cfg(feature = "stop-machine-nmi")]
-unsafe impl crate::stop::NmiArch for X86_64 {
+unsafe impl crate::stop::NmiArch for super::X86_64 {
     #[inline(always)]
     fn send_self_nmi(&self) {
         send_nmi_self();
