@@ -31,6 +31,7 @@
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
+pub mod assumptions;
 pub mod boot;
 pub mod cache;
 pub mod console;

@@ -68,6 +68,9 @@ pub(crate) static PMR_SYNC: AtomicBool = AtomicBool::new(false);
 /// save and restore ICC_PMR_EL1 (a byte each, read by vectors.S).
 pub(crate) static PMR_LIVE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
 
+/// Each CPU's ICC_CTLR_EL1 as it read after set-up (for `assumptions::gic_eoimode_0`).
+static ICC_CTLR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
 /// What the boot CPU saw when it chose the mode (for the boot report).
 static ID_AA64PFR1: AtomicU64 = AtomicU64::new(0);
 static GICD_TYPER: AtomicU64 = AtomicU64::new(0);
@@ -159,6 +162,15 @@ pub(crate) fn note_cpu_interface(cpu: usize, icc_ctlr: u64) {
     if let Some(live) = PMR_LIVE.get(cpu) {
         live.store(1, Ordering::Relaxed);
     }
+    if let Some(ctlr) = ICC_CTLR.get(cpu) {
+        // Relaxed: read only after this CPU is online (which the boot CPU acquired).
+        ctlr.store(icc_ctlr, Ordering::Relaxed);
+    }
+}
+
+/// The ICC_CTLR_EL1 value CPU `cpu` reported in [`note_cpu_interface`] (0 if none).
+pub(crate) fn icc_ctlr(cpu: usize) -> u64 {
+    ICC_CTLR.get(cpu).map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
 /// The boot report line: which NMI mechanism is in use, and the evidence.

@@ -38,7 +38,7 @@
 use super::dtb::BootInfo;
 use super::exceptions::TrapFrame;
 use super::psci::Conduit;
-use super::{boot_info, cache, cpu, exceptions, exit, gic, layout, mmu, smp, timer};
+use super::{assumptions, boot_info, cache, cpu, exceptions, exit, gic, layout, mmu, smp, timer};
 use crate::harness::{Test, Verdict};
 use crate::{CpuSet, MAX_CPUS, kprintln};
 use core::arch::{asm, global_asm};
@@ -137,6 +137,14 @@ pub const SELFTESTS: &[Test] = &[
         with_other_cpu(|other| nmi_tests::installed(|| nmi_tests::stop_vs_spinner(other)))
     }),
     Test::new("stop_machine_nmi_runs_in_nmi", nmi_tests::stop_machine_nmi),
+    Test::new(
+        "gic_single_security_state",
+        assumptions::gic_single_security_state,
+    ),
+    Test::new("gic_eoimode_0", assumptions::gic_eoimode_0),
+    Test::new("sctlr_spintmask_0", assumptions::sctlr_spintmask_0),
+    Test::new("sctlr_eis_1", assumptions::sctlr_eis_1),
+    Test::new("no_sdei_firmware", assumptions::no_sdei_firmware),
 ];
 
 /// Runs `check` with a CPU other than this one, or skips.
