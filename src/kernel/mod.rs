@@ -189,6 +189,16 @@ pub fn primary_main() -> ! {
         platform::cpu_count(),
         bootargs
     ));
+    // Every CPU is online: the runtime alternatives go in now, through patch_machine
+    // (the `alternatives` test checks the result).
+    match platform::apply_alternatives() {
+        Ok(written) => ktap.diag(format_args!(
+            "alternatives: runtime table applied through patch_machine, {written} chunks written"
+        )),
+        Err(err) => ktap.diag(format_args!(
+            "alternatives: runtime table NOT applied: {err}"
+        )),
+    }
     if let Some(mode) = selection.fault {
         harness::run(&mut ktap, word_of(bootargs, "platform_selftest"), || {
             platform::provoke(mode);

@@ -44,6 +44,7 @@ impl Params {
     };
 }
 
+mod alternatives;
 mod bench;
 mod nmi;
 
@@ -125,6 +126,11 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "nmi_safe_patching",
         run: nmi::nmi_safe_patching,
+        by_default: true,
+    },
+    Test {
+        name: "alternatives",
+        run: alternatives::alternatives,
         by_default: true,
     },
     Test {
