@@ -709,3 +709,211 @@ pub struct AltPath {
     /// Runs the path; `Err` says what came out wrong.
     pub run: fn() -> Result<(), &'static str>,
 }
+
+/// Where a kernel's two tables are, and the code boot sites must lie in.
+#[derive(Clone, Debug)]
+pub struct Tables {
+    /// `.altinstructions.boot`.
+    pub boot: &'static [AltEntry],
+    /// `.altinstructions`.
+    pub runtime: &'static [AltEntry],
+    /// `.text.nopatch`, the code the rendezvous runs.
+    pub nopatch: Range<usize>,
+}
+
+struct State<I: Instruction, const N: usize> {
+    /// The boot CPU's features, as applied.
+    features: Features,
+    /// Whether the benchmark's feature is on in the runtime table now.
+    bench_on: bool,
+    /// Whether both tables passed [`check_table`] (`None`: not looked at yet).
+    checked: Option<Result<(), AltError<I>>>,
+    boot: Snapshot,
+    runtime: Snapshot,
+    /// What applying the runtime table did (`None`: not yet).
+    applied: Option<Result<usize, AltError<I>>>,
+    scratch: [Patch<I>; N],
+}
+
+/// A kernel's alternatives: its text, its feature names, and what was applied. Each
+/// port has one, with `N` chunks of scratch batch (enough for [`MAX_SITES`] sites of
+/// [`MAX_SITE_LEN`]).
+pub struct Alternatives<T: Text + 'static, const N: usize> {
+    text: &'static T,
+    names: &'static [(u16, &'static str)],
+    bench: u16,
+    state: spin::Mutex<State<T::Insn, N>>,
+}
+
+impl<T: Text + 'static, const N: usize> Alternatives<T, N>
+where
+    T::Insn: AltInsn,
+{
+    /// Alternatives of `text`; `names` lists every feature a table may name, `bench`
+    /// the one only the benchmark turns on; `placeholder` fills the scratch batch.
+    pub const fn new(
+        text: &'static T,
+        names: &'static [(u16, &'static str)],
+        bench: u16,
+        placeholder: T::Insn,
+    ) -> Self {
+        Alternatives {
+            text,
+            names,
+            bench,
+            state: spin::Mutex::new(State {
+                features: Features::NONE,
+                bench_on: false,
+                checked: None,
+                boot: Snapshot::EMPTY,
+                runtime: Snapshot::EMPTY,
+                applied: None,
+                scratch: [Patch::new(0, placeholder, placeholder); N],
+            }),
+        }
+    }
+
+    /// The name of feature `bit`.
+    pub fn feature_name(&self, bit: u16) -> &'static str {
+        self.names
+            .iter()
+            .find(|(b, _)| *b == bit)
+            .map_or("?", |(_, name)| name)
+    }
+
+    fn check(&self, tables: &Tables) -> Result<(), AltError<T::Insn>> {
+        let bounds = Bounds {
+            text: self.text.text_range(),
+            nopatch: tables.nopatch.clone(),
+            protected: self.text.protected_ranges(),
+            known: self
+                .names
+                .iter()
+                .fold(Features::NONE, |set, (bit, _)| set.with(*bit)),
+        };
+        check_table(tables.boot, Class::Boot, &bounds)?;
+        check_table(tables.runtime, Class::Runtime, &bounds)
+    }
+
+    /// Checks both tables, records the original bytes and writes the boot table's
+    /// sites as `features` call for. A bad table is refused whole: nothing is
+    /// written. Returns the chunks written.
+    ///
+    /// # Safety
+    /// As [`apply_boot`]: no other CPU runs yet. The caller synchronises its own
+    /// instruction stream afterwards (arm64 ISB, x86 a serialising instruction).
+    pub unsafe fn apply_boot(
+        &self,
+        tables: &Tables,
+        features: Features,
+    ) -> Result<usize, AltError<T::Insn>> {
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        state.features = features;
+        let checked = self.check(tables);
+        state.checked = Some(checked);
+        checked?;
+        state.boot = Snapshot::take(self.text, tables.boot);
+        state.runtime = Snapshot::take(self.text, tables.runtime);
+        // SAFETY: forwarded from the caller; the table was checked.
+        let written = unsafe {
+            apply_boot(
+                self.text,
+                tables.boot,
+                &state.boot,
+                features,
+                &mut state.scratch,
+            )
+        };
+        if let Err(err) = written {
+            state.checked = Some(Err(err));
+        }
+        written
+    }
+
+    fn runtime_locked<A: Arch>(
+        &self,
+        state: &mut State<T::Insn, N>,
+        stop: &StopMachine<A>,
+        tables: &Tables,
+        bench_on: bool,
+    ) -> Result<usize, AltError<T::Insn>> {
+        state.checked.unwrap_or(Err(AltError::NotApplied))?;
+        let features = state.features.set(self.bench, bench_on);
+        let report = apply_runtime(
+            stop,
+            self.text,
+            tables.runtime,
+            &state.runtime,
+            features,
+            &mut state.scratch,
+            StopOptions::DEFAULT,
+        )?;
+        state.bench_on = bench_on;
+        Ok(report.map_or(0, |r| r.sites))
+    }
+
+    /// Applies the runtime table through `patch_machine` (every CPU quiescent
+    /// first), once every CPU is online. Returns the chunks written.
+    pub fn apply_runtime<A: Arch>(
+        &self,
+        stop: &StopMachine<A>,
+        tables: &Tables,
+    ) -> Result<usize, AltError<T::Insn>> {
+        let mut state = self.state.lock();
+        let result = self.runtime_locked(&mut state, stop, tables, false);
+        state.applied = Some(result);
+        result
+    }
+
+    /// Makes the runtime table hold what the features call for with the benchmark's
+    /// feature `on`, through `patch_machine`. Returns the chunks written.
+    pub fn flip_bench<A: Arch>(
+        &self,
+        stop: &StopMachine<A>,
+        tables: &Tables,
+        on: bool,
+    ) -> Result<usize, AltError<T::Insn>> {
+        let mut state = self.state.lock();
+        self.runtime_locked(&mut state, stop, tables, on)
+    }
+
+    /// The features applied, and whether both tables were accepted and applied.
+    pub fn status(&self) -> (Features, Result<(), AltError<T::Insn>>) {
+        let state = self.state.lock();
+        let checked = state.checked.unwrap_or(Err(AltError::NotApplied));
+        let applied = state.applied.unwrap_or(Err(AltError::NotApplied));
+        (state.features, checked.and(applied.map(|_| ())))
+    }
+
+    /// Calls `each` with every site of both tables: what the features call for, and
+    /// what the text holds.
+    pub fn sites(&self, tables: &Tables, each: &mut dyn FnMut(SiteView)) {
+        let state = self.state.lock();
+        let runtime_features = state.features.set(self.bench, state.bench_on);
+        for (class, table, snapshot, features) in [
+            (Class::Boot, tables.boot, &state.boot, state.features),
+            (
+                Class::Runtime,
+                tables.runtime,
+                &state.runtime,
+                runtime_features,
+            ),
+        ] {
+            for (index, entry) in table.iter().enumerate() {
+                let Some(original) = snapshot.original(index) else {
+                    continue;
+                };
+                each(SiteView {
+                    class,
+                    index,
+                    site: entry.site(),
+                    len: usize::from(entry.site_len),
+                    feature: (entry.feature, self.feature_name(entry.feature)),
+                    wanted: features.has(entry.feature),
+                    in_text: variant_in_text(self.text, entry, original),
+                });
+            }
+        }
+    }
+}

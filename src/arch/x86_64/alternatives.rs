@@ -3,15 +3,12 @@
 //! through `patch_machine` once every CPU is online ([`apply_runtime`]). Features are
 //! the boot CPU's ([`cpu::features`]); the self-tests check every CPU has the same.
 
+use super::text::KernelText;
 use super::{STOP, cpu, layout, text::KERNEL_TEXT};
-use crate::patch::Patch;
-use crate::patch::Text;
 use crate::patch::alternatives::{
-    self as alt, AltEntry, AltError, AltPath, Bounds, Class, Features, MAX_SITE_LEN, MAX_SITES,
-    SiteView, Snapshot,
+    AltEntry, AltError, AltPath, Alternatives, Features, MAX_SITE_LEN, MAX_SITES, SiteView, Tables,
 };
 use crate::patch::x86::{self, Insn};
-use crate::stop::StopOptions;
 
 // The tables, from the linker script: only `.altinstructions*` entries (12 bytes,
 // 4-aligned, `AltEntry`'s layout) lie between each pair of symbols.
@@ -49,29 +46,66 @@ const NOP: Insn = match x86::nop(1) {
     Err(_) => panic!("a 1-byte NOP exists"),
 };
 
-struct State {
-    /// The boot CPU's features, as applied.
-    features: Features,
-    /// Whether the benchmark's feature is on in the runtime table now.
-    bench_on: bool,
-    /// Whether both tables passed `check_table` (None: not yet looked at).
-    checked: Option<Result<(), AltError<Insn>>>,
-    boot: Snapshot,
-    runtime: Snapshot,
-    /// What applying the runtime table did (None: not yet).
-    applied: Option<Result<usize, AltError<Insn>>>,
-    scratch: [Patch<Insn>; SCRATCH_LEN],
+/// The kernel's alternatives.
+static ALTERNATIVES: Alternatives<KernelText, SCRATCH_LEN> =
+    Alternatives::new(&KERNEL_TEXT, &cpu::FEATURE_NAMES, cpu::FEATURE_BENCH, NOP);
+
+fn tables() -> Tables {
+    Tables {
+        boot: boot_table(),
+        runtime: runtime_table(),
+        nopatch: layout::nopatch_range(),
+    }
 }
 
-static STATE: spin::Mutex<State> = spin::Mutex::new(State {
-    features: Features::NONE,
-    bench_on: false,
-    checked: None,
-    boot: Snapshot::EMPTY,
-    runtime: Snapshot::EMPTY,
-    applied: None,
-    scratch: [Patch::new(0, NOP, NOP); SCRATCH_LEN],
-});
+/// The name of feature `bit`.
+pub fn feature_name(bit: u16) -> &'static str {
+    ALTERNATIVES.feature_name(bit)
+}
+
+/// Reads the boot CPU's features, checks both tables and writes the boot table's
+/// sites. A bad table is reported and nothing is written.
+///
+/// # Safety
+/// The boot CPU, before any AP started, with the text alias available.
+pub unsafe fn apply_boot() {
+    let features = cpu::features();
+    // SAFETY: forwarded from the caller: no other CPU runs.
+    let written = unsafe { ALTERNATIVES.apply_boot(&tables(), features) };
+    // The boot CPU runs the new instructions from here on.
+    cpu::serialize();
+    match written {
+        Ok(chunks) => crate::kprintln!(
+            "alternatives: features {:#x}; boot: {} sites, {chunks} chunks written; runtime: {} sites",
+            features.0,
+            boot_table().len(),
+            runtime_table().len()
+        ),
+        Err(err) => crate::kprintln!("alternatives: tables refused, nothing patched: {err}"),
+    }
+}
+
+/// Applies the runtime table through `patch_machine` (every CPU quiescent first), once
+/// every CPU is online. Returns the chunks written.
+pub fn apply_runtime() -> Result<usize, AltError<Insn>> {
+    ALTERNATIVES.apply_runtime(&STOP, &tables())
+}
+
+/// The benchmark: the runtime table as the features call for with
+/// [`cpu::FEATURE_BENCH`] `on`, through `patch_machine`. Returns the chunks written.
+pub fn flip_bench(on: bool) -> Result<usize, AltError<Insn>> {
+    ALTERNATIVES.flip_bench(&STOP, &tables(), on)
+}
+
+/// The features applied, and whether both tables were accepted and applied.
+pub fn status() -> (Features, Result<(), AltError<Insn>>) {
+    ALTERNATIVES.status()
+}
+
+/// Calls `each` with every site of both tables.
+pub fn sites(each: &mut dyn FnMut(SiteView)) {
+    ALTERNATIVES.sites(&tables(), each)
+}
 
 /// Sites in [`run_bench_sites`].
 pub const BENCH_SITES: u64 = 8;
@@ -105,153 +139,6 @@ pub fn run_bench_sites() -> u64 {
     site!();
     site!();
     count
-}
-
-/// Every feature a table may name.
-fn known() -> Features {
-    cpu::FEATURE_NAMES
-        .iter()
-        .fold(Features::NONE, |set, (bit, _)| set.with(*bit))
-}
-
-/// The name of feature `bit`.
-pub fn feature_name(bit: u16) -> &'static str {
-    cpu::FEATURE_NAMES
-        .iter()
-        .find(|(b, _)| *b == bit)
-        .map_or("?", |(_, name)| name)
-}
-
-fn check_both() -> Result<(), AltError<Insn>> {
-    let bounds = Bounds {
-        text: layout::text_range(),
-        nopatch: layout::nopatch_range(),
-        protected: KERNEL_TEXT.protected_ranges(),
-        known: known(),
-    };
-    alt::check_table(boot_table(), Class::Boot, &bounds)?;
-    alt::check_table(runtime_table(), Class::Runtime, &bounds)
-}
-
-/// Reads the boot CPU's features, checks both tables and writes the boot table's
-/// sites. A bad table is reported and nothing is written.
-///
-/// # Safety
-/// The boot CPU, before any secondary started, with the text alias available (MMU on).
-pub unsafe fn apply_boot() {
-    let mut state = STATE.lock();
-    let state = &mut *state;
-    state.features = cpu::features();
-    let checked = check_both();
-    state.checked = Some(checked);
-    if let Err(err) = checked {
-        crate::kprintln!("alternatives: tables refused, nothing patched: {err}");
-        return;
-    }
-    state.boot = Snapshot::take(&KERNEL_TEXT, boot_table());
-    state.runtime = Snapshot::take(&KERNEL_TEXT, runtime_table());
-    // SAFETY: forwarded from the caller: no other CPU runs; the table was checked.
-    let written = unsafe {
-        alt::apply_boot(
-            &KERNEL_TEXT,
-            boot_table(),
-            &state.boot,
-            state.features,
-            &mut state.scratch,
-        )
-    };
-    // The boot CPU runs the new bytes from here on.
-    cpu::serialize();
-    match written {
-        Ok(words) => crate::kprintln!(
-            "alternatives: features {:#x}; boot: {} sites, {words} chunks written; runtime: {} sites",
-            state.features.0,
-            boot_table().len(),
-            runtime_table().len()
-        ),
-        Err(err) => {
-            crate::kprintln!("alternatives: boot table not applied: {err}");
-            state.checked = Some(Err(err));
-        }
-    }
-}
-
-/// Applies the runtime table through `patch_machine` (every CPU quiescent first), once
-/// every CPU is online. Returns the chunks written.
-pub fn apply_runtime() -> Result<usize, AltError<Insn>> {
-    let mut state = STATE.lock();
-    let features = state.features;
-    let result = apply_runtime_locked(&mut state, features);
-    state.applied = Some(result);
-    result
-}
-
-fn apply_runtime_locked(state: &mut State, features: Features) -> Result<usize, AltError<Insn>> {
-    state.checked.unwrap_or(Ok(()))?;
-    let report = alt::apply_runtime(
-        &STOP,
-        &KERNEL_TEXT,
-        runtime_table(),
-        &state.runtime,
-        features,
-        &mut state.scratch,
-        StopOptions::DEFAULT,
-    )?;
-    state.bench_on = features.has(cpu::FEATURE_BENCH);
-    Ok(report.map_or(0, |r| r.sites))
-}
-
-/// The benchmark: makes the runtime table hold what the features call for with
-/// [`cpu::FEATURE_BENCH`] `on`, through `patch_machine`. Returns the chunks written.
-pub fn flip_bench(on: bool) -> Result<usize, AltError<Insn>> {
-    let mut state = STATE.lock();
-    let features = state.features.set(cpu::FEATURE_BENCH, on);
-    apply_runtime_locked(&mut state, features)
-}
-
-/// The features applied, whether the tables were accepted and applied (`Err`: what
-/// went wrong; nothing is patched then).
-pub fn status() -> (Features, Result<(), AltError<Insn>>) {
-    let state = STATE.lock();
-    let checked = state.checked.unwrap_or(Err(AltError::NotApplied));
-    (
-        state.features,
-        checked.and(
-            state
-                .applied
-                .unwrap_or(Err(AltError::NotApplied))
-                .map(|_| ()),
-        ),
-    )
-}
-
-/// Calls `each` with every site of both tables.
-pub fn sites(each: &mut dyn FnMut(SiteView)) {
-    let state = STATE.lock();
-    for (class, table, snapshot, features) in [
-        (Class::Boot, boot_table(), &state.boot, state.features),
-        (
-            Class::Runtime,
-            runtime_table(),
-            &state.runtime,
-            state.features.set(cpu::FEATURE_BENCH, state.bench_on),
-        ),
-    ] {
-        for (index, entry) in table.iter().enumerate() {
-            let Some(original) = snapshot.original(index) else {
-                continue;
-            };
-            each(SiteView {
-                class,
-                index,
-                site: entry.site(),
-                len: usize::from(entry.site_len),
-                feature: (entry.feature, feature_name(entry.feature)),
-                wanted: features.has(entry.feature),
-                in_text: alt::variant_in_text(&KERNEL_TEXT, entry, original),
-            });
-        }
-    }
 }
 
 fn sync_core() -> Result<(), &'static str> {
