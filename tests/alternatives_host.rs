@@ -3,6 +3,8 @@
 //! path without a stop and the runtime path through `patch_machine`.
 
 #![allow(clippy::result_large_err)]
+// One protected range each, as `Text::protected_ranges` returns a slice of them.
+#![allow(clippy::single_range_in_vec_init)]
 
 use patch_machine::arch::host::HostArch;
 use patch_machine::patch::Text;
@@ -188,7 +190,8 @@ fn table(specs: &[Spec]) -> &'static [AltEntry] {
         unsafe { std::slice::from_raw_parts_mut(at as *mut AltEntry, specs.len()) };
     for (entry, &(site, repl, feature, site_len, repl_len)) in entries.iter_mut().zip(specs) {
         let here = entry as *const AltEntry as usize;
-        *entry = AltEntry::at(here, site, repl, feature, (site_len, repl_len));
+        // SAFETY: stored at `here`; every replacement is arena bytes that never change.
+        *entry = unsafe { AltEntry::at(here, site, repl, feature, (site_len, repl_len)) };
     }
     entries
 }

@@ -10,7 +10,7 @@
 //! code that makes them quiescent cannot wait for itself:
 //!
 //! - [`Class::Runtime`] sites (`.altinstructions`) lie in patchable text and are
-//!   applied through [`patch_machine`](super::patch_machine) once every CPU is online;
+//!   applied through [`patch_machine`] once every CPU is online;
 //! - [`Class::Boot`] sites (`.altinstructions.boot`) lie in `.text.nopatch`, the code the
 //!   rendezvous runs, and are written by the boot CPU before any other CPU starts
 //!   ([`apply_boot`]), through the same [`Text`] writer, without a stop.
@@ -33,9 +33,9 @@ pub const MAX_FEATURES: u16 = 64;
 
 /// One table entry, as the `alternative!` macros emit it: 12 bytes, offsets relative
 /// to the field that holds them (as Linux's `struct alt_instr`), so the table needs no
-/// relocation.
+/// relocation. Neither `Copy` nor `Clone`: a copy elsewhere would point elsewhere.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct AltEntry {
     /// Site address minus the address of this field.
     site_offset: i32,
@@ -54,8 +54,14 @@ const _: () = assert!(core::mem::size_of::<AltEntry>() == 12);
 
 impl AltEntry {
     /// An entry whose site and replacement are `site_offset`/`repl_offset` bytes from
-    /// the entry's own first and second field (host tests build tables this way).
-    pub const fn new(
+    /// the entry's own first and second field.
+    ///
+    /// # Safety
+    /// The entry is only used (by [`check_table`], [`Snapshot::take`],
+    /// [`build_batch`], [`Alternatives`]) once it is stored where the offsets were
+    /// computed for, and its replacement is then `repl_len` readable bytes that stay
+    /// unchanged: the table functions read it through its address.
+    pub const unsafe fn new(
         site_offset: i32,
         repl_offset: i32,
         feature: u16,
@@ -71,17 +77,29 @@ impl AltEntry {
         }
     }
 
-    /// An entry placed at `entry_addr` that describes `site` and `repl`: the offsets are
-    /// computed from where the entry will be stored.
-    pub fn at(entry_addr: usize, site: usize, repl: usize, feature: u16, lens: (u8, u8)) -> Self {
+    /// An entry to be stored at `entry_addr` that describes `site` and `repl` (both
+    /// within 2 GiB of it, as the linker guarantees for the kernel's tables).
+    ///
+    /// # Safety
+    /// As [`AltEntry::new`], with the entry stored at `entry_addr`.
+    pub unsafe fn at(
+        entry_addr: usize,
+        site: usize,
+        repl: usize,
+        feature: u16,
+        lens: (u8, u8),
+    ) -> Self {
         let rel = |field: usize, target: usize| target.wrapping_sub(field) as isize as i32;
-        AltEntry::new(
-            rel(entry_addr, site),
-            rel(entry_addr + 4, repl),
-            feature,
-            lens.0,
-            lens.1,
-        )
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            AltEntry::new(
+                rel(entry_addr, site),
+                rel(entry_addr + 4, repl),
+                feature,
+                lens.0,
+                lens.1,
+            )
+        }
     }
 
     /// The address of the original sequence.
@@ -538,25 +556,25 @@ where
 
 /// The bytes `entry`'s site must hold under `features`: the replacement (NOP-padded)
 /// when its feature is present, else the original from `snapshot`.
-pub fn wanted_bytes<I: AltInsn>(
+fn wanted_bytes<I: AltInsn>(
     entry: &AltEntry,
     original: &[u8; MAX_SITE_LEN],
     features: Features,
-) -> Result<[u8; MAX_SITE_LEN], ()> {
+) -> Option<[u8; MAX_SITE_LEN]> {
     let len = usize::from(entry.site_len).min(MAX_SITE_LEN);
     if !features.has(entry.feature) {
-        return Ok(*original);
+        return Some(*original);
     }
     let mut out = [0u8; MAX_SITE_LEN];
     let repl = usize::from(entry.repl_len).min(len);
-    // SAFETY: `check_table` accepted the entry: its replacement is `repl_len` readable
-    // bytes of the image's read-only data.
+    // SAFETY: entries are made by the assembler or by `AltEntry::new`, whose contract
+    // makes the replacement `repl_len` readable bytes at the address the entry names.
     let src = unsafe { core::slice::from_raw_parts(entry.replacement() as *const u8, repl) };
     out[..repl].copy_from_slice(src);
     if repl < len && !I::fill_nops(&mut out[repl..len]) {
-        return Err(());
+        return None;
     }
-    Ok(out)
+    Some(out)
 }
 
 /// Whether `entry`'s site holds its replacement now (`Some(true)`), its original
@@ -571,7 +589,7 @@ where
 {
     let mut now = [0u8; MAX_SITE_LEN];
     read_site(text, entry, &mut now);
-    let replaced = wanted_bytes::<T::Insn>(entry, original, Features(u64::MAX)).ok()?;
+    let replaced = wanted_bytes::<T::Insn>(entry, original, Features(u64::MAX))?;
     let len = usize::from(entry.site_len).min(MAX_SITE_LEN);
     if now[..len] == replaced[..len] {
         Some(true)
@@ -603,14 +621,13 @@ where
         })?;
         let site = entry.site();
         let len = usize::from(entry.site_len);
-        let wanted = wanted_bytes::<T::Insn>(entry, original, features).map_err(|()| {
-            AltError::LengthMismatch {
+        let wanted =
+            wanted_bytes::<T::Insn>(entry, original, features).ok_or(AltError::LengthMismatch {
                 index,
                 site,
                 site_len: len,
                 repl_len: usize::from(entry.repl_len),
-            }
-        })?;
+            })?;
         let mut offset = 0;
         while offset < len {
             let n = chunk.min(len - offset);

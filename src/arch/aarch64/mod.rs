@@ -33,58 +33,6 @@
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
-/// An instruction sequence with a replacement the boot applies when a CPU feature is
-/// present (Linux's `ALTERNATIVE`), as one `asm!` statement:
-///
-/// ```ignore
-/// alternative!(runtime,
-///     orig: "0: ldxr {old:w}, [{ptr}]\n add ... \n cbnz {status:w}, 0b",
-///     repl: ".arch_extension lse\n staddl {val:w}, [{ptr}]\n nop\n nop\n nop",
-///     feature: cpu::FEATURE_LSE,
-///     ptr = in(reg) counter, ..., options(nostack));
-/// ```
-///
-/// The original is emitted inline, the replacement into `.altinstr_replacement`
-/// (read-only data) and an entry into `.altinstructions` (`runtime`: patchable text,
-/// applied through `patch_machine`) or `.altinstructions.boot` (`boot`: the site is in
-/// `.text.nopatch`, written before any secondary starts). The two `.org` lines fail the
-/// build ("attempt to move .org backwards") unless both sequences have the same
-/// length, as in Linux's arm64 `alternative-macros.h`. Operands must be named or
-/// explicit registers (the macro appends the named `alt_feature`). The replacement is
-/// copied elsewhere, so it must not be PC-relative (no B, BL, ADR, ADRP, literal
-/// loads).
-macro_rules! alternative {
-    (boot, $($rest:tt)*) => {
-        alternative!(@emit ".altinstructions.boot", $($rest)*)
-    };
-    (runtime, $($rest:tt)*) => {
-        alternative!(@emit ".altinstructions", $($rest)*)
-    };
-    (@emit $section:literal, orig: $orig:literal, repl: $repl:literal, feature: $feature:expr,
-     $($operands:tt)*) => {
-        core::arch::asm!(
-            concat!(
-                "661:\n", $orig, "\n662:\n",
-                ".pushsection .altinstr_replacement, \"a\"\n",
-                "663:\n", $repl, "\n664:\n",
-                ".org . - (664b - 663b) + (662b - 661b)\n",
-                ".org . - (662b - 661b) + (664b - 663b)\n",
-                ".popsection\n",
-                ".pushsection ", $section, ", \"a\"\n",
-                ".balign 4\n",
-                ".long 661b - .\n",
-                ".long 663b - .\n",
-                ".short {alt_feature}\n",
-                ".byte 662b - 661b\n",
-                ".byte 664b - 663b\n",
-                ".popsection\n",
-            ),
-            alt_feature = const $feature,
-            $($operands)*
-        )
-    };
-}
-
 pub mod alternatives;
 pub mod atomic;
 pub mod boot;

@@ -32,56 +32,6 @@
 //! [`X86_64`] implements [`crate::stop::Arch`]; [`STOP`] is the system's stop machine,
 //! reached through [`ipi::STOP_VECTOR`].
 
-/// An instruction sequence with a replacement the boot applies when a CPU feature is
-/// present (Linux's `ALTERNATIVE`), as one `asm!` statement (Intel syntax):
-///
-/// ```ignore
-/// alternative!(runtime,
-///     orig: "mov rax, gs:[0]",
-///     repl: ".byte 0xf3, 0x0f, 0xc7, 0xf8", // rdpid rax
-///     feature: cpu::FEATURE_RDPID,
-///     out("rax") index, options(nostack, readonly));
-/// ```
-///
-/// The original is emitted inline, the replacement into `.altinstr_replacement`
-/// (read-only data) and an entry into `.altinstructions` (`runtime`: applied through
-/// `patch_machine`) or `.altinstructions.boot` (`boot`: the site is in `.text.nopatch`,
-/// written before any AP starts). A replacement may be shorter than the original (the
-/// rest of the site becomes NOPs when it is applied), never longer: the `.org` line
-/// fails the build then ("attempt to move .org backwards"). Operands must be named or
-/// explicit registers. The replacement is copied elsewhere, so it must not be
-/// RIP-relative (no rel32 jumps or calls, no `[rip + x]`).
-macro_rules! alternative {
-    (boot, $($rest:tt)*) => {
-        alternative!(@emit ".altinstructions.boot", $($rest)*)
-    };
-    (runtime, $($rest:tt)*) => {
-        alternative!(@emit ".altinstructions", $($rest)*)
-    };
-    (@emit $section:literal, orig: $orig:literal, repl: $repl:literal, feature: $feature:expr,
-     $($operands:tt)*) => {
-        core::arch::asm!(
-            concat!(
-                "661:\n", $orig, "\n662:\n",
-                ".pushsection .altinstr_replacement, \"a\"\n",
-                "663:\n", $repl, "\n664:\n",
-                ".org . - (664b - 663b) + (662b - 661b)\n",
-                ".popsection\n",
-                ".pushsection ", $section, ", \"a\"\n",
-                ".balign 4\n",
-                ".long 661b - .\n",
-                ".long 663b - .\n",
-                ".short {alt_feature}\n",
-                ".byte 662b - 661b\n",
-                ".byte 664b - 663b\n",
-                ".popsection\n",
-            ),
-            alt_feature = const $feature,
-            $($operands)*
-        )
-    };
-}
-
 pub mod alternatives;
 pub mod apic;
 pub mod boot;
