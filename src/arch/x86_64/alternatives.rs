@@ -150,6 +150,13 @@ fn processor_id() -> Result<usize, &'static str> {
     Ok(cpu::processor_id())
 }
 
+fn processor_id_nopatch_matches() -> Result<(), &'static str> {
+    match cpu::processor_id_nopatch() == cpu::current_cpu() {
+        true => Ok(()),
+        false => Err("processor_id_nopatch differs from the GS-relative index"),
+    }
+}
+
 fn processor_id_matches() -> Result<(), &'static str> {
     match processor_id()? == cpu::current_cpu() {
         true => Ok(()),
@@ -165,10 +172,14 @@ fn bench_sites() -> Result<(), &'static str> {
 }
 
 /// The kernel paths with alternative sites, each with a check of its result.
-pub const PATHS: [AltPath; 3] = [
+pub const PATHS: [AltPath; 4] = [
     AltPath {
         name: "sync_core (boot, SERIALIZE, else CPUID)",
         run: sync_core,
+    },
+    AltPath {
+        name: "NMI entry's processor_id_nopatch (boot, RDPID, else mov gs:[0])",
+        run: processor_id_nopatch_matches,
     },
     AltPath {
         name: "processor_id (runtime, RDPID, else mov gs:[0])",

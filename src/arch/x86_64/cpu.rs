@@ -220,6 +220,25 @@ pub fn features() -> crate::patch::alternatives::Features {
         .set(FEATURE_RDPID, leaf7[2] & (1 << 22) != 0)
 }
 
+/// [`processor_id`] for the NMI entry (Linux's paranoid entry finds its per-CPU data
+/// with RDPID the same way): one site in `.text.nopatch`, so a boot alternative.
+#[inline(never)]
+#[unsafe(link_section = ".text.nopatch")]
+pub fn processor_id_nopatch() -> usize {
+    let index: usize;
+    // SAFETY: as for `processor_id`.
+    unsafe {
+        alternative!(boot,
+            orig: "mov rax, gs:[0]",
+            repl: ".byte 0xf3, 0x0f, 0xc7, 0xf8", // rdpid rax
+            feature: FEATURE_RDPID,
+            out("rax") index,
+            options(readonly, nostack, preserves_flags)
+        )
+    };
+    index
+}
+
 /// IA32_TSC_AUX, which `RDPID` (and `RDTSCP`) read.
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 
