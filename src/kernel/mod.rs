@@ -120,6 +120,12 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
                     why: "nosync_flips= takes a number",
                 })?
             }
+            "expect_features" => {
+                selection.params.expect_features = Some(parse_features(value).ok_or(BadArg {
+                    word,
+                    why: "expect_features= takes none or feature names of this architecture",
+                })?)
+            }
             "expect_nmi" => {
                 selection.params.expect_nmi = Some(
                     platform::NmiMechanism::ALL
@@ -140,6 +146,21 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
         }
     }
     Ok(selection)
+}
+
+/// `none`, or comma-separated names of `platform::FEATURE_NAMES`.
+fn parse_features(value: &str) -> Option<crate::patch::alternatives::Features> {
+    if value == "none" {
+        return Some(crate::patch::alternatives::Features::NONE);
+    }
+    value
+        .split(',')
+        .try_fold(crate::patch::alternatives::Features::NONE, |set, name| {
+            platform::FEATURE_NAMES
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(bit, _)| set.with(*bit))
+        })
 }
 
 /// The tests `tests=all` (and no `tests=`) selects: all but the benchmarks.
@@ -166,7 +187,7 @@ pub fn primary_main() -> ! {
             ));
             ktap.diag(format_args!(
                 "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-                 flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM platform_selftest={}",
+                 flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM expect_features=none|NAME,.. platform_selftest={}",
                 Names(TESTS.iter().map(|t| t.name), ","),
                 Names(platform::FAULT_MODES.iter().copied(), "|"),
             ));

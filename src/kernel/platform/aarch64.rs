@@ -11,6 +11,7 @@ pub use crate::arch::aarch64::alternatives::{
     status as alternatives_status,
 };
 pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
+pub use crate::arch::aarch64::cpu::FEATURE_NAMES;
 pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irqflags::{
     IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,

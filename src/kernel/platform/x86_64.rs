@@ -11,6 +11,7 @@ pub use crate::arch::x86_64::alternatives::{
     status as alternatives_status,
 };
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
+pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
 pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};

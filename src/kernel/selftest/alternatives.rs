@@ -79,12 +79,20 @@ fn check_sites() -> Result<(usize, usize), SiteView> {
     }
 }
 
-pub fn alternatives(_: &Params) -> Verdict {
+pub fn alternatives(params: &Params) -> Verdict {
     let (features, status) = platform::alternatives_status();
     if let Err(err) = status {
         fail!("tables not applied: {err}");
     }
     kprint!("# alternatives: features {}\n", Names(features));
+    if let Some(expected) = params.expect_features {
+        check!(
+            features == expected,
+            "features {} read from the ID registers, but expect_features={} (this CPU model)",
+            Names(features),
+            Names(expected)
+        );
+    }
 
     // The text the secondaries run relies on the boot CPU's features: each must have
     // them, and its `current_cpu` (a site on x86) must name it.

@@ -33,6 +33,8 @@ pub struct Params {
     pub nosync_flips: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
+    /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
+    pub expect_features: Option<crate::patch::alternatives::Features>,
 }
 
 impl Params {
@@ -41,6 +43,7 @@ impl Params {
         flips: 10_000,
         nosync_flips: 2_000,
         expect_nmi: None,
+        expect_features: None,
     };
 }
 
