@@ -9,8 +9,68 @@
 //! The [`porting`] reference maps Linux's x86 text patching and NMI machinery onto
 //! arm64, with links to the code here.
 //!
-//! The design follows Mark Rutland's arm64 `patch_machine()` series: every CPU must be
-//! quiescent, with every asynchronous exception masked, before the first byte changes.
+//! The design follows Mark Rutland, "arm64: ensure CPUs are quiescent before patching"
+//! (linux-arm-kernel, 2021): every CPU must be quiescent, with every asynchronous
+//! exception masked, before the first byte changes.
+//!
+//! # Usage
+//!
+//! The same calls the kernel makes (there with `kernel::platform`'s `STOP` and
+//! `KERNEL_TEXT`), here on the host architecture, whose CPUs are threads:
+//!
+//! ```
+//! use patch_machine::CpuSet;
+//! use patch_machine::arch::host::{HostArch, HostText};
+//! use patch_machine::patch::{Patch, insn, patch_machine, patch_nosync};
+//! use patch_machine::stop::{StopMachine, StopOptions};
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+//!
+//! // Two CPUs: this thread is CPU 0, and CPU 1 idles, taking stop IPIs as they come.
+//! let stop = Arc::new(StopMachine::new(HostArch::new(2)));
+//! HostArch::connect(&stop);
+//! stop.arch().bind_current_thread(0);
+//! let quit = Arc::new(AtomicBool::new(false));
+//! let cpu1 = {
+//!     let (stop, quit) = (stop.clone(), quit.clone());
+//!     std::thread::spawn(move || {
+//!         stop.arch().bind_current_thread(1);
+//!         while !quit.load(Ordering::Relaxed) {
+//!             stop.arch().poll_interrupts();
+//!             std::thread::yield_now();
+//!         }
+//!     })
+//! };
+//!
+//! // Kernel text: `MOVZ X0, #1; RET`, then a NOP.
+//! let (movz1, movz2) = (insn::movz_x(0, 1, 0)?, insn::movz_x(0, 2, 0)?);
+//! let text = HostText::new(&[movz1, insn::RET, insn::NOP]);
+//!
+//! // Any instruction: every other CPU is quiescent, everything masked, before the write.
+//! let batch = [Patch::new(text.addr(0), movz1, movz2)];
+//! patch_machine(&stop, &text, &batch, StopOptions::DEFAULT)?;
+//! assert_eq!(text.word(0), movz2);
+//!
+//! // A CMODX-safe pair (NOP <-> B) while the other CPUs run, without stopping them...
+//! let branch = insn::b(text.addr(2), text.addr(0))?;
+//! patch_nosync(stop.arch(), &text, &[Patch::new(text.addr(2), insn::NOP, branch)])?;
+//! // ...and anything else is refused there, changing nothing.
+//! let refused = patch_nosync(stop.arch(), &text, &[Patch::new(text.addr(0), movz2, movz1)]);
+//! assert!(refused.is_err() && text.word(0) == movz2);
+//!
+//! // A function on chosen CPUs while every other one is held quiescent.
+//! let ran_on = AtomicU32::new(0);
+//! let record = |cpu: usize| {
+//!     ran_on.fetch_or(1 << cpu, Ordering::Relaxed);
+//!     Ok(())
+//! };
+//! stop.stop_machine(&record, CpuSet::single(1), StopOptions::DEFAULT)?;
+//! assert_eq!(ran_on.load(Ordering::Relaxed), 0b10);
+//!
+//! quit.store(true, Ordering::Relaxed);
+//! cpu1.join().unwrap();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![cfg_attr(target_os = "none", no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
@@ -32,7 +92,7 @@ pub mod stop;
 
 pub mod arch;
 
-/// The porting reference (`docs/porting.md`): each x86 mechanism of the seed posts next
+/// The porting reference (`docs/porting.md`): each x86 mechanism of the upstream posts next
 /// to its arm64 counterpart and the code implementing each side, and what the
 /// [`stop::Arch`] trait asks of a third architecture.
 pub mod porting {

@@ -1,7 +1,8 @@
 //! The NMI handler registry both architectures use: numbered slots of plain functions
 //! that every NMI runs in order. Slot 0 is reserved for the stop machine, which the
-//! architecture's NMI entry calls first (seed 003: the stop function takes priority over
-//! any other NMI work).
+//! architecture's NMI entry calls first (the stop function takes priority over any other
+//! NMI work, as in Ankur Arora, "x86/alternatives: NMI safe runtime patching", LKML,
+//! 2020).
 //!
 //! An NMI carries no message, so every handler runs on every NMI and says whether it
 //! found work of its own. Lock-free: handlers are registered and run with atomics only,

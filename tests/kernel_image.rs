@@ -167,22 +167,34 @@ fn kernel_is_linked_above_the_dtb_slot() {
     assert!(lowest >= 0x4020_0000, "image starts at {lowest:#x}");
 }
 
-/// Runs a binutils tool from Debian's binutils-aarch64-linux-gnu on the image.
-fn binutils(tool: &str, args: &[&str]) -> String {
-    let program = format!("aarch64-linux-gnu-{tool}");
-    support::ensure_installed(&program).unwrap_or_else(|e| panic!("{e}"));
-    let output = Command::new(&program)
+/// Runs `program` with `args` on `image` and returns its standard output. The aarch64
+/// binutils are installed when missing (tests/support); x86_64 uses the host's.
+fn run_on(program: &str, args: &[&str], image: &Path) -> String {
+    if program.starts_with("aarch64-linux-gnu-") {
+        support::ensure_installed(program).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let output = Command::new(program)
         .args(args)
-        .arg(kernel_image())
+        .arg(image)
         .output()
         .unwrap_or_else(|err| {
             panic!(
-                "cannot run {program} ({err}); install it with: \
-                 apt-get install -y binutils-aarch64-linux-gnu (or run .ci/install-qemu.sh)"
+                "cannot run {program} ({err}); install it with: apt-get install -y \
+                 binutils-aarch64-linux-gnu (or run .ci/install-qemu.sh); x86_64 needs the \
+                 host's binutils"
             )
         });
-    assert!(output.status.success(), "{program} failed");
+    assert!(
+        output.status.success(),
+        "{program} failed on {}",
+        image.display()
+    );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a binutils tool from Debian's binutils-aarch64-linux-gnu on the image.
+fn binutils(tool: &str, args: &[&str]) -> String {
+    run_on(&format!("aarch64-linux-gnu-{tool}"), args, kernel_image())
 }
 
 fn symbol(nm: &str, name: &str) -> u64 {
@@ -212,10 +224,6 @@ fn rendezvous_code_does_not_call_patchable_text() {
         (
             "boot::secondary_entry",
             "boot hand-off, before any rendezvous",
-        ),
-        (
-            "<memcpy>",
-            "copies the per-CPU error codes after the call is done",
         ),
     ];
     let nm = binutils("nm", &[]);
@@ -281,15 +289,7 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
         ("boot::boot_main", "boot hand-off, before any rendezvous"),
     ];
     let image = x86_kernel_image();
-    let run = |tool: &str, args: &[&str]| {
-        let output = Command::new(tool)
-            .args(args)
-            .arg(image)
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run {tool} ({err}): needs the host's binutils"));
-        assert!(output.status.success(), "{tool} failed");
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
     let nm = run("nm", &[]);
     let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
     assert!(end > start);
@@ -334,5 +334,593 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
         escapes.is_empty(),
         "x86 .text.nopatch branches into patchable text:\n{}",
         escapes.join("\n")
+    );
+}
+
+/// A built kernel image with the binutils that read it.
+struct Image {
+    path: &'static Path,
+    /// "aarch64-linux-gnu-" or "" (host binutils read x86_64).
+    tools: &'static str,
+    elf: Vec<u8>,
+    /// Function symbols (demangled), sorted by address.
+    functions: Vec<(u64, String)>,
+    nopatch: std::ops::Range<u64>,
+    text: std::ops::Range<u64>,
+}
+
+impl Image {
+    fn open(path: &'static Path, tools: &'static str) -> Image {
+        let raw = run_on(&format!("{tools}nm"), &[], path);
+        let nopatch = symbol(&raw, "__nopatch_start")..symbol(&raw, "__nopatch_end");
+        let text = symbol(&raw, "__text_start")..symbol(&raw, "__text_end");
+        assert!(nopatch.end > nopatch.start && text.start <= nopatch.start);
+        // "0000000040212adc t patch_machine::patch::patch_machine::{{closure}}"
+        let mut functions: Vec<(u64, String)> = run_on(&format!("{tools}nm"), &["-C"], path)
+            .lines()
+            .filter_map(|line| {
+                let (addr, rest) = line.split_once(' ')?;
+                let (kind, name) = rest.split_once(' ')?;
+                let addr = u64::from_str_radix(addr, 16).ok()?;
+                matches!(kind, "t" | "T" | "w" | "W").then(|| (addr, name.to_string()))
+            })
+            .collect();
+        functions.sort();
+        Image {
+            path,
+            tools,
+            elf: std::fs::read(path).expect("reading the kernel image"),
+            functions,
+            nopatch,
+            text,
+        }
+    }
+
+    fn tool(&self, name: &str, args: &[&str]) -> String {
+        run_on(&format!("{}{name}", self.tools), args, self.path)
+    }
+
+    /// The function symbol at exactly `addr`.
+    fn function_at(&self, addr: u64) -> Option<&str> {
+        let at = self.functions.partition_point(|(a, _)| *a < addr);
+        self.functions
+            .get(at)
+            .filter(|(a, _)| *a == addr)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// The address of the function whose demangled name is `name` or ends in `::name`.
+    fn function_named(&self, name: &str) -> Option<u64> {
+        let suffix = format!("::{name}");
+        self.functions
+            .iter()
+            .find(|(_, f)| f == name || f.ends_with(&suffix))
+            .map(|(a, _)| *a)
+    }
+
+    /// The 64-bit word the image loads at `vaddr`, if a segment holds it in the file.
+    fn word_at(&self, vaddr: u64) -> Option<u64> {
+        let segment = program_headers(&self.elf)
+            .into_iter()
+            .find(|s| s.kind == PT_LOAD && s.vaddr <= vaddr && vaddr + 8 <= s.vaddr + s.filesz)?;
+        let at = (segment.offset + vaddr - segment.vaddr) as usize;
+        Some(u64::from_le_bytes(self.elf[at..at + 8].try_into().ok()?))
+    }
+
+    /// `objdump -d` of `.text.nopatch`.
+    fn nopatch_disassembly(&self) -> String {
+        self.tool(
+            "objdump",
+            &[
+                "-d",
+                "--no-show-raw-insn",
+                "--demangle",
+                &format!("--start-address={:#x}", self.nopatch.start),
+                &format!("--stop-address={:#x}", self.nopatch.end),
+            ],
+        )
+    }
+
+    /// Every vtable the debug info places, as `(implementor, trait, address, size)`.
+    fn vtables(&self) -> Vec<(String, String, u64, u64)> {
+        let dwarf = self.tool("readelf", &["--debug-dump=info"]);
+        let name_of = |line: &str| line.rsplit_once("): ").map(|(_, n)| n.trim().to_string());
+        let mut sizes = std::collections::HashMap::new();
+        let mut found = Vec::new();
+        let mut lines = dwarf.lines().peekable();
+        while let Some(line) = lines.next() {
+            if !line.contains("DW_AT_name") {
+                continue;
+            }
+            let Some(name) = name_of(line) else { continue };
+            if let Some(vtable) = name.strip_suffix("::{vtable_type}") {
+                let vtable = format!("{vtable}::{{vtable}}");
+                // The members follow; the size comes first.
+                while let Some(next) = lines.peek() {
+                    if next.contains("DW_TAG") {
+                        break;
+                    }
+                    let next = lines.next().unwrap();
+                    if let Some(size) = next.split("DW_AT_byte_size").nth(1) {
+                        let size = size.trim_start_matches([' ', ':']).trim();
+                        sizes.insert(vtable.clone(), size.parse::<u64>().unwrap());
+                    }
+                }
+            } else if name.ends_with("::{vtable}") {
+                while let Some(next) = lines.peek() {
+                    if next.contains("DW_TAG") {
+                        break;
+                    }
+                    let next = lines.next().unwrap();
+                    if let Some(addr) = next.split("(DW_OP_addr: ").nth(1) {
+                        let addr = u64::from_str_radix(addr.trim_end_matches(')'), 16).unwrap();
+                        found.push((name.clone(), addr));
+                    }
+                }
+            }
+        }
+        found.sort();
+        found.dedup();
+        found
+            .into_iter()
+            .map(|(name, addr)| {
+                // 0: a vtable type without a size (only declared in this unit).
+                let size = sizes.get(&name).copied().unwrap_or(0);
+                let inner = name
+                    .strip_prefix('<')
+                    .and_then(|n| n.strip_suffix(">::{vtable}"))
+                    .unwrap_or_else(|| panic!("unexpected vtable name {name}"));
+                let (implementor, trait_) = inner.rsplit_once(" as ").unwrap();
+                (implementor.to_string(), trait_.to_string(), addr, size)
+            })
+            .collect()
+    }
+}
+
+/// The kinds of indirect branch `.text.nopatch` takes, named by the function they sit in
+/// (inlining may put several kinds in one function). The targets of each checked kind
+/// are checked image-wide; the table makes a new indirect branch fail the test until
+/// someone says what it calls.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Indirect {
+    /// A stop function or the NMI raiser, through its vtable: every vtable of the stop
+    /// core's traits, and of the closures behind `StopFn`, is checked.
+    StopCore,
+    /// The text write probe, a `fn()`: every `set_write_probe(Some(f))` in the source is
+    /// checked.
+    WriteProbe,
+    /// A compiler builtin (`memcpy`, `__udivti3`) through a GOT slot loaded earlier: every
+    /// GOT slot `.text.nopatch` loads is checked.
+    GotSlot,
+    /// Not in any rendezvous: the reason says why.
+    Outside(&'static str),
+}
+
+const IRQ_DISPATCH: Indirect = Indirect::Outside(
+    "interrupt and exception dispatch: the patch window masks every maskable exception, \
+     and a synchronous exception in it is fatal",
+);
+const NMI_DISPATCH: Indirect = Indirect::Outside(
+    "NMI handlers: the stop machine's (checked, as StopCore) runs first; the others are \
+     the self-tests' NMI sources, which run the patched sites on purpose. arm64's patch \
+     window masks NMIs; x86's cannot (nmi_safe_patching reports that SKIP)",
+);
+
+const INDIRECT_SITES: &[(&str, Indirect)] = &[
+    // Matched against the end of the function's name, so that moving code between
+    // modules does not matter.
+    ("StopFunction>::call", Indirect::StopCore),
+    ("StopMachine<A>::participate", Indirect::StopCore),
+    ("StopMachine<A>>::handle_nmi", Indirect::StopCore),
+    ("StopMachine<A>>::run_in_nmi", Indirect::StopCore),
+    ("StopMachine<A>::run_function", Indirect::StopCore),
+    ("::write_probe::call_write_probe", Indirect::WriteProbe),
+    ("KernelText>::write_insn", Indirect::WriteProbe),
+    ("KernelText>::write_batch", Indirect::WriteProbe),
+    ("StopMachine<A>::wait_past", Indirect::GotSlot),
+    ("TextAlias::map", Indirect::GotSlot),
+    ("::gic::dispatch", IRQ_DISPATCH),
+    ("::handle_irq_exception", IRQ_DISPATCH),
+    ("::exceptions::handle_exception", IRQ_DISPATCH),
+    ("::traps::trap_dispatch", IRQ_DISPATCH),
+    ("::handle_int3", IRQ_DISPATCH),
+    ("::ipi::dispatch", IRQ_DISPATCH),
+    ("NmiHandlers::run", NMI_DISPATCH),
+    ("::nmi::run_handlers", NMI_DISPATCH),
+    ("::nmi::handle_nmi", NMI_DISPATCH),
+    (
+        "tramp64",
+        Indirect::Outside("AP boot trampoline: before the CPU is online"),
+    ),
+];
+
+/// Stop functions that may stay in patchable text, by implementing type.
+const PATCHABLE_STOP_FUNCTIONS: &[(&str, &str)] = &[(
+    "::selftest::",
+    "self-tests' own stop functions: not patch_machine's window, and the sites they \
+     write are the torture targets, never their own code",
+)];
+
+/// Every instruction a patch window executes is outside patchable text (Mark Rutland,
+/// "arm64: ensure CPUs are quiescent before patching", linux-arm-kernel, 2021: patching
+/// must not modify "portions of stop_machine() itself"). Direct branches are checked
+/// above; this checks the indirect ones: every register-indirect branch in
+/// `.text.nopatch` is of a known kind, the stop functions the core calls through their
+/// vtables (from the debug info) and the write probes (from the source) live in
+/// `.text.nopatch`, and so does every code pointer `.text.nopatch` loads from a GOT slot.
+fn indirect_calls_stay_in_nopatch(image: &Image) {
+    let text = &image.text;
+    let in_nopatch = |addr: u64| image.nopatch.contains(&addr);
+    let name = |addr: u64| image.function_at(addr).unwrap_or("?").to_string();
+    let mut escapes = Vec::new();
+    let mut kinds = Vec::new();
+    let mut function = String::new();
+    for line in image.nopatch_disassembly().lines() {
+        if line.ends_with(">:") {
+            function = line.to_string();
+            continue;
+        }
+        let Some(insn) = line.split_once(":\t").map(|(_, i)| i.replace('\t', " ")) else {
+            continue;
+        };
+        let mut fields = insn.split_whitespace();
+        let (mnemonic, operand) = (fields.next().unwrap_or(""), fields.next().unwrap_or(""));
+        // x86: a code pointer loaded from a data slot ("call *0x36(%rip) # 237240",
+        // "mov 0x35(%rip),%rbx # 237240"): the slot's word is the target.
+        if matches!(mnemonic, "call" | "jmp" | "mov")
+            && let Some(slot) = insn
+                .split("# ")
+                .nth(1)
+                .and_then(|s| u64::from_str_radix(s.split_whitespace().next()?, 16).ok())
+            && !text.contains(&slot)
+            && let Some(target) = image.word_at(slot).filter(|t| text.contains(t))
+            && !in_nopatch(target)
+        {
+            escapes.push(format!(
+                "{function} {line}\n    loads {target:#x} <{}> from slot {slot:#x}",
+                name(target)
+            ));
+            continue;
+        }
+        let indirect = match image.tools {
+            "" => matches!(mnemonic, "call" | "jmp") && operand.starts_with('*'),
+            _ => matches!(mnemonic, "blr" | "br"),
+        };
+        if !indirect || insn.contains("(%rip)") {
+            continue;
+        }
+        let site = INDIRECT_SITES
+            .iter()
+            .find(|(f, _)| function.ends_with(&format!("{f}>:")));
+        match site {
+            Some((_, kind)) => kinds.push(*kind),
+            None => escapes.push(format!(
+                "{function} {line}\n    an indirect branch of unknown kind: add it to \
+                 INDIRECT_SITES with how its targets are known"
+            )),
+        }
+    }
+    assert!(
+        kinds.contains(&Indirect::StopCore) && kinds.contains(&Indirect::WriteProbe),
+        "{}: found no stop-function or write-probe call in .text.nopatch; the disassembly \
+         scan is broken",
+        image.path.display()
+    );
+
+    // The core calls the last slot of each vtable: `Fn::call`, or the one method of
+    // `StopFunction` / `RaiseNmi`.
+    let mut windows = 0;
+    for (implementor, trait_, addr, size) in image.vtables() {
+        let called_by_core = trait_ == "core::ops::function::Fn<(usize)>"
+            || trait_.starts_with("patch_machine::stop::");
+        if !called_by_core {
+            continue;
+        }
+        assert!(size >= 32, "no vtable size for {implementor} as {trait_}");
+        let call = image
+            .word_at(addr + size - 8)
+            .unwrap_or_else(|| panic!("vtable {addr:#x} of {implementor} not in the file"));
+        if implementor.starts_with("patch_machine::patch::") {
+            windows += 1;
+        }
+        if in_nopatch(call)
+            || PATCHABLE_STOP_FUNCTIONS
+                .iter()
+                .any(|(pattern, _)| implementor.contains(pattern))
+        {
+            continue;
+        }
+        escapes.push(format!(
+            "stop function {implementor} (as {trait_}): the core calls {call:#x} <{}>",
+            name(call)
+        ));
+    }
+    assert!(
+        windows > 0,
+        "{}: no vtable of patch_machine's stop function in the debug info",
+        image.path.display()
+    );
+
+    // The write probes, named where the self-tests install them.
+    let mut probes = Vec::new();
+    collect_write_probes(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut probes,
+    );
+    assert!(!probes.is_empty(), "no set_write_probe(Some(..)) in src/");
+    let mut built = 0;
+    for probe in probes {
+        let Some(addr) = image.function_named(&probe) else {
+            continue; // not built for this arch
+        };
+        built += 1;
+        if !in_nopatch(addr) {
+            escapes.push(format!(
+                "write probe {probe} at {addr:#x} <{}>: runs inside the patch window",
+                name(addr)
+            ));
+        }
+    }
+    assert!(
+        built > 0,
+        "{}: no write probe in the image",
+        image.path.display()
+    );
+    assert!(
+        escapes.is_empty(),
+        "{}: the patch window can execute patchable text:\n{}",
+        image.path.display(),
+        escapes.join("\n")
+    );
+}
+
+/// The functions passed to `set_write_probe(Some(..))` anywhere under `dir`.
+fn collect_write_probes(dir: &Path, probes: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_write_probes(&path, probes);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            let source = std::fs::read_to_string(&path).unwrap();
+            for call in source.split("set_write_probe(Some(").skip(1) {
+                let probe: String = call
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !probe.is_empty() && !probes.contains(&probe) {
+                    probes.push(probe);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn patch_window_indirect_calls_stay_in_nopatch() {
+    indirect_calls_stay_in_nopatch(&Image::open(kernel_image(), "aarch64-linux-gnu-"));
+}
+
+#[test]
+fn x86_patch_window_indirect_calls_stay_in_nopatch() {
+    indirect_calls_stay_in_nopatch(&Image::open(x86_kernel_image(), ""));
+}
+
+/// One disassembled instruction: address, mnemonic, operands.
+struct Insn {
+    addr: u64,
+    mnemonic: String,
+    operands: String,
+}
+
+impl Insn {
+    /// The target of a direct branch ("b.cc 40202e68 <...>", "cbz x8, 40201838 <...>",
+    /// "jne 20130f <...>").
+    fn direct_target(&self) -> Option<u64> {
+        let operands = self.operands.split('<').next()?;
+        let last = operands.split([',', ' ']).rfind(|t| !t.is_empty())?;
+        u64::from_str_radix(last, 16).ok()
+    }
+
+    /// Whether this arm64 instruction may continue at its direct target and also falls
+    /// through (a conditional branch).
+    fn arm64_conditional(&self) -> bool {
+        self.mnemonic.starts_with("b.")
+            || matches!(self.mnemonic.as_str(), "cbz" | "cbnz" | "tbz" | "tbnz")
+    }
+}
+
+/// The functions of `.text.nopatch`, each as its header line and its instructions.
+fn nopatch_functions(image: &Image) -> Vec<(String, Vec<Insn>)> {
+    let mut functions: Vec<(String, Vec<Insn>)> = Vec::new();
+    for line in image.nopatch_disassembly().lines() {
+        if line.ends_with(">:") {
+            functions.push((line.to_string(), Vec::new()));
+            continue;
+        }
+        // "  40202e68:\tdc\tcvau, x10" / "  20128c:\tcpuid  "
+        let Some((addr, insn)) = line.split_once(":\t") else {
+            continue;
+        };
+        let (Ok(addr), Some((_, insns))) =
+            (u64::from_str_radix(addr.trim(), 16), functions.last_mut())
+        else {
+            continue;
+        };
+        let insn = insn.replace('\t', " ");
+        let (mnemonic, operands) = insn.trim().split_once(' ').unwrap_or((insn.trim(), ""));
+        insns.push(Insn {
+            addr,
+            mnemonic: mnemonic.to_string(),
+            operands: operands.trim().to_string(),
+        });
+    }
+    functions
+}
+
+fn function<'a>(functions: &'a [(String, Vec<Insn>)], name: &str) -> &'a [Insn] {
+    let found: Vec<_> = functions.iter().filter(|(h, _)| h.contains(name)).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one function matching {name} in .text.nopatch"
+    );
+    &found[0].1
+}
+
+/// What QEMU's TCG cannot observe (it keeps instruction fetch coherent whatever the
+/// kernel does), checked in the arm64 image: `sync_icache_range` cleans to the PoU line
+/// by line (a loop of DC CVAU), DSB ISH, invalidates line by line (a loop of IC IVAU),
+/// DSB ISH, in that order, returning only after the last barrier; `KernelText` runs it
+/// after every page it writes and for `sync_icache`. Which lines, and which side CTR_EL0
+/// lets it skip, is `patch::icache::plan`'s decision, tested on the host
+/// (tests/patch_host.rs).
+#[test]
+fn arm64_text_writes_are_cleaned_then_invalidated_with_barriers() {
+    let image = Image::open(kernel_image(), "aarch64-linux-gnu-");
+    let functions = nopatch_functions(&image);
+    let sync = function(&functions, "cache::sync_icache_range>:");
+    let step = |i: &Insn| {
+        let op = i.operands.split([',', ' ']).next().unwrap_or("");
+        match (i.mnemonic.as_str(), op) {
+            ("dc", "cvau") => Some("dc cvau"),
+            ("ic", "ivau") => Some("ic ivau"),
+            ("dsb", "ish") => Some("dsb ish"),
+            ("dc" | "ic" | "dsb" | "dmb" | "isb", _) => Some("other maintenance or barrier"),
+            _ => None,
+        }
+    };
+    let mut sequence: Vec<&str> = sync.iter().filter_map(step).collect();
+    sequence.dedup();
+    assert_eq!(
+        sequence,
+        ["dc cvau", "dsb ish", "ic ivau", "dsb ish"],
+        "sync_icache_range must clean, DSB ISH, invalidate, DSB ISH, in that order"
+    );
+    for op in ["dc cvau", "ic ivau"] {
+        let at = sync.iter().find(|i| step(i) == Some(op)).unwrap().addr;
+        let in_loop = sync.iter().any(|b| {
+            b.addr >= at
+                && b.mnemonic.starts_with('b')
+                && b.direct_target().is_some_and(|t| t <= at)
+        });
+        assert!(in_loop, "{op} at {at:#x} is not in a loop over the lines");
+    }
+    let first = sync.iter().find(|i| step(i).is_some()).unwrap().addr;
+    let last = sync.iter().rev().find(|i| step(i).is_some()).unwrap().addr;
+    for ret in sync.iter().filter(|i| i.mnemonic == "ret") {
+        assert!(
+            ret.addr < first || ret.addr > last,
+            "sync_icache_range returns at {:#x}, before its last barrier",
+            ret.addr
+        );
+    }
+
+    // On every path from a page written through the alias, sync_icache_range runs
+    // before the next page is written or the function returns: in `write_batch`, or
+    // wherever it is inlined.
+    // (`mmu::poke_text`, the one-word writer under `write_insn`, leaves the maintenance
+    // to its caller, as `Text::write_insn` does: tests/patch_host.rs models that.)
+    let mut pokes = 0;
+    for (header, insns) in functions.iter().filter(|(h, _)| !h.contains("mmu::")) {
+        for (at, poke) in insns.iter().enumerate() {
+            if poke.mnemonic == "bl" && poke.operands.contains("mmu::poke_text_page>") {
+                pokes += 1;
+                if let Err(path) = maintained_after(insns, at) {
+                    panic!(
+                        "{header} writes a page at {:#x} and can reach {path} without \
+                         sync_icache_range",
+                        poke.addr
+                    );
+                }
+            }
+        }
+    }
+    assert!(pokes > 0, "no call of mmu::poke_text_page in .text.nopatch");
+    let sync_icache = function(&functions, "KernelText>::sync_icache>:");
+    assert!(
+        sync_icache
+            .iter()
+            .any(|i| matches!(i.mnemonic.as_str(), "b" | "bl")
+                && i.operands.contains("cache::sync_icache_range>")),
+        "Text::sync_icache does not run sync_icache_range"
+    );
+}
+
+/// Whether every path on from `insns[start]` (a page write) calls `sync_icache_range`
+/// before it writes again, returns or leaves the function; `Err` names where one does
+/// not.
+fn maintained_after(insns: &[Insn], start: usize) -> Result<(), String> {
+    let index = |addr: u64| insns.iter().position(|i| i.addr == addr);
+    let mut seen = vec![false; insns.len()];
+    let mut pending = vec![start + 1];
+    while let Some(at) = pending.pop() {
+        let Some(insn) = insns.get(at) else {
+            return Err("the end of the function".into());
+        };
+        if std::mem::replace(&mut seen[at], true) {
+            continue;
+        }
+        let what = || format!("{} {} at {:#x}", insn.mnemonic, insn.operands, insn.addr);
+        let branch = matches!(insn.mnemonic.as_str(), "b" | "bl");
+        if branch && insn.operands.contains("cache::sync_icache_range>") {
+            continue;
+        }
+        if insn.mnemonic == "ret" || insn.mnemonic == "br" || insn.operands.contains("poke_text") {
+            return Err(what());
+        }
+        if insn.mnemonic == "b" || insn.arm64_conditional() {
+            let target = insn.direct_target().and_then(index).ok_or_else(what)?;
+            pending.push(target);
+        }
+        if insn.mnemonic != "b" {
+            pending.push(at + 1);
+        }
+    }
+    Ok(())
+}
+
+/// Serialising instructions (Intel SDM vol. 3, "Serializing Instructions"): what a CPU
+/// must execute before it runs code another CPU modified.
+const X86_SERIALISING: &[&str] = &["cpuid", "serialize", "iretq", "iret"];
+
+/// x86: every CPU leaving the rendezvous executes a serialising instruction before it
+/// unmasks (the core's `sync_context` then `restore`, inlined in `participate`): each
+/// `sti` / `popf` there is reached only through a CPUID (or SERIALIZE, IRETQ), with no
+/// call and no branch target in between.
+#[test]
+fn x86_cpus_serialise_before_they_unmask() {
+    let image = Image::open(x86_kernel_image(), "");
+    let functions = nopatch_functions(&image);
+    let participate = function(&functions, "StopMachine<A>::participate>:");
+    let targets: Vec<u64> = participate
+        .iter()
+        .filter(|i| i.mnemonic.starts_with('j'))
+        .filter_map(Insn::direct_target)
+        .collect();
+    let mut unmasks = 0;
+    for (at, unmask) in participate.iter().enumerate() {
+        if !matches!(unmask.mnemonic.as_str(), "sti" | "popf" | "popfq") {
+            continue;
+        }
+        unmasks += 1;
+        let mut serialised = false;
+        for i in participate[..=at].iter().rev() {
+            if X86_SERIALISING.contains(&i.mnemonic.as_str()) {
+                serialised = true;
+                break;
+            }
+            if targets.contains(&i.addr) || i.mnemonic.starts_with("call") {
+                break;
+            }
+        }
+        assert!(
+            serialised,
+            "participate unmasks at {:#x} ({}) without a serialising instruction on the way",
+            unmask.addr, unmask.mnemonic
+        );
+    }
+    assert!(
+        unmasks > 0,
+        "no sti/popf in participate: restore moved? (the check needs it inlined there)"
     );
 }

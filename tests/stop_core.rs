@@ -5,7 +5,9 @@
 
 use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
-use patch_machine::stop::{MaskLevel, NmiSafe, StopError, StopMachine, StopOptions};
+#[cfg(feature = "stop-machine-nmi")]
+use patch_machine::stop::NmiSafe;
+use patch_machine::stop::{MaskLevel, StopError, StopMachine, StopOptions};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -512,6 +514,7 @@ fn hold(machine: &Machine, cpu: usize, mask: MaskLevel) -> (Arc<AtomicBool>, mps
 }
 
 #[test]
+#[cfg(feature = "stop-machine-nmi")]
 fn nmi_mode_runs_the_function_from_nmi_on_exactly_the_active_cpus() {
     for cpus in [1, 2, 4] {
         let machine = Machine::new(cpus);
@@ -547,6 +550,7 @@ fn nmi_mode_runs_the_function_from_nmi_on_exactly_the_active_cpus() {
 }
 
 #[test]
+#[cfg(feature = "stop-machine-nmi")]
 fn nmi_mode_accumulates_errors_and_times_out_a_lost_nmi() {
     let machine = Machine::new(4);
     let arch = machine.stop.arch().clone();

@@ -76,7 +76,8 @@ STUB_NOERR {test1}
 STUB_NOERR {sync}
 
 /*
- * NMI (vector 2): nested-NMI safe entry (seed 001; Linux's entry_64.S "nested NMI").
+ * NMI (vector 2): nested-NMI safe entry (Steven Rostedt, "x86: Add workaround to
+ * NMI iret woes", LKML, 2011; Linux's entry_64.S "nested NMI").
  *
  * The CPU blocks NMIs from NMI delivery until the next IRETQ, but ANY IRETQ ends the
  * blocking, including that of an exception taken inside the NMI handler (the #BP of

@@ -15,4 +15,6 @@ pub mod x86_64;
 pub mod host;
 
 #[cfg(target_os = "none")]
+pub mod kernel_text;
+#[cfg(target_os = "none")]
 pub mod write_probe;

@@ -6,12 +6,14 @@
 //! a temporary writable alias, so kernel text is never writable.
 
 pub mod alternatives;
+pub mod icache;
 pub mod insn;
 pub mod x86;
 
 use crate::CpuSet;
 use crate::stop::{
-    Arch, LockTimeout, Quiescence, StopError, StopMachine, StopOptions, lock_within,
+    Arch, LockTimeout, Quiescence, StopError, StopFnResult, StopFunction, StopMachine, StopOptions,
+    lock_within,
 };
 use core::fmt;
 use core::ops::Range;
@@ -220,6 +222,8 @@ pub enum PatchError<I: Instruction = Insn> {
     Stop(StopError),
 }
 
+impl<I: Instruction> core::error::Error for PatchError<I> {}
+
 impl<I: Instruction> fmt::Display for PatchError<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
@@ -394,16 +398,34 @@ pub fn patch_machine<A: Arch, T: Text>(
     let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
     validate(text, batch)?;
     let patcher = stop.arch().cpu_id();
-    let report = spin::Mutex::new(None);
-    let outcome = stop.stop_machine(
-        &|_cpu| write_stopped(stop, text, batch, &report),
-        CpuSet::single(patcher),
-        options,
-    );
-    outcome?;
-    Ok(report
+    let window = PatchWindow {
+        stop,
+        text,
+        batch,
+        report: spin::Mutex::new(None),
+    };
+    stop.stop_machine_with(&window, CpuSet::single(patcher), options)?;
+    Ok(window
+        .report
         .into_inner()
         .expect("the patching CPU ran and reported"))
+}
+
+/// The stop function of [`patch_machine`]. A type of its own, not a closure, so that
+/// the code the core calls through its vtable can live in `.text.nopatch`
+/// (tests/kernel_image.rs checks).
+struct PatchWindow<'a, A: Arch, T: Text> {
+    stop: &'a StopMachine<A>,
+    text: &'a T,
+    batch: &'a [Patch<T::Insn>],
+    report: spin::Mutex<Option<PatchReport>>,
+}
+
+impl<A: Arch, T: Text> StopFunction for PatchWindow<'_, A, T> {
+    #[unsafe(link_section = ".text.nopatch")]
+    fn call(&self, _cpu: usize) -> StopFnResult {
+        write_stopped(self.stop, self.text, self.batch, &self.report)
+    }
 }
 
 /// The `Run` phase of [`patch_machine`] on the patching CPU: every other CPU is in the
@@ -414,7 +436,7 @@ fn write_stopped<A: Arch, T: Text>(
     text: &T,
     batch: &[Patch<T::Insn>],
     report: &spin::Mutex<Option<PatchReport>>,
-) -> Result<(), i32> {
+) -> StopFnResult {
     let quiescence = stop.quiescence();
     let everyone = stop.arch().online_cpus();
     // Trust but verify: the core promises this; write nothing if it is not so.

@@ -11,6 +11,23 @@ pub type StopFnResult = Result<(), i32>;
 /// each active CPU; its argument is the index of the CPU it runs on.
 pub type StopFn<'a> = &'a (dyn Fn(usize) -> StopFnResult + Sync);
 
+/// A stop function as the core calls it: through this trait's vtable, while every CPU
+/// is in the rendezvous. A closure ([`StopFn`]) is one, but its code cannot be placed in
+/// `.text.nopatch`; a type of its own can, with `#[unsafe(link_section)]` on
+/// [`call`](StopFunction::call), as the patch window's must be
+/// ([`stop_machine_with`](super::StopMachine::stop_machine_with)).
+pub trait StopFunction: Sync {
+    /// Runs the function on CPU `cpu`.
+    fn call(&self, cpu: usize) -> StopFnResult;
+}
+
+impl StopFunction for StopFn<'_> {
+    #[unsafe(link_section = ".text.nopatch")]
+    fn call(&self, cpu: usize) -> StopFnResult {
+        self(cpu)
+    }
+}
+
 /// A stop function that may run in NMI context: it takes no lock, does not print,
 /// does not allocate, and takes no exception (on x86 an exception's IRET would
 /// re-enable NMIs; on arm64 nothing may fault in a handler that runs with interrupts
@@ -18,7 +35,10 @@ pub type StopFn<'a> = &'a (dyn Fn(usize) -> StopFnResult + Sync);
 /// `cpu_stop_nmisafe_fn_t` of Chang S. Bae, "stop_machine: Add NMI-based execution
 /// path" (LKML, 2026) does.
 #[derive(Clone, Copy)]
-pub struct NmiSafe<'a>(pub(super) StopFn<'a>);
+pub struct NmiSafe<'a>(
+    // Read only by the NMI path.
+    #[cfg_attr(not(feature = "stop-machine-nmi"), allow(dead_code))] pub(super) StopFn<'a>,
+);
 
 impl<'a> NmiSafe<'a> {
     /// Marks `function` as safe to run from an NMI handler.
@@ -134,6 +154,8 @@ impl fmt::Debug for Failures {
         f.debug_map().entries(self.iter()).finish()
     }
 }
+
+impl core::error::Error for StopError {}
 
 impl fmt::Display for StopError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -67,7 +67,7 @@ mod state;
 
 pub use api::{
     ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
-    StopOptions,
+    StopFunction, StopOptions,
 };
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]

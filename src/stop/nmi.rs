@@ -12,6 +12,19 @@ use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, S
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
+/// Raises an NMI on the calling CPU, for [`StopMachine::stop_machine_nmi`]: a trait
+/// object rather than a closure so that its code lives in `.text.nopatch`.
+pub(super) trait RaiseNmi: Sync {
+    fn raise(&self);
+}
+
+impl<A: NmiArch> RaiseNmi for A {
+    #[unsafe(link_section = ".text.nopatch")]
+    fn raise(&self) {
+        self.send_self_nmi();
+    }
+}
+
 /// The self-NMI requests of the current call, one bit per CPU.
 pub(super) struct NmiRequests {
     /// CPUs whose self-NMI may run the function (Linux's `nmi_cpus`).
@@ -52,10 +65,9 @@ impl<A: NmiArch> StopMachine<A> {
         active: CpuSet,
         options: StopOptions,
     ) -> Result<(), StopError> {
-        let raise = || self.arch.send_self_nmi();
         let work = Work {
-            function: function.0,
-            raise_nmi: Some(&raise),
+            function: &function.0,
+            raise_nmi: Some(&self.arch),
         };
         // Relaxed: published with the call by the `Arrive` release in `call`.
         self.nmi.delivered.store(0, Ordering::Relaxed);
@@ -86,7 +98,7 @@ impl<A: NmiArch> StopMachine<A> {
         // `Run` phase of the call that published `work`, which cannot end before this
         // handler reports below.
         let work = unsafe { self.published.work() };
-        let code = match (work.function)(me) {
+        let code = match work.function.call(me) {
             Ok(()) => 0,
             Err(code) => code,
         };
@@ -109,7 +121,7 @@ impl<A: NmiArch> StopMachine<A> {
 impl<A: Arch> StopMachine<A> {
     /// Raises an NMI on this CPU and waits, bounded, for its handler to run the function.
     #[unsafe(link_section = ".text.nopatch")]
-    pub(super) fn run_in_nmi(&self, me: usize, raise_nmi: &(dyn Fn() + Sync)) -> StopFnResult {
+    pub(super) fn run_in_nmi(&self, me: usize, raise_nmi: &dyn RaiseNmi) -> StopFnResult {
         let arch = &self.arch;
         let nmi = &self.nmi;
         let bit = CpuSet::single(me).bits();
@@ -117,7 +129,7 @@ impl<A: Arch> StopMachine<A> {
         nmi.done.fetch_and(!bit, Ordering::Relaxed);
         // Release pairs with the handler's claim (AcqRel in `handle_nmi`).
         nmi.pending.fetch_or(bit, Ordering::Release);
-        raise_nmi();
+        raise_nmi.raise();
         let start = arch.now_ns();
         let mut claimed_by_handler = false;
         loop {

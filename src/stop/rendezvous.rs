@@ -5,18 +5,22 @@
 use super::evidence::{Evidence, Mark, Profile};
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::NmiRequests;
+#[cfg(feature = "stop-machine-nmi")]
+use super::nmi::RaiseNmi;
 use super::state::{Phase, State, StateWord};
-use super::{Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopOptions};
+use super::{
+    Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
+};
 use super::{LockTimeout, lock_within};
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
-    pub(super) function: StopFn<'a>,
+    pub(super) function: &'a dyn StopFunction,
     /// Raises an NMI on the calling CPU: set for calls whose function runs from it.
     #[cfg(feature = "stop-machine-nmi")]
-    pub(super) raise_nmi: Option<&'a (dyn Fn() + Sync)>,
+    pub(super) raise_nmi: Option<&'a dyn RaiseNmi>,
 }
 
 /// What the initiator publishes for a call: written only under the machine's lock,
@@ -160,6 +164,16 @@ impl<A: Arch> StopMachine<A> {
     pub fn stop_machine(
         &self,
         function: StopFn<'_>,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        self.stop_machine_with(&function, active, options)
+    }
+
+    /// [`stop_machine`](Self::stop_machine) for a [`StopFunction`] of its own type.
+    pub fn stop_machine_with(
+        &self,
+        function: &dyn StopFunction,
         active: CpuSet,
         options: StopOptions,
     ) -> Result<(), StopError> {
@@ -367,7 +381,7 @@ impl<A: Arch> StopMachine<A> {
         if let Some(raise_nmi) = work.raise_nmi {
             return self.run_in_nmi(me, raise_nmi);
         }
-        (work.function)(me)
+        work.function.call(me)
     }
 
     /// The call's result, once it reached `Exit`: every failing CPU's code.

@@ -5,6 +5,7 @@
 //! boot time; the architecture requires the value EL1 sees to be safe system-wide).
 //! Everything the rendezvous may run lives in `.text.nopatch`.
 
+use crate::patch::icache::{self, CacheType};
 use core::arch::asm;
 use tock_registers::interfaces::Readable;
 use tock_registers::register_bitfields;
@@ -64,9 +65,11 @@ pub fn idc_dic() -> (bool, bool) {
 /// `DC CVAU` over the range by the D-cache line size, `DSB ISH`, `IC IVAU` over the
 /// range by the I-cache line size, `DSB ISH`. With CTR_EL0.IDC the D-side clean is
 /// skipped (the DSB stays, ordering the writes before the I-side); with CTR_EL0.DIC the
-/// I-side invalidation is skipped (its DSB stays). No ISB: each CPU that will execute
-/// the new instructions must itself perform a context synchronisation event (the
-/// stop-machine protocol makes every CPU do so before it leaves).
+/// I-side invalidation is skipped (its DSB stays). Which lines, and what may be skipped,
+/// is [`icache::plan`]'s decision (host-tested); tests/kernel_image.rs checks this order
+/// in the image. No ISB: each CPU that will execute the new instructions must itself
+/// perform a context synchronisation event (the stop-machine protocol makes every CPU
+/// do so before it leaves).
 ///
 /// `start..end` must be mapped readable at these (executable) addresses: cache
 /// maintenance by VA needs a valid translation, and the I-cache may be VIPT, so the
@@ -78,27 +81,28 @@ pub fn sync_icache_range(start: usize, end: usize) {
         return;
     }
     let ctr = CtrEl0.extract();
-    if !ctr.is_set(CTR_EL0::IDC) {
-        let line = 4usize << ctr.read(CTR_EL0::DminLine);
-        let mut addr = start & !(line - 1);
-        while addr < end {
+    let cache = CacheType {
+        dcache_line: 4 << ctr.read(CTR_EL0::DminLine),
+        icache_line: 4 << ctr.read(CTR_EL0::IminLine),
+        idc: ctr.is_set(CTR_EL0::IDC),
+        dic: ctr.is_set(CTR_EL0::DIC),
+    };
+    let plan = icache::plan(cache, start..end);
+    if let Some(lines) = plan.clean {
+        for addr in lines {
             // SAFETY: DC CVAU on a mapped address only cleans a cache line; it does not
             // change memory contents. Not `nomem`: it must stay after the writes it
             // publishes.
             unsafe { asm!("dc cvau, {}", in(reg) addr, options(nostack, preserves_flags)) };
-            addr += line;
         }
     }
     // SAFETY: barrier only. Orders the cleans (or, with IDC, the writes themselves)
     // before the invalidations below and before anything that follows.
     unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
-    if !ctr.is_set(CTR_EL0::DIC) {
-        let line = 4usize << ctr.read(CTR_EL0::IminLine);
-        let mut addr = start & !(line - 1);
-        while addr < end {
+    if let Some(lines) = plan.invalidate {
+        for addr in lines {
             // SAFETY: IC IVAU only invalidates instruction cache lines.
             unsafe { asm!("ic ivau, {}", in(reg) addr, options(nostack, preserves_flags)) };
-            addr += line;
         }
     }
     // SAFETY: barrier only: the invalidations complete before we return.

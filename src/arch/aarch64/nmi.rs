@@ -10,12 +10,13 @@
 //! runs every registered handler, in slot order, and each checks whether it has work
 //! of its own and says whether it did. Slot 0 is the stop machine's
 //! ([`super::STOP`]`.handle_nmi()`, with the `stop-machine-nmi` feature), so the stop
-//! function takes priority over any other NMI work (seed 003). Handlers run with
+//! function takes priority over any other NMI work (as in Ankur Arora,
+//! "x86/alternatives: NMI safe runtime patching", LKML, 2020). Handlers run with
 //! PSTATE.I (and ALLINT) set and the GIC running priority at NMI level: no other NMI can
 //! preempt them. They must take no lock that code with only IRQs masked may hold, and
 //! must not fault.
 
-use super::{Aarch64, cpu, gic, nmi_mode, smp};
+use super::{cpu, gic, nmi_mode, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -128,7 +129,7 @@ pub(crate) fn run_handlers(cpu: usize) {
 // the core's bounded wait then reports ETIMEDOUT for that CPU and withdraws the request,
 // so the function never runs outside NMI context.
 #[cfg(feature = "stop-machine-nmi")]
-unsafe impl crate::stop::NmiArch for Aarch64 {
+unsafe impl crate::stop::NmiArch for super::Aarch64 {
     #[inline(always)]
     fn send_self_nmi(&self) {
         send_nmi_self();

@@ -3,6 +3,7 @@
 //! unification ([`cache::sync_icache_range`]).
 
 use super::{cache, layout, mmu};
+pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
 use crate::patch::insn::Insn;
 use crate::patch::{Patch, Text};
@@ -10,18 +11,6 @@ use core::ops::Range;
 
 /// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
 const WORDS_PER_MAPPING: usize = 64;
-
-/// The running kernel's text.
-pub struct KernelText {
-    writer: spin::Mutex<()>,
-    protected: spin::Once<[Range<usize>; 2]>,
-}
-
-/// The one instance: its lock serialises every writer of kernel text.
-pub static KERNEL_TEXT: KernelText = KernelText {
-    writer: spin::Mutex::new(()),
-    protected: spin::Once::new(),
-};
 
 // SAFETY: the bounds come from the linker script, whose text output section holds every
 // executable input section; `.text.nopatch` (exception vectors, IRQ entry, the stop IPI
@@ -36,8 +25,7 @@ unsafe impl Text for KernelText {
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        self.protected
-            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+        self.protected(|| [layout::nopatch_range(), layout::boot_range()])
     }
 
     #[unsafe(link_section = ".text.nopatch")]
@@ -91,6 +79,6 @@ unsafe impl Text for KernelText {
     }
 
     fn writer_lock(&self) -> &spin::Mutex<()> {
-        &self.writer
+        self.writer()
     }
 }

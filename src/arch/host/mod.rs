@@ -10,6 +10,9 @@
 //! NMIs are modelled on arm64 pseudo-NMIs: [`Arch::mask_irqs`] leaves them
 //! deliverable, [`Arch::mask_all`] blocks them, and they never nest.
 
+mod text;
+pub use text::HostText;
+
 use crate::CpuSet;
 use crate::MAX_CPUS;
 use crate::stop::{Arch, StopMachine};

@@ -36,6 +36,8 @@ pub fn clear_ipi_handler(ipi: u32) {
 }
 
 /// Sends test IPI `ipi` to every online CPU in `targets` (the caller too, if in it).
+/// In `.text.nopatch`: the patch-masking self-test sends it from inside the patch window.
+#[unsafe(link_section = ".text.nopatch")]
 pub fn send_ipi(ipi: u32, targets: CpuSet) {
     let vector = TEST_IPIS[slot(ipi)];
     let saved = cpu::cli_save();
@@ -45,7 +47,9 @@ pub fn send_ipi(ipi: u32, targets: CpuSet) {
     cpu::restore_if(saved);
 }
 
-/// Runs the handler of test IPI `ipi` (from the trap dispatch, after the EOI).
+/// Runs the handler of test IPI `ipi` (from the trap dispatch, after the EOI). Part of
+/// the trap path, so it lives in `.text.nopatch` with it.
+#[unsafe(link_section = ".text.nopatch")]
 pub(crate) fn dispatch(ipi: u32) {
     let Some(i) = TEST_IPIS.iter().position(|&v| v == ipi) else {
         return;

@@ -13,7 +13,7 @@
 //! (`x86_stub_2` in `boot/x86_64/vectors.S`) latches an NMI arriving then and runs the
 //! handlers again once the first pass is done, never on top of it ([`nmis_latched`]).
 
-use super::{X86_64, apic, cpu, smp};
+use super::{apic, cpu, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -167,7 +167,7 @@ pub fn unregister_nmi_handler(slot: usize) {
 
 #[unsafe(link_section = ".text.nopatch")]
 fn run_handlers(cpu: usize) -> bool {
-    // The stop machine first (seed 003), then every registered handler.
+    // The stop machine first (as in Ankur Arora's NMI-safe runtime patching), then every registered handler.
     #[cfg(feature = "stop-machine-nmi")]
     let claimed = super::STOP.handle_nmi();
     #[cfg(not(feature = "stop-machine-nmi"))]
@@ -263,7 +263,7 @@ pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
 // The handler (`handle_nmi` -> `run_handlers`) calls `STOP.handle_nmi()` before any
 // other handler.
 #[cfg(feature = "stop-machine-nmi")]
-unsafe impl crate::stop::NmiArch for X86_64 {
+unsafe impl crate::stop::NmiArch for super::X86_64 {
     #[inline(always)]
     fn send_self_nmi(&self) {
         send_nmi_self();

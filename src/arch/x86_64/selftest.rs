@@ -583,7 +583,7 @@ fn nmi_storm(cpu: usize) {
     STORM_RUNNING.fetch_and(!(1 << cpu), Ordering::Release);
 }
 
-/// Seed 001: an exception inside the NMI handler ends NMI blocking; NMIs then
+/// Steven Rostedt, "x86: Add workaround to NMI iret woes" (LKML, 2011): an exception inside the NMI handler ends NMI blocking; NMIs then
 /// arriving (from every other CPU) must be latched by the entry stub and run after
 /// the first, never on top of its stack. Every request is drained exactly once, the
 /// handler never nests, its stack canary and callee-saved registers survive, and every

@@ -2,6 +2,7 @@
 //! through the temporary alias ([`paging::poke_text`]).
 
 use super::{layout, paging};
+pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
 use crate::patch::x86::{self, Insn};
 use crate::patch::{Patch, Text};
@@ -21,18 +22,6 @@ const NOP5: Insn = match x86::nop(5) {
 /// length of the write.
 const BYTES_PER_MAPPING: usize = 4096;
 
-/// The running kernel's text.
-pub struct KernelText {
-    writer: spin::Mutex<()>,
-    protected: spin::Once<[Range<usize>; 2]>,
-}
-
-/// The one instance: its lock serialises every writer of kernel text.
-pub static KERNEL_TEXT: KernelText = KernelText {
-    writer: spin::Mutex::new(()),
-    protected: spin::Once::new(),
-};
-
 // SAFETY: the bounds come from the x86 linker script, whose text output section holds
 // every executable input section; `.text.nopatch` (entry stubs, trap dispatch, the stop
 // and NMI paths, the alias writer) and boot code are the protected ranges;
@@ -48,8 +37,7 @@ unsafe impl Text for KernelText {
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        self.protected
-            .call_once(|| [layout::nopatch_range(), layout::boot_range()])
+        self.protected(|| [layout::nopatch_range(), layout::boot_range()])
     }
 
     #[unsafe(link_section = ".text.nopatch")]
@@ -104,6 +92,6 @@ unsafe impl Text for KernelText {
     fn sync_icache(&self, _range: Range<usize>) {}
 
     fn writer_lock(&self) -> &spin::Mutex<()> {
-        &self.writer
+        self.writer()
     }
 }

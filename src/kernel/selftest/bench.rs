@@ -16,7 +16,7 @@ use crate::kernel::platform::returning;
 use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
 use crate::kprint;
 use crate::patch::{Patch, PatchError, Text, patch_machine};
-use crate::stop::{Arch, CallProfile, NmiSafe, StopError};
+use crate::stop::{Arch, CallProfile, StopError};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -252,9 +252,10 @@ pub fn bench(_: &Params) -> Verdict {
         Ok(stats) => report("stop_machine", 0, &stats),
         Err(err) => fail!("stop_machine: {err}"),
     }
+    #[cfg(feature = "stop-machine-nmi")]
     if platform::nmi_mechanism().is_ok() {
         // SAFETY: the function touches nothing.
-        let function = unsafe { NmiSafe::new(&empty) };
+        let function = unsafe { crate::stop::NmiSafe::new(&empty) };
         match measure(50, 1000, |_| {
             STOP.stop_machine_nmi(function, online, OPTIONS)
         }) {

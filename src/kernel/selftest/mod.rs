@@ -405,6 +405,8 @@ fn probe_handler(cpu: usize) {
     PROBES_LANDED[cpu].fetch_add(1, Ordering::Release);
 }
 
+/// A write probe: runs inside the patch window, so it lives in `.text.nopatch`.
+#[unsafe(link_section = ".text.nopatch")]
 fn send_probes_from_window() {
     if !PROBE_SENT.swap(true, Ordering::Relaxed) {
         platform::send_ipi(PROBE_SGI, online_cpus());

@@ -1,6 +1,7 @@
 //! Self-tests of the NMI paths: NMI IPIs, reaching CPUs with IRQs off, stop functions
-//! run from NMI context (seed 000), and patching that stays safe when NMI handlers run
-//! the code being patched (seed 003).
+//! run from NMI context (Chang S. Bae, "stop_machine: Add NMI-based execution path",
+//! LKML, 2026), and patching that stays safe when NMI handlers run the code being
+//! patched (Ankur Arora, "x86/alternatives: NMI safe runtime patching", LKML, 2020).
 
 use super::{
     Callers, JOB_TIMEOUT_NS, OPTIONS, Params, Verdict, call_torture_targets, others,
@@ -11,7 +12,7 @@ use crate::kernel::platform::{self, Insn, STOP, nmi};
 use crate::kernel::platform::{KERNEL_TEXT, set_write_probe};
 use crate::kernel::smp::run_on;
 use crate::patch::{Patch, Text, patch_machine};
-use crate::stop::{MaskLevel, NmiSafe, StopError, StopOptions};
+use crate::stop::{MaskLevel, StopError, StopOptions};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -209,10 +210,17 @@ pub fn nmi_reaches_irqs_off(_: &Params) -> Verdict {
     }
 }
 
+/// Built without the `stop-machine-nmi` feature there is no NMI path to test.
+#[cfg(not(feature = "stop-machine-nmi"))]
+pub fn stop_machine_nmi(_: &Params) -> Verdict {
+    Verdict::Skip(msg!("built without the stop-machine-nmi feature"))
+}
+
 /// Stop functions run from NMI context on exactly the active CPUs, for all CPUs and
 /// for proper subsets (one other CPU, all but the initiator, the initiator with one
 /// other, the initiator alone); NMIs land on exactly those CPUs; errors from every
 /// active CPU are kept.
+#[cfg(feature = "stop-machine-nmi")]
 pub fn stop_machine_nmi(_: &Params) -> Verdict {
     if let Some(skip) = no_nmis() {
         return skip;
@@ -248,6 +256,7 @@ pub fn stop_machine_nmi(_: &Params) -> Verdict {
 }
 
 /// One `stop_machine_nmi` call on `active` (named `what` in failures).
+#[cfg(feature = "stop-machine-nmi")]
 fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
     let ran = AtomicU32::new(0);
     let runs = AtomicU32::new(0);
@@ -266,7 +275,11 @@ fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
     };
     let before = hits();
     // SAFETY: the function only touches atomics.
-    let result = STOP.stop_machine_nmi(unsafe { NmiSafe::new(&function) }, active, OPTIONS);
+    let result = STOP.stop_machine_nmi(
+        unsafe { crate::stop::NmiSafe::new(&function) },
+        active,
+        OPTIONS,
+    );
     let odd = active
         .iter()
         .filter(|c| c % 2 == 1)
@@ -348,6 +361,8 @@ fn storm_handler(cpu: usize) -> bool {
     true
 }
 
+/// A write probe: runs inside the patch window, so it lives in `.text.nopatch`.
+#[unsafe(link_section = ".text.nopatch")]
 fn storm_from_window() {
     STORM.sends.fetch_add(1, Ordering::Relaxed);
     nmi::send_nmi(platform::online_cpus());
