@@ -192,6 +192,13 @@ pub fn serialize() {
     };
 }
 
+/// `CPUID` leaf 0, inlined into the caller: a serialising instruction with no call on
+/// the way (the rendezvous's exit, whose image check wants it in place).
+#[inline(always)]
+pub fn serialize_inline() {
+    let _ = cpuid(0, 0);
+}
+
 /// Feature number ([`crate::patch::alternatives::Features`]) of `SERIALIZE`
 /// (CPUID.(EAX=7,ECX=0):EDX[14]).
 pub const FEATURE_SERIALIZE: u16 = 0;

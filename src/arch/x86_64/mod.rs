@@ -136,7 +136,9 @@ unsafe impl Arch for X86_64 {
 
     #[inline(always)]
     fn sync_context(&self) {
-        cpu::serialize()
+        // Inline `cpuid`, not the `cpu::serialize` alternative: the rendezvous's exit
+        // serialises in place, before its `sti`, where tests/kernel_image.rs sees it.
+        cpu::serialize_inline()
     }
 
     #[inline(always)]
