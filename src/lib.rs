@@ -88,6 +88,7 @@ pub mod harness;
 pub mod ktap;
 pub mod nmi_handlers;
 pub mod patch;
+pub mod static_key;
 pub mod stop;
 
 pub mod arch;

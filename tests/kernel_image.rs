@@ -924,3 +924,74 @@ fn x86_cpus_serialise_before_they_unmask() {
         "no sti/popf in participate: restore moved? (the check needs it inlined there)"
     );
 }
+
+/// The jump-table entries (site, target, key, kind) of `image`, read from the ELF
+/// between `__jump_table_start` and `__jump_table_end`.
+fn jump_entries(image: &Path, nm: &str) -> Vec<[u64; 4]> {
+    let elf = std::fs::read(image).expect("reading the kernel image");
+    let (start, end) = (
+        symbol(nm, "__jump_table_start"),
+        symbol(nm, "__jump_table_end"),
+    );
+    assert_eq!((end - start) % 32, 0, "the jump table holds whole entries");
+    let segment = program_headers(&elf)
+        .into_iter()
+        .find(|s| s.kind == PT_LOAD && s.vaddr <= start && end <= s.vaddr + s.filesz)
+        .expect("the jump table is in a loaded segment");
+    let bytes = &elf[(segment.offset + start - segment.vaddr) as usize..][..(end - start) as usize];
+    bytes
+        .chunks(32)
+        .map(|e| std::array::from_fn(|i| u64::from_le_bytes(e[i * 8..][..8].try_into().unwrap())))
+        .collect()
+}
+
+/// Every static-key site is patchable text: inside `__text_start..__text_end` and
+/// outside `.text.nopatch` and boot text (the kernel refuses such a site at its first
+/// key operation; this refuses it before the image boots). Every entry names a key of
+/// the key table.
+fn jump_sites_are_patchable(image: &Path, nm: &str) {
+    let entries = jump_entries(image, nm);
+    assert!(entries.len() >= 101, "only {} jump entries", entries.len());
+    let text = symbol(nm, "__text_start")..symbol(nm, "__text_end");
+    let nopatch = symbol(nm, "__nopatch_start")..symbol(nm, "__nopatch_end");
+    let keys = symbol(nm, "__static_keys_start")..symbol(nm, "__static_keys_end");
+    let elf = std::fs::read(image).unwrap();
+    let segment = program_headers(&elf)
+        .into_iter()
+        .find(|s| s.kind == PT_LOAD && s.vaddr <= keys.start && keys.end <= s.vaddr + s.filesz)
+        .expect("the key table is in a loaded segment");
+    let key_table: Vec<u64> = elf[(segment.offset + keys.start - segment.vaddr) as usize..]
+        [..(keys.end - keys.start) as usize]
+        .chunks(8)
+        .map(|k| u64::from_le_bytes(k.try_into().unwrap()))
+        .collect();
+    let bad: Vec<String> = entries
+        .iter()
+        .filter(|[site, _, key, kind]| {
+            !text.contains(site) || nopatch.contains(site) || !key_table.contains(key) || *kind > 1
+        })
+        .map(|[site, target, key, kind]| {
+            format!("site {site:#x} -> {target:#x}, key {key:#x}, kind {kind}")
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "jump sites outside patchable text ({:#x}..{:#x} minus {:#x}..{:#x}) or naming no key:\n{}",
+        text.start,
+        text.end,
+        nopatch.start,
+        nopatch.end,
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn static_key_sites_are_in_patchable_text() {
+    jump_sites_are_patchable(kernel_image(), &binutils("nm", &[]));
+    let image = x86_kernel_image();
+    let nm = Command::new("nm")
+        .arg(image)
+        .output()
+        .expect("nm: needs the host's binutils");
+    jump_sites_are_patchable(image, &String::from_utf8(nm.stdout).unwrap());
+}

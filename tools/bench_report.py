@@ -188,12 +188,14 @@ def main():
     for arch in sorted({r["arch"] for r in rows}):
         mine = [r for r in rows if r["arch"] == arch]
         lines = [("stop_machine", 0), ("stop_machine_nmi", 0), ("patch_machine", 1),
-                 ("patch_machine", 10), ("patch_nosync", 1)]
+                 ("patch_machine", 10), ("patch_nosync", 1),
+                 ("static_key_flip", 1), ("static_key_flip", 100)]
         series = []
         for name, sites in lines:
             pts = [(r["cpus"], r["ratio_to_ipi"]) for r in mine if r["name"] == name and r["sites"] == sites]
             if pts:
-                series.append((name if name != "patch_machine" else f"patch_machine x{sites}", pts))
+                batched = name in ("patch_machine", "static_key_flip")
+                series.append((f"{name} x{sites}" if batched else name, pts))
         svg_plot(os.path.join(args.out, f"latency_vs_cpus_{arch}.svg"),
                  f"{arch}: median latency relative to ipi_roundtrip", "CPUs",
                  "x ipi_roundtrip (same boot)", series, x_log=False, y_log=True)

@@ -45,7 +45,7 @@ struct BadArg<'a> {
     why: &'static str,
 }
 
-/// Parses `tests=a,b flips=N nosync_flips=N expect_nmi=NAME platform_selftest=MODE`; anything else is
+/// Parses `tests=a,b flips=N nosync_flips=N static_key_flips=N expect_nmi=NAME platform_selftest=MODE`; anything else is
 /// an error naming it. In `tests=`, `all` is the default set, `platform` the platform's
 /// own checks, `platform.NAME` one of them.
 fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> {
@@ -126,6 +126,12 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
                     why: "expect_features= takes none or feature names of this architecture",
                 })?)
             }
+            "static_key_flips" => {
+                selection.params.static_key_flips = value.parse().map_err(|_| BadArg {
+                    word,
+                    why: "static_key_flips= takes a number",
+                })?
+            }
             "expect_nmi" => {
                 selection.params.expect_nmi = Some(
                     platform::NmiMechanism::ALL
@@ -187,7 +193,7 @@ pub fn primary_main() -> ! {
             ));
             ktap.diag(format_args!(
                 "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-                 flips=N nosync_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM expect_features=none|NAME,.. platform_selftest={}",
+                 flips=N nosync_flips=N static_key_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM expect_features=none|NAME,.. platform_selftest={}",
                 Names(TESTS.iter().map(|t| t.name), ","),
                 Names(platform::FAULT_MODES.iter().copied(), "|"),
             ));
@@ -219,6 +225,10 @@ pub fn primary_main() -> ! {
         Err(err) => ktap.diag(format_args!(
             "alternatives: runtime table NOT applied: {err}"
         )),
+    }
+    // A jump site in code that is never patched disables every key: say so at boot.
+    if let Err(err) = platform::STATIC_KEYS.check() {
+        ktap.diag(format_args!("static keys refused: {err}"));
     }
     if let Some(mode) = selection.fault {
         harness::run(&mut ktap, word_of(bootargs, "platform_selftest"), || {

@@ -3,7 +3,7 @@
 
 use super::platform::{self, current_cpu, now_ns, online_cpus};
 use crate::CpuSet;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// One CPU's mailbox: a posted function (0 when empty), its argument, and a count of
 /// finished jobs.
@@ -21,6 +21,16 @@ static MAILBOXES: [Mailbox; crate::MAX_CPUS] = [const {
     }
 }; crate::MAX_CPUS];
 
+platform::define_static_key!(
+    /// Counts every job a secondary runs into [`JOBS_TRACED`] while enabled.
+    pub TRACE_JOBS,
+    "trace_jobs"
+);
+
+/// Per CPU: jobs run while [`TRACE_JOBS`] was enabled.
+pub static JOBS_TRACED: [AtomicU64; crate::MAX_CPUS] =
+    [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+
 /// The loop of every secondary CPU: run posted jobs, otherwise wait for an event.
 pub fn secondary_main(cpu: usize) -> ! {
     let mailbox = &MAILBOXES[cpu];
@@ -37,6 +47,10 @@ pub fn secondary_main(cpu: usize) -> ! {
         // `fn(usize, usize)` obtained from a `fn(usize, &T)`, which has the same ABI.
         let function: fn(usize, usize) = unsafe { core::mem::transmute(function) };
         function(cpu, arg);
+        // Tracing hook: a NOP while `trace_jobs` is off (the `static_key_hook` test).
+        if platform::static_branch_unlikely!(TRACE_JOBS) {
+            JOBS_TRACED[cpu].fetch_add(1, Ordering::Relaxed);
+        }
         mailbox.function.store(0, Ordering::Relaxed);
         // Release pairs with the acquire in `Jobs::wait`: the job's effects are visible.
         platform::counter_add_release(&mailbox.done, 1);

@@ -494,12 +494,13 @@ pub fn patch_nosync<A: Arch, T: Text>(
             new: patch.new,
         });
     }
-    for patch in batch {
-        // SAFETY: validated; both instructions are CMODX-safe, so a CPU executing the
-        // site concurrently sees either the old or the new one.
-        unsafe { text.write_insn(patch.addr, patch.new) };
-        text.sync_icache(patch.range());
-    }
+    // One pass for the whole batch (Linux's jump labels: queue, then apply once): the
+    // text's `write_batch` maps the alias once per page run and maintains the caches
+    // once over each run's span, then one context synchronisation here. Other CPUs are
+    // the caller's business (a static key flip kicks them once per batch).
+    // SAFETY: validated; both instructions of every entry are CMODX-safe, so a CPU
+    // executing a site concurrently sees either the old or the new one.
+    unsafe { text.write_batch(batch) };
     arch.sync_context();
     Ok(())
 }

@@ -45,6 +45,7 @@ pub mod exit;
 pub mod gic;
 pub mod irq;
 pub mod irqflags;
+pub mod jump_label;
 pub mod layout;
 pub mod mmu;
 pub mod nmi;

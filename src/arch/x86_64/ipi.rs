@@ -88,6 +88,16 @@ pub(crate) fn handle_sync() {
     }
 }
 
+/// [`sync_all`] calls so far: with [`sync_acked`], what the static key self-test checks.
+pub fn sync_generation() -> u64 {
+    SYNC_GEN.load(Ordering::Acquire)
+}
+
+/// The latest [`sync_all`] generation `cpu` serialised for.
+pub fn sync_acked(cpu: usize) -> u64 {
+    SYNC_ACK.get(cpu).map_or(0, |a| a.load(Ordering::Acquire))
+}
+
 /// Makes every online CPU execute a serialising instruction (Linux's
 /// `text_poke_sync`: an IPI to the others, `sync_core` locally) and waits up to
 /// `timeout_ns` for each to acknowledge. A CPU spinning with IF clear cannot take the

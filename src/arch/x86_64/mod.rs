@@ -42,6 +42,7 @@ pub mod frame;
 pub mod gdt;
 pub mod ipi;
 pub mod irq;
+pub mod jump_label;
 pub mod layout;
 pub mod madt;
 pub mod nmi;

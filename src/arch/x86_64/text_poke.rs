@@ -23,8 +23,8 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Sites per round of the protocol (Linux's `TP_VEC_MAX` is a page of them); a longer
-/// batch is patched in rounds.
-pub const TP_VEC_MAX: usize = 64;
+/// batch is patched in rounds. A static key's sites fit in one round (three syncs).
+pub const TP_VEC_MAX: usize = 256;
 
 /// How long each sync and the table's drain may take.
 const TIMEOUT_NS: u64 = StopOptions::DEFAULT.arrival_timeout_ns;

@@ -16,6 +16,7 @@ pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irqflags::{
     IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
 };
+pub use crate::arch::aarch64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
@@ -84,6 +85,18 @@ pub fn cpu_yield() {
 /// run it (`B`: CMODX-safe), or why this architecture has none.
 pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     insn::b(site, target).map_err(|_| "the nosync branch target is out of B's range")
+}
+
+/// Cross-CPU synchronisations one static key batch makes: one kick of every other CPU.
+pub const SYNCS_PER_KEY_BATCH: u64 = 1;
+
+/// Cross-CPU synchronisations made so far by static key flips, and the latest one `cpu`
+/// took (arm64: the kick after each batch).
+pub fn key_syncs() -> (u64, fn(usize) -> u64) {
+    (
+        crate::arch::aarch64::jump_label::kick_generation(),
+        crate::arch::aarch64::jump_label::kick_acked,
+    )
 }
 
 /// Patches `batch` while other CPUs may run it, without stopping them: on arm64 only

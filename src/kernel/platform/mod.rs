@@ -18,6 +18,9 @@
 //! | `SELFTESTS`, `FAULT_MODES`, `provoke` | the platform's own checks (KTAP suite `platform`) and the fatal conditions `platform_selftest=` provokes |
 //! | `set_write_probe` | a function the text writer calls after each write, inside the patch window (self-tests only) |
 //! | `mask_for_panic`, `write_forced`, `write_raw_forced` | the panic handler's: mask for good, report past a held console lock |
+//! | `static_branch_unlikely!`, `static_branch_likely!`, `define_static_key!`, `StaticKey`, `STATIC_KEYS`, `KernelKeys` | static keys: sites, keys, and the kernel's key table (flipped through the live path) |
+//! | `SYNCS_PER_KEY_BATCH`, `key_syncs` | the cross-CPU synchronisations a static key batch makes, and a counter of them with each CPU's acknowledgement |
+//! | `BENCH_KEY_1`, `BENCH_KEY_100` | keys of the benchmark's static-key sites (`targets_*.S`, on pages of their own) |
 //!
 //! The patch targets the self-tests flip (`targets_aarch64.S`, `targets_x86_64.S`) are
 //! assembled here too, so the kernel proper holds no assembly.
@@ -31,3 +34,19 @@ pub use aarch64::*;
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::*;
+
+pub use crate::static_key::StaticKey;
+pub use crate::{define_static_key, static_branch_likely, static_branch_unlikely};
+
+define_static_key!(
+    /// The key of the one static-key site in `targets_*.S` (the 1-site benchmark).
+    #[unsafe(no_mangle)]
+    pub BENCH_KEY_1,
+    "bench_1"
+);
+define_static_key!(
+    /// The key of the 100 static-key sites in `targets_*.S` (the 100-site benchmark).
+    #[unsafe(no_mangle)]
+    pub BENCH_KEY_100,
+    "bench_100"
+);

@@ -48,3 +48,24 @@ pm_bench_sites:
     .endr
     ret
     .balign 4096
+
+// Static-key sites of the benchmark (never called), on a page of their own as above:
+// one site of BENCH_KEY_1 and 100 of BENCH_KEY_100, each a NOP with its __jump_table
+// entry (site, target, key, kind 0 = unlikely), as static_branch_unlikely! emits.
+    .macro pm_key_site key
+997:
+    nop
+    .pushsection __jump_table, "a"
+    .balign 8
+    .quad   997b, pm_key_bench_out, \key, 0
+    .popsection
+    .endm
+    .global pm_key_bench_sites
+pm_key_bench_sites:
+    pm_key_site BENCH_KEY_1
+    .rept 100
+    pm_key_site BENCH_KEY_100
+    .endr
+pm_key_bench_out:
+    ret
+    .balign 4096

@@ -15,6 +15,7 @@ pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
 pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
+pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::x86_64::smp::online_cpus;
@@ -86,6 +87,18 @@ pub fn cpu_yield() {
 /// [`patch_live`] changes through the INT3 protocol.
 pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     x86::jmp_rel32(site, target).map_err(|_| "the branch target is out of rel32 range")
+}
+
+/// Cross-CPU synchronisations one static key batch makes: the INT3 protocol's three.
+pub const SYNCS_PER_KEY_BATCH: u64 = 3;
+
+/// Cross-CPU synchronisations made so far by live patches, and the latest one `cpu`
+/// took (x86: the INT3 protocol's sync IPIs).
+pub fn key_syncs() -> (u64, fn(usize) -> u64) {
+    (
+        crate::arch::x86_64::ipi::sync_generation(),
+        crate::arch::x86_64::ipi::sync_acked,
+    )
 }
 
 /// Patches `batch` while other CPUs may run it, without stopping them: the INT3

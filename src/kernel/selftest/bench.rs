@@ -13,7 +13,7 @@ use super::{Msg, OPTIONS, Params, Verdict};
 use crate::CpuSet;
 use crate::kernel::platform::KERNEL_TEXT;
 use crate::kernel::platform::returning;
-use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STOP, nmi};
+use crate::kernel::platform::{self, Insn, NOP, SITE_LEN, STATIC_KEYS, STOP, nmi};
 use crate::kprint;
 use crate::patch::{Patch, PatchError, Text, patch_machine};
 use crate::stop::{Arch, CallProfile, StopError};
@@ -338,6 +338,9 @@ pub fn bench(_: &Params) -> Verdict {
         }
         Err(err) => fail!("alternatives_apply: {err}"),
     }
+    if let Err(failure) = bench_static_keys(&roundtrip_stats) {
+        return failure;
+    }
 
     let site = pm_nosync_target as *const () as usize;
     let branch: Insn =
@@ -358,6 +361,48 @@ pub fn bench(_: &Params) -> Verdict {
     }
 
     Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats))
+}
+
+/// `static_key_flip`: one `enable` or `disable` of a key with 1 and with 100 sites (in
+/// `targets_*.S`, on a page of their own), each as a ratio to the round trip too.
+fn bench_static_keys(roundtrip: &Stats) -> Result<(), Verdict> {
+    for (key, sites, iters) in [
+        (&platform::BENCH_KEY_1, 1, 1000),
+        (&platform::BENCH_KEY_100, 100, 200),
+    ] {
+        let count = STATIC_KEYS.sites(key).count();
+        if count != sites {
+            return Err(Verdict::Fail(msg!(
+                "static_key_flip: {} has {count} sites, expected {sites}",
+                key.name()
+            )));
+        }
+        // Even counts: the key ends disabled.
+        let result = measure(20, iters, |i| {
+            if i % 2 == 0 {
+                STATIC_KEYS.enable(key)
+            } else {
+                STATIC_KEYS.disable(key)
+            }
+        });
+        match result {
+            Ok(stats) => {
+                report("static_key_flip", sites, &stats);
+                let ratio_x10 = (stats.median_ns * 10).div_ceil(roundtrip.median_ns.max(1));
+                kprint!(
+                    "# static_key_flip/ipi_roundtrip = {}.{} (median, {sites} site{})\n",
+                    ratio_x10 / 10,
+                    ratio_x10 % 10,
+                    if sites == 1 { "" } else { "s" }
+                );
+            }
+            Err(err) => {
+                let _ = STATIC_KEYS.disable(key);
+                return Err(Verdict::Fail(msg!("static_key_flip, {sites} sites: {err}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The headline: `patch_machine` for one site over the round trip, both medians.

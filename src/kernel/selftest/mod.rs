@@ -31,6 +31,8 @@ pub struct Params {
     pub flips: u32,
     /// Nosync flips (`nosync_flips=N`).
     pub nosync_flips: u32,
+    /// Static key flips (`static_key_flips=N`).
+    pub static_key_flips: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
@@ -42,6 +44,7 @@ impl Params {
     pub const DEFAULT: Params = Params {
         flips: 10_000,
         nosync_flips: 2_000,
+        static_key_flips: 1_000,
         expect_nmi: None,
         expect_features: None,
     };
@@ -50,6 +53,7 @@ impl Params {
 mod alternatives;
 mod bench;
 mod nmi;
+mod static_keys;
 
 /// A kernel self-test: `tests=all` (the default) runs those `by_default`.
 pub type Test = harness::Test<fn(&Params) -> Verdict>;
@@ -104,6 +108,26 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "torture",
         run: torture,
+        by_default: true,
+    },
+    Test {
+        name: "static_keys",
+        run: static_keys::static_keys,
+        by_default: true,
+    },
+    Test {
+        name: "static_key_errors",
+        run: static_keys::static_key_errors,
+        by_default: true,
+    },
+    Test {
+        name: "static_key_refs",
+        run: static_keys::static_key_refs,
+        by_default: true,
+    },
+    Test {
+        name: "static_key_hook",
+        run: static_keys::static_key_hook,
         by_default: true,
     },
     Test {
