@@ -455,7 +455,10 @@ fn aarch64_max_smp1() {
 
 #[test]
 fn aarch64_max_smp2() {
-    run_cell(&Cell::new("aarch64_max_smp2", "max", 2).bootargs("flips=2000 expect_nmi=feat_nmi"));
+    run_cell(
+        &Cell::new("aarch64_max_smp2", "max", 2)
+            .bootargs("flips=2000 expect_nmi=feat_nmi expect_features=lse,idc,dic,nmi"),
+    );
 }
 
 /// Two vCPUs truly in parallel (multi-threaded TCG, one host core each), for the
@@ -530,7 +533,7 @@ fn aarch64_cortex_a72_smp4() {
 fn aarch64_cortex_a57_smp2() {
     run_cell(
         &Cell::new("aarch64_cortex_a57_smp2", "cortex-a57", 2)
-            .bootargs("flips=2000 expect_nmi=pseudo_nmi"),
+            .bootargs("flips=2000 expect_nmi=pseudo_nmi expect_features=none"),
     );
 }
 
@@ -628,7 +631,7 @@ fn x86_64_max_smp2() {
     run_cell(
         &Cell::new("x86_64_max_smp2", "max", 2)
             .on_x86_64()
-            .bootargs("expect_nmi=x2apic"),
+            .bootargs("expect_nmi=x2apic expect_features=rdpid"),
     );
 }
 
@@ -656,7 +659,7 @@ fn x86_64_qemu64_smp4() {
     run_cell(
         &Cell::new("x86_64_qemu64_smp4", "qemu64", 4)
             .on_x86_64()
-            .bootargs("expect_nmi=xapic"),
+            .bootargs("expect_nmi=xapic expect_features=none"),
     );
 }
 

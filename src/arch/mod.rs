@@ -1,5 +1,10 @@
 //! Architecture glue: each port implements [`crate::stop::Arch`] and owns its boot path.
 
+// First: the ports below use its `alternative!`.
+#[cfg(target_os = "none")]
+#[macro_use]
+mod alternative;
+
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod aarch64;
 

@@ -120,6 +120,12 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
                     why: "nosync_flips= takes a number",
                 })?
             }
+            "expect_features" => {
+                selection.params.expect_features = Some(parse_features(value).ok_or(BadArg {
+                    word,
+                    why: "expect_features= takes none or feature names of this architecture",
+                })?)
+            }
             "static_key_flips" => {
                 selection.params.static_key_flips = value.parse().map_err(|_| BadArg {
                     word,
@@ -148,6 +154,21 @@ fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> 
     Ok(selection)
 }
 
+/// `none`, or comma-separated names of `platform::FEATURE_NAMES`.
+fn parse_features(value: &str) -> Option<crate::patch::alternatives::Features> {
+    if value == "none" {
+        return Some(crate::patch::alternatives::Features::NONE);
+    }
+    value
+        .split(',')
+        .try_fold(crate::patch::alternatives::Features::NONE, |set, name| {
+            platform::FEATURE_NAMES
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(bit, _)| set.with(*bit))
+        })
+}
+
 /// The tests `tests=all` (and no `tests=`) selects: all but the benchmarks.
 fn default_tests() -> u64 {
     TESTS
@@ -172,7 +193,7 @@ pub fn primary_main() -> ! {
             ));
             ktap.diag(format_args!(
                 "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-                 flips=N nosync_flips=N static_key_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM platform_selftest={}",
+                 flips=N nosync_flips=N static_key_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM expect_features=none|NAME,.. platform_selftest={}",
                 Names(TESTS.iter().map(|t| t.name), ","),
                 Names(platform::FAULT_MODES.iter().copied(), "|"),
             ));
@@ -195,6 +216,16 @@ pub fn primary_main() -> ! {
         platform::cpu_count(),
         bootargs
     ));
+    // Every CPU is online: the runtime alternatives go in now, through patch_machine
+    // (the `alternatives` test checks the result).
+    match platform::apply_alternatives() {
+        Ok(written) => ktap.diag(format_args!(
+            "alternatives: runtime table applied through patch_machine, {written} chunks written"
+        )),
+        Err(err) => ktap.diag(format_args!(
+            "alternatives: runtime table NOT applied: {err}"
+        )),
+    }
     // A jump site in code that is never patched disables every key: say so at boot.
     if let Err(err) = platform::STATIC_KEYS.check() {
         ktap.diag(format_args!("static keys refused: {err}"));

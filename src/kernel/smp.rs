@@ -53,7 +53,7 @@ pub fn secondary_main(cpu: usize) -> ! {
         }
         mailbox.function.store(0, Ordering::Relaxed);
         // Release pairs with the acquire in `Jobs::wait`: the job's effects are visible.
-        mailbox.done.fetch_add(1, Ordering::Release);
+        platform::counter_add_release(&mailbox.done, 1);
     }
 }
 

@@ -5,6 +5,7 @@
 //! Nothing here writes text through its own mapping: [`Text::write_insn`] goes through
 //! a temporary writable alias, so kernel text is never writable.
 
+pub mod alternatives;
 pub mod icache;
 pub mod insn;
 pub mod x86;

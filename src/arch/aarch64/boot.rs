@@ -10,8 +10,8 @@
 
 use super::exceptions::{self, FRAME_SIZE, MAX_DEPTH, TrapFrame};
 use super::{
-    cache, console, cpu, dtb, exit, gic, irqflags, layout, mmu, nmi_mode, psci, semihosting, smp,
-    timer,
+    alternatives, cache, console, cpu, dtb, exit, gic, irqflags, layout, mmu, nmi_mode, psci,
+    semihosting, smp, timer,
 };
 use crate::MAX_CPUS;
 use core::arch::global_asm;
@@ -133,6 +133,9 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
     irqflags::init_cpu(0);
     crate::kprintln!("{}", nmi_mode::describe());
     gic::set_sgi_handler(gic::STOP_SGI, super::stop_sgi_handler);
+    // SAFETY: the boot CPU, before any secondary starts; the MMU (and so the text
+    // alias) is on.
+    unsafe { alternatives::apply_boot() };
 
     let online = smp::start_secondaries(info);
     crate::kprintln!(

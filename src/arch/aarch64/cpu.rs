@@ -198,3 +198,42 @@ pub fn sev() {
 pub fn current_el() -> u8 {
     CurrentEL.read(CurrentEL::EL) as u8
 }
+
+/// Feature number ([`crate::patch::alternatives::Features`]) of FEAT_LSE atomics
+/// (ID_AA64ISAR0_EL1.Atomic >= 2: CAS, LDADD, STADD, SWP).
+pub const FEATURE_LSE: u16 = 0;
+/// CTR_EL0.IDC: instruction fetch coherence needs no D-cache clean to PoU.
+pub const FEATURE_IDC: u16 = 1;
+/// CTR_EL0.DIC: instruction fetch coherence needs no I-cache invalidation to PoU.
+pub const FEATURE_DIC: u16 = 2;
+/// FEAT_NMI (ID_AA64PFR1_EL1.NMI >= 1): superpriority interrupts and PSTATE.ALLINT.
+pub const FEATURE_NMI: u16 = 3;
+/// Never set by the hardware: the benchmark's sites, flipped by turning it on and off.
+pub const FEATURE_BENCH: u16 = 63;
+
+/// Every feature number with its name, as the alternatives tables may use them.
+pub const FEATURE_NAMES: [(u16, &str); 5] = [
+    (FEATURE_LSE, "lse"),
+    (FEATURE_IDC, "idc"),
+    (FEATURE_DIC, "dic"),
+    (FEATURE_NMI, "nmi"),
+    (FEATURE_BENCH, "bench"),
+];
+
+/// The calling CPU's features, read from its ID registers and CTR_EL0 (never
+/// [`FEATURE_BENCH`]).
+pub fn features() -> crate::patch::alternatives::Features {
+    let (isar0, pfr1, ctr): (u64, u64, u64);
+    // SAFETY: reading ID registers and CTR_EL0 has no side effect. By hand: aarch64-cpu
+    // 11.2 has neither ID_AA64ISAR0_EL1's Atomic field nor CTR_EL0.
+    unsafe {
+        asm!("mrs {}, S3_0_C0_C6_0", out(reg) isar0, options(nomem, nostack, preserves_flags));
+        asm!("mrs {}, S3_0_C0_C4_1", out(reg) pfr1, options(nomem, nostack, preserves_flags));
+        asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags));
+    }
+    crate::patch::alternatives::Features::NONE
+        .set(FEATURE_LSE, (isar0 >> 20) & 0xf >= 2)
+        .set(FEATURE_IDC, (ctr >> 28) & 1 != 0)
+        .set(FEATURE_DIC, (ctr >> 29) & 1 != 0)
+        .set(FEATURE_NMI, (pfr1 >> 36) & 0xf >= 1)
+}

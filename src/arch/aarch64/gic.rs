@@ -460,7 +460,8 @@ pub(crate) fn eoi(iar: u64) {
 #[inline(always)]
 pub(crate) fn count_interrupt(cpu: usize, intid: u32) {
     if let Some(count) = SGI_COUNTS.get(cpu).and_then(|c| c.get(intid as usize)) {
-        count.fetch_add(1, Ordering::Relaxed);
+        // LSE STADD where the CPU has it (a boot alternative).
+        super::atomic::add_relaxed_nopatch(count, 1);
     }
 }
 

@@ -5,6 +5,7 @@
 //! |-----------------|--------------------------------------------------------------|
 //! | [`selftest`]    | platform self-tests (`tests=platform`), `platform_selftest=`  |
 //! | [`boot`]        | boot assembly, Rust entry points, the boot sequence          |
+//! | [`alternatives`]| applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
 //! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
@@ -17,7 +18,8 @@
 //! | [`irqflags`]    | IRQs off/on (`local_irq_*`), `mask_all`/`mask_irqs`          |
 //! | [`cache`]       | instruction/data cache maintenance                           |
 //! | [`dtb`]         | the machine description ([`BootInfo`], [`boot_info`])        |
-//! | [`cpu`]         | DAIF masking, barriers, identity registers                   |
+//! | [`atomic`]      | counters with LSE atomics or LL/SC, chosen by alternatives   |
+//! | [`cpu`]         | DAIF masking, barriers, identity registers, CPU features     |
 //! | [`nmi_mode`]    | the NMI mode (pseudo-NMI, FEAT_NMI) and the priorities       |
 //! | [`semihosting`] | Arm semihosting calls (console of last resort, exit status)  |
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
@@ -25,13 +27,15 @@
 //! | [`layout`]      | linker symbols and stacks                                    |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
-//! one's [`Aarch64`]/[`STOP`], which `nmi` and `boot` use), never one above, so the
+//! one's [`Aarch64`]/[`STOP`], which `nmi`, `alternatives` and `boot` use), never one above, so the
 //! modules form a DAG (`tests/layering.rs` checks it). The leaves ([`nmi_mode`],
 //! [`semihosting`], [`psci`], [`layout`]) use no other module of the port. //!
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
+pub mod alternatives;
 pub mod assumptions;
+pub mod atomic;
 pub mod boot;
 pub mod cache;
 pub mod console;

@@ -1,7 +1,7 @@
 //! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence, and each
 //! secondary's once it leaves the trampoline.
 
-use super::{apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps};
+use super::{alternatives, apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps};
 use crate::kprintln;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +95,8 @@ extern "C" fn boot_main() -> ! {
     kprintln!("timer: TSC {khz} kHz ({source})");
     smp::install_trampoline();
     paging::init();
+    // SAFETY: the boot CPU, before any AP starts; paging (and so the text alias) is up.
+    unsafe { alternatives::apply_boot() };
     apic::mask_pic();
     let x2 = apic::init_boot();
     apic::init_cpu();

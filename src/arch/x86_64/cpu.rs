@@ -167,11 +167,108 @@ pub fn invlpg(va: usize) {
     unsafe { asm!("invlpg [{}]", in(reg) va, options(nostack)) };
 }
 
-/// A serialising instruction (`cpuid`): no instruction after it is fetched or executed
-/// before everything before it completed (SDM 9.3, cross-modifying code).
-#[inline(always)]
+/// A serialising instruction: no instruction after it is fetched or executed before
+/// everything before it completed (SDM 9.3, cross-modifying code): `SERIALIZE` where
+/// the CPU has it, else `CPUID` (which also clobbers four registers and may exit to a
+/// hypervisor). Linux's `sync_core`. One site, in `.text.nopatch` (the rendezvous and
+/// the text writer run it): a boot alternative.
+#[inline(never)]
+#[unsafe(link_section = ".text.nopatch")]
 pub fn serialize() {
+    // SAFETY: both variants only serialise (CPUID leaf 0 also writes EAX..EDX, declared
+    // clobbered; RBX, reserved by LLVM, is saved in a scratch register). Not `nomem`:
+    // a compiler barrier, as a serialising point must be.
+    unsafe {
+        alternative!(boot,
+            orig: "mov {saved}, rbx\n xor eax, eax\n xor ecx, ecx\n cpuid\n mov rbx, {saved}",
+            repl: ".byte 0x0f, 0x01, 0xe8", // serialize
+            feature: FEATURE_SERIALIZE,
+            saved = out(reg) _,
+            out("eax") _,
+            out("ecx") _,
+            out("edx") _,
+            options(nostack)
+        )
+    };
+}
+
+/// `CPUID` leaf 0, inlined into the caller: a serialising instruction with no call on
+/// the way (the rendezvous's exit, whose image check wants it in place).
+#[inline(always)]
+pub fn serialize_inline() {
     let _ = cpuid(0, 0);
+}
+
+/// Feature number ([`crate::patch::alternatives::Features`]) of `SERIALIZE`
+/// (CPUID.(EAX=7,ECX=0):EDX bit 14).
+pub const FEATURE_SERIALIZE: u16 = 0;
+/// `RDPID` (CPUID.(EAX=7,ECX=0):ECX bit 22): reads IA32_TSC_AUX, which each CPU sets to
+/// its index.
+pub const FEATURE_RDPID: u16 = 1;
+/// Never set by the hardware: the benchmark's sites, flipped by turning it on and off.
+pub const FEATURE_BENCH: u16 = 63;
+
+/// Every feature number with its name, as the alternatives tables may use them.
+pub const FEATURE_NAMES: [(u16, &str); 3] = [
+    (FEATURE_SERIALIZE, "serialize"),
+    (FEATURE_RDPID, "rdpid"),
+    (FEATURE_BENCH, "bench"),
+];
+
+/// The calling CPU's features, from CPUID (never [`FEATURE_BENCH`]).
+pub fn features() -> crate::patch::alternatives::Features {
+    let leaf7 = if cpuid(0, 0)[0] >= 7 {
+        cpuid(7, 0)
+    } else {
+        [0; 4]
+    };
+    crate::patch::alternatives::Features::NONE
+        .set(FEATURE_SERIALIZE, leaf7[3] & (1 << 14) != 0)
+        .set(FEATURE_RDPID, leaf7[2] & (1 << 22) != 0)
+}
+
+/// [`processor_id`] for the NMI entry (Linux's paranoid entry finds its per-CPU data
+/// with RDPID the same way): one site in `.text.nopatch`, so a boot alternative.
+#[inline(never)]
+#[unsafe(link_section = ".text.nopatch")]
+pub fn processor_id_nopatch() -> usize {
+    let index: usize;
+    // SAFETY: as for `processor_id`.
+    unsafe {
+        alternative!(boot,
+            orig: "mov rax, gs:[0]",
+            repl: ".byte 0xf3, 0x0f, 0xc7, 0xf8", // rdpid rax
+            feature: FEATURE_RDPID,
+            out("rax") index,
+            options(readonly, nostack, preserves_flags)
+        )
+    };
+    index
+}
+
+/// IA32_TSC_AUX, which `RDPID` (and `RDTSCP`) read.
+const MSR_TSC_AUX: u32 = 0xc000_0103;
+
+/// The calling CPU's logical index for code outside the patch window: `RDPID` (one
+/// instruction, no segment override) where the CPU has it, else the GS-relative load
+/// of [`current_cpu`]. A runtime alternative: one site, applied through
+/// `patch_machine`.
+#[inline(never)]
+pub fn processor_id() -> usize {
+    let index: usize;
+    // SAFETY: both variants read the calling CPU's index: `gs:[0]` (see
+    // `set_cpu_index`), or IA32_TSC_AUX, which `set_cpu_index` wrote with the same
+    // index on every CPU that has RDPID, before it ran any kernel code.
+    unsafe {
+        alternative!(runtime,
+            orig: "mov rax, gs:[0]",
+            repl: ".byte 0xf3, 0x0f, 0xc7, 0xf8", // rdpid rax
+            feature: FEATURE_RDPID,
+            out("rax") index,
+            options(readonly, nostack, preserves_flags)
+        )
+    };
+    index
 }
 
 /// IA32_GS_BASE.
@@ -194,6 +291,10 @@ pub fn set_cpu_index(index: usize) {
     assert!(index < crate::MAX_CPUS);
     // SAFETY: GS base points into an immutable static that outlives every CPU.
     unsafe { wrmsr(MSR_GS_BASE, &CPU_INDEX[index] as *const usize as u64) };
+    if features().has(FEATURE_RDPID) {
+        // SAFETY: IA32_TSC_AUX exists where RDPID does; only RDPID/RDTSCP read it.
+        unsafe { wrmsr(MSR_TSC_AUX, index as u64) };
+    }
 }
 
 /// The calling CPU's logical index (0 = the boot CPU).

@@ -5,6 +5,7 @@
 //! |----------------|---------------------------------------------------------------|
 //! | [`selftest`]   | the KTAP self-tests                                           |
 //! | [`boot`]       | PVH entry (assembly), the boot CPU's and the APs' sequences, bootargs |
+//! | [`alternatives`] | applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
 //! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
@@ -21,7 +22,7 @@
 //! | [`frame`]      | the trap frame the entry stubs build                          |
 //! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
 //! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
-//! | [`cpu`]        | single instructions, the per-CPU index (GS base)              |
+//! | [`cpu`]        | single instructions, the per-CPU index (GS base), CPU features |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
 //! one's [`X86_64`]/[`STOP`], which `traps`, `text_poke` and `nmi` use), never one
@@ -31,6 +32,7 @@
 //! [`X86_64`] implements [`crate::stop::Arch`]; [`STOP`] is the system's stop machine,
 //! reached through [`ipi::STOP_VECTOR`].
 
+pub mod alternatives;
 pub mod apic;
 pub mod boot;
 pub mod console;
@@ -135,7 +137,9 @@ unsafe impl Arch for X86_64 {
 
     #[inline(always)]
     fn sync_context(&self) {
-        cpu::serialize()
+        // Inline `cpuid`, not the `cpu::serialize` alternative: the rendezvous's exit
+        // serialises in place, before its `sti`, where tests/kernel_image.rs sees it.
+        cpu::serialize_inline()
     }
 
     #[inline(always)]

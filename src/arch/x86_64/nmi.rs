@@ -211,7 +211,7 @@ fn account_latches(cpu: usize, answering: u64) {
 /// each) touches it meanwhile.
 #[unsafe(link_section = ".text.nopatch")]
 pub(crate) unsafe fn handle_nmi(latches: *mut u64) {
-    let cpu = cpu::current_cpu();
+    let cpu = cpu::processor_id_nopatch();
     let (Some(in_nmi), Some(taken), Some(requests), Some(drained)) = (
         IN_NMI.get(cpu),
         TAKEN.get(cpu),

@@ -5,7 +5,13 @@ use crate::arch::aarch64::{boot_info, cpu, gic, irq, irqflags, layout, nmi_mode}
 use crate::patch::{Patch, PatchError, insn};
 use core::ops::Range;
 
+pub use crate::arch::aarch64::alternatives::{
+    PATHS as ALTERNATIVE_PATHS, apply_runtime as apply_alternatives, bench_sites_applied,
+    feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
+    status as alternatives_status,
+};
 pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
+pub use crate::arch::aarch64::cpu::FEATURE_NAMES;
 pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irqflags::{
     IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
@@ -24,6 +30,17 @@ pub use crate::patch::insn::{Insn, NOP};
 /// handler's first step (DAIF and, with FEAT_NMI, ALLINT).
 pub fn mask_for_panic() {
     cpu::mask_all();
+}
+
+/// The calling CPU's features, as the alternatives see them.
+pub fn cpu_features() -> crate::patch::alternatives::Features {
+    cpu::features()
+}
+
+/// `counter += value`, Release (LSE `STADDL` where the CPU has it, through a runtime
+/// alternative).
+pub fn counter_add_release(counter: &core::sync::atomic::AtomicU32, value: u32) {
+    crate::arch::aarch64::atomic::add_release(counter, value);
 }
 
 /// Bytes of one patch site.

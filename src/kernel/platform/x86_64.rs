@@ -5,7 +5,13 @@ use crate::patch::{Patch, PatchError, x86};
 use core::ops::Range;
 
 pub use crate::arch::write_probe::set_write_probe;
+pub use crate::arch::x86_64::alternatives::{
+    PATHS as ALTERNATIVE_PATHS, apply_runtime as apply_alternatives, bench_sites_applied,
+    feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
+    status as alternatives_status,
+};
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
+pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
 pub use crate::arch::x86_64::exit::exit;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
@@ -33,9 +39,19 @@ pub fn mask_for_panic() {
     cpu::cli_save();
 }
 
-/// The calling CPU's index.
+/// The calling CPU's index (`RDPID` where the CPU has it: a runtime alternative).
 pub fn current_cpu() -> usize {
-    cpu::current_cpu()
+    cpu::processor_id()
+}
+
+/// The calling CPU's features, as the alternatives see them.
+pub fn cpu_features() -> crate::patch::alternatives::Features {
+    cpu::features()
+}
+
+/// `counter += value`, Release (`lock xadd`: x86 has one form).
+pub fn counter_add_release(counter: &core::sync::atomic::AtomicU32, value: u32) {
+    counter.fetch_add(value, core::sync::atomic::Ordering::Release);
 }
 
 /// CPUs the ACPI MADT lists.

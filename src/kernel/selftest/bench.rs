@@ -317,6 +317,27 @@ pub fn bench(_: &Params) -> Verdict {
     }
     drop(batches);
 
+    // The alternatives: the whole runtime table re-applied through patch_machine, its
+    // benchmark sites flipped on and off (even counts: they end off, as at boot).
+    let (alt_sites, _) = platform::bench_sites_applied();
+    let result = measure(10, 200, |i| {
+        platform::flip_bench_alternatives(i % 2 == 0).map(|_| ())
+    });
+    if platform::bench_sites_applied().1 != 0 {
+        let _ = platform::flip_bench_alternatives(false);
+    }
+    match result {
+        Ok(stats) => {
+            report("alternatives_apply", alt_sites as usize, &stats);
+            let ratio_x10 = (stats.median_ns * 10).div_ceil(roundtrip_stats.median_ns.max(1));
+            kprint!(
+                "# alternatives_apply/ipi_roundtrip = {}.{} (median, {alt_sites} sites)\n",
+                ratio_x10 / 10,
+                ratio_x10 % 10
+            );
+        }
+        Err(err) => fail!("alternatives_apply: {err}"),
+    }
     if let Err(failure) = bench_static_keys(&roundtrip_stats) {
         return failure;
     }

@@ -35,6 +35,8 @@ pub struct Params {
     pub static_key_flips: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
+    /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
+    pub expect_features: Option<crate::patch::alternatives::Features>,
 }
 
 impl Params {
@@ -44,9 +46,11 @@ impl Params {
         nosync_flips: 2_000,
         static_key_flips: 1_000,
         expect_nmi: None,
+        expect_features: None,
     };
 }
 
+mod alternatives;
 mod bench;
 mod nmi;
 mod static_keys;
@@ -149,6 +153,11 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "nmi_safe_patching",
         run: nmi::nmi_safe_patching,
+        by_default: true,
+    },
+    Test {
+        name: "alternatives",
+        run: alternatives::alternatives,
         by_default: true,
     },
     Test {
