@@ -308,7 +308,7 @@ fn a_fatal_qemu_error_ends_the_run_at_once() {
          echo '1..1'\n\
          echo 'KVM internal error. Suberror: 1' >&2\n\
          echo 'extra data[0]: 0x0000000000000000' >&2\n\
-         exec sleep 120\n",
+         exec sleep 90\n",
     )
     .unwrap();
     let mut permissions = std::fs::metadata(&fake).unwrap().permissions();
@@ -320,7 +320,7 @@ fn a_fatal_qemu_error_ends_the_run_at_once() {
 
     let start = Instant::now();
     let out = qemu_sh(
-        &["--no-build", "--timeout", "100"],
+        &["--no-build", "--timeout", "60"],
         &dir.join("target"),
         Some(&bin),
     );
