@@ -44,6 +44,13 @@ const NUMERIC: &[Numeric<Params>] = &[
         max: MAX_FLIPS,
         set: |p, n| p.nosync_flips = n as u32,
     },
+    // Read by the platform at boot; checked here so that a typo is not silently no CPU.
+    Numeric {
+        key: "platform_offline_cpu",
+        min: 1,
+        max: crate::MAX_CPUS as u64 - 1,
+        set: |_, _| {},
+    },
 ];
 
 /// The largest `flips=` and `nosync_flips=` (fits `Params`' `u32`).
@@ -130,8 +137,9 @@ fn refuse_bootargs(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
     ktap.diag(format_args!("bootargs \"{bootargs}\": {why}"));
     ktap.diag(format_args!(
         "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} pseudo_nmi=on|off expect_nmi={} platform_selftest={}",
+         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} platform_selftest={}",
         Names(TESTS.iter().map(|t| t.name), ","),
+        crate::MAX_CPUS - 1,
         Names(platform::NmiMechanism::ALL.iter().map(|m| m.name()), "|"),
         Names(platform::FAULT_MODES.iter().copied(), "|"),
     ));
