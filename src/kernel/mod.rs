@@ -92,11 +92,26 @@ fn default_tests() -> u64 {
 pub fn primary_main() -> ! {
     let bootargs = platform::bootargs();
     if let Some(too_long) = platform::bootargs_too_long() {
-        refuse_bootargs(bootargs, "bootargs", format_args!("{too_long}"));
+        refuse_run(bootargs, "bootargs", format_args!("{too_long}"));
+    }
+    // CPUs the firmware lists but the kernel cannot drive would never be stopped:
+    // whatever `tests=` says, the run fails.
+    let listed = platform::firmware_cpu_count();
+    if listed > crate::MAX_CPUS {
+        refuse_run(
+            bootargs,
+            "cpus_online",
+            format_args!(
+                "the {} lists {listed} CPUs, out of range (max {} = MAX_CPUS): {} would never be stopped",
+                platform::CPU_TABLE,
+                crate::MAX_CPUS,
+                listed - crate::MAX_CPUS
+            ),
+        );
     }
     let mut selection = match parse_bootargs(bootargs) {
         Ok(selection) => selection,
-        Err(bad) => refuse_bootargs(bootargs, bad.word, format_args!("{bad}")),
+        Err(bad) => refuse_run(bootargs, bad.word, format_args!("{bad}")),
     };
     selection.params.expect_nmi = selection.expect_nmi.map(|i| platform::NmiMechanism::ALL[i]);
     let planned = match selection.fault {
@@ -129,12 +144,12 @@ pub fn primary_main() -> ! {
     platform::exit(ktap.finish())
 }
 
-/// Reports a refused command line as one failing KTAP result named after the bad word
-/// (`not ok 1 flips=0 # 'flips=0': out of range (min 1, max 10000000)`), with what is
-/// known as `#` lines, and ends the run.
-fn refuse_bootargs(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
+/// Reports a refused run as one failing KTAP result named after what was refused, the
+/// bad word of the command line (`not ok 1 flips=0 # 'flips=0': out of range (min 1,
+/// max 10000000)`) or `cpus_online`, with what is known as `#` lines, and ends the run.
+fn refuse_run(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
     let mut ktap = Ktap::start(Console, 1);
-    ktap.diag(format_args!("bootargs \"{bootargs}\": {why}"));
+    ktap.diag(format_args!("refused: {why} (bootargs \"{bootargs}\")"));
     ktap.diag(format_args!(
         "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
          flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} platform_selftest={}",

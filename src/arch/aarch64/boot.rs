@@ -183,7 +183,7 @@ fn print_banner(info: &dtb::BootInfo) {
         info.dtb,
         info.dtb_cpu_count,
         if info.dtb_cpu_count > MAX_CPUS {
-            ", more than MAX_CPUS: cpus_online fails"
+            ", more than MAX_CPUS: the run is refused"
         } else {
             ""
         },

@@ -130,7 +130,7 @@ extern "C" fn boot_main() -> ! {
         apic::id(),
         cpus.count + cpus.dropped,
         if cpus.dropped > 0 {
-            " (more than MAX_CPUS: cpus_online fails)"
+            " (more than MAX_CPUS: the run is refused)"
         } else {
             ""
         }
