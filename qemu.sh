@@ -29,24 +29,38 @@ Options:
   --arch ARCH          aarch64 (default) or x86_64 (q35, PVH boot; success is
                        QEMU status 33 from isa-debug-exit; --accel kvm is
                        probed first and refused with status 2 if unusable)
-  --smp N              number of vCPUs (default 4)
-  --cpu MODEL          QEMU CPU model (default max)
+  --smp N              number of vCPUs, 1 to MAX_CPUS (src/cpuset.rs: $(max_cpus)),
+                       default 4
+  --cpu MODEL          QEMU CPU model (default max); on aarch64 a 64-bit one
+                       (qemu-system-aarch64 -cpu help lists them)
   --machine-opts OPTS  appended to "virt,gic-version=3", e.g. virtualization=on
                        or virtualization=on,gic-version=4
   --accel ACCEL        QEMU accelerator (default tcg); a tcg without thread=
                        gets thread=single (see pick_accel for why)
-  --timeout SECONDS    kill QEMU after this long (default 300)
+  --timeout SECONDS    kill QEMU after this long, 1 to $MAX_TIMEOUT (default 300);
+                       a fatal QEMU error (e.g. "KVM internal error") ends the
+                       run at once instead
   --no-build           boot the existing image, do not run cargo build
+  --check              check the options and that QEMU accepts the machine,
+                       CPU model and accelerator, then exit: no build, no boot
   --bench [OPTS]       run the in-guest benchmarks for 1, 2, 4 and 8 CPUs and
-                       write target/bench/bench.{csv,json} and SVG plots; OPTS:
-                       --arch A (repeatable), --cpus "1 2 4 8", --cpu MODEL,
-                       --no-build (see tools/bench.sh)
-  --log FILE           also save the serial output to FILE
+                       write target/bench/bench.{csv,json} and SVG plots; OPTS
+                       (before or after --bench): --arch A (repeatable),
+                       --cpus "1 2 4 8", --cpu MODEL, --no-build
+                       (see tools/bench.sh)
+  --log FILE           also save the serial output to FILE (checked before the
+                       build: its directory is created, the file must be
+                       writable)
   -h, --help           show this help
+An option's value may not start with "-" (--log --no-build is refused); write
+--log=-FILE for such a value.
   -- BOOTARGS...       the rest, joined with spaces, is passed as -append
                        (e.g. -- tests=torture,bad_batches flips=2000)
 
-Exit status: 0 pass, 1 build/boot/test failure, 2 usage or setup error.
+Exit status: 0 pass; 1 build, boot or test failure (a fatal QEMU error during
+the run included); 2 usage or setup error: a bad option or value, a missing
+QEMU, Rust target or image, a machine/CPU/accelerator QEMU refuses, unusable
+KVM, or a --log that cannot be written. Nothing is built or booted after a 2.
 EOF
 }
 
@@ -58,7 +72,33 @@ usage_error() {
     exit 2
 }
 
-is_positive() { [[ "$1" =~ ^[0-9]+$ && "$1" =~ [1-9] ]]; }
+# The largest --timeout: a day; larger values are typos (and would wrap bash's
+# arithmetic past 19 digits).
+readonly MAX_TIMEOUT=86400
+
+# max_cpus: MAX_CPUS of src/cpuset.rs, the most CPUs the kernel drives (it fails
+# cpus_online when the firmware lists more).
+max_cpus() {
+    local line
+    line="$(grep -m1 -E '^pub const MAX_CPUS: usize = [0-9]+;' "$ROOT/src/cpuset.rs" 2>/dev/null)" || {
+        echo 32
+        return
+    }
+    line="${line##* }"
+    printf '%s\n' "${line%;}"
+}
+
+# check_count NAME VALUE MIN MAX [WHY]: VALUE is a decimal integer in MIN..MAX (checked
+# as text first, so that no value wraps); prints it without leading zeros.
+check_count() {
+    local name="$1" value="$2" min="$3" max="$4" why="${5:+ = $5}"
+    [[ "$value" =~ ^[0-9]+$ ]] || usage_error "$name takes a number from $min to $max, got '$value'"
+    local digits="${value#"${value%%[!0]*}"}"
+    if ((${#digits} > ${#max})) || ((10#${digits:-0} < min || 10#${digits:-0} > max)); then
+        usage_error "$name $value is out of range (min $min, max $max$why)"
+    fi
+    printf '%s\n' "$((10#${digits:-0}))"
+}
 
 # ---------------------------------------------------------------------------
 # KTAP checking
@@ -293,7 +333,9 @@ ktap_verdict() {
     done
 
     local reason=""
-    if [[ "$timed_out" != 0 ]]; then
+    if [[ -n "${QEMU_FATAL_LINE:-}" ]]; then
+        reason="QEMU stopped after ${elapsed} s with a fatal error: $QEMU_FATAL_LINE; $where"
+    elif [[ "$timed_out" != 0 ]]; then
         reason="timeout after $timed_out s${running:+ in $running}; $where"
     elif [[ -n "$crash" ]]; then
         reason="kernel crashed${crashed_in:+ in $crashed_in}: $crash; $where"
@@ -438,9 +480,85 @@ pick_accel() {
     printf '%s\n' "$accel"
 }
 
+# probe_qemu PROGRAM MACHINE ACCEL: starts QEMU paused with the run's machine, CPU
+# model, CPU count and accelerator, reads the registers through its monitor and
+# quits (a fraction of a second), so that a setup QEMU refuses is a usage error
+# found before anything is built or booted. On aarch64 the registers also tell an
+# AArch32-only CPU model (R00=, where AArch64 shows PC= and X00=), which QEMU
+# would refuse only at -kernel ("incompatible architecture").
+probe_qemu() {
+    local program="$1" machine="$2" accel="$3" out="$TMP/probe" status=0
+    local setup="-machine $machine -cpu $OPT_CPU -smp $OPT_SMP -accel $accel"
+    printf 'info registers\nquit\n' | timeout 30 "$program" -machine "$machine" -cpu "$OPT_CPU" \
+        -smp "$OPT_SMP" -m 256M -accel "$accel" -display none -serial none -monitor stdio \
+        -nodefaults -S >"$out" 2>&1 || status=$?
+    if ((status == 124)); then
+        say "FAIL (QEMU did not answer its monitor within 30 s when probing $setup)"
+        exit 2
+    elif ((status != 0)); then
+        local line
+        line="$(grep -m1 "^$program: " "$out" || grep -m1 -v '^[[:space:]]*$' "$out" || true)"
+        say "FAIL (QEMU refuses $setup: ${line:-exit status $status})"
+        exit 2
+    fi
+    if [[ "$program" == "$QEMU_AARCH64" ]] && ! grep -q 'PC=' "$out"; then
+        say "FAIL (--cpu $OPT_CPU is a 32-bit (AArch32-only) CPU model and the kernel is AArch64: use a 64-bit one, e.g. max, cortex-a53, cortex-a57, cortex-a72 or neoverse-n1)"
+        exit 2
+    fi
+}
+
+# check_log: --log's directory is created and the file can be written, before
+# the build.
+check_log() {
+    [[ -n "$OPT_LOG" ]] || return 0
+    local dir err
+    dir="$(dirname -- "$OPT_LOG")"
+    if [[ -e "$dir" && ! -d "$dir" ]]; then
+        say "FAIL (cannot create the --log file '$OPT_LOG': '$dir' is not a directory)"
+        exit 2
+    fi
+    if ! err="$(mkdir -p -- "$dir" 2>&1)"; then
+        say "FAIL (cannot create the --log directory '$dir': ${err##*: })"
+        exit 2
+    fi
+    if ! err="$({ : >>"$OPT_LOG"; } 2>&1)"; then
+        say "FAIL (cannot write the --log file '$OPT_LOG': ${err##*: })"
+        exit 2
+    fi
+}
+
+# check_only: --check ends here, every check above passed.
+check_only() {
+    ((OPT_CHECK)) || return 0
+    say "OK ($OPT_ARCH: QEMU accepts -cpu $OPT_CPU -smp $OPT_SMP -accel $1; nothing built or booted)"
+    exit 0
+}
+
+# Lines of QEMU's stderr after which it never exits by itself: KVM pauses the VM
+# ("KVM internal error. Suberror: N", "KVM: entry failed, hardware error") and
+# waits for a monitor that is not there, so the run would wait out its timeout.
+readonly QEMU_FATAL='^(KVM internal error|KVM: entry failed|error: kvm run failed|qemu: fatal:)'
+
+# watch_stderr: copies QEMU's stderr to ours and "$TMP/stderr"; on the first
+# fatal line, saves it in "$TMP/fatal" and stops QEMU (through timeout(1), whose
+# pid is in "$TMP/pid" and which passes SIGTERM on).
+watch_stderr() {
+    local line
+    while IFS= read -r line || [[ -n "$line" ]]; do
+        printf '%s\n' "$line" >&2
+        printf '%s\n' "$line" >>"$TMP/stderr"
+        if [[ ! -s "$TMP/fatal" && "$line" =~ $QEMU_FATAL ]]; then
+            printf '%s\n' "$line" >"$TMP/fatal"
+            say "QEMU reported a fatal error; stopping it"
+            kill -TERM "$(cat "$TMP/pid")" 2>/dev/null || true
+        fi
+    done
+}
+
 # run_qemu LOGFILE... -- QEMU COMMAND...: streams the serial output to stdout
-# and the log files, QEMU's stderr to stderr and "$tmp/stderr"; sets
-# QEMU_STATUS, TIMED_OUT (0 or the time limit) and ELAPSED.
+# and the log files, QEMU's stderr to stderr and "$TMP/stderr"; sets
+# QEMU_STATUS, TIMED_OUT (0 or the time limit), QEMU_FATAL_LINE (the fatal line
+# QEMU was stopped for, or empty) and ELAPSED.
 run_qemu() {
     local -a logs=()
     while [[ "$1" != "--" ]]; do
@@ -455,12 +573,17 @@ run_qemu() {
     # stdout and the logs. --foreground keeps QEMU in our process group so that
     # Ctrl-C reaches it; stdin is /dev/null so that QEMU never puts the
     # terminal in raw mode.
+    : >"$TMP/stderr"
+    : >"$TMP/fatal"
     {
-        timeout --foreground --kill-after="$KILL_GRACE" "$OPT_TIMEOUT" "$@" \
-            </dev/null 2>&1 1>&3 3>&- | tee "$TMP/stderr" >&2 3>&-
+        # shellcheck disable=SC2016 # $0 and $@ belong to the inner shell
+        bash -c 'echo $$ >"$0"; exec "$@"' "$TMP/pid" \
+            timeout --foreground --kill-after="$KILL_GRACE" "$OPT_TIMEOUT" "$@" \
+            </dev/null 2>&1 1>&3 3>&- | watch_stderr 3>&-
         echo "${PIPESTATUS[0]}" >"$TMP/status"
     } 3>&1 | tee "${logs[@]}"
     set -e
+    QEMU_FATAL_LINE="$(cat "$TMP/fatal")"
     ELAPSED=$((SECONDS - start))
     QEMU_STATUS="$(cat "$TMP/status")"
     TIMED_OUT=0
@@ -515,6 +638,9 @@ x86_64_main() {
         fi
     fi
     accel="$(pick_accel "$OPT_ACCEL" "$OPT_SMP")"
+    probe_qemu "$QEMU_X86_64" "q35${OPT_MACHINE_OPTS:+,$OPT_MACHINE_OPTS}" "$accel"
+    check_log
+    check_only "$accel"
     if ((OPT_BUILD)); then
         ensure_rust_target "$X86_64_TARGET"
         local -a cmd=(cargo build --release --target "$X86_64_TARGET" --bin "$KERNEL_BIN")
@@ -546,10 +672,7 @@ x86_64_main() {
     )
     if [[ -n "$OPT_APPEND" ]]; then qemu+=(-append "$OPT_APPEND"); fi
     local -a logs=("$TMP/serial")
-    if [[ -n "$OPT_LOG" ]]; then
-        mkdir -p "$(dirname "$OPT_LOG")"
-        logs+=("$OPT_LOG")
-    fi
+    if [[ -n "$OPT_LOG" ]]; then logs+=("$OPT_LOG"); fi
     say "$(shell_quote "${qemu[@]}")"
     run_qemu "${logs[@]}" -- "${qemu[@]}"
     local status="$QEMU_STATUS"
@@ -568,6 +691,19 @@ x86_64_main() {
 # Main
 # ---------------------------------------------------------------------------
 
+# set_option OPTION VALUE
+set_option() {
+    case "$1" in
+        --arch) OPT_ARCH="$2" ;;
+        --smp) OPT_SMP="$2" ;;
+        --cpu) OPT_CPU="$2" ;;
+        --machine-opts) OPT_MACHINE_OPTS="$2" ;;
+        --accel) OPT_ACCEL="$2" ;;
+        --timeout) OPT_TIMEOUT="$2" ;;
+        --log) OPT_LOG="$2" ;;
+    esac
+}
+
 parse_args() {
     OPT_ARCH=aarch64
     OPT_SMP=4
@@ -578,7 +714,8 @@ parse_args() {
     OPT_BUILD=1
     OPT_LOG=""
     OPT_APPEND=""
-    local -a bootargs=()
+    OPT_CHECK=0
+    local -a bootargs=() before=()
     while (($# > 0)); do
         case "$1" in
             -h | --help)
@@ -586,27 +723,24 @@ parse_args() {
                 exit 0
                 ;;
             --no-build) OPT_BUILD=0 ;;
+            --check) OPT_CHECK=1 ;;
             --bench)
                 # The benchmark sweep is its own driver; it boots through this script.
+                # The options before --bench are its options too (it refuses those
+                # that are not).
                 shift
-                exec bash "$ROOT/tools/bench.sh" "$@"
+                exec bash "$ROOT/tools/bench.sh" "${before[@]}" "$@"
                 ;;
             --arch | --smp | --cpu | --machine-opts | --accel | --timeout | --log)
                 (($# >= 2)) || usage_error "option $1 needs a value"
-                case "$1" in
-                    --arch) OPT_ARCH="$2" ;;
-                    --smp) OPT_SMP="$2" ;;
-                    --cpu) OPT_CPU="$2" ;;
-                    --machine-opts) OPT_MACHINE_OPTS="$2" ;;
-                    --accel) OPT_ACCEL="$2" ;;
-                    --timeout) OPT_TIMEOUT="$2" ;;
-                    --log) OPT_LOG="$2" ;;
-                esac
+                # "--log --no-build" is a forgotten value, not a file named --no-build.
+                [[ "$2" != -* ]] || usage_error "option $1 needs a value, got the option '$2' (write $1=$2 if that is the value)"
+                set_option "$1" "$2"
+                before+=("$1" "$2")
                 shift
                 ;;
             --arch=* | --smp=* | --cpu=* | --machine-opts=* | --accel=* | --timeout=* | --log=*)
-                set -- "${1%%=*}" "${1#*=}" "${@:2}"
-                continue
+                set_option "${1%%=*}" "${1#*=}"
                 ;;
             --)
                 shift
@@ -615,15 +749,18 @@ parse_args() {
                 ;;
             *) usage_error "unknown argument: $1" ;;
         esac
+        [[ "$1" == --no-build ]] && before+=("$1")
         shift
     done
     OPT_APPEND="${bootargs[*]}"
 
-    is_positive "$OPT_SMP" || usage_error "--smp needs a positive integer, got '$OPT_SMP'"
-    is_positive "$OPT_TIMEOUT" || usage_error "--timeout needs a positive number of seconds, got '$OPT_TIMEOUT'"
-    OPT_SMP=$((10#$OPT_SMP)) OPT_TIMEOUT=$((10#$OPT_TIMEOUT)) # no octal surprises
+    OPT_SMP="$(check_count --smp "$OPT_SMP" 1 "$(max_cpus)" "MAX_CPUS, src/cpuset.rs")" || exit 2
+    OPT_TIMEOUT="$(check_count --timeout "$OPT_TIMEOUT" 1 "$MAX_TIMEOUT")" || exit 2
     [[ -n "$OPT_CPU" ]] || usage_error "--cpu needs a CPU model"
     [[ -n "$OPT_ACCEL" ]] || usage_error "--accel needs an accelerator"
+    if [[ -n "$OPT_LOG" && "$OPT_LOG" == */ ]]; then
+        usage_error "--log needs a file, got the directory '$OPT_LOG'"
+    fi
     case "$OPT_ARCH" in
         aarch64) ;;
         x86_64)
@@ -640,6 +777,14 @@ main() {
     parse_args "$@"
 
     ensure_qemu "$QEMU_AARCH64"
+    TMP="$(mktemp -d "${TMPDIR:-/tmp}/qemu.sh.XXXXXX")"
+    trap 'rm -rf "$TMP"' EXIT
+    local machine="virt,gic-version=3${OPT_MACHINE_OPTS:+,$OPT_MACHINE_OPTS}"
+    local accel
+    accel="$(pick_accel "$OPT_ACCEL" "$OPT_SMP")"
+    probe_qemu "$QEMU_AARCH64" "$machine" "$accel"
+    check_log
+    check_only "$accel"
     if ((OPT_BUILD)); then
         ensure_rust_target "$KERNEL_TARGET"
         build_kernel
@@ -651,9 +796,6 @@ main() {
         exit 2
     fi
 
-    local machine="virt,gic-version=3${OPT_MACHINE_OPTS:+,$OPT_MACHINE_OPTS}"
-    local accel
-    accel="$(pick_accel "$OPT_ACCEL" "$OPT_SMP")"
     # shellcheck disable=SC2054 # the commas belong to QEMU option values
     local -a qemu=(
         "$QEMU_AARCH64"
@@ -669,13 +811,8 @@ main() {
     )
     if [[ -n "$OPT_APPEND" ]]; then qemu+=(-append "$OPT_APPEND"); fi
 
-    TMP="$(mktemp -d "${TMPDIR:-/tmp}/qemu.sh.XXXXXX")"
-    trap 'rm -rf "$TMP"' EXIT
     local -a logs=("$TMP/serial")
-    if [[ -n "$OPT_LOG" ]]; then
-        mkdir -p "$(dirname "$OPT_LOG")"
-        logs+=("$OPT_LOG")
-    fi
+    if [[ -n "$OPT_LOG" ]]; then logs+=("$OPT_LOG"); fi
 
     say "$(shell_quote "${qemu[@]}")"
 

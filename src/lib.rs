@@ -79,6 +79,7 @@
 // carries one code per CPU: 136 bytes on paths that are anything but hot.
 #![allow(clippy::result_large_err)]
 
+pub mod bootargs;
 pub mod console_line;
 pub mod cpuset;
 // Before every module that writes tests: `#[macro_use]` puts `msg!`, `fail!` and

@@ -693,3 +693,64 @@ fn x86_64_text_write_faults() {
         ],
     );
 }
+
+/// A bad kernel argument is one failing KTAP result named after the word, with the
+/// range a number must be in (a number past `u64` included).
+#[test]
+fn aarch64_bad_bootarg_is_named() {
+    run_cell_expecting_failure(
+        &Cell::new("aarch64_bad_bootarg_is_named", "max", 2)
+            .bootargs("tests=torture flips=99999999999999999999"),
+        &[
+            "KTAP version 1\n1..1\n",
+            "not ok 1 flips=99999999999999999999 # 'flips=99999999999999999999': out of range (min 1, max 10000000)",
+            "FAIL (1 of 1 test(s) failed: not ok 1 flips=99999999999999999999",
+        ],
+    );
+}
+
+/// 64 words of 17 bytes and their spaces: 1151 bytes, over both kernels' copies of the
+/// command line (aarch64 1024 bytes, x86_64 512). Cut, it would run `cpus_online` and pass.
+const LONG_BOOTARGS: &str = concat!(
+    "tests=cpus_online platform_pad=0002 platform_pad=0003 platform_pad=0004 ",
+    "platform_pad=0005 platform_pad=0006 platform_pad=0007 platform_pad=0008 ",
+    "platform_pad=0009 platform_pad=0010 platform_pad=0011 platform_pad=0012 ",
+    "platform_pad=0013 platform_pad=0014 platform_pad=0015 platform_pad=0016 ",
+    "platform_pad=0017 platform_pad=0018 platform_pad=0019 platform_pad=0020 ",
+    "platform_pad=0021 platform_pad=0022 platform_pad=0023 platform_pad=0024 ",
+    "platform_pad=0025 platform_pad=0026 platform_pad=0027 platform_pad=0028 ",
+    "platform_pad=0029 platform_pad=0030 platform_pad=0031 platform_pad=0032 ",
+    "platform_pad=0033 platform_pad=0034 platform_pad=0035 platform_pad=0036 ",
+    "platform_pad=0037 platform_pad=0038 platform_pad=0039 platform_pad=0040 ",
+    "platform_pad=0041 platform_pad=0042 platform_pad=0043 platform_pad=0044 ",
+    "platform_pad=0045 platform_pad=0046 platform_pad=0047 platform_pad=0048 ",
+    "platform_pad=0049 platform_pad=0050 platform_pad=0051 platform_pad=0052 ",
+    "platform_pad=0053 platform_pad=0054 platform_pad=0055 platform_pad=0056 ",
+    "platform_pad=0057 platform_pad=0058 platform_pad=0059 platform_pad=0060 ",
+    "platform_pad=0061 platform_pad=0062 platform_pad=0063 platform_pad=0064"
+);
+
+/// A command line longer than the kernel keeps is refused whole, never cut.
+#[test]
+fn aarch64_long_bootargs_are_refused() {
+    run_cell_expecting_failure(
+        &Cell::new("aarch64_long_bootargs_are_refused", "max", 1).bootargs(LONG_BOOTARGS),
+        &[
+            "not ok 1 bootargs # the command line is 1151 bytes, out of range (max 1024): refused rather than cut",
+            "FAIL (1 of 1 test(s) failed: not ok 1 bootargs",
+        ],
+    );
+}
+
+#[test]
+fn x86_64_long_bootargs_are_refused() {
+    run_cell_expecting_failure(
+        &Cell::new("x86_64_long_bootargs_are_refused", "max", 1)
+            .on_x86_64()
+            .bootargs(LONG_BOOTARGS),
+        &[
+            "not ok 1 bootargs # the command line is 1151 bytes, out of range (max 512): refused rather than cut",
+            "FAIL (1 of 1 test(s) failed: not ok 1 bootargs",
+        ],
+    );
+}

@@ -5,8 +5,10 @@
 #
 # Usage: ./qemu.sh --bench [--arch ARCH]... [--cpus "1 2 4 8"] [--cpu MODEL]
 #        [--no-build] [-- EXTRA BOOTARGS]
-# Exit status: 0 when every run passed and the report was written, 1 otherwise,
-# 2 on a usage error.
+# (these options may also come before --bench; no other qemu.sh option applies).
+# Every option, CPU count and CPU model is checked (./qemu.sh --check) before the
+# old logs are deleted or anything is built. Exit status: 0 when every run passed
+# and the report was written, 1 otherwise, 2 on a usage or setup error.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +24,7 @@ while (($# > 0)); do
     case "$1" in
         --arch | --cpus | --cpu)
             (($# >= 2)) || { say "option $1 needs a value"; exit 2; }
+            [[ "$2" != -* ]] || { say "option $1 needs a value, got the option '$2'"; exit 2; }
             case "$1" in
                 --arch) arches+=("$2") ;;
                 --cpus) cpus="$2" ;;
@@ -30,7 +33,11 @@ while (($# > 0)); do
             shift
             ;;
         --no-build) build=0 ;;
-        -h | --help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h | --help) sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --smp | --smp=* | --timeout | --timeout=* | --log | --log=* | --accel | --accel=* | --machine-opts | --machine-opts=* | --check)
+            say "${1%%=*} is not a --bench option (--bench takes --arch, --cpus \"1 2 4 8\", --cpu MODEL, --no-build)"
+            exit 2
+            ;;
         --) shift; extra=("$@"); break ;;
         *) say "unknown argument: $1"; exit 2 ;;
     esac
@@ -43,8 +50,26 @@ for arch in "${arches[@]}"; do
         *) say "unknown --arch '$arch' (aarch64 or x86_64)"; exit 2 ;;
     esac
 done
+max_cpus="$(sed -n 's/^pub const MAX_CPUS: usize = \([0-9]*\);$/\1/p' "$ROOT/src/cpuset.rs")"
+[[ -n "${cpus// /}" ]] || { say "--cpus needs CPU counts from 1 to $max_cpus, got none"; exit 2; }
 for n in $cpus; do
-    [[ "$n" =~ ^[0-9]+$ && "$n" =~ [1-9] ]] || { say "--cpus needs positive CPU counts, got '$cpus'"; exit 2; }
+    [[ "$n" =~ ^[0-9]+$ ]] || { say "--cpus takes CPU counts from 1 to $max_cpus, got '$n' in '$cpus'"; exit 2; }
+    digits="${n#"${n%%[!0]*}"}"
+    if ((${#digits} > ${#max_cpus})) || ((10#${digits:-0} < 1 || 10#${digits:-0} > max_cpus)); then
+        say "--cpus $n is out of range (min 1, max $max_cpus = MAX_CPUS, src/cpuset.rs)"
+        exit 2
+    fi
+done
+# QEMU must accept each architecture's machine with this CPU model and count
+# (e.g. no 32-bit --cpu on aarch64) before anything is deleted or built.
+for arch in "${arches[@]}"; do
+    for n in $cpus; do
+        if ! said="$("$ROOT/qemu.sh" --check --arch "$arch" --smp "$n" --cpu "$cpu_model" 2>&1 >/dev/null)"; then
+            said="$(grep -m1 -E '^qemu.sh: (FAIL|--|option|unknown)' <<<"$said" || tail -n1 <<<"$said")"
+            say "FAIL ($arch, $n CPUs, --cpu $cpu_model: ${said#qemu.sh: })"
+            exit 2
+        fi
+    done
 done
 # The report needs only python3's standard library. Checked before the boots, so
 # that a missing python3 does not cost a whole sweep. (QEMU and the Rust target

@@ -7,9 +7,10 @@ mod smp;
 
 pub use smp::secondary_main;
 
+use crate::bootargs::{self, BadArg, Known, Numeric, PLATFORM_SUITE};
 use crate::harness::{self, Verdict};
 use crate::kprint;
-use crate::ktap::{Ktap, Outcome};
+use crate::ktap::Ktap;
 use core::fmt::{self, Write};
 use selftest::{Params, TESTS};
 
@@ -24,149 +25,69 @@ impl fmt::Write for Console {
 }
 
 /// What the command line asked for.
-struct Selection {
-    /// Bit `n` selects `TESTS[n]`.
-    tests: u64,
-    /// Bit `n` selects `platform::SELFTESTS[n]`, run as subtest suite `platform`.
-    platform: u64,
-    /// `platform_selftest=MODE`: provoke this fatal condition instead of testing.
-    fault: Option<&'static str>,
-    params: Params,
-}
-
-/// The name of the suite of the platform's own checks in `tests=` and in KTAP.
-const PLATFORM_SUITE: &str = "platform";
+type Selection = bootargs::Selection<'static, Params>;
 
 const _: () = assert!(TESTS.len() <= 64 && platform::SELFTESTS.len() <= 64);
 
-/// A kernel argument that was not understood.
-struct BadArg<'a> {
-    word: &'a str,
-    why: &'static str,
-}
+/// The numeric kernel arguments and their ranges: a count of 0 would pass having tested
+/// nothing, and a count past the maximum is a typo that would run into any timeout.
+const NUMERIC: &[Numeric<Params>] = &[
+    Numeric {
+        key: "flips",
+        min: 1,
+        max: MAX_FLIPS,
+        set: |p, n| p.flips = n as u32,
+    },
+    Numeric {
+        key: "nosync_flips",
+        min: 1,
+        max: MAX_FLIPS,
+        set: |p, n| p.nosync_flips = n as u32,
+    },
+    Numeric {
+        key: "static_key_flips",
+        min: 1,
+        max: MAX_FLIPS,
+        set: |p, n| p.static_key_flips = n as u32,
+    },
+    // Read by the platform at boot; checked here so that a typo is not silently no CPU.
+    Numeric {
+        key: "platform_offline_cpu",
+        min: 1,
+        max: crate::MAX_CPUS as u64 - 1,
+        set: |_, _| {},
+    },
+];
 
-/// Parses `tests=a,b flips=N nosync_flips=N static_key_flips=N expect_nmi=NAME platform_selftest=MODE`; anything else is
-/// an error naming it. In `tests=`, `all` is the default set, `platform` the platform's
-/// own checks, `platform.NAME` one of them.
+/// The largest `flips=`, `nosync_flips=` and `static_key_flips=` (fits `Params`' `u32`).
+const MAX_FLIPS: u64 = 10_000_000;
+
+/// Parses the command line against the kernel's tests, the platform's checks and fault
+/// modes and this architecture's NMI mechanisms and CPU features ([`bootargs::parse`]).
 fn parse_bootargs(bootargs: &'static str) -> Result<Selection, BadArg<'static>> {
-    let mut selection = Selection {
-        tests: default_tests(),
-        platform: 0,
-        fault: None,
-        params: Params::DEFAULT,
+    let test = |name: &str| TESTS.iter().position(|t| t.name == name);
+    let platform_test = |name: &str| platform::SELFTESTS.iter().position(|t| t.name == name);
+    let nmi_mechanism = |name: &str| {
+        platform::NmiMechanism::ALL
+            .iter()
+            .position(|m| m.name() == name)
     };
-    for word in bootargs.split_ascii_whitespace() {
-        let (key, value) = word.split_once('=').unwrap_or((word, ""));
-        match key {
-            "tests" => {
-                selection.tests = 0;
-                for name in value.split(',') {
-                    if name == "all" {
-                        selection.tests |= default_tests();
-                    } else if name == PLATFORM_SUITE {
-                        selection.platform =
-                            (0..platform::SELFTESTS.len()).fold(0, |mask, i| mask | 1 << i);
-                    } else if let Some(case) = name.strip_prefix("platform.") {
-                        match platform::SELFTESTS.iter().position(|t| t.name == case) {
-                            Some(index) => selection.platform |= 1 << index,
-                            None => {
-                                return Err(BadArg {
-                                    word: name,
-                                    why: "unknown platform test",
-                                });
-                            }
-                        }
-                    } else {
-                        match TESTS.iter().position(|t| t.name == name) {
-                            Some(index) => selection.tests |= 1 << index,
-                            None => {
-                                return Err(BadArg {
-                                    word: name,
-                                    why: "unknown test",
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            // Read by the platform at boot (arch::aarch64::nmi_mode).
-            "pseudo_nmi" if matches!(value, "on" | "off") => {}
-            "pseudo_nmi" => {
-                return Err(BadArg {
-                    word,
-                    why: "pseudo_nmi= takes on or off",
-                });
-            }
-            "platform_selftest" if platform::FAULT_MODES.contains(&value) => {
-                selection.fault = Some(value);
-            }
-            "platform_selftest" => {
-                return Err(BadArg {
-                    word,
-                    why: "platform_selftest= takes a fault mode (the platform's checks are tests=platform)",
-                });
-            }
-            // Consumed by the platform before the kernel runs (`platform_offline_cpu=`...).
-            platform if platform.starts_with("platform_") => {}
-            "flips" => {
-                selection.params.flips = value.parse().map_err(|_| BadArg {
-                    word,
-                    why: "flips= takes a number",
-                })?
-            }
-            "nosync_flips" => {
-                selection.params.nosync_flips = value.parse().map_err(|_| BadArg {
-                    word,
-                    why: "nosync_flips= takes a number",
-                })?
-            }
-            "expect_features" => {
-                selection.params.expect_features = Some(parse_features(value).ok_or(BadArg {
-                    word,
-                    why: "expect_features= takes none or feature names of this architecture",
-                })?)
-            }
-            "static_key_flips" => {
-                selection.params.static_key_flips = value.parse().map_err(|_| BadArg {
-                    word,
-                    why: "static_key_flips= takes a number",
-                })?
-            }
-            "expect_nmi" => {
-                selection.params.expect_nmi = Some(
-                    platform::NmiMechanism::ALL
-                        .into_iter()
-                        .find(|m| m.name() == value)
-                        .ok_or(BadArg {
-                            word,
-                            why: "expect_nmi= takes an NMI mechanism of this architecture",
-                        })?,
-                )
-            }
-            _ => {
-                return Err(BadArg {
-                    word,
-                    why: "unknown kernel argument",
-                });
-            }
-        }
-    }
-    Ok(selection)
-}
-
-/// `none`, or comma-separated names of `platform::FEATURE_NAMES`.
-fn parse_features(value: &str) -> Option<crate::patch::alternatives::Features> {
-    if value == "none" {
-        return Some(crate::patch::alternatives::Features::NONE);
-    }
-    value
-        .split(',')
-        .try_fold(crate::patch::alternatives::Features::NONE, |set, name| {
-            platform::FEATURE_NAMES
-                .iter()
-                .find(|(_, n)| *n == name)
-                .map(|(bit, _)| set.with(*bit))
-        })
+    let feature = |name: &str| {
+        platform::FEATURE_NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(bit, _)| *bit)
+    };
+    let known = Known {
+        test: &test,
+        default_tests: default_tests(),
+        platform_test: &platform_test,
+        platform_tests: platform::SELFTESTS.len(),
+        fault_modes: platform::FAULT_MODES,
+        nmi_mechanism: &nmi_mechanism,
+        feature: &feature,
+    };
+    bootargs::parse(bootargs, &known, NUMERIC, Params::DEFAULT)
 }
 
 /// The tests `tests=all` (and no `tests=`) selects: all but the benchmarks.
@@ -183,29 +104,30 @@ fn default_tests() -> u64 {
 /// a crash reads as a crashed test.
 pub fn primary_main() -> ! {
     let bootargs = platform::bootargs();
-    let selection = match parse_bootargs(bootargs) {
+    if let Some(too_long) = platform::bootargs_too_long() {
+        refuse_run(bootargs, "bootargs", format_args!("{too_long}"));
+    }
+    // CPUs the firmware lists but the kernel cannot drive would never be stopped:
+    // whatever `tests=` says, the run fails.
+    let listed = platform::firmware_cpu_count();
+    if listed > crate::MAX_CPUS {
+        refuse_run(
+            bootargs,
+            "cpus_online",
+            format_args!(
+                "the {} lists {listed} CPUs, out of range (max {} = MAX_CPUS): {} would never be stopped",
+                platform::CPU_TABLE,
+                crate::MAX_CPUS,
+                listed - crate::MAX_CPUS
+            ),
+        );
+    }
+    let mut selection = match parse_bootargs(bootargs) {
         Ok(selection) => selection,
-        Err(bad) => {
-            let mut ktap = Ktap::start(Console, 1);
-            ktap.diag(format_args!(
-                "bootargs \"{}\": {}: '{}'",
-                bootargs, bad.why, bad.word
-            ));
-            ktap.diag(format_args!(
-                "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-                 flips=N nosync_flips=N static_key_flips=N pseudo_nmi=on|off expect_nmi=MECHANISM expect_features=none|NAME,.. platform_selftest={}",
-                Names(TESTS.iter().map(|t| t.name), ","),
-                Names(platform::FAULT_MODES.iter().copied(), "|"),
-            ));
-            ktap.diag(format_args!(
-                "platform tests: {}",
-                Names(platform::SELFTESTS.iter().map(|t| t.name), ",")
-            ));
-            ktap.result("bootargs", Outcome::Fail, bad.why);
-            ktap.finish();
-            platform::exit(false);
-        }
+        Err(bad) => refuse_run(bootargs, bad.word, format_args!("{bad}")),
     };
+    selection.params.expect_nmi = selection.expect_nmi.map(|i| platform::NmiMechanism::ALL[i]);
+    selection.params.expect_features = selection.expect_features;
     let planned = match selection.fault {
         Some(_) => 1,
         None => selection.tests.count_ones() as usize + usize::from(selection.platform != 0),
@@ -248,6 +170,31 @@ pub fn primary_main() -> ! {
         }
     }
     platform::exit(ktap.finish())
+}
+
+/// Reports a refused run as one failing KTAP result named after what was refused, the
+/// bad word of the command line (`not ok 1 flips=0 # 'flips=0': out of range (min 1,
+/// max 10000000)`) or `cpus_online`, with what is known as `#` lines, and ends the run.
+fn refuse_run(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
+    let mut ktap = Ktap::start(Console, 1);
+    ktap.diag(format_args!("refused: {why} (bootargs \"{bootargs}\")"));
+    ktap.diag(format_args!(
+        "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
+         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} platform_selftest={}",
+        Names(TESTS.iter().map(|t| t.name), ","),
+        crate::MAX_CPUS - 1,
+        Names(platform::NmiMechanism::ALL.iter().map(|m| m.name()), "|"),
+        Names(platform::FAULT_MODES.iter().copied(), "|"),
+    ));
+    ktap.diag(format_args!(
+        "platform tests: {}",
+        Names(platform::SELFTESTS.iter().map(|t| t.name), ",")
+    ));
+    // A name is one word: a word with `#` would open a KTAP directive.
+    let name = if word.contains('#') { "bootargs" } else { word };
+    harness::run(&mut ktap, name, || Verdict::Fail(msg!("{why}")));
+    ktap.finish();
+    platform::exit(false);
 }
 
 /// The last word of `bootargs` that is `key=...` (the test name of a provoked fault).

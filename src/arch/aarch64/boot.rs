@@ -186,7 +186,7 @@ fn print_banner(info: &dtb::BootInfo) {
         info.dtb,
         info.dtb_cpu_count,
         if info.dtb_cpu_count > MAX_CPUS {
-            ", extra ignored"
+            ", more than MAX_CPUS: the run is refused"
         } else {
             ""
         },
@@ -205,8 +205,8 @@ fn print_banner(info: &dtb::BootInfo) {
     crate::kprintln!(
         "dtb: bootargs \"{}\"{}",
         info.bootargs,
-        if info.bootargs_truncated {
-            " (truncated)"
+        if info.bootargs_len > info.bootargs.len() {
+            " (truncated: refused)"
         } else {
             ""
         }

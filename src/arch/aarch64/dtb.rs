@@ -65,10 +65,11 @@ pub struct BootInfo {
     /// others follow in DTB order. Entries at and beyond `cpu_count` are 0.
     pub mpidrs: [u64; MAX_CPUS],
     /// `/chosen/bootargs` (empty if absent), copied out of the DTB; truncated to
-    /// [`BOOTARGS_CAPACITY`] bytes at a character boundary if longer.
+    /// [`BOOTARGS_CAPACITY`] bytes at a character boundary if longer, which the kernel
+    /// then refuses (see `bootargs_len`).
     pub bootargs: &'static str,
-    /// Whether `bootargs` was truncated.
-    pub bootargs_truncated: bool,
+    /// Bytes of `/chosen/bootargs` in the DTB: more than `bootargs.len()` if truncated.
+    pub bootargs_len: usize,
     /// How PSCI calls are made (`/psci` `method`).
     pub psci_conduit: Conduit,
     /// GICv3 distributor (`arm,gic-v3` `reg` 0).
@@ -373,7 +374,6 @@ pub unsafe fn parse(
     while !args.is_char_boundary(len) {
         len -= 1;
     }
-    let bootargs_truncated = len < args.len();
     // SAFETY: only the boot CPU runs, once (caller's contract); nothing else has a
     // reference into BOOTARGS yet.
     let buf = unsafe { &mut *BOOTARGS.0.get() };
@@ -389,7 +389,7 @@ pub unsafe fn parse(
         dtb_cpu_count,
         mpidrs,
         bootargs,
-        bootargs_truncated,
+        bootargs_len: args.len(),
         psci_conduit,
         gicd,
         gicr,

@@ -25,12 +25,24 @@ const PVH_MAGIC: u32 = 0x336e_c578;
 /// Longest kernel command line kept.
 pub const CMDLINE_MAX: usize = 512;
 
-/// The kernel command line (`-append`), copied out of low memory.
-pub static CMDLINE: spin::Once<([u8; CMDLINE_MAX], usize)> = spin::Once::new();
+/// How far past [`CMDLINE_MAX`] the end of a longer command line is looked for, so that
+/// the refusal names its length (beyond it: "at least" this many).
+const CMDLINE_SCAN: usize = 4096;
+
+/// The kernel command line (`-append`), copied out of low memory, and the length the
+/// firmware passed (more than the copy's if it was cut; the kernel then refuses it).
+pub static CMDLINE: spin::Once<([u8; CMDLINE_MAX], usize, usize)> = spin::Once::new();
+
+/// Bytes of the command line the firmware passed, when more than [`CMDLINE_MAX`].
+pub fn cmdline_overflow() -> Option<usize> {
+    CMDLINE
+        .get()
+        .and_then(|&(_, kept, given)| (given > kept).then_some(given))
+}
 
 /// The command line as text (invalid UTF-8 is cut at the first bad byte).
 pub fn cmdline() -> &'static str {
-    let Some((bytes, len)) = CMDLINE.get() else {
+    let Some((bytes, len, _)) = CMDLINE.get() else {
         return "";
     };
     match core::str::from_utf8(&bytes[..*len]) {
@@ -77,7 +89,13 @@ fn take_start_info() -> u64 {
                 len += 1;
             }
         }
-        (buf, len)
+        let mut given = len;
+        if len == CMDLINE_MAX {
+            while given < CMDLINE_SCAN && read::<u8>(cmdline + given as u64) != 0 {
+                given += 1;
+            }
+        }
+        (buf, len, given)
     });
     rsdp
 }
@@ -112,9 +130,9 @@ extern "C" fn boot_main() -> ! {
         "apic: {} mode, boot CPU APIC ID {}, MADT lists {} CPUs{}",
         if x2 { "x2APIC" } else { "xAPIC" },
         apic::id(),
-        cpus.count,
+        cpus.count + cpus.dropped,
         if cpus.dropped > 0 {
-            " (more than MAX_CPUS: extra ignored)"
+            " (more than MAX_CPUS: the run is refused)"
         } else {
             ""
         }

@@ -51,9 +51,26 @@ pub fn cpu_count() -> usize {
     boot_info().cpu_count
 }
 
+/// CPUs the DTB lists, including any beyond [`MAX_CPUS`](crate::MAX_CPUS).
+pub fn firmware_cpu_count() -> usize {
+    boot_info().dtb_cpu_count
+}
+
+/// What lists the CPUs here.
+pub const CPU_TABLE: &str = "DTB";
+
 /// The kernel command line.
 pub fn bootargs() -> &'static str {
     boot_info().bootargs
+}
+
+/// The command line was longer than the kernel's copy of it (`/chosen/bootargs`).
+pub fn bootargs_too_long() -> Option<crate::bootargs::TooLong> {
+    let info = boot_info();
+    (info.bootargs_len > info.bootargs.len()).then_some(crate::bootargs::TooLong {
+        len: info.bootargs_len,
+        capacity: crate::arch::aarch64::dtb::BOOTARGS_CAPACITY,
+    })
 }
 
 /// `MOVZ X0, #value`: a site that makes its function return `value`.

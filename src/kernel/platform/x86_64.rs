@@ -59,9 +59,25 @@ pub fn cpu_count() -> usize {
     smp::cpu_count()
 }
 
+/// CPUs the MADT lists enabled, including any beyond [`MAX_CPUS`](crate::MAX_CPUS).
+pub fn firmware_cpu_count() -> usize {
+    smp::present()
+}
+
+/// What lists the CPUs here.
+pub const CPU_TABLE: &str = "MADT";
+
 /// The kernel command line (PVH start info).
 pub fn bootargs() -> &'static str {
     boot::cmdline()
+}
+
+/// The command line was longer than the kernel's copy of it (PVH `cmdline_paddr`).
+pub fn bootargs_too_long() -> Option<crate::bootargs::TooLong> {
+    boot::cmdline_overflow().map(|len| crate::bootargs::TooLong {
+        len,
+        capacity: boot::CMDLINE_MAX,
+    })
 }
 
 /// `MOV $value, %eax`: a site that makes its function return `value`.
