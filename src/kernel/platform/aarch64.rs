@@ -10,6 +10,7 @@ pub use crate::arch::aarch64::alternatives::{
     feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
     status as alternatives_status,
 };
+pub use crate::arch::aarch64::assumptions::NAMES as ASSUMPTIONS;
 pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
 pub use crate::arch::aarch64::cpu::FEATURE_NAMES;
 pub use crate::arch::aarch64::exit::exit;

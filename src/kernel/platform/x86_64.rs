@@ -18,6 +18,10 @@ pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, l
 pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
+
+/// The platform checks the design's assumptions need at every boot: none on x86 (its
+/// NMI, masking and serialising rules are architectural).
+pub const ASSUMPTIONS: [&str; 0] = [];
 pub use crate::arch::x86_64::smp::online_cpus;
 pub use crate::arch::x86_64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::x86_64::timer::now_ns;
