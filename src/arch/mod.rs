@@ -17,4 +17,6 @@ pub mod host;
 #[cfg(target_os = "none")]
 pub mod kernel_text;
 #[cfg(target_os = "none")]
+pub mod linker_tables;
+#[cfg(target_os = "none")]
 pub mod write_probe;

@@ -6,37 +6,14 @@
 use super::text::KernelText;
 use super::{STOP, atomic, cpu, layout, text::KERNEL_TEXT};
 use crate::patch::alternatives::{
-    AltEntry, AltError, AltPath, Alternatives, Features, MAX_SITE_LEN, MAX_SITES, SiteView, Tables,
+    AltError, AltPath, Alternatives, Features, MAX_SITE_LEN, MAX_SITES, SiteView, Tables,
 };
 use crate::patch::insn::{Insn, NOP};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-// The tables, from the linker script: only `.altinstructions*` entries (12 bytes,
-// 4-aligned, `AltEntry`'s layout) lie between each pair of symbols.
-unsafe extern "C" {
-    safe static __alt_boot_start: [AltEntry; 0];
-    safe static __alt_boot_end: [AltEntry; 0];
-    safe static __alt_start: [AltEntry; 0];
-    safe static __alt_end: [AltEntry; 0];
-}
-
-fn table(start: &'static [AltEntry; 0], end: &'static [AltEntry; 0]) -> &'static [AltEntry] {
-    let (first, last) = (start.as_ptr() as usize, end.as_ptr() as usize);
-    let len = last.saturating_sub(first) / core::mem::size_of::<AltEntry>();
-    // SAFETY: the linker script fills `start..end` with entries only (see above); they
-    // are read-only data for the life of the kernel.
-    unsafe { core::slice::from_raw_parts(start.as_ptr(), len) }
-}
-
-/// The boot table (`.altinstructions.boot`: sites in `.text.nopatch`).
-pub fn boot_table() -> &'static [AltEntry] {
-    table(&__alt_boot_start, &__alt_boot_end)
-}
-
-/// The runtime table (`.altinstructions`: sites in patchable text).
-pub fn runtime_table() -> &'static [AltEntry] {
-    table(&__alt_start, &__alt_end)
-}
+pub use crate::arch::linker_tables::{
+    alt_boot_table as boot_table, alt_runtime_table as runtime_table,
+};
 
 /// Words one table may rewrite at most.
 const SCRATCH_LEN: usize = MAX_SITES * MAX_SITE_LEN / 4;
