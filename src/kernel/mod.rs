@@ -150,7 +150,7 @@ pub fn primary_main() -> ! {
     ));
     // Every CPU is online: the runtime alternatives go in now, through patch_machine
     // (the `alternatives` test checks the result).
-    match platform::apply_alternatives() {
+    match platform::ALTERNATIVES.apply_runtime() {
         Ok(written) => ktap.diag(format_args!(
             "alternatives: runtime table applied through patch_machine, {written} chunks written"
         )),

@@ -6,9 +6,7 @@ use core::ops::Range;
 
 pub use crate::arch::write_probe::set_write_probe;
 pub use crate::arch::x86_64::alternatives::{
-    PATHS as ALTERNATIVE_PATHS, apply_runtime as apply_alternatives, bench_sites_applied,
-    feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
-    status as alternatives_status,
+    ALTERNATIVES, PATHS as ALTERNATIVE_PATHS, bench_sites_applied,
 };
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
