@@ -367,6 +367,12 @@ fn storm_handler(cpu: usize) -> bool {
 fn storm_from_window() {
     STORM.sends.fetch_add(1, Ordering::Relaxed);
     nmi::send_nmi(platform::online_cpus());
+    // Hand the other vCPUs a turn (PAUSE/ISB end one under single-threaded TCG) while the
+    // batch is still being written, so that their NMIs arrive mid-patch: a handler that
+    // does not wait for the writes then runs while they are in progress.
+    for _ in 0..4 * platform::online_cpus().len() {
+        core::hint::spin_loop();
+    }
 }
 
 /// The Linux-today window: mask IRQs only (arm64: PMR; x86: `cli`), then write from
