@@ -97,6 +97,7 @@ impl Evidence {
 
     /// The generation of the call whose window `me` is in, if it is in one (its own NMI
     /// handler asks).
+    #[cfg(feature = "stop-machine-nmi")]
     #[inline(always)]
     pub(super) fn window_of(&self, me: usize) -> Option<u32> {
         let bit = CpuSet::single(me).bits();
