@@ -89,8 +89,8 @@ pub unsafe trait Arch: Sync {
 /// # Safety
 ///
 /// [`send_self_nmi`](NmiArch::send_self_nmi) raises an NMI on the calling CPU that is
-/// taken even with [`Arch::mask_irqs`] in force (but not [`Arch::mask_all`]), never
-/// nests, and whose handler calls
+/// taken even with [`Arch::mask_irqs`] in force (and under [`Arch::mask_all`] only where
+/// `Arch::nmis_pass_mask_all` says NMIs pass it), never nests, and whose handler calls
 /// [`StopMachine::handle_nmi`](super::StopMachine::handle_nmi) before any other NMI work.
 #[cfg(feature = "stop-machine-nmi")]
 pub unsafe trait NmiArch: Arch {
