@@ -248,10 +248,19 @@ pub fn stop_ipi_reaches_irqs_off() -> bool {
     false
 }
 
-/// `cli` does not keep NMIs out of `patch_machine`'s window on x86.
+/// Whether `patch_machine`'s window keeps NMI handlers away from the writes (`Err`:
+/// why not). `cli` cannot keep NMIs out on x86, so the writes run from the patcher's
+/// own NMI and the other CPUs' NMIs wait in the stop machine's slot until they are done.
+#[cfg(feature = "stop-machine-nmi")]
+pub fn nmi_free_window() -> Result<(), &'static str> {
+    Ok(())
+}
+
+/// Without `stop-machine-nmi` there is no NMI-side protocol, and `cli` lets NMIs in.
+#[cfg(not(feature = "stop-machine-nmi"))]
 pub fn nmi_free_window() -> Result<(), &'static str> {
     Err(
-        "x86: cli cannot keep NMIs out of the patch window; an NMI-free window (write from NMI context, or NMI-blocked state) is not implemented yet",
+        "x86 built without stop-machine-nmi: cli cannot keep NMIs out of the patch window, and writing from NMI context needs the NMI path",
     )
 }
 
