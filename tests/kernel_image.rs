@@ -503,7 +503,8 @@ const IRQ_DISPATCH: Indirect = Indirect::Outside(
 const NMI_DISPATCH: Indirect = Indirect::Outside(
     "NMI handlers: the stop machine's (checked, as StopCore) runs first; the others are \
      the self-tests' NMI sources, which run the patched sites on purpose. arm64's patch \
-     window masks NMIs; x86's cannot (nmi_safe_patching reports that SKIP)",
+     window masks NMIs; x86's writes run in the patcher's own NMI, and the stop machine's \
+     slot holds other CPUs' NMIs until they are done (nmi_safe_patching)",
 );
 
 const INDIRECT_SITES: &[(&str, Indirect)] = &[

@@ -383,6 +383,22 @@ fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
 /// with a message that starts with the cell's name, its configuration and the
 /// failing KTAP results, then qemu.sh's verdict, how to rerun it and the end of
 /// the serial output.
+/// x86 cells with more than one CPU and the default tests must run `nmi_safe_patching`
+/// (the writes from the patcher's NMI), not skip it: the reason why not, if it did.
+fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
+    if cell.arch != Arch::X86_64 || cell.smp < 2 || cell.bootargs.contains("tests=") {
+        return None;
+    }
+    let result = serial
+        .lines()
+        .find(|l| l.starts_with("ok ") && l.contains(" nmi_safe_patching"));
+    match result {
+        Some(line) if !line.contains("# SKIP") => None,
+        Some(line) => Some(format!("nmi_safe_patching was skipped on x86: {line}")),
+        None => Some("no `ok N nmi_safe_patching` result on x86".into()),
+    }
+}
+
 fn run_cell(cell: &Cell) {
     let Boot {
         out,
@@ -397,6 +413,14 @@ fn run_cell(cell: &Cell) {
     let (ours, theirs): (Vec<&str>, Vec<&str>) =
         stderr.lines().partition(|l| l.starts_with("qemu.sh:"));
     if out.status.success() {
+        if let Some(why) = skipped_on_x86(cell, &serial) {
+            panic!(
+                "{} [{}]: {why}\n  rerun this cell: {}",
+                cell.name,
+                cell.describe(),
+                rerun(cell)
+            );
+        }
         println!("{}: {verdict}", cell.name);
         return;
     }

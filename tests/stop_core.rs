@@ -648,3 +648,99 @@ fn mask_all_blocks_nmis_in_the_window_and_irqs_only_lets_them_in() {
         assert_eq!(arch.nmis_taken(1), before + 1);
     }
 }
+
+/// Where NMIs pass `mask_all` (x86, `HostArch::nmis_like_x86`): a function run through
+/// `stop_machine_nmi_free` runs from the active CPU's NMI, and an NMI another CPU takes
+/// while it runs reaches the handlers after the stop machine's slot (the hook) only once
+/// the function has returned, that CPU context-synchronised and out of the window
+/// (Ankur Arora, "x86/alternatives: NMI safe runtime patching", LKML, 2020). The same
+/// function through plain `stop_machine` lets the other CPU's hook in mid-function.
+#[test]
+#[cfg(feature = "stop-machine-nmi")]
+fn nmis_wait_for_the_function_where_they_pass_mask_all() {
+    let machine = Machine::new(2);
+    let arch = machine.stop.arch().clone();
+    arch.nmis_like_x86(true);
+    let writing = Arc::new(AtomicBool::new(false));
+    let hook_runs = Arc::new(AtomicU32::new(0));
+    let hook_saw = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (writing, hook_runs, hook_saw, stop) = (
+            writing.clone(),
+            hook_runs.clone(),
+            hook_saw.clone(),
+            machine.stop.clone(),
+        );
+        arch.set_nmi_hook(Some(Arc::new(move |cpu| {
+            if cpu == 1 {
+                let in_window = stop.in_masked_window().contains(1);
+                hook_saw.lock().unwrap().push((
+                    writing.load(Ordering::SeqCst),
+                    in_window,
+                    stop.arch().syncs(1),
+                ));
+                hook_runs.fetch_add(1, Ordering::SeqCst);
+            }
+        })));
+    }
+    for held in [true, false] {
+        hook_saw.lock().unwrap().clear();
+        let (writing, hook_runs) = (writing.clone(), hook_runs.clone());
+        let (result, in_nmi, syncs_before) = machine.on_cpu(0, move |stop| {
+            let in_nmi = AtomicBool::new(false);
+            let syncs_before = stop.arch().syncs(1);
+            let function = |_cpu: usize| {
+                in_nmi.store(stop.arch().in_nmi(), Ordering::Relaxed);
+                writing.store(true, Ordering::SeqCst);
+                let (taken, runs) = (stop.arch().nmis_taken(1), hook_runs.load(Ordering::SeqCst));
+                stop.arch().send_nmi(CpuSet::single(1));
+                // CPU 1 takes the NMI while this "writes"; its hook must not run yet.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while stop.arch().nmis_taken(1) == taken && Instant::now() < deadline {
+                    thread::yield_now();
+                }
+                let settle = Instant::now() + Duration::from_millis(20);
+                while Instant::now() < settle && hook_runs.load(Ordering::SeqCst) == runs {
+                    thread::yield_now();
+                }
+                writing.store(false, Ordering::SeqCst);
+                Ok(())
+            };
+            let function: patch_machine::stop::StopFn = &function;
+            let result = if held {
+                // SAFETY: the function touches atomics and the host machine only.
+                unsafe { stop.stop_machine_nmi_free(&function, CpuSet::single(0), QUICK) }
+            } else {
+                stop.stop_machine(function, CpuSet::single(0), QUICK)
+            };
+            (result, in_nmi.load(Ordering::Relaxed), syncs_before)
+        });
+        assert_eq!(result, Ok(()), "held={held}");
+        assert_eq!(
+            in_nmi, held,
+            "held={held}: the function ran from NMI: {in_nmi}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hook_saw.lock().unwrap().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        let saw = hook_saw.lock().unwrap().clone();
+        assert_eq!(saw.len(), 1, "held={held}: cpu1's NMI hook runs: {saw:?}");
+        let (mid_write, in_window, syncs) = saw[0];
+        if held {
+            assert!(!mid_write, "cpu1's NMI handlers ran while the function ran");
+            assert!(!in_window, "cpu1's NMI handlers ran inside its window");
+            assert!(
+                syncs > syncs_before,
+                "cpu1 did not synchronise before its NMI handlers"
+            );
+        } else {
+            assert!(
+                mid_write && in_window,
+                "control: plain stop_machine let no NMI handler in mid-function ({saw:?})"
+            );
+        }
+        assert!(machine.all_idle_again(CpuSet::first(2)));
+    }
+    arch.set_nmi_hook(None);
+}

@@ -15,6 +15,10 @@ pub mod x86_64;
 pub mod host;
 
 #[cfg(target_os = "none")]
+pub mod kernel_alternatives;
+#[cfg(target_os = "none")]
 pub mod kernel_text;
+#[cfg(target_os = "none")]
+pub mod linker_tables;
 #[cfg(target_os = "none")]
 pub mod write_probe;

@@ -122,6 +122,16 @@ pub fn primary_main() -> ! {
             ),
         );
     }
+    // The platform properties the design rests on (docs/porting.md, "Platform
+    // assumptions"): a run on a platform that breaks one is refused, naming it, rather
+    // than left to misbehave.
+    for name in platform::ASSUMPTIONS {
+        if let Some(check) = platform::SELFTESTS.iter().find(|t| t.name == name)
+            && let Verdict::Fail(why) = (check.run)()
+        {
+            refuse_run(bootargs, name, format_args!("{}", why.as_str()));
+        }
+    }
     let mut selection = match parse_bootargs(bootargs) {
         Ok(selection) => selection,
         Err(bad) => refuse_run(bootargs, bad.word, format_args!("{bad}")),
@@ -140,7 +150,7 @@ pub fn primary_main() -> ! {
     ));
     // Every CPU is online: the runtime alternatives go in now, through patch_machine
     // (the `alternatives` test checks the result).
-    match platform::apply_alternatives() {
+    match platform::ALTERNATIVES.apply_runtime() {
         Ok(written) => ktap.diag(format_args!(
             "alternatives: runtime table applied through patch_machine, {written} chunks written"
         )),
@@ -180,10 +190,11 @@ fn refuse_run(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
     ktap.diag(format_args!("refused: {why} (bootargs \"{bootargs}\")"));
     ktap.diag(format_args!(
         "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} platform_selftest={}",
+         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} static_key_flips=1..{MAX_FLIPS} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} expect_features=none|{} platform_selftest={}",
         Names(TESTS.iter().map(|t| t.name), ","),
         crate::MAX_CPUS - 1,
         Names(platform::NmiMechanism::ALL.iter().map(|m| m.name()), "|"),
+        Names(platform::FEATURE_NAMES.iter().map(|(_, n)| *n), ","),
         Names(platform::FAULT_MODES.iter().copied(), "|"),
     ));
     ktap.diag(format_args!(

@@ -387,6 +387,12 @@ pub const ECHANGED: i32 = -11; // -EAGAIN
 /// of unification; every CPU then executes a context synchronisation before it unmasks
 /// and leaves.
 ///
+/// No NMI handler runs while a site is being written, on any CPU: where masking keeps
+/// NMIs out (arm64) by masking; where NMIs pass it (x86) the writes run from the
+/// patching CPU's own NMI and the other CPUs' NMIs wait in the stop machine's slot until
+/// they are done ([`StopMachine::stop_machine_nmi_free`]; Ankur Arora,
+/// "x86/alternatives: NMI safe runtime patching", LKML, 2020).
+///
 /// The whole batch is validated first; an invalid entry rejects it all, unchanged.
 pub fn patch_machine<A: Arch, T: Text>(
     stop: &StopMachine<A>,
@@ -404,7 +410,12 @@ pub fn patch_machine<A: Arch, T: Text>(
         batch,
         report: spin::Mutex::new(None),
     };
-    stop.stop_machine_with(&window, CpuSet::single(patcher), options)?;
+    // SAFETY: where NMIs pass `mask_all` (x86) the window runs in the patcher's NMI:
+    // `write_stopped` takes only `report`'s lock, which nothing else takes during the
+    // call, and the text writer's alias lock, which no CPU can hold meanwhile (its holders
+    // keep interrupts off, so every other CPU arrived without it, and no NMI handler
+    // writes text); it does not print or allocate, and its writes take no exception.
+    unsafe { stop.stop_machine_nmi_free(&window, CpuSet::single(patcher), options)? };
     Ok(window
         .report
         .into_inner()

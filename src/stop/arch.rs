@@ -25,6 +25,8 @@ use crate::CpuSet;
 /// - [`sync_context`](Arch::sync_context) is a context-synchronisation event: once it
 ///   returns, the CPU fetches instructions written (and made coherent) by other CPUs
 ///   before they released the state this CPU acquired.
+/// - `nmis_pass_mask_all` (with `stop-machine-nmi`) returns `Some` only on an
+///   architecture that is an [`NmiArch`], and raises exactly its self-NMI.
 pub unsafe trait Arch: Sync {
     /// Exception-mask state saved by [`mask_all`](Arch::mask_all).
     type MaskState: Copy;
@@ -71,6 +73,14 @@ pub unsafe trait Arch: Sync {
 
     /// A monotonic clock shared by all CPUs, in nanoseconds.
     fn now_ns(&self) -> u64;
+
+    /// Where [`mask_all`](Arch::mask_all) cannot keep NMIs out (x86), this CPU's self-NMI
+    /// ([`StopMachine::stop_machine_nmi_free`](super::StopMachine::stop_machine_nmi_free)
+    /// then runs the function from it); `None`, the default, where it can.
+    #[cfg(feature = "stop-machine-nmi")]
+    fn nmis_pass_mask_all(&self) -> Option<&dyn super::RaiseNmi> {
+        None
+    }
 }
 
 /// An architecture with NMIs the stop machine can use to run functions from NMI context
@@ -79,8 +89,8 @@ pub unsafe trait Arch: Sync {
 /// # Safety
 ///
 /// [`send_self_nmi`](NmiArch::send_self_nmi) raises an NMI on the calling CPU that is
-/// taken even with [`Arch::mask_irqs`] in force (but not [`Arch::mask_all`]), never
-/// nests, and whose handler calls
+/// taken even with [`Arch::mask_irqs`] in force (and under [`Arch::mask_all`] only where
+/// `Arch::nmis_pass_mask_all` says NMIs pass it), never nests, and whose handler calls
 /// [`StopMachine::handle_nmi`](super::StopMachine::handle_nmi) before any other NMI work.
 #[cfg(feature = "stop-machine-nmi")]
 pub unsafe trait NmiArch: Arch {

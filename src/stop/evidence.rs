@@ -6,7 +6,7 @@
 //! `Relaxed`, made visible by the state word's release/acquire pairs of the phase it
 //! belongs to.
 
-use super::{Arch, StopMachine};
+use super::{Arch, StopFnResult, StopFunction, StopMachine};
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -48,8 +48,13 @@ pub(super) struct Evidence {
     masked_at_ack: AtomicU32,
     /// Each CPU's stamp as it arrived.
     ack_stamp: [AtomicU64; MAX_CPUS],
-    /// CPUs between their mask and their restore in a call.
+    /// CPUs inside a call's window: from their mask until they leave it (see
+    /// [`StopMachine::in_masked_window`]).
     in_window: AtomicU32,
+    /// The generation of the call whose window each CPU last entered.
+    window_generation: [AtomicU32; MAX_CPUS],
+    /// CPUs running a stop function right now.
+    running: AtomicU32,
 }
 
 impl Evidence {
@@ -59,6 +64,8 @@ impl Evidence {
             masked_at_ack: AtomicU32::new(0),
             ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
             in_window: AtomicU32::new(0),
+            window_generation: [const { AtomicU32::new(0) }; MAX_CPUS],
+            running: AtomicU32::new(0),
         }
     }
 
@@ -76,16 +83,46 @@ impl Evidence {
     /// `me` has just masked: it is in the window, and reports whether it is fully masked
     /// and its stamp. Released by its `Arrive` acknowledgement.
     #[inline(always)]
-    pub(super) fn arrived(&self, me: usize, all_masked: bool) {
+    pub(super) fn arrived(&self, me: usize, generation: u32, all_masked: bool) {
         let bit = CpuSet::single(me).bits();
-        self.in_window.fetch_or(bit, Ordering::Relaxed);
+        self.window_generation[me].store(generation, Ordering::Relaxed);
+        // Release: an NMI on this CPU that sees the bit (Acquire in `window_of`) sees the
+        // generation stored before it (a compiler barrier, too: same CPU).
+        self.in_window.fetch_or(bit, Ordering::Release);
         if all_masked {
             self.masked_at_ack.fetch_or(bit, Ordering::Relaxed);
         }
         self.ack_stamp[me].store(self.next_stamp(), Ordering::Relaxed);
     }
 
-    /// `me` is about to restore its mask.
+    /// The generation of the call whose window `me` is in, if it is in one (its own NMI
+    /// handler asks).
+    #[cfg(feature = "stop-machine-nmi")]
+    #[inline(always)]
+    pub(super) fn window_of(&self, me: usize) -> Option<u32> {
+        let bit = CpuSet::single(me).bits();
+        // Acquire pairs with the Release in `arrived` (this CPU's own stores).
+        (self.in_window.load(Ordering::Acquire) & bit != 0).then(|| {
+            self.window_generation
+                .get(me)
+                .map_or(0, |g| g.load(Ordering::Relaxed))
+        })
+    }
+
+    /// Runs `function` on `me`, recorded as running meanwhile.
+    #[inline(always)]
+    pub(super) fn run_marked(&self, me: usize, function: &dyn StopFunction) -> StopFnResult {
+        let bit = CpuSet::single(me).bits();
+        self.running.fetch_or(bit, Ordering::Relaxed);
+        let result = function.call(me);
+        // Release: an NMI handler elsewhere that no longer sees the bit sees what the
+        // function wrote (evidence only; the hold in `finish_in_nmi` decides by `done`).
+        self.running.fetch_and(!bit, Ordering::Release);
+        result
+    }
+
+    /// `me` has finished its part of the call (about to restore its mask, or done so in
+    /// an NMI handler that held the CPU until the function had run everywhere).
     #[inline(always)]
     pub(super) fn leaving(&self, me: usize) {
         self.in_window
@@ -157,13 +194,26 @@ impl<A: Arch> StopMachine<A> {
     }
 
     /// The CPUs that are inside a call's masked window right now: they have masked their
-    /// exceptions for it and not yet restored them.
+    /// exceptions for it and have not yet finished their part of it. That part ends where
+    /// a CPU restores its mask, or, in a call that holds NMIs
+    /// ([`stop_machine_nmi_free`](Self::stop_machine_nmi_free) where NMIs pass
+    /// [`Arch::mask_all`]), where the stop machine's NMI slot on that CPU has waited for
+    /// the function to finish on every active CPU and context-synchronised, before any
+    /// other NMI handler runs.
     ///
     /// An interrupt handler that finds its own CPU here ran inside the window, which
     /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn in_masked_window(&self) -> CpuSet {
         CpuSet::from_bits(self.evidence.in_window.load(Ordering::Relaxed))
+    }
+
+    /// The CPUs running a stop function right now (directly, or in the NMI handler of
+    /// [`stop_machine_nmi`](Self::stop_machine_nmi)). A witness for the self-tests: an
+    /// NMI handler that starts while this is not empty ran while text may be changing.
+    #[unsafe(link_section = ".text.nopatch")]
+    pub fn running_function(&self) -> CpuSet {
+        CpuSet::from_bits(self.evidence.running.load(Ordering::Acquire))
     }
 
     /// Records instant `mark` of the current call (the initiator only).

@@ -51,7 +51,7 @@
 //! | `api.rs`        | the stop function's types, [`StopOptions`], [`StopError`]         |
 //! | `state.rs`      | the state word: phase, generation, acknowledgements               |
 //! | `rendezvous.rs` | [`StopMachine`]: publishing a call, the three phases, the waits   |
-//! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`                     |
+//! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
@@ -74,4 +74,6 @@ pub use arch::Arch;
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
 pub use lock::{LockTimeout, lock_within};
+#[cfg(feature = "stop-machine-nmi")]
+pub use nmi::RaiseNmi;
 pub use rendezvous::StopMachine;

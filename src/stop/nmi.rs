@@ -4,17 +4,32 @@
 //! can preempt it.
 //!
 //! A request moves `pending` (set by the CPU, cleared by whoever claims it first: the
-//! handler, or the waiter that timed out) -> `done` (the handler stored its result).
+//! handler, or the waiter that timed out) -> `done` (the handler stored its result, or
+//! the waiter withdrew the request: the function will not run there).
+//!
+//! [`StopMachine::stop_machine_nmi_free`] adds the other half of Ankur Arora,
+//! "x86/alternatives: NMI safe runtime patching" (LKML, 2020), for architectures whose
+//! NMIs pass [`Arch::mask_all`](super::Arch::mask_all) (x86): the active CPU's function
+//! runs from its self-NMI, so no other NMI handler can start on it meanwhile, and an NMI
+//! that any participant takes while the function may be running first finishes that
+//! CPU's part of the call in the stop machine's slot ([`StopMachine::handle_nmi`]): it
+//! waits, bounded, until the function has finished on every active CPU, then
+//! context-synchronises, and only then do the other NMI handlers run. They see the old
+//! code (before `Run`) or the new (after), never a write in progress; and no one waits
+//! for a CPU in an NMI: the active CPU's function needs nothing from the others.
 
 use super::rendezvous::Work;
+use super::state::Phase;
 use super::{Arch, StopMachine, StopOptions};
 use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, StopFnResult};
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 
 /// Raises an NMI on the calling CPU, for [`StopMachine::stop_machine_nmi`]: a trait
-/// object rather than a closure so that its code lives in `.text.nopatch`.
-pub(super) trait RaiseNmi: Sync {
+/// object rather than a closure so that its code lives in `.text.nopatch`. Every
+/// [`NmiArch`] is one ([`NmiArch::send_self_nmi`]).
+pub trait RaiseNmi: Sync {
+    /// Raises an NMI on the calling CPU.
     fn raise(&self);
 }
 
@@ -35,6 +50,8 @@ pub(super) struct NmiRequests {
     delivered: AtomicU32,
     /// The function's result in each CPU's NMI handler.
     codes: [AtomicI32; MAX_CPUS],
+    /// The call holds the participants' NMIs while its function may run.
+    hold: AtomicBool,
 }
 
 impl NmiRequests {
@@ -44,7 +61,18 @@ impl NmiRequests {
             done: AtomicU32::new(0),
             delivered: AtomicU32::new(0),
             codes: [const { AtomicI32::new(0) }; MAX_CPUS],
+            hold: AtomicBool::new(false),
         }
+    }
+
+    /// A new call (the initiator, under the machine's lock, before it opens `Arrive`):
+    /// no function has run yet, and `hold` says whether NMIs are held.
+    #[inline(always)]
+    pub(super) fn begin_call(&self, hold: bool) {
+        // Relaxed: released by the `Arrive` state. An NMI handler reads these only after
+        // it acquired a state of this call (`finish_in_nmi`).
+        self.done.store(0, Ordering::Relaxed);
+        self.hold.store(hold, Ordering::Relaxed);
     }
 }
 
@@ -68,6 +96,7 @@ impl<A: NmiArch> StopMachine<A> {
         let work = Work {
             function: &function.0,
             raise_nmi: Some(&self.arch),
+            hold_nmis: false,
         };
         // Relaxed: published with the call by the `Arrive` release in `call`.
         self.nmi.delivered.store(0, Ordering::Relaxed);
@@ -80,7 +109,9 @@ impl<A: NmiArch> StopMachine<A> {
 
     /// The stop-machine slot of the architecture's NMI handler: runs the function if
     /// this CPU raised an NMI for it, and returns whether it did (`false`: the NMI is
-    /// someone else's).
+    /// someone else's). In a call that holds NMIs it then finishes this CPU's part of
+    /// the call (`finish_in_nmi`) before returning, so that the NMI handlers after it
+    /// see no write in progress.
     ///
     /// Must be called first in the NMI handler, so that the stop function takes
     /// priority over any other NMI work (as in Ankur Arora, "x86/alternatives: NMI safe
@@ -91,24 +122,90 @@ impl<A: NmiArch> StopMachine<A> {
         let bit = CpuSet::single(me).bits();
         // Claim the request (Linux: cpumask_test_and_clear_cpu). Acquire pairs with the
         // release in `run_in_nmi`.
-        if self.nmi.pending.fetch_and(!bit, Ordering::AcqRel) & bit == 0 {
-            return false;
+        let claimed = self.nmi.pending.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
+        if claimed {
+            // SAFETY: the request was pending, so this CPU is in `run_in_nmi`, inside the
+            // `Run` phase of the call that published `work`, which cannot end before this
+            // handler reports below.
+            let work = unsafe { self.published.work() };
+            let code = match self.evidence.run_marked(me, work.function) {
+                Ok(()) => 0,
+                Err(code) => code,
+            };
+            // Relaxed: both released by `done` below (and `delivered` again by this
+            // CPU's `Run` acknowledgement, before the initiator reads it).
+            self.nmi.codes[me].store(code, Ordering::Relaxed);
+            self.nmi.delivered.fetch_or(bit, Ordering::Relaxed);
+            // Release: the result is stored before `run_in_nmi` can see `done`.
+            self.nmi.done.fetch_or(bit, Ordering::Release);
         }
-        // SAFETY: the request was pending, so this CPU is in `run_in_nmi`, inside the
-        // `Run` phase of the call that published `work`, which cannot end before this
-        // handler reports below.
-        let work = unsafe { self.published.work() };
-        let code = match work.function.call(me) {
-            Ok(()) => 0,
-            Err(code) => code,
+        self.finish_in_nmi(me);
+        claimed
+    }
+
+    /// In a call that holds NMIs, an NMI on participant `me` finishes this CPU's part of
+    /// the call before any other NMI handler runs (Ankur Arora's
+    /// `text_poke_sync_finish()` called from the NMI): it waits until the function has
+    /// finished on every active CPU, context-synchronises, and records that `me` has left
+    /// the window. Its interrupted code still leaves the rendezvous as usual.
+    ///
+    /// Nothing here waits for this CPU itself: an NMI that comes before this CPU has
+    /// acknowledged `Arrive` (no function can run until it does), or on an active CPU
+    /// before its own function ran (that runs from the next NMI), returns at once, the CPU
+    /// still in the window.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn finish_in_nmi(&self, me: usize) {
+        let Some(window) = self.evidence.window_of(me) else {
+            return;
         };
-        // Relaxed: both released by `done` below (and `delivered` again by this CPU's
-        // `Run` acknowledgement, before the initiator reads it).
-        self.nmi.codes[me].store(code, Ordering::Relaxed);
-        self.nmi.delivered.fetch_or(bit, Ordering::Relaxed);
-        // Release: the result is stored before `run_in_nmi` can see `done`.
-        self.nmi.done.fetch_or(bit, Ordering::Release);
-        true
+        // Relaxed: the latest call's flag (a newer call than the window's writes it only
+        // after this one's `Exit`, when nothing is left here but to synchronise).
+        if !self.nmi.hold.load(Ordering::Relaxed) {
+            return;
+        }
+        let arch = &self.arch;
+        let start = arch.now_ns();
+        loop {
+            // Acquire pairs with the releases of the state (each acknowledgement, the
+            // initiator's publication): the call's `hold`, `active` and `done` are
+            // visible. A newer call can republish them only after this one's `Exit`,
+            // which ends the wait below on its own.
+            let state = self.state.load(Ordering::Acquire);
+            if state.generation() != window {
+                break; // A later call: this one's `Run` is over.
+            }
+            let acked = match state.phase() {
+                Phase::Arrive => state.acked().contains(me),
+                Phase::Run => true,
+                Phase::Idle | Phase::Exit | Phase::Aborted => break,
+            };
+            if !acked {
+                return;
+            }
+            let active = self.published.active();
+            // Acquire pairs with each handler's release of `done`: what the function
+            // wrote is visible here.
+            let done = CpuSet::from_bits(self.nmi.done.load(Ordering::Acquire));
+            if active.is_subset(done) {
+                break;
+            }
+            if active.contains(me) && !done.contains(me) && active.without(me).is_subset(done) {
+                return; // This CPU's own function runs from its next NMI.
+            }
+            let waited_ns = arch.now_ns().saturating_sub(start);
+            if waited_ns > self.published.stall_timeout_ns() {
+                panic!(
+                    "stop_machine: cpu{me}'s NMI waited {} us in call {window} for the \
+                     function on {}",
+                    waited_ns / 1000,
+                    active.minus(done)
+                );
+            }
+            arch.relax();
+        }
+        // What the active CPUs wrote is what this CPU fetches from here on, in this NMI.
+        arch.sync_context();
+        self.evidence.leaving(me);
     }
 
     /// The CPUs on which the last [`stop_machine_nmi`](Self::stop_machine_nmi) call ran
@@ -119,6 +216,28 @@ impl<A: NmiArch> StopMachine<A> {
 }
 
 impl<A: Arch> StopMachine<A> {
+    /// [`stop_machine_nmi_free`](Self::stop_machine_nmi_free) where NMIs pass
+    /// [`Arch::mask_all`]: `function` from the active CPUs' self-NMIs (`raise_nmi`),
+    /// the participants' NMIs held while it may run.
+    pub(super) fn call_nmi_held(
+        &self,
+        function: &dyn super::StopFunction,
+        raise_nmi: &dyn RaiseNmi,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        let work = Work {
+            function,
+            raise_nmi: Some(raise_nmi),
+            hold_nmis: true,
+        };
+        let options = StopOptions {
+            mask: MaskLevel::IrqsOnly,
+            ..options
+        };
+        self.call(&work, active, options)
+    }
+
     /// Raises an NMI on this CPU and waits, bounded, for its handler to run the function.
     #[unsafe(link_section = ".text.nopatch")]
     pub(super) fn run_in_nmi(&self, me: usize, raise_nmi: &dyn RaiseNmi) -> StopFnResult {
@@ -148,6 +267,9 @@ impl<A: Arch> StopMachine<A> {
                 // it and we wait for its result like any other phase. AcqRel: the
                 // claim is one read-modify-write on `pending`, whichever side wins.
                 if nmi.pending.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                    // "Done": the function will never run here; an NMI held for it on
+                    // another CPU stops waiting for this one.
+                    nmi.done.fetch_or(bit, Ordering::Release);
                     return Err(ETIMEDOUT);
                 }
                 claimed_by_handler = true;

@@ -21,6 +21,10 @@ pub(super) struct Work<'a> {
     /// Raises an NMI on the calling CPU: set for calls whose function runs from it.
     #[cfg(feature = "stop-machine-nmi")]
     pub(super) raise_nmi: Option<&'a dyn RaiseNmi>,
+    /// NMIs the participants take while the function may run finish their part of the
+    /// call first (see `StopMachine::stop_machine_nmi_free`).
+    #[cfg(feature = "stop-machine-nmi")]
+    pub(super) hold_nmis: bool,
 }
 
 /// What the initiator publishes for a call: written only under the machine's lock,
@@ -54,7 +58,7 @@ impl Published {
     }
 
     #[inline(always)]
-    fn active(&self) -> CpuSet {
+    pub(super) fn active(&self) -> CpuSet {
         CpuSet::from_bits(self.active.load(Ordering::Relaxed))
     }
 
@@ -119,7 +123,7 @@ pub struct StopMachine<A: Arch> {
     /// The call: what the initiator published for it.
     pub(super) published: Published,
     /// Where the call is: `generation | phase | acknowledgements`.
-    state: StateWord,
+    pub(super) state: StateWord,
     /// What the function returned on each active CPU.
     results: Results,
     /// What each CPU reported as it arrived; who is in a masked window.
@@ -181,8 +185,34 @@ impl<A: Arch> StopMachine<A> {
             function,
             #[cfg(feature = "stop-machine-nmi")]
             raise_nmi: None,
+            #[cfg(feature = "stop-machine-nmi")]
+            hold_nmis: false,
         };
         self.call(&work, active, options)
+    }
+
+    /// [`stop_machine_with`](Self::stop_machine_with) for a function that no NMI handler
+    /// may overlap on any CPU (one that patches code NMI handlers run): where
+    /// [`Arch::mask_all`] keeps NMIs out, exactly that; where NMIs pass it
+    /// ([`Arch::nmis_pass_mask_all`], x86), the active CPUs run `function` from a self-NMI
+    /// and every participant's NMIs wait in the stop machine's slot until it has finished
+    /// everywhere (Ankur Arora, "x86/alternatives: NMI safe runtime patching", LKML,
+    /// 2020; see `nmi.rs`). Built without `stop-machine-nmi`, always the former.
+    ///
+    /// # Safety
+    /// `function` may run in NMI context: it takes no lock that code it interrupts could
+    /// hold, does not print or allocate, and takes no exception (as [`NmiSafe`](super::NmiSafe)).
+    pub unsafe fn stop_machine_nmi_free(
+        &self,
+        function: &dyn StopFunction,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        #[cfg(feature = "stop-machine-nmi")]
+        if let Some(raise_nmi) = self.arch.nmis_pass_mask_all() {
+            return self.call_nmi_held(function, raise_nmi, active, options);
+        }
+        self.stop_machine_with(function, active, options)
     }
 
     /// One call: take the machine, publish `work`, lead the rendezvous.
@@ -236,6 +266,8 @@ impl<A: Arch> StopMachine<A> {
         );
         self.results.failed.store(0, Ordering::Relaxed);
         self.evidence.reset();
+        #[cfg(feature = "stop-machine-nmi")]
+        self.nmi.begin_call(work.hold_nmis);
         // Release: publishes every field above to a CPU that acquires this state, in
         // `handle_stop_ipi` or in its acknowledgement's compare-and-swap.
         self.state.store(
@@ -307,7 +339,7 @@ impl<A: Arch> StopMachine<A> {
         } else {
             arch.mask_all()
         };
-        self.evidence.arrived(me, arch.all_masked());
+        self.evidence.arrived(me, generation, arch.all_masked());
         let outcome = 'masked: {
             let participants = self.published.participants();
             let active = self.published.active();
@@ -381,7 +413,7 @@ impl<A: Arch> StopMachine<A> {
         if let Some(raise_nmi) = work.raise_nmi {
             return self.run_in_nmi(me, raise_nmi);
         }
-        work.function.call(me)
+        self.evidence.run_marked(me, work.function)
     }
 
     /// The call's result, once it reached `Exit`: every failing CPU's code.

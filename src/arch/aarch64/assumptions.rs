@@ -20,6 +20,16 @@ use crate::harness::Verdict;
 use aarch64_cpu::registers::{ID_AA64MMFR0_EL1, Readable, SCTLR_EL1};
 use core::fmt::Write;
 
+/// The checks above by their self-test names: the kernel runs them at every boot, before
+/// any test, and refuses the run naming the first that does not hold.
+pub const NAMES: [&str; 5] = [
+    "gic_single_security_state",
+    "gic_eoimode_0",
+    "sctlr_spintmask_0",
+    "sctlr_eis_1",
+    "no_sdei_firmware",
+];
+
 /// GICD_CTLR.DS (IHI 0069, GICD_CTLR): 1 = the GIC supports a single security state.
 const GICD_CTLR_DS: u32 = 1 << 6;
 /// ICC_CTLR_EL1.EOImode (IHI 0069, ICC_CTLR_EL1).

@@ -135,7 +135,7 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
     gic::set_sgi_handler(gic::STOP_SGI, super::stop_sgi_handler);
     // SAFETY: the boot CPU, before any secondary starts; the MMU (and so the text
     // alias) is on.
-    unsafe { alternatives::apply_boot() };
+    unsafe { alternatives::ALTERNATIVES.apply_boot() };
 
     let online = smp::start_secondaries(info);
     crate::kprintln!(

@@ -8,7 +8,9 @@
 //! masks interrupts for the duration of the handler, as exception entry does.
 //!
 //! NMIs are modelled on arm64 pseudo-NMIs: [`Arch::mask_irqs`] leaves them
-//! deliverable, [`Arch::mask_all`] blocks them, and they never nest.
+//! deliverable, [`Arch::mask_all`] blocks them, and they never nest. With
+//! [`HostArch::nmis_like_x86`] they pass [`Arch::mask_all`] too, as on x86, and an NMI
+//! hook stands for the NMI handlers after the stop machine's slot.
 
 mod text;
 pub use text::HostText;
@@ -45,7 +47,14 @@ struct Shared {
     epoch: OnceLock<Instant>,
     stop_ipi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
     nmi_handler: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// NMIs pass `mask_all`, as on x86.
+    nmis_pass_mask_all: AtomicBool,
+    /// Runs after the stop machine's slot in every NMI, with the CPU's index.
+    nmi_hook: std::sync::Mutex<Option<NmiHook>>,
 }
+
+/// What [`HostArch::set_nmi_hook`] installs.
+type NmiHook = Arc<dyn Fn(usize) + Send + Sync>;
 
 /// Saved mask state: what [`Arch::mask_all`] or [`Arch::mask_irqs`] found.
 #[derive(Clone, Copy, Debug)]
@@ -84,6 +93,8 @@ impl HostArch {
             epoch: OnceLock::new(),
             stop_ipi_handler: OnceLock::new(),
             nmi_handler: OnceLock::new(),
+            nmis_pass_mask_all: AtomicBool::new(false),
+            nmi_hook: std::sync::Mutex::new(None),
         };
         shared.epoch.get_or_init(Instant::now);
         HostArch {
@@ -129,6 +140,17 @@ impl HostArch {
         let _ = stop.arch().shared.nmi_handler.set(Box::new(nmi));
     }
 
+    /// Makes NMIs pass [`Arch::mask_all`] as on x86 (`cli`), and reports that through
+    /// `Arch::nmis_pass_mask_all`; `false` puts back the arm64 model.
+    pub fn nmis_like_x86(&self, on: bool) {
+        self.shared.nmis_pass_mask_all.store(on, Ordering::Relaxed);
+    }
+
+    /// Runs `hook(cpu)` in every NMI after the stop machine's slot (`None`: nothing).
+    pub fn set_nmi_hook(&self, hook: Option<NmiHook>) {
+        *self.shared.nmi_hook.lock().unwrap() = hook;
+    }
+
     /// Makes NMIs sent to `cpus` vanish (to test the NMI timeout), or with an empty set,
     /// arrive again.
     pub fn lose_nmis(&self, cpus: CpuSet) {
@@ -167,6 +189,10 @@ impl HostArch {
             shared.in_nmi[cpu].store(true, Ordering::Relaxed);
             shared.nmis_taken[cpu].fetch_add(1, Ordering::Relaxed);
             handler();
+            let hook = shared.nmi_hook.lock().unwrap().clone();
+            if let Some(hook) = hook {
+                hook(cpu);
+            }
             shared.in_nmi[cpu].store(false, Ordering::Relaxed);
         }
         let Some(handler) = shared.stop_ipi_handler.get() else {
@@ -226,7 +252,9 @@ impl HostArch {
 }
 
 // SAFETY: each thread binds a distinct CPU index below MAX_CPUS; `mask_all` makes
-// `poll_interrupts` refuse to run a handler until `restore`; `send_stop_ipi` sets a flag
+// `poll_interrupts` refuse to run a handler until `restore` (NMIs excepted with
+// `nmis_like_x86`, as the trait allows, and then `nmis_pass_mask_all` says so with this
+// machine's own self-NMI); `send_stop_ipi` sets a flag
 // that the target takes at its next unmasked poll; the simulated ISB is a SeqCst fence,
 // which is all "instruction fetch" needs when instructions are plain data.
 unsafe impl Arch for HostArch {
@@ -246,7 +274,11 @@ unsafe impl Arch for HostArch {
         let cpu = self.cpu_id();
         HostMask {
             irqs: self.shared.masked[cpu].swap(true, Ordering::Relaxed),
-            nmis: self.shared.nmi_masked[cpu].swap(true, Ordering::Relaxed),
+            nmis: if self.shared.nmis_pass_mask_all.load(Ordering::Relaxed) {
+                self.shared.nmi_masked[cpu].load(Ordering::Relaxed)
+            } else {
+                self.shared.nmi_masked[cpu].swap(true, Ordering::Relaxed)
+            },
         }
     }
 
@@ -267,8 +299,10 @@ unsafe impl Arch for HostArch {
 
     fn all_masked(&self) -> bool {
         let cpu = self.cpu_id();
+        // As x86's "IF clear" where NMIs pass the mask.
         self.shared.masked[cpu].load(Ordering::Relaxed)
-            && self.shared.nmi_masked[cpu].load(Ordering::Relaxed)
+            && (self.shared.nmi_masked[cpu].load(Ordering::Relaxed)
+                || self.shared.nmis_pass_mask_all.load(Ordering::Relaxed))
     }
 
     fn send_stop_ipi(&self, targets: CpuSet) {
@@ -295,6 +329,14 @@ unsafe impl Arch for HostArch {
     fn now_ns(&self) -> u64 {
         let epoch = self.shared.epoch.get_or_init(Instant::now);
         epoch.elapsed().as_nanos() as u64
+    }
+
+    #[cfg(feature = "stop-machine-nmi")]
+    fn nmis_pass_mask_all(&self) -> Option<&dyn crate::stop::RaiseNmi> {
+        self.shared
+            .nmis_pass_mask_all
+            .load(Ordering::Relaxed)
+            .then_some(self as &dyn crate::stop::RaiseNmi)
     }
 }
 

@@ -1,41 +1,11 @@
-//! Applying the alternatives tables ([`crate::patch::alternatives`]): the boot table on
-//! the boot CPU before any AP starts ([`apply_boot`]), the runtime table
-//! through `patch_machine` once every CPU is online ([`apply_runtime`]). Features are
-//! the boot CPU's ([`cpu::features`]); the self-tests check every CPU has the same.
+//! This port's alternatives ([`crate::patch::alternatives`], applied through
+//! [`KernelAlternatives`]): the feature reader and instruction-stream sync it hands
+//! over, the paths with sites, and the benchmark sites.
 
-use super::text::KernelText;
-use super::{STOP, cpu, layout, text::KERNEL_TEXT};
-use crate::patch::alternatives::{
-    AltEntry, AltError, AltPath, Alternatives, Features, MAX_SITE_LEN, MAX_SITES, SiteView, Tables,
-};
+use super::{STOP, X86_64, cpu, layout, text::KERNEL_TEXT};
+use crate::arch::kernel_alternatives::KernelAlternatives;
+use crate::patch::alternatives::{AltPath, Alternatives, MAX_SITE_LEN, MAX_SITES};
 use crate::patch::x86::{self, Insn};
-
-// The tables, from the linker script: only `.altinstructions*` entries (12 bytes,
-// 4-aligned, `AltEntry`'s layout) lie between each pair of symbols.
-unsafe extern "C" {
-    safe static __alt_boot_start: [AltEntry; 0];
-    safe static __alt_boot_end: [AltEntry; 0];
-    safe static __alt_start: [AltEntry; 0];
-    safe static __alt_end: [AltEntry; 0];
-}
-
-fn table(start: &'static [AltEntry; 0], end: &'static [AltEntry; 0]) -> &'static [AltEntry] {
-    let (first, last) = (start.as_ptr() as usize, end.as_ptr() as usize);
-    let len = last.saturating_sub(first) / core::mem::size_of::<AltEntry>();
-    // SAFETY: the linker script fills `start..end` with entries only (see above); they
-    // are read-only data for the life of the kernel.
-    unsafe { core::slice::from_raw_parts(start.as_ptr(), len) }
-}
-
-/// The boot table (`.altinstructions.boot`: sites in `.text.nopatch`).
-pub fn boot_table() -> &'static [AltEntry] {
-    table(&__alt_boot_start, &__alt_boot_end)
-}
-
-/// The runtime table (`.altinstructions`: sites in patchable text).
-pub fn runtime_table() -> &'static [AltEntry] {
-    table(&__alt_start, &__alt_end)
-}
 
 /// Chunks (of up to `x86::MAX_LEN` bytes) one table may rewrite at most.
 const SCRATCH_LEN: usize = MAX_SITES * MAX_SITE_LEN.div_ceil(x86::MAX_LEN);
@@ -47,65 +17,13 @@ const NOP: Insn = match x86::nop(1) {
 };
 
 /// The kernel's alternatives.
-static ALTERNATIVES: Alternatives<KernelText, SCRATCH_LEN> =
-    Alternatives::new(&KERNEL_TEXT, &cpu::FEATURE_NAMES, cpu::FEATURE_BENCH, NOP);
-
-fn tables() -> Tables {
-    Tables {
-        boot: boot_table(),
-        runtime: runtime_table(),
-        nopatch: layout::nopatch_range(),
-    }
-}
-
-/// The name of feature `bit`.
-pub fn feature_name(bit: u16) -> &'static str {
-    ALTERNATIVES.feature_name(bit)
-}
-
-/// Reads the boot CPU's features, checks both tables and writes the boot table's
-/// sites. A bad table is reported and nothing is written.
-///
-/// # Safety
-/// The boot CPU, before any AP started, with the text alias available.
-pub unsafe fn apply_boot() {
-    let features = cpu::features();
-    // SAFETY: forwarded from the caller: no other CPU runs.
-    let written = unsafe { ALTERNATIVES.apply_boot(&tables(), features) };
-    // The boot CPU runs the new instructions from here on.
-    cpu::serialize();
-    match written {
-        Ok(chunks) => crate::kprintln!(
-            "alternatives: features {:#x}; boot: {} sites, {chunks} chunks written; runtime: {} sites",
-            features.0,
-            boot_table().len(),
-            runtime_table().len()
-        ),
-        Err(err) => crate::kprintln!("alternatives: tables refused, nothing patched: {err}"),
-    }
-}
-
-/// Applies the runtime table through `patch_machine` (every CPU quiescent first), once
-/// every CPU is online. Returns the chunks written.
-pub fn apply_runtime() -> Result<usize, AltError<Insn>> {
-    ALTERNATIVES.apply_runtime(&STOP, &tables())
-}
-
-/// The benchmark: the runtime table as the features call for with
-/// [`cpu::FEATURE_BENCH`] `on`, through `patch_machine`. Returns the chunks written.
-pub fn flip_bench(on: bool) -> Result<usize, AltError<Insn>> {
-    ALTERNATIVES.flip_bench(&STOP, &tables(), on)
-}
-
-/// The features applied, and whether both tables were accepted and applied.
-pub fn status() -> (Features, Result<(), AltError<Insn>>) {
-    ALTERNATIVES.status()
-}
-
-/// Calls `each` with every site of both tables.
-pub fn sites(each: &mut dyn FnMut(SiteView)) {
-    ALTERNATIVES.sites(&tables(), each)
-}
+pub static ALTERNATIVES: KernelAlternatives<X86_64, SCRATCH_LEN> = KernelAlternatives::new(
+    Alternatives::new(&KERNEL_TEXT, &cpu::FEATURE_NAMES, cpu::FEATURE_BENCH, NOP),
+    &STOP,
+    cpu::features,
+    layout::nopatch_range,
+    cpu::serialize,
+);
 
 /// Sites in [`run_bench_sites`].
 pub const BENCH_SITES: u64 = 8;

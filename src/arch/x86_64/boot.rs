@@ -114,7 +114,7 @@ extern "C" fn boot_main() -> ! {
     smp::install_trampoline();
     paging::init();
     // SAFETY: the boot CPU, before any AP starts; paging (and so the text alias) is up.
-    unsafe { alternatives::apply_boot() };
+    unsafe { alternatives::ALTERNATIVES.apply_boot() };
     apic::mask_pic();
     let x2 = apic::init_boot();
     apic::init_cpu();

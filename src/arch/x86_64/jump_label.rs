@@ -73,24 +73,6 @@ const NOP5: Insn = match x86::nop(5) {
     Err(_) => panic!("5 bytes have a recommended NOP"),
 };
 
-unsafe extern "C" {
-    safe static __jump_table_start: [u8; 0];
-    safe static __jump_table_end: [u8; 0];
-    safe static __static_keys_start: [u8; 0];
-    safe static __static_keys_end: [u8; 0];
-}
-
-/// The `T`s between two linker symbols.
-fn table<T>(start: &'static [u8; 0], end: &'static [u8; 0]) -> &'static [T] {
-    let (start, end) = (start.as_ptr(), end.as_ptr());
-    let len = (end as usize - start as usize) / core::mem::size_of::<T>();
-    let start = start.cast::<T>();
-    // SAFETY: the linker script places whole `T`s (8-byte aligned, only emitted by
-    // `static_branch_*!` and `define_static_key!`) between the two symbols, in rodata,
-    // which is never written.
-    unsafe { core::slice::from_raw_parts(start, len) }
-}
-
 /// The kernel's jump table and key table.
 pub struct KernelKeys;
 
@@ -98,11 +80,11 @@ impl KeyText for KernelKeys {
     type Insn = Insn;
 
     fn entries(&self) -> &[JumpEntry] {
-        table(&__jump_table_start, &__jump_table_end)
+        crate::arch::linker_tables::jump_entries()
     }
 
     fn keys(&self) -> &[&StaticKey] {
-        table(&__static_keys_start, &__static_keys_end)
+        crate::arch::linker_tables::static_keys()
     }
 
     fn text_range(&self) -> Range<usize> {

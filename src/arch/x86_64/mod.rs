@@ -66,7 +66,10 @@ use crate::stop::{Arch, StopMachine};
 /// software controls, short of being inside an NMI handler), so on x86 a CPU inside a
 /// `MaskLevel::All` window can still take an NMI; the core's quiescence evidence
 /// ([`Arch::all_masked`]) therefore means "IF clear", and patching code that NMI
-/// handlers run needs the NMI-side protocol (`stop_machine_nmi`), not masking.
+/// handlers run needs the NMI-side protocol, not masking: `nmis_pass_mask_all` hands the
+/// core this CPU's self-NMI, so `patch_machine` writes from NMI context and the other
+/// CPUs' NMIs wait for the writes in the stop machine's slot
+/// (`StopMachine::stop_machine_nmi_free`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct X86_64;
 
@@ -78,7 +81,8 @@ pub struct X86_64;
 // to each target; every online CPU has the IDT with that gate loaded and its APIC
 // enabled before it is marked online, and the handler calls `STOP.handle_stop_ipi()`.
 // `sync_context` is `cpuid`, a serialising instruction (SDM 9.3: what a cross-modifying
-// writer published is fetched afresh after it).
+// writer published is fetched afresh after it). `nmis_pass_mask_all` is `X86_64`'s own
+// `NmiArch` self-NMI.
 unsafe impl Arch for X86_64 {
     type MaskState = u64;
 
@@ -150,6 +154,13 @@ unsafe impl Arch for X86_64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    /// NMIs pass `cli`: code patching writes from the patcher's own NMI.
+    #[cfg(feature = "stop-machine-nmi")]
+    #[inline(always)]
+    fn nmis_pass_mask_all(&self) -> Option<&dyn crate::stop::RaiseNmi> {
+        Some(self)
     }
 }
 

@@ -6,10 +6,9 @@ use crate::patch::{Patch, PatchError, insn};
 use core::ops::Range;
 
 pub use crate::arch::aarch64::alternatives::{
-    PATHS as ALTERNATIVE_PATHS, apply_runtime as apply_alternatives, bench_sites_applied,
-    feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
-    status as alternatives_status,
+    ALTERNATIVES, PATHS as ALTERNATIVE_PATHS, bench_sites_applied,
 };
+pub use crate::arch::aarch64::assumptions::NAMES as ASSUMPTIONS;
 pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
 pub use crate::arch::aarch64::cpu::FEATURE_NAMES;
 pub use crate::arch::aarch64::exit::exit;

@@ -16,6 +16,7 @@
 //! | `Insn`, `NOP`, `returning`, `SITE_LEN` | patch-site encodings: a do-nothing instruction and "return `value`" of one site's length |
 //! | `KERNEL_TEXT`, `KernelText`, `text_range`, `protected_ranges`, `alias_mapped` | kernel text as the patcher sees it (the `Text` each port implements next to its `poke_text`) |
 //! | `SELFTESTS`, `FAULT_MODES`, `provoke` | the platform's own checks (KTAP suite `platform`) and the fatal conditions `platform_selftest=` provokes |
+//! | `ASSUMPTIONS` | the platform checks of the design's assumptions, run at every boot before any test |
 //! | `set_write_probe` | a function the text writer calls after each write, inside the patch window (self-tests only) |
 //! | `mask_for_panic`, `write_forced`, `write_raw_forced` | the panic handler's: mask for good, report past a held console lock |
 //! | `static_branch_unlikely!`, `static_branch_likely!`, `define_static_key!`, `StaticKey`, `STATIC_KEYS`, `KernelKeys` | static keys: sites, keys, and the kernel's key table (flipped through the live path) |

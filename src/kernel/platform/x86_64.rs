@@ -6,9 +6,7 @@ use core::ops::Range;
 
 pub use crate::arch::write_probe::set_write_probe;
 pub use crate::arch::x86_64::alternatives::{
-    PATHS as ALTERNATIVE_PATHS, apply_runtime as apply_alternatives, bench_sites_applied,
-    feature_name, flip_bench as flip_bench_alternatives, sites as alternative_sites,
-    status as alternatives_status,
+    ALTERNATIVES, PATHS as ALTERNATIVE_PATHS, bench_sites_applied,
 };
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
@@ -18,6 +16,10 @@ pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, l
 pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
+
+/// The platform checks the design's assumptions need at every boot: none on x86 (its
+/// NMI, masking and serialising rules are architectural).
+pub const ASSUMPTIONS: [&str; 0] = [];
 pub use crate::arch::x86_64::smp::online_cpus;
 pub use crate::arch::x86_64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::x86_64::timer::now_ns;
@@ -246,10 +248,19 @@ pub fn stop_ipi_reaches_irqs_off() -> bool {
     false
 }
 
-/// `cli` does not keep NMIs out of `patch_machine`'s window on x86.
+/// Whether `patch_machine`'s window keeps NMI handlers away from the writes (`Err`:
+/// why not). `cli` cannot keep NMIs out on x86, so the writes run from the patcher's
+/// own NMI and the other CPUs' NMIs wait in the stop machine's slot until they are done.
+#[cfg(feature = "stop-machine-nmi")]
+pub fn nmi_free_window() -> Result<(), &'static str> {
+    Ok(())
+}
+
+/// Without `stop-machine-nmi` there is no NMI-side protocol, and `cli` lets NMIs in.
+#[cfg(not(feature = "stop-machine-nmi"))]
 pub fn nmi_free_window() -> Result<(), &'static str> {
     Err(
-        "x86: cli cannot keep NMIs out of the patch window; an NMI-free window (write from NMI context, or NMI-blocked state) is not implemented yet",
+        "x86 built without stop-machine-nmi: cli cannot keep NMIs out of the patch window, and writing from NMI context needs the NMI path",
     )
 }
 

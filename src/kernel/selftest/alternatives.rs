@@ -33,7 +33,7 @@ impl fmt::Display for Names {
                 f.write_str(",")?;
             }
             first = false;
-            f.write_str(platform::feature_name(bit))?;
+            f.write_str(platform::ALTERNATIVES.feature_name(bit))?;
         }
         if first {
             f.write_str("none")?;
@@ -54,7 +54,7 @@ fn variant(in_text: Option<bool>) -> &'static str {
 fn check_sites() -> Result<(usize, usize), SiteView> {
     let mut counts = (0, 0);
     let mut wrong = None;
-    platform::alternative_sites(&mut |site| {
+    platform::ALTERNATIVES.sites(&mut |site| {
         kprint!(
             "# alternatives: {:?} site {} at {:#x} ({} bytes, feature {}): {} (wanted {})\n",
             site.class,
@@ -80,7 +80,7 @@ fn check_sites() -> Result<(usize, usize), SiteView> {
 }
 
 pub fn alternatives(params: &Params) -> Verdict {
-    let (features, status) = platform::alternatives_status();
+    let (features, status) = platform::ALTERNATIVES.status();
     if let Err(err) = status {
         fail!("tables not applied: {err}");
     }
@@ -146,7 +146,7 @@ pub fn alternatives(params: &Params) -> Verdict {
 
     // The runtime table through patch_machine again: the bench sites on, then off.
     for on in [true, false] {
-        let written = match platform::flip_bench_alternatives(on) {
+        let written = match platform::ALTERNATIVES.flip_bench(on) {
             Ok(written) => written,
             Err(err) => fail!("bench sites {}: {err}", if on { "on" } else { "off" }),
         };

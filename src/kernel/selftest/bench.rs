@@ -389,10 +389,10 @@ pub fn bench(_: &Params) -> Verdict {
     // benchmark sites flipped on and off (even counts: they end off, as at boot).
     let (alt_sites, _) = platform::bench_sites_applied();
     let result = measure(10, 200, |i| {
-        platform::flip_bench_alternatives(i % 2 == 0).map(|_| ())
+        platform::ALTERNATIVES.flip_bench(i % 2 == 0).map(|_| ())
     });
     if platform::bench_sites_applied().1 != 0 {
-        let _ = platform::flip_bench_alternatives(false);
+        let _ = platform::ALTERNATIVES.flip_bench(false);
     }
     match result {
         Ok(stats) => {
