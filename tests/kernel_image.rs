@@ -520,6 +520,7 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("KernelText>::write_batch", Indirect::WriteProbe),
     ("StopMachine<A>::wait_past", Indirect::GotSlot),
     ("TextAlias::map", Indirect::GotSlot),
+    ("TextAlias::map_pages", Indirect::GotSlot),
     ("::gic::dispatch", IRQ_DISPATCH),
     ("::handle_irq_exception", IRQ_DISPATCH),
     ("::exceptions::handle_exception", IRQ_DISPATCH),

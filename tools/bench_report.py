@@ -38,6 +38,11 @@ PROFILE = re.compile(
     + " ".join(f"{f}=(?P<{f}>\\d+)" for f in PROFILE_FIELDS)
     + r" iters=(?P<iters>\d+)\s*$"
 )
+RATIO = re.compile(
+    r"^# ratio (?P<name>\w+)/ipi_roundtrip cpus=(?P<cpus>\d+) sites=(?P<sites>\d+) "
+    r"ratio=(?P<ratio>[\d.]+) median_ns=(?P<median_ns>\d+) roundtrip_median_ns=(?P<rt_ns>\d+) "
+    r"p99_ns=(?P<p99_ns>\d+) roundtrip_p99_ns=(?P<rt_p99_ns>\d+) pairs=(?P<pairs>\d+)\s*$"
+)
 LOG_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+?)_smp(?P<smp>\d+)\.log$")
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
 
@@ -56,6 +61,23 @@ def parse_profiles(paths):
                     for key in ["cpus", "sites", *PROFILE_FIELDS, "iters"]:
                         row[key] = int(m[key])
                     rows.append(row)
+    return rows
+
+
+def parse_ratios(paths):
+    """The `# ratio` lines: a figure and the round trip measured alternately."""
+    rows = []
+    for path in paths:
+        match = LOG_NAME.match(os.path.basename(path))
+        if not match:
+            continue
+        with open(path, encoding="utf-8", errors="replace") as log:
+            for line in log:
+                m = RATIO.match(line.rstrip("\r\n"))
+                if m:
+                    rows.append({"arch": match["arch"], "name": m["name"], "ratio": m["ratio"],
+                                 **{k: int(m[k]) for k in ("cpus", "sites", "median_ns", "rt_ns",
+                                                           "p99_ns", "rt_p99_ns", "pairs")}})
     return rows
 
 
@@ -216,6 +238,13 @@ def main():
                          and x["name"] == "ipi_roundtrip")
             print(f"  {r['arch']} cpus={r['cpus']}: {r['median_ns']} ns / {limit['median_ns']} ns"
                   f" = {r['ratio_to_ipi']}")
+    ratios = parse_ratios(args.logs)
+    if ratios:
+        print("measured alternately with the round trip (medians, p99 in brackets)")
+        for r in ratios:
+            print(f"  {r['arch']} cpus={r['cpus']} {r['name']} x{r['sites']}: "
+                  f"{r['median_ns']} ns ({r['p99_ns']}) / {r['rt_ns']} ns ({r['rt_p99_ns']})"
+                  f" = {r['ratio']}")
     if profiles:
         print("where one call's time goes (medians, us): total = outside + setup + arrive + run + exit")
         for p in profiles:

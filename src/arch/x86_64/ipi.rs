@@ -110,10 +110,18 @@ pub fn sync_all(timeout_ns: u64) -> Result<(), (CpuSet, u64)> {
     // AcqRel: Release pairs with the Acquire in `handle_sync` (our text writes before
     // this point are ordered before the IPI's handler reads the generation).
     let generation = SYNC_GEN.fetch_add(1, Ordering::AcqRel) + 1;
-    let others = smp::online_cpus().without(me);
+    let online = smp::online_cpus();
+    let others = online.without(me);
     let saved = cpu::cli_save();
-    for t in others.iter() {
-        apic::send_ipi(smp::apic_id(t), apic::DM_FIXED | u32::from(SYNC_VECTOR));
+    let vector = apic::DM_FIXED | u32::from(SYNC_VECTOR);
+    if !others.is_empty() && online.len() == smp::present() {
+        // One ICR write for all, as the stop IPI does: the shorthand would also reach a
+        // CPU still waiting for its SIPI, so only when every CPU the MADT lists is online.
+        apic::send_ipi(0, vector | apic::ALL_BUT_SELF);
+    } else {
+        for t in others.iter() {
+            apic::send_ipi(smp::apic_id(t), vector);
+        }
     }
     cpu::restore_if(saved);
     cpu::serialize();

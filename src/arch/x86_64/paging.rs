@@ -7,9 +7,9 @@
 //! the xAPIC page) is 2 MiB pages, read-write, non-executable. CR0.WP makes read-only
 //! binding for the kernel too: text is never writable through the identity map.
 //!
-//! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: two 4 KiB
-//! pages mapped read-write and non-executable for the duration of one write, visible to
-//! the poking CPU only. Linux's `text_poke` gets that from `poking_mm`, an address
+//! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: the one or two
+//! 4 KiB pages a write touches, mapped read-write and non-executable for its duration,
+//! visible to the poking CPU only. Linux's `text_poke` gets that from `poking_mm`, an address
 //! space only the poking CPU loads. Here every CPU runs on a PML4 of its own (all of
 //! them share the identity map's PDPT), and the alias is linked into the poking CPU's
 //! own PML4, in a slot nobody else's uses, for the length of one poke. No other CPU
@@ -177,9 +177,12 @@ pub unsafe fn poke_text(addr: usize, bytes: &[u8]) {
     );
     let page = addr & !0xfff;
     assert!(end <= page + 0x2000, "poke_text: more than two pages");
+    // Only the pages the write touches: each mapped page costs an `invlpg` on the way
+    // out (under QEMU also a TLB refill), and most writes stay within one page.
+    let pages = if end <= page + 0x1000 { 1 } else { 2 };
     // SAFETY: `page` is a page of kernel text (checked above); what is written through
     // the alias is the caller's write, which it is allowed to make.
-    let alias = unsafe { TextAlias::map(page) };
+    let alias = unsafe { TextAlias::map_pages(page, pages) };
     let dst = alias.addr() + (addr - page);
     // Bytes up to an 8-byte boundary, then whole quadwords, then the tail: one store per
     // quadword, not per byte (under QEMU each store to a page holding translated code
@@ -206,11 +209,14 @@ pub unsafe fn poke_text(addr: usize, bytes: &[u8]) {
 }
 
 /// The text alias, mapped on this CPU only: [`TextAlias::map`] links the alias tables
-/// into this CPU's own PML4 and maps two pages of kernel text writable at
+/// into this CPU's own PML4 and maps two pages ([`TextAlias::map_pages`]: one or two) of
+/// kernel text writable at
 /// [`ALIAS_VA`]; dropping it unlinks and flushes them. Interrupts stay off and the alias
 /// lock held meanwhile.
 pub struct TextAlias {
     pml4_slot: &'static AtomicU64,
+    /// Alias pages mapped (1 or 2).
+    pages: usize,
     saved_flags: u64,
     lock: Option<spin::MutexGuard<'static, ()>>,
 }
@@ -229,6 +235,22 @@ impl TextAlias {
     #[unsafe(link_section = ".text.nopatch")]
     #[inline(never)]
     pub unsafe fn map(page: usize) -> TextAlias {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::map_pages(page, 2) }
+    }
+
+    /// Maps `pages` (1 or 2; more are capped at 2) pages from `page` at [`ALIAS_VA`] on
+    /// this CPU.
+    ///
+    /// # Safety
+    /// As for [`map`](Self::map).
+    ///
+    /// # Panics
+    /// As for [`map`](Self::map).
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(never)]
+    pub unsafe fn map_pages(page: usize, pages: usize) -> TextAlias {
+        let pages = pages.clamp(1, 2);
         let (ts, te) = layout::text();
         assert!(
             page.is_multiple_of(0x1000) && page >= ts && page < te,
@@ -250,8 +272,8 @@ impl TextAlias {
         // links them, from here to the drop), and its next access to the alias comes
         // after these stores in program order. The slot and the entries were invalid,
         // and invalid entries are never cached: nothing to invalidate first.
-        for i in 0..2 {
-            ALIAS_PT.0[i].store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
+        for (i, entry) in ALIAS_PT.0.iter().take(pages).enumerate() {
+            entry.store((page + i * 0x1000) as u64 | P | RW | NX, Ordering::Relaxed);
         }
         // `current_cpu() < MAX_CPUS` (set_cpu_index checks); the modulo keeps the
         // bounds-check panic, a call out of `.text.nopatch`, out of the code.
@@ -259,6 +281,7 @@ impl TextAlias {
         pml4_slot.store(ALIAS_PDPT.addr() | P | RW, Ordering::Relaxed);
         TextAlias {
             pml4_slot,
+            pages,
             saved_flags,
             lock: Some(lock),
         }
@@ -275,8 +298,9 @@ impl Drop for TextAlias {
     #[inline(never)]
     fn drop(&mut self) {
         self.pml4_slot.store(0, Ordering::Relaxed);
-        for i in 0..2 {
-            ALIAS_PT.0[i].store(0, Ordering::Relaxed);
+        // Only the pages `map_pages` filled: an entry never made valid is in no TLB.
+        for (i, entry) in ALIAS_PT.0.iter().take(self.pages).enumerate() {
+            entry.store(0, Ordering::Relaxed);
             // Drops this CPU's TLB entry for the page and, INVLPG being what it is, every
             // paging-structure-cache entry of this CPU (SDM 4.10.4.1).
             cpu::invlpg(ALIAS_VA + i * 0x1000);

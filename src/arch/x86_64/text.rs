@@ -6,6 +6,7 @@ pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
 use crate::patch::x86::{self, Insn};
 use crate::patch::{Patch, Text};
+use core::mem::MaybeUninit;
 use core::ops::Range;
 
 /// What [`KernelText::read_insn`] returns for a length no instruction has (validation
@@ -67,7 +68,10 @@ unsafe impl Text for KernelText {
         // No indexing that can panic: the rendezvous path stays in `.text.nopatch`.
         let mut rest = batch;
         while let Some(first) = rest.first() {
-            let mut bytes = [0u8; BYTES_PER_MAPPING];
+            // Not zeroed: only the bytes the run fills are read. Zeroing the whole page
+            // first cost more than the rest of a one-site write under QEMU (about 2.5 us
+            // of a 4.5 us `Run`, measured with the TSC around each step).
+            let mut bytes = [const { MaybeUninit::<u8>::uninit() }; BYTES_PER_MAPPING];
             let (mut len, mut run) = (0, 0);
             for patch in rest {
                 let new = patch.new.bytes();
@@ -77,12 +81,15 @@ unsafe impl Text for KernelText {
                 if patch.addr != first.addr + len {
                     break;
                 }
-                slot.copy_from_slice(new);
+                slot.write_copy_of_slice(new);
                 len += new.len();
                 run += 1;
             }
+            let filled = bytes.get(..len).unwrap_or(&[]);
+            // SAFETY: the loop above wrote `bytes[..len]`, back to back from index 0.
+            let filled = unsafe { filled.assume_init_ref() };
             // SAFETY: forwarded from the caller, for each entry of the run.
-            unsafe { paging::poke_text(first.addr, bytes.get(..len).unwrap_or(&[])) };
+            unsafe { paging::poke_text(first.addr, filled) };
             call_write_probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
         }

@@ -5,9 +5,12 @@
 use super::cpu;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-/// TSC ticks per microsecond times 1024 (0: not calibrated; `now_ns` then assumes
-/// 1 GHz so that early bounded waits still end).
-static TSC_PER_US_X1024: AtomicU64 = AtomicU64::new(0);
+/// Nanoseconds per TSC tick times 2^32 (0: not calibrated; `now_ns` then assumes
+/// 1 GHz so that early bounded waits still end). A multiply and a shift per reading,
+/// not a 128-bit division: every bounded wait reads the clock each time round, and
+/// under QEMU the division (a library call of some hundred instructions) was a good
+/// part of a spinning CPU's loop.
+static NS_PER_TICK_X2_32: AtomicU64 = AtomicU64::new(0);
 /// TSC value at calibration.
 static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 
@@ -27,7 +30,11 @@ pub fn init() -> (u64, &'static str) {
         },
     };
     // Relaxed: secondaries are started (which orders everything before it) afterwards.
-    TSC_PER_US_X1024.store((khz * 1024 / 1000).max(1), Ordering::Relaxed);
+    // khz >= 1 (both sources say so): at most 10^6 << 32, which fits.
+    NS_PER_TICK_X2_32.store(
+        ((1_000_000u64 << 32) / khz.max(1)).max(1),
+        Ordering::Relaxed,
+    );
     TSC_BASE.store(cpu::rdtsc(), Ordering::Relaxed);
     (khz, source)
 }
@@ -83,12 +90,12 @@ fn pit_calibrate_khz() -> Option<u64> {
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // Relaxed: written once before any other CPU runs.
-    let rate = TSC_PER_US_X1024.load(Ordering::Relaxed);
+    let mult = NS_PER_TICK_X2_32.load(Ordering::Relaxed);
     let ticks = cpu::rdtsc().wrapping_sub(TSC_BASE.load(Ordering::Relaxed));
-    if rate == 0 {
+    if mult == 0 {
         return ticks;
     }
-    ((u128::from(ticks) * 1_024_000) / u128::from(rate)) as u64
+    ((u128::from(ticks) * u128::from(mult)) >> 32) as u64
 }
 
 /// Busy-waits `ns` nanoseconds.

@@ -91,6 +91,65 @@ fn measure<E>(
     })
 }
 
+/// Runs `a` and `b` alternately, `pairs` times each after a warm-up, each timed run
+/// after its own settle: the two medians see the same emulator speed, so their ratio
+/// does not move with the host's load between two benchmarks taken seconds apart (on a
+/// shared 2-core machine the medians of one boot drift by up to 2x from one benchmark
+/// to the next).
+fn measure_paired<E>(
+    pairs: usize,
+    mut a: impl FnMut(usize) -> Result<(), E>,
+    mut b: impl FnMut(usize) -> Result<(), E>,
+) -> Result<(Stats, Stats), E> {
+    let pairs = pairs.clamp(1, MAX_ITERS / 2);
+    for i in 0..10 {
+        a(i)?;
+        b(i)?;
+    }
+    let mut samples = SAMPLES.lock();
+    let (first, second) = samples.split_at_mut(pairs);
+    for (i, (sample_a, sample_b)) in first.iter_mut().zip(second.iter_mut()).enumerate() {
+        settle();
+        let start = platform::now_ns();
+        a(i)?;
+        *sample_a = platform::now_ns() - start;
+        settle();
+        let start = platform::now_ns();
+        b(i)?;
+        *sample_b = platform::now_ns() - start;
+    }
+    let stats = |sorted: &mut [u64]| {
+        sorted.sort_unstable();
+        Stats {
+            median_ns: percentile(sorted, 50),
+            p99_ns: percentile(sorted, 99),
+            iters: pairs,
+        }
+    };
+    let stats_a = stats(&mut first[..pairs]);
+    let stats_b = stats(&mut second[..pairs]);
+    Ok((stats_a, stats_b))
+}
+
+/// `# ratio <name>/ipi_roundtrip cpus=<n> sites=<k> ratio=<r> median_ns=<x>
+/// roundtrip_median_ns=<y> p99_ns=.. roundtrip_p99_ns=.. pairs=<i>`: one figure and the
+/// round trip measured alternately ([`measure_paired`]).
+fn report_ratio(name: &str, sites: usize, stats: &Stats, roundtrip: &Stats) {
+    let ratio_x100 = (stats.median_ns * 100).div_ceil(roundtrip.median_ns.max(1));
+    kprint!(
+        "# ratio {name}/ipi_roundtrip cpus={} sites={sites} ratio={}.{:02} median_ns={} \
+         roundtrip_median_ns={} p99_ns={} roundtrip_p99_ns={} pairs={}\n",
+        platform::online_cpus().len(),
+        ratio_x100 / 100,
+        ratio_x100 % 100,
+        stats.median_ns,
+        roundtrip.median_ns,
+        stats.p99_ns,
+        roundtrip.p99_ns,
+        stats.iters
+    );
+}
+
 /// The nearest-rank `percent`ile of `sorted` (ascending, not empty).
 fn percentile(sorted: &[u64], percent: usize) -> u64 {
     sorted[(sorted.len() * percent).div_ceil(100).max(1) - 1]
@@ -228,19 +287,9 @@ pub fn bench(_: &Params) -> Verdict {
     };
 
     // The physical limit: one interrupt round trip to every other CPU.
-    let roundtrip_stats = if platform::nmi_mechanism().is_ok() {
-        nmi::register_nmi_handler(BENCH_SLOT, count_ack);
-        let stats = measure(100, 2000, |_| roundtrip(targets, nmi::send_nmi));
-        nmi::unregister_nmi_handler(BENCH_SLOT);
-        stats
-    } else {
-        platform::set_ipi_handler(BENCH_SGI, count_sgi_ack);
-        let stats = measure(100, 2000, |_| {
-            roundtrip(targets, |t| platform::send_ipi(BENCH_SGI, t))
-        });
-        platform::clear_ipi_handler(BENCH_SGI);
-        stats
-    };
+    let send = roundtrip_handlers(true);
+    let roundtrip_stats = measure(100, 2000, |_| roundtrip(targets, send));
+    roundtrip_handlers(false);
     let roundtrip_stats = match roundtrip_stats {
         Ok(stats) => stats,
         Err(missing) => fail!("ipi_roundtrip: no acknowledgement from {missing} within 1 s"),
@@ -311,6 +360,25 @@ pub fn bench(_: &Params) -> Verdict {
             Err(err) => fail!("patch_machine, {sites} sites: {err}"),
         }
     }
+    // The headline ratio, both figures taken alternately (see `measure_paired`).
+    let send = roundtrip_handlers(true);
+    let paired = measure_paired(
+        1000,
+        |_| roundtrip(targets, send).map_err(PairedError::Roundtrip),
+        |i| {
+            patch_machine(&STOP, &KERNEL_TEXT, &batches[i % 2][..1], OPTIONS)
+                .map(|_| ())
+                .map_err(PairedError::Patch)
+        },
+    );
+    roundtrip_handlers(false);
+    let headline = match paired {
+        Ok((roundtrip, patch)) => {
+            report_ratio("patch_machine", 1, &patch, &roundtrip);
+            (patch.median_ns, roundtrip)
+        }
+        Err(err) => fail!("patch_machine/ipi_roundtrip: {err}"),
+    };
     let first = bench_sites();
     if KERNEL_TEXT.read_insn(first, SITE_LEN) != NOP {
         let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
@@ -348,7 +416,7 @@ pub fn bench(_: &Params) -> Verdict {
             Ok(branch) => branch,
             Err(why) => {
                 kprint!("# bench patch_nosync skipped: {why}\n");
-                return Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats));
+                return Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats, &headline));
             }
         };
     let flips = [Patch::new(site, NOP, branch), Patch::new(site, branch, NOP)];
@@ -359,8 +427,56 @@ pub fn bench(_: &Params) -> Verdict {
         Ok(stats) => report("patch_nosync", 1, &stats),
         Err(err) => fail!("patch_nosync: {err}"),
     }
+    let send = roundtrip_handlers(true);
+    let paired = measure_paired(
+        1000,
+        |_| roundtrip(targets, send).map_err(PairedError::Roundtrip),
+        |i| platform::patch_live(&flips[i % 2..i % 2 + 1]).map_err(PairedError::Patch),
+    );
+    roundtrip_handlers(false);
+    match paired {
+        Ok((roundtrip, live)) => report_ratio("patch_nosync", 1, &live, &roundtrip),
+        Err(err) => fail!("patch_nosync/ipi_roundtrip: {err}"),
+    }
 
-    Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats))
+    Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats, &headline))
+}
+
+/// Why a paired measurement stopped.
+enum PairedError<E> {
+    Roundtrip(CpuSet),
+    Patch(E),
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for PairedError<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PairedError::Roundtrip(missing) => {
+                write!(f, "no round-trip acknowledgement from {missing} within 1 s")
+            }
+            PairedError::Patch(err) => write!(f, "{err}"),
+        }
+    }
+}
+
+/// Installs (`on`) or removes the round trip's handler, and returns how it sends: the
+/// NMI broadcast where the platform has NMIs, else the normal-priority IPI.
+fn roundtrip_handlers(on: bool) -> fn(CpuSet) {
+    if platform::nmi_mechanism().is_ok() {
+        if on {
+            nmi::register_nmi_handler(BENCH_SLOT, count_ack);
+        } else {
+            nmi::unregister_nmi_handler(BENCH_SLOT);
+        }
+        nmi::send_nmi
+    } else {
+        if on {
+            platform::set_ipi_handler(BENCH_SGI, count_sgi_ack);
+        } else {
+            platform::clear_ipi_handler(BENCH_SGI);
+        }
+        |targets| platform::send_ipi(BENCH_SGI, targets)
+    }
 }
 
 /// `static_key_flip`: one `enable` or `disable` of a key with 1 and with 100 sites (in
@@ -405,14 +521,19 @@ fn bench_static_keys(roundtrip: &Stats) -> Result<(), Verdict> {
     Ok(())
 }
 
-/// The headline: `patch_machine` for one site over the round trip, both medians.
-fn ratio_msg(patch_median_1: u64, roundtrip: &Stats) -> Msg {
+/// The headline: `patch_machine` for one site over the round trip, both medians, from
+/// the separate benchmarks and from the paired one.
+fn ratio_msg(patch_median_1: u64, roundtrip: &Stats, paired: &(u64, Stats)) -> Msg {
     let ratio_x10 = (patch_median_1 * 10).div_ceil(roundtrip.median_ns.max(1));
+    let paired_x100 = (paired.0 * 100).div_ceil(paired.1.median_ns.max(1));
     msg!(
-        "patch_machine/ipi_roundtrip = {}.{} (median, 1 site, {} CPUs)",
+        "patch_machine/ipi_roundtrip = {}.{} (median, 1 site, {} CPUs; measured \
+         alternately: {}.{:02})",
         ratio_x10 / 10,
         ratio_x10 % 10,
-        platform::online_cpus().len()
+        platform::online_cpus().len(),
+        paired_x100 / 100,
+        paired_x100 % 100
     )
 }
 
