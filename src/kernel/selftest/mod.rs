@@ -52,6 +52,7 @@ impl Params {
 
 mod alternatives;
 mod bench;
+mod call_site;
 mod nmi;
 mod static_keys;
 
@@ -103,6 +104,11 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "nosync",
         run: nosync,
+        by_default: true,
+    },
+    Test {
+        name: "call_site_live",
+        run: call_site::call_site_live,
         by_default: true,
     },
     Test {
