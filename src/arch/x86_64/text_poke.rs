@@ -21,7 +21,7 @@ use crate::patch::x86::{self, Emulation, Insn};
 use crate::patch::{Patch, PatchError, Text, lock_bounded, validate};
 use crate::stop::{StopError, StopOptions};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Sites per round of the protocol (Linux's `TP_VEC_MAX` is a page of them); a longer
 /// batch is patched in rounds. A static key's sites fit in one round (three syncs).
@@ -40,6 +40,15 @@ unsafe impl Sync for Table {}
 static TABLE: Table = Table(UnsafeCell::new([(0, Emulation::Next(0)); TP_VEC_MAX]));
 /// Valid entries of `TABLE`.
 static LEN: AtomicUsize = AtomicUsize::new(0);
+/// CALLs the #BP handler has emulated (a self-test's evidence that a caller really
+/// reached a CALL site in flight).
+static CALLS_EMULATED: AtomicU64 = AtomicU64::new(0);
+
+/// How many CALLs [`handle_int3`] has emulated so far.
+pub fn calls_emulated() -> u64 {
+    CALLS_EMULATED.load(Ordering::Relaxed)
+}
+
 /// Linux's `bp_desc.refs`: 0 = no table; the patcher holds 1 while the table is
 /// published; each INT3 handler holds one more while it reads it.
 static REFS: AtomicUsize = AtomicUsize::new(0);
@@ -243,5 +252,6 @@ fn emulate_call(frame: &mut TrapFrame, target: usize, ret: usize) -> bool {
     unsafe { (slot as *mut u64).write(ret as u64) };
     frame.rsp = slot;
     frame.rip = target as u64;
+    CALLS_EMULATED.fetch_add(1, Ordering::Relaxed);
     true
 }

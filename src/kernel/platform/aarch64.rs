@@ -110,6 +110,11 @@ pub fn live_call(site: usize, target: usize) -> Result<Insn, &'static str> {
     insn::bl(site, target).map_err(|_| "the call target is out of BL's range")
 }
 
+/// None: a BL in flight is executed, old or new, never emulated.
+pub fn live_calls_emulated() -> Option<u64> {
+    None
+}
+
 /// Cross-CPU synchronisations one static key batch makes: one kick of every other CPU.
 pub const SYNCS_PER_KEY_BATCH: u64 = 1;
 

@@ -108,6 +108,7 @@ pub(super) fn call_site_live(params: &Params) -> Verdict {
     ];
     let hits0 = CALL_HITS.each_ref().map(|h| h.load(Ordering::Relaxed));
     let bad0 = CALL_BAD_RETURNS.load(Ordering::Relaxed);
+    let emulated0 = platform::live_calls_emulated();
     let seen = Seen {
         callers: Callers::new(),
         outcomes: [const { AtomicU64::new(0) }; 3],
@@ -201,11 +202,24 @@ pub(super) fn call_site_live(params: &Params) -> Verdict {
         outcomes[1],
         outcomes[2]
     );
+    // Where calls in flight are emulated (x86), some caller must have hit the window.
+    let emulated = emulated0
+        .zip(platform::live_calls_emulated())
+        .map(|(a, b)| b - a);
+    check!(
+        others.is_empty() || flips < 4 || emulated != Some(0),
+        "no CALL was emulated in {flips} flips: no caller reached the site while it was in flight"
+    );
+    let mut note = msg!("");
+    if let Some(n) = emulated {
+        let _ = write!(note, ", {n} emulated");
+    }
     Verdict::Pass(msg!(
-        "{flips} flips, {concurrent} concurrent calls on {} CPUs: {} NOP, {} a, {} b",
+        "{flips} flips, {concurrent} concurrent calls on {} CPUs: {} NOP, {} a, {} b{}",
         others.len(),
         outcomes[0],
         outcomes[1],
-        outcomes[2]
+        outcomes[2],
+        note.as_str()
     ))
 }
