@@ -87,7 +87,8 @@ fn call_site_caller(cpu: usize, seen: &Seen) {
 /// stack pointer the caller's minus the return address), return there (the caller
 /// computes its result after the site and checks its stack pointer and a callee-saved
 /// register), and every target call must be one a caller saw return; the patching CPU
-/// sees each new instruction at once.
+/// sees each new instruction at once. Where calls in flight are emulated (x86), some
+/// must have been: otherwise no caller reached the window. Stops at the first bad call.
 pub(super) fn call_site_live(params: &Params) -> Verdict {
     let site = pm_call_site as *const () as usize;
     let call = |target: unsafe extern "C" fn()| platform::live_call(site, target as usize);
@@ -144,6 +145,13 @@ pub(super) fn call_site_live(params: &Params) -> Verdict {
         {
             seen.callers.record_bad(me, value, k, k);
         }
+        // Stop at the first bad call: a wrong return address sends a caller back into
+        // the site, which under single-threaded TCG makes every later flip crawl.
+        if CALL_BAD_RETURNS.load(Ordering::Relaxed) != bad0
+            || seen.callers.bad.load(Ordering::Relaxed) != 0
+        {
+            break;
+        }
         let since: [u64; crate::MAX_CPUS] =
             core::array::from_fn(|cpu| seen.callers.calls_by[cpu].load(Ordering::Relaxed));
         let idle = wait_for_callers(&seen.callers, others, &since);
@@ -195,12 +203,6 @@ pub(super) fn call_site_live(params: &Params) -> Verdict {
         hits == [outcomes[1], outcomes[2]],
         "targets a, b ran {hits:?} times, but calls returned from them {:?} times",
         [outcomes[1], outcomes[2]]
-    );
-    check!(
-        others.is_empty() || flips < 4 || outcomes[1] > 0 && outcomes[2] > 0,
-        "no call reached both targets: a {}, b {}",
-        outcomes[1],
-        outcomes[2]
     );
     // Where calls in flight are emulated (x86), some caller must have hit the window.
     let emulated = emulated0
