@@ -29,7 +29,7 @@ unsafe extern "C" {
 pub struct Params {
     /// Torture flips (`flips=N`).
     pub flips: u32,
-    /// Nosync flips (`nosync_flips=N`).
+    /// Nosync and call-site flips (`nosync_flips=N`).
     pub nosync_flips: u32,
     /// Static key flips (`static_key_flips=N`).
     pub static_key_flips: u32,
