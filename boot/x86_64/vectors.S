@@ -76,16 +76,15 @@ STUB_NOERR {test1}
 STUB_NOERR {sync}
 
 /*
- * #BP (vector 3, no IST, kernel mode only: same privilege, so the CPU pushes its frame
- * on the interrupted stack, below the interrupted RSP aligned down to 16). The INT3
- * protocol emulates a CALL by pushing the return address at the interrupted RSP - 8,
- * which is inside that frame. So, like Linux's int3 entry ("create a gap to allow the
- * int3 handler to emulate a call instruction"), copy the frame 6 quadwords lower (5
- * plus one to keep the dispatch call 16-byte aligned) and work on the copy: the
- * original frame becomes the gap, free for the handler to push into, and IRETQ reads
- * the copy. The gap is at least 8 bytes below any interrupted RSP (the 40-byte frame
- * ends at or below it), and x86_64-unknown-none has no red zone, so nothing live sits
- * below the interrupted RSP.
+ * #BP (vector 3): no IST and kernel mode only (same privilege), so the CPU pushes its
+ * frame on the interrupted stack, right below the interrupted RSP aligned down to 16.
+ * The INT3 protocol emulates a CALL by pushing the return address at the interrupted
+ * RSP - 8: inside that frame (its SS slot) whenever the interrupted RSP is 16-byte
+ * aligned. So, like Linux's int3 entry (Josh Poimboeuf, "x86_64: Add gap to int3 to
+ * allow for call emulation", LKML, 2019), copy the frame 6 quadwords lower (5, plus
+ * one to keep the dispatch call 16-byte aligned) and work on the copy: the original
+ * frame becomes the gap the handler pushes into, and IRETQ reads the copy. Nothing
+ * live sits below the interrupted RSP: x86_64-unknown-none has no red zone.
  */
     .p2align 4
 x86_stub_3:
