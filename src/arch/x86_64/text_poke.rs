@@ -235,20 +235,21 @@ pub(crate) fn handle_int3(frame: &mut TrapFrame) -> bool {
 }
 
 /// Linux's `int3_emulate_call`: push `ret` onto the interrupted stack and continue at
-/// `target`. False, with nothing changed, if the slot below the interrupted RSP is not
-/// clear of `frame` (an entry stub without the gap): pushing would overwrite the frame
-/// IRETQ is about to read.
+/// `target`. False, with nothing changed, if the slot below the interrupted RSP lies in
+/// `frame` (an entry stub without the gap): pushing would overwrite the frame IRETQ is
+/// about to read.
 #[unsafe(link_section = ".text.nopatch")]
 fn emulate_call(frame: &mut TrapFrame, target: usize, ret: usize) -> bool {
     let slot = frame.rsp.wrapping_sub(8);
-    let frame_end = (&raw const *frame as u64).wrapping_add(size_of::<TrapFrame>() as u64);
-    if slot < frame_end {
+    let frame_start = &raw const *frame as u64;
+    let frame_end = frame_start.wrapping_add(size_of::<TrapFrame>() as u64);
+    if (frame_start..frame_end).contains(&slot) {
         return false;
     }
     // SAFETY: kernel-mode #BP without IST: the interrupted stack is ours and mapped, and
     // the 8 bytes below its RSP hold nothing live (no red zone on x86_64-unknown-none;
     // the CPU pushed its own frame there, which the entry stub has copied below, and we
-    // checked it lies below the slot). A CALL would write exactly this slot.
+    // checked the copy does not hold the slot). A CALL would write exactly this slot.
     unsafe { (slot as *mut u64).write(ret as u64) };
     frame.rsp = slot;
     frame.rip = target as u64;
