@@ -231,3 +231,58 @@ fn out_of_range_and_bad_bytes_are_refused() {
     assert_eq!(patch.range(), pc..pc + 5);
     assert_eq!(format!("{jmp:x}"), "e9 3b 00 00 00");
 }
+
+/// What the INT3 handler does for a CALL rel32 in flight: the target is relative to
+/// the end of the 5-byte instruction, and the return address it pushes is that end
+/// (site + 5), never the site itself.
+#[test]
+fn call_emulation_pushes_the_next_instruction() {
+    let pc = 0x1_8022_203ausize;
+    let call = |bytes: &[u8]| x86::emulation(pc, &Insn::from_bytes(bytes).unwrap());
+    // rel32 = 0: the next instruction; -5: the site itself; forward and backward.
+    assert_eq!(
+        call(&[0xe8, 0, 0, 0, 0]),
+        Some(Emulation::Call {
+            target: pc + 5,
+            ret: pc + 5
+        })
+    );
+    assert_eq!(
+        call(&[0xe8, 0xfb, 0xff, 0xff, 0xff]),
+        Some(Emulation::Call {
+            target: pc,
+            ret: pc + 5
+        })
+    );
+    assert_eq!(
+        call(&[0xe8, 0x30, 0, 0, 0]),
+        Some(Emulation::Call {
+            target: pc + 5 + 0x30,
+            ret: pc + 5
+        })
+    );
+    assert_eq!(
+        call(&[0xe8, 0x00, 0x00, 0x00, 0x80]),
+        Some(Emulation::Call {
+            target: pc + 5 - (1 << 31),
+            ret: pc + 5
+        })
+    );
+    // Every encodable target round-trips through the encoder and the decoder.
+    for target in [pc - 0x1234, pc + 5 + i32::MAX as usize, pc + 5 - (1 << 31)] {
+        assert_eq!(
+            x86::emulation(pc, &x86::call_rel32(pc, target).unwrap()),
+            Some(Emulation::Call {
+                target,
+                ret: pc + 5
+            }),
+            "call to {target:#x}"
+        );
+    }
+    // Only the 5-byte form: E8 with a 16-bit or a truncated offset is not emulated.
+    assert_eq!(call(&[0xe8, 0, 0, 0]), None);
+    assert_eq!(call(&[0xe8, 0, 0, 0, 0, 0x90]), None);
+    // A CALL and a JMP to the same place differ only in the return address pushed.
+    let jmp = x86::emulation(pc, &x86::jmp_rel32(pc, pc + 0x100).unwrap());
+    assert_eq!(jmp, Some(Emulation::Jump(pc + 0x100)));
+}

@@ -63,7 +63,7 @@ x86_stub_\v:
     pop %rax
 .endm
 
-.irp v, 0,1,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+.irp v, 0,1,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
 STUB_NOERR \v
 .endr
 .irp v, 8,10,11,12,13,14,17,21,29,30
@@ -74,6 +74,28 @@ STUB_NOERR {spurious}
 STUB_NOERR {test0}
 STUB_NOERR {test1}
 STUB_NOERR {sync}
+
+/*
+ * #BP (vector 3): no IST and kernel mode only (same privilege), so the CPU pushes its
+ * frame on the interrupted stack, right below the interrupted RSP aligned down to 16.
+ * The INT3 protocol emulates a CALL by pushing the return address at the interrupted
+ * RSP - 8: inside that frame (its SS slot) whenever the interrupted RSP is 16-byte
+ * aligned. So, like Linux's int3 entry (Josh Poimboeuf, "x86_64: Add gap to int3 to
+ * allow for call emulation", LKML, 2019), copy the frame 6 quadwords lower (5, plus
+ * one to keep the dispatch call 16-byte aligned) and work on the copy: the original
+ * frame becomes the gap the handler pushes into, and IRETQ reads the copy. Nothing
+ * live sits below the interrupted RSP: x86_64-unknown-none has no red zone.
+ */
+    .p2align 4
+x86_stub_3:
+    subq $8, %rsp
+    .rept 5
+    /* The address is formed before the push decrements %rsp: copies SS first, RIP last. */
+    pushq 5*8(%rsp)
+    .endr
+    pushq $0
+    pushq $3
+    jmp x86_trap_common
 
 /*
  * NMI (vector 2): nested-NMI safe entry (Steven Rostedt, "x86: Add workaround to

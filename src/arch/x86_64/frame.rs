@@ -31,6 +31,7 @@ pub struct TrapFrame {
     cs: u64,
     /// Interrupted RFLAGS.
     pub rflags: u64,
-    rsp: u64,
+    /// Interrupted RSP (the INT3 handler pushes an emulated CALL's return address).
+    pub(super) rsp: u64,
     ss: u64,
 }

@@ -10,9 +10,10 @@
 //! as Linux's `poke_int3_handler` does. So another CPU runs the old instruction, INT3
 //! (= the new one) or the new one, never a mix of old and new bytes.
 //!
-//! `CALL` is refused: vector 3 runs on the interrupted stack, and the CPU's frame sits
-//! where the emulated return address would be pushed (Linux's int3 entry leaves a gap
-//! for it; this kernel's does not yet).
+//! `CALL rel32` is emulated as Linux's `int3_emulate_call` does: push the return address
+//! onto the interrupted stack, continue at the target. Vector 3 runs on that stack (no
+//! IST), so its entry stub (`boot/x86_64/vectors.S`) moves the CPU's frame down and
+//! leaves a gap below the interrupted RSP for the push.
 
 use super::frame::TrapFrame;
 use super::{X86_64, ipi, paging, timer};
@@ -20,7 +21,7 @@ use crate::patch::x86::{self, Emulation, Insn};
 use crate::patch::{Patch, PatchError, Text, lock_bounded, validate};
 use crate::stop::{StopError, StopOptions};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Sites per round of the protocol (Linux's `TP_VEC_MAX` is a page of them); a longer
 /// batch is patched in rounds. A static key's sites fit in one round (three syncs).
@@ -39,6 +40,15 @@ unsafe impl Sync for Table {}
 static TABLE: Table = Table(UnsafeCell::new([(0, Emulation::Next(0)); TP_VEC_MAX]));
 /// Valid entries of `TABLE`.
 static LEN: AtomicUsize = AtomicUsize::new(0);
+/// CALLs the #BP handler has emulated (a self-test's evidence that a caller really
+/// reached a CALL site in flight).
+static CALLS_EMULATED: AtomicU64 = AtomicU64::new(0);
+
+/// How many CALLs [`handle_int3`] has emulated so far.
+pub fn calls_emulated() -> u64 {
+    CALLS_EMULATED.load(Ordering::Relaxed)
+}
+
 /// Linux's `bp_desc.refs`: 0 = no table; the patcher holds 1 while the table is
 /// published; each INT3 handler holds one more while it reads it.
 static REFS: AtomicUsize = AtomicUsize::new(0);
@@ -46,8 +56,8 @@ static REFS: AtomicUsize = AtomicUsize::new(0);
 /// Patches `batch` in `text` (the kernel's: its writer lock serialises us with every
 /// other writer; the bytes go through [`paging::poke_text`]) while other CPUs may
 /// execute it: validated whole first, every new
-/// instruction must be one [`x86::emulation`] can emulate (JMP rel32, `MOV $imm32,
-/// %eax`, recommended NOPs; not CALL, see the module docs), else
+/// instruction must be one [`x86::emulation`] can emulate (JMP rel32, CALL rel32,
+/// `MOV $imm32, %eax`, recommended NOPs), else
 /// [`PatchError::NotCmodxSafe`]; nothing is written on a refusal.
 ///
 /// A sync that some CPU does not acknowledge in time (one spinning with IF clear cannot
@@ -73,7 +83,12 @@ pub fn text_poke_bp<T: Text<Insn = Insn>>(
     if let Some((index, patch)) = batch.iter().enumerate().find(|(_, p)| {
         !matches!(
             x86::emulation(p.addr, &p.new),
-            Some(Emulation::Next(_) | Emulation::Jump(_) | Emulation::MovEax { .. })
+            Some(
+                Emulation::Next(_)
+                    | Emulation::Jump(_)
+                    | Emulation::Call { .. }
+                    | Emulation::MovEax { .. }
+            )
         )
     }) {
         return Err(PatchError::NotCmodxSafe {
@@ -179,7 +194,8 @@ fn retire() {
 
 /// The #BP handler's part: if `frame.rip - 1` is the first byte of a site in flight,
 /// emulate the site's new instruction on `frame` and return true; false otherwise (an
-/// unexpected breakpoint). Runs with IF clear, on the interrupted stack.
+/// unexpected breakpoint, or a CALL with no gap to push into). Runs with IF clear, on
+/// the interrupted stack, below the gap its entry stub leaves.
 #[unsafe(link_section = ".text.nopatch")]
 pub(crate) fn handle_int3(frame: &mut TrapFrame) -> bool {
     let addr = frame.rip.wrapping_sub(1) as usize;
@@ -212,8 +228,31 @@ pub(crate) fn handle_int3(frame: &mut TrapFrame) -> bool {
             frame.rax = u64::from(imm);
             frame.rip = next as u64;
         }
-        // Refused by `text_poke_bp`, never in the table.
-        Some(Emulation::Call { .. }) | None => return false,
+        Some(Emulation::Call { target, ret }) => return emulate_call(frame, target, ret),
+        None => return false,
     }
+    true
+}
+
+/// Linux's `int3_emulate_call`: push `ret` onto the interrupted stack and continue at
+/// `target`. False, with nothing changed, if the slot below the interrupted RSP lies in
+/// `frame` (an entry stub without the gap): pushing would overwrite the frame IRETQ is
+/// about to read.
+#[unsafe(link_section = ".text.nopatch")]
+fn emulate_call(frame: &mut TrapFrame, target: usize, ret: usize) -> bool {
+    let slot = frame.rsp.wrapping_sub(8);
+    let frame_start = &raw const *frame as u64;
+    let frame_end = frame_start.wrapping_add(size_of::<TrapFrame>() as u64);
+    if (frame_start..frame_end).contains(&slot) {
+        return false;
+    }
+    // SAFETY: kernel-mode #BP without IST: the interrupted stack is ours and mapped, and
+    // the 8 bytes below its RSP hold nothing live (no red zone on x86_64-unknown-none;
+    // the CPU pushed its own frame there, which the entry stub has copied below, and we
+    // checked the copy does not hold the slot). A CALL would write exactly this slot.
+    unsafe { (slot as *mut u64).write(ret as u64) };
+    frame.rsp = slot;
+    frame.rip = target as u64;
+    CALLS_EMULATED.fetch_add(1, Ordering::Relaxed);
     true
 }

@@ -103,6 +103,17 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     insn::b(site, target).map_err(|_| "the nosync branch target is out of B's range")
 }
 
+/// `BL` at `site` to `target`: CMODX-safe with the NOP and other BLs, so
+/// [`patch_live`] changes call sites without a stop.
+pub fn live_call(site: usize, target: usize) -> Result<Insn, &'static str> {
+    insn::bl(site, target).map_err(|_| "the call target is out of BL's range")
+}
+
+/// None: a BL in flight is executed, old or new, never emulated.
+pub fn live_calls_emulated() -> Option<u64> {
+    None
+}
+
 /// Cross-CPU synchronisations one static key batch makes: one kick of every other CPU.
 pub const SYNCS_PER_KEY_BATCH: u64 = 1;
 

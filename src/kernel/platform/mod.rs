@@ -20,6 +20,7 @@
 //! | `set_write_probe` | a function the text writer calls after each write, inside the patch window (self-tests only) |
 //! | `mask_for_panic`, `write_forced`, `write_raw_forced` | the panic handler's: mask for good, report past a held console lock |
 //! | `static_branch_unlikely!`, `static_branch_likely!`, `define_static_key!`, `StaticKey`, `STATIC_KEYS`, `KernelKeys` | static keys: sites, keys, and the kernel's key table (flipped through the live path) |
+//! | `live_branch`, `live_call`, `patch_live`, `live_calls_emulated` | the jump and call encodings patched while other CPUs run them, the path that patches them without a stop, and how many calls ran emulated meanwhile (x86's #BP handler) |
 //! | `SYNCS_PER_KEY_BATCH`, `key_syncs` | the cross-CPU synchronisations a static key batch makes, and a counter of them with each CPU's acknowledgement |
 //! | `BENCH_KEY_1`, `BENCH_KEY_100` | keys of the benchmark's static-key sites (`targets_*.S`, on pages of their own) |
 //!

@@ -31,6 +31,68 @@ pm_nosync_branch_dest:
     mov     $2, %eax
     ret
 
+// The call_site_live test's site: pm_call_site is a 5-byte NOP, CALL pm_call_target_a
+// or CALL pm_call_target_b, flipped by the INT3 protocol while other CPUs run
+// pm_call_site_caller(pad). The caller lowers RSP by `pad` (0 or 8: RSP at the site
+// both 16-byte aligned and not), keeps a canary in a callee-saved register across the
+// site and returns 0x100 + what the site left in EAX (0x30 from the NOP, 0xa or 0xb
+// from a target): computed after the site, so only a correct return produces it;
+// 0xbad1 if RSP changed across the site, 0xbad2 if the canary did.
+    .global pm_call_site_caller
+pm_call_site_caller:
+    push    %rbx
+    push    %r12
+    push    %r13
+    mov     %rdi, %r13
+    sub     %rdi, %rsp
+    mov     %rsp, %rbx
+    movabs  $0x0123456789abcdef, %r12
+    mov     $0x30, %eax
+    .global pm_call_site
+pm_call_site:
+    .byte   0x0f, 0x1f, 0x44, 0x00, 0x00
+    cmp     %rsp, %rbx
+    jne     1f
+    movabs  $0x0123456789abcdef, %rcx
+    cmp     %rcx, %r12
+    jne     2f
+    add     $0x100, %eax
+    jmp     3f
+1:  mov     $0xbad1, %eax
+    jmp     3f
+2:  mov     $0xbad2, %eax
+3:  add     %r13, %rsp
+    pop     %r13
+    pop     %r12
+    pop     %rbx
+    ret
+
+// The two call targets: count the call in pm_call_hits[0] / [1] and return 0xa / 0xb.
+// Each checks it was called from the site: the return address on top of its stack is
+// pm_call_site + 5 and RSP is the caller's (kept in RBX) minus 8; otherwise it counts
+// pm_call_bad_returns and keeps the return address it found in pm_call_bad_return.
+    .global pm_call_target_a
+pm_call_target_a:
+    lock incq pm_call_hits(%rip)
+    mov     $0xa, %eax
+    jmp     pm_call_check_return
+    .global pm_call_target_b
+pm_call_target_b:
+    lock incq pm_call_hits+8(%rip)
+    mov     $0xb, %eax
+pm_call_check_return:
+    lea     pm_call_site+5(%rip), %rcx
+    cmp     (%rsp), %rcx
+    jne     1f
+    lea     -8(%rbx), %rcx
+    cmp     %rsp, %rcx
+    jne     1f
+    ret
+1:  mov     (%rsp), %rcx
+    mov     %rcx, pm_call_bad_return(%rip)
+    lock incq pm_call_bad_returns(%rip)
+    ret
+
 // Sites for the bad-batch test (never called).
     .global pm_spare_site
 pm_spare_site:

@@ -107,6 +107,18 @@ pub fn live_branch(site: usize, target: usize) -> Result<Insn, &'static str> {
     x86::jmp_rel32(site, target).map_err(|_| "the branch target is out of rel32 range")
 }
 
+/// `CALL rel32` at `site` to `target`: with the 5-byte NOP and other CALLs, the call
+/// pairs [`patch_live`] changes (the #BP handler emulates the CALL meanwhile).
+pub fn live_call(site: usize, target: usize) -> Result<Insn, &'static str> {
+    x86::call_rel32(site, target).map_err(|_| "the call target is out of rel32 range")
+}
+
+/// Calls of a [`live_call`] site that ran while the site was in flight, by emulation
+/// (x86: the #BP handler's), so far.
+pub fn live_calls_emulated() -> Option<u64> {
+    Some(crate::arch::x86_64::text_poke::calls_emulated())
+}
+
 /// Cross-CPU synchronisations one static key batch makes: the INT3 protocol's three.
 pub const SYNCS_PER_KEY_BATCH: u64 = 3;
 

@@ -29,7 +29,7 @@ unsafe extern "C" {
 pub struct Params {
     /// Torture flips (`flips=N`).
     pub flips: u32,
-    /// Nosync flips (`nosync_flips=N`).
+    /// Nosync and call-site flips (`nosync_flips=N`).
     pub nosync_flips: u32,
     /// Static key flips (`static_key_flips=N`).
     pub static_key_flips: u32,
@@ -52,6 +52,7 @@ impl Params {
 
 mod alternatives;
 mod bench;
+mod call_site;
 mod nmi;
 mod static_keys;
 
@@ -103,6 +104,11 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "nosync",
         run: nosync,
+        by_default: true,
+    },
+    Test {
+        name: "call_site_live",
+        run: call_site::call_site_live,
         by_default: true,
     },
     Test {
