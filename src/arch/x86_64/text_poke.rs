@@ -44,7 +44,7 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 /// reached a CALL site in flight).
 static CALLS_EMULATED: AtomicU64 = AtomicU64::new(0);
 
-/// How many CALLs [`handle_int3`] has emulated so far.
+/// How many CALLs the #BP handler (`handle_int3`) has emulated so far.
 pub fn calls_emulated() -> u64 {
     CALLS_EMULATED.load(Ordering::Relaxed)
 }
