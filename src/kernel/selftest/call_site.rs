@@ -3,8 +3,8 @@
 //! INT3 protocol, whose #BP handler emulates the CALL by pushing the return address;
 //! arm64: NOP <-> BL through `patch_nosync`) while every other CPU runs it.
 
-use super::{CALLER_WAIT_NS, CALLS_PER_YIELD, JOB_TIMEOUT_NS, Params, Verdict, others};
-use super::{Callers, wait_for_callers};
+use super::{CALLS_PER_YIELD, JOB_TIMEOUT_NS, Params, Verdict, others};
+use super::{Callers, starved_callers, wait_for_callers};
 use crate::kernel::platform::{self, KERNEL_TEXT, NOP, SITE_LEN, current_cpu};
 use crate::kernel::smp::run_on;
 use crate::patch::{Patch, Text};
@@ -170,16 +170,8 @@ pub(super) fn call_site_live(params: &Params) -> Verdict {
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
     }
-    match starved {
-        Some((None, idle)) => fail!(
-            "CPUs {idle} never called the site within {} ms of being started",
-            CALLER_WAIT_NS / 1_000_000
-        ),
-        Some((Some(k), idle)) => fail!(
-            "after flip {k}, CPUs {idle} made no call within {} ms",
-            CALLER_WAIT_NS / 1_000_000
-        ),
-        None => {}
+    if let Some(verdict) = starved_callers(starved) {
+        return verdict;
     }
     if let Err(pending) = waited {
         fail!("callers on {pending} did not stop");

@@ -648,6 +648,18 @@ fn torture_caller(cpu: usize, callers: &Callers) {
     }
 }
 
+/// The verdict on callers that stopped calling during a live-flip test: `starved` is
+/// `(None, cpus)` when they never started, `(Some(flip), cpus)` when they went idle
+/// after that flip, `None` when every caller kept calling.
+fn starved_callers(starved: Option<(Option<impl core::fmt::Display>, CpuSet)>) -> Option<Verdict> {
+    let (flip, idle) = starved?;
+    let ms = CALLER_WAIT_NS / 1_000_000;
+    Some(Verdict::Fail(match flip {
+        None => msg!("CPUs {idle} never called the site within {ms} ms of being started"),
+        Some(k) => msg!("after flip {k}, CPUs {idle} made no call within {ms} ms"),
+    }))
+}
+
 /// Waits (bounded) until every CPU in `cpus` has made a call since `since` was taken;
 /// returns the CPUs that did not.
 fn wait_for_callers(callers: &Callers, cpus: CpuSet, since: &[u64; crate::MAX_CPUS]) -> CpuSet {
@@ -851,16 +863,8 @@ fn nosync(params: &Params) -> Verdict {
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
     }
-    match starved {
-        Some((None, idle)) => fail!(
-            "CPUs {idle} never called the site within {} ms of being started",
-            CALLER_WAIT_NS / 1_000_000
-        ),
-        Some((Some(k), idle)) => fail!(
-            "after flip {k}, CPUs {idle} made no call within {} ms",
-            CALLER_WAIT_NS / 1_000_000
-        ),
-        None => {}
+    if let Some(verdict) = starved_callers(starved) {
+        return verdict;
     }
     if let Err(pending) = waited {
         fail!("callers on {pending} did not stop");
