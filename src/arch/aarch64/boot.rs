@@ -199,6 +199,9 @@ fn print_banner(info: &dtb::BootInfo) {
         info.uart,
         info.uart_clock_hz.unwrap_or(0),
     );
+    for (i, r) in info.gicr_regions().iter().enumerate().skip(1) {
+        crate::kprintln!("dtb: GICR region[{i}] {r}");
+    }
     for (i, r) in info.memory().iter().enumerate() {
         crate::kprintln!("dtb: memory[{i}] {r}");
     }
