@@ -34,7 +34,7 @@ use arm_gic::gicv3::{GicCpuInterface, GicError, GicRedistributor, GicV3, Group};
 use core::arch::asm;
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 
 /// The SGI used as the NMI IPI (see [`super::nmi`]).
 pub const NMI_SGI: u32 = 0;
@@ -88,6 +88,8 @@ static GROUP_OF: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS]
 static TARGET_BIT: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
 /// Number of SGI target groups.
 static GROUP_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Whether both the distributor and the CPU interface take range-selected SGIs.
+static RANGE_SELECTOR: AtomicBool = AtomicBool::new(false);
 
 /// ICC_SGI1R_EL1.IRM: "all PEs but the sender" (the target fields are ignored).
 const SGI1R_IRM: u64 = 1 << 40;
@@ -259,6 +261,7 @@ pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
     init_cpu(0)?;
     // Range-selected SGIs are needed only for a CPU with Aff0 >= 16.
     let rss = typer & GICD_TYPER_RSS != 0 && icc_read!("S3_0_C12_C12_4") & ICC_CTLR_RSS != 0;
+    RANGE_SELECTOR.store(rss, Ordering::Relaxed);
     if !rss && let Some(cpu) = mpidrs.iter().position(|&m| m & 0xf0 != 0) {
         return Err(GicInitError::NotTargetable {
             cpu,
@@ -489,6 +492,12 @@ pub fn sgi_target(cpu: usize) -> (u64, u16) {
         GROUP_KEY[group].load(Ordering::Relaxed),
         1 << TARGET_BIT[cpu].load(Ordering::Relaxed),
     )
+}
+
+/// Whether the GIC takes range-selected SGIs (GICD_TYPER.RSS and ICC_CTLR_EL1.RSS):
+/// without, only CPUs with Aff0 < 16 can be targeted and the RS field must be 0.
+pub fn range_selector_supported() -> bool {
+    RANGE_SELECTOR.load(Ordering::Relaxed)
 }
 
 /// Number of SGI target groups (the most writes [`send_sgi`] takes).
