@@ -174,6 +174,27 @@ pub fn dsb_ishst() {
     barrier::dsb(barrier::ISHST);
 }
 
+/// One iteration of a polling wait: `YIELD`. Not `core::hint::spin_loop`, which is an
+/// ISB on AArch64: under single-threaded TCG, `YIELD` (and `WFE`) end the vCPU's time
+/// slice, so the CPUs being waited for run instead of the waiter; on hardware it is a
+/// hint to an SMT core.
+#[inline(always)]
+pub fn relax() {
+    // SAFETY: a hint; no effect on memory or registers. Not `nomem`: the caller re-reads
+    // memory afterwards.
+    unsafe { asm!("yield", options(nostack, preserves_flags)) };
+}
+
+/// The [`relax`] strategy for spin locks that many CPUs may wait on (the console).
+pub struct YieldRelax;
+
+impl spin::RelaxStrategy for YieldRelax {
+    #[inline(always)]
+    fn relax() {
+        relax();
+    }
+}
+
 /// Waits for an event (`WFE`). Ends at the latest at the next timer event-stream tick
 /// (see [`super::timer`]), so it may be used in loops that poll a condition.
 #[inline(always)]

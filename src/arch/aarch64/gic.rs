@@ -309,7 +309,7 @@ fn wake_redistributor(cpu: usize, rd: usize) -> Result<(), GicInitError> {
         if timer::now_ns().wrapping_sub(start) > WAKE_TIMEOUT_NS {
             return Err(GicInitError::WakeTimeout { cpu });
         }
-        core::hint::spin_loop();
+        cpu::relax();
     }
     Ok(())
 }

@@ -574,7 +574,7 @@ impl TextAlias {
             "the text alias lock",
             1_000_000_000,
             timer::now_ns,
-            core::hint::spin_loop,
+            cpu::relax,
         ) {
             Ok(guard) => guard,
             Err(timeout) => panic!("poke_text: {timeout}"),

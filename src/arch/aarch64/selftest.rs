@@ -287,7 +287,7 @@ fn sgi_all() -> Result<(), &'static str> {
             .all(|c| SGI_HITS[c].load(Ordering::Relaxed) > before[c])
     };
     while !done() && timer::now_ns() - start < 500_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     ensure(done(), "not every other CPU took the SGI within 500 ms")?;
     ensure(
@@ -435,7 +435,7 @@ fn sgi_self_masked() -> Result<(), &'static str> {
     gic::send_sgi_self(sgi);
     let start = timer::now_ns();
     while !gic::pending_sgi(me, sgi) && timer::now_ns() - start < 100_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     let pending = gic::pending_sgi(me, sgi);
     let early = SGI_HITS[me].load(Ordering::Relaxed) != before;
@@ -445,7 +445,7 @@ fn sgi_self_masked() -> Result<(), &'static str> {
     cpu::isb();
     let start = timer::now_ns();
     while SGI_HITS[me].load(Ordering::Relaxed) == before && timer::now_ns() - start < 100_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     gic::clear_sgi_handler(sgi);
     ensure(!early, "the SGI was taken while masked")?;
@@ -495,7 +495,7 @@ fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
         if timer::now_ns() - start > timeout_ns {
             return done();
         }
-        core::hint::spin_loop();
+        cpu::relax();
     }
     true
 }
@@ -776,7 +776,7 @@ mod nmi_tests {
                 SPIN_PMR_AFTER_NMI.store(u32::from(irqflags::pmr()) | 0x100, Ordering::Relaxed);
             }
             masked &= irqflags::irqs_disabled();
-            core::hint::spin_loop();
+            cpu::relax();
         }
         SPIN_MASKED.store(masked, Ordering::Relaxed);
         irqflags::local_irq_restore(flags);
