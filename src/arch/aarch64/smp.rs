@@ -6,19 +6,16 @@
 //! ([`ONLINE_TIMEOUT_NS`] for all of them together) and names the CPUs that did not come.
 
 use super::{cpu, dtb::BootInfo, psci, timer};
-use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use crate::{AtomicCpuSet, CpuSet};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// How long the boot CPU waits for all secondaries together to report online.
 pub const ONLINE_TIMEOUT_NS: u64 = 5_000_000_000;
 
-/// 64-bit words of a per-CPU bitmap.
-const WORDS: usize = MAX_CPUS.div_ceil(64);
-
-/// CPUs that finished their bring-up (bit n of word n / 64 = logical CPU n).
-static ONLINE: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
+/// CPUs that finished their bring-up.
+static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs that were started but did not come online in time, or whose CPU_ON failed.
-static FAILED: [AtomicU64; WORDS] = [const { AtomicU64::new(0) }; WORDS];
+static FAILED: AtomicCpuSet = AtomicCpuSet::new();
 /// Logical CPUs the machine has (from the DTB).
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
@@ -34,44 +31,24 @@ pub fn current_cpu() -> usize {
     cpu::current_cpu()
 }
 
-/// The set of a bitmap's CPUs (Acquire: see [`online_cpus`]).
-#[inline(always)]
-fn load_set(words: &[AtomicU64; WORDS]) -> CpuSet {
-    let mut set = CpuSet::EMPTY;
-    for (w, word) in words.iter().enumerate() {
-        let mut bits = word.load(Ordering::Acquire);
-        while bits != 0 {
-            set = set.with(w * 64 + bits.trailing_zeros() as usize);
-            bits &= bits - 1;
-        }
-    }
-    set
-}
-
-/// Adds `cpu` to a bitmap (Release: see [`mark_online`]).
-#[inline(always)]
-fn add(words: &[AtomicU64; WORDS], cpu: usize) {
-    words[cpu / 64].fetch_or(1 << (cpu % 64), Ordering::Release);
-}
-
 /// The CPUs that are online: they have the MMU, exception vectors and GIC set up and
 /// answer interrupts (IRQs are unmasked right after they are marked).
 #[inline(always)]
 pub fn online_cpus() -> CpuSet {
     // Acquire pairs with the Release in `mark_online`: a CPU seen online has finished
     // its set-up.
-    load_set(&ONLINE)
+    ONLINE.load(Ordering::Acquire)
 }
 
 /// Whether `cpu` is online (as [`online_cpus`], for one CPU).
 #[inline(always)]
 pub fn is_online(cpu: usize) -> bool {
-    cpu < MAX_CPUS && ONLINE[cpu / 64].load(Ordering::Acquire) & 1 << (cpu % 64) != 0
+    ONLINE.contains(cpu, Ordering::Acquire)
 }
 
 /// CPUs that failed to come up.
 pub fn failed_cpus() -> CpuSet {
-    load_set(&FAILED)
+    FAILED.load(Ordering::Relaxed)
 }
 
 /// The number of logical CPUs the DTB describes (online or not).
@@ -83,7 +60,7 @@ pub fn cpu_count() -> usize {
 /// waiting for it in [`start_secondaries`].
 pub(crate) fn mark_online(cpu: usize) {
     // Release: everything this CPU set up is visible to whoever sees the bit.
-    add(&ONLINE, cpu);
+    ONLINE.insert(cpu, Ordering::Release);
     cpu::sev();
 }
 
@@ -102,14 +79,14 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
             Ok(()) => started = started.with(cpu),
             Err(e) => {
                 crate::kprintln!("smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON failed: {e}");
-                add(&FAILED, cpu);
+                FAILED.insert(cpu, Ordering::Relaxed);
             }
         }
     }
     let start = timer::now_ns();
     let waiting = started.len();
     loop {
-        let online = (0..info.cpu_count).filter(|&c| is_online(c)).count();
+        let online = online_cpus().len();
         if online >= waiting {
             break;
         }
@@ -120,7 +97,7 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
                     info.mpidrs[cpu],
                     ONLINE_TIMEOUT_NS / 1_000_000
                 );
-                add(&FAILED, cpu);
+                FAILED.insert(cpu, Ordering::Relaxed);
             }
             break;
         }

@@ -2,7 +2,7 @@
 //! set. Logical indices: 0 is the boot CPU, then the MADT's other CPUs in MADT order.
 
 use super::{apic, cpu, layout, madt, paging, timer};
-use crate::{CpuSet, MAX_CPUS, kprintln};
+use crate::{AtomicCpuSet, CpuSet, MAX_CPUS, kprintln};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -20,7 +20,7 @@ unsafe extern "C" {
 
 pub use super::cpu::current_cpu;
 
-static ONLINE: AtomicU32 = AtomicU32::new(0);
+static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs the MADT lists that fit in MAX_CPUS.
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
@@ -36,7 +36,7 @@ const ONLINE_TIMEOUT_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn online_cpus() -> CpuSet {
     // Acquire pairs with each CPU's Release in `mark_online`: its set-up is visible.
-    CpuSet::from_bits(ONLINE.load(Ordering::Acquire))
+    ONLINE.load(Ordering::Acquire)
 }
 
 /// The APIC ID of logical CPU `cpu`.
@@ -61,7 +61,7 @@ pub fn present() -> usize {
 pub fn mark_online(cpu: usize) {
     // Release: everything this CPU set up (GDT, IDT, APIC) happens before anyone sends
     // it a stop IPI or an NMI.
-    ONLINE.fetch_or(1 << cpu, Ordering::Release);
+    ONLINE.insert(cpu, Ordering::Release);
 }
 
 /// Copies the trampoline to low memory. Boot CPU, before `paging::init` makes that
