@@ -137,11 +137,16 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
     // alias) is on.
     unsafe { alternatives::ALTERNATIVES.apply_boot() };
 
+    gic::set_sgi_handler(gic::WAKE_SGI, |_| {});
     let online = smp::start_secondaries(info);
+    smp::release_secondaries();
+    // One write (IRM) when every CPU came up; DSB ISHST first, so the flag is visible.
+    gic::send_sgi(gic::WAKE_SGI, online.without(0));
     crate::kprintln!(
-        "smp: {} of {} CPUs online {online}{}",
+        "smp: {} of {} CPUs online {online} in {} us{}",
         online.len(),
         info.cpu_count,
+        smp::bringup_ns() / 1000,
         if online.len() == info.cpu_count {
             ""
         } else {
@@ -169,6 +174,7 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
     }
     irqflags::init_cpu(cpu);
     smp::mark_online(cpu);
+    smp::wait_for_bringup();
     cpu::unmask_all();
     crate::kernel::secondary_main(cpu)
 }

@@ -204,6 +204,15 @@ pub fn wfe() {
     unsafe { asm!("wfe", options(nostack, preserves_flags)) };
 }
 
+/// Waits for an interrupt (`WFI`): ends when an interrupt is pending, even one that
+/// DAIF masks (it is then not taken). Unlike [`wfe`], under single-threaded TCG the
+/// vCPU sleeps and takes no turn until then.
+#[inline(always)]
+pub fn wfi() {
+    // SAFETY: WFI only waits. Not `nomem`: the caller re-reads memory afterwards.
+    unsafe { asm!("wfi", options(nostack, preserves_flags)) };
+}
+
 /// Sends an event to all CPUs (`SEV`), after a `DSB ISHST` so that the stores made
 /// before it are visible to CPUs that wake up.
 #[inline(always)]

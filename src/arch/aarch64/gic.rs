@@ -40,6 +40,9 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize
 pub const NMI_SGI: u32 = 0;
 /// The SGI that asks a CPU to join the stop-machine rendezvous.
 pub const STOP_SGI: u32 = 1;
+/// The SGI that releases the secondaries from their bring-up sleep (see
+/// [`super::smp::wait_for_bringup`]); its handler does nothing.
+pub const WAKE_SGI: u32 = 7;
 /// SGIs reserved for tests (no meaning to the kernel itself).
 pub const TEST_SGIS: [u32; 4] = [2, 3, 4, 5];
 /// Priority of [`STOP_SGI`] when there are no NMIs (`pseudo_nmi=off`); with NMIs it is

@@ -7,7 +7,7 @@
 
 use super::{cpu, dtb::BootInfo, psci, timer};
 use crate::{AtomicCpuSet, CpuSet};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 /// How long the boot CPU waits for all secondaries together to report online.
 pub const ONLINE_TIMEOUT_NS: u64 = 5_000_000_000;
@@ -16,6 +16,11 @@ pub const ONLINE_TIMEOUT_NS: u64 = 5_000_000_000;
 static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs that were started but did not come online in time, or whose CPU_ON failed.
 static FAILED: AtomicCpuSet = AtomicCpuSet::new();
+/// Set by the boot CPU when every secondary has been started and awaited (see
+/// [`wait_for_bringup`]).
+static BRINGUP_DONE: AtomicBool = AtomicBool::new(false);
+/// How long [`start_secondaries`] took, from the first CPU_ON to the last CPU online.
+static BRINGUP_NS: AtomicU64 = AtomicU64::new(0);
 /// Logical CPUs the machine has (from the DTB).
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
@@ -72,6 +77,7 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
     COUNT.store(info.cpu_count, Ordering::Relaxed);
     mark_online(0);
     let entry = pm_secondary_entry.as_ptr() as u64;
+    let start = timer::now_ns();
     let mut started = CpuSet::single(0);
     for cpu in 1..info.cpu_count {
         let mpidr = info.mpidrs[cpu];
@@ -83,7 +89,6 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
             }
         }
     }
-    let start = timer::now_ns();
     let waiting = started.len();
     loop {
         let online = online_cpus().len();
@@ -105,5 +110,30 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
         // single-threaded emulator runs the CPUs we wait for instead of this loop.
         cpu::wfe();
     }
+    BRINGUP_NS.store(timer::now_ns().wrapping_sub(start), Ordering::Relaxed);
     online_cpus()
+}
+
+/// A secondary, once online: sleeps in `WFI`, everything masked, until the boot CPU has
+/// started every CPU ([`release_secondaries`], then [`super::gic::WAKE_SGI`], which stays
+/// pending and so ends the `WFI` however late this CPU gets here). Why not `WFE`: under
+/// single-threaded TCG a CPU in WFE still takes a turn in every round of the vCPUs, and
+/// each CPU_ON kicks the boot CPU into a new round, so 511 idle CPUs made the boot
+/// CPU's CPU_ON loop quadratic (5 s at 512 CPUs); sleeping CPUs take no turn.
+pub(crate) fn wait_for_bringup() {
+    // Acquire pairs with the Release in `release_secondaries`.
+    while !BRINGUP_DONE.load(Ordering::Acquire) {
+        cpu::wfi();
+    }
+}
+
+/// Ends [`wait_for_bringup`] for every CPU: the caller then sends the wake SGI.
+pub(crate) fn release_secondaries() {
+    BRINGUP_DONE.store(true, Ordering::Release);
+}
+
+/// How long the bring-up took (guest time), from the first CPU_ON until the last CPU
+/// was online or the wait gave up.
+pub fn bringup_ns() -> u64 {
+    BRINGUP_NS.load(Ordering::Relaxed)
 }
