@@ -462,9 +462,14 @@ pub fn send_sgi(sgi: u32, targets: CpuSet) -> usize {
     } else {
         let mut lists = [0u16; MAX_CPUS];
         let groups = GROUP_COUNT.load(Ordering::Relaxed);
+        // `get`, not indexing: a bounds-check panic would leave `.text.nopatch`.
         for cpu in targets.iter() {
-            let group = GROUP_OF[cpu].load(Ordering::Relaxed) as usize;
-            lists[group] |= 1 << TARGET_BIT[cpu].load(Ordering::Relaxed);
+            let (Some(group), Some(bit)) = (GROUP_OF.get(cpu), TARGET_BIT.get(cpu)) else {
+                continue;
+            };
+            if let Some(list) = lists.get_mut(group.load(Ordering::Relaxed) as usize) {
+                *list |= 1 << (bit.load(Ordering::Relaxed) & 0xf);
+            }
         }
         let mut writes = 0;
         for (key, &list) in GROUP_KEY.iter().zip(&lists).take(groups) {
