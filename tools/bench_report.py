@@ -125,6 +125,7 @@ def parse(paths, cpu_model):
             row["ratio_to_ipi"] = round(row["median_ns"] / base, 3) if base else None
             row["p99_ratio_to_ipi"] = round(row["p99_ns"] / base_p99, 3) if base_p99 else None
         rows.extend(found)
+    rows.sort(key=lambda r: (r["arch"], r["cpus"]))
     return rows
 
 
@@ -304,7 +305,7 @@ def main():
                  "masked_max_ns", "ratio_to_ipi", "p99_ratio_to_ipi"])
     scaling = scaling_rows(rows, parse_masked(args.logs), skipped)
     write_table(args.out, "scaling", scaling, SCALING_FIELDS)
-    profiles = parse_profiles(args.logs)
+    profiles = sorted(parse_profiles(args.logs), key=lambda r: (r["arch"], r["cpus"]))
     write_table(args.out, "profile", profiles,
                 ["arch", "name", "cpus", "sites", *PROFILE_FIELDS, "iters"])
 
@@ -366,7 +367,7 @@ def main():
                          and x["name"] == "ipi_roundtrip")
             print(f"  {r['arch']} cpus={r['cpus']}: {r['median_ns']} ns / {limit['median_ns']} ns"
                   f" = {r['ratio_to_ipi']}")
-    ratios = parse_ratios(args.logs)
+    ratios = sorted(parse_ratios(args.logs), key=lambda r: (r["arch"], r["cpus"]))
     if ratios:
         print("measured alternately with the round trip (medians, p99 in brackets)")
         for r in ratios:
