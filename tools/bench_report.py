@@ -15,13 +15,16 @@ The guest also profiles single calls, one line each:
 (medians of where the initiator's time went: setup, the gather of the other CPUs'
 arrivals, the function, leaving; outside = the caller's own work around the call).
 
-A `masked_max_ns=<z>` field on any of these lines (the longest time any other CPU
-spent with everything masked in the window) is picked up where the kernel prints it.
+The longest time any other CPU spent masked in the window of each profiled call comes
+as a benchmark of its own, `# bench <name>_masked_max cpus=.. sites=.. median_ns=..
+p99_ns=.. iters=..` (the kernel also prints `# masked_max <name> ... ratio=..`); a
+`masked_max_ns=<z>` field on any line is picked up too.
 
 The scaling table (scaling.csv/json, printed) has one row per architecture and CPU
 count: ipi_roundtrip, stop_machine, patch_machine x1 and x1000 as medians and p99s,
 each also as a ratio to ipi_roundtrip of the same boot (median to median, p99 to
-p99), and masked_max_ns with its ratio to the round trip's median. CPU counts the
+p99), and for each of them masked_max (median and p99, each over the round trip's
+median, as the kernel's own `# masked_max` line has them). CPU counts the
 sweep skipped for an architecture (`--skipped ARCH:N,N`, above its limit) get a row
 that says so.
 
@@ -166,6 +169,11 @@ def scaling_rows(rows, masked, skipped):
             row[f"{label}_ratio"] = ratio(r and r["median_ns"], rt and rt["median_ns"])
             row[f"{label}_p99_ratio"] = ratio(r and r["p99_ns"], rt and rt["p99_ns"])
             row[f"{label}_p99_over_median"] = ratio(r and r["p99_ns"], r and r["median_ns"])
+            m = mine.get((f"{name}_masked_max", sites))
+            row[f"{label}_masked_max_median_ns"] = m and m["median_ns"]
+            row[f"{label}_masked_max_p99_ns"] = m and m["p99_ns"]
+            row[f"{label}_masked_max_ratio"] = ratio(m and m["median_ns"], rt and rt["median_ns"])
+            row[f"{label}_masked_max_p99_ratio"] = ratio(m and m["p99_ns"], rt and rt["median_ns"])
         row["masked_max_ns"] = masked.get((arch, cpus))
         row["masked_max_ratio"] = ratio(row["masked_max_ns"], rt and rt["median_ns"])
         out.append(row)
@@ -178,7 +186,9 @@ def scaling_rows(rows, masked, skipped):
 
 SCALING_FIELDS = (["arch", "cpus", "status", "ipi_roundtrip_median_ns", "ipi_roundtrip_p99_ns"]
                   + [f"{label}_{k}" for label, _, _ in SCALING
-                     for k in ("median_ns", "p99_ns", "ratio", "p99_ratio", "p99_over_median")]
+                     for k in ("median_ns", "p99_ns", "ratio", "p99_ratio", "p99_over_median",
+                               "masked_max_median_ns", "masked_max_p99_ns", "masked_max_ratio",
+                               "masked_max_p99_ratio")]
                   + ["masked_max_ns", "masked_max_ratio"])
 
 
@@ -325,6 +335,11 @@ def main():
                    if r["name"] == name and r["sites"] == sites and r["p99_ratio_to_ipi"]]
             if pts:
                 series.append((f"{label} p99", pts))
+        for label, name, sites in SCALING[1:2]:
+            pts = [(r["cpus"], r["ratio_to_ipi"]) for r in mine
+                   if r["name"] == f"{name}_masked_max" and r["sites"] == sites]
+            if pts:
+                series.append((f"{label} masked_max", pts))
         svg_plot(os.path.join(args.out, f"latency_vs_cpus_{arch}.svg"),
                  f"{arch}: latency relative to ipi_roundtrip (median; p99 dashed)", "CPUs",
                  "x ipi_roundtrip (same boot)", series, x_log=True, y_log=True)
@@ -348,9 +363,10 @@ def main():
                  f"{arch}: patch_machine median vs batch size", "sites per batch",
                  "x ipi_roundtrip (same boot)", series, x_log=True, y_log=True)
 
-    print("scaling: ratios to ipi_roundtrip of the same boot, median [p99/p99]; masked_max / rt median")
+    print("scaling: ratios to ipi_roundtrip of the same boot, median [p99/p99]; then masked_max"
+          " median [p99] / round-trip median")
     print(f"  {'arch':8} {'cpus':>4} {'rt_us':>8} {'stop':>13} {'patch x1':>13} "
-          f"{'patch x1000':>13} {'masked':>8}")
+          f"{'patch x1000':>13} {'masked stop':>13} {'masked x1':>13} {'masked x1000':>13}")
     for r in scaling:
         if r["status"] != "measured":
             print(f"  {r['arch']:8} {r['cpus']:>4} {r['status']}")
@@ -358,8 +374,10 @@ def main():
         rt = r["ipi_roundtrip_median_ns"]
         cells = [f"{fmt(r[f'{label}_ratio'])} [{fmt(r[f'{label}_p99_ratio'])}]"
                  for label, _, _ in SCALING]
+        cells += [f"{fmt(r[f'{label}_masked_max_ratio'])} [{fmt(r[f'{label}_masked_max_p99_ratio'])}]"
+                  for label, _, _ in SCALING]
         print(f"  {r['arch']:8} {r['cpus']:>4} {fmt(rt and round(rt / 1000, 1)):>8} "
-              + " ".join(f"{c:>13}" for c in cells) + f" {fmt(r['masked_max_ratio']):>8}")
+              + " ".join(f"{c:>13}" for c in cells))
     print("headline: patch_machine (1 site) / ipi_roundtrip, medians from the same boot")
     for r in rows:
         if r["name"] == "patch_machine" and r["sites"] == 1:
