@@ -173,6 +173,7 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
         exit::exit(false);
     }
     irqflags::init_cpu(cpu);
+    smp::start_children(cpu, dtb::boot_info());
     smp::mark_online(cpu);
     smp::wait_for_bringup();
     cpu::unmask_all();

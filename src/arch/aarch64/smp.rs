@@ -1,16 +1,15 @@
 //! Bringing up the secondary CPUs (PSCI CPU_ON) and tracking which CPUs are online.
 //!
-//! All secondaries are started first, then awaited together: PSCI CPU_ON returns once
-//! the CPU is scheduled to start, so starting 511 CPUs one after the other while waiting
-//! for each would put their whole set-up times in series. The wait is bounded
-//! ([`ONLINE_TIMEOUT_NS`] for all of them together) and names the CPUs that did not come.
+//! The CPUs start each other in a tree and the boot CPU awaits them all together (see
+//! [`start_secondaries`]): no CPU waits for another in turn. The wait is bounded
+//! ([`ONLINE_TIMEOUT_NS`] for all of them together) and names the CPUs that did not
+//! come, and why.
 
 use super::{cpu, dtb::BootInfo, psci, timer};
 use crate::{AtomicCpuSet, CpuSet};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// How long the boot CPU waits, after starting the last secondary, for all of them to
-/// report online.
+/// How long the boot CPU waits for all secondaries together to report online.
 pub const ONLINE_TIMEOUT_NS: u64 = 5_000_000_000;
 
 /// CPUs that finished their bring-up.
@@ -70,43 +69,72 @@ pub(crate) fn mark_online(cpu: usize) {
     cpu::sev();
 }
 
-/// Starts every secondary CPU of `info` (PSCI CPU_ON, without waiting in between),
-/// then waits up to [`ONLINE_TIMEOUT_NS`] after the last CPU_ON for all of them to mark
-/// themselves online. A
-/// CPU that fails is reported (index and MPIDR) and left out of [`online_cpus`]; the
-/// boot continues.
+/// Fan-out of the bring-up tree: CPU `i` starts CPUs `FANOUT * i + 1` to
+/// `FANOUT * i + FANOUT` (see [`start_secondaries`]).
+pub const FANOUT: usize = 4;
+
+/// The CPU that starts `cpu` in the bring-up tree (`None` for the boot CPU).
+pub const fn starter(cpu: usize) -> Option<usize> {
+    if cpu == 0 {
+        None
+    } else {
+        Some((cpu - 1) / FANOUT)
+    }
+}
+
+/// Issues PSCI CPU_ON for the calling CPU's children in the bring-up tree. The boot
+/// CPU, then each secondary during its bring-up (after its own set-up, before it marks
+/// itself online). A failed call is reported (index, MPIDR, error) and the CPU counted
+/// as failed.
+pub(crate) fn start_children(me: usize, info: &BootInfo) {
+    let entry = pm_secondary_entry.as_ptr() as u64;
+    let first = FANOUT * me + 1;
+    for cpu in first..(first + FANOUT).min(info.cpu_count) {
+        let mpidr = info.mpidrs[cpu];
+        if let Err(e) = psci::cpu_on(mpidr, entry, cpu as u64) {
+            crate::kprintln!(
+                "smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON by cpu{me} failed: {e}"
+            );
+            FAILED.insert(cpu, Ordering::Relaxed);
+            cpu::sev();
+        }
+    }
+}
+
+/// Brings up every secondary CPU of `info` and waits up to [`ONLINE_TIMEOUT_NS`] for
+/// all of them to mark themselves online. A CPU that fails is reported (index and
+/// MPIDR, and why) and left out of [`online_cpus`]; the boot continues.
+///
+/// The CPUs start each other in a tree ([`FANOUT`] children each, [`start_children`]):
+/// the boot CPU issues only the first CPU_ONs, no CPU waits for another in turn, and the
+/// starts overlap. Why not the boot CPU calling CPU_ON 511 times: single-threaded TCG
+/// ends the caller's turn at every CPU_ON and runs a round of all vCPUs (about 10 us
+/// each at 512), so 511 calls in a row cost 511 rounds (3 to 8 s measured here); a tree
+/// needs a few rounds per level.
 pub fn start_secondaries(info: &BootInfo) -> CpuSet {
     COUNT.store(info.cpu_count, Ordering::Relaxed);
     mark_online(0);
-    let entry = pm_secondary_entry.as_ptr() as u64;
     let start = timer::now_ns();
-    let mut started = CpuSet::single(0);
-    for cpu in 1..info.cpu_count {
-        let mpidr = info.mpidrs[cpu];
-        match psci::cpu_on(mpidr, entry, cpu as u64) {
-            Ok(()) => started = started.with(cpu),
-            Err(e) => {
-                crate::kprintln!("smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON failed: {e}");
-                FAILED.insert(cpu, Ordering::Relaxed);
-            }
-        }
-    }
-    let waiting = started.len();
-    // The time limit runs from the last CPU_ON: the loop above is the boot CPU's own
-    // work (each call lets the started CPUs run; 512 took 3 to 5 s under TCG here).
-    let last_on = timer::now_ns();
+    start_children(0, info);
     loop {
-        let online = online_cpus().len();
-        if online >= waiting {
+        let (online, failed) = (online_cpus(), failed_cpus());
+        if online.or(failed).len() >= info.cpu_count {
             break;
         }
-        if timer::now_ns().wrapping_sub(last_on) > ONLINE_TIMEOUT_NS {
-            for cpu in started.iter().filter(|&c| !is_online(c)) {
-                crate::kprintln!(
-                    "smp: cpu{cpu} (MPIDR {:#x}) did not come online within {} ms",
-                    info.mpidrs[cpu],
-                    ONLINE_TIMEOUT_NS / 1_000_000
-                );
+        if timer::now_ns().wrapping_sub(start) > ONLINE_TIMEOUT_NS {
+            let all = CpuSet::first(info.cpu_count);
+            for cpu in all.minus(online).minus(failed).iter() {
+                let mpidr = info.mpidrs[cpu];
+                let ms = ONLINE_TIMEOUT_NS / 1_000_000;
+                match starter(cpu).filter(|&s| !online.contains(s)) {
+                    Some(s) => crate::kprintln!(
+                        "smp: cpu{cpu} (MPIDR {mpidr:#x}) not started within {ms} ms: \
+                         cpu{s}, which starts it, did not come online"
+                    ),
+                    None => crate::kprintln!(
+                        "smp: cpu{cpu} (MPIDR {mpidr:#x}) did not come online within {ms} ms"
+                    ),
+                }
                 FAILED.insert(cpu, Ordering::Relaxed);
             }
             break;
