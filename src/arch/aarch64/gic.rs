@@ -1,9 +1,13 @@
 //! GICv3 (or v4) interrupt controller: arm-gic for set-up, direct system-register
 //! accesses for everything per-CPU and hot.
 //!
-//! The `GicV3` driver object (distributor and redistributor MMIO) sits behind a spin
-//! lock and is used only at set-up: [`init`] on the boot CPU, [`init_cpu`] on each CPU
-//! as it comes up. Acknowledge, end-of-interrupt, SGI generation and the priority mask
+//! The `GicV3` driver object sits behind a spin lock and is used only for the
+//! distributor's set-up in [`init`] (boot CPU). Each CPU sets up its own redistributor
+//! in [`init_cpu`] through an arm-gic `GicRedistributor` on its own frame, found by
+//! affinity in any of the DTB's redistributor regions: no lock, so hundreds of CPUs
+//! coming up at once do not queue (the wake, GICR_WAKER, is by hand: arm-gic's waits
+//! without bound). SGIs go out in the fewest ICC_SGI1R_EL1 writes (see [`send_sgi`]).
+//! Acknowledge, end-of-interrupt, SGI generation and the priority mask
 //! are CPU-interface system registers, accessed here with `asm!` (no lock, and not
 //! `nomem`, so each is also a compiler barrier; the arm-gic/arm-sysregs accessors are
 //! `nomem`). So a CPU that sends an SGI or handles one never waits for a lock another
