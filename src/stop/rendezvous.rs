@@ -41,7 +41,7 @@ pub(super) struct Published {
     work: AtomicPtr<Work<'static>>,
 }
 
-// Relaxed throughout: the state word's release of `Arrive` orders these after their
+// Relaxed throughout: the control word's release of `Arrive` orders these after their
 // writes, and a reader always acquired that state (or a later one) first.
 impl Published {
     const fn new() -> Self {
@@ -333,8 +333,14 @@ impl<A: Arch> StopMachine<A> {
         } else {
             arch.mask_all()
         };
+        // The masked time is measured on the joiners only (`masked_max_ns` is about the
+        // other CPUs): no clock read on the initiator's path for it.
+        let masked_since = match role {
+            Role::Joiner => arch.now_ns(),
+            Role::Initiator { .. } => 0,
+        };
         self.evidence
-            .arrived(slot, generation, arch.all_masked(), arch.now_ns());
+            .arrived(slot, generation, arch.all_masked(), masked_since);
         let outcome = 'masked: {
             let active = self.published.active();
             let stall_timeout_ns = self.published.stall_timeout_ns();
@@ -374,7 +380,11 @@ impl<A: Arch> StopMachine<A> {
             if active.contains(me) {
                 self.run(me, slot);
                 slot.acknowledge(Ack::new(generation, Progress::Ran), Ordering::Release);
-                arch.wake_waiters();
+                // The initiator may wait for this in a low-power wait; its own needs
+                // no wake-up.
+                if let Role::Joiner = role {
+                    arch.wake_waiters();
+                }
             }
 
             // Exit: the initiator opens it once every active CPU has finished; a joiner
@@ -400,8 +410,14 @@ impl<A: Arch> StopMachine<A> {
         }
         // Release: the masked time, to `last_call_profile`. Still masked, so no IPI of a
         // later call can run on this CPU before its restore.
-        self.evidence.unmasking(slot, arch.now_ns());
+        if let Role::Joiner = role {
+            self.evidence.unmasking(slot, arch.now_ns());
+        }
         slot.acknowledge(Ack::new(generation, Progress::Left), Ordering::Release);
+        if let Role::Joiner = role {
+            // `last_call_profile` may wait for it in a low-power wait.
+            arch.wake_waiters();
+        }
         // Every way out of the masked block passed an Acquire of a state at or after the
         // end of `Run` of this call (or of an abort, when nothing was written), or, for
         // the initiator, of every active CPU's `Ran`: what the active CPUs wrote and made
@@ -442,16 +458,20 @@ impl<A: Arch> StopMachine<A> {
     }
 
     /// The call's result, once every active CPU acknowledged `Ran`: every failing
-    /// CPU's code.
+    /// CPU's code. The `Failures` (a code slot per CPU) is built only if one failed.
     #[unsafe(link_section = ".text.nopatch")]
     fn results(&self, active: CpuSet) -> Result<(), StopError> {
+        // Relaxed: acquired by the gather of `Ran` (see `call`).
+        let code = |cpu: usize| self.slots.get(cpu).code.load(Ordering::Relaxed);
+        if active.iter().all(|cpu| code(cpu) == 0) {
+            return Ok(());
+        }
         let mut failures = Failures {
             cpus: CpuSet::EMPTY,
             codes: [0; MAX_CPUS],
         };
         for cpu in active {
-            // Relaxed: acquired by the gather of `Ran` (see `call`).
-            let code = self.slots.get(cpu).code.load(Ordering::Relaxed);
+            let code = code(cpu);
             if code != 0 {
                 failures.cpus = failures.cpus.with(cpu);
                 if let Some(slot) = failures.codes.get_mut(cpu) {
@@ -459,11 +479,7 @@ impl<A: Arch> StopMachine<A> {
                 }
             }
         }
-        if failures.cpus.is_empty() {
-            Ok(())
-        } else {
-            Err(StopError::Failed(failures))
-        }
+        Err(StopError::Failed(failures))
     }
 
     /// The initiator's wait for every other participant's `Arrive` acknowledgement,
@@ -523,7 +539,9 @@ impl<A: Arch> StopMachine<A> {
     #[unsafe(link_section = ".text.nopatch")]
     fn gather(&self, generation: u32, progress: Progress, cpus: CpuSet, me: usize, limit_ns: u64) {
         let arch = &self.arch;
-        let start = arch.now_ns();
+        // The clock is read only once the wait has to wait: the common case, everyone
+        // done at the first look, costs no clock read.
+        let mut start = None;
         for cpu in cpus {
             loop {
                 // Acquire pairs with the CPU's release of its acknowledgement.
@@ -531,7 +549,8 @@ impl<A: Arch> StopMachine<A> {
                 if ack.reached(generation, progress) {
                     break;
                 }
-                let waited_ns = arch.now_ns().saturating_sub(start);
+                let now = arch.now_ns();
+                let waited_ns = now.saturating_sub(*start.get_or_insert(now));
                 if waited_ns > limit_ns {
                     let late = cpus
                         .iter()
@@ -557,7 +576,7 @@ impl<A: Arch> StopMachine<A> {
     #[unsafe(link_section = ".text.nopatch")]
     fn wait_past(&self, generation: u32, phase: Phase, me: usize, limit_ns: u64) -> State {
         let arch = &self.arch;
-        let start = arch.now_ns();
+        let mut start = None;
         loop {
             // Acquire pairs with the initiator's release of the state that ended the
             // phase (and, for a later call's state, of that one, which came after).
@@ -565,7 +584,8 @@ impl<A: Arch> StopMachine<A> {
             if !current.is(generation, phase) {
                 return current;
             }
-            let waited_ns = arch.now_ns().saturating_sub(start);
+            let now = arch.now_ns();
+            let waited_ns = now.saturating_sub(*start.get_or_insert(now));
             if waited_ns > limit_ns {
                 panic!(
                     "stop_machine: cpu{me} waited {} us in phase {phase:?} of call {generation} \

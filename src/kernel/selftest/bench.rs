@@ -51,6 +51,8 @@ static BATCHES: spin::Mutex<[[Patch<Insn>; BENCH_SITES]; 2]> =
     spin::Mutex::new([[Patch::new(0, NOP, NOP); BENCH_SITES]; 2]);
 /// Per CPU: round-trip interrupts acknowledged.
 static ACKS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+/// Round trips sent so far (see [`roundtrip`]).
+static ROUNDS: AtomicU64 = AtomicU64::new(0);
 
 /// Iterations of each profile.
 const PROFILE_ITERS: usize = 200;
@@ -297,22 +299,28 @@ fn count_sgi_ack(cpu: usize) {
 }
 
 /// One broadcast to `targets` and the wait for every acknowledgement.
+///
+/// Each target's counter is compared with the round number (the benchmark sends every
+/// round to the same targets, each acknowledges each round once), read by a cursor
+/// that moves past a CPU once it has answered: no per-round copy of `MAX_CPUS`
+/// counters, so the baseline costs what the rendezvous's own gather costs.
 fn roundtrip(targets: CpuSet, send: fn(CpuSet)) -> Result<(), CpuSet> {
-    let before: [u64; crate::MAX_CPUS] =
-        core::array::from_fn(|cpu| ACKS[cpu].load(Ordering::Relaxed));
+    // Relaxed: only the benchmarking CPU counts rounds.
+    let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
     let start = platform::now_ns();
     send(targets);
+    let mut pending = targets.iter().peekable();
     loop {
         // Acquire pairs with the Release in `count_ack`.
-        let missing = targets
-            .iter()
-            .filter(|&cpu| ACKS[cpu].load(Ordering::Acquire) == before[cpu])
-            .fold(CpuSet::EMPTY, CpuSet::with);
-        if missing.is_empty() {
+        while pending
+            .next_if(|&cpu| ACKS[cpu].load(Ordering::Acquire) >= round)
+            .is_some()
+        {}
+        if pending.peek().is_none() {
             return Ok(());
         }
         if platform::now_ns() - start > ROUNDTRIP_TIMEOUT_NS {
-            return Err(missing);
+            return Err(pending.fold(CpuSet::EMPTY, CpuSet::with));
         }
         STOP.arch().relax();
     }
