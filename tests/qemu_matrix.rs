@@ -523,6 +523,37 @@ fn aarch64_max_smp8() {
     );
 }
 
+/// The rendezvous, patching and torture tests and the platform's checks at scale (a
+/// macro, so that `concat!` can add each cell's reduced flip count).
+macro_rules! scale_tests {
+    () => {
+        "tests=platform,cpus_online,stop_machine_active_cpus,stop_machine_errors,\
+         stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture"
+    };
+}
+
+/// 64 CPUs in four Aff1 clusters of 16: SGIs by IRM and by one write per cluster, the
+/// rendezvous, patching and torture tests.
+#[test]
+fn aarch64_max_smp64() {
+    run_cell(
+        &Cell::new("aarch64_max_smp64", "max", 64)
+            .bootargs(concat!(scale_tests!(), " flips=200"))
+            .timeout_s(300),
+    );
+}
+
+/// QEMU `virt`'s maximum: 512 CPUs, 32 Aff1 clusters, the second redistributor region
+/// (frames 123 and up), every secondary started at once.
+#[test]
+fn aarch64_max_smp512() {
+    run_cell(
+        &Cell::new("aarch64_max_smp512", "max", 512)
+            .bootargs(concat!(scale_tests!(), " flips=20"))
+            .timeout_s(900),
+    );
+}
+
 /// Starts at EL2; PSCI goes through SMC. The platform's checks run too: `entry_el`
 /// asserts the EL2 entry the cell asks for.
 #[test]

@@ -137,11 +137,16 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
     // alias) is on.
     unsafe { alternatives::ALTERNATIVES.apply_boot() };
 
+    gic::set_sgi_handler(gic::WAKE_SGI, |_| {});
     let online = smp::start_secondaries(info);
+    smp::release_secondaries();
+    // One write (IRM) when every CPU came up; DSB ISHST first, so the flag is visible.
+    gic::send_sgi(gic::WAKE_SGI, online.without(0));
     crate::kprintln!(
-        "smp: {} of {} CPUs online {online}{}",
+        "smp: {} of {} CPUs online {online} in {} us{}",
         online.len(),
         info.cpu_count,
+        smp::bringup_ns() / 1000,
         if online.len() == info.cpu_count {
             ""
         } else {
@@ -168,7 +173,9 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
         exit::exit(false);
     }
     irqflags::init_cpu(cpu);
+    smp::start_children(cpu, dtb::boot_info());
     smp::mark_online(cpu);
+    smp::wait_for_bringup();
     cpu::unmask_all();
     crate::kernel::secondary_main(cpu)
 }
@@ -199,6 +206,9 @@ fn print_banner(info: &dtb::BootInfo) {
         info.uart,
         info.uart_clock_hz.unwrap_or(0),
     );
+    for (i, r) in info.gicr_regions().iter().enumerate().skip(1) {
+        crate::kprintln!("dtb: GICR region[{i}] {r}");
+    }
     for (i, r) in info.memory().iter().enumerate() {
         crate::kprintln!("dtb: memory[{i}] {r}");
     }

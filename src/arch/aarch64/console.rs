@@ -27,7 +27,10 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub const LINE_CAPACITY: usize = 256;
 
 /// The UART, once [`init`] ran.
-static UART: spin::Mutex<Option<Uart<'static>>> = spin::Mutex::new(None);
+/// Waiters yield ([`cpu::YieldRelax`]): with hundreds of emulated CPUs printing, a
+/// waiter's turn goes to the holder.
+static UART: spin::mutex::Mutex<Option<Uart<'static>>, cpu::YieldRelax> =
+    spin::mutex::Mutex::new(None);
 
 /// Whether the UART lock may be used (the MMU is on and [`init`] ran).
 static READY: AtomicBool = AtomicBool::new(false);
@@ -152,7 +155,7 @@ fn write_uart(uart: &mut Option<Uart<'static>>, bytes: &[u8]) {
 
 fn put(uart: &mut Uart<'static>, b: u8) {
     while uart.is_tx_fifo_full() {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     uart.write_word(b);
 }
@@ -247,7 +250,7 @@ pub fn write_raw_forced(bytes: &[u8]) {
             unsafe { UART.force_unlock() };
             spins = 0;
         }
-        core::hint::spin_loop();
+        cpu::relax();
     };
     write_uart(&mut guard, bytes);
 }

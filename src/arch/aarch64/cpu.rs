@@ -174,6 +174,27 @@ pub fn dsb_ishst() {
     barrier::dsb(barrier::ISHST);
 }
 
+/// One iteration of a polling wait: `YIELD`. Not `core::hint::spin_loop`, which is an
+/// ISB on AArch64: under single-threaded TCG, `YIELD` (and `WFE`) end the vCPU's time
+/// slice, so the CPUs being waited for run instead of the waiter; on hardware it is a
+/// hint to an SMT core.
+#[inline(always)]
+pub fn relax() {
+    // SAFETY: a hint; no effect on memory or registers. Not `nomem`: the caller re-reads
+    // memory afterwards.
+    unsafe { asm!("yield", options(nostack, preserves_flags)) };
+}
+
+/// The [`relax`] strategy for spin locks that many CPUs may wait on (the console).
+pub struct YieldRelax;
+
+impl spin::RelaxStrategy for YieldRelax {
+    #[inline(always)]
+    fn relax() {
+        relax();
+    }
+}
+
 /// Waits for an event (`WFE`). Ends at the latest at the next timer event-stream tick
 /// (see [`super::timer`]), so it may be used in loops that poll a condition.
 #[inline(always)]
@@ -181,6 +202,15 @@ pub fn wfe() {
     // Not aarch64-cpu's `wfe()`, which is `nomem`: the caller re-reads memory afterwards.
     // SAFETY: WFE only waits.
     unsafe { asm!("wfe", options(nostack, preserves_flags)) };
+}
+
+/// Waits for an interrupt (`WFI`): ends when an interrupt is pending, even one that
+/// DAIF masks (it is then not taken). Unlike [`wfe`], under single-threaded TCG the
+/// vCPU sleeps and takes no turn until then.
+#[inline(always)]
+pub fn wfi() {
+    // SAFETY: WFI only waits. Not `nomem`: the caller re-reads memory afterwards.
+    unsafe { asm!("wfi", options(nostack, preserves_flags)) };
 }
 
 /// Sends an event to all CPUs (`SEV`), after a `DSB ISHST` so that the stores made

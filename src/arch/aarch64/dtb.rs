@@ -28,6 +28,9 @@ pub const QEMU_VIRT_DTB_FALLBACK: usize = 0x4000_0000;
 /// The most memory regions recorded.
 pub const MAX_MEMORY_REGIONS: usize = 8;
 
+/// The most GIC redistributor regions recorded (QEMU `virt` uses two above 123 CPUs).
+pub const MAX_GICR_REGIONS: usize = 8;
+
 /// Capacity of the bootargs copy.
 pub const BOOTARGS_CAPACITY: usize = 1024;
 
@@ -74,8 +77,11 @@ pub struct BootInfo {
     pub psci_conduit: Conduit,
     /// GICv3 distributor (`arm,gic-v3` `reg` 0).
     pub gicd: Region,
-    /// GICv3 redistributor region (`arm,gic-v3` `reg` 1; the first one if several).
+    /// The first GICv3 redistributor region (`arm,gic-v3` `reg` 1).
     pub gicr: Region,
+    /// Every redistributor region (`reg` 1 to `#redistributor-regions`); entries at and
+    /// beyond `gicr_regions` are empty.
+    pub gicrs: [Region; MAX_GICR_REGIONS],
     /// Number of redistributor regions the DTB declares.
     pub gicr_regions: usize,
     /// The console PL011 (`/chosen/stdout-path` if it is a PL011, else the first
@@ -99,6 +105,11 @@ impl BootInfo {
     /// The valid memory regions.
     pub fn memory(&self) -> &[Region] {
         &self.memory[..self.memory_count]
+    }
+
+    /// The redistributor regions, in DTB order.
+    pub fn gicr_regions(&self) -> &[Region] {
+        &self.gicrs[..self.gicr_regions]
     }
 
     /// The MPIDR affinities of the logical CPUs.
@@ -136,6 +147,9 @@ pub enum DtbError {
     BootCpuMissing(u64),
     /// No `arm,gic-v3` node with distributor and redistributor `reg` entries.
     NoGicV3,
+    /// More redistributor regions than [`MAX_GICR_REGIONS`], or fewer `reg` entries
+    /// than `#redistributor-regions` says.
+    BadGicrRegions(usize),
     /// The machine has a GICv2 only (QEMU: add `gic-version=3` to `-machine`).
     OnlyGicV2,
     /// No `/psci` node, or its `method` is neither "hvc" nor "smc".
@@ -161,6 +175,11 @@ impl fmt::Display for DtbError {
                 )
             }
             DtbError::NoGicV3 => write!(f, "no usable arm,gic-v3 node"),
+            DtbError::BadGicrRegions(n) => write!(
+                f,
+                "arm,gic-v3: #redistributor-regions = {n}, but the kernel supports 1 to \
+                 {MAX_GICR_REGIONS} and needs a reg entry for each"
+            ),
             DtbError::OnlyGicV2 => {
                 write!(
                     f,
@@ -345,6 +364,15 @@ pub unsafe fn parse(
     let gicd = reg_entry(gic, 0).ok_or(DtbError::NoGicV3)?;
     let gicr = reg_entry(gic, 1).ok_or(DtbError::NoGicV3)?;
     let gicr_regions = prop_u32(gic, "#redistributor-regions").unwrap_or(1) as usize;
+    if !(1..=MAX_GICR_REGIONS).contains(&gicr_regions) {
+        return Err(DtbError::BadGicrRegions(gicr_regions));
+    }
+    let mut gicrs = [Region::default(); MAX_GICR_REGIONS];
+    for (i, slot) in gicrs.iter_mut().take(gicr_regions).enumerate() {
+        *slot = reg_entry(gic, 1 + i)
+            .filter(|r| r.size > 0)
+            .ok_or(DtbError::BadGicrRegions(gicr_regions))?;
+    }
 
     // Memory.
     let mut memory = [Region::default(); MAX_MEMORY_REGIONS];
@@ -393,6 +421,7 @@ pub unsafe fn parse(
         psci_conduit,
         gicd,
         gicr,
+        gicrs,
         gicr_regions,
         uart,
         uart_clock_hz,

@@ -1,9 +1,13 @@
 //! GICv3 (or v4) interrupt controller: arm-gic for set-up, direct system-register
 //! accesses for everything per-CPU and hot.
 //!
-//! The `GicV3` driver object (distributor and redistributor MMIO) sits behind a spin
-//! lock and is used only at set-up: [`init`] on the boot CPU, [`init_cpu`] on each CPU
-//! as it comes up. Acknowledge, end-of-interrupt, SGI generation and the priority mask
+//! The `GicV3` driver object sits behind a spin lock and is used only for the
+//! distributor's set-up in [`init`] (boot CPU). Each CPU sets up its own redistributor
+//! in [`init_cpu`] through an arm-gic `GicRedistributor` on its own frame, found by
+//! affinity in any of the DTB's redistributor regions: no lock, so hundreds of CPUs
+//! coming up at once do not queue (the wake, GICR_WAKER, is by hand: arm-gic's waits
+//! without bound). SGIs go out in the fewest ICC_SGI1R_EL1 writes (see [`send_sgi`]).
+//! Acknowledge, end-of-interrupt, SGI generation and the priority mask
 //! are CPU-interface system registers, accessed here with `asm!` (no lock, and not
 //! `nomem`, so each is also a compiler barrier; the arm-gic/arm-sysregs accessors are
 //! `nomem`). So a CPU that sends an SGI or handles one never waits for a lock another
@@ -25,21 +29,24 @@
 
 use super::dtb::BootInfo;
 use super::nmi_mode::{self, PMR_IRQOFF, PMR_IRQON, PRIO_NMI};
-use super::{cpu, irqflags};
+use super::{cpu, irqflags, smp, timer};
 use crate::{CpuSet, MAX_CPUS};
 use arm_gic::IntId;
 use arm_gic::UniqueMmioPointer;
 use arm_gic::gicv3::registers::{Gicd, GicrSgi};
-use arm_gic::gicv3::{GicError, GicV3, Group};
+use arm_gic::gicv3::{GicCpuInterface, GicError, GicRedistributor, GicV3, Group};
 use core::arch::asm;
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 
 /// The SGI used as the NMI IPI (see [`super::nmi`]).
 pub const NMI_SGI: u32 = 0;
 /// The SGI that asks a CPU to join the stop-machine rendezvous.
 pub const STOP_SGI: u32 = 1;
+/// The SGI that releases the secondaries from their bring-up sleep (see
+/// [`super::smp::wait_for_bringup`]); its handler does nothing.
+pub const WAKE_SGI: u32 = 7;
 /// SGIs reserved for tests (no meaning to the kernel itself).
 pub const TEST_SGIS: [u32; 4] = [2, 3, 4, 5];
 /// Priority of [`STOP_SGI`] when there are no NMIs (`pseudo_nmi=off`); with NMIs it is
@@ -69,17 +76,36 @@ const GICD_TYPER: usize = 0x0004;
 /// Number of SGIs.
 pub const SGI_COUNT: usize = 16;
 
-/// The driver object, for set-up only.
+/// The driver object, for the distributor's set-up only (each CPU sets up its own
+/// redistributor through its own frame, without a lock: see [`init_cpu`]).
 static GIC: spin::Once<spin::Mutex<GicV3<'static>>> = spin::Once::new();
 
-/// Redistributor index (in the GICR region) of each logical CPU.
-static RD_INDEX: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(usize::MAX) }; MAX_CPUS];
 /// Redistributor frame base of each logical CPU (0: none).
 static RD_BASE: [AtomicUsize; MAX_CPUS] = [const { AtomicUsize::new(0) }; MAX_CPUS];
-/// MPIDR affinity of each logical CPU, for SGI targeting.
-static MPIDR: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Number of logical CPUs.
 static CPU_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// SGI target groups: the CPUs that one ICC_SGI1R_EL1 write can name together, i.e.
+/// those with the same Aff3.Aff2.Aff1 and the same range (Aff0[7:4], the RS field).
+/// `GROUP_KEY[g]` is that write without INTID and target list; `GROUP_OF[cpu]` is the
+/// CPU's group and `TARGET_BIT[cpu]` its bit (Aff0[3:0]) in the target list. Written
+/// by [`init`] before any SGI is sent, read-only afterwards.
+static GROUP_KEY: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+static GROUP_OF: [AtomicU16; MAX_CPUS] = [const { AtomicU16::new(0) }; MAX_CPUS];
+static TARGET_BIT: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
+/// Number of SGI target groups.
+static GROUP_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Whether both the distributor and the CPU interface take range-selected SGIs.
+static RANGE_SELECTOR: AtomicBool = AtomicBool::new(false);
+
+/// ICC_SGI1R_EL1.IRM: "all PEs but the sender" (the target fields are ignored).
+const SGI1R_IRM: u64 = 1 << 40;
+/// GICD_TYPER.RSS: the distributor takes range-selected SGIs (Aff0 up to 255).
+const GICD_TYPER_RSS: u32 = 1 << 26;
+/// ICC_CTLR_EL1.RSS: the CPU interface sends range-selected SGIs.
+const ICC_CTLR_RSS: u64 = 1 << 18;
+/// How long a redistributor may take to wake (GICR_WAKER.ChildrenAsleep to clear).
+pub const WAKE_TIMEOUT_NS: u64 = 100_000_000;
 
 /// SGI handlers: a `fn(usize)` as usize, 0 = none.
 static HANDLERS: [AtomicUsize; SGI_COUNT] = [const { AtomicUsize::new(0) }; SGI_COUNT];
@@ -103,12 +129,29 @@ macro_rules! icc_read {
 /// Why the GIC could not be set up.
 #[derive(Debug)]
 pub enum GicInitError {
-    /// No redistributor frame in the DTB's GICR region has this CPU's affinity.
+    /// No redistributor frame in the DTB's GICR regions has this CPU's affinity.
     NoRedistributor {
         /// Logical CPU.
         cpu: usize,
         /// Its MPIDR affinity.
         mpidr: u64,
+        /// Redistributor frames found, over how many regions.
+        frames: usize,
+        /// Regions searched.
+        regions: usize,
+    },
+    /// A CPU's Aff0 is 16 or more, but the GIC cannot send range-selected SGIs
+    /// (GICD_TYPER.RSS or ICC_CTLR_EL1.RSS is 0), so no SGI could reach it.
+    NotTargetable {
+        /// Logical CPU.
+        cpu: usize,
+        /// Its MPIDR affinity.
+        mpidr: u64,
+    },
+    /// A CPU's redistributor did not wake (GICR_WAKER.ChildrenAsleep stayed set).
+    WakeTimeout {
+        /// Logical CPU.
+        cpu: usize,
     },
     /// The arm-gic driver refused the configuration.
     Driver(GicError),
@@ -117,13 +160,27 @@ pub enum GicInitError {
 impl fmt::Display for GicInitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            GicInitError::NoRedistributor { cpu, mpidr } => {
-                write!(
-                    f,
-                    "no GIC redistributor for cpu{cpu} (MPIDR {mpidr:#x}) in the first \
-                     redistributor region (the only one supported)"
-                )
-            }
+            GicInitError::NoRedistributor {
+                cpu,
+                mpidr,
+                frames,
+                regions,
+            } => write!(
+                f,
+                "no GIC redistributor for cpu{cpu} (MPIDR {mpidr:#x}) among the {frames} \
+                 frames of the DTB's {regions} redistributor region(s)"
+            ),
+            GicInitError::NotTargetable { cpu, mpidr } => write!(
+                f,
+                "cpu{cpu} (MPIDR {mpidr:#x}) has Aff0 >= 16, but the GIC has no \
+                 range-selector SGIs (GICD_TYPER.RSS/ICC_CTLR_EL1.RSS = 0)"
+            ),
+            GicInitError::WakeTimeout { cpu } => write!(
+                f,
+                "cpu{cpu}: the redistributor did not wake (GICR_WAKER.ChildrenAsleep) \
+                 within {} ms",
+                WAKE_TIMEOUT_NS / 1_000_000
+            ),
             GicInitError::Driver(e) => write!(f, "arm-gic: {e}"),
         }
     }
@@ -145,49 +202,57 @@ fn gicr_typer(frame: usize) -> u64 {
 pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
     let count = info.cpu_count;
     CPU_COUNT.store(count, Ordering::Relaxed);
-    for (cpu, &m) in info.cpu_mpidrs().iter().enumerate() {
-        MPIDR[cpu].store(m, Ordering::Relaxed);
-    }
+    let mpidrs = info.cpu_mpidrs();
 
-    // Find each CPU's redistributor by affinity (GICR_TYPER[63:32]). Frames are 128 KiB
-    // (RD + SGI), or 256 KiB with virtual LPIs (GICv4: + VLPI + reserved).
-    let base = info.gicr.base;
-    let stride = if gicr_typer(base) & (1 << 1) != 0 {
-        0x4_0000
-    } else {
-        0x2_0000
-    };
+    // Find each CPU's redistributor by affinity (GICR_TYPER[63:32]) in every region the
+    // DTB gives. Frames are 128 KiB (RD + SGI), or 256 KiB with virtual LPIs (GICv4:
+    // + VLPI + reserved); each region ends at its size or at GICR_TYPER.Last.
     let mut frames = 0;
-    let mut frame = base;
-    while frame + stride <= info.gicr.end() {
-        let typer = gicr_typer(frame);
-        let aff = typer >> 32;
-        let mpidr = (aff & 0xff00_0000) << 8 | (aff & 0x00ff_ffff);
-        if let Some(cpu) = info.cpu_mpidrs().iter().position(|&m| m == mpidr) {
-            RD_INDEX[cpu].store(frames, Ordering::Relaxed);
-            RD_BASE[cpu].store(frame, Ordering::Relaxed);
-        }
-        frames += 1;
-        frame += stride;
-        if typer & (1 << 4) != 0 {
-            break; // GICR_TYPER.Last
+    let mut first_region_frames = 0;
+    for (region_index, region) in info.gicr_regions().iter().enumerate() {
+        let stride = if gicr_typer(region.base) & (1 << 1) != 0 {
+            0x4_0000
+        } else {
+            0x2_0000
+        };
+        let mut frame = region.base;
+        while frame + stride <= region.end() {
+            let typer = gicr_typer(frame);
+            let aff = typer >> 32;
+            let mpidr = (aff & 0xff00_0000) << 8 | (aff & 0x00ff_ffff);
+            if let Some(cpu) = mpidrs.iter().position(|&m| m == mpidr) {
+                RD_BASE[cpu].store(frame, Ordering::Relaxed);
+            }
+            frames += 1;
+            if region_index == 0 {
+                first_region_frames += 1;
+            }
+            frame += stride;
+            if typer & (1 << 4) != 0 {
+                break; // GICR_TYPER.Last
+            }
         }
     }
     if let Some(cpu) = (0..count).find(|&c| RD_BASE[c].load(Ordering::Relaxed) == 0) {
         return Err(GicInitError::NoRedistributor {
             cpu,
             mpidr: info.mpidrs[cpu],
+            frames,
+            regions: info.gicr_regions,
         });
     }
+    group_targets(mpidrs);
 
     let gicd = NonNull::new(info.gicd.base as *mut Gicd).expect("GICD base is not null");
-    let gicr = NonNull::new(base as *mut GicrSgi).expect("GICR base is not null");
+    let gicr = NonNull::new(info.gicr.base as *mut GicrSgi).expect("GICR base is not null");
     // SAFETY: the caller guarantees this is the distributor, mapped as device memory and
     // used by nothing else.
     let gicd = unsafe { UniqueMmioPointer::new(gicd) };
-    // SAFETY: as above for the redistributors; `frames` frames exist (we just walked
-    // them up to GICR_TYPER.Last).
-    let mut gic = unsafe { GicV3::new(gicd, gicr, frames) }.map_err(GicInitError::Driver)?;
+    // SAFETY: as above for the first redistributor region; `first_region_frames` frames
+    // exist there (we just walked them). The driver object never touches a
+    // redistributor here: each CPU sets up its own in `init_cpu`.
+    let mut gic =
+        unsafe { GicV3::new(gicd, gicr, first_region_frames) }.map_err(GicInitError::Driver)?;
     // Affinity routing, Group 1 enabled, all SPIs Group 1 NS, disabled.
     gic.distributor().configure_default_settings();
     gic.gicd_barrier();
@@ -200,7 +265,60 @@ pub unsafe fn init(info: &BootInfo) -> Result<(), GicInitError> {
         info.bootarg("platform_feat_nmi") != Some("off"),
         typer,
     );
-    init_cpu(0)
+    init_cpu(0)?;
+    // Range-selected SGIs are needed only for a CPU with Aff0 >= 16.
+    let rss = typer & GICD_TYPER_RSS != 0 && icc_read!("S3_0_C12_C12_4") & ICC_CTLR_RSS != 0;
+    RANGE_SELECTOR.store(rss, Ordering::Relaxed);
+    if !rss && let Some(cpu) = mpidrs.iter().position(|&m| m & 0xf0 != 0) {
+        return Err(GicInitError::NotTargetable {
+            cpu,
+            mpidr: mpidrs[cpu],
+        });
+    }
+    Ok(())
+}
+
+/// Splits the CPUs into SGI target groups (see [`GROUP_KEY`]). Boot CPU, in [`init`].
+fn group_targets(mpidrs: &[u64]) {
+    let mut groups = 0;
+    for (cpu, &m) in mpidrs.iter().enumerate() {
+        let aff1 = (m >> 8) & 0xff;
+        let rs = (m >> 4) & 0xf;
+        let aff2 = (m >> 16) & 0xff;
+        let aff3 = (m >> 32) & 0xff;
+        let key = aff3 << 48 | rs << 44 | aff2 << 32 | aff1 << 16;
+        let group = (0..groups)
+            .find(|&g| GROUP_KEY[g].load(Ordering::Relaxed) == key)
+            .unwrap_or_else(|| {
+                GROUP_KEY[groups].store(key, Ordering::Relaxed);
+                groups += 1;
+                groups - 1
+            });
+        GROUP_OF[cpu].store(group as u16, Ordering::Relaxed);
+        TARGET_BIT[cpu].store((m & 0xf) as u8, Ordering::Relaxed);
+    }
+    GROUP_COUNT.store(groups, Ordering::Relaxed);
+}
+
+/// Wakes the redistributor at `rd` (GICR_WAKER.ProcessorSleep = 0) and waits, bounded,
+/// for ChildrenAsleep to clear. By hand: arm-gic's `mark_core_awake` waits unbounded.
+fn wake_redistributor(cpu: usize, rd: usize) -> Result<(), GicInitError> {
+    const GICR_WAKER: usize = 0x14;
+    const PROCESSOR_SLEEP: u32 = 1 << 1;
+    const CHILDREN_ASLEEP: u32 = 1 << 2;
+    let waker = (rd + GICR_WAKER) as *mut u32;
+    // SAFETY: GICR_WAKER of this CPU's own redistributor frame (found in `init`),
+    // mapped as device memory; only this CPU writes it.
+    unsafe { core::ptr::write_volatile(waker, core::ptr::read_volatile(waker) & !PROCESSOR_SLEEP) };
+    let start = timer::now_ns();
+    // SAFETY: as above; a read has no side effect.
+    while unsafe { core::ptr::read_volatile(waker) } & CHILDREN_ASLEEP != 0 {
+        if timer::now_ns().wrapping_sub(start) > WAKE_TIMEOUT_NS {
+            return Err(GicInitError::WakeTimeout { cpu });
+        }
+        cpu::relax();
+    }
+    Ok(())
 }
 
 /// The priority of SGI `sgi` in the mode chosen at boot.
@@ -230,12 +348,25 @@ fn inmir0() -> u32 {
 /// priority mask to [`PMR_NORMAL`] and enables Group 1 interrupts. Interrupts stay
 /// masked in DAIF.
 pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
-    let rd = RD_INDEX[cpu].load(Ordering::Relaxed);
-    let gic = GIC.get().expect("gic::init ran");
+    let rd = RD_BASE[cpu].load(Ordering::Relaxed);
+    assert!(rd != 0 && GIC.get().is_some(), "gic::init ran");
+    GicCpuInterface::enable_system_register_el1();
+    wake_redistributor(cpu, rd)?;
+    // ICC_CTLR_EL1 = 0 (EOI deactivates, no PMR hint), as arm-gic's `init_cpu` does.
+    // SAFETY: CPU-interface configuration of the calling CPU only.
+    unsafe {
+        asm!(
+            "msr S3_0_C12_C12_4, xzr",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
     {
-        let mut gic = gic.lock();
-        gic.init_cpu(rd); // ICC_SRE_EL1.SRE, GICR_WAKER, ICC_CTLR_EL1 = 0 (EOI deactivates)
-        let mut redist = gic.redistributor(rd).map_err(GicInitError::Driver)?;
+        // SAFETY: `rd` is this CPU's redistributor frame, found in `init`, mapped as
+        // device memory; only this CPU configures it (other CPUs only read its
+        // pending and NMI registers), so this pointer is its only writer.
+        let regs = unsafe { UniqueMmioPointer::new(NonNull::new(rd as *mut GicrSgi).expect("rd")) };
+        let mut redist = GicRedistributor::new(regs);
         redist.configure_default_settings();
         for sgi in 0..SGI_COUNT as u32 {
             let id = IntId::sgi(sgi);
@@ -249,7 +380,7 @@ pub fn init_cpu(cpu: usize) -> Result<(), GicInitError> {
         // The NMI property is set while the SGIs are still disabled (arm-gic's
         // `configure_default_settings` disabled them; Linux, too, refuses to change the
         // NMI property of an enabled interrupt).
-        let sgi_frame = RD_BASE[cpu].load(Ordering::Relaxed) + 0x1_0000;
+        let sgi_frame = rd + 0x1_0000;
         // SAFETY: GICR_INMIR0 of this CPU's redistributor (found in `init`), mapped as
         // device memory; RES0 (writes ignored) on a GIC without the NMI extension, and
         // written non-zero only if GICD_TYPER.NMI said the GIC has it.
@@ -308,40 +439,82 @@ pub fn clear_sgi_handler(sgi: u32) {
 
 /// Sends SGI `sgi` to every CPU in `targets` (the caller only if it is in the set).
 /// CPUs beyond the machine's CPU count are ignored. Lock-free; callable with
-/// interrupts masked.
+/// interrupts masked. Returns the number of ICC_SGI1R_EL1 writes it took.
+///
+/// The fewest writes the GICv3 allows: one with IRM = 1 ("every PE but the sender")
+/// when `targets` is every CPU but the caller and every CPU is online (IRM also reaches
+/// a CPU that is not, so only then is it exactly `targets`); otherwise one per SGI
+/// target group (same Aff3.Aff2.Aff1 and range selector, up to 16 CPUs), with the
+/// group's CPUs in its target list. QEMU `virt` packs 16 CPUs per Aff1 cluster, so 511
+/// targets of 512 that are not "all others" take 32 writes.
 #[unsafe(link_section = ".text.nopatch")]
-pub fn send_sgi(sgi: u32, targets: CpuSet) {
+pub fn send_sgi(sgi: u32, targets: CpuSet) -> usize {
     assert!((sgi as usize) < SGI_COUNT, "SGI {sgi} out of range");
-    let count = CPU_COUNT.load(Ordering::Relaxed);
-    let mut pending = targets.and(CpuSet::first(count));
-    if pending.is_empty() {
-        return;
+    let all = CpuSet::first(CPU_COUNT.load(Ordering::Relaxed));
+    let targets = targets.and(all);
+    if targets.is_empty() {
+        return 0;
     }
+    let intid = (sgi as u64) << 24;
     // SAFETY: barrier only: our earlier stores are visible before any target can take
     // the SGI (pairs with the DSB after the acknowledge in `read_iar1`).
     unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
-    while let Some(first) = pending.lowest() {
-        // Aff3.Aff2.Aff1 and the range selector (Aff0[7:4]) identify one SGI1R write;
-        // Aff0[3:0] selects the bit in its 16-bit target list.
-        let key = MPIDR[first].load(Ordering::Relaxed) & !0xf;
-        let mut list = 0u64;
-        for cpu in pending {
-            let m = MPIDR[cpu].load(Ordering::Relaxed);
-            if m & !0xf == key {
-                list |= 1 << (m & 0xf);
-                pending = pending.without(cpu);
+    let me = cpu::current_cpu();
+    let writes = if targets == all.without(me) && smp::online_cpus() == all {
+        write_sgi1r(SGI1R_IRM | intid);
+        1
+    } else {
+        let mut lists = [0u16; MAX_CPUS];
+        let groups = GROUP_COUNT.load(Ordering::Relaxed);
+        // `get`, not indexing: a bounds-check panic would leave `.text.nopatch`.
+        for cpu in targets.iter() {
+            let (Some(group), Some(bit)) = (GROUP_OF.get(cpu), TARGET_BIT.get(cpu)) else {
+                continue;
+            };
+            if let Some(list) = lists.get_mut(group.load(Ordering::Relaxed) as usize) {
+                *list |= 1 << (bit.load(Ordering::Relaxed) & 0xf);
             }
         }
-        let aff1 = (key >> 8) & 0xff;
-        let rs = (key >> 4) & 0xf;
-        let aff2 = (key >> 16) & 0xff;
-        let aff3 = (key >> 32) & 0xff;
-        let sgi1r = aff3 << 48 | rs << 44 | aff2 << 32 | (sgi as u64) << 24 | aff1 << 16 | list;
-        // SAFETY: generates an SGI; ICC_SGI1R_EL1 is enabled for EL1.
-        unsafe { asm!("msr S3_0_C12_C11_5, {}", in(reg) sgi1r, options(nostack, preserves_flags)) };
-    }
+        let mut writes = 0;
+        for (key, &list) in GROUP_KEY.iter().zip(&lists).take(groups) {
+            if list != 0 {
+                write_sgi1r(key.load(Ordering::Relaxed) | intid | list as u64);
+                writes += 1;
+            }
+        }
+        writes
+    };
     // SAFETY: barrier only: the SGI writes take effect before we go on.
     unsafe { asm!("isb", options(nostack, preserves_flags)) };
+    writes
+}
+
+/// One ICC_SGI1R_EL1 write.
+#[inline(always)]
+fn write_sgi1r(value: u64) {
+    // SAFETY: generates an SGI; ICC_SGI1R_EL1 is enabled for EL1.
+    unsafe { asm!("msr S3_0_C12_C11_5, {}", in(reg) value, options(nostack, preserves_flags)) };
+}
+
+/// The ICC_SGI1R_EL1 value (without INTID) of the SGI target group `cpu` is in, and its
+/// bit in that group's target list: what [`send_sgi`] writes for it.
+pub fn sgi_target(cpu: usize) -> (u64, u16) {
+    let group = GROUP_OF[cpu].load(Ordering::Relaxed) as usize;
+    (
+        GROUP_KEY[group].load(Ordering::Relaxed),
+        1 << TARGET_BIT[cpu].load(Ordering::Relaxed),
+    )
+}
+
+/// Whether the GIC takes range-selected SGIs (GICD_TYPER.RSS and ICC_CTLR_EL1.RSS):
+/// without, only CPUs with Aff0 < 16 can be targeted and the RS field must be 0.
+pub fn range_selector_supported() -> bool {
+    RANGE_SELECTOR.load(Ordering::Relaxed)
+}
+
+/// Number of SGI target groups (the most writes [`send_sgi`] takes).
+pub fn sgi_groups() -> usize {
+    GROUP_COUNT.load(Ordering::Relaxed)
 }
 
 /// Sends SGI `sgi` to the calling CPU.

@@ -318,7 +318,9 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
         )?;
     }
     map(m, "the GIC distributor", info.gicd, DEVICE_RW)?;
-    map(m, "the GIC redistributors", info.gicr, DEVICE_RW)?;
+    for &gicr in info.gicr_regions() {
+        map(m, "the GIC redistributors", gicr, DEVICE_RW)?;
+    }
     map(m, "the UART", info.uart, DEVICE_RW)?;
     let root = mapping.root_address().0 as u64;
     // The alias tables: level 1 -> 2 -> 3, the level-3 entry invalid until a poke.
@@ -572,7 +574,7 @@ impl TextAlias {
             "the text alias lock",
             1_000_000_000,
             timer::now_ns,
-            core::hint::spin_loop,
+            cpu::relax,
         ) {
             Ok(guard) => guard,
             Err(timeout) => panic!("poke_text: {timeout}"),

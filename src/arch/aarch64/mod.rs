@@ -122,7 +122,7 @@ unsafe impl Arch for Aarch64 {
 
     #[inline(always)]
     fn send_stop_ipi(&self, targets: CpuSet) {
-        gic::send_sgi(gic::STOP_SGI, targets.without(cpu::current_cpu()))
+        gic::send_sgi(gic::STOP_SGI, targets.without(cpu::current_cpu()));
     }
 
     #[inline(always)]

@@ -95,6 +95,7 @@ pub const SELFTESTS: &[Test] = &[
     Test::new("memory_permissions", || permissions().into()),
     Test::new("stack_guards", || stack_guards(boot_info()).into()),
     Test::new("sgi_to_all_others", || sgi_all().into()),
+    Test::new("sgi_forms_reach_exactly_their_targets", sgi_forms),
     Test::new("sgi_self_pending_while_masked", || sgi_self_masked().into()),
     Test::new("brk_hook_resumes_with_frame", || brk_test().into()),
     Test::new("poke_text_via_alias", || poke_test().into()),
@@ -286,7 +287,7 @@ fn sgi_all() -> Result<(), &'static str> {
             .all(|c| SGI_HITS[c].load(Ordering::Relaxed) > before[c])
     };
     while !done() && timer::now_ns() - start < 500_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     ensure(done(), "not every other CPU took the SGI within 500 ms")?;
     ensure(
@@ -295,6 +296,134 @@ fn sgi_all() -> Result<(), &'static str> {
     )?;
     gic::clear_sgi_handler(sgi);
     Ok(())
+}
+
+/// One SGI form of [`sgi_forms`]: sends to `targets`, waits for each of them to take
+/// it once, and checks that nobody else took it and that it took `writes`
+/// ICC_SGI1R_EL1 writes.
+fn sgi_form(name: &str, targets: CpuSet, writes: usize) -> Result<(), crate::harness::Msg> {
+    let sgi = gic::TEST_SGIS[0];
+    let online = smp::online_cpus();
+    let before: [u32; MAX_CPUS] = core::array::from_fn(|c| SGI_HITS[c].load(Ordering::Relaxed));
+    let hits = |c: usize| SGI_HITS[c].load(Ordering::Relaxed).wrapping_sub(before[c]);
+    let sent = gic::send_sgi(sgi, targets);
+    let arrived = wait_until(500_000_000, || targets.iter().all(|c| hits(c) >= 1));
+    // Time for a stray SGI to land on a CPU it should not reach (a CPU that takes
+    // none at all is asleep in WFE and is woken by an SGI at once).
+    timer::delay_ns(2_000_000);
+    if let Some(c) = targets.iter().find(|&c| hits(c) == 0) {
+        return Err(msg!(
+            "{name}: cpu{c} (MPIDR {:#x}) never took the SGI ({} of {} targets did within \
+             500 ms; arrived={arrived})",
+            boot_info().mpidrs[c],
+            targets.iter().filter(|&c| hits(c) > 0).count(),
+            targets.len()
+        ));
+    }
+    if let Some(c) = online
+        .iter()
+        .find(|&c| hits(c) != targets.contains(c) as u32)
+    {
+        return Err(msg!(
+            "{name}: cpu{c} (MPIDR {:#x}) took the SGI {} times, {} expected",
+            boot_info().mpidrs[c],
+            hits(c),
+            targets.contains(c) as u32
+        ));
+    }
+    if sent != writes {
+        return Err(msg!(
+            "{name}: {sent} ICC_SGI1R_EL1 writes for {} targets, {writes} expected",
+            targets.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The ICC_SGI1R_EL1 writes a set of CPUs needs: one per Aff3.Aff2.Aff1 cluster and
+/// range of 16 Aff0 values, computed from the DTB's MPIDRs (not from the GIC driver's
+/// tables, which this checks).
+fn groups_of(targets: CpuSet) -> usize {
+    let mpidrs = boot_info().cpu_mpidrs();
+    targets
+        .iter()
+        .filter(|&c| {
+            // Count each group at its first member.
+            !targets
+                .iter()
+                .take_while(|&o| o < c)
+                .any(|o| mpidrs[o] & !0xf == mpidrs[c] & !0xf)
+        })
+        .count()
+}
+
+/// Each SGI form reaches exactly its targets: "all but self" (IRM = 1, one write); a
+/// scattered set across every cluster (one write per target group: TargetList + RS);
+/// all CPUs including the sender (groups again: IRM excludes the sender); the last CPU
+/// alone. On QEMU `virt` with more than 16 CPUs the sets span several Aff1 clusters, so
+/// a wrong Aff1/RS/Aff0 in the write sends the SGI elsewhere or nowhere.
+fn sgi_forms() -> Verdict {
+    let sgi = gic::TEST_SGIS[0];
+    let me = cpu::current_cpu();
+    let online = smp::online_cpus();
+    let all = CpuSet::first(smp::cpu_count());
+    if online.len() < 2 {
+        return Verdict::Skip(msg!("needs a second CPU"));
+    }
+    // The encoding first: QEMU ignores RS (it supports Aff0 < 16 only), so a wrong RS
+    // would go unseen by delivery alone.
+    for (c, &m) in boot_info().cpu_mpidrs().iter().enumerate() {
+        let want = (m >> 32 & 0xff) << 48
+            | (m >> 4 & 0xf) << 44
+            | (m >> 16 & 0xff) << 32
+            | (m >> 8 & 0xff) << 16;
+        let (key, bit) = gic::sgi_target(c);
+        check!(
+            key == want && bit == 1 << (m & 0xf),
+            "cpu{c} (MPIDR {m:#x}): SGI1R Aff3/RS/Aff2/Aff1 {key:#x} and target bit {bit:#x}, \
+             expected {want:#x} and {:#x}",
+            1u16 << (m & 0xf)
+        );
+        check!(
+            gic::range_selector_supported() || m & 0xf0 == 0,
+            "cpu{c} (MPIDR {m:#x}) needs RS, which this GIC lacks"
+        );
+    }
+    gic::set_sgi_handler(sgi, sgi_hit);
+    let scattered = online
+        .iter()
+        .filter(|&c| c != me && c % 3 != 1)
+        .fold(CpuSet::EMPTY, CpuSet::with);
+    let last = online.iter().filter(|&c| c != me).last().unwrap_or(me);
+    let irm_writes = if online == all {
+        1
+    } else {
+        groups_of(online.without(me))
+    };
+    let forms = [
+        ("all but self (IRM)", online.without(me), irm_writes),
+        ("scattered (TargetList+RS)", scattered, groups_of(scattered)),
+        ("all with self", online, groups_of(online)),
+        ("one CPU", CpuSet::single(last), 1),
+    ];
+    let mut result = Ok(());
+    for (name, targets, writes) in forms {
+        result = sgi_form(name, targets, writes);
+        if result.is_err() {
+            break;
+        }
+    }
+    gic::clear_sgi_handler(sgi);
+    match result {
+        Ok(()) => Verdict::Pass(msg!(
+            "IRM, TargetList+RS, with self and single: exact targets on {} CPUs in {} SGI \
+             groups (RSS {})",
+            online.len(),
+            gic::sgi_groups(),
+            gic::range_selector_supported() as u8
+        )),
+        Err(m) => Verdict::Fail(m),
+    }
 }
 
 fn sgi_self_masked() -> Result<(), &'static str> {
@@ -306,7 +435,7 @@ fn sgi_self_masked() -> Result<(), &'static str> {
     gic::send_sgi_self(sgi);
     let start = timer::now_ns();
     while !gic::pending_sgi(me, sgi) && timer::now_ns() - start < 100_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     let pending = gic::pending_sgi(me, sgi);
     let early = SGI_HITS[me].load(Ordering::Relaxed) != before;
@@ -316,7 +445,7 @@ fn sgi_self_masked() -> Result<(), &'static str> {
     cpu::isb();
     let start = timer::now_ns();
     while SGI_HITS[me].load(Ordering::Relaxed) == before && timer::now_ns() - start < 100_000_000 {
-        core::hint::spin_loop();
+        cpu::relax();
     }
     gic::clear_sgi_handler(sgi);
     ensure(!early, "the SGI was taken while masked")?;
@@ -366,7 +495,7 @@ fn wait_until(timeout_ns: u64, mut done: impl FnMut() -> bool) -> bool {
         if timer::now_ns() - start > timeout_ns {
             return done();
         }
-        core::hint::spin_loop();
+        cpu::relax();
     }
     true
 }
@@ -646,7 +775,7 @@ mod nmi_tests {
                 SPIN_PMR_AFTER_NMI.store(u32::from(irqflags::pmr()) | 0x100, Ordering::Relaxed);
             }
             masked &= irqflags::irqs_disabled();
-            core::hint::spin_loop();
+            cpu::relax();
         }
         SPIN_MASKED.store(masked, Ordering::Relaxed);
         irqflags::local_irq_restore(flags);

@@ -1,16 +1,26 @@
 //! Bringing up the secondary CPUs (PSCI CPU_ON) and tracking which CPUs are online.
+//!
+//! The CPUs start each other in a tree and the boot CPU awaits them all together (see
+//! [`start_secondaries`]): no CPU waits for another in turn. The wait is bounded
+//! ([`ONLINE_TIMEOUT_NS`] for all of them together) and names the CPUs that did not
+//! come, and why.
 
 use super::{cpu, dtb::BootInfo, psci, timer};
 use crate::{AtomicCpuSet, CpuSet};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// How long the boot CPU waits for each secondary to report online.
-pub const ONLINE_TIMEOUT_NS: u64 = 1_000_000_000;
+/// How long the boot CPU waits for all secondaries together to report online.
+pub const ONLINE_TIMEOUT_NS: u64 = 5_000_000_000;
 
 /// CPUs that finished their bring-up.
 static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs that were started but did not come online in time, or whose CPU_ON failed.
 static FAILED: AtomicCpuSet = AtomicCpuSet::new();
+/// Set by the boot CPU when every secondary has been started and awaited (see
+/// [`wait_for_bringup`]).
+static BRINGUP_DONE: AtomicBool = AtomicBool::new(false);
+/// How long [`start_secondaries`] took, from the first CPU_ON to the last CPU online.
+static BRINGUP_NS: AtomicU64 = AtomicU64::new(0);
 /// Logical CPUs the machine has (from the DTB).
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
@@ -35,6 +45,12 @@ pub fn online_cpus() -> CpuSet {
     ONLINE.load(Ordering::Acquire)
 }
 
+/// Whether `cpu` is online (as [`online_cpus`], for one CPU).
+#[inline(always)]
+pub fn is_online(cpu: usize) -> bool {
+    ONLINE.contains(cpu, Ordering::Acquire)
+}
+
 /// CPUs that failed to come up.
 pub fn failed_cpus() -> CpuSet {
     FAILED.load(Ordering::Relaxed)
@@ -45,41 +61,112 @@ pub fn cpu_count() -> usize {
     COUNT.load(Ordering::Relaxed)
 }
 
-/// Marks the calling CPU online (after its set-up is complete).
+/// Marks the calling CPU online (after its set-up is complete) and wakes the boot CPU
+/// waiting for it in [`start_secondaries`].
 pub(crate) fn mark_online(cpu: usize) {
     // Release: everything this CPU set up is visible to whoever sees the bit.
     ONLINE.insert(cpu, Ordering::Release);
+    cpu::sev();
 }
 
-/// Starts every secondary CPU of `info`, one at a time, and waits up to
-/// [`ONLINE_TIMEOUT_NS`] for each to mark itself online. A CPU that fails is reported
-/// (index and MPIDR) and left out of [`online_cpus`]; the boot continues.
+/// Fan-out of the bring-up tree: CPU `i` starts CPUs `FANOUT * i + 1` to
+/// `FANOUT * i + FANOUT` (see [`start_secondaries`]).
+pub const FANOUT: usize = 4;
+
+/// The CPU that starts `cpu` in the bring-up tree (`None` for the boot CPU).
+pub const fn starter(cpu: usize) -> Option<usize> {
+    if cpu == 0 {
+        None
+    } else {
+        Some((cpu - 1) / FANOUT)
+    }
+}
+
+/// Issues PSCI CPU_ON for the calling CPU's children in the bring-up tree. The boot
+/// CPU, then each secondary during its bring-up (after its own set-up, before it marks
+/// itself online). A failed call is reported (index, MPIDR, error) and the CPU counted
+/// as failed.
+pub(crate) fn start_children(me: usize, info: &BootInfo) {
+    let entry = pm_secondary_entry.as_ptr() as u64;
+    let first = FANOUT * me + 1;
+    for cpu in first..(first + FANOUT).min(info.cpu_count) {
+        let mpidr = info.mpidrs[cpu];
+        if let Err(e) = psci::cpu_on(mpidr, entry, cpu as u64) {
+            crate::kprintln!(
+                "smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON by cpu{me} failed: {e}"
+            );
+            FAILED.insert(cpu, Ordering::Relaxed);
+            cpu::sev();
+        }
+    }
+}
+
+/// Brings up every secondary CPU of `info` and waits up to [`ONLINE_TIMEOUT_NS`] for
+/// all of them to mark themselves online. A CPU that fails is reported (index and
+/// MPIDR, and why) and left out of [`online_cpus`]; the boot continues.
+///
+/// The CPUs start each other in a tree ([`FANOUT`] children each, [`start_children`]):
+/// the boot CPU issues only the first CPU_ONs, no CPU waits for another in turn, and the
+/// starts overlap. Why not the boot CPU calling CPU_ON 511 times: single-threaded TCG
+/// ends the caller's turn at every CPU_ON and runs a round of all vCPUs (about 10 us
+/// each at 512), so 511 calls in a row cost 511 rounds (3 to 8 s measured here); a tree
+/// needs a few rounds per level.
 pub fn start_secondaries(info: &BootInfo) -> CpuSet {
     COUNT.store(info.cpu_count, Ordering::Relaxed);
     mark_online(0);
-    let entry = pm_secondary_entry.as_ptr() as u64;
-    for cpu in 1..info.cpu_count {
-        let mpidr = info.mpidrs[cpu];
-        if let Err(e) = psci::cpu_on(mpidr, entry, cpu as u64) {
-            crate::kprintln!("smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON failed: {e}");
-            FAILED.insert(cpu, Ordering::Relaxed);
-            continue;
+    let start = timer::now_ns();
+    start_children(0, info);
+    loop {
+        let (online, failed) = (online_cpus(), failed_cpus());
+        if online.or(failed).len() >= info.cpu_count {
+            break;
         }
-        let start = timer::now_ns();
-        loop {
-            if online_cpus().contains(cpu) {
-                break;
-            }
-            if timer::now_ns().wrapping_sub(start) > ONLINE_TIMEOUT_NS {
-                crate::kprintln!(
-                    "smp: cpu{cpu} (MPIDR {mpidr:#x}) did not come online within {} ms",
-                    ONLINE_TIMEOUT_NS / 1_000_000
-                );
+        if timer::now_ns().wrapping_sub(start) > ONLINE_TIMEOUT_NS {
+            let all = CpuSet::first(info.cpu_count);
+            for cpu in all.minus(online).minus(failed).iter() {
+                let mpidr = info.mpidrs[cpu];
+                let ms = ONLINE_TIMEOUT_NS / 1_000_000;
+                match starter(cpu).filter(|&s| !online.contains(s)) {
+                    Some(s) => crate::kprintln!(
+                        "smp: cpu{cpu} (MPIDR {mpidr:#x}) not started within {ms} ms: \
+                         cpu{s}, which starts it, did not come online"
+                    ),
+                    None => crate::kprintln!(
+                        "smp: cpu{cpu} (MPIDR {mpidr:#x}) did not come online within {ms} ms"
+                    ),
+                }
                 FAILED.insert(cpu, Ordering::Relaxed);
-                break;
             }
-            core::hint::spin_loop();
+            break;
         }
+        // Woken by a new CPU's SEV in `mark_online` (or the timer event stream), so a
+        // single-threaded emulator runs the CPUs we wait for instead of this loop.
+        cpu::wfe();
     }
+    BRINGUP_NS.store(timer::now_ns().wrapping_sub(start), Ordering::Relaxed);
     online_cpus()
+}
+
+/// A secondary, once online: sleeps in `WFI`, everything masked, until the boot CPU has
+/// started every CPU ([`release_secondaries`], then [`super::gic::WAKE_SGI`], which stays
+/// pending and so ends the `WFI` however late this CPU gets here). Why not `WFE`: under
+/// single-threaded TCG a CPU in WFE still takes a turn in every round of the vCPUs, and
+/// each CPU_ON kicks the boot CPU into a new round, so 511 idle CPUs made the boot
+/// CPU's CPU_ON loop quadratic (5 s at 512 CPUs); sleeping CPUs take no turn.
+pub(crate) fn wait_for_bringup() {
+    // Acquire pairs with the Release in `release_secondaries`.
+    while !BRINGUP_DONE.load(Ordering::Acquire) {
+        cpu::wfi();
+    }
+}
+
+/// Ends [`wait_for_bringup`] for every CPU: the caller then sends the wake SGI.
+pub(crate) fn release_secondaries() {
+    BRINGUP_DONE.store(true, Ordering::Release);
+}
+
+/// How long the bring-up took (guest time), from the first CPU_ON until the last CPU
+/// was online or the wait gave up.
+pub fn bringup_ns() -> u64 {
+    BRINGUP_NS.load(Ordering::Relaxed)
 }
