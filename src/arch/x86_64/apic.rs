@@ -95,6 +95,7 @@ pub fn init_boot(max_apic_id: u32, xapic_max: u32) -> Result<bool, u32> {
 }
 
 /// Whether x2APIC mode is in use.
+#[inline(always)]
 pub fn x2apic_mode() -> bool {
     x2()
 }

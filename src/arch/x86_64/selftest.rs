@@ -1,5 +1,5 @@
 //! KTAP self-tests of what only the x86_64 platform has (the text alias, test IPI
-//! vectors, a CPU held inside an NMI, nested NMIs), run as KTAP subtest suite
+//! vectors and the ICR's destination forms, a CPU held inside an NMI, nested NMIs), run as KTAP subtest suite
 //! `platform` by the kernel's runner (`tests=platform`, `tests=platform.NAME` for one)
 //! on the boot CPU once every CPU is up. The tests both architectures share (CPUs
 //! online, stop_machine, NMI IPIs, stop_machine_nmi, patching) are the kernel's, in
@@ -31,6 +31,7 @@ pub const SELFTESTS: &[Test] = &[
     Test::new("alias_private", alias_private),
     Test::new("stop_machine_timeout", stop_machine_timeout),
     Test::new("test_ipi", test_ipi),
+    Test::new("ipi_forms", ipi_forms),
     Test::new("nested_nmi", nested_nmi),
 ];
 
@@ -451,6 +452,179 @@ fn test_ipi() -> Verdict {
         ipi::TEST_IPIS[0],
         ipi::TEST_IPIS[1]
     ))
+}
+
+/// Per CPU: deliveries of the IPI under test, and of the fence that follows it.
+static FORM_HITS: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+static FORM_FENCED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+const FORM_WAIT_NS: u64 = 2_000_000_000;
+
+fn form_hit(cpu: usize) {
+    // Release pairs with the test's Acquire loads.
+    FORM_HITS[cpu].fetch_add(1, Ordering::Release);
+}
+
+fn form_fenced(cpu: usize) {
+    // Release pairs with the test's Acquire loads.
+    FORM_FENCED[cpu].fetch_add(1, Ordering::Release);
+}
+
+/// The CPUs of `set` whose counter in `counts` satisfies `keep`.
+fn counted(counts: &[AtomicU32], set: CpuSet, keep: impl Fn(u32) -> bool) -> CpuSet {
+    set.iter()
+        .filter(|&c| keep(counts[c].load(Ordering::Acquire)))
+        .fold(CpuSet::EMPTY, CpuSet::with)
+}
+
+/// Waits (bounded) until every CPU of `set` has a non-zero counter; the laggards.
+fn wait_counted(counts: &[AtomicU32], set: CpuSet) -> CpuSet {
+    let start = timer::now_ns();
+    loop {
+        let missing = counted(counts, set, |n| n == 0);
+        if missing.is_empty() || timer::now_ns() - start > FORM_WAIT_NS {
+            return missing;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Distinct x2APIC clusters among `set`.
+fn clusters(set: CpuSet) -> usize {
+    let mut seen = [0u64; crate::MAX_CPUS.div_ceil(64)];
+    let mut n = 0;
+    for c in set.iter() {
+        // The index of `c`'s cluster among the online CPUs' clusters, by first member.
+        let cluster = smp::logical_id(c) >> 16;
+        let first = smp::online_cpus()
+            .iter()
+            .find(|&o| smp::logical_id(o) >> 16 == cluster)
+            .unwrap_or(c);
+        if seen[first / 64] & (1 << (first % 64)) == 0 {
+            seen[first / 64] |= 1 << (first % 64);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Sends the test IPI in `form` to `intended`, and checks that exactly those CPUs took
+/// it, once each: the intended ones within 2 s, and no other by the time a later,
+/// lower-priority fence IPI (sent to every online CPU one by one) reached them all (an
+/// IRR holding both is served highest vector first, so a stray delivery of the IPI
+/// under test runs before the fence). Returns the ICR writes made.
+fn one_form(form: ipi::IpiForm, intended: CpuSet) -> Result<usize, crate::harness::Msg> {
+    let online = smp::online_cpus();
+    for c in online.iter() {
+        FORM_HITS[c].store(0, Ordering::Relaxed);
+        FORM_FENCED[c].store(0, Ordering::Relaxed);
+    }
+    let writes = ipi::send_ipi_as(ipi::TEST_IPIS[1], intended, form);
+    let late = wait_counted(&FORM_HITS, intended);
+    ipi::send_ipi_as(ipi::TEST_IPIS[0], online, ipi::IpiForm::Physical);
+    let unfenced = wait_counted(&FORM_FENCED, online);
+    let hit = counted(&FORM_HITS, online, |n| n > 0);
+    let twice = counted(&FORM_HITS, online, |n| n > 1);
+    let name = form.name();
+    if !late.is_empty() {
+        return Err(msg!(
+            "{name} to {intended}: {late} never took it within 2 s (reached {hit})"
+        ));
+    }
+    if !unfenced.is_empty() {
+        return Err(msg!("{name}: the fence IPI never reached {unfenced}"));
+    }
+    if hit != intended {
+        return Err(msg!(
+            "{name} to {intended} also reached {}",
+            hit.minus(intended)
+        ));
+    }
+    if !twice.is_empty() {
+        return Err(msg!("{name} to {intended}: taken twice on {twice}"));
+    }
+    Ok(writes)
+}
+
+/// Each ICR destination form of `ipi::send_to` reaches exactly the CPUs meant: the
+/// all-but-self shorthand every other CPU in one write (only when every CPU the MADT
+/// lists is online), x2APIC cluster mode its targets in one write per cluster (sparse
+/// sets, one CPU of the highest cluster, every other CPU), physical mode one CPU per
+/// write; and `form_for` picks the shorthand exactly when it may.
+fn ipi_forms() -> Verdict {
+    let me = super::cpu::current_cpu();
+    let online = smp::online_cpus();
+    let others = online.without(me);
+    let last = online.iter().last().unwrap_or(me);
+    let every = |step: usize| {
+        online
+            .iter()
+            .filter(|c| c % step == step - 1 || *c == last)
+            .fold(CpuSet::EMPTY, CpuSet::with)
+    };
+    ipi::set_ipi_handler(ipi::TEST_IPIS[1], form_hit);
+    ipi::set_ipi_handler(ipi::TEST_IPIS[0], form_fenced);
+    let verdict = (|| {
+        let mut done = 0;
+        let all_online = online.len() == smp::present();
+        let chosen = ipi::form_for(others);
+        match (all_online && !others.is_empty(), chosen) {
+            (true, ipi::IpiForm::AllButSelf) | (false, ipi::IpiForm::Cluster) => {}
+            (false, ipi::IpiForm::Physical) if !super::apic::x2apic_mode() => {}
+            (_, form) => {
+                return Verdict::Fail(msg!(
+                    "form_for(every other CPU) with {} of {} CPUs online: {}",
+                    online.len(),
+                    smp::present(),
+                    form.name()
+                ));
+            }
+        }
+        if !others.is_empty() && all_online {
+            let writes = match one_form(ipi::IpiForm::AllButSelf, others) {
+                Ok(w) => w,
+                Err(why) => return Verdict::Fail(why),
+            };
+            check!(writes == 1, "the shorthand took {writes} ICR writes");
+            done += 1;
+        }
+        for targets in [every(3), CpuSet::single(last), online] {
+            match one_form(ipi::IpiForm::Physical, targets) {
+                Ok(w) if w == targets.len() => done += 1,
+                Ok(w) => {
+                    return Verdict::Fail(msg!(
+                        "physical to {targets}: {w} ICR writes for {} CPUs",
+                        targets.len()
+                    ));
+                }
+                Err(why) => return Verdict::Fail(why),
+            }
+        }
+        if !super::apic::x2apic_mode() {
+            return Verdict::Pass(msg!(
+                "{done} sends on {online}; xAPIC mode: no cluster form"
+            ));
+        }
+        for targets in [every(5), CpuSet::single(last), others, online] {
+            match one_form(ipi::IpiForm::Cluster, targets) {
+                Ok(w) if w == clusters(targets) => done += 1,
+                Ok(w) => {
+                    return Verdict::Fail(msg!(
+                        "cluster to {targets}: {w} ICR writes for {} clusters",
+                        clusters(targets)
+                    ));
+                }
+                Err(why) => return Verdict::Fail(why),
+            }
+        }
+        Verdict::Pass(msg!(
+            "{done} sends on {online} ({} x2APIC clusters, highest APIC ID {}), each reached exactly its targets",
+            clusters(online),
+            smp::apic_id(last)
+        ))
+    })();
+    ipi::clear_ipi_handler(ipi::TEST_IPIS[1]);
+    ipi::clear_ipi_handler(ipi::TEST_IPIS[0]);
+    verdict
 }
 
 global_asm!(
