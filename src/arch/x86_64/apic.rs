@@ -85,13 +85,19 @@ pub fn has_x2apic() -> bool {
 /// destination cannot name it, and 0xff is its broadcast). Boot CPU, once, before
 /// [`init_cpu`].
 pub fn init_boot(max_apic_id: u32, xapic_max: u32) -> Result<bool, u32> {
-    let x2 = has_x2apic();
-    if !x2 && max_apic_id > xapic_max {
-        return Err(max_apic_id);
-    }
+    let x2 = choose_mode(has_x2apic(), max_apic_id, xapic_max)?;
     // Relaxed: see `x2`.
     X2APIC.store(x2, Ordering::Relaxed);
     Ok(x2)
+}
+
+/// [`init_boot`]'s choice: x2APIC mode (`true`) where the CPU has it, else xAPIC unless
+/// an APIC ID above `xapic_max` needs x2APIC (`Err` with that ID).
+pub fn choose_mode(has_x2apic: bool, max_apic_id: u32, xapic_max: u32) -> Result<bool, u32> {
+    if !has_x2apic && max_apic_id > xapic_max {
+        return Err(max_apic_id);
+    }
+    Ok(has_x2apic)
 }
 
 /// Whether x2APIC mode is in use.

@@ -32,6 +32,7 @@ pub const SELFTESTS: &[Test] = &[
     Test::new("stop_machine_timeout", stop_machine_timeout),
     Test::new("test_ipi", test_ipi),
     Test::new("ipi_forms", ipi_forms),
+    Test::new("madt_entries", madt_entries),
     Test::new("nested_nmi", nested_nmi),
 ];
 
@@ -454,6 +455,91 @@ fn test_ipi() -> Verdict {
     ))
 }
 
+/// A MADT Processor Local APIC entry (type 0).
+const fn lapic(id: u8, flags: u8) -> [u8; 8] {
+    [0, 8, id, id, flags, 0, 0, 0]
+}
+
+/// A MADT Processor Local x2APIC entry (type 9).
+const fn x2apic(id: u32, flags: u8) -> [u8; 16] {
+    let i = id.to_le_bytes();
+    [
+        9, 16, 0, 0, i[0], i[1], i[2], i[3], flags, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// The MADT parser on made-up tables: type 0 and type 9 CPUs together, each rule of
+/// `madt` once (enabled, online capable, the invalid IDs 0xff and 0xffff_ffff, a type
+/// 9 entry below 0xff beside type 0 CPUs, the same ID twice, other types skipped), the
+/// malformed entries refused; and the APIC mode choice (x2APIC above ID 0xfe).
+fn madt_entries() -> Verdict {
+    use super::{apic, madt};
+    let mut table = [0u8; 128];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        table[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    put(&lapic(0, 1));
+    put(&[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]); // an I/O APIC: skipped
+    put(&lapic(1, 1));
+    put(&lapic(2, 2)); // online capable, not enabled
+    put(&lapic(0xff, 1)); // no CPU
+    put(&x2apic(1, 1)); // below 0xff beside type 0 CPUs: the same CPU again
+    put(&x2apic(300, 1));
+    put(&x2apic(300, 1)); // listed twice
+    put(&x2apic(u32::MAX, 1)); // no CPU
+    put(&x2apic(301, 0)); // neither enabled nor online capable
+    let cpus = match madt::parse_entries(&table[..len]) {
+        Ok(cpus) => cpus,
+        Err(e) => return Verdict::Fail(msg!("a good table refused: {e}")),
+    };
+    let ids = &cpus.apic_ids[..cpus.count];
+    check!(ids == [0, 1, 300], "APIC IDs {ids:?}, expected [0, 1, 300]");
+    check!(
+        (
+            cpus.online_capable,
+            cpus.duplicates,
+            cpus.dropped,
+            cpus.max_apic_id
+        ) == (1, 1, 0, 300),
+        "online capable {}, duplicates {}, dropped {}, highest ID {}: expected 1, 1, 0, 300",
+        cpus.online_capable,
+        cpus.duplicates,
+        cpus.dropped,
+        cpus.max_apic_id
+    );
+    // Only type 9 entries: IDs below 0xff count.
+    let mut only_x2 = [0u8; 32];
+    only_x2[..16].copy_from_slice(&x2apic(3, 1));
+    only_x2[16..].copy_from_slice(&x2apic(4, 1));
+    match madt::parse_entries(&only_x2) {
+        Ok(c) if c.apic_ids[..c.count] == [3, 4] => {}
+        Ok(c) => fail!("type 9 only: IDs {:?}", &c.apic_ids[..c.count]),
+        Err(e) => fail!("type 9 only: refused: {e}"),
+    }
+    let x2 = x2apic(5, 1);
+    let short_x2 = [9, 12, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0];
+    let bad: [(&str, &[u8]); 4] = [
+        ("an entry past the end", &x2[..12]),
+        ("a type 9 entry of 12 bytes", &short_x2),
+        ("an entry of length 0", &[0, 0, 0, 0]),
+        ("no enabled CPU", &lapic(7, 0)),
+    ];
+    for (what, bytes) in bad {
+        check!(madt::parse_entries(bytes).is_err(), "{what} was accepted");
+    }
+    check!(
+        apic::choose_mode(false, 0xfe, madt::XAPIC_MAX_ID) == Ok(false)
+            && apic::choose_mode(false, 0xff, madt::XAPIC_MAX_ID) == Err(0xff)
+            && apic::choose_mode(true, 300, madt::XAPIC_MAX_ID) == Ok(true),
+        "APIC mode: xAPIC must serve IDs up to 0xfe and refuse 0xff without x2APIC"
+    );
+    Verdict::Pass(msg!(
+        "IDs {ids:?} from type 0 and 9 entries; 4 malformed tables refused"
+    ))
+}
+
 /// Per CPU: deliveries of the IPI under test, and of the fence that follows it.
 static FORM_HITS: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
 static FORM_FENCED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
@@ -531,7 +617,9 @@ fn one_form(form: ipi::IpiForm, intended: CpuSet) -> Result<usize, crate::harnes
         ));
     }
     if !unfenced.is_empty() {
-        return Err(msg!("{name}: the fence IPI never reached {unfenced}"));
+        return Err(msg!(
+            "{name}: the fence IPI (physical, to every CPU) never reached {unfenced}"
+        ));
     }
     if hit != intended {
         return Err(msg!(
