@@ -474,7 +474,7 @@ const fn x2apic(id: u32, flags: u8) -> [u8; 16] {
 /// malformed entries refused; and the APIC mode choice (x2APIC above ID 0xfe).
 fn madt_entries() -> Verdict {
     use super::{apic, madt};
-    let mut table = [0u8; 128];
+    let mut table = [0u8; 144];
     let mut len = 0;
     let mut put = |bytes: &[u8]| {
         table[len..len + bytes.len()].copy_from_slice(bytes);
@@ -484,6 +484,7 @@ fn madt_entries() -> Verdict {
     put(&[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]); // an I/O APIC: skipped
     put(&lapic(1, 1));
     put(&lapic(2, 2)); // online capable, not enabled
+    put(&lapic(3, 2));
     put(&lapic(0xff, 1)); // no CPU
     put(&x2apic(1, 1)); // below 0xff beside type 0 CPUs: the same CPU again
     put(&x2apic(300, 1));
@@ -502,8 +503,8 @@ fn madt_entries() -> Verdict {
             cpus.duplicates,
             cpus.dropped,
             cpus.max_apic_id
-        ) == (1, 1, 0, 300),
-        "online capable {}, duplicates {}, dropped {}, highest ID {}: expected 1, 1, 0, 300",
+        ) == (2, 1, 0, 300),
+        "online capable {}, duplicates {}, dropped {}, highest ID {}: expected 2, 1, 0, 300",
         cpus.online_capable,
         cpus.duplicates,
         cpus.dropped,
