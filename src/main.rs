@@ -12,20 +12,21 @@
 #[cfg(target_os = "none")]
 mod panic {
     use core::panic::PanicInfo;
-    use core::sync::atomic::{AtomicU32, Ordering};
+    use core::sync::atomic::Ordering;
     use patch_machine::kernel::platform::{
         current_cpu, exit, mask_for_panic, write_forced, write_raw_forced,
     };
+    use patch_machine::{AtomicCpuSet, MAX_CPUS};
 
     /// CPUs that are panicking (a panic inside the panic path exits at once).
-    static PANICKING: AtomicU32 = AtomicU32::new(0);
+    static PANICKING: AtomicCpuSet = AtomicCpuSet::new();
 
     #[panic_handler]
     fn panic(info: &PanicInfo<'_>) -> ! {
         mask_for_panic();
         let me = current_cpu();
-        let bit = 1u32.checked_shl(me as u32).unwrap_or(0);
-        if PANICKING.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+        // Checked: a panic from `insert` here would recurse.
+        if me < MAX_CPUS && PANICKING.insert(me, Ordering::Relaxed) {
             write_raw_forced(b"PANIC: recursive panic\n");
             exit(false);
         }

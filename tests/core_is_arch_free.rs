@@ -9,7 +9,7 @@
 
 #![allow(dead_code)]
 // As in the library (src/lib.rs): a stop-machine failure carries one code per CPU.
-#![allow(clippy::result_large_err)]
+#![allow(clippy::result_large_err, clippy::large_enum_variant)]
 
 #[path = "../src/cpuset.rs"]
 mod cpuset;

@@ -3,11 +3,11 @@
 // `StopError` carries one code per CPU by value (the kernel has no heap).
 #![allow(clippy::result_large_err)]
 
-use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
 #[cfg(feature = "stop-machine-nmi")]
 use patch_machine::stop::NmiSafe;
 use patch_machine::stop::{MaskLevel, StopError, StopMachine, StopOptions};
+use patch_machine::{AtomicCpuSet, CpuSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -135,16 +135,16 @@ fn runs_on_exactly_the_active_cpus() {
         let all = CpuSet::first(cpus);
         let mut subsets = vec![all, CpuSet::single(0), CpuSet::single(cpus - 1)];
         if cpus > 2 {
-            subsets.push(CpuSet::from_bits(0b101));
+            subsets.push(CpuSet::of(&[0, 2]));
         }
         for active in subsets {
             for initiator in [0, cpus - 1] {
                 let ran = machine.on_cpu(initiator, move |stop| {
-                    let ran = AtomicU32::new(0);
+                    let ran = AtomicCpuSet::new();
                     let runs = AtomicU32::new(0);
                     stop.stop_machine(
                         &|cpu| {
-                            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                            ran.insert(cpu, Ordering::Relaxed);
                             runs.fetch_add(1, Ordering::Relaxed);
                             Ok(())
                         },
@@ -156,7 +156,7 @@ fn runs_on_exactly_the_active_cpus() {
                 });
                 assert_eq!(
                     ran,
-                    (active.bits(), active.len() as u32),
+                    (active, active.len() as u32),
                     "cpus={cpus} active={active} initiator={initiator}"
                 );
             }
@@ -313,7 +313,7 @@ fn errors_from_all_cpus_are_accumulated() {
     let Err(StopError::Failed(failures)) = err else {
         panic!("expected Failed, got {err:?}");
     };
-    assert_eq!(failures.cpus(), CpuSet::from_bits(0b1010));
+    assert_eq!(failures.cpus(), CpuSet::of(&[1, 3]));
     assert_eq!(failures.code(1), Some(-5));
     assert_eq!(failures.code(3), Some(-22));
     assert_eq!(failures.code(0), None);
@@ -328,7 +328,7 @@ fn errors_from_all_cpus_are_accumulated() {
 fn invalid_cpu_sets_are_rejected_and_nothing_runs() {
     let machine = Machine::new(2);
     let ran = Arc::new(AtomicUsize::new(0));
-    for bad in [CpuSet::EMPTY, CpuSet::single(2), CpuSet::from_bits(0b111)] {
+    for bad in [CpuSet::EMPTY, CpuSet::single(2), CpuSet::first(3)] {
         let ran = ran.clone();
         let err = machine.on_cpu(0, move |stop| {
             stop.stop_machine(
@@ -401,7 +401,7 @@ fn a_cpu_that_never_arrives_times_out_cleanly_and_the_next_call_succeeds() {
     );
     // The CPUs that did arrive are not left spinning.
     assert!(
-        machine.all_idle_again(CpuSet::from_bits(0b1011)),
+        machine.all_idle_again(CpuSet::of(&[0, 1, 3])),
         "a CPU was left in the rendezvous"
     );
     for cpu in [0, 1, 3] {
@@ -413,10 +413,10 @@ fn a_cpu_that_never_arrives_times_out_cleanly_and_the_next_call_succeeds() {
     release.store(true, Ordering::Release);
     held_done.recv_timeout(Duration::from_secs(60)).unwrap();
     let ran_on = machine.on_cpu(0, |stop| {
-        let ran_on = AtomicU32::new(0);
+        let ran_on = AtomicCpuSet::new();
         stop.stop_machine(
             &|cpu| {
-                ran_on.fetch_or(1 << cpu, Ordering::Relaxed);
+                ran_on.insert(cpu, Ordering::Relaxed);
                 Ok(())
             },
             CpuSet::first(4),
@@ -424,7 +424,7 @@ fn a_cpu_that_never_arrives_times_out_cleanly_and_the_next_call_succeeds() {
         )
         .map(|()| ran_on.load(Ordering::Relaxed))
     });
-    assert_eq!(ran_on, Ok(0b1111));
+    assert_eq!(ran_on, Ok(CpuSet::first(4)));
 }
 
 #[test]
@@ -477,7 +477,7 @@ fn stale_ipis_after_completed_calls_are_harmless() {
         })
         .unwrap();
     // A spurious stop IPI with no call in flight: taken, nothing joined.
-    patch_machine::stop::Arch::send_stop_ipi(&arch, CpuSet::from_bits(0b110));
+    patch_machine::stop::Arch::send_stop_ipi(&arch, CpuSet::of(&[1, 2]));
     assert!(machine.all_idle_again(CpuSet::first(3)));
     assert!(!arch.ipi_pending(1) && !arch.ipi_pending(2));
     machine
@@ -520,12 +520,12 @@ fn nmi_mode_runs_the_function_from_nmi_on_exactly_the_active_cpus() {
         let machine = Machine::new(cpus);
         for active in [CpuSet::first(cpus), CpuSet::single(cpus - 1)] {
             let (ran, in_nmi, delivered) = machine.on_cpu(0, move |stop| {
-                let ran = AtomicU32::new(0);
-                let in_nmi = AtomicU32::new(0);
+                let ran = AtomicCpuSet::new();
+                let in_nmi = AtomicCpuSet::new();
                 let function = |cpu: usize| {
-                    ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                    ran.insert(cpu, Ordering::Relaxed);
                     if stop.arch().in_nmi() {
-                        in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
+                        in_nmi.insert(cpu, Ordering::Relaxed);
                     }
                     Ok(())
                 };
@@ -538,12 +538,8 @@ fn nmi_mode_runs_the_function_from_nmi_on_exactly_the_active_cpus() {
                     stop.nmi_delivered(),
                 )
             });
-            assert_eq!(CpuSet::from_bits(ran), active, "cpus={cpus}");
-            assert_eq!(
-                CpuSet::from_bits(in_nmi),
-                active,
-                "cpus={cpus}: ran outside NMI context"
-            );
+            assert_eq!(ran, active, "cpus={cpus}");
+            assert_eq!(in_nmi, active, "cpus={cpus}: ran outside NMI context");
             assert_eq!(delivered, active);
         }
     }
@@ -567,8 +563,8 @@ fn nmi_mode_accumulates_errors_and_times_out_a_lost_nmi() {
     };
     assert_eq!(failures.code(1), Some(-7));
     assert_eq!(failures.code(2), Some(patch_machine::stop::ETIMEDOUT));
-    assert_eq!(failures.cpus(), CpuSet::from_bits(0b110));
-    assert_eq!(delivered, CpuSet::from_bits(0b1011));
+    assert_eq!(failures.cpus(), CpuSet::of(&[1, 2]));
+    assert_eq!(delivered, CpuSet::of(&[0, 1, 3]));
     // A late NMI finds nothing to run; the next call succeeds.
     arch.lose_nmis(CpuSet::EMPTY);
     arch.send_nmi(CpuSet::single(2));
@@ -743,4 +739,32 @@ fn nmis_wait_for_the_function_where_they_pass_mask_all() {
         assert!(machine.all_idle_again(CpuSet::first(2)));
     }
     arch.set_nmi_hook(None);
+}
+
+#[test]
+fn more_cpus_than_the_state_acknowledges_are_refused_changing_nothing() {
+    let cpus = 33;
+    let machine = Machine::new(cpus);
+    let (result, ran, ipis) = machine.on_cpu(0, |stop| {
+        let ran = AtomicCpuSet::new();
+        let result = stop.stop_machine(
+            &|cpu| {
+                ran.insert(cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::single(0),
+            QUICK,
+        );
+        (result, ran.load(Ordering::Relaxed), stop.arch().ipis_sent())
+    });
+    assert_eq!(
+        result,
+        Err(StopError::TooManyCpus {
+            online: CpuSet::first(cpus),
+            limit: 32
+        })
+    );
+    assert!(ran.is_empty(), "the function ran on {ran}");
+    assert_eq!(ipis, 0, "stop IPIs were sent");
+    assert!(!machine.stop.in_masked_window().contains(0));
 }

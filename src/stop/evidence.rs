@@ -7,6 +7,7 @@
 //! belongs to.
 
 use super::{Arch, StopFnResult, StopFunction, StopMachine};
+use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -45,34 +46,34 @@ pub(super) struct Evidence {
     /// The sequence [`StopMachine::stamp`] draws from.
     stamps: AtomicU64,
     /// CPUs that found themselves fully masked on arrival in the current call.
-    masked_at_ack: AtomicU32,
+    masked_at_ack: AtomicCpuSet,
     /// Each CPU's stamp as it arrived.
     ack_stamp: [AtomicU64; MAX_CPUS],
     /// CPUs inside a call's window: from their mask until they leave it (see
     /// [`StopMachine::in_masked_window`]).
-    in_window: AtomicU32,
+    in_window: AtomicCpuSet,
     /// The generation of the call whose window each CPU last entered.
     window_generation: [AtomicU32; MAX_CPUS],
     /// CPUs running a stop function right now.
-    running: AtomicU32,
+    running: AtomicCpuSet,
 }
 
 impl Evidence {
     pub(super) const fn new() -> Self {
         Evidence {
             stamps: AtomicU64::new(0),
-            masked_at_ack: AtomicU32::new(0),
+            masked_at_ack: AtomicCpuSet::new(),
             ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
-            in_window: AtomicU32::new(0),
+            in_window: AtomicCpuSet::new(),
             window_generation: [const { AtomicU32::new(0) }; MAX_CPUS],
-            running: AtomicU32::new(0),
+            running: AtomicCpuSet::new(),
         }
     }
 
     /// Forgets the last call's mask reports (the initiator, under the machine's lock,
     /// before it opens `Arrive`).
     pub(super) fn reset(&self) {
-        self.masked_at_ack.store(0, Ordering::Relaxed);
+        self.masked_at_ack.clear(Ordering::Relaxed);
     }
 
     #[inline(always)]
@@ -84,15 +85,19 @@ impl Evidence {
     /// and its stamp. Released by its `Arrive` acknowledgement.
     #[inline(always)]
     pub(super) fn arrived(&self, me: usize, generation: u32, all_masked: bool) {
-        let bit = CpuSet::single(me).bits();
-        self.window_generation[me].store(generation, Ordering::Relaxed);
+        // `get`: `me < MAX_CPUS`, but a bounds-check panic would leave `.text.nopatch`.
+        if let Some(window) = self.window_generation.get(me) {
+            window.store(generation, Ordering::Relaxed);
+        }
         // Release: an NMI on this CPU that sees the bit (Acquire in `window_of`) sees the
         // generation stored before it (a compiler barrier, too: same CPU).
-        self.in_window.fetch_or(bit, Ordering::Release);
+        self.in_window.insert(me, Ordering::Release);
         if all_masked {
-            self.masked_at_ack.fetch_or(bit, Ordering::Relaxed);
+            self.masked_at_ack.insert(me, Ordering::Relaxed);
         }
-        self.ack_stamp[me].store(self.next_stamp(), Ordering::Relaxed);
+        if let Some(stamp) = self.ack_stamp.get(me) {
+            stamp.store(self.next_stamp(), Ordering::Relaxed);
+        }
     }
 
     /// The generation of the call whose window `me` is in, if it is in one (its own NMI
@@ -100,9 +105,8 @@ impl Evidence {
     #[cfg(feature = "stop-machine-nmi")]
     #[inline(always)]
     pub(super) fn window_of(&self, me: usize) -> Option<u32> {
-        let bit = CpuSet::single(me).bits();
         // Acquire pairs with the Release in `arrived` (this CPU's own stores).
-        (self.in_window.load(Ordering::Acquire) & bit != 0).then(|| {
+        self.in_window.contains(me, Ordering::Acquire).then(|| {
             self.window_generation
                 .get(me)
                 .map_or(0, |g| g.load(Ordering::Relaxed))
@@ -112,12 +116,11 @@ impl Evidence {
     /// Runs `function` on `me`, recorded as running meanwhile.
     #[inline(always)]
     pub(super) fn run_marked(&self, me: usize, function: &dyn StopFunction) -> StopFnResult {
-        let bit = CpuSet::single(me).bits();
-        self.running.fetch_or(bit, Ordering::Relaxed);
+        self.running.insert(me, Ordering::Relaxed);
         let result = function.call(me);
         // Release: an NMI handler elsewhere that no longer sees the bit sees what the
         // function wrote (evidence only; the hold in `finish_in_nmi` decides by `done`).
-        self.running.fetch_and(!bit, Ordering::Release);
+        self.running.remove(me, Ordering::Release);
         result
     }
 
@@ -125,8 +128,7 @@ impl Evidence {
     /// an NMI handler that held the CPU until the function had run everywhere).
     #[inline(always)]
     pub(super) fn leaving(&self, me: usize) {
-        self.in_window
-            .fetch_and(!CpuSet::single(me).bits(), Ordering::Relaxed);
+        self.in_window.remove(me, Ordering::Relaxed);
     }
 }
 
@@ -188,7 +190,7 @@ impl<A: Arch> StopMachine<A> {
             .max()
             .unwrap_or(0);
         Quiescence {
-            masked: CpuSet::from_bits(evidence.masked_at_ack.load(Ordering::Relaxed)),
+            masked: evidence.masked_at_ack.load(Ordering::Relaxed),
             last_ack_stamp,
         }
     }
@@ -205,7 +207,7 @@ impl<A: Arch> StopMachine<A> {
     /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn in_masked_window(&self) -> CpuSet {
-        CpuSet::from_bits(self.evidence.in_window.load(Ordering::Relaxed))
+        self.evidence.in_window.load(Ordering::Relaxed)
     }
 
     /// The CPUs running a stop function right now (directly, or in the NMI handler of
@@ -213,7 +215,7 @@ impl<A: Arch> StopMachine<A> {
     /// NMI handler that starts while this is not empty ran while text may be changing.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn running_function(&self) -> CpuSet {
-        CpuSet::from_bits(self.evidence.running.load(Ordering::Acquire))
+        self.evidence.running.load(Ordering::Acquire)
     }
 
     /// Records instant `mark` of the current call (the initiator only).

@@ -22,8 +22,9 @@ use super::rendezvous::Work;
 use super::state::Phase;
 use super::{Arch, StopMachine, StopOptions};
 use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, StopFnResult};
+use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Raises an NMI on the calling CPU, for [`StopMachine::stop_machine_nmi`]: a trait
 /// object rather than a closure so that its code lives in `.text.nopatch`. Every
@@ -43,11 +44,11 @@ impl<A: NmiArch> RaiseNmi for A {
 /// The self-NMI requests of the current call, one bit per CPU.
 pub(super) struct NmiRequests {
     /// CPUs whose self-NMI may run the function (Linux's `nmi_cpus`).
-    pending: AtomicU32,
+    pending: AtomicCpuSet,
     /// CPUs whose NMI handler has finished and stored its result.
-    done: AtomicU32,
+    done: AtomicCpuSet,
     /// CPUs on which the NMI ran the function in the last NMI call.
-    delivered: AtomicU32,
+    delivered: AtomicCpuSet,
     /// The function's result in each CPU's NMI handler.
     codes: [AtomicI32; MAX_CPUS],
     /// The call holds the participants' NMIs while its function may run.
@@ -57,9 +58,9 @@ pub(super) struct NmiRequests {
 impl NmiRequests {
     pub(super) const fn new() -> Self {
         NmiRequests {
-            pending: AtomicU32::new(0),
-            done: AtomicU32::new(0),
-            delivered: AtomicU32::new(0),
+            pending: AtomicCpuSet::new(),
+            done: AtomicCpuSet::new(),
+            delivered: AtomicCpuSet::new(),
             codes: [const { AtomicI32::new(0) }; MAX_CPUS],
             hold: AtomicBool::new(false),
         }
@@ -71,7 +72,7 @@ impl NmiRequests {
     pub(super) fn begin_call(&self, hold: bool) {
         // Relaxed: released by the `Arrive` state. An NMI handler reads these only after
         // it acquired a state of this call (`finish_in_nmi`).
-        self.done.store(0, Ordering::Relaxed);
+        self.done.clear(Ordering::Relaxed);
         self.hold.store(hold, Ordering::Relaxed);
     }
 }
@@ -99,7 +100,7 @@ impl<A: NmiArch> StopMachine<A> {
             hold_nmis: false,
         };
         // Relaxed: published with the call by the `Arrive` release in `call`.
-        self.nmi.delivered.store(0, Ordering::Relaxed);
+        self.nmi.delivered.clear(Ordering::Relaxed);
         let options = StopOptions {
             mask: MaskLevel::IrqsOnly,
             ..options
@@ -119,10 +120,9 @@ impl<A: NmiArch> StopMachine<A> {
     #[unsafe(link_section = ".text.nopatch")]
     pub fn handle_nmi(&self) -> bool {
         let me = self.arch.cpu_id();
-        let bit = CpuSet::single(me).bits();
         // Claim the request (Linux: cpumask_test_and_clear_cpu). Acquire pairs with the
         // release in `run_in_nmi`.
-        let claimed = self.nmi.pending.fetch_and(!bit, Ordering::AcqRel) & bit != 0;
+        let claimed = self.nmi.pending.remove(me, Ordering::AcqRel);
         if claimed {
             // SAFETY: the request was pending, so this CPU is in `run_in_nmi`, inside the
             // `Run` phase of the call that published `work`, which cannot end before this
@@ -135,9 +135,9 @@ impl<A: NmiArch> StopMachine<A> {
             // Relaxed: both released by `done` below (and `delivered` again by this
             // CPU's `Run` acknowledgement, before the initiator reads it).
             self.nmi.codes[me].store(code, Ordering::Relaxed);
-            self.nmi.delivered.fetch_or(bit, Ordering::Relaxed);
+            self.nmi.delivered.insert(me, Ordering::Relaxed);
             // Release: the result is stored before `run_in_nmi` can see `done`.
-            self.nmi.done.fetch_or(bit, Ordering::Release);
+            self.nmi.done.insert(me, Ordering::Release);
         }
         self.finish_in_nmi(me);
         claimed
@@ -185,7 +185,7 @@ impl<A: NmiArch> StopMachine<A> {
             let active = self.published.active();
             // Acquire pairs with each handler's release of `done`: what the function
             // wrote is visible here.
-            let done = CpuSet::from_bits(self.nmi.done.load(Ordering::Acquire));
+            let done = self.nmi.done.load(Ordering::Acquire);
             if active.is_subset(done) {
                 break;
             }
@@ -211,7 +211,7 @@ impl<A: NmiArch> StopMachine<A> {
     /// The CPUs on which the last [`stop_machine_nmi`](Self::stop_machine_nmi) call ran
     /// the function from an NMI.
     pub fn nmi_delivered(&self) -> CpuSet {
-        CpuSet::from_bits(self.nmi.delivered.load(Ordering::Relaxed))
+        self.nmi.delivered.load(Ordering::Relaxed)
     }
 }
 
@@ -243,18 +243,17 @@ impl<A: Arch> StopMachine<A> {
     pub(super) fn run_in_nmi(&self, me: usize, raise_nmi: &dyn RaiseNmi) -> StopFnResult {
         let arch = &self.arch;
         let nmi = &self.nmi;
-        let bit = CpuSet::single(me).bits();
         // Relaxed: only this CPU's handler sets the bit, after the release below.
-        nmi.done.fetch_and(!bit, Ordering::Relaxed);
+        nmi.done.remove(me, Ordering::Relaxed);
         // Release pairs with the handler's claim (AcqRel in `handle_nmi`).
-        nmi.pending.fetch_or(bit, Ordering::Release);
+        nmi.pending.insert(me, Ordering::Release);
         raise_nmi.raise();
         let start = arch.now_ns();
         let mut claimed_by_handler = false;
         loop {
             // Acquire pairs with the handler's release of `done`: the result it stored
             // first is visible (the race v2 of Chang S. Bae's series fixed).
-            if nmi.done.load(Ordering::Acquire) & bit != 0 {
+            if nmi.done.contains(me, Ordering::Acquire) {
                 // `get`: `me < MAX_CPUS` always, but a bounds-check panic would be a
                 // branch out of `.text.nopatch`.
                 let code = nmi.codes.get(me).map_or(0, |c| c.load(Ordering::Relaxed));
@@ -266,10 +265,10 @@ impl<A: Arch> StopMachine<A> {
                 // started, and now never will run the function; otherwise it is running
                 // it and we wait for its result like any other phase. AcqRel: the
                 // claim is one read-modify-write on `pending`, whichever side wins.
-                if nmi.pending.fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+                if nmi.pending.remove(me, Ordering::AcqRel) {
                     // "Done": the function will never run here; an NMI held for it on
                     // another CPU stops waiting for this one.
-                    nmi.done.fetch_or(bit, Ordering::Release);
+                    nmi.done.insert(me, Ordering::Release);
                     return Err(ETIMEDOUT);
                 }
                 claimed_by_handler = true;

@@ -12,8 +12,9 @@ use super::{
     Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
 };
 use super::{LockTimeout, lock_within};
+use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
@@ -30,8 +31,8 @@ pub(super) struct Work<'a> {
 /// What the initiator publishes for a call: written only under the machine's lock,
 /// before the `Arrive` state's release, and read by the CPUs that acquired it.
 pub(super) struct Published {
-    participants: AtomicU32,
-    active: AtomicU32,
+    participants: AtomicCpuSet,
+    active: AtomicCpuSet,
     stall_timeout_ns: AtomicU64,
     /// The call masks with [`MaskLevel::IrqsOnly`].
     mask_irqs_only: AtomicBool,
@@ -44,8 +45,8 @@ pub(super) struct Published {
 impl Published {
     const fn new() -> Self {
         Published {
-            participants: AtomicU32::new(0),
-            active: AtomicU32::new(0),
+            participants: AtomicCpuSet::new(),
+            active: AtomicCpuSet::new(),
             stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
             mask_irqs_only: AtomicBool::new(false),
             work: AtomicPtr::new(core::ptr::null_mut()),
@@ -54,12 +55,12 @@ impl Published {
 
     #[inline(always)]
     pub(super) fn participants(&self) -> CpuSet {
-        CpuSet::from_bits(self.participants.load(Ordering::Relaxed))
+        self.participants.load(Ordering::Relaxed)
     }
 
     #[inline(always)]
     pub(super) fn active(&self) -> CpuSet {
-        CpuSet::from_bits(self.active.load(Ordering::Relaxed))
+        self.active.load(Ordering::Relaxed)
     }
 
     #[inline(always)]
@@ -83,7 +84,7 @@ impl Published {
 /// What the active CPUs' functions returned: written in `Run`, released by each
 /// CPU's `Run` acknowledgement, read by the initiator after `Exit`.
 struct Results {
-    failed: AtomicU32,
+    failed: AtomicCpuSet,
     codes: [AtomicI32; MAX_CPUS],
 }
 
@@ -144,7 +145,7 @@ impl<A: Arch> StopMachine<A> {
             published: Published::new(),
             state: StateWord::new(),
             results: Results {
-                failed: AtomicU32::new(0),
+                failed: AtomicCpuSet::new(),
                 codes: [const { AtomicI32::new(0) }; MAX_CPUS],
             },
             evidence: Evidence::new(),
@@ -232,6 +233,12 @@ impl<A: Arch> StopMachine<A> {
                 online,
             });
         }
+        if !online.is_subset(CpuSet::first(State::ACK_CPUS)) {
+            return Err(StopError::TooManyCpus {
+                online,
+                limit: State::ACK_CPUS,
+            });
+        }
 
         let start = arch.now_ns();
         let _guard = lock_within(
@@ -248,10 +255,8 @@ impl<A: Arch> StopMachine<A> {
         let previous = self.state.load(Ordering::Relaxed);
         let generation = previous.generation().wrapping_add(1) & State::GENERATION_MASK;
         let published = &self.published;
-        published
-            .participants
-            .store(online.bits(), Ordering::Relaxed);
-        published.active.store(active.bits(), Ordering::Relaxed);
+        published.participants.store(online, Ordering::Relaxed);
+        published.active.store(active, Ordering::Relaxed);
         published
             .stall_timeout_ns
             .store(options.stall_timeout_ns, Ordering::Relaxed);
@@ -264,7 +269,7 @@ impl<A: Arch> StopMachine<A> {
             (work as *const Work<'_>).cast::<Work<'static>>().cast_mut(),
             Ordering::Relaxed,
         );
-        self.results.failed.store(0, Ordering::Relaxed);
+        self.results.failed.clear(Ordering::Relaxed);
         self.evidence.reset();
         #[cfg(feature = "stop-machine-nmi")]
         self.nmi.begin_call(work.hold_nmis);
@@ -400,9 +405,7 @@ impl<A: Arch> StopMachine<A> {
         if let Err(code) = self.run_function(work, me) {
             // Relaxed: released by this CPU's `Run` acknowledgement, right after.
             self.results.codes[me].store(code, Ordering::Relaxed);
-            self.results
-                .failed
-                .fetch_or(CpuSet::single(me).bits(), Ordering::Relaxed);
+            self.results.failed.insert(me, Ordering::Relaxed);
         }
     }
 
@@ -419,7 +422,7 @@ impl<A: Arch> StopMachine<A> {
     /// The call's result, once it reached `Exit`: every failing CPU's code.
     #[unsafe(link_section = ".text.nopatch")]
     fn results(&self) -> Result<(), StopError> {
-        let failed = CpuSet::from_bits(self.results.failed.load(Ordering::Relaxed));
+        let failed = self.results.failed.load(Ordering::Relaxed);
         if failed.is_empty() {
             return Ok(());
         }

@@ -40,7 +40,7 @@ impl Phase {
 }
 
 /// One value of the state word: `generation (24 bits) | phase (8 bits) | acknowledged
-/// CPUs (32 bits)`.
+/// CPUs (32 bits, CPUs `0..ACK_CPUS`)`.
 ///
 /// The generation makes a late CPU, still holding a stop IPI from an aborted call,
 /// harmless: its compare-and-swap names a generation that no longer exists.
@@ -49,13 +49,16 @@ pub(super) struct State(u64);
 
 impl State {
     pub(super) const GENERATION_MASK: u32 = (1 << 24) - 1;
+    /// The CPUs whose acknowledgements the word holds: `0..ACK_CPUS`. A call with a
+    /// participant beyond is refused before anything changes.
+    pub(super) const ACK_CPUS: usize = 32;
 
     #[inline(always)]
     pub(super) fn new(generation: u32, phase: Phase, acked: CpuSet) -> State {
         State(
             (u64::from(generation & Self::GENERATION_MASK) << 40)
                 | (u64::from(phase as u8) << 32)
-                | u64::from(acked.bits()),
+                | u64::from(pack(acked)),
         )
     }
 
@@ -71,7 +74,7 @@ impl State {
 
     #[inline(always)]
     pub(super) fn acked(self) -> CpuSet {
-        CpuSet::from_bits(self.0 as u32)
+        unpack(self.0 as u32)
     }
 
     /// Whether this is `phase` of call `generation`.
@@ -79,6 +82,25 @@ impl State {
     pub(super) fn is(self, generation: u32, phase: Phase) -> bool {
         self.generation() == generation && self.phase() == phase
     }
+}
+
+/// The acknowledgement bits of `acked`, all `< State::ACK_CPUS` (the caller checked).
+#[inline(always)]
+fn pack(acked: CpuSet) -> u32 {
+    acked
+        .and(CpuSet::first(State::ACK_CPUS))
+        .iter()
+        .fold(0, |bits, cpu| bits | 1 << cpu)
+}
+
+#[inline(always)]
+fn unpack(mut bits: u32) -> CpuSet {
+    let mut set = CpuSet::EMPTY;
+    while bits != 0 {
+        set = set.with(bits.trailing_zeros() as usize);
+        bits &= bits - 1;
+    }
+    set
 }
 
 /// The shared state word. Its accessors take the ordering from the caller, whose comment
@@ -135,10 +157,10 @@ mod tests {
 
     #[test]
     fn state_word_round_trips() {
-        let state = State::new(0xab_cdef, Phase::Run, CpuSet::from_bits(0x8000_0001));
+        let state = State::new(0xab_cdef, Phase::Run, CpuSet::of(&[0, 31]));
         assert_eq!(state.generation(), 0xab_cdef);
         assert_eq!(state.phase(), Phase::Run);
-        assert_eq!(state.acked(), CpuSet::from_bits(0x8000_0001));
+        assert_eq!(state.acked(), CpuSet::of(&[0, 31]));
         let wrapped = State::new(State::GENERATION_MASK + 2, Phase::Exit, CpuSet::EMPTY);
         assert_eq!(wrapped.generation(), 1);
     }

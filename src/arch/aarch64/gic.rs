@@ -313,27 +313,23 @@ pub fn clear_sgi_handler(sgi: u32) {
 pub fn send_sgi(sgi: u32, targets: CpuSet) {
     assert!((sgi as usize) < SGI_COUNT, "SGI {sgi} out of range");
     let count = CPU_COUNT.load(Ordering::Relaxed);
-    let mut pending = targets.and(CpuSet::first(count)).bits();
-    if pending == 0 {
+    let mut pending = targets.and(CpuSet::first(count));
+    if pending.is_empty() {
         return;
     }
     // SAFETY: barrier only: our earlier stores are visible before any target can take
     // the SGI (pairs with the DSB after the acknowledge in `read_iar1`).
     unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
-    while pending != 0 {
-        let first = pending.trailing_zeros() as usize;
+    while let Some(first) = pending.lowest() {
         // Aff3.Aff2.Aff1 and the range selector (Aff0[7:4]) identify one SGI1R write;
         // Aff0[3:0] selects the bit in its 16-bit target list.
         let key = MPIDR[first].load(Ordering::Relaxed) & !0xf;
         let mut list = 0u64;
-        let mut rest = pending;
-        while rest != 0 {
-            let cpu = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
+        for cpu in pending {
             let m = MPIDR[cpu].load(Ordering::Relaxed);
             if m & !0xf == key {
                 list |= 1 << (m & 0xf);
-                pending &= !(1 << cpu);
+                pending = pending.without(cpu);
             }
         }
         let aff1 = (key >> 8) & 0xff;

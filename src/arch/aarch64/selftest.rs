@@ -556,7 +556,7 @@ mod nmi_tests {
     use super::{SGI_HITS, ensure, sgi_hit, wait_until};
     use crate::harness::Verdict;
     use crate::stop::{Arch, StopError, StopOptions};
-    use crate::{CpuSet, MAX_CPUS};
+    use crate::{AtomicCpuSet, CpuSet, MAX_CPUS};
     use core::arch::asm;
     use core::fmt::Write;
     use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -575,23 +575,22 @@ mod nmi_tests {
     static NMI_HITS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
     /// CPUs whose NMI handler saw `in_nmi()` false, PSTATE.I clear, or ALLINT clear
     /// (FEAT_NMI).
-    static BAD_IN_NMI: AtomicU32 = AtomicU32::new(0);
-    static BAD_I: AtomicU32 = AtomicU32::new(0);
-    static BAD_ALLINT: AtomicU32 = AtomicU32::new(0);
+    static BAD_IN_NMI: AtomicCpuSet = AtomicCpuSet::new();
+    static BAD_I: AtomicCpuSet = AtomicCpuSet::new();
+    static BAD_ALLINT: AtomicCpuSet = AtomicCpuSet::new();
     /// If set, the NMI handler (or the spin handler) writes this PMR value before it
     /// returns, to check that the exception return puts the interrupted one back.
     static TAMPER_PMR: AtomicU32 = AtomicU32::new(0);
 
     fn test_nmi(cpu: usize) -> bool {
-        let bit = 1u32 << cpu;
         if !nmi::in_nmi() {
-            BAD_IN_NMI.fetch_or(bit, Ordering::Relaxed);
+            BAD_IN_NMI.insert(cpu, Ordering::Relaxed);
         }
         if cpu::daif() & cpu::DAIF_I == 0 {
-            BAD_I.fetch_or(bit, Ordering::Relaxed);
+            BAD_I.insert(cpu, Ordering::Relaxed);
         }
         if nmi_mode::feat_nmi_in_use() && cpu::allint() == 0 {
-            BAD_ALLINT.fetch_or(bit, Ordering::Relaxed);
+            BAD_ALLINT.insert(cpu, Ordering::Relaxed);
         }
         let tamper = TAMPER_PMR.load(Ordering::Relaxed);
         if tamper != 0 {
@@ -610,15 +609,15 @@ mod nmi_tests {
 
     fn handler_flags_ok() -> Result<(), &'static str> {
         ensure(
-            BAD_IN_NMI.load(Ordering::Relaxed) == 0,
+            BAD_IN_NMI.load(Ordering::Relaxed).is_empty(),
             "in_nmi() was false inside an NMI handler",
         )?;
         ensure(
-            BAD_I.load(Ordering::Relaxed) == 0,
+            BAD_I.load(Ordering::Relaxed).is_empty(),
             "an NMI handler ran with PSTATE.I clear",
         )?;
         ensure(
-            BAD_ALLINT.load(Ordering::Relaxed) == 0,
+            BAD_ALLINT.load(Ordering::Relaxed).is_empty(),
             "an NMI handler ran with PSTATE.ALLINT clear (FEAT_NMI)",
         )
     }
@@ -1038,10 +1037,10 @@ mod nmi_tests {
     pub(super) fn stop_vs_spinner(other: usize) -> Result<(), &'static str> {
         let online = smp::online_cpus();
         start_spinner(other)?;
-        let ran = AtomicU32::new(0);
+        let ran = AtomicCpuSet::new();
         let result = STOP.stop_machine(
             &|cpu| {
-                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                ran.insert(cpu, Ordering::Relaxed);
                 Ok(())
             },
             online,
@@ -1062,14 +1061,14 @@ mod nmi_tests {
                 "stop_machine failed with a CPU spinning IRQs-off",
             )?;
             ensure(
-                ran.load(Ordering::Relaxed) == online.bits(),
+                ran.load(Ordering::Relaxed) == online,
                 "the function did not run on every CPU",
             )
         } else {
             match result {
                 Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(other) => {
                     ensure(
-                        ran.load(Ordering::Relaxed) == 0,
+                        ran.load(Ordering::Relaxed).is_empty(),
                         "the function ran despite the timeout",
                     )
                 }
@@ -1079,20 +1078,20 @@ mod nmi_tests {
     }
 
     #[cfg(feature = "stop-machine-nmi")]
-    static IN_NMI_RUNS: AtomicU32 = AtomicU32::new(0);
+    static IN_NMI_RUNS: AtomicCpuSet = AtomicCpuSet::new();
     #[cfg(feature = "stop-machine-nmi")]
-    static RUNS: AtomicU32 = AtomicU32::new(0);
+    static RUNS: AtomicCpuSet = AtomicCpuSet::new();
 
     #[cfg(feature = "stop-machine-nmi")]
     fn stop_machine_nmi_test() -> Result<(), &'static str> {
         use crate::stop::{ETIMEDOUT, NmiSafe};
         let online = smp::online_cpus();
-        IN_NMI_RUNS.store(0, Ordering::Relaxed);
-        RUNS.store(0, Ordering::Relaxed);
+        IN_NMI_RUNS.clear(Ordering::Relaxed);
+        RUNS.clear(Ordering::Relaxed);
         let f = |cpu: usize| {
-            RUNS.fetch_or(1 << cpu, Ordering::Relaxed);
+            RUNS.insert(cpu, Ordering::Relaxed);
             if nmi::in_nmi() {
-                IN_NMI_RUNS.fetch_or(1 << cpu, Ordering::Relaxed);
+                IN_NMI_RUNS.insert(cpu, Ordering::Relaxed);
             }
             Ok(())
         };
@@ -1107,7 +1106,7 @@ mod nmi_tests {
                 "the self-NMI did not run on every CPU",
             )?;
             ensure(
-                IN_NMI_RUNS.load(Ordering::Relaxed) == online.bits(),
+                IN_NMI_RUNS.load(Ordering::Relaxed) == online,
                 "the function did not run in NMI context everywhere",
             )
         } else {
@@ -1116,7 +1115,7 @@ mod nmi_tests {
                     if f.cpus() == online && f.iter().all(|(_, code)| code == ETIMEDOUT) =>
                 {
                     ensure(
-                        RUNS.load(Ordering::Relaxed) == 0,
+                        RUNS.load(Ordering::Relaxed).is_empty(),
                         "the function ran although no NMI exists",
                     )
                 }

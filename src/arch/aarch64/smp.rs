@@ -1,16 +1,16 @@
 //! Bringing up the secondary CPUs (PSCI CPU_ON) and tracking which CPUs are online.
 
 use super::{cpu, dtb::BootInfo, psci, timer};
-use crate::CpuSet;
-use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use crate::{AtomicCpuSet, CpuSet};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// How long the boot CPU waits for each secondary to report online.
 pub const ONLINE_TIMEOUT_NS: u64 = 1_000_000_000;
 
-/// CPUs that finished their bring-up (bit n = logical CPU n).
-static ONLINE: AtomicU32 = AtomicU32::new(0);
+/// CPUs that finished their bring-up.
+static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs that were started but did not come online in time, or whose CPU_ON failed.
-static FAILED: AtomicU32 = AtomicU32::new(0);
+static FAILED: AtomicCpuSet = AtomicCpuSet::new();
 /// Logical CPUs the machine has (from the DTB).
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 
@@ -32,12 +32,12 @@ pub fn current_cpu() -> usize {
 pub fn online_cpus() -> CpuSet {
     // Acquire pairs with the Release in `mark_online`: a CPU seen online has finished
     // its set-up.
-    CpuSet::from_bits(ONLINE.load(Ordering::Acquire))
+    ONLINE.load(Ordering::Acquire)
 }
 
 /// CPUs that failed to come up.
 pub fn failed_cpus() -> CpuSet {
-    CpuSet::from_bits(FAILED.load(Ordering::Relaxed))
+    FAILED.load(Ordering::Relaxed)
 }
 
 /// The number of logical CPUs the DTB describes (online or not).
@@ -48,7 +48,7 @@ pub fn cpu_count() -> usize {
 /// Marks the calling CPU online (after its set-up is complete).
 pub(crate) fn mark_online(cpu: usize) {
     // Release: everything this CPU set up is visible to whoever sees the bit.
-    ONLINE.fetch_or(1 << cpu, Ordering::Release);
+    ONLINE.insert(cpu, Ordering::Release);
 }
 
 /// Starts every secondary CPU of `info`, one at a time, and waits up to
@@ -62,7 +62,7 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
         let mpidr = info.mpidrs[cpu];
         if let Err(e) = psci::cpu_on(mpidr, entry, cpu as u64) {
             crate::kprintln!("smp: cpu{cpu} (MPIDR {mpidr:#x}): PSCI CPU_ON failed: {e}");
-            FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
+            FAILED.insert(cpu, Ordering::Relaxed);
             continue;
         }
         let start = timer::now_ns();
@@ -75,7 +75,7 @@ pub fn start_secondaries(info: &BootInfo) -> CpuSet {
                     "smp: cpu{cpu} (MPIDR {mpidr:#x}) did not come online within {} ms",
                     ONLINE_TIMEOUT_NS / 1_000_000
                 );
-                FAILED.fetch_or(1 << cpu, Ordering::Relaxed);
+                FAILED.insert(cpu, Ordering::Relaxed);
                 break;
             }
             core::hint::spin_loop();

@@ -15,12 +15,11 @@
 mod text;
 pub use text::HostText;
 
-use crate::CpuSet;
-use crate::MAX_CPUS;
 use crate::stop::{Arch, StopMachine};
+use crate::{AtomicCpuSet, CpuSet, MAX_CPUS};
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -29,14 +28,14 @@ thread_local! {
 }
 
 struct Shared {
-    online: AtomicU32,
+    online: AtomicCpuSet,
     pending: [AtomicBool; MAX_CPUS],
     masked: [AtomicBool; MAX_CPUS],
     nmi_pending: [AtomicBool; MAX_CPUS],
     nmi_masked: [AtomicBool; MAX_CPUS],
     in_nmi: [AtomicBool; MAX_CPUS],
     /// NMIs sent to these CPUs are lost (a test knob).
-    nmi_lost: AtomicU32,
+    nmi_lost: AtomicCpuSet,
     nmis_taken: [AtomicU64; MAX_CPUS],
     syncs: [AtomicU64; MAX_CPUS],
     /// Per CPU: the [`HostArch::tick`] of its last `sync_context` and last `restore`.
@@ -77,13 +76,13 @@ impl HostArch {
     pub fn new(cpus: usize) -> Self {
         assert!((1..=MAX_CPUS).contains(&cpus), "bad CPU count {cpus}");
         let shared = Shared {
-            online: AtomicU32::new(CpuSet::first(cpus).bits()),
+            online: AtomicCpuSet::new(),
             pending: [const { AtomicBool::new(false) }; MAX_CPUS],
             masked: [const { AtomicBool::new(false) }; MAX_CPUS],
             nmi_pending: [const { AtomicBool::new(false) }; MAX_CPUS],
             nmi_masked: [const { AtomicBool::new(false) }; MAX_CPUS],
             in_nmi: [const { AtomicBool::new(false) }; MAX_CPUS],
-            nmi_lost: AtomicU32::new(0),
+            nmi_lost: AtomicCpuSet::new(),
             nmis_taken: [const { AtomicU64::new(0) }; MAX_CPUS],
             syncs: [const { AtomicU64::new(0) }; MAX_CPUS],
             last_sync: [const { AtomicU64::new(0) }; MAX_CPUS],
@@ -96,6 +95,7 @@ impl HostArch {
             nmis_pass_mask_all: AtomicBool::new(false),
             nmi_hook: std::sync::Mutex::new(None),
         };
+        shared.online.store(CpuSet::first(cpus), Ordering::Relaxed);
         shared.epoch.get_or_init(Instant::now);
         HostArch {
             shared: Arc::new(shared),
@@ -154,7 +154,7 @@ impl HostArch {
     /// Makes NMIs sent to `cpus` vanish (to test the NMI timeout), or with an empty set,
     /// arrive again.
     pub fn lose_nmis(&self, cpus: CpuSet) {
-        self.shared.nmi_lost.store(cpus.bits(), Ordering::Relaxed);
+        self.shared.nmi_lost.store(cpus, Ordering::Relaxed);
     }
 
     /// Whether the calling CPU is in an NMI handler.
@@ -169,7 +169,7 @@ impl HostArch {
 
     /// Sends an NMI to each CPU in `targets`.
     pub fn send_nmi(&self, targets: CpuSet) {
-        let lost = CpuSet::from_bits(self.shared.nmi_lost.load(Ordering::Relaxed));
+        let lost = self.shared.nmi_lost.load(Ordering::Relaxed);
         for cpu in targets.minus(lost).iter() {
             self.shared.nmi_pending[cpu].store(true, Ordering::Release);
         }
@@ -267,7 +267,7 @@ unsafe impl Arch for HostArch {
     }
 
     fn online_cpus(&self) -> CpuSet {
-        CpuSet::from_bits(self.shared.online.load(Ordering::Relaxed))
+        self.shared.online.load(Ordering::Relaxed)
     }
 
     fn mask_all(&self) -> HostMask {

@@ -221,7 +221,7 @@ pub fn sync_all(timeout_ns: u64) -> Result<(), (CpuSet, u64)> {
                     .get(c)
                     .is_none_or(|a| a.load(Ordering::Acquire) < generation)
             })
-            .fold(CpuSet::from_bits(0), CpuSet::with);
+            .fold(CpuSet::EMPTY, CpuSet::with);
         if missing.is_empty() {
             return Ok(());
         }

@@ -4,8 +4,10 @@ use crate::MAX_CPUS;
 use core::cell::UnsafeCell;
 use core::ops::Range;
 
-/// Kernel stack per CPU.
-pub const STACK_SIZE: usize = 32 * 1024;
+/// Kernel stack per CPU: 64 KiB as on arm64, since frames holding per-CPU arrays
+/// (`[u64; MAX_CPUS]` in the self-tests, a `StopError` with one code per CPU) grow
+/// with `MAX_CPUS`.
+pub const STACK_SIZE: usize = 64 * 1024;
 /// Each IST stack (NMI, #DF, #MC) per CPU.
 pub const IST_SIZE: usize = 8 * 1024;
 /// Where the AP trampoline is copied (real-mode start address: page 8).

@@ -1,9 +1,9 @@
 //! The identity map with W^X, and the text-patching alias.
 //!
-//! 0..8 MiB is mapped with 4 KiB pages: kernel text read-only and executable, the AP
+//! 0..64 MiB (the image with MAX_CPUS stacks and their guards) is mapped with 4 KiB pages: kernel text read-only and executable, the AP
 //! trampoline page read-only and executable, page 0 and the stack guard pages absent
 //! (null pointers and stack overflows fault), and
-//! everything else (rodata read-only) non-executable. 8 MiB..4 GiB (RAM, ACPI tables,
+//! everything else (rodata read-only) non-executable. 64 MiB..4 GiB (RAM, ACPI tables,
 //! the xAPIC page) is 2 MiB pages, read-write, non-executable. CR0.WP makes read-only
 //! binding for the kernel too: text is never writable through the identity map.
 //!
@@ -28,7 +28,7 @@ const P: u64 = 1;
 const RW: u64 = 1 << 1;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
-const SMALL_LIMIT: usize = 8 << 20;
+const SMALL_LIMIT: usize = 64 << 20;
 /// Where the writable alias of kernel text appears: PML4 slot 1 (512 GiB), a slot the
 /// kernel's own PML4 leaves empty.
 pub const ALIAS_VA: usize = 0x80_0000_0000;

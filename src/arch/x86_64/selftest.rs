@@ -15,10 +15,10 @@
 use super::text::KERNEL_TEXT;
 use super::text_poke::text_poke_bp;
 use super::{STOP, ipi, irq, layout, nmi, paging, smp, timer};
-use crate::CpuSet;
 use crate::harness::{Test, Verdict};
 use crate::patch::{Patch, PatchError, x86};
 use crate::stop::{StopError, StopOptions};
+use crate::{AtomicCpuSet, CpuSet};
 use core::arch::global_asm;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -79,7 +79,7 @@ fn poke_text() -> Verdict {
         "after poke: {:#x}",
         call_target()
     );
-    let seen = AtomicU32::new(0);
+    let seen = AtomicCpuSet::new();
     let result = STOP.stop_machine(
         &|c| {
             if c == 0 {
@@ -97,7 +97,7 @@ fn poke_text() -> Verdict {
     let run = STOP.stop_machine(
         &|c| {
             if call_target() == 0x3333_3333 {
-                seen.fetch_or(1 << c, Ordering::Relaxed);
+                seen.insert(c, Ordering::Relaxed);
             }
             Ok(())
         },
@@ -105,7 +105,7 @@ fn poke_text() -> Verdict {
         OPTIONS,
     );
     check!(run.is_ok(), "second stop_machine: {}", run.unwrap_err());
-    let seen = CpuSet::from_bits(seen.load(Ordering::Relaxed));
+    let seen = seen.load(Ordering::Relaxed);
     check!(
         seen == smp::online_cpus(),
         "new text seen on {seen} only (others {others})"
@@ -257,7 +257,7 @@ const HOLD_SLOT: usize = 2;
 /// The CPU (index + 1; 0 = none) the next NMI should hold.
 static HOLD_TARGET: AtomicU32 = AtomicU32::new(0);
 /// CPUs currently held in the NMI handler.
-static HOLDING: AtomicU32 = AtomicU32::new(0);
+static HOLDING: AtomicCpuSet = AtomicCpuSet::new();
 static HOLD_RELEASE: AtomicU32 = AtomicU32::new(0);
 const HOLD_LIMIT_NS: u64 = 2_000_000_000;
 
@@ -270,17 +270,17 @@ fn hold_in_nmi(cpu: usize) -> bool {
     }
     HOLD_TARGET.store(0, Ordering::Relaxed);
     // Release/Acquire with the test's wait: it sees the CPU held before it calls.
-    HOLDING.fetch_or(1 << cpu, Ordering::Release);
+    HOLDING.insert(cpu, Ordering::Release);
     let start = timer::now_ns();
     while HOLD_RELEASE.load(Ordering::Acquire) == 0 && timer::now_ns() - start < HOLD_LIMIT_NS {
         core::hint::spin_loop();
     }
-    HOLDING.fetch_and(!(1 << cpu), Ordering::Release);
+    HOLDING.remove(cpu, Ordering::Release);
     true
 }
 
 /// Waits (bounded) until `HOLDING` satisfies `done`.
-fn wait_holding(done: impl Fn(u32) -> bool) -> bool {
+fn wait_holding(done: impl Fn(CpuSet) -> bool) -> bool {
     let start = timer::now_ns();
     while !done(HOLDING.load(Ordering::Acquire)) {
         if timer::now_ns() - start > HOLD_LIMIT_NS {
@@ -304,23 +304,23 @@ fn stop_machine_timeout() -> Verdict {
     nmi::send_nmi(CpuSet::single(held));
     let verdict = (|| {
         check!(
-            wait_holding(|h| h & (1 << held) != 0),
+            wait_holding(|h| h.contains(held)),
             "cpu{held} never entered the holding NMI handler"
         );
-        let ran = AtomicU32::new(0);
+        let ran = AtomicCpuSet::new();
         let options = StopOptions {
             arrival_timeout_ns: 100_000_000,
             ..OPTIONS
         };
         let result = STOP.stop_machine(
             &|cpu| {
-                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                ran.insert(cpu, Ordering::Relaxed);
                 Ok(())
             },
             online,
             options,
         );
-        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+        let ran = ran.load(Ordering::Relaxed);
         match result {
             Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held) => {}
             other => {
@@ -357,24 +357,24 @@ fn stop_machine_timeout() -> Verdict {
         Verdict::Pass(msg!("cpu{held} named by stop_machine and text_poke_bp"))
     })();
     HOLD_RELEASE.store(1, Ordering::Release);
-    let released = wait_holding(|h| h == 0);
+    let released = wait_holding(CpuSet::is_empty);
     HOLD_TARGET.store(0, Ordering::Relaxed);
     nmi::unregister_nmi_handler(HOLD_SLOT);
     if !matches!(verdict, Verdict::Pass(_)) {
         return verdict;
     }
     check!(released, "cpu{held} did not leave the holding handler");
-    let ran = AtomicU32::new(0);
+    let ran = AtomicCpuSet::new();
     let next = STOP.stop_machine(
         &|cpu| {
-            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            ran.insert(cpu, Ordering::Relaxed);
             Ok(())
         },
         online,
         OPTIONS,
     );
     check!(next.is_ok(), "the next call failed: {}", next.unwrap_err());
-    let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+    let ran = ran.load(Ordering::Relaxed);
     check!(ran == online, "the next call ran on {ran}");
     // Once everyone answers again, the INT3 protocol works (and retires what the failed
     // call left published).
@@ -410,15 +410,15 @@ fn site_bytes(site: usize) -> [u8; 5] {
 }
 
 /// CPUs where a test IPI handler ran, and where it ran with interrupts on (wrong).
-static IPI_HIT: AtomicU32 = AtomicU32::new(0);
-static IPI_IRQS_ON: AtomicU32 = AtomicU32::new(0);
+static IPI_HIT: AtomicCpuSet = AtomicCpuSet::new();
+static IPI_IRQS_ON: AtomicCpuSet = AtomicCpuSet::new();
 
 fn ipi_hit(cpu: usize) {
     if !irq::irqs_disabled() {
-        IPI_IRQS_ON.fetch_or(1 << cpu, Ordering::Relaxed);
+        IPI_IRQS_ON.insert(cpu, Ordering::Relaxed);
     }
     // Release pairs with the test's Acquire load.
-    IPI_HIT.fetch_or(1 << cpu, Ordering::Release);
+    IPI_HIT.insert(cpu, Ordering::Release);
 }
 
 /// Both test IPIs reach every online CPU, the sender included, and their handlers run
@@ -426,23 +426,21 @@ fn ipi_hit(cpu: usize) {
 fn test_ipi() -> Verdict {
     let online = smp::online_cpus();
     for v in ipi::TEST_IPIS {
-        IPI_HIT.store(0, Ordering::Relaxed);
-        IPI_IRQS_ON.store(0, Ordering::Relaxed);
+        IPI_HIT.clear(Ordering::Relaxed);
+        IPI_IRQS_ON.clear(Ordering::Relaxed);
         ipi::set_ipi_handler(v, ipi_hit);
         ipi::send_ipi(v, online);
         let start = timer::now_ns();
-        while IPI_HIT.load(Ordering::Acquire) != online.bits()
-            && timer::now_ns() - start < 1_000_000_000
-        {
+        while IPI_HIT.load(Ordering::Acquire) != online && timer::now_ns() - start < 1_000_000_000 {
             core::hint::spin_loop();
         }
         ipi::clear_ipi_handler(v);
-        let hit = CpuSet::from_bits(IPI_HIT.load(Ordering::Acquire));
+        let hit = IPI_HIT.load(Ordering::Acquire);
         check!(
             hit == online,
             "IPI {v:#x} reached {hit} of {online} within 1 s"
         );
-        let on = CpuSet::from_bits(IPI_IRQS_ON.load(Ordering::Relaxed));
+        let on = IPI_IRQS_ON.load(Ordering::Relaxed);
         check!(
             on.is_empty(),
             "IPI {v:#x} handler ran with interrupts on, on {on}"
@@ -760,7 +758,7 @@ static NESTED_BAD_REGS: AtomicU32 = AtomicU32::new(0);
 /// Per sender: NMIs sent to the target.
 static NESTED_SENT: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
 static STORM_STOP: AtomicU32 = AtomicU32::new(0);
-static STORM_RUNNING: AtomicU32 = AtomicU32::new(0);
+static STORM_RUNNING: AtomicCpuSet = AtomicCpuSet::new();
 
 /// NMI handler: on the target, when armed, raises #UD (whose `iretq` ends NMI
 /// blocking), then spins while the other CPUs keep sending NMIs, and checks that its
@@ -833,7 +831,7 @@ fn nmi_storm(cpu: usize) {
     if target == 0 {
         return;
     }
-    STORM_RUNNING.fetch_or(1 << cpu, Ordering::Release);
+    STORM_RUNNING.insert(cpu, Ordering::Release);
     let start = timer::now_ns();
     while STORM_STOP.load(Ordering::Acquire) == 0 && timer::now_ns() - start < NESTED_LIMIT_NS {
         nmi::send_nmi(CpuSet::single(target as usize - 1));
@@ -843,7 +841,7 @@ fn nmi_storm(cpu: usize) {
         }
     }
     // Release pairs with the runner's Acquire: our sent count is final.
-    STORM_RUNNING.fetch_and(!(1 << cpu), Ordering::Release);
+    STORM_RUNNING.remove(cpu, Ordering::Release);
 }
 
 /// Steven Rostedt, "x86: Add workaround to NMI iret woes" (LKML, 2011): an exception inside the NMI handler ends NMI blocking; NMIs then
@@ -879,12 +877,11 @@ fn nested_nmi() -> Verdict {
     ipi::set_ipi_handler(ipi::TEST_IPIS[1], nmi_storm);
     ipi::send_ipi(ipi::TEST_IPIS[1], others);
     let start = timer::now_ns();
-    while STORM_RUNNING.load(Ordering::Acquire) != others.bits()
-        && timer::now_ns() - start < 1_000_000_000
+    while STORM_RUNNING.load(Ordering::Acquire) != others && timer::now_ns() - start < 1_000_000_000
     {
         core::hint::spin_loop();
     }
-    let storming = CpuSet::from_bits(STORM_RUNNING.load(Ordering::Acquire));
+    let storming = STORM_RUNNING.load(Ordering::Acquire);
     let mut self_sent = 0u64;
     let mut stuck = None;
     for i in 0..NESTED_ITERATIONS {
@@ -906,10 +903,12 @@ fn nested_nmi() -> Verdict {
     }
     STORM_STOP.store(1, Ordering::Release);
     let start = timer::now_ns();
-    while STORM_RUNNING.load(Ordering::Acquire) != 0 && timer::now_ns() - start < NESTED_LIMIT_NS {
+    while !STORM_RUNNING.load(Ordering::Acquire).is_empty()
+        && timer::now_ns() - start < NESTED_LIMIT_NS
+    {
         core::hint::spin_loop();
     }
-    let still = CpuSet::from_bits(STORM_RUNNING.load(Ordering::Acquire));
+    let still = STORM_RUNNING.load(Ordering::Acquire);
     let sent = self_sent
         + NESTED_SENT
             .iter()

@@ -10,7 +10,7 @@
 //! to `Abandoned` when the wait ran out, never both.
 
 use super::{apic, cpu, layout, madt, paging, timer};
-use crate::{CpuSet, MAX_CPUS, kprintln};
+use crate::{AtomicCpuSet, CpuSet, MAX_CPUS, kprintln};
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering};
 
@@ -43,7 +43,7 @@ unsafe extern "C" {
 
 pub use super::cpu::current_cpu;
 
-static ONLINE: AtomicU32 = AtomicU32::new(0);
+static ONLINE: AtomicCpuSet = AtomicCpuSet::new();
 /// CPUs the MADT lists that fit in MAX_CPUS.
 static COUNT: AtomicUsize = AtomicUsize::new(1);
 static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(u32::MAX) }; MAX_CPUS];
@@ -81,7 +81,7 @@ const SIPI_DELAY_NS: u64 = 200_000;
 #[inline(always)]
 pub fn online_cpus() -> CpuSet {
     // Acquire pairs with each CPU's Release in `mark_online`: its set-up is visible.
-    CpuSet::from_bits(ONLINE.load(Ordering::Acquire))
+    ONLINE.load(Ordering::Acquire)
 }
 
 /// The APIC ID of logical CPU `cpu`.
@@ -114,7 +114,7 @@ fn mark_online(cpu: usize) {
     LOGICAL_IDS[cpu].store(apic::logical_id(), Ordering::Relaxed);
     // Release: everything this CPU set up (GDT, IDT, APIC, its logical ID) happens
     // before anyone sends it a stop IPI or an NMI.
-    ONLINE.fetch_or(1 << cpu, Ordering::Release);
+    ONLINE.insert(cpu, Ordering::Release);
 }
 
 /// Records what the MADT lists: [`cpu_count`] and [`present`]. Boot CPU, once, before

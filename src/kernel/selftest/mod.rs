@@ -9,10 +9,10 @@ use super::platform::{
 };
 use super::platform::{KERNEL_TEXT, set_write_probe};
 use super::smp::run_on;
-use crate::CpuSet;
 use crate::harness::{self, Msg, Verdict};
 use crate::patch::{Instruction, Patch, PatchError, Text, patch_machine, patch_nosync};
 use crate::stop::{Arch, StopError, StopOptions};
+use crate::{AtomicCpuSet, CpuSet};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -207,11 +207,11 @@ fn stop_machine_active_cpus(_: &Params) -> Verdict {
         if active.is_empty() {
             continue;
         }
-        let ran = AtomicU32::new(0);
+        let ran = AtomicCpuSet::new();
         let runs = AtomicU32::new(0);
         let result = STOP.stop_machine(
             &|cpu| {
-                ran.fetch_or(1 << cpu, Ordering::Relaxed);
+                ran.insert(cpu, Ordering::Relaxed);
                 runs.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             },
@@ -219,7 +219,7 @@ fn stop_machine_active_cpus(_: &Params) -> Verdict {
             OPTIONS,
         );
         check!(result.is_ok(), "active {active}: {}", result.unwrap_err());
-        let ran = CpuSet::from_bits(ran.load(Ordering::Relaxed));
+        let ran = ran.load(Ordering::Relaxed);
         check!(
             ran == active && runs.load(Ordering::Relaxed) as usize == active.len(),
             "asked for {active}, ran on {ran} ({} runs)",
@@ -231,16 +231,16 @@ fn stop_machine_active_cpus(_: &Params) -> Verdict {
 
 /// Stops the machine with a function that only records where it ran.
 fn stop_recording(active: CpuSet, options: StopOptions) -> (Result<(), StopError>, CpuSet) {
-    let ran = AtomicU32::new(0);
+    let ran = AtomicCpuSet::new();
     let result = STOP.stop_machine(
         &|cpu| {
-            ran.fetch_or(1 << cpu, Ordering::Relaxed);
+            ran.insert(cpu, Ordering::Relaxed);
             Ok(())
         },
         active,
         options,
     );
-    (result, CpuSet::from_bits(ran.load(Ordering::Relaxed)))
+    (result, ran.load(Ordering::Relaxed))
 }
 
 fn stop_machine_errors(_: &Params) -> Verdict {
@@ -428,12 +428,12 @@ const PROBE_SGI: u32 = platform::TEST_IPIS[0];
 
 /// Probe interrupts sent from inside the patch window, and where they landed.
 static PROBES_LANDED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
-static PROBES_IN_WINDOW: AtomicU32 = AtomicU32::new(0);
+static PROBES_IN_WINDOW: AtomicCpuSet = AtomicCpuSet::new();
 static PROBE_SENT: AtomicBool = AtomicBool::new(false);
 
 fn probe_handler(cpu: usize) {
     if STOP.in_masked_window().contains(cpu) {
-        PROBES_IN_WINDOW.fetch_or(1 << cpu, Ordering::Relaxed);
+        PROBES_IN_WINDOW.insert(cpu, Ordering::Relaxed);
     }
     PROBES_LANDED[cpu].fetch_add(1, Ordering::Release);
 }
@@ -451,7 +451,7 @@ fn patch_masking(_: &Params) -> Verdict {
     platform::set_ipi_handler(PROBE_SGI, probe_handler);
     let before: [u32; crate::MAX_CPUS] =
         core::array::from_fn(|cpu| PROBES_LANDED[cpu].load(Ordering::Acquire));
-    PROBES_IN_WINDOW.store(0, Ordering::Relaxed);
+    PROBES_IN_WINDOW.clear(Ordering::Relaxed);
     PROBE_SENT.store(false, Ordering::Relaxed);
     set_write_probe(Some(send_probes_from_window));
     let result = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x4321)], OPTIONS);
@@ -478,7 +478,7 @@ fn patch_masking(_: &Params) -> Verdict {
         missing.is_empty(),
         "probe interrupts never landed on {missing}"
     );
-    let inside = CpuSet::from_bits(PROBES_IN_WINDOW.load(Ordering::Relaxed));
+    let inside = PROBES_IN_WINDOW.load(Ordering::Relaxed);
     check!(
         inside.is_empty(),
         "probe interrupts landed inside the masked window on {inside}"

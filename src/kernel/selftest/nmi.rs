@@ -7,12 +7,12 @@ use super::{
     Callers, JOB_TIMEOUT_NS, OPTIONS, Params, Verdict, call_torture_targets, others,
     stop_recording, torture_batch, torture_caller,
 };
-use crate::CpuSet;
 use crate::kernel::platform::{self, Insn, STOP, nmi};
 use crate::kernel::platform::{KERNEL_TEXT, set_write_probe};
 use crate::kernel::smp::run_on;
 use crate::patch::{Patch, Text, patch_machine};
 use crate::stop::{MaskLevel, StopError, StopOptions};
+use crate::{AtomicCpuSet, CpuSet};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -21,11 +21,11 @@ const TEST_SLOT: usize = 1;
 
 /// Per-CPU count of test NMIs handled, and whether any ran outside NMI context.
 static HITS: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
-static NOT_IN_NMI: AtomicU32 = AtomicU32::new(0);
+static NOT_IN_NMI: AtomicCpuSet = AtomicCpuSet::new();
 
 fn count_hit(cpu: usize) -> bool {
     if !nmi::in_nmi() {
-        NOT_IN_NMI.fetch_or(1 << cpu, Ordering::Relaxed);
+        NOT_IN_NMI.insert(cpu, Ordering::Relaxed);
     }
     HITS[cpu].fetch_add(1, Ordering::Release);
     true
@@ -115,7 +115,7 @@ pub fn nmi_ipi(_: &Params) -> Verdict {
         return skip;
     }
     nmi::register_nmi_handler(TEST_SLOT, count_hit);
-    NOT_IN_NMI.store(0, Ordering::Relaxed);
+    NOT_IN_NMI.clear(Ordering::Relaxed);
     let me = platform::current_cpu();
     let online = platform::online_cpus();
     let one = others().lowest().map_or(CpuSet::EMPTY, CpuSet::single);
@@ -131,7 +131,7 @@ pub fn nmi_ipi(_: &Params) -> Verdict {
         let missing = wait_hits(targets, &before);
         check!(missing.is_empty(), "NMI to {what} never reached {missing}");
     }
-    let outside = CpuSet::from_bits(NOT_IN_NMI.load(Ordering::Relaxed));
+    let outside = NOT_IN_NMI.load(Ordering::Relaxed);
     check!(
         outside.is_empty(),
         "handlers ran outside NMI context on {outside}"
@@ -258,14 +258,14 @@ pub fn stop_machine_nmi(_: &Params) -> Verdict {
 /// One `stop_machine_nmi` call on `active` (named `what` in failures).
 #[cfg(feature = "stop-machine-nmi")]
 fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
-    let ran = AtomicU32::new(0);
+    let ran = AtomicCpuSet::new();
     let runs = AtomicU32::new(0);
-    let in_nmi = AtomicU32::new(0);
+    let in_nmi = AtomicCpuSet::new();
     let function = |cpu: usize| {
-        ran.fetch_or(1 << cpu, Ordering::Relaxed);
+        ran.insert(cpu, Ordering::Relaxed);
         runs.fetch_add(1, Ordering::Relaxed);
         if nmi::in_nmi() {
-            in_nmi.fetch_or(1 << cpu, Ordering::Relaxed);
+            in_nmi.insert(cpu, Ordering::Relaxed);
         }
         if cpu % 2 == 1 {
             Err(-200 - cpu as i32)
@@ -300,14 +300,14 @@ fn stop_machine_nmi_on(what: &str, active: CpuSet) -> Verdict {
     let (ran, in_nmi) = (ran.load(Ordering::Relaxed), in_nmi.load(Ordering::Relaxed));
     let runs = runs.load(Ordering::Relaxed) as usize;
     check!(
-        ran == active.bits() && runs == active.len(),
+        ran == active && runs == active.len(),
         "{what} {active}: ran on {} ({runs} runs)",
-        CpuSet::from_bits(ran)
+        ran
     );
     check!(
-        in_nmi == active.bits(),
+        in_nmi == active,
         "{what} {active}: only {} ran in NMI context",
-        CpuSet::from_bits(in_nmi)
+        in_nmi
     );
     check!(
         STOP.nmi_delivered() == active,
