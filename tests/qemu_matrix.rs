@@ -692,6 +692,53 @@ fn x86_64_qemu64_smp4() {
     );
 }
 
+/// The x86 scaling cells' command line: every kernel and platform test (the
+/// rendezvous, patching, torture, live patching, NMIs, the IPI destination forms),
+/// with flip counts cut to what hundreds of emulated CPUs on one host thread finish
+/// in minutes.
+const X86_SCALE_BOOTARGS: &str =
+    "tests=all,platform flips=200 nosync_flips=200 static_key_flips=100 expect_nmi=x2apic";
+
+/// 64 CPUs: four x2APIC clusters, every stop IPI form.
+#[test]
+fn x86_64_max_smp64() {
+    run_cell(
+        &Cell::new("x86_64_max_smp64", "max", 64)
+            .on_x86_64()
+            .bootargs(X86_SCALE_BOOTARGS)
+            .timeout_s(600),
+    );
+}
+
+/// 288 CPUs: x2APIC IDs above 255 (MADT type 9 entries), 18 clusters, parallel
+/// INIT-SIPI-SIPI.
+#[test]
+fn x86_64_max_smp288() {
+    run_cell(
+        &Cell::new("x86_64_max_smp288", "max", 288)
+            .on_x86_64()
+            .bootargs(X86_SCALE_BOOTARGS)
+            .timeout_s(900),
+    );
+}
+
+/// A CPU that never gets its SIPI is waited for (bounded), named, and makes
+/// `cpus_online` fail naming the count; the others still come up in parallel.
+#[test]
+fn x86_64_missing_cpu_is_reported() {
+    run_cell_expecting_failure(
+        &Cell::new("x86_64_missing_cpu_is_reported", "max", 8)
+            .on_x86_64()
+            .bootargs("platform_offline_cpu=5 tests=cpus_online"),
+        &[
+            "smp: cpu 5 (APIC ID 5) did not come online within",
+            "smp: 7 of 8 CPUs online",
+            "not ok 1 cpus_online",
+            "but the MADT lists 8",
+        ],
+    );
+}
+
 /// The x86_64 platform's own checks (APIC test vectors, text alias, NMI-held timeout,
 /// nested NMIs), KTAP suite `platform`.
 #[test]
