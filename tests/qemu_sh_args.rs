@@ -127,7 +127,11 @@ fn bad_options_are_refused_before_anything_runs() {
                 2,
                 "--smp 18446744073709551620 is out of range (min 1, max 512",
             ),
-            case(&["--smp", "0"], 2, "--smp 0 is out of range (min 1, max 512"),
+            case(
+                &["--smp", "0"],
+                2,
+                "--smp 0 is out of range (min 1, max 512",
+            ),
             case(
                 &["--smp", "4x"],
                 2,
