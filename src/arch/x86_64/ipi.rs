@@ -65,14 +65,21 @@ impl IpiForm {
     }
 }
 
-/// The cheapest form that reaches exactly `targets` (online CPUs) from the calling CPU.
+/// The cheapest form that reaches exactly `targets` (online CPUs) from the calling CPU:
+/// the shorthand for every other CPU, clusters for fewer, one by one in xAPIC mode. The
+/// shorthand and the cluster form both need every CPU the MADT lists online: the
+/// shorthand would also reach one that is not, and QEMU's logical-mode delivery
+/// (`hw/intc/apic.c:apic_get_delivery_bitmask`) truncates the destination to 8 bits
+/// for every APIC after the first one still in xAPIC mode (a CPU that never came up),
+/// so cluster 1 and up, and bits 8-15 of cluster 0, would lose the IPI. Physical then.
 #[unsafe(link_section = ".text.nopatch")]
 pub fn form_for(targets: CpuSet) -> IpiForm {
     let me = cpu::current_cpu();
     let online = smp::online_cpus();
-    if !targets.is_empty() && targets == online.without(me) && online.len() == smp::present() {
+    let all_online = online.len() == smp::present();
+    if !targets.is_empty() && targets == online.without(me) && all_online {
         IpiForm::AllButSelf
-    } else if apic::x2apic_mode() {
+    } else if apic::x2apic_mode() && all_online {
         IpiForm::Cluster
     } else {
         IpiForm::Physical
