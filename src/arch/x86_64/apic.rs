@@ -2,7 +2,7 @@
 //! through its MMIO page otherwise. Also masks the legacy 8259 PICs.
 
 use super::cpu;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The local APIC spurious vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
@@ -141,6 +141,18 @@ pub fn eoi() {
     write(REG_EOI, 0);
 }
 
+/// How often [`send_ipi`] polls a busy xAPIC ICR (delivery status pending) before it
+/// writes anyway.
+const ICR_POLLS: u32 = 1_000_000;
+/// Times the xAPIC ICR stayed busy for [`ICR_POLLS`] polls.
+static ICR_BUSY_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// Times [`send_ipi`] found the xAPIC ICR still busy after 1,000,000 polls and wrote
+/// anyway (the previous IPI may be lost).
+pub fn icr_busy_timeouts() -> u64 {
+    ICR_BUSY_TIMEOUTS.load(Ordering::Relaxed)
+}
+
 /// Sends an IPI: `low` = vector | delivery mode | shorthand, to APIC ID `dest` (ignored
 /// with a shorthand). Callers keep interrupts off around it: in xAPIC mode the ICR is
 /// two registers, and an interrupt handler sending its own IPI in between would mix
@@ -160,8 +172,13 @@ pub fn send_ipi(dest: u32, low: u32) {
         unsafe { cpu::wrmsr(0x830, (u64::from(dest) << 32) | u64::from(low)) };
         return;
     }
-    for _ in 0..1_000_000 {
-        if read(REG_ICR_LOW) & DELIVERY_PENDING == 0 {
+    let mut polls = 0;
+    while read(REG_ICR_LOW) & DELIVERY_PENDING != 0 {
+        polls += 1;
+        if polls == ICR_POLLS {
+            // Bounded, and counted rather than printed (this may run in an NMI):
+            // `platform.ipi_forms` reports a non-zero count.
+            ICR_BUSY_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
             break;
         }
         cpu::pause();
