@@ -741,30 +741,236 @@ fn nmis_wait_for_the_function_where_they_pass_mask_all() {
     arch.set_nmi_hook(None);
 }
 
+/// The most CPUs there are: 512 threads on a 2-core host, a few calls each.
+const WIDE: usize = patch_machine::MAX_CPUS;
+
+/// Generous limits for 512 threads sharing two host cores.
+const WIDE_LIMITS: StopOptions = StopOptions {
+    arrival_timeout_ns: 60_000_000_000,
+    stall_timeout_ns: 120_000_000_000,
+    ..StopOptions::DEFAULT
+};
+
 #[test]
-fn more_cpus_than_the_state_acknowledges_are_refused_changing_nothing() {
-    let cpus = 33;
-    let machine = Machine::new(cpus);
-    let (result, ran, ipis) = machine.on_cpu(0, |stop| {
+fn the_core_stops_512_cpus_with_every_guarantee() {
+    let machine = Machine::new(WIDE);
+    let all = CpuSet::first(WIDE);
+    let arch = machine.stop.arch().clone();
+    let syncs_before: Vec<u64> = (0..WIDE).map(|c| arch.syncs(c)).collect();
+    // One active CPU (the last, not the initiator): it sees every other CPU masked
+    // and quiescent before it "writes", and every CPU synchronises after the write.
+    let write = Arc::new(AtomicU64::new(0));
+    let write_in_fn = write.clone();
+    let (outcome, unmasked, quiescence, stamp) = machine.on_cpu(0, move |stop| {
+        let seen = Mutex::new(None);
+        let outcome = stop.stop_machine(
+            &|_| {
+                let arch = stop.arch();
+                let unmasked = (0..WIDE)
+                    .filter(|&c| !arch.is_masked(c))
+                    .fold(CpuSet::EMPTY, CpuSet::with);
+                let quiescence = stop.quiescence();
+                let stamp = stop.stamp();
+                write_in_fn.store(arch.tick(), Ordering::SeqCst);
+                *seen.lock().unwrap() = Some((unmasked, quiescence, stamp));
+                Ok(())
+            },
+            CpuSet::single(WIDE - 1),
+            WIDE_LIMITS,
+        );
+        let (unmasked, quiescence, stamp) = seen.into_inner().unwrap().expect("never ran");
+        (outcome, unmasked, quiescence, stamp)
+    });
+    outcome.unwrap();
+    assert!(
+        unmasked.is_empty(),
+        "CPUs {unmasked} were not masked during the run"
+    );
+    assert_eq!(quiescence.masked, all, "not every CPU reported quiescence");
+    assert!(
+        stamp > quiescence.last_ack_stamp,
+        "the function ran (stamp {stamp}) before the last quiescence ack ({})",
+        quiescence.last_ack_stamp
+    );
+    let profile = machine.on_cpu(0, |stop| stop.last_call_profile());
+    assert!(profile.masked_unreported.is_empty(), "{profile:?}");
+    assert!(
+        profile.masked_max_cpu.is_some_and(|cpu| cpu != 0) && profile.masked_max_ns > 0,
+        "no other CPU's masked time: {profile:?}"
+    );
+    assert!(machine.all_idle_again(all));
+    let write = write.load(Ordering::SeqCst);
+    for (cpu, before) in syncs_before.into_iter().enumerate() {
+        assert_eq!(arch.syncs(cpu), before + 1, "cpu{cpu} syncs");
+        let (sync, restore) = (arch.last_sync(cpu), arch.last_restore(cpu));
+        assert!(
+            write < sync && sync < restore,
+            "cpu{cpu}: write at tick {write}, sync at {sync}, unmask at {restore}"
+        );
+    }
+
+    // Every CPU active, every odd one failing: all 256 errors kept, from any initiator.
+    for initiator in [WIDE - 1, 200] {
+        let (result, ran) = machine.on_cpu(initiator, move |stop| {
+            let ran = AtomicCpuSet::new();
+            let result = stop.stop_machine(
+                &|cpu| {
+                    ran.insert(cpu, Ordering::Relaxed);
+                    if cpu % 2 == 1 {
+                        Err(-1000 - cpu as i32)
+                    } else {
+                        Ok(())
+                    }
+                },
+                CpuSet::first(WIDE),
+                WIDE_LIMITS,
+            );
+            (result, ran.load(Ordering::Relaxed))
+        });
+        assert_eq!(ran, all, "initiator cpu{initiator}");
+        let Err(StopError::Failed(failures)) = result else {
+            panic!("initiator cpu{initiator}: expected failures, got {result:?}");
+        };
+        let odd = (1..WIDE).step_by(2).fold(CpuSet::EMPTY, CpuSet::with);
+        assert_eq!(failures.cpus(), odd);
+        assert!(
+            failures
+                .iter()
+                .all(|(cpu, code)| code == -1000 - cpu as i32)
+        );
+    }
+    assert!(machine.all_idle_again(all));
+}
+
+#[test]
+fn a_cpu_missing_among_512_aborts_the_call_naming_it_and_the_next_includes_it() {
+    let machine = Machine::new(WIDE);
+    let held_cpu = 300;
+    let (release, held_done) = hold(&machine, held_cpu, MaskLevel::All);
+    let result = machine.on_cpu(5, |stop| {
         let ran = AtomicCpuSet::new();
         let result = stop.stop_machine(
             &|cpu| {
                 ran.insert(cpu, Ordering::Relaxed);
                 Ok(())
             },
-            CpuSet::single(0),
-            QUICK,
+            CpuSet::first(WIDE),
+            StopOptions {
+                arrival_timeout_ns: 2_000_000_000,
+                ..WIDE_LIMITS
+            },
         );
-        (result, ran.load(Ordering::Relaxed), stop.arch().ipis_sent())
+        (result, ran.load(Ordering::Relaxed))
     });
-    assert_eq!(
-        result,
-        Err(StopError::TooManyCpus {
-            online: CpuSet::first(cpus),
-            limit: 32
-        })
+    match result {
+        (Err(StopError::Timeout { missing, .. }), ran) => {
+            assert_eq!(missing, CpuSet::single(held_cpu));
+            assert!(
+                ran.is_empty(),
+                "the function ran on {ran} in an aborted call"
+            );
+        }
+        other => panic!("expected a timeout naming cpu{held_cpu}, got {other:?}"),
+    }
+    // The others left the aborted call.
+    assert!(machine.all_idle_again(CpuSet::first(WIDE).without(held_cpu)));
+    // The held CPU takes the aborted call's IPI as it unmasks, finds nothing to join,
+    // and the next call includes it.
+    release.store(true, Ordering::Release);
+    held_done.recv_timeout(Duration::from_secs(120)).unwrap();
+    let ran = machine.on_cpu(0, |stop| {
+        let ran = AtomicCpuSet::new();
+        stop.stop_machine(
+            &|cpu| {
+                ran.insert(cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::first(WIDE),
+            WIDE_LIMITS,
+        )
+        .map(|()| ran.load(Ordering::Relaxed))
+    });
+    assert_eq!(ran, Ok(CpuSet::first(WIDE)));
+}
+
+#[test]
+fn masked_max_is_the_longest_other_cpu_masked_in_that_call() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    let long = Duration::from_millis(30);
+    // Call 1: the function (on the initiator) runs for `long`: every other CPU is
+    // masked at least that long.
+    let slow = machine.on_cpu(1, move |stop| {
+        stop.stop_machine(
+            &|_| {
+                thread::sleep(long);
+                Ok(())
+            },
+            CpuSet::single(1),
+            QUICK,
+        )
+        .unwrap();
+        stop.last_call_profile()
+    });
+    assert!(slow.masked_unreported.is_empty(), "{slow:?}");
+    let cpu = slow.masked_max_cpu.expect("no masked time reported");
+    assert_ne!(cpu, 1, "the initiator is not an other CPU: {slow:?}");
+    assert!(
+        slow.masked_max_ns >= long.as_nanos() as u64,
+        "masked_max_ns {} < the {long:?} the function ran",
+        slow.masked_max_ns
     );
-    assert!(ran.is_empty(), "the function ran on {ran}");
-    assert_eq!(ipis, 0, "stop IPIs were sent");
-    assert!(!machine.stop.in_masked_window().contains(0));
+    // Call 2, right after, with nothing to do: its own figure, not call 1's.
+    let fast = machine.on_cpu(1, |stop| {
+        stop.stop_machine(&|_| Ok(()), CpuSet::single(1), QUICK)
+            .unwrap();
+        stop.last_call_profile()
+    });
+    assert!(fast.masked_unreported.is_empty(), "{fast:?}");
+    assert!(
+        fast.masked_max_ns < long.as_nanos() as u64,
+        "call 2 reports call 1's masked time: {fast:?}"
+    );
+}
+
+#[test]
+fn an_acknowledgement_left_from_an_earlier_call_is_not_an_arrival() {
+    let cpus = 4;
+    let machine = Machine::new(cpus);
+    // Call 1 completes: every CPU's line holds its acknowledgement of call 1.
+    machine
+        .on_cpu(0, move |stop| {
+            stop.stop_machine(&|_| Ok(()), CpuSet::first(cpus), QUICK)
+        })
+        .unwrap();
+    assert!(machine.all_idle_again(CpuSet::first(cpus)));
+    // CPU 2 cannot take call 2's IPI: its line still says "call 1", which must not
+    // count for call 2.
+    let held = 2;
+    let (release, held_done) = hold(&machine, held, MaskLevel::All);
+    let (result, ran) = machine.on_cpu(0, move |stop| {
+        let ran = AtomicCpuSet::new();
+        let result = stop.stop_machine(
+            &|cpu| {
+                ran.insert(cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::first(cpus),
+            StopOptions {
+                arrival_timeout_ns: 200_000_000,
+                ..QUICK
+            },
+        );
+        (result, ran.load(Ordering::Relaxed))
+    });
+    release.store(true, Ordering::Release);
+    held_done.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(
+        ran.is_empty(),
+        "the function ran on {ran} while cpu{held} had not arrived"
+    );
+    assert!(
+        matches!(result, Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held)),
+        "expected a timeout naming cpu{held}, got {result:?}"
+    );
 }

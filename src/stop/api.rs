@@ -108,14 +108,6 @@ pub enum StopError {
         /// The online CPUs at the time of the call.
         online: CpuSet,
     },
-    /// The online CPUs include some beyond what the rendezvous state can acknowledge
-    /// (CPUs `0..limit`). Nothing ran and nothing changed.
-    TooManyCpus {
-        /// The online CPUs at the time of the call.
-        online: CpuSet,
-        /// The rendezvous acknowledges CPUs `0..limit`.
-        limit: usize,
-    },
     /// Another stop-machine call held the machine for the whole arrival timeout.
     Busy {
         /// How long the caller waited.
@@ -171,10 +163,6 @@ impl fmt::Display for StopError {
             StopError::InvalidCpus { requested, online } => write!(
                 f,
                 "active CPUs {requested} must be a non-empty subset of the online CPUs {online}"
-            ),
-            StopError::TooManyCpus { online, limit } => write!(
-                f,
-                "online CPUs {online} include some beyond the stop machine's {limit}: refused"
             ),
             StopError::Busy { waited_ns } => write!(
                 f,

@@ -2,14 +2,15 @@
 //! was quiescent before the function ran ([`Quiescence`]), the masked-window witness,
 //! and the initiator's profile of the rendezvous ([`CallProfile`]).
 //!
-//! All of it is measurement: nothing here decides anything, so every access is
-//! `Relaxed`, made visible by the state word's release/acquire pairs of the phase it
-//! belongs to.
+//! All of it is measurement: nothing here decides anything, so most accesses are
+//! `Relaxed`, made visible by the acknowledgements' and the control word's
+//! release/acquire pairs of the phase they belong to.
 
+use super::state::{CpuSlot, Progress};
 use super::{Arch, StopFnResult, StopFunction, StopMachine};
+use crate::CpuSet;
 use crate::cpuset::AtomicCpuSet;
-use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Evidence, recorded by the core, that every CPU was quiescent before the function ran.
 ///
@@ -39,41 +40,30 @@ pub struct CallProfile {
     pub run_ns: u64,
     /// From `Exit` to the initiator unmasked: its context synchronisation and restore.
     pub exit_ns: u64,
+    /// The longest time any other participant spent masked in the call, from its mask
+    /// to just before its restore (its stop-IPI entry and exit are not in it).
+    pub masked_max_ns: u64,
+    /// The participant that spent [`masked_max_ns`](Self::masked_max_ns) masked.
+    pub masked_max_cpu: Option<usize>,
+    /// Participants that had not left the window within the stall timeout when the
+    /// profile was read: not in `masked_max_ns`.
+    pub masked_unreported: CpuSet,
 }
 
-/// What each CPU reports as it arrives, and who is inside a masked window.
+/// The stamp sequence; everything else a CPU reports lives in its own
+/// [`CpuSlot`] (`state.rs`), so that arriving writes no line another CPU writes.
 pub(super) struct Evidence {
-    /// The sequence [`StopMachine::stamp`] draws from.
+    /// The sequence [`StopMachine::stamp`] draws from: one read-modify-write per
+    /// arrival, the only shared line a joiner writes (it orders side effects after
+    /// every CPU's quiescence, which per-CPU clocks could not prove).
     stamps: AtomicU64,
-    /// CPUs that found themselves fully masked on arrival in the current call.
-    masked_at_ack: AtomicCpuSet,
-    /// Each CPU's stamp as it arrived.
-    ack_stamp: [AtomicU64; MAX_CPUS],
-    /// CPUs inside a call's window: from their mask until they leave it (see
-    /// [`StopMachine::in_masked_window`]).
-    in_window: AtomicCpuSet,
-    /// The generation of the call whose window each CPU last entered.
-    window_generation: [AtomicU32; MAX_CPUS],
-    /// CPUs running a stop function right now.
-    running: AtomicCpuSet,
 }
 
 impl Evidence {
     pub(super) const fn new() -> Self {
         Evidence {
             stamps: AtomicU64::new(0),
-            masked_at_ack: AtomicCpuSet::new(),
-            ack_stamp: [const { AtomicU64::new(0) }; MAX_CPUS],
-            in_window: AtomicCpuSet::new(),
-            window_generation: [const { AtomicU32::new(0) }; MAX_CPUS],
-            running: AtomicCpuSet::new(),
         }
-    }
-
-    /// Forgets the last call's mask reports (the initiator, under the machine's lock,
-    /// before it opens `Arrive`).
-    pub(super) fn reset(&self) {
-        self.masked_at_ack.clear(Ordering::Relaxed);
     }
 
     #[inline(always)]
@@ -81,54 +71,61 @@ impl Evidence {
         self.stamps.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// `me` has just masked: it is in the window, and reports whether it is fully masked
-    /// and its stamp. Released by its `Arrive` acknowledgement.
+    /// The CPU of `slot` has just masked (at `now_ns`): it is in the window of call
+    /// `generation`, and reports whether it is fully masked and its stamp. Released by
+    /// its `Arrive` acknowledgement (the initiator's: by its release of `Run`).
     #[inline(always)]
-    pub(super) fn arrived(&self, me: usize, generation: u32, all_masked: bool) {
-        // `get`: `me < MAX_CPUS`, but a bounds-check panic would leave `.text.nopatch`.
-        if let Some(window) = self.window_generation.get(me) {
-            window.store(generation, Ordering::Relaxed);
-        }
-        // Release: an NMI on this CPU that sees the bit (Acquire in `window_of`) sees the
-        // generation stored before it (a compiler barrier, too: same CPU).
-        self.in_window.insert(me, Ordering::Release);
-        if all_masked {
-            self.masked_at_ack.insert(me, Ordering::Relaxed);
-        }
-        if let Some(stamp) = self.ack_stamp.get(me) {
-            stamp.store(self.next_stamp(), Ordering::Relaxed);
-        }
+    pub(super) fn arrived(&self, slot: &CpuSlot, generation: u32, all_masked: bool, now_ns: u64) {
+        slot.masked_since.store(now_ns, Ordering::Relaxed);
+        // Release: an NMI on this CPU that sees the window (Acquire in `window_of`) sees
+        // what came before it (a compiler barrier, too: same CPU).
+        slot.window
+            .store(u64::from(generation) << 1 | 1, Ordering::Release);
+        slot.masked_at_ack.store(all_masked, Ordering::Relaxed);
+        slot.ack_stamp.store(self.next_stamp(), Ordering::Relaxed);
     }
 
-    /// The generation of the call whose window `me` is in, if it is in one (its own NMI
-    /// handler asks).
+    /// The generation of the call whose window the CPU of `slot` is in, if it is in one
+    /// (its own NMI handler asks).
     #[cfg(feature = "stop-machine-nmi")]
     #[inline(always)]
-    pub(super) fn window_of(&self, me: usize) -> Option<u32> {
+    pub(super) fn window_of(&self, slot: &CpuSlot) -> Option<u32> {
         // Acquire pairs with the Release in `arrived` (this CPU's own stores).
-        self.in_window.contains(me, Ordering::Acquire).then(|| {
-            self.window_generation
-                .get(me)
-                .map_or(0, |g| g.load(Ordering::Relaxed))
-        })
+        let window = slot.window.load(Ordering::Acquire);
+        (window & 1 != 0).then_some((window >> 1) as u32)
     }
 
     /// Runs `function` on `me`, recorded as running meanwhile.
     #[inline(always)]
-    pub(super) fn run_marked(&self, me: usize, function: &dyn StopFunction) -> StopFnResult {
-        self.running.insert(me, Ordering::Relaxed);
+    pub(super) fn run_marked(
+        &self,
+        slot: &CpuSlot,
+        me: usize,
+        function: &dyn StopFunction,
+    ) -> StopFnResult {
+        slot.running.store(true, Ordering::Relaxed);
         let result = function.call(me);
-        // Release: an NMI handler elsewhere that no longer sees the bit sees what the
+        // Release: an NMI handler elsewhere that no longer sees the flag sees what the
         // function wrote (evidence only; the hold in `finish_in_nmi` decides by `done`).
-        self.running.remove(me, Ordering::Release);
+        slot.running.store(false, Ordering::Release);
         result
     }
 
-    /// `me` has finished its part of the call (about to restore its mask, or done so in
-    /// an NMI handler that held the CPU until the function had run everywhere).
+    /// The CPU of `slot` stops measuring its masked time at `now_ns`, about to leave.
     #[inline(always)]
-    pub(super) fn leaving(&self, me: usize) {
-        self.in_window.remove(me, Ordering::Relaxed);
+    pub(super) fn unmasking(&self, slot: &CpuSlot, now_ns: u64) {
+        let since = slot.masked_since.load(Ordering::Relaxed);
+        slot.masked_ns
+            .store(now_ns.saturating_sub(since), Ordering::Relaxed);
+    }
+
+    /// The CPU of `slot` has finished its part of the call (about to restore its mask,
+    /// or done so in an NMI handler that held the CPU until the function had run
+    /// everywhere). A plain store: nothing between the context synchronisation and the
+    /// restore may branch (tests/kernel_image.rs checks the x86 image).
+    #[inline(always)]
+    pub(super) fn leaving(&self, slot: &CpuSlot) {
+        slot.window.store(0, Ordering::Relaxed);
     }
 }
 
@@ -142,17 +139,31 @@ pub(super) enum Mark {
     Unmasked = 4,
 }
 
-/// The initiator's [`Mark`]s in its last call. Only the initiator writes it, under the
-/// machine's lock.
+/// The initiator's [`Mark`]s in its last call, and who took part in its last call that
+/// reached `Run`. Only the initiator writes it, under the machine's lock.
 pub(super) struct Profile {
     timeline: [AtomicU64; 5],
+    generation: AtomicU32,
+    initiator: AtomicUsize,
+    participants: AtomicCpuSet,
 }
 
 impl Profile {
     pub(super) const fn new() -> Self {
         Profile {
             timeline: [const { AtomicU64::new(0) }; 5],
+            generation: AtomicU32::new(0),
+            initiator: AtomicUsize::new(0),
+            participants: AtomicCpuSet::new(),
         }
+    }
+
+    /// Call `generation`, initiated by `initiator`, is opening `Run`.
+    #[inline(always)]
+    pub(super) fn reached_run(&self, generation: u32, initiator: usize, participants: CpuSet) {
+        self.generation.store(generation, Ordering::Relaxed);
+        self.initiator.store(initiator, Ordering::Relaxed);
+        self.participants.store(participants, Ordering::Relaxed);
     }
 
     #[inline(always)]
@@ -181,18 +192,19 @@ impl<A: Arch> StopMachine<A> {
     /// Meaningful from inside the stop function.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn quiescence(&self) -> Quiescence {
-        let evidence = &self.evidence;
-        let last_ack_stamp = self
-            .published
-            .participants()
-            .iter()
-            .map(|cpu| evidence.ack_stamp[cpu].load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(0);
-        Quiescence {
-            masked: evidence.masked_at_ack.load(Ordering::Relaxed),
-            last_ack_stamp,
+        let mut quiescence = Quiescence {
+            masked: CpuSet::EMPTY,
+            last_ack_stamp: 0,
+        };
+        for cpu in self.published.participants() {
+            let slot = self.slots.get(cpu);
+            if slot.masked_at_ack.load(Ordering::Relaxed) {
+                quiescence.masked = quiescence.masked.with(cpu);
+            }
+            let stamp = slot.ack_stamp.load(Ordering::Relaxed);
+            quiescence.last_ack_stamp = quiescence.last_ack_stamp.max(stamp);
         }
+        quiescence
     }
 
     /// The CPUs that are inside a call's masked window right now: they have masked their
@@ -207,7 +219,7 @@ impl<A: Arch> StopMachine<A> {
     /// [`Arch::mask_all`] promises cannot happen: the self-tests use this as a witness.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn in_masked_window(&self) -> CpuSet {
-        self.evidence.in_window.load(Ordering::Relaxed)
+        self.cpus_where(|slot| slot.window.load(Ordering::Relaxed) & 1 != 0)
     }
 
     /// The CPUs running a stop function right now (directly, or in the NMI handler of
@@ -215,7 +227,19 @@ impl<A: Arch> StopMachine<A> {
     /// NMI handler that starts while this is not empty ran while text may be changing.
     #[unsafe(link_section = ".text.nopatch")]
     pub fn running_function(&self) -> CpuSet {
-        self.evidence.running.load(Ordering::Acquire)
+        self.cpus_where(|slot| slot.running.load(Ordering::Acquire))
+    }
+
+    /// The online CPUs whose slot satisfies `test`: a witness reads every line (O(N)).
+    #[inline(always)]
+    fn cpus_where(&self, test: impl Fn(&CpuSlot) -> bool) -> CpuSet {
+        let mut cpus = CpuSet::EMPTY;
+        for cpu in self.arch.online_cpus() {
+            if test(self.slots.get(cpu)) {
+                cpus = cpus.with(cpu);
+            }
+        }
+        cpus
     }
 
     /// Records instant `mark` of the current call (the initiator only).
@@ -226,13 +250,53 @@ impl<A: Arch> StopMachine<A> {
 
     /// The profile of this CPU's last call that reached `Run`. Meaningful on the CPU
     /// that made the call, after it returned, and before anyone makes another.
+    ///
+    /// The other participants may still be leaving when the call returns: this waits
+    /// for each one's `Left` acknowledgement, bounded by the call's stall timeout (past
+    /// it a CPU is stuck masked, and is named in
+    /// [`masked_unreported`](CallProfile::masked_unreported) instead). O(N).
     pub fn last_call_profile(&self) -> CallProfile {
         let profile = &self.profile;
-        CallProfile {
+        let mut result = CallProfile {
             setup_ns: profile.span(Mark::Entry, Mark::IpiSent),
             arrive_ns: profile.span(Mark::IpiSent, Mark::Arrived),
             run_ns: profile.span(Mark::Arrived, Mark::Exit),
             exit_ns: profile.span(Mark::Exit, Mark::Unmasked),
+            ..CallProfile::default()
+        };
+        let generation = profile.generation.load(Ordering::Relaxed);
+        let initiator = profile.initiator.load(Ordering::Relaxed);
+        let others = profile
+            .participants
+            .load(Ordering::Relaxed)
+            .without(initiator);
+        let limit_ns = self.published.stall_timeout_ns();
+        let start = self.arch.now_ns();
+        for cpu in others {
+            let slot = self.slots.get(cpu);
+            // Acquire pairs with the CPU's release of `Left`: its masked time is stored.
+            while !slot
+                .ack(Ordering::Acquire)
+                .reached(generation, Progress::Left)
+            {
+                if self.arch.now_ns().saturating_sub(start) > limit_ns {
+                    break;
+                }
+                self.arch.relax();
+            }
+            if !slot
+                .ack(Ordering::Acquire)
+                .reached(generation, Progress::Left)
+            {
+                result.masked_unreported = result.masked_unreported.with(cpu);
+                continue;
+            }
+            let masked_ns = slot.masked_ns.load(Ordering::Relaxed);
+            if result.masked_max_cpu.is_none() || masked_ns > result.masked_max_ns {
+                result.masked_max_ns = masked_ns;
+                result.masked_max_cpu = Some(cpu);
+            }
         }
+        result
     }
 }

@@ -37,12 +37,14 @@ pub fn lock_within<'a, T: ?Sized>(
     now_ns: impl Fn() -> u64,
     relax: impl Fn(),
 ) -> Result<spin::MutexGuard<'a, T>, LockTimeout> {
-    let start = now_ns();
+    // The clock is read only once the lock turns out to be held.
+    let mut start = None;
     loop {
         if let Some(guard) = lock.try_lock() {
             return Ok(guard);
         }
-        let waited_ns = now_ns().saturating_sub(start);
+        let now = now_ns();
+        let waited_ns = now.saturating_sub(*start.get_or_insert(now));
         if waited_ns > timeout_ns {
             return Err(LockTimeout {
                 lock: name,

@@ -7,17 +7,17 @@
 //!
 //! | phase    | who acknowledges | each CPU does                                        | opened by                                  |
 //! |----------|------------------|------------------------------------------------------|--------------------------------------------|
-//! | `Arrive` | every participant | masks every asynchronous exception, records that, acknowledges; the initiator does so last, once all the others have | the initiator's stop IPI |
-//! | `Run`    | the active CPUs  | active CPUs run the function; the others only wait   | the initiator's own `Arrive` acknowledgement |
-//! | `Exit`   | nobody           | context synchronisation (ISB), unmask, leave         | the last active CPU's `Run` acknowledgement |
+//! | `Arrive` | every joiner     | masks every asynchronous exception, records that, acknowledges; the initiator masks last, once it has gathered all the others | the initiator's stop IPI |
+//! | `Run`    | the active CPUs  | active CPUs run the function; the others only wait   | the initiator, right after it masked |
+//! | `Exit`   | nobody           | context synchronisation (ISB), unmask, leave         | the initiator, once it gathered every active CPU's `Ran` |
 //!
 //! Linux needs four hand-offs (`PREPARE`, `DISABLE_IRQ`, `RUN`, `EXIT`) because its
 //! stopper threads arrive with interrupts on and must keep serving them until everyone
 //! is there. Here a joiner arrives in an interrupt handler, already unable to take a
 //! normal interrupt, so it masks on arrival: its acknowledgement is both "here" and
 //! "quiescent". The initiator, the one CPU that arrives with interrupts on, keeps them
-//! on while it waits for the others and masks last, so its acknowledgement opens `Run`
-//! without a cross-CPU hand-off. `Exit` is a release, not a rendezvous: nothing that a
+//! on while it waits for the others and masks last, so it opens `Run` itself without a
+//! cross-CPU hand-off. `Exit` is a release, not a rendezvous: nothing that a
 //! joiner does after it changes what the initiator may conclude, so the initiator leaves
 //! as soon as it has opened `Exit` (or seen it opened), and a call with one active CPU
 //! costs the stop IPI, one gather of acknowledgements and one release — one interrupt
@@ -42,14 +42,18 @@
 //! Every function the rendezvous runs is placed in `.text.nopatch`: the code of a call
 //! is never a valid patch target.
 //!
-//! The whole shared state is one 64-bit word, `generation | phase | acknowledgements`,
-//! so every transition (an acknowledgement, the last acknowledgement that opens the next
-//! phase, the initiator's abort) is a single compare-and-swap.
+//! The shared state scales to [`MAX_CPUS`](crate::MAX_CPUS): a `generation | phase`
+//! control word that only the initiator writes (every phase change is one
+//! store-release), and one cache line per CPU that only that CPU writes (its
+//! `generation | progress` acknowledgement, result and evidence). A joiner's work per
+//! call is constant; the initiator reads each participant's line once: O(N). Ordering
+//! argument and costs: `state.rs`, and "The scalable rendezvous state" in
+//! docs/porting.md.
 //!
 //! | file            | what                                                              |
 //! |-----------------|-------------------------------------------------------------------|
 //! | `api.rs`        | the stop function's types, [`StopOptions`], [`StopError`]         |
-//! | `state.rs`      | the state word: phase, generation, acknowledgements               |
+//! | `state.rs`      | the control word (generation, phase) and the per-CPU slots        |
 //! | `rendezvous.rs` | [`StopMachine`]: publishing a call, the three phases, the waits   |
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |

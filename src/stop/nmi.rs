@@ -19,7 +19,7 @@
 //! for a CPU in an NMI: the active CPU's function needs nothing from the others.
 
 use super::rendezvous::Work;
-use super::state::Phase;
+use super::state::{Phase, Progress};
 use super::{Arch, StopMachine, StopOptions};
 use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, StopFnResult};
 use crate::cpuset::AtomicCpuSet;
@@ -128,7 +128,10 @@ impl<A: NmiArch> StopMachine<A> {
             // `Run` phase of the call that published `work`, which cannot end before this
             // handler reports below.
             let work = unsafe { self.published.work() };
-            let code = match self.evidence.run_marked(me, work.function) {
+            let code = match self
+                .evidence
+                .run_marked(self.slots.get(me), me, work.function)
+            {
                 Ok(()) => 0,
                 Err(code) => code,
             };
@@ -155,7 +158,8 @@ impl<A: NmiArch> StopMachine<A> {
     /// still in the window.
     #[unsafe(link_section = ".text.nopatch")]
     fn finish_in_nmi(&self, me: usize) {
-        let Some(window) = self.evidence.window_of(me) else {
+        let slot = self.slots.get(me);
+        let Some(window) = self.evidence.window_of(slot) else {
             return;
         };
         // Relaxed: the latest call's flag (a newer call than the window's writes it only
@@ -166,16 +170,19 @@ impl<A: NmiArch> StopMachine<A> {
         let arch = &self.arch;
         let start = arch.now_ns();
         loop {
-            // Acquire pairs with the releases of the state (each acknowledgement, the
-            // initiator's publication): the call's `hold`, `active` and `done` are
-            // visible. A newer call can republish them only after this one's `Exit`,
-            // which ends the wait below on its own.
-            let state = self.state.load(Ordering::Acquire);
+            // Acquire pairs with the initiator's releases of the control word: the call's
+            // `hold`, `active` and `done` are visible. A newer call can republish them
+            // only after this one's `Exit`, which ends the wait below on its own.
+            let state = self.control.load(Ordering::Acquire);
             if state.generation() != window {
                 break; // A later call: this one's `Run` is over.
             }
             let acked = match state.phase() {
-                Phase::Arrive => state.acked().contains(me),
+                // This CPU's own acknowledgement: program order. The initiator writes
+                // none; its acknowledgement is its opening of `Run`.
+                Phase::Arrive => slot
+                    .ack(Ordering::Relaxed)
+                    .reached(window, Progress::Arrived),
                 Phase::Run => true,
                 Phase::Idle | Phase::Exit | Phase::Aborted => break,
             };
@@ -205,7 +212,7 @@ impl<A: NmiArch> StopMachine<A> {
         }
         // What the active CPUs wrote is what this CPU fetches from here on, in this NMI.
         arch.sync_context();
-        self.evidence.leaving(me);
+        self.evidence.leaving(slot);
     }
 
     /// The CPUs on which the last [`stop_machine_nmi`](Self::stop_machine_nmi) call ran

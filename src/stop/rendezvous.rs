@@ -1,20 +1,21 @@
 //! The rendezvous: [`StopMachine`], the three-phase loop every CPU runs in a call
-//! ([`participate`](StopMachine::participate)), and the acknowledgements and bounded
-//! waits it is made of. The module doc of [`stop`](super) has the table this follows.
+//! ([`participate`](StopMachine::participate)), and the acknowledgements, gathers and
+//! bounded waits it is made of. The module doc of [`stop`](super) has the table this
+//! follows and the ordering argument; `state.rs` the layout.
 
 use super::evidence::{Evidence, Mark, Profile};
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::NmiRequests;
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::RaiseNmi;
-use super::state::{Phase, State, StateWord};
+use super::state::{Ack, Control, CpuSlot, CpuSlots, Phase, Progress, State};
 use super::{
     Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
 };
 use super::{LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
@@ -40,7 +41,7 @@ pub(super) struct Published {
     work: AtomicPtr<Work<'static>>,
 }
 
-// Relaxed throughout: the state word's release of `Arrive` orders these after their
+// Relaxed throughout: the control word's release of `Arrive` orders these after their
 // writes, and a reader always acquired that state (or a later one) first.
 impl Published {
     const fn new() -> Self {
@@ -81,13 +82,6 @@ impl Published {
     }
 }
 
-/// What the active CPUs' functions returned: written in `Run`, released by each
-/// CPU's `Run` acknowledgement, read by the initiator after `Exit`.
-struct Results {
-    failed: AtomicCpuSet,
-    codes: [AtomicI32; MAX_CPUS],
-}
-
 /// How a CPU's pass through the loop ended.
 enum Outcome {
     /// The call reached `Exit` (for the initiator: every active CPU has finished).
@@ -108,7 +102,7 @@ impl Outcome {
 /// What a CPU is in a call.
 #[derive(Clone, Copy)]
 enum Role {
-    /// The caller: it arrives last and alone may abort the call.
+    /// The caller: it arrives last, opens every phase and alone may abort the call.
     Initiator { arrival_timeout_ns: u64 },
     /// A CPU pulled in by the stop IPI.
     Joiner,
@@ -118,16 +112,16 @@ enum Role {
 /// stop IPI to [`handle_stop_ipi`](Self::handle_stop_ipi).
 pub struct StopMachine<A: Arch> {
     pub(super) arch: A,
-    /// Serialises initiators. Only its holder writes anything but `state`, the
-    /// results, the evidence and the NMI requests.
+    /// Serialises initiators. Only its holder writes `published`, `control` and the
+    /// profile; each CPU writes only its own slot.
     lock: spin::Mutex<()>,
     /// The call: what the initiator published for it.
     pub(super) published: Published,
-    /// Where the call is: `generation | phase | acknowledgements`.
-    pub(super) state: StateWord,
-    /// What the function returned on each active CPU.
-    results: Results,
-    /// What each CPU reported as it arrived; who is in a masked window.
+    /// Where the call is: `generation | phase`, written by the initiator only.
+    pub(super) control: Control,
+    /// Each CPU's acknowledgement, result and evidence, one cache line each.
+    pub(super) slots: CpuSlots,
+    /// The stamp sequence of [`Quiescence`](super::Quiescence).
     pub(super) evidence: Evidence,
     /// The initiator's timeline of its last call.
     pub(super) profile: Profile,
@@ -143,11 +137,8 @@ impl<A: Arch> StopMachine<A> {
             arch,
             lock: spin::Mutex::new(()),
             published: Published::new(),
-            state: StateWord::new(),
-            results: Results {
-                failed: AtomicCpuSet::new(),
-                codes: [const { AtomicI32::new(0) }; MAX_CPUS],
-            },
+            control: Control::new(),
+            slots: CpuSlots::new(),
             evidence: Evidence::new(),
             profile: Profile::new(),
             #[cfg(feature = "stop-machine-nmi")]
@@ -233,12 +224,6 @@ impl<A: Arch> StopMachine<A> {
                 online,
             });
         }
-        if !online.is_subset(CpuSet::first(State::ACK_CPUS)) {
-            return Err(StopError::TooManyCpus {
-                online,
-                limit: State::ACK_CPUS,
-            });
-        }
 
         let start = arch.now_ns();
         let _guard = lock_within(
@@ -251,9 +236,12 @@ impl<A: Arch> StopMachine<A> {
         .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
 
         // Relaxed: only the lock holder changes the generation, and taking the lock
-        // acquired the previous holder's last state.
-        let previous = self.state.load(Ordering::Relaxed);
-        let generation = previous.generation().wrapping_add(1) & State::GENERATION_MASK;
+        // acquired the previous holder's last store of it.
+        let generation = self
+            .control
+            .load(Ordering::Relaxed)
+            .generation()
+            .wrapping_add(1);
         let published = &self.published;
         published.participants.store(online, Ordering::Relaxed);
         published.active.store(active, Ordering::Relaxed);
@@ -265,20 +253,17 @@ impl<A: Arch> StopMachine<A> {
             .store(options.mask == MaskLevel::IrqsOnly, Ordering::Relaxed);
         published.work.store(
             // The pointer is dereferenced only in the `Run` phase, which cannot end
-            // before this function has seen `Exit` (or panicked): `work` outlives it.
+            // before this function has seen every active CPU's `Ran` (or panicked):
+            // `work` outlives it.
             (work as *const Work<'_>).cast::<Work<'static>>().cast_mut(),
             Ordering::Relaxed,
         );
-        self.results.failed.clear(Ordering::Relaxed);
-        self.evidence.reset();
         #[cfg(feature = "stop-machine-nmi")]
         self.nmi.begin_call(work.hold_nmis);
         // Release: publishes every field above to a CPU that acquires this state, in
-        // `handle_stop_ipi` or in its acknowledgement's compare-and-swap.
-        self.state.store(
-            State::new(generation, Phase::Arrive, CpuSet::EMPTY),
-            Ordering::Release,
-        );
+        // `handle_stop_ipi` or in any later wait.
+        self.control
+            .store(State::new(generation, Phase::Arrive), Ordering::Release);
         arch.wake_waiters();
         arch.send_stop_ipi(online.without(me));
         self.profile.record(Mark::Entry, start);
@@ -288,7 +273,7 @@ impl<A: Arch> StopMachine<A> {
             arrival_timeout_ns: options.arrival_timeout_ns,
         };
         let outcome = self.participate(generation, me, role);
-        // Relaxed: past `Exit` (or an abort) no CPU dereferences it (see `work`).
+        // Relaxed: past the gather of `Ran` (or an abort) no CPU dereferences it.
         published
             .work
             .store(core::ptr::null_mut(), Ordering::Relaxed);
@@ -296,9 +281,9 @@ impl<A: Arch> StopMachine<A> {
             Outcome::Aborted { missing, waited_ns } => {
                 Err(StopError::Timeout { missing, waited_ns })
             }
-            // The Acquire that saw `Exit` (or the CAS that opened it) pairs with every
-            // active CPU's release of its `Run` acknowledgement: their codes are visible.
-            Outcome::Completed => self.results(),
+            // The gather's Acquire loads of each active CPU's `Ran` pair with its
+            // release: every code is visible.
+            Outcome::Completed => self.results(active),
         }
     }
 
@@ -310,17 +295,21 @@ impl<A: Arch> StopMachine<A> {
     #[unsafe(link_section = ".text.nopatch")]
     pub fn handle_stop_ipi(&self) {
         // Acquire pairs with the initiator's release of `Arrive`.
-        let state = self.state.load(Ordering::Acquire);
+        let state = self.control.load(Ordering::Acquire);
         if state.phase() != Phase::Arrive {
             return;
         }
         let me = self.arch.cpu_id();
-        if !self.published.participants().contains(me) || state.acked().contains(me) {
+        let generation = state.generation();
+        // Relaxed: this CPU's own acknowledgement (the second IPI of a call it is in).
+        let joined =
+            (self.slots.get(me).ack(Ordering::Relaxed)).reached(generation, Progress::Arrived);
+        if joined || !self.published.participants.contains(me, Ordering::Relaxed) {
             return;
         }
-        // If a newer call has replaced this one meanwhile, the first acknowledgement
-        // names a stale generation and fails; `participate` then leaves at once.
-        let _ = self.participate(state.generation(), me, Role::Joiner);
+        // If a newer call has replaced this one meanwhile, the wait after the
+        // acknowledgement sees another generation, and `participate` leaves at once.
+        let _ = self.participate(generation, me, Role::Joiner);
     }
 
     /// One CPU's pass through call `generation`, from arrival to leaving: the table of
@@ -328,11 +317,11 @@ impl<A: Arch> StopMachine<A> {
     #[unsafe(link_section = ".text.nopatch")]
     fn participate(&self, generation: u32, me: usize, role: Role) -> Outcome {
         let arch = &self.arch;
-        let initiator = matches!(role, Role::Initiator { .. });
+        let slot = self.slots.get(me);
 
         // Arrive. The initiator keeps its interrupts on while the others arrive (one of
         // them may be waiting for this CPU before it can take the stop IPI), so it
-        // masks and acknowledges last and its acknowledgement opens `Run`.
+        // masks last, once it has gathered every other acknowledgement.
         if let Role::Initiator { arrival_timeout_ns } = role {
             if let Err(aborted) = self.await_arrivals(generation, me, arrival_timeout_ns) {
                 return aborted;
@@ -344,69 +333,113 @@ impl<A: Arch> StopMachine<A> {
         } else {
             arch.mask_all()
         };
-        self.evidence.arrived(me, generation, arch.all_masked());
+        // The masked time is measured on the joiners only (`masked_max_ns` is about the
+        // other CPUs): no clock read on the initiator's path for it.
+        let masked_since = match role {
+            Role::Joiner => arch.now_ns(),
+            Role::Initiator { .. } => 0,
+        };
+        self.evidence
+            .arrived(slot, generation, arch.all_masked(), masked_since);
         let outcome = 'masked: {
-            let participants = self.published.participants();
             let active = self.published.active();
             let stall_timeout_ns = self.published.stall_timeout_ns();
-            if !self.acknowledge(generation, Phase::Arrive, me, participants) {
-                break 'masked Outcome::STALE;
-            }
-
-            // Run. A joiner waits for the initiator's acknowledgement to open it: at
-            // most twice the stall limit, since the initiator aborts a late arrival
-            // within its arrival timeout, short of a stall.
-            if let Role::Joiner = role {
-                let state = self.wait_past(
-                    generation,
-                    Phase::Arrive,
-                    me,
-                    participants,
-                    stall_timeout_ns.saturating_mul(2),
-                );
-                if state.generation() != generation || state.phase() == Phase::Aborted {
-                    break 'masked Outcome::STALE;
+            match role {
+                // Every other participant is masked and said so: this CPU, masked now
+                // too, opens `Run`. It writes no `Arrived` of its own, so that its NMI
+                // (`finish_in_nmi`) never sees it acknowledged while `Run` is shut.
+                // Release: its evidence and, through the Acquire loads of the gather,
+                // every joiner's, to the CPUs that acquire `Run`.
+                Role::Initiator { .. } => {
+                    self.profile
+                        .reached_run(generation, me, self.published.participants());
+                    self.control
+                        .store(State::new(generation, Phase::Run), Ordering::Release);
+                    arch.wake_waiters();
+                }
+                // Release: this CPU's evidence, to the initiator's Acquire in its
+                // gather. Then wait for the initiator to open `Run`: at most twice the
+                // stall limit, since the initiator aborts a late arrival within its
+                // arrival timeout, short of a stall.
+                Role::Joiner => {
+                    slot.acknowledge(Ack::new(generation, Progress::Arrived), Ordering::Release);
+                    arch.wake_waiters();
+                    let state = self.wait_past(
+                        generation,
+                        Phase::Arrive,
+                        me,
+                        stall_timeout_ns.saturating_mul(2),
+                    );
+                    if state.generation() != generation || state.phase() == Phase::Aborted {
+                        break 'masked Outcome::STALE;
+                    }
                 }
             }
+
+            // Run. Release: the function's result, to the initiator's gather.
             if active.contains(me) {
-                self.run(me);
-                // Cannot fail: `Run` needs this very acknowledgement to end.
-                self.acknowledge(generation, Phase::Run, me, active);
+                self.run(me, slot);
+                slot.acknowledge(Ack::new(generation, Progress::Ran), Ordering::Release);
+                // The initiator may wait for this in a low-power wait; its own needs
+                // no wake-up.
+                if let Role::Joiner = role {
+                    arch.wake_waiters();
+                }
             }
 
-            // Exit: any state past `Run` of this call, that is `Exit`, or, for a joiner
-            // slow to look, the initiator's next call (which it could start only after
-            // `Exit`).
-            self.wait_past(generation, Phase::Run, me, active, stall_timeout_ns);
+            // Exit: the initiator opens it once every active CPU has finished; a joiner
+            // leaves on any state past `Run` of this call, that is `Exit`, or, slow to
+            // look, the initiator's next call (which it could start only after `Exit`).
+            match role {
+                Role::Initiator { .. } => {
+                    self.gather(generation, Progress::Ran, active, me, stall_timeout_ns);
+                    // Release: nothing new to publish (the joiners only need to leave),
+                    // but it orders the gather's Acquires before any CPU unmasks.
+                    self.control
+                        .store(State::new(generation, Phase::Exit), Ordering::Release);
+                    arch.wake_waiters();
+                }
+                Role::Joiner => {
+                    self.wait_past(generation, Phase::Run, me, stall_timeout_ns);
+                }
+            }
             Outcome::Completed
         };
-        if initiator {
+        if let Role::Initiator { .. } = role {
             self.mark(Mark::Exit);
         }
+        // Release: the masked time, to `last_call_profile`. Still masked, so no IPI of a
+        // later call can run on this CPU before its restore.
+        if let Role::Joiner = role {
+            self.evidence.unmasking(slot, arch.now_ns());
+        }
+        slot.acknowledge(Ack::new(generation, Progress::Left), Ordering::Release);
         // Every way out of the masked block passed an Acquire of a state at or after the
-        // end of `Run` of this call (or of an abort, when nothing was written): what the
-        // active CPUs wrote and made coherent before acknowledging `Run` is what this
-        // CPU fetches from here on. Unconditional, so that no path can unmask without it.
+        // end of `Run` of this call (or of an abort, when nothing was written), or, for
+        // the initiator, of every active CPU's `Ran`: what the active CPUs wrote and made
+        // coherent before acknowledging `Ran` is what this CPU fetches from here on.
+        // Unconditional, so that no path can unmask without it.
         arch.sync_context();
-        self.evidence.leaving(me);
+        self.evidence.leaving(slot);
         arch.restore(saved);
-        if initiator {
+        if let Role::Initiator { .. } = role {
             self.mark(Mark::Unmasked);
         }
         outcome
     }
 
-    /// The `Run` phase on an active CPU: the function, its failure recorded.
+    /// The `Run` phase on an active CPU: the function, its result recorded.
     #[unsafe(link_section = ".text.nopatch")]
-    fn run(&self, me: usize) {
-        // SAFETY: this CPU is in `Run` and has not acknowledged it yet: `Exit`, after
-        // which the initiator resets `work`, needs that acknowledgement.
+    fn run(&self, me: usize, slot: &CpuSlot) {
+        // SAFETY: this CPU is in `Run` and has not acknowledged `Ran` yet: the
+        // initiator resets `work` only after it has gathered that acknowledgement.
         let work = unsafe { self.published.work() };
-        if let Err(code) = self.run_function(work, me) {
-            // Relaxed: released by this CPU's `Run` acknowledgement, right after.
-            self.results.codes[me].store(code, Ordering::Relaxed);
-            self.results.failed.insert(me, Ordering::Relaxed);
-        }
+        let code = match self.run_function(work, me) {
+            Ok(()) => 0,
+            Err(code) => code,
+        };
+        // Relaxed: released by this CPU's `Ran` acknowledgement, right after.
+        slot.code.store(code, Ordering::Relaxed);
     }
 
     /// Runs the function of `work` on this CPU, directly or from a self-NMI.
@@ -416,29 +449,38 @@ impl<A: Arch> StopMachine<A> {
         if let Some(raise_nmi) = work.raise_nmi {
             return self.run_in_nmi(me, raise_nmi);
         }
-        self.evidence.run_marked(me, work.function)
+        self.evidence
+            .run_marked(self.slots.get(me), me, work.function)
     }
 
-    /// The call's result, once it reached `Exit`: every failing CPU's code.
+    /// The call's result, once every active CPU acknowledged `Ran`: every failing
+    /// CPU's code. The `Failures` (a code slot per CPU) is built only if one failed.
     #[unsafe(link_section = ".text.nopatch")]
-    fn results(&self) -> Result<(), StopError> {
-        let failed = self.results.failed.load(Ordering::Relaxed);
-        if failed.is_empty() {
+    fn results(&self, active: CpuSet) -> Result<(), StopError> {
+        // Relaxed: acquired by the gather of `Ran` (see `call`).
+        let code = |cpu: usize| self.slots.get(cpu).code.load(Ordering::Relaxed);
+        if active.iter().all(|cpu| code(cpu) == 0) {
             return Ok(());
         }
-        let mut codes = [0; MAX_CPUS];
-        for cpu in failed.iter() {
-            codes[cpu] = self.results.codes[cpu].load(Ordering::Relaxed);
+        let mut failures = Failures {
+            cpus: CpuSet::EMPTY,
+            codes: [0; MAX_CPUS],
+        };
+        for cpu in active {
+            let code = code(cpu);
+            if code != 0 {
+                failures.cpus = failures.cpus.with(cpu);
+                if let Some(slot) = failures.codes.get_mut(cpu) {
+                    *slot = code;
+                }
+            }
         }
-        Err(StopError::Failed(Failures {
-            cpus: failed,
-            codes,
-        }))
+        Err(StopError::Failed(failures))
     }
 
     /// The initiator's wait for every other participant's `Arrive` acknowledgement,
     /// with its own interrupts as the caller left them. Past `arrival_timeout_ns` it
-    /// aborts the call, unless the last CPU arrives at that very moment.
+    /// aborts the call, unless the last CPU has arrived by its final look.
     #[unsafe(link_section = ".text.nopatch")]
     fn await_arrivals(
         &self,
@@ -448,103 +490,103 @@ impl<A: Arch> StopMachine<A> {
     ) -> Result<(), Outcome> {
         let arch = &self.arch;
         let others = self.published.participants().without(me);
+        let mut pending = others.iter().peekable();
         let start = arch.now_ns();
         loop {
             // Acquire pairs with each joiner's release of its acknowledgement: its mask
-            // evidence and stamp are visible.
-            let current = self.state.load(Ordering::Acquire);
-            if others.is_subset(current.acked()) {
+            // evidence and stamp are visible. The cursor only moves forward (an
+            // acknowledgement of this generation stays until the CPU's next call, which
+            // needs this one to end), so the whole gather reads each line once it has
+            // been written: O(N) for the initiator.
+            while pending
+                .next_if(|&cpu| self.arrived(cpu, generation))
+                .is_some()
+            {}
+            if pending.peek().is_none() {
                 return Ok(());
             }
             let waited_ns = arch.now_ns().saturating_sub(start);
             if waited_ns > arrival_timeout_ns {
-                let aborted = State::new(generation, Phase::Aborted, current.acked());
-                // AcqRel on success: releases the abort to the joiners that wait past
-                // `Arrive`, and acquires what the ones that did arrive released.
-                // Failure (a late acknowledgement): look again.
-                if self
-                    .state
-                    .compare_exchange(current, aborted, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    arch.wake_waiters();
-                    return Err(Outcome::Aborted {
-                        missing: others.minus(current.acked()),
-                        waited_ns,
-                    });
-                }
-                continue;
+                // Release: to the joiners that wait past `Arrive`. A joiner that
+                // acknowledges meanwhile sees the abort in that wait and leaves: the
+                // function runs nowhere either way.
+                self.control
+                    .store(State::new(generation, Phase::Aborted), Ordering::Release);
+                arch.wake_waiters();
+                let missing = others
+                    .iter()
+                    .filter(|&cpu| !self.arrived(cpu, generation))
+                    .fold(CpuSet::EMPTY, CpuSet::with);
+                return Err(Outcome::Aborted { missing, waited_ns });
             }
             arch.relax();
         }
     }
 
-    /// Adds `me` to the acknowledgements of `phase`; when that completes `required`, the
-    /// phase ends and the next opens. Returns false if the call is no longer in `phase`
-    /// of `generation` (it was aborted, or this CPU's IPI was stale).
+    /// Whether `cpu` has acknowledged `Arrive` of call `generation` (Acquire).
+    #[inline(always)]
+    fn arrived(&self, cpu: usize, generation: u32) -> bool {
+        (self.slots.get(cpu).ack(Ordering::Acquire)).reached(generation, Progress::Arrived)
+    }
+
+    /// The initiator's wait, masked, for every CPU of `cpus` to acknowledge `progress` of
+    /// call `generation`, one line after the other. Past `limit_ns` a CPU is stuck with
+    /// exceptions masked: panic, naming the CPUs.
     #[unsafe(link_section = ".text.nopatch")]
-    fn acknowledge(&self, generation: u32, phase: Phase, me: usize, required: CpuSet) -> bool {
-        // Relaxed: only a guess for the compare-and-swap below, which orders.
-        let mut current = self.state.load(Ordering::Relaxed);
-        loop {
-            if !current.is(generation, phase) {
-                return false;
-            }
-            let acked = current.acked().with(me);
-            let next = if required.is_subset(acked) {
-                State::new(generation, phase.next(), CpuSet::EMPTY)
-            } else {
-                State::new(generation, phase, acked)
-            };
-            // AcqRel: release this CPU's writes of the phase (mask evidence, function
-            // result) and acquire those of the CPUs that acknowledged before it, so the
-            // CPU that opens the next phase publishes everyone's.
-            match self.state.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => {
-                    // Someone waits for this acknowledgement in a low-power wait: the
-                    // initiator for the last joiner's arrival, everyone for a new phase.
-                    self.arch.wake_waiters();
-                    return true;
+    fn gather(&self, generation: u32, progress: Progress, cpus: CpuSet, me: usize, limit_ns: u64) {
+        let arch = &self.arch;
+        // The clock is read only once the wait has to wait: the common case, everyone
+        // done at the first look, costs no clock read.
+        let mut start = None;
+        for cpu in cpus {
+            loop {
+                // Acquire pairs with the CPU's release of its acknowledgement.
+                let ack = self.slots.get(cpu).ack(Ordering::Acquire);
+                if ack.reached(generation, progress) {
+                    break;
                 }
-                Err(seen) => current = seen,
+                let now = arch.now_ns();
+                let waited_ns = now.saturating_sub(*start.get_or_insert(now));
+                if waited_ns > limit_ns {
+                    let late = cpus
+                        .iter()
+                        .filter(|&c| {
+                            !(self.slots.get(c).ack(Ordering::Relaxed))
+                                .reached(generation, progress)
+                        })
+                        .fold(CpuSet::EMPTY, CpuSet::with);
+                    panic!(
+                        "stop_machine: cpu{me} waited {} us in call {generation} for CPUs \
+                         {late} to acknowledge {progress:?}",
+                        waited_ns / 1000,
+                    );
+                }
+                arch.relax();
             }
         }
     }
 
-    /// Waits until the state is no longer `phase` of `generation`, and returns the state
-    /// it saw. `required` are the CPUs whose acknowledgements end the phase (named if the
-    /// wait outlasts `limit_ns`, which is a CPU stuck with exceptions masked: panic).
+    /// Waits until the control word is no longer `phase` of `generation`, and returns
+    /// the state it saw. Past `limit_ns`, this CPU is stuck with exceptions masked:
+    /// panic, naming the phase.
     #[unsafe(link_section = ".text.nopatch")]
-    fn wait_past(
-        &self,
-        generation: u32,
-        phase: Phase,
-        me: usize,
-        required: CpuSet,
-        limit_ns: u64,
-    ) -> State {
+    fn wait_past(&self, generation: u32, phase: Phase, me: usize, limit_ns: u64) -> State {
         let arch = &self.arch;
-        let start = arch.now_ns();
+        let mut start = None;
         loop {
-            // Acquire pairs with the release of the CPU that ended the phase (and, for a
-            // later call's state, with the initiator's release of it, which came after).
-            let current = self.state.load(Ordering::Acquire);
+            // Acquire pairs with the initiator's release of the state that ended the
+            // phase (and, for a later call's state, of that one, which came after).
+            let current = self.control.load(Ordering::Acquire);
             if !current.is(generation, phase) {
                 return current;
             }
-            let waited_ns = arch.now_ns().saturating_sub(start);
+            let now = arch.now_ns();
+            let waited_ns = now.saturating_sub(*start.get_or_insert(now));
             if waited_ns > limit_ns {
                 panic!(
                     "stop_machine: cpu{me} waited {} us in phase {phase:?} of call {generation} \
-                     for CPUs {} (acknowledged: {})",
+                     for the initiator to end it",
                     waited_ns / 1000,
-                    required.minus(current.acked()),
-                    current.acked()
                 );
             }
             arch.relax();

@@ -51,12 +51,15 @@ static BATCHES: spin::Mutex<[[Patch<Insn>; BENCH_SITES]; 2]> =
     spin::Mutex::new([[Patch::new(0, NOP, NOP); BENCH_SITES]; 2]);
 /// Per CPU: round-trip interrupts acknowledged.
 static ACKS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
+/// Round trips sent so far (see [`roundtrip`]).
+static ROUNDS: AtomicU64 = AtomicU64::new(0);
 
 /// Iterations of each profile.
 const PROFILE_ITERS: usize = 200;
-/// Per profiled iteration: total, setup, arrive, run, exit, and what lies outside the
-/// rendezvous (validation and everything else the caller does around it).
-static PROFILE: spin::Mutex<[[u64; PROFILE_ITERS]; 6]> = spin::Mutex::new([[0; PROFILE_ITERS]; 6]);
+/// Per profiled iteration: total, setup, arrive, run, exit, what lies outside the
+/// rendezvous (validation and everything else the caller does around it), and the
+/// longest time another CPU spent masked (`masked_max_ns`).
+static PROFILE: spin::Mutex<[[u64; PROFILE_ITERS]; 7]> = spin::Mutex::new([[0; PROFILE_ITERS]; 7]);
 
 /// Median and 99th percentile of one benchmark.
 struct Stats {
@@ -176,11 +179,16 @@ fn report(name: &str, sites: usize, stats: &Stats) {
 /// Runs `step` (one stop-machine call, or a patch built on one) `iters` times after a
 /// warm-up and prints where the time went, as medians of
 /// [`CallProfile`](crate::stop::CallProfile)'s spans:
-/// `# profile <name> cpus=<n> sites=<k> total_ns=.. outside_ns=.. setup_ns=.. arrive_ns=.. run_ns=.. exit_ns=.. iters=<i>`.
-fn profile<E>(
+/// `# profile <name> cpus=<n> sites=<k> total_ns=.. outside_ns=.. setup_ns=.. arrive_ns=.. run_ns=.. exit_ns=.. iters=<i>`,
+/// then the longest time any other CPU spent masked in each call, as a benchmark of its
+/// own (`# bench <name>_masked_max ...`, which `tools/bench_report.py` sets against the
+/// round trip) and as a ratio to `roundtrip` of the same boot:
+/// `# masked_max <name> cpus=<n> sites=<k> median_ns=.. p99_ns=.. roundtrip_median_ns=.. ratio=<r> p99_ratio=<r>`.
+fn profile<E: From<MaskedUnreported>>(
     name: &str,
     sites: usize,
     iters: usize,
+    roundtrip: &Stats,
     mut step: impl FnMut(usize) -> Result<(), E>,
 ) -> Result<(), E> {
     let iters = iters.clamp(1, PROFILE_ITERS) & !1;
@@ -198,7 +206,13 @@ fn profile<E>(
             arrive_ns,
             run_ns,
             exit_ns,
+            masked_max_ns,
+            masked_unreported,
+            ..
         } = STOP.last_call_profile();
+        if !masked_unreported.is_empty() {
+            return Err(MaskedUnreported(masked_unreported).into());
+        }
         let inside = setup_ns + arrive_ns + run_ns + exit_ns;
         let row = [
             total,
@@ -207,24 +221,69 @@ fn profile<E>(
             run_ns,
             exit_ns,
             total.saturating_sub(inside),
+            masked_max_ns,
         ];
         for (column, value) in samples.iter_mut().zip(row) {
             column[i] = value;
         }
     }
-    let mut medians = [0; 6];
+    let mut medians = [0; 7];
     for (median, column) in medians.iter_mut().zip(samples.iter_mut()) {
         let column = &mut column[..iters];
         column.sort_unstable();
         *median = percentile(column, 50);
     }
-    let [total, setup, arrive, run, exit, outside] = medians;
+    let [total, setup, arrive, run, exit, outside, masked_max] = medians;
+    let masked_max = Stats {
+        median_ns: masked_max,
+        p99_ns: percentile(&samples[6][..iters], 99),
+        iters,
+    };
     kprint!(
         "# profile {name} cpus={} sites={sites} total_ns={total} outside_ns={outside} \
          setup_ns={setup} arrive_ns={arrive} run_ns={run} exit_ns={exit} iters={iters}\n",
         platform::online_cpus().len(),
     );
+    let mut masked_name = Msg::new();
+    let _ = write!(masked_name, "{name}_masked_max");
+    report(masked_name.as_str(), sites, &masked_max);
+    let base = roundtrip.median_ns.max(1);
+    let (ratio, p99_ratio) = (
+        (masked_max.median_ns * 100).div_ceil(base),
+        (masked_max.p99_ns * 100).div_ceil(base),
+    );
+    kprint!(
+        "# masked_max {name} cpus={} sites={sites} median_ns={} p99_ns={} \
+         roundtrip_median_ns={} ratio={}.{:02} p99_ratio={}.{:02}\n",
+        platform::online_cpus().len(),
+        masked_max.median_ns,
+        masked_max.p99_ns,
+        roundtrip.median_ns,
+        ratio / 100,
+        ratio % 100,
+        p99_ratio / 100,
+        p99_ratio % 100,
+    );
     Ok(())
+}
+
+/// A participant that had not left the window when the profile was read: stuck masked
+/// for a whole stall timeout.
+struct MaskedUnreported(CpuSet);
+
+impl From<MaskedUnreported> for StopError {
+    fn from(MaskedUnreported(cpus): MaskedUnreported) -> StopError {
+        StopError::Timeout {
+            missing: cpus,
+            waited_ns: OPTIONS.stall_timeout_ns,
+        }
+    }
+}
+
+impl From<MaskedUnreported> for PatchError<Insn> {
+    fn from(unreported: MaskedUnreported) -> PatchError<Insn> {
+        PatchError::Stop(unreported.into())
+    }
 }
 
 fn count_ack(cpu: usize) -> bool {
@@ -240,22 +299,28 @@ fn count_sgi_ack(cpu: usize) {
 }
 
 /// One broadcast to `targets` and the wait for every acknowledgement.
+///
+/// Each target's counter is compared with the round number (the benchmark sends every
+/// round to the same targets, each acknowledges each round once), read by a cursor
+/// that moves past a CPU once it has answered: no per-round copy of `MAX_CPUS`
+/// counters, so the baseline costs what the rendezvous's own gather costs.
 fn roundtrip(targets: CpuSet, send: fn(CpuSet)) -> Result<(), CpuSet> {
-    let before: [u64; crate::MAX_CPUS] =
-        core::array::from_fn(|cpu| ACKS[cpu].load(Ordering::Relaxed));
+    // Relaxed: only the benchmarking CPU counts rounds.
+    let round = ROUNDS.fetch_add(1, Ordering::Relaxed) + 1;
     let start = platform::now_ns();
     send(targets);
+    let mut pending = targets.iter().peekable();
     loop {
         // Acquire pairs with the Release in `count_ack`.
-        let missing = targets
-            .iter()
-            .filter(|&cpu| ACKS[cpu].load(Ordering::Acquire) == before[cpu])
-            .fold(CpuSet::EMPTY, CpuSet::with);
-        if missing.is_empty() {
+        while pending
+            .next_if(|&cpu| ACKS[cpu].load(Ordering::Acquire) >= round)
+            .is_some()
+        {}
+        if pending.peek().is_none() {
             return Ok(());
         }
         if platform::now_ns() - start > ROUNDTRIP_TIMEOUT_NS {
-            return Err(missing);
+            return Err(pending.fold(CpuSet::EMPTY, CpuSet::with));
         }
         STOP.arch().relax();
     }
@@ -317,11 +382,12 @@ pub fn bench(_: &Params) -> Verdict {
     // rendezvous that `patch_machine` stands on), on every CPU, and patching.
     let mut batches = BATCHES.lock();
     fill_batches(&mut batches);
-    let profiled: Result<(), StopError> = profile("stop_machine_one", 0, PROFILE_ITERS, |_| {
+    let rt = &roundtrip_stats;
+    let profiled: Result<(), StopError> = profile("stop_machine_one", 0, PROFILE_ITERS, rt, |_| {
         STOP.stop_machine(&empty, CpuSet::single(me), OPTIONS)
     })
     .and_then(|()| {
-        profile("stop_machine", 0, PROFILE_ITERS, |_| {
+        profile("stop_machine", 0, PROFILE_ITERS, rt, |_| {
             STOP.stop_machine(&empty, online, OPTIONS)
         })
     });
@@ -329,7 +395,7 @@ pub fn bench(_: &Params) -> Verdict {
         fail!("profile: {err}");
     }
     for (sites, iters) in [(1, PROFILE_ITERS), (1000, 20)] {
-        if let Err(err) = profile("patch_machine", sites, iters, |i| {
+        if let Err(err) = profile("patch_machine", sites, iters, rt, |i| {
             patch_machine(&STOP, &KERNEL_TEXT, &batches[i % 2][..sites], OPTIONS).map(|_| ())
         }) {
             fail!("profile: patch_machine, {sites} sites: {err}");
