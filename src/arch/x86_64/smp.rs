@@ -59,7 +59,7 @@ static STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(BringUp::Idle as u8)
 #[repr(u8)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BringUp {
-    /// Not started (the boot CPU, or `platform_offline_cpu`).
+    /// Never started: the boot CPU, and indices the MADT does not fill.
     Idle = 0,
     /// INIT and SIPIs sent; the CPU may be on its way.
     Starting = 1,
