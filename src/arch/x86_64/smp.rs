@@ -6,7 +6,7 @@
 //! then the two SIPIs to every CPU, and one bounded wait for all. Each AP finds its
 //! index and stack by its APIC ID in the trampoline's table (Linux's `cpuid_to_apicid`
 //! search in `head_64.S`), so nothing is handed over one CPU at a time: 287 APs start
-//! in about 65 ms under QEMU, where one at a time took 11 ms each. Each CPU's bring-up
+//! in 65-120 ms under QEMU, where one at a time took 11 ms each. Each CPU's bring-up
 //! state settles who decides about a late one: the AP's compare-and-swap to `Online`
 //! or the boot CPU's to `Abandoned` when the wait ran out, never both.
 
