@@ -414,6 +414,10 @@ impl<A: Arch> StopMachine<A> {
             self.evidence.unmasking(slot, arch.now_ns());
         }
         slot.acknowledge(Ack::new(generation, Progress::Left), Ordering::Release);
+        if let Role::Joiner = role {
+            // `last_call_profile` may wait for it in a low-power wait.
+            arch.wake_waiters();
+        }
         // Every way out of the masked block passed an Acquire of a state at or after the
         // end of `Run` of this call (or of an abort, when nothing was written), or, for
         // the initiator, of every active CPU's `Ran`: what the active CPUs wrote and made

@@ -9,8 +9,8 @@
 //!   A joiner acknowledges with one store to its own line: constant work, whatever the
 //!   number of CPUs, and no line that two joiners write.
 //!
-//! The initiator gathers by reading each participant's line once it is acknowledged
-//! (a cursor that only moves forward, `Gather`): O(N) for the whole gather. Nothing
+//! The initiator gathers by reading each participant's line until it is acknowledged,
+//! with a cursor that only moves forward: O(N) for the whole gather. Nothing
 //! counts arrivals in a shared word, so nothing a stale CPU does can be miscounted:
 //! an acknowledgement names its generation, and the initiator accepts only its own.
 
