@@ -1,9 +1,16 @@
 /*
  * Application-processor trampoline: copied to {base} (a page below 1 MiB) and started
  * by a SIPI in real mode at {base}:0. It never runs in place. It goes to long mode
- * with the kernel's final page tables and calls the Rust AP entry on its own stack,
- * all read from the parameter page {data} written by smp.rs:
- *   +0 CR3, +8 stack top, +16 entry (extern "C" fn() -> !).
+ * with the kernel's final page tables, finds its logical index by looking its APIC ID
+ * up in the table smp.rs wrote, and calls the Rust AP entry with that index on the
+ * index's own stack. Many CPUs run it at once (parallel bring-up): it writes no
+ * memory and uses no stack before it has its own. The parameter page {data}:
+ *   +0 CR3, +8 stack top of index 0, +16 entry (extern "C" fn(index: usize) -> !),
+ *   +24 table entries (u32), +32 bytes between stack tops, +64 APIC IDs (u32 each,
+ *   by logical index).
+ * The APIC ID is CPUID leaf 0xb's 32-bit x2APIC ID where the CPU has the leaf (it
+ * names CPUs above 255), else leaf 1's 8-bit initial APIC ID. An ID not in the table
+ * halts (a CPU nobody started).
  * The GDT has its accessed bits preset, so loading segments never writes to this
  * (read-only once paging is on) page.
  */
@@ -47,7 +54,37 @@ tramp64:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    mov {data} + 8, %rsp
+    xor %eax, %eax
+    cpuid
+    mov %eax, %esi          /* highest basic leaf */
+    mov $1, %eax
+    cpuid
+    shr $24, %ebx
+    mov %ebx, %edi          /* initial APIC ID, 8 bits */
+    cmp $0xb, %esi
+    jb 2f
+    mov $0xb, %eax
+    xor %ecx, %ecx
+    cpuid
+    test %ebx, %ebx         /* EBX = 0: leaf 0xb not implemented */
+    jz 2f
+    mov %edx, %edi          /* x2APIC ID, 32 bits */
+2:
+    mov {data} + 24, %ecx
+    xor %esi, %esi
+3:
+    cmp %ecx, %esi
+    jae 1f                  /* not in the table */
+    cmp {ids}(, %rsi, 4), %edi
+    je 4f
+    inc %esi
+    jmp 3b
+4:
+    mov %rsi, %rax
+    imul {data} + 32, %rax
+    add {data} + 8, %rax
+    mov %rax, %rsp
+    mov %rsi, %rdi
     mov {data} + 16, %rax
     xor %ebp, %ebp
     call *%rax

@@ -116,9 +116,6 @@ extern "C" fn boot_main() -> ! {
     // SAFETY: the boot CPU, before any AP starts; paging (and so the text alias) is up.
     unsafe { alternatives::ALTERNATIVES.apply_boot() };
     apic::mask_pic();
-    let x2 = apic::init_boot();
-    apic::init_cpu();
-    smp::boot_cpu_online();
     let cpus = match madt::parse(rsdp as usize) {
         Ok(c) => c,
         Err(e) => {
@@ -126,45 +123,79 @@ extern "C" fn boot_main() -> ! {
             exit::exit(false);
         }
     };
+    let x2 = match apic::init_boot(cpus.max_apic_id, madt::XAPIC_MAX_ID) {
+        Ok(x2) => x2,
+        Err(id) => {
+            kprintln!(
+                "apic: the MADT lists APIC ID {id}, above the xAPIC's {} (0xff is its broadcast), and this CPU has no x2APIC (CPUID.1:ECX[21]): refused, use a CPU model with x2APIC (-cpu max)",
+                madt::XAPIC_MAX_ID
+            );
+            exit::exit(false);
+        }
+    };
+    apic::init_cpu();
+    smp::set_listed(&cpus);
+    smp::boot_cpu_online();
     kprintln!(
-        "apic: {} mode, boot CPU APIC ID {}, MADT lists {} CPUs{}",
+        "apic: {} mode, boot CPU APIC ID {}, MADT lists {} CPUs (highest APIC ID {}){}{}{}",
         if x2 { "x2APIC" } else { "xAPIC" },
         apic::id(),
-        cpus.count + cpus.dropped,
+        cpus.listed(),
+        cpus.max_apic_id,
         if cpus.dropped > 0 {
-            " (more than MAX_CPUS: the run is refused)"
+            " (more than MAX_CPUS: the run is refused, no other CPU is started)"
         } else {
             ""
-        }
+        },
+        Counted(
+            cpus.online_capable,
+            "online-capable only (not enabled, never started)"
+        ),
+        Counted(cpus.duplicates, "duplicate entries (counted once)"),
     );
-    let t0 = timer::now_ns();
-    // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
-    let offline = bootarg("platform_offline_cpu").and_then(|v| v.parse::<usize>().ok());
-    let (missing, n_missing) = smp::start_secondaries(&cpus, ap_entry, offline);
-    kprintln!(
-        "smp: {} of {} CPUs online in {} us{}",
-        smp::online_cpus().len(),
-        cpus.count,
-        (timer::now_ns() - t0) / 1000,
-        if n_missing > 0 {
-            "; missing APIC IDs listed above"
-        } else {
-            ""
-        }
-    );
-    let _ = missing;
+    if cpus.dropped == 0 {
+        let t0 = timer::now_ns();
+        // `platform_offline_cpu=N`: never start CPU N, to exercise the bounded wait.
+        let offline = bootarg("platform_offline_cpu").and_then(|v| v.parse::<usize>().ok());
+        let result = smp::start_secondaries(&cpus, ap_entry, offline);
+        kprintln!(
+            "smp: {} of {} CPUs online in {} us{}",
+            smp::online_cpus().len(),
+            cpus.count,
+            (timer::now_ns() - t0) / 1000,
+            match result {
+                Ok(()) => "",
+                Err(smp::StartError::Missing(_)) => "; missing CPUs named above",
+                Err(smp::StartError::BootCpuNotListed(_)) =>
+                    "; the boot CPU's APIC ID is not in the MADT: no other CPU started",
+            }
+        );
+    }
     cpu::sti();
     crate::kernel::primary_main()
 }
 
-/// Where a secondary arrives from the trampoline, in long mode on its own stack.
-extern "C" fn ap_entry() -> ! {
-    let index = smp::starting_cpu();
+/// `, N what` when `n` is not 0.
+struct Counted(usize, &'static str);
+
+impl core::fmt::Display for Counted {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 == 0 {
+            return Ok(());
+        }
+        write!(f, ", {} {}", self.0, self.1)
+    }
+}
+
+/// Where a secondary arrives from the trampoline, in long mode on the stack of logical
+/// CPU `index` (the trampoline found it by this CPU's APIC ID).
+extern "C" fn ap_entry(index: usize) -> ! {
     apic::init_cpu();
     let id = apic::id();
-    if id != smp::apic_id(index) || smp::online_cpus().contains(index) {
-        // Not the CPU being started (a stray SIPI or a late arrival): it would share
-        // another CPU's index and stack. It cannot even print (no per-CPU index yet).
+    if index >= crate::MAX_CPUS || id != smp::apic_id(index) {
+        // Not the CPU the table names (the trampoline's ID and the APIC's disagree): it
+        // would share another CPU's index and stack. It cannot even print (no per-CPU
+        // index yet).
         cpu::halt_forever();
     }
     cpu::set_cpu_index(index);
@@ -172,7 +203,10 @@ extern "C" fn ap_entry() -> ! {
     paging::load();
     gdt::load(index);
     traps::load();
-    smp::mark_online(index);
+    if !smp::claim_online(index) {
+        // The boot CPU stopped waiting and reported this CPU missing.
+        cpu::halt_forever();
+    }
     kprintln!("cpu {index} online (APIC ID {id})");
     // Wait for jobs with interrupts on, so stop IPIs (and NMIs) are answered.
     cpu::sti();

@@ -35,16 +35,116 @@ pub fn clear_ipi_handler(ipi: u32) {
     HANDLERS[slot(ipi)].store(0, Ordering::Release);
 }
 
+/// How one IPI reaches a set of CPUs: the ICR's three ways of naming them (Linux's
+/// `__x2apic_send_IPI_shorthand`, `x2apic_cluster`'s `__x2apic_send_IPI_mask` and
+/// `x2apic_phys`'s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpiForm {
+    /// One ICR write with the all-excluding-self shorthand: only when the targets are
+    /// every other CPU and every CPU the MADT lists is online (the shorthand also
+    /// reaches a CPU still waiting for its SIPI, or one that never came up).
+    AllButSelf,
+    /// x2APIC logical destinations in cluster mode: one ICR write per cluster of up
+    /// to 16 CPUs (the LDR's cluster in bits 31:16, one bit of 16 in 15:0).
+    Cluster,
+    /// One ICR write per target, by physical APIC ID (xAPIC mode has only this).
+    Physical,
+}
+
+impl IpiForm {
+    /// Every form.
+    pub const ALL: [IpiForm; 3] = [IpiForm::AllButSelf, IpiForm::Cluster, IpiForm::Physical];
+
+    /// The form's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            IpiForm::AllButSelf => "all-but-self shorthand",
+            IpiForm::Cluster => "x2APIC cluster",
+            IpiForm::Physical => "physical, one per CPU",
+        }
+    }
+}
+
+/// The cheapest form that reaches exactly `targets` (online CPUs) from the calling CPU:
+/// the shorthand for every other CPU, clusters for fewer, one by one in xAPIC mode. The
+/// shorthand and the cluster form both need every CPU the MADT lists online: the
+/// shorthand would also reach one that is not, and QEMU's logical-mode delivery
+/// (`hw/intc/apic.c:apic_get_delivery_bitmask`) truncates the destination to 8 bits
+/// for every APIC after the first one still in xAPIC mode (a CPU that never came up),
+/// so cluster 1 and up, and bits 8-15 of cluster 0, would lose the IPI. Physical then.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn form_for(targets: CpuSet) -> IpiForm {
+    let me = cpu::current_cpu();
+    let online = smp::online_cpus();
+    let all_online = online.len() == smp::present();
+    if !targets.is_empty() && targets == online.without(me) && all_online {
+        IpiForm::AllButSelf
+    } else if apic::x2apic_mode() && all_online {
+        IpiForm::Cluster
+    } else {
+        IpiForm::Physical
+    }
+}
+
+/// Sends `low` (vector | delivery mode) to every online CPU in `targets` (the caller
+/// too, if in it) in `form`; [`IpiForm::AllButSelf`] reaches every other CPU whatever
+/// `targets` says (the caller chose it with [`form_for`]), and [`IpiForm::Cluster`]
+/// outside x2APIC mode falls back to physical. Returns the ICR writes made.
+/// Interrupts are off inside (see [`apic::send_ipi`]); callable from NMI context. In
+/// `.text.nopatch`: the stop IPI and the patch window's test IPIs go through it.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_to(targets: CpuSet, low: u32, form: IpiForm) -> usize {
+    let saved = cpu::cli_save();
+    let mut writes = 0;
+    match form {
+        IpiForm::AllButSelf => {
+            apic::send_ipi(0, low | apic::ALL_BUT_SELF);
+            writes = 1;
+        }
+        IpiForm::Cluster if apic::x2apic_mode() => {
+            // Targets of one cluster next to each other (QEMU numbers APIC IDs in MADT
+            // order) share one write; a cluster met again later costs one more.
+            let mut pending: Option<u32> = None;
+            for t in targets.and(smp::online_cpus()).iter() {
+                let ldr = smp::logical_id(t);
+                pending = match pending {
+                    Some(dest) if dest >> 16 == ldr >> 16 => Some(dest | (ldr & 0xffff)),
+                    Some(dest) => {
+                        apic::send_ipi(dest, low | apic::DEST_LOGICAL);
+                        writes += 1;
+                        Some(ldr)
+                    }
+                    None => Some(ldr),
+                };
+            }
+            if let Some(dest) = pending {
+                apic::send_ipi(dest, low | apic::DEST_LOGICAL);
+                writes += 1;
+            }
+        }
+        IpiForm::Cluster | IpiForm::Physical => {
+            for t in targets.and(smp::online_cpus()).iter() {
+                apic::send_ipi(smp::apic_id(t), low);
+                writes += 1;
+            }
+        }
+    }
+    cpu::restore_if(saved);
+    writes
+}
+
 /// Sends test IPI `ipi` to every online CPU in `targets` (the caller too, if in it).
 /// In `.text.nopatch`: the patch-masking self-test sends it from inside the patch window.
 #[unsafe(link_section = ".text.nopatch")]
 pub fn send_ipi(ipi: u32, targets: CpuSet) {
-    let vector = TEST_IPIS[slot(ipi)];
-    let saved = cpu::cli_save();
-    for t in targets.and(smp::online_cpus()).iter() {
-        apic::send_ipi(smp::apic_id(t), apic::DM_FIXED | vector);
-    }
-    cpu::restore_if(saved);
+    send_ipi_as(ipi, targets, form_for(targets));
+}
+
+/// [`send_ipi`] in a given form (the platform self-test checks each); returns the ICR
+/// writes made.
+#[unsafe(link_section = ".text.nopatch")]
+pub fn send_ipi_as(ipi: u32, targets: CpuSet, form: IpiForm) -> usize {
+    send_to(targets, apic::DM_FIXED | TEST_IPIS[slot(ipi)], form)
 }
 
 /// Runs the handler of test IPI `ipi` (from the trap dispatch, after the EOI). Part of
@@ -110,20 +210,13 @@ pub fn sync_all(timeout_ns: u64) -> Result<(), (CpuSet, u64)> {
     // AcqRel: Release pairs with the Acquire in `handle_sync` (our text writes before
     // this point are ordered before the IPI's handler reads the generation).
     let generation = SYNC_GEN.fetch_add(1, Ordering::AcqRel) + 1;
-    let online = smp::online_cpus();
-    let others = online.without(me);
-    let saved = cpu::cli_save();
-    let vector = apic::DM_FIXED | u32::from(SYNC_VECTOR);
-    if !others.is_empty() && online.len() == smp::present() {
-        // One ICR write for all, as the stop IPI does: the shorthand would also reach a
-        // CPU still waiting for its SIPI, so only when every CPU the MADT lists is online.
-        apic::send_ipi(0, vector | apic::ALL_BUT_SELF);
-    } else {
-        for t in others.iter() {
-            apic::send_ipi(smp::apic_id(t), vector);
-        }
-    }
-    cpu::restore_if(saved);
+    let others = smp::online_cpus().without(me);
+    // As the stop IPI: one ICR write for all where the shorthand may be used.
+    send_to(
+        others,
+        apic::DM_FIXED | u32::from(SYNC_VECTOR),
+        form_for(others),
+    );
     cpu::serialize();
     let start = timer::now_ns();
     loop {

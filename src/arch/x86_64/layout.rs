@@ -80,7 +80,7 @@ unsafe impl<const N: usize> Sync for Stacks<N> {}
 /// A stack slot: one unmapped guard page below each kernel stack, so an overflow
 /// faults (and the #PF, unable to push on the dead stack, becomes a #DF on its IST
 /// stack, which reports it) instead of running into the next CPU's stack.
-const STACK_SLOT: usize = STACK_SIZE + GUARD_SIZE;
+pub const STACK_SLOT: usize = STACK_SIZE + GUARD_SIZE;
 const GUARD_SIZE: usize = 4096;
 
 /// Kernel stacks: CPU `i` has slot `i`, a guard page then its stack.

@@ -118,25 +118,16 @@ unsafe impl Arch for X86_64 {
 
     /// One ICR write with the all-excluding-self shorthand when the targets are every
     /// other CPU and every CPU the MADT lists is online (the shorthand would also reach
-    /// one still waiting for its SIPI); one write per target otherwise.
+    /// one still waiting for its SIPI); otherwise one write per x2APIC cluster (16
+    /// CPUs), or per target in xAPIC mode ([`ipi::form_for`]).
     #[unsafe(link_section = ".text.nopatch")]
     fn send_stop_ipi(&self, targets: CpuSet) {
-        let me = cpu::current_cpu();
-        let targets = targets.without(me);
-        let online = smp::online_cpus();
+        let targets = targets.without(cpu::current_cpu());
         if targets.is_empty() {
             return;
         }
-        let saved = cpu::cli_save();
         let vector = apic::DM_FIXED | u32::from(ipi::STOP_VECTOR);
-        if targets == online.without(me) && online.len() == smp::present() {
-            apic::send_ipi(0, vector | apic::ALL_BUT_SELF);
-        } else {
-            for t in targets.iter() {
-                apic::send_ipi(smp::apic_id(t), vector);
-            }
-        }
-        cpu::restore_if(saved);
+        ipi::send_to(targets, vector, ipi::form_for(targets));
     }
 
     #[inline(always)]

@@ -13,7 +13,7 @@
 //! (`x86_stub_2` in `boot/x86_64/vectors.S`) latches an NMI arriving then and runs the
 //! handlers again once the first pass is done, never on top of it ([`nmis_latched`]).
 
-use super::{apic, cpu, smp};
+use super::{apic, cpu, ipi, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -95,34 +95,25 @@ fn request(cpu: usize) {
     REQUESTS[cpu].fetch_add(1, Ordering::Release);
 }
 
-/// Sends an NMI to every online CPU in `targets` (the caller too, if in the set), each
-/// by its APIC ID. Callable with interrupts off and from NMI context.
+/// Sends an NMI to every online CPU in `targets` (the caller too, if in the set) in
+/// the cheapest form that names exactly them ([`ipi::form_for`]: the shorthand for all
+/// others, x2APIC clusters, or one by one). Callable with interrupts off and from NMI
+/// context.
 #[unsafe(link_section = ".text.nopatch")]
 pub fn send_nmi(targets: CpuSet) {
-    let saved = cpu::cli_save();
-    for t in targets.and(smp::online_cpus()).iter() {
+    let targets = targets.and(smp::online_cpus());
+    for t in targets.iter() {
         request(t);
-        apic::send_ipi(smp::apic_id(t), apic::DM_NMI);
     }
-    cpu::restore_if(saved);
+    ipi::send_to(targets, apic::DM_NMI, ipi::form_for(targets));
 }
 
-/// Sends an NMI to every other online CPU with the all-excluding-self shorthand, or
-/// one by one when some CPU the MADT lists is not online: the shorthand would also hit
-/// a CPU still waiting for its SIPI, and QEMU then starts it at the reset vector.
+/// Sends an NMI to every other online CPU: with the all-excluding-self shorthand when
+/// every CPU the MADT lists is online (otherwise it would also hit a CPU still waiting
+/// for its SIPI, and QEMU then starts it at the reset vector), else as [`send_nmi`].
 #[unsafe(link_section = ".text.nopatch")]
 pub fn send_nmi_all_but_self() {
-    let others = smp::online_cpus().without(cpu::current_cpu());
-    if smp::online_cpus().len() != smp::present() {
-        send_nmi(others);
-        return;
-    }
-    let saved = cpu::cli_save();
-    for t in others.iter() {
-        request(t);
-    }
-    apic::send_ipi(0, apic::DM_NMI | apic::ALL_BUT_SELF);
-    cpu::restore_if(saved);
+    send_nmi(smp::online_cpus().without(cpu::current_cpu()));
 }
 
 /// Sends an NMI to the calling CPU, by its own APIC ID (the "self" shorthand is not

@@ -1,5 +1,5 @@
 //! KTAP self-tests of what only the x86_64 platform has (the text alias, test IPI
-//! vectors, a CPU held inside an NMI, nested NMIs), run as KTAP subtest suite
+//! vectors and the ICR's destination forms, a CPU held inside an NMI, nested NMIs), run as KTAP subtest suite
 //! `platform` by the kernel's runner (`tests=platform`, `tests=platform.NAME` for one)
 //! on the boot CPU once every CPU is up. The tests both architectures share (CPUs
 //! online, stop_machine, NMI IPIs, stop_machine_nmi, patching) are the kernel's, in
@@ -31,6 +31,8 @@ pub const SELFTESTS: &[Test] = &[
     Test::new("alias_private", alias_private),
     Test::new("stop_machine_timeout", stop_machine_timeout),
     Test::new("test_ipi", test_ipi),
+    Test::new("ipi_forms", ipi_forms),
+    Test::new("madt_entries", madt_entries),
     Test::new("nested_nmi", nested_nmi),
 ];
 
@@ -449,6 +451,285 @@ fn test_ipi() -> Verdict {
         ipi::TEST_IPIS[0],
         ipi::TEST_IPIS[1]
     ))
+}
+
+/// A MADT Processor Local APIC entry (type 0).
+const fn lapic(id: u8, flags: u8) -> [u8; 8] {
+    [0, 8, id, id, flags, 0, 0, 0]
+}
+
+/// A MADT Processor Local x2APIC entry (type 9).
+const fn x2apic(id: u32, flags: u8) -> [u8; 16] {
+    let i = id.to_le_bytes();
+    [
+        9, 16, 0, 0, i[0], i[1], i[2], i[3], flags, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// The MADT parser on made-up tables: type 0 and type 9 CPUs together, each rule of
+/// `madt` once (enabled, online capable, the invalid IDs 0xff and 0xffff_ffff, a type
+/// 9 entry below 0xff beside type 0 CPUs, the same ID twice, other types skipped), the
+/// malformed entries refused; and the APIC mode choice (x2APIC above ID 0xfe).
+fn madt_entries() -> Verdict {
+    use super::{apic, madt};
+    let mut table = [0u8; 144];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        table[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    put(&lapic(0, 1));
+    put(&[1, 12, 0, 0, 0, 0, 0xc0, 0xfe, 0, 0, 0, 0]); // an I/O APIC: skipped
+    put(&lapic(1, 1));
+    put(&lapic(2, 2)); // online capable, not enabled
+    put(&lapic(3, 2));
+    put(&lapic(0xff, 1)); // no CPU
+    put(&x2apic(1, 1)); // below 0xff beside type 0 CPUs: the same CPU again
+    put(&x2apic(300, 1));
+    put(&x2apic(300, 1)); // listed twice
+    put(&x2apic(u32::MAX, 1)); // no CPU
+    put(&x2apic(301, 0)); // neither enabled nor online capable
+    let cpus = match madt::parse_entries(&table[..len]) {
+        Ok(cpus) => cpus,
+        Err(e) => return Verdict::Fail(msg!("a good table refused: {e}")),
+    };
+    let ids = &cpus.apic_ids[..cpus.count];
+    check!(ids == [0, 1, 300], "APIC IDs {ids:?}, expected [0, 1, 300]");
+    check!(
+        (
+            cpus.online_capable,
+            cpus.duplicates,
+            cpus.dropped,
+            cpus.max_apic_id
+        ) == (2, 1, 0, 300),
+        "online capable {}, duplicates {}, dropped {}, highest ID {}: expected 2, 1, 0, 300",
+        cpus.online_capable,
+        cpus.duplicates,
+        cpus.dropped,
+        cpus.max_apic_id
+    );
+    // Only type 9 entries: IDs below 0xff count.
+    let mut only_x2 = [0u8; 32];
+    only_x2[..16].copy_from_slice(&x2apic(3, 1));
+    only_x2[16..].copy_from_slice(&x2apic(4, 1));
+    match madt::parse_entries(&only_x2) {
+        Ok(c) if c.apic_ids[..c.count] == [3, 4] => {}
+        Ok(c) => fail!("type 9 only: IDs {:?}", &c.apic_ids[..c.count]),
+        Err(e) => fail!("type 9 only: refused: {e}"),
+    }
+    let x2 = x2apic(5, 1);
+    let short_x2 = [9, 12, 0, 0, 5, 0, 0, 0, 1, 0, 0, 0];
+    let bad: [(&str, &[u8]); 4] = [
+        ("an entry past the end", &x2[..12]),
+        ("a type 9 entry of 12 bytes", &short_x2),
+        ("an entry of length 0", &[0, 0, 0, 0]),
+        ("no enabled CPU", &lapic(7, 0)),
+    ];
+    for (what, bytes) in bad {
+        check!(madt::parse_entries(bytes).is_err(), "{what} was accepted");
+    }
+    check!(
+        apic::choose_mode(false, 0xfe, madt::XAPIC_MAX_ID) == Ok(false)
+            && apic::choose_mode(false, 0xff, madt::XAPIC_MAX_ID) == Err(0xff)
+            && apic::choose_mode(true, 300, madt::XAPIC_MAX_ID) == Ok(true),
+        "APIC mode: xAPIC must serve IDs up to 0xfe and refuse 0xff without x2APIC"
+    );
+    Verdict::Pass(msg!(
+        "IDs {ids:?} from type 0 and 9 entries; 4 malformed tables refused"
+    ))
+}
+
+/// Per CPU: deliveries of the IPI under test, and of the fence that follows it.
+static FORM_HITS: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+static FORM_FENCED: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
+const FORM_WAIT_NS: u64 = 2_000_000_000;
+
+fn form_hit(cpu: usize) {
+    // Release pairs with the test's Acquire loads.
+    FORM_HITS[cpu].fetch_add(1, Ordering::Release);
+}
+
+fn form_fenced(cpu: usize) {
+    // Release pairs with the test's Acquire loads.
+    FORM_FENCED[cpu].fetch_add(1, Ordering::Release);
+}
+
+/// The CPUs of `set` whose counter in `counts` satisfies `keep`.
+fn counted(counts: &[AtomicU32], set: CpuSet, keep: impl Fn(u32) -> bool) -> CpuSet {
+    set.iter()
+        .filter(|&c| keep(counts[c].load(Ordering::Acquire)))
+        .fold(CpuSet::EMPTY, CpuSet::with)
+}
+
+/// Waits (bounded) until every CPU of `set` has a non-zero counter; the laggards.
+fn wait_counted(counts: &[AtomicU32], set: CpuSet) -> CpuSet {
+    let start = timer::now_ns();
+    loop {
+        let missing = counted(counts, set, |n| n == 0);
+        if missing.is_empty() || timer::now_ns() - start > FORM_WAIT_NS {
+            return missing;
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Distinct x2APIC clusters among `set`.
+fn clusters(set: CpuSet) -> usize {
+    let mut seen = [0u64; crate::MAX_CPUS.div_ceil(64)];
+    let mut n = 0;
+    for c in set.iter() {
+        // The index of `c`'s cluster among the online CPUs' clusters, by first member.
+        let cluster = smp::logical_id(c) >> 16;
+        let first = smp::online_cpus()
+            .iter()
+            .find(|&o| smp::logical_id(o) >> 16 == cluster)
+            .unwrap_or(c);
+        if seen[first / 64] & (1 << (first % 64)) == 0 {
+            seen[first / 64] |= 1 << (first % 64);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Sends the test IPI in `form` to `intended`, and checks that exactly those CPUs took
+/// it, once each: the intended ones within 2 s, and no other by the time a later,
+/// lower-priority fence IPI (sent to every online CPU one by one) reached them all (an
+/// IRR holding both is served highest vector first, so a stray delivery of the IPI
+/// under test runs before the fence). Returns the ICR writes made.
+fn one_form(form: ipi::IpiForm, intended: CpuSet) -> Result<usize, crate::harness::Msg> {
+    let online = smp::online_cpus();
+    for c in online.iter() {
+        FORM_HITS[c].store(0, Ordering::Relaxed);
+        FORM_FENCED[c].store(0, Ordering::Relaxed);
+    }
+    let writes = ipi::send_ipi_as(ipi::TEST_IPIS[1], intended, form);
+    let late = wait_counted(&FORM_HITS, intended);
+    ipi::send_ipi_as(ipi::TEST_IPIS[0], online, ipi::IpiForm::Physical);
+    let unfenced = wait_counted(&FORM_FENCED, online);
+    let hit = counted(&FORM_HITS, online, |n| n > 0);
+    let twice = counted(&FORM_HITS, online, |n| n > 1);
+    let name = form.name();
+    if !late.is_empty() {
+        return Err(msg!(
+            "{name} to {intended}: {late} never took it within 2 s (reached {hit})"
+        ));
+    }
+    if !unfenced.is_empty() {
+        return Err(msg!(
+            "{name}: the fence IPI (physical, to every CPU) never reached {unfenced}"
+        ));
+    }
+    if hit != intended {
+        return Err(msg!(
+            "{name} to {intended} also reached {}",
+            hit.minus(intended)
+        ));
+    }
+    if !twice.is_empty() {
+        return Err(msg!("{name} to {intended}: taken twice on {twice}"));
+    }
+    Ok(writes)
+}
+
+/// Each ICR destination form of `ipi::send_to` reaches exactly the CPUs meant: the
+/// all-but-self shorthand every other CPU in one write (only when every CPU the MADT
+/// lists is online), x2APIC cluster mode its targets in one write per cluster (sparse
+/// sets, one CPU of the highest cluster, every other CPU), physical mode one CPU per
+/// write; and `form_for` picks the shorthand exactly when it may.
+fn ipi_forms() -> Verdict {
+    let me = super::cpu::current_cpu();
+    let online = smp::online_cpus();
+    let others = online.without(me);
+    let last = online.iter().last().unwrap_or(me);
+    let every = |step: usize| {
+        online
+            .iter()
+            .filter(|c| c % step == step - 1 || *c == last)
+            .fold(CpuSet::EMPTY, CpuSet::with)
+    };
+    ipi::set_ipi_handler(ipi::TEST_IPIS[1], form_hit);
+    ipi::set_ipi_handler(ipi::TEST_IPIS[0], form_fenced);
+    let verdict = (|| {
+        let mut done = 0;
+        let all_online = online.len() == smp::present();
+        let x2 = super::apic::x2apic_mode();
+        // What `form_for` must pick for every other CPU, and for fewer.
+        let (for_others, for_fewer) = match (all_online, x2) {
+            (true, true) => (ipi::IpiForm::AllButSelf, ipi::IpiForm::Cluster),
+            (true, false) => (ipi::IpiForm::AllButSelf, ipi::IpiForm::Physical),
+            (false, _) => (ipi::IpiForm::Physical, ipi::IpiForm::Physical),
+        };
+        let fewer = CpuSet::single(last);
+        for (targets, want) in [(others, for_others), (fewer, for_fewer)] {
+            let got = ipi::form_for(targets);
+            check!(
+                targets.is_empty() || got == want,
+                "form_for({targets}) with {} of {} CPUs online, x2APIC {x2}: {}, expected {}",
+                online.len(),
+                smp::present(),
+                got.name(),
+                want.name()
+            );
+        }
+        if !others.is_empty() && all_online {
+            let writes = match one_form(ipi::IpiForm::AllButSelf, others) {
+                Ok(w) => w,
+                Err(why) => return Verdict::Fail(why),
+            };
+            check!(writes == 1, "the shorthand took {writes} ICR writes");
+            done += 1;
+        }
+        for targets in [every(3), CpuSet::single(last), online] {
+            match one_form(ipi::IpiForm::Physical, targets) {
+                Ok(w) if w == targets.len() => done += 1,
+                Ok(w) => {
+                    return Verdict::Fail(msg!(
+                        "physical to {targets}: {w} ICR writes for {} CPUs",
+                        targets.len()
+                    ));
+                }
+                Err(why) => return Verdict::Fail(why),
+            }
+        }
+        if !x2 {
+            return Verdict::Pass(msg!(
+                "{done} sends on {online}; xAPIC mode: no cluster form"
+            ));
+        }
+        if !all_online {
+            return Verdict::Pass(msg!(
+                "{done} sends on {online}; cluster form not tried: {} of {} CPUs online (QEMU's logical delivery needs every APIC in x2APIC mode)",
+                online.len(),
+                smp::present()
+            ));
+        }
+        for targets in [every(5), CpuSet::single(last), others, online] {
+            match one_form(ipi::IpiForm::Cluster, targets) {
+                Ok(w) if w == clusters(targets) => done += 1,
+                Ok(w) => {
+                    return Verdict::Fail(msg!(
+                        "cluster to {targets}: {w} ICR writes for {} clusters",
+                        clusters(targets)
+                    ));
+                }
+                Err(why) => return Verdict::Fail(why),
+            }
+        }
+        Verdict::Pass(msg!(
+            "{done} sends on {online} ({} x2APIC clusters, highest APIC ID {}), each reached exactly its targets",
+            clusters(online),
+            smp::apic_id(last)
+        ))
+    })();
+    ipi::clear_ipi_handler(ipi::TEST_IPIS[1]);
+    ipi::clear_ipi_handler(ipi::TEST_IPIS[0]);
+    let busy = super::apic::icr_busy_timeouts();
+    check!(
+        busy == 0 || !matches!(verdict, Verdict::Pass(_)),
+        "the xAPIC ICR stayed busy through 1,000,000 polls {busy} times since boot"
+    );
+    verdict
 }
 
 global_asm!(
