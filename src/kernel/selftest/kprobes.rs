@@ -280,7 +280,7 @@ pub(super) fn kprobe_simulate(_: &Params) -> Verdict {
         );
         check!(
             probed == unprobed,
-            "{name}: probed results {probed:#x?}, unprobed {unprobed:#x?} (arguments {:#x?})",
+            "{name}: probed results {probed:x?}, unprobed {unprobed:x?} (arguments {:x?})",
             fixture.args
         );
         let stats = match stats {
@@ -544,7 +544,7 @@ pub(super) fn kprobe_contexts(_: &Params) -> Verdict {
     let expected_results = outer_fixture.args.map(|arg| outer_fixture.run(arg));
     check!(
         results == expected_results,
-        "nested: results {results:#x?}, expected {expected_results:#x?}"
+        "nested: results {results:x?}, expected {expected_results:x?}"
     );
     let nested_calls = CONTEXT_CALLS.load(Ordering::Relaxed) - calls1;
     let pre = CONTEXT_PRE.load(Ordering::Relaxed) - pre1;
