@@ -58,7 +58,9 @@ use core::fmt;
 
 /// A pre or post handler: runs on the CPU that hit the probe, with every asynchronous
 /// exception masked, with the register frame of the probed instruction (before it for
-/// `pre`, after it for `post`). A probe hit inside it is counted missed.
+/// `pre`, after it for `post`). A probe hit inside it is counted missed. It may change
+/// registers of the frame but not where the CPU resumes (the original instruction still
+/// executes, from the probed address).
 pub type Handler<F> = fn(&ProbeHit, &mut F);
 
 /// Names a registered probe; refused once the probe is unregistered (the slot's

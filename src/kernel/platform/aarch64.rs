@@ -367,11 +367,10 @@ pub fn kprobe_frame_reg(frame: &KprobeFrame, n: usize) -> u64 {
     frame.x.get(n).copied().unwrap_or(0)
 }
 
-/// Sets general register `n` of a kprobe handler's frame.
-pub fn kprobe_set_frame_reg(frame: &mut KprobeFrame, n: usize, value: u64) {
-    if let Some(x) = frame.x.get_mut(n) {
-        *x = value;
-    }
+/// Whether `frame`, after [`KPROBE_TARGET`]'s probed instruction (`ADD X1, X0, X0, LSL
+/// #1`), shows its effect: X1 = 3 * X0.
+pub fn kprobe_target_stepped(frame: &KprobeFrame) -> bool {
+    kprobe_frame_reg(frame, 1) == kprobe_frame_reg(frame, 0).wrapping_mul(3)
 }
 
 /// Kprobes work here.
@@ -441,7 +440,8 @@ kprobe_fixtures! {
     "BLR": pm_kp_blr at pm_kp_blr_site with [0, 1];
 }
 
-/// The hammered target: `x * 3 + 7`, probed at its first instruction (out of line).
+/// The hammered target: returns `x * 3 + 7` (wrapping), probed at its first instruction
+/// (run out of line).
 pub const KPROBE_TARGET: Option<KprobeFixture> = Some(KprobeFixture {
     name: "ADD (shifted register)",
     call: pm_kp_target,

@@ -352,8 +352,11 @@ pub fn kprobe_frame_reg(_frame: &KprobeFrame, _n: usize) -> u64 {
     0
 }
 
-/// Sets register `n` of a kprobe handler's frame (none yet).
-pub fn kprobe_set_frame_reg(_frame: &mut KprobeFrame, _n: usize, _value: u64) {}
+/// Whether the frame after the target's probed instruction shows its effect (no
+/// target yet).
+pub fn kprobe_target_stepped(_frame: &KprobeFrame) -> bool {
+    true
+}
 
 /// Why the kprobes self-tests skip here.
 pub fn kprobes_unsupported() -> Option<&'static str> {

@@ -48,13 +48,9 @@ fn hammer_pre(_: &ProbeHit, _: &mut KprobeFrame) {
     PRE_HITS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// After `ADD X1, X0, X0, LSL #1`: X1 = 3 * X0.
+/// The frame must show the probed instruction's effect (arm64: X1 = 3 * X0).
 fn hammer_post(_: &ProbeHit, frame: &mut KprobeFrame) {
-    let (x0, x1) = (
-        platform::kprobe_frame_reg(frame, 0),
-        platform::kprobe_frame_reg(frame, 1),
-    );
-    if x1 != x0.wrapping_mul(3) {
+    if !platform::kprobe_target_stepped(frame) {
         BAD_POSTS.fetch_add(1, Ordering::Relaxed);
     }
     POST_HITS.fetch_add(1, Ordering::Relaxed);
@@ -129,7 +125,7 @@ pub(super) fn kprobe_hammer(params: &Params) -> Verdict {
     let mut failure = None;
     let mut starved = None;
     if let Err(err) = KPROBES.disable(id) {
-        failure = Some((0, err));
+        failure = Some((0, Some(err)));
     }
     // SAFETY: `callers` outlives the jobs: we wait for them before returning.
     let jobs = unsafe { run_on(others, hammer_caller, &callers) };
@@ -145,17 +141,18 @@ pub(super) fn kprobe_hammer(params: &Params) -> Verdict {
     let mut done = 0;
     for k in 0..u64::from(cycles) {
         if let Err(err) = KPROBES.enable(id) {
-            failure = Some((k, err));
+            failure = Some((k, Some(err)));
             break;
         }
         if !hammer_call(me, &callers, k) {
-            callers.record_bad(me, u64::MAX, k, k);
+            failure = Some((k, None));
+            break;
         }
         let since: [u64; crate::MAX_CPUS] =
             core::array::from_fn(|cpu| callers.calls_by[cpu].load(Ordering::Relaxed));
         let idle = wait_for_callers(&callers, others, &since);
         if let Err(err) = KPROBES.disable(id) {
-            failure = Some((k, err));
+            failure = Some((k, Some(err)));
             break;
         }
         done += 1;
@@ -171,8 +168,10 @@ pub(super) fn kprobe_hammer(params: &Params) -> Verdict {
     let waited = jobs.wait(JOB_TIMEOUT_NS);
     set_write_probe(None);
     let stats = KPROBES.unregister_kprobe(id);
-    if let Some((k, err)) = failure {
-        fail!("cycle {k}: {err}");
+    match failure {
+        Some((k, Some(err))) => fail!("cycle {k}: {err}"),
+        Some((k, None)) => fail!("cycle {k}: a call right after enable returned ran unprobed"),
+        None => {}
     }
     if let Some(verdict) = starved_callers(starved) {
         return verdict;
@@ -225,7 +224,8 @@ pub(super) fn kprobe_hammer(params: &Params) -> Verdict {
     let bad_posts = BAD_POSTS.load(Ordering::Relaxed);
     check!(
         bad_posts == 0,
-        "{bad_posts} post handlers saw X1 != 3 * X0: the original did not run first"
+        "{bad_posts} post handlers found the probed instruction's effect missing: the \
+         original did not run first"
     );
     Verdict::Pass(msg!(
         "{done} arm/disarm cycles, {armed_calls} armed calls ({others_armed} from {} other CPUs), \
