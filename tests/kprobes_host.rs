@@ -1,6 +1,7 @@
 //! The kprobes core on the host: registry, refusals (text unchanged), enable/disable,
 //! missed counting for a probe hit inside a handler, and registration from several CPUs
-//! (threads) at once while another CPU keeps hitting the probes.
+//! (threads) at once while another CPU keeps hitting the probes; and arm64's A64
+//! decoder and simulator, compiled for the host.
 
 use patch_machine::arch::host::kprobes::{HostFrame, HostKprobeArch};
 use patch_machine::kprobes::{Forbidden, KprobeError, Kprobes, ProbeHit, ProbeStats};
@@ -410,4 +411,282 @@ fn registration_from_several_cpus_while_another_hits() {
         plain_text(8),
         "a site was left armed"
     );
+}
+
+// arm64's instruction decoder and simulator (`src/arch/aarch64/kprobes_insn.rs`),
+// compiled here against a stand-in trap frame: encodings from GNU as
+// (`aarch64-linux-gnu-as -march=armv8.8-a`), backward offsets and every condition,
+// which the kernel's fixtures (forward branches, a few conditions) do not reach.
+
+/// What `kprobes_insn` needs of its `super::exceptions`.
+mod exceptions {
+    #[derive(Default)]
+    pub struct TrapFrame {
+        pub x: [u64; 31],
+        pub elr: u64,
+        pub spsr: u64,
+    }
+}
+
+#[path = "../src/arch/aarch64/kprobes_insn.rs"]
+#[allow(dead_code)]
+mod kprobes_insn;
+
+use exceptions::TrapFrame;
+use kprobes_insn::{Literal, Plan, Sim, condition_holds, decode, simulate};
+
+#[test]
+fn a64_decode_sorts_every_class() {
+    let simulated = |insn: u32| match decode(insn) {
+        Ok(Plan::Simulate(sim)) => sim,
+        other => panic!("{insn:#010x}: {other:?}"),
+    };
+    assert_eq!(
+        simulated(0x1400_0001),
+        Sim::Branch {
+            offset: 4,
+            link: false
+        }
+    );
+    assert_eq!(
+        simulated(0x17ff_fffe),
+        Sim::Branch {
+            offset: -8,
+            link: false
+        }
+    );
+    assert_eq!(
+        simulated(0x9400_0040),
+        Sim::Branch {
+            offset: 0x100,
+            link: true
+        }
+    );
+    assert_eq!(
+        simulated(0x5400_0040),
+        Sim::BranchCond { offset: 8, cond: 0 }
+    );
+    assert_eq!(
+        simulated(0x54ff_ffe1),
+        Sim::BranchCond {
+            offset: -4,
+            cond: 1
+        }
+    );
+    let cbnz = Sim::CompareBranch {
+        offset: -16,
+        rt: 3,
+        wide: false,
+        nonzero: true,
+    };
+    assert_eq!(simulated(0x35ff_ff83), cbnz);
+    let cbz = Sim::CompareBranch {
+        offset: 8,
+        rt: 0,
+        wide: true,
+        nonzero: false,
+    };
+    assert_eq!(simulated(0xb400_0040), cbz);
+    let tbz = Sim::TestBranch {
+        offset: 8,
+        rt: 0,
+        bit: 3,
+        nonzero: false,
+    };
+    assert_eq!(simulated(0x3618_0040), tbz);
+    let tbnz = Sim::TestBranch {
+        offset: -8,
+        rt: 5,
+        bit: 40,
+        nonzero: true,
+    };
+    assert_eq!(simulated(0xb747_ffc5), tbnz);
+    assert_eq!(
+        simulated(0x1000_0201),
+        Sim::Address {
+            rd: 1,
+            offset: 0x40,
+            page: false
+        }
+    );
+    assert_eq!(
+        simulated(0x30ff_ffe2),
+        Sim::Address {
+            rd: 2,
+            offset: -3,
+            page: false
+        }
+    );
+    assert_eq!(
+        simulated(0xf000_0001),
+        Sim::Address {
+            rd: 1,
+            offset: 0x3000,
+            page: true
+        }
+    );
+    assert_eq!(
+        simulated(0xf0ff_ffc4),
+        Sim::Address {
+            rd: 4,
+            offset: -0x5000,
+            page: true
+        }
+    );
+    for (insn, kind) in [
+        (0x5800_0041, Literal::Double),
+        (0x1800_0041, Literal::Word),
+        (0x9800_0041, Literal::SignedWord),
+    ] {
+        assert_eq!(
+            simulated(insn),
+            Sim::Load {
+                rt: 1,
+                offset: 8,
+                kind
+            }
+        );
+    }
+    assert_eq!(
+        simulated(0xd800_0040),
+        Sim::Load {
+            rt: 0,
+            offset: 8,
+            kind: Literal::Prefetch
+        }
+    );
+    assert_eq!(
+        simulated(0xd65f_03c0),
+        Sim::BranchReg {
+            rn: 30,
+            link: false
+        }
+    );
+    assert_eq!(
+        simulated(0xd61f_0020),
+        Sim::BranchReg { rn: 1, link: false }
+    );
+    assert_eq!(simulated(0xd63f_0020), Sim::BranchReg { rn: 1, link: true });
+    // NOP, YIELD, DMB ISH, ISB, ADD (shifted), STR through SP: anywhere.
+    for insn in [
+        0xd503_201f,
+        0xd503_203f,
+        0xd503_3bbf,
+        0xd503_3fdf,
+        0x8b00_0401,
+        0xf900_07e0,
+    ] {
+        assert_eq!(decode(insn), Ok(Plan::OutOfLine), "{insn:#010x}");
+    }
+    // BC.EQ, LDR Q0 literal, RETAA, ERET, BRK #4, SVC #1, HLT #0, LDXR, STXR, LDAR,
+    // MSR DAIFSet, MRS CurrentEL, UDF #0.
+    for insn in [
+        0x5400_0050,
+        0x9c00_0040,
+        0xd65f_0bff,
+        0xd69f_03e0,
+        0xd420_0080,
+        0xd400_0021,
+        0xd440_0000,
+        0xc85f_7c20,
+        0xc802_7c20,
+        0xc8df_fc20,
+        0xd503_42df,
+        0xd538_4240,
+        0,
+    ] {
+        assert!(
+            decode(insn).is_err(),
+            "{insn:#010x} accepted: {:?}",
+            decode(insn)
+        );
+    }
+}
+
+#[test]
+fn a64_conditions_follow_the_arm_arm_table() {
+    for nzcv in 0..16u64 {
+        let (n, z, c, v) = (nzcv & 8 != 0, nzcv & 4 != 0, nzcv & 2 != 0, nzcv & 1 != 0);
+        let table = [
+            z,
+            !z,
+            c,
+            !c,
+            n,
+            !n,
+            v,
+            !v,
+            c && !z,
+            !c || z,
+            n == v,
+            n != v,
+            !z && n == v,
+            z || n != v,
+            true,
+            true,
+        ];
+        for (cond, expected) in table.into_iter().enumerate() {
+            assert_eq!(
+                condition_holds(cond as u8, nzcv << 28),
+                expected,
+                "cond {cond:#x}, NZCV {nzcv:04b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a64_simulation_moves_the_pc_and_the_registers() {
+    let pc = 0x4020_1004u64;
+    let run = |insn: u32, setup: &dyn Fn(&mut TrapFrame)| {
+        let mut frame = TrapFrame::default();
+        setup(&mut frame);
+        let Ok(Plan::Simulate(sim)) = decode(insn) else {
+            panic!("{insn:#010x} is not simulated");
+        };
+        simulate(sim, pc, &mut frame);
+        frame
+    };
+    let nothing = |_: &mut TrapFrame| {};
+    assert_eq!(run(0x17ff_fffe, &nothing).elr, pc - 8);
+    let bl = run(0x9400_0040, &nothing);
+    assert_eq!((bl.elr, bl.x[30]), (pc + 0x100, pc + 4));
+    // B.NE -4: taken with Z clear, not with Z set.
+    assert_eq!(run(0x54ff_ffe1, &nothing).elr, pc - 4);
+    assert_eq!(run(0x54ff_ffe1, &|f| f.spsr = 1 << 30).elr, pc + 4);
+    // CBNZ W3: the upper half does not count.
+    assert_eq!(run(0x35ff_ff83, &|f| f.x[3] = 1 << 32).elr, pc + 4);
+    assert_eq!(run(0x35ff_ff83, &|f| f.x[3] = 1).elr, pc - 16);
+    // TBNZ X5, #40.
+    assert_eq!(run(0xb747_ffc5, &|f| f.x[5] = 1 << 40).elr, pc - 8);
+    assert_eq!(run(0xb747_ffc5, &|f| f.x[5] = 1 << 39).elr, pc + 4);
+    let adr = run(0x30ff_ffe2, &nothing);
+    assert_eq!((adr.x[2], adr.elr), (pc - 3, pc + 4));
+    assert_eq!(run(0xf0ff_ffc4, &nothing).x[4], (pc & !0xfff) - 0x5000);
+    let ret = run(0xd65f_03c0, &|f| f.x[30] = 0x1234);
+    assert_eq!(ret.elr, 0x1234);
+    let blr = run(0xd63f_0020, &|f| f.x[1] = 0x5678);
+    assert_eq!((blr.elr, blr.x[30]), (0x5678, pc + 4));
+    // BLR X30: the target is read before the link is written.
+    let blr30 = run(0xd63f_03c0, &|f| f.x[30] = 0x9abc);
+    assert_eq!((blr30.elr, blr30.x[30]), (0x9abc, pc + 4));
+}
+
+#[test]
+fn a64_literal_loads_read_next_to_the_instruction() {
+    // The literal 8 bytes past a made-up PC: the words of `pool`.
+    let pool: [u32; 2] = [0x8000_0010, 0x1122_3344];
+    let literal = pool.as_ptr() as u64;
+    let mut frame = TrapFrame::default();
+    let load = |insn: u32, frame: &mut TrapFrame| {
+        let Ok(Plan::Simulate(sim)) = decode(insn) else {
+            panic!("{insn:#010x} is not simulated");
+        };
+        simulate(sim, literal - 8, frame);
+        frame.x[1]
+    };
+    assert_eq!(load(0x1800_0041, &mut frame), 0x8000_0010);
+    assert_eq!(load(0x9800_0041, &mut frame), 0xffff_ffff_8000_0010);
+    assert_eq!(load(0x5800_0041, &mut frame), 0x1122_3344_8000_0010);
+    assert_eq!(frame.elr, literal - 4);
 }

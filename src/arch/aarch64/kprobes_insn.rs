@@ -2,9 +2,11 @@
 //! simulation of those that read the PC and so cannot run anywhere but at their own
 //! address (B, BL, B.cond, CBZ/CBNZ, TBZ/TBNZ, ADR, ADRP, LDR literal, BR/BLR/RET).
 //!
-//! Written by hand from the Arm ARM's encoding tables (C4.1): no crate decodes A64 for a
-//! no_std kernel at this granularity. The simulation code is in `.text.kprobes` (the
-//! hit path runs it; no probe may be placed there).
+//! Written by hand from the Arm ARM's encoding tables (C4.1): kprobes needs a dozen
+//! classes told apart by their fixed bits, and the simulation must run on the hit path
+//! from `.text.kprobes` (no probe may be placed there); a general disassembler crate
+//! would be far larger, and its code would have to be kept out of probeable text too.
+//! `tests/kprobes_host.rs` checks it on the host against GNU as encodings.
 
 use super::exceptions::TrapFrame;
 
