@@ -501,7 +501,7 @@ fn aarch64_max_smp2_mttcg() {
             .bootargs(
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
                  stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
-                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_hammer \
+                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer \
                  flips=2000",
             ),
     );

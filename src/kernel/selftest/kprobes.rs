@@ -570,3 +570,176 @@ pub(super) fn kprobe_contexts(_: &Params) -> Verdict {
         nmi_cpus
     ))
 }
+
+/// Rounds of `kprobe_registry` on each CPU.
+const REGISTRY_ROUNDS: u32 = 20;
+
+/// A failed round: CPU, round, what, and the error if there was one.
+type RoundFailure = (
+    usize,
+    u32,
+    &'static str,
+    Option<KprobeError<platform::Insn>>,
+);
+
+/// What the CPUs of `kprobe_registry` share.
+struct Registrars {
+    /// CPUs at the start line, and how many there are: all start at once.
+    ready: AtomicU64,
+    cpus: u64,
+    /// CPUs inside a round (between their first registration and their last removal)
+    /// now, and the most seen at once.
+    in_flight: AtomicU64,
+    most: AtomicU64,
+    /// Rounds in which a CPU won the shared site.
+    shared_won: AtomicU64,
+    /// The first failure: CPU, round, what, and the error if there was one.
+    failed: spin::Mutex<Option<RoundFailure>>,
+}
+
+impl Registrars {
+    fn fail(
+        &self,
+        cpu: usize,
+        round: u32,
+        what: &'static str,
+        err: Option<KprobeError<platform::Insn>>,
+    ) {
+        self.failed.lock().get_or_insert((cpu, round, what, err));
+    }
+}
+
+/// One CPU's rounds: register a probe on its own fixture and one on the shared target
+/// (at most one CPU may win it), call what it holds, check the hits, unregister.
+fn registry_rounds(cpu: usize, r: &Registrars) {
+    r.ready.fetch_add(1, Ordering::AcqRel);
+    let start = now_ns();
+    while r.ready.load(Ordering::Acquire) < r.cpus && now_ns() - start < 1_000_000_000 {
+        platform::cpu_yield();
+    }
+    let fixtures = platform::KPROBE_FIXTURES;
+    let own = fixtures[cpu % fixtures.len()];
+    // More CPUs than fixtures: the extra CPUs contend for the shared site only.
+    let own = (cpu < fixtures.len()).then_some(own);
+    let unprobed = own.map(|f| f.run(f.args[0]));
+    let target = target();
+    for round in 0..REGISTRY_ROUNDS {
+        let now = r.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        r.most.fetch_max(now, Ordering::SeqCst);
+        let own_id = own.map(|f| KPROBES.register_kprobe(f.site_addr(), Some(fixture_pre), None));
+        // Under single-threaded TCG a CPU stopping the machine back to back leaves the
+        // others no time of their own between two rendezvous: hand the host over.
+        for _ in 0..4 {
+            platform::cpu_yield();
+        }
+        let shared = KPROBES.register_kprobe(target.site_addr(), Some(fixture_pre), None);
+        for _ in 0..4 {
+            platform::cpu_yield();
+        }
+        match shared {
+            Ok(id) => {
+                r.shared_won.fetch_add(1, Ordering::Relaxed);
+                if target.run(1) != expected(1) {
+                    r.fail(cpu, round, "the shared target returned a wrong value", None);
+                }
+                match KPROBES.unregister_kprobe(id) {
+                    Ok(stats) if stats.hits == 1 => {}
+                    Ok(_) => r.fail(cpu, round, "the shared probe's hit count is not 1", None),
+                    Err(err) => r.fail(cpu, round, "unregistering the shared probe", Some(err)),
+                }
+            }
+            Err(KprobeError::Duplicate { .. }) => {}
+            Err(err) => r.fail(cpu, round, "registering the shared probe", Some(err)),
+        }
+        if let (Some(fixture), Some(own_id)) = (own, own_id) {
+            let id = match own_id {
+                Ok(id) => id,
+                Err(err) => {
+                    r.fail(cpu, round, "registering its own probe", Some(err));
+                    r.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    return;
+                }
+            };
+            if Some(fixture.run(fixture.args[0])) != unprobed {
+                r.fail(
+                    cpu,
+                    round,
+                    "its own probed fixture returned a wrong value",
+                    None,
+                );
+            }
+            match KPROBES.unregister_kprobe(id) {
+                Ok(stats) if stats.hits == 1 => {}
+                Ok(_) => r.fail(cpu, round, "its own probe's hit count is not 1", None),
+                Err(err) => r.fail(cpu, round, "unregistering its own probe", Some(err)),
+            }
+        }
+        r.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if r.failed.lock().is_some() {
+            return;
+        }
+    }
+}
+
+/// Every CPU registers and unregisters probes at once, `REGISTRY_ROUNDS` rounds each:
+/// one on a fixture of its own (each call of it hits its probe once, with the right
+/// result) and one on the shared target, which at most one CPU holds at a time (the
+/// others are refused as duplicates, nothing else). Two CPUs must have been inside a
+/// round at once (else nothing concurrent was tested), the shared site must have
+/// been won, and every site is restored at the end.
+pub(super) fn kprobe_registry(_: &Params) -> Verdict {
+    if let Some(why) = platform::kprobes_unsupported() {
+        return Verdict::Skip(msg!("{why}"));
+    }
+    let others = others();
+    if others.is_empty() {
+        return Verdict::Skip(msg!("one CPU: nothing concurrent to test"));
+    }
+    let sites: [Option<(usize, platform::Insn)>; 32] = core::array::from_fn(|i| {
+        let site = if i == 0 {
+            Some(target().site_addr())
+        } else {
+            platform::KPROBE_FIXTURES.get(i - 1).map(|f| f.site_addr())
+        };
+        site.map(|s| (s, KERNEL_TEXT.read_insn(s, platform::SITE_LEN)))
+    });
+    let r = Registrars {
+        ready: AtomicU64::new(0),
+        cpus: others.len() as u64 + 1,
+        in_flight: AtomicU64::new(0),
+        most: AtomicU64::new(0),
+        shared_won: AtomicU64::new(0),
+        failed: spin::Mutex::new(None),
+    };
+    // SAFETY: `r` outlives the jobs: we wait for them before returning.
+    let jobs = unsafe { run_on(others, registry_rounds, &r) };
+    registry_rounds(current_cpu(), &r);
+    if let Err(pending) = jobs.wait(JOB_TIMEOUT_NS) {
+        fail!("CPUs {pending} did not finish their rounds");
+    }
+    if let Some((cpu, round, what, err)) = *r.failed.lock() {
+        match err {
+            Some(err) => fail!("cpu{cpu}, round {round}: {what}: {err}"),
+            None => fail!("cpu{cpu}, round {round}: {what}"),
+        }
+    }
+    for (site, original) in sites.iter().flatten() {
+        check!(
+            KERNEL_TEXT.read_insn(*site, platform::SITE_LEN) == *original,
+            "the site at {site:#x} was left changed"
+        );
+    }
+    let (most, won) = (
+        r.most.load(Ordering::Relaxed),
+        r.shared_won.load(Ordering::Relaxed),
+    );
+    check!(
+        most >= 2,
+        "no two CPUs were ever inside a round at once: nothing concurrent was tested"
+    );
+    check!(won > 0, "no CPU ever won the shared site");
+    Verdict::Pass(msg!(
+        "{} CPUs x {REGISTRY_ROUNDS} rounds, up to {most} CPUs inside a round at once, shared site won {won} times",
+        others.len() + 1
+    ))
+}

@@ -187,6 +187,11 @@ pub const TESTS: &[Test] = &[
         by_default: true,
     },
     Test {
+        name: "kprobe_registry",
+        run: kprobes::kprobe_registry,
+        by_default: true,
+    },
+    Test {
         name: "kprobe_hammer",
         run: kprobes::kprobe_hammer,
         by_default: true,
