@@ -86,6 +86,7 @@ pub mod cpuset;
 // `check!` in their scope.
 #[macro_use]
 pub mod harness;
+pub mod kprobes;
 pub mod ktap;
 pub mod nmi_handlers;
 pub mod patch;

@@ -278,6 +278,78 @@ fn rendezvous_code_does_not_call_patchable_text() {
     );
 }
 
+/// A kprobe may not be placed in the code its own hit path runs (it would trap inside
+/// its handling), so the arm64 hit path lives in `.text.kprobes`, which probes and
+/// patching refuse. That is only true if it never leaves it: every direct branch out of
+/// `.text.kprobes` goes to `.text.nopatch` (also refused) or a failure path. The pre and
+/// post handlers are reached through a register: they are the probe's user's code.
+#[test]
+fn kprobes_hit_path_stays_unprobeable() {
+    const ALLOWED: &[&str] = &[
+        "core::panicking::",
+        "core::slice::index::",
+        "exceptions::fatal",
+    ];
+    let nm = binutils("nm", &[]);
+    let (start, end) = (symbol(&nm, "__kprobes_start"), symbol(&nm, "__kprobes_end"));
+    let nopatch = symbol(&nm, "__nopatch_start")..symbol(&nm, "__nopatch_end");
+    assert!(end > start, "empty .text.kprobes");
+    let disassembly = binutils(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let mut escapes = Vec::new();
+    let mut function = String::new();
+    let mut calls_hit = false;
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line.to_string();
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() < 3 {
+            continue;
+        }
+        let mnemonic = fields[1].trim();
+        if !matches!(mnemonic, "b" | "bl" | "cbz" | "cbnz" | "tbz" | "tbnz")
+            && !mnemonic.starts_with("b.")
+        {
+            continue;
+        }
+        let operand = fields[2].trim();
+        calls_hit |= operand.contains("Kprobes<A,_>>::hit>");
+        let Some(target) = operand
+            .split([' ', ','])
+            .filter_map(|t| u64::from_str_radix(t, 16).ok())
+            .find(|t| *t > 0x1000)
+        else {
+            continue;
+        };
+        if (start..end).contains(&target) || nopatch.contains(&target) {
+            continue;
+        }
+        if ALLOWED.iter().any(|callee| operand.contains(callee)) {
+            continue;
+        }
+        escapes.push(format!("{function} {line}"));
+    }
+    assert!(
+        calls_hit,
+        "no call of the core's Kprobes::hit in .text.kprobes: the BRK hook or the scan is broken"
+    );
+    assert!(
+        escapes.is_empty(),
+        ".text.kprobes branches into probeable text:\n{}",
+        escapes.join("\n")
+    );
+}
+
 /// The same property for the x86_64 image (host binutils read it): every direct call or
 /// jump out of `.text.nopatch` goes to a failure path or is the boot hand-off.
 #[test]

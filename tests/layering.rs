@@ -5,8 +5,8 @@
 //!   name no `arch::` path (`core::arch` included), no `target_arch` and no `asm!`;
 //! - the platform code (`src/arch/`) names nothing of `crate::kernel` except the two
 //!   boot hand-offs (`primary_main`, `secondary_main`), which are listed below;
-//! - the stop-machine core and the patcher (`src/stop/`, `src/patch/`) name no
-//!   architecture and nothing above them;
+//! - the stop-machine core, the patcher and the kprobes core (`src/stop/`, `src/patch/`,
+//!   `src/kprobes/`) name no architecture and nothing above them;
 //! - inside each architecture's directory the modules form a DAG: the module graph,
 //!   computed from the `super::`/`crate::arch::<arch>::` paths (and `use` trees) of each
 //!   file and from the crate macros it invokes, has no cycle.
@@ -236,7 +236,12 @@ fn the_platform_does_not_reach_up_into_the_kernel() {
 
 #[test]
 fn the_core_and_the_patcher_name_no_architecture() {
-    for (dir, at_least) in [("src/stop", 2), ("src/patch", 2), ("src/static_key", 1)] {
+    for (dir, at_least) in [
+        ("src/stop", 2),
+        ("src/patch", 2),
+        ("src/static_key", 1),
+        ("src/kprobes", 4),
+    ] {
         let files = rust_files(&Path::new(ROOT).join(dir));
         assert!(files.len() >= at_least, "found only {files:?} in {dir}");
         let found = offending_lines(

@@ -490,7 +490,9 @@ fn aarch64_max_smp2() {
 /// multi-threaded TCG does not keep cross-modified code coherent (a vCPU translating
 /// the page while another writes it can publish a stale translation that the writer
 /// then runs, after its own DC CVAU/IC IVAU/DSB/ISB); `nosync` catches that, and it
-/// passes 6 of 6 runs when the other vCPU does not execute the patched page.
+/// passes 6 of 6 runs when the other vCPU does not execute the patched page. The kprobe
+/// tests run here too: they patch only through `patch_machine`, with the other vCPU in
+/// the rendezvous.
 #[test]
 fn aarch64_max_smp2_mttcg() {
     run_cell(
@@ -498,7 +500,8 @@ fn aarch64_max_smp2_mttcg() {
             .accel("tcg,thread=multi")
             .bootargs(
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
-                 stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture \
+                 stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
+                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer \
                  flips=2000",
             ),
     );
@@ -514,12 +517,14 @@ fn aarch64_max_smp4() {
     );
 }
 
-/// Also the full static-key run: 10,000 flips under callers on 7 CPUs.
+/// Also the full static-key run (10,000 flips) and the full kprobe run (10,000 arm/disarm
+/// cycles), under callers on 7 CPUs.
 #[test]
 fn aarch64_max_smp8() {
     run_cell(
         &Cell::new("aarch64_max_smp8", "max", 8)
-            .bootargs("flips=2000 static_key_flips=10000 expect_nmi=feat_nmi"),
+            .bootargs("flips=2000 static_key_flips=10000 kprobe_cycles=10000 expect_nmi=feat_nmi")
+            .timeout_s(400),
     );
 }
 

@@ -50,6 +50,12 @@ const NUMERIC: &[Numeric<Params>] = &[
         max: MAX_FLIPS,
         set: |p, n| p.static_key_flips = n as u32,
     },
+    Numeric {
+        key: "kprobe_cycles",
+        min: 1,
+        max: MAX_FLIPS,
+        set: |p, n| p.kprobe_cycles = n as u32,
+    },
     // Read by the platform at boot; checked here so that a typo is not silently no CPU.
     Numeric {
         key: "platform_offline_cpu",

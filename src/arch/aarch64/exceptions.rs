@@ -86,6 +86,14 @@ pub(crate) static DEPTH: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; M
 /// The BRK hook: a `fn(&mut TrapFrame) -> bool` as usize, 0 = none.
 static BRK_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
+/// The kprobes' BRK hook (same type), for [`KPROBE_BRK_IMM`] and [`KPROBE_XOL_BRK_IMM`].
+static KPROBE_BRK_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// `BRK` immediate of an armed kprobe (Linux's arm64 kprobes use the same value).
+pub const KPROBE_BRK_IMM: u16 = 0x004;
+/// `BRK` immediate that ends a kprobe's out-of-line step.
+pub const KPROBE_XOL_BRK_IMM: u16 = 0x006;
+
 /// Vector indices.
 pub mod kind {
     /// Synchronous exception from the current EL on SP_EL1.
@@ -101,6 +109,13 @@ pub mod kind {
 pub fn set_brk_handler(f: fn(&mut TrapFrame) -> bool) {
     // Release pairs with the Acquire in `handle_sync`.
     BRK_HANDLER.store(f as usize, Ordering::Release);
+}
+
+/// Registers the kprobes' hook: it gets the BRKs with [`KPROBE_BRK_IMM`] and
+/// [`KPROBE_XOL_BRK_IMM`] before [`set_brk_handler`]'s hook, with the same contract.
+pub fn set_kprobe_brk_handler(f: fn(&mut TrapFrame) -> bool) {
+    // Release pairs with the Acquire in `handle_sync`.
+    KPROBE_BRK_HANDLER.store(f as usize, Ordering::Release);
 }
 
 /// Removes the BRK hook.
@@ -140,6 +155,7 @@ pub fn kind_name(kind: u64) -> &'static str {
 }
 
 /// ESR_EL1.EC.
+#[inline(always)]
 pub fn esr_ec(esr: u64) -> u8 {
     ((esr >> 26) & 0x3f) as u8
 }
@@ -248,7 +264,10 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
     }
 }
 
-/// Offers a synchronous exception to the semihosting probe and the BRK hook.
+/// Offers a synchronous exception to the semihosting probe, the kprobes' BRK hook and
+/// the BRK hook. Inlined into `handle_exception`: exception entry stays in
+/// `.text.nopatch`, which no kprobe may be placed in.
+#[inline(always)]
 fn handle_sync(frame: &mut TrapFrame) -> bool {
     if semihosting::trapped(frame.elr) {
         frame.x[0] = u64::MAX;
@@ -256,6 +275,15 @@ fn handle_sync(frame: &mut TrapFrame) -> bool {
         return true;
     }
     if esr_ec(frame.esr) == 0x3c {
+        let imm = (frame.esr & 0xffff) as u16;
+        // Acquire pairs with the Release in `set_kprobe_brk_handler`.
+        let kprobe_hook = KPROBE_BRK_HANDLER.load(Ordering::Acquire);
+        if (imm == KPROBE_BRK_IMM || imm == KPROBE_XOL_BRK_IMM) && kprobe_hook != 0 {
+            // SAFETY: only `set_kprobe_brk_handler` stores non-zero values, and those
+            // are `fn(&mut TrapFrame) -> bool` pointers.
+            let hook: fn(&mut TrapFrame) -> bool = unsafe { core::mem::transmute(kprobe_hook) };
+            return hook(frame);
+        }
         // Acquire pairs with the Release in `set_brk_handler`.
         let hook = BRK_HANDLER.load(Ordering::Acquire);
         if hook != 0 {

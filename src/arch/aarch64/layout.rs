@@ -75,6 +75,8 @@ unsafe extern "C" {
     safe static __nopatch_end: [u8; 0];
     safe static __boot_start: [u8; 0];
     safe static __boot_end: [u8; 0];
+    safe static __kprobes_start: [u8; 0];
+    safe static __kprobes_end: [u8; 0];
     safe static __rodata_start: [u8; 0];
     safe static __rodata_end: [u8; 0];
     safe static __data_start: [u8; 0];
@@ -106,6 +108,12 @@ pub fn nopatch_range() -> Range<usize> {
 #[inline]
 pub fn boot_range() -> Range<usize> {
     range(&__boot_start, &__boot_end)
+}
+
+/// `.text.kprobes`: the kprobes hit path and XOL slots (no probe, no patch there).
+#[inline]
+pub fn kprobes_range() -> Range<usize> {
+    range(&__kprobes_start, &__kprobes_end)
 }
 
 /// Read-only data (`.rodata`, page aligned).

@@ -6,6 +6,8 @@
 //! | [`selftest`]    | platform self-tests (`tests=platform`), `platform_selftest=`  |
 //! | [`boot`]        | boot assembly, Rust entry points, the boot sequence          |
 //! | [`alternatives`]| applying the alternatives tables (boot CPU, then `patch_machine`) |
+//! | [`kprobes`]     | kprobes: the BRK hook, XOL slots, arming ([`kprobes::KPROBES`]) |
+//! | [`kprobes_insn`]| which A64 instructions run out of line, simulating the rest  |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
 //! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
@@ -47,6 +49,8 @@ pub mod gic;
 pub mod irq;
 pub mod irqflags;
 pub mod jump_label;
+pub mod kprobes;
+pub mod kprobes_insn;
 pub mod layout;
 pub mod mmu;
 pub mod nmi;

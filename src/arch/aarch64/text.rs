@@ -25,7 +25,9 @@ unsafe impl Text for KernelText {
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        self.protected(|| [layout::nopatch_range(), layout::boot_range()])
+        // Boot code is inside the nopatch range; the kprobes' hit path and XOL slots
+        // are written only by their own code.
+        self.protected(|| [layout::nopatch_range(), layout::kprobes_range()])
     }
 
     #[unsafe(link_section = ".text.nopatch")]

@@ -12,6 +12,7 @@
 //! [`HostArch::nmis_like_x86`] they pass [`Arch::mask_all`] too, as on x86, and an NMI
 //! hook stands for the NMI handlers after the stop machine's slot.
 
+pub mod kprobes;
 mod text;
 pub use text::HostText;
 

@@ -1,5 +1,6 @@
 //! The kernel's platform names on aarch64 (see the table in the parent module).
 
+use super::KprobeFixture;
 use crate::CpuSet;
 use crate::arch::aarch64::{boot_info, cpu, gic, irq, irqflags, layout, nmi_mode};
 use crate::patch::{Patch, PatchError, insn};
@@ -11,11 +12,13 @@ pub use crate::arch::aarch64::alternatives::{
 pub use crate::arch::aarch64::assumptions::NAMES as ASSUMPTIONS;
 pub use crate::arch::aarch64::console::{write_forced, write_raw_forced};
 pub use crate::arch::aarch64::cpu::FEATURE_NAMES;
+pub use crate::arch::aarch64::exceptions::TrapFrame as KprobeFrame;
 pub use crate::arch::aarch64::exit::exit;
 pub use crate::arch::aarch64::irqflags::{
     IrqFlags, irqs_disabled, local_irq_restore, local_irq_save,
 };
 pub use crate::arch::aarch64::jump_label::{KernelKeys, STATIC_KEYS};
+pub use crate::arch::aarch64::kprobes::{Arm64Kprobes as KprobePlatform, KPROBES};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
@@ -353,9 +356,101 @@ pub fn text_range() -> Range<usize> {
     layout::text_range()
 }
 
-/// Code the patcher must never touch: what the rendezvous runs, and boot code.
+/// Code the patcher must never touch: what the rendezvous runs (boot code included),
+/// and the kprobes' hit path and XOL slots.
 pub fn protected_ranges() -> [Range<usize>; 2] {
-    [layout::nopatch_range(), layout::boot_range()]
+    [layout::nopatch_range(), layout::kprobes_range()]
 }
+
+/// General register `n` of a kprobe handler's frame (x0-x30).
+pub fn kprobe_frame_reg(frame: &KprobeFrame, n: usize) -> u64 {
+    frame.x.get(n).copied().unwrap_or(0)
+}
+
+/// Whether `frame`, after [`KPROBE_TARGET`]'s probed instruction (`ADD X1, X0, X0, LSL
+/// #1`), shows its effect: X1 = 3 * X0.
+pub fn kprobe_target_stepped(frame: &KprobeFrame) -> bool {
+    kprobe_frame_reg(frame, 1) == kprobe_frame_reg(frame, 0).wrapping_mul(3)
+}
+
+/// Kprobes work here.
+pub fn kprobes_unsupported() -> Option<&'static str> {
+    None
+}
+
+/// Addresses kprobes must refuse for a region, with the region: the vector table
+/// (exception entry), the core's hit path and the XOL slots (the machinery),
+/// `.text.nopatch` past the vectors.
+pub fn kprobe_forbidden_sites() -> [(crate::kprobes::Forbidden, usize); 4] {
+    use crate::kprobes::{Forbidden, Kprobes};
+    type Registry = Kprobes<KprobePlatform, { crate::arch::aarch64::kprobes::CAPACITY }>;
+    let hit: fn(&Registry, usize, &mut KprobeFrame) -> _ = Registry::hit;
+    let vectors = crate::arch::aarch64::boot::vectors();
+    [
+        (Forbidden::ExceptionEntry, vectors + 0x200),
+        (Forbidden::Kprobes, hit as usize),
+        (
+            Forbidden::Kprobes,
+            crate::arch::aarch64::kprobes::xol_area(),
+        ),
+        (Forbidden::NoPatch, vectors + 0x800),
+    ]
+}
+
+unsafe extern "C" {
+    fn pm_kp_target(x: u64) -> u64;
+    fn pm_kp_target_site();
+    fn pm_kp_ldxr_site();
+    fn pm_kp_msr_site();
+}
+
+macro_rules! kprobe_fixtures {
+    ($($name:literal: $call:ident at $site:ident with $args:expr;)*) => {
+        unsafe extern "C" {
+            $(fn $call(x: u64) -> u64; fn $site();)*
+        }
+        /// One fixture per instruction class kprobes runs out of line or simulates.
+        pub const KPROBE_FIXTURES: &[KprobeFixture] = &[$(KprobeFixture {
+            name: $name,
+            call: $call,
+            site: $site,
+            args: $args,
+        },)*];
+    };
+}
+
+kprobe_fixtures! {
+    "out of line (STR via SP)": pm_kp_xol_sp at pm_kp_xol_sp_site with [1, 2];
+    "B": pm_kp_b at pm_kp_b_site with [1, 2];
+    "BL": pm_kp_bl at pm_kp_bl_site with [1, 2];
+    "B.EQ": pm_kp_beq at pm_kp_beq_site with [5, 6];
+    "B.LT": pm_kp_blt at pm_kp_blt_site with [4, 5];
+    "B.HI": pm_kp_bhi at pm_kp_bhi_site with [6, 5];
+    "CBZ": pm_kp_cbz at pm_kp_cbz_site with [0, 1];
+    "CBNZ (W)": pm_kp_cbnz_w at pm_kp_cbnz_w_site with [0x1_0000_0000, 1];
+    "TBZ": pm_kp_tbz at pm_kp_tbz_site with [0, 8];
+    "TBNZ": pm_kp_tbnz at pm_kp_tbnz_site with [1 << 40, 1];
+    "ADR": pm_kp_adr at pm_kp_adr_site with [0, 1];
+    "ADRP": pm_kp_adrp at pm_kp_adrp_site with [0, 1];
+    "LDR (literal, X)": pm_kp_ldr_x at pm_kp_ldr_x_site with [0, 1];
+    "LDR (literal, W)": pm_kp_ldr_w at pm_kp_ldr_w_site with [0, 1];
+    "LDRSW (literal)": pm_kp_ldrsw at pm_kp_ldrsw_site with [0, 1];
+    "RET": pm_kp_ret at pm_kp_ret_site with [0, 1];
+    "BR": pm_kp_br at pm_kp_br_site with [0, 1];
+    "BLR": pm_kp_blr at pm_kp_blr_site with [0, 1];
+}
+
+/// The hammered target: returns `x * 3 + 7` (wrapping), probed at its first instruction
+/// (run out of line).
+pub const KPROBE_TARGET: Option<KprobeFixture> = Some(KprobeFixture {
+    name: "ADD (shifted register)",
+    call: pm_kp_target,
+    site: pm_kp_target_site,
+    args: [0, 1],
+});
+
+/// Instructions kprobes must refuse as unprobeable.
+pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] =
+    &[("LDXR", pm_kp_ldxr_site), ("MSR DAIFSet", pm_kp_msr_site)];
 
 core::arch::global_asm!(include_str!("targets_aarch64.S"));

@@ -22,6 +22,9 @@
 //! | `static_branch_unlikely!`, `static_branch_likely!`, `define_static_key!`, `StaticKey`, `STATIC_KEYS`, `KernelKeys` | static keys: sites, keys, and the kernel's key table (flipped through the live path) |
 //! | `live_branch`, `live_call`, `patch_live`, `live_calls_emulated` | the jump and call encodings patched while other CPUs run them, the path that patches them without a stop, and how many calls ran emulated meanwhile (x86's #BP handler) |
 //! | `SYNCS_PER_KEY_BATCH`, `key_syncs` | the cross-CPU synchronisations a static key batch makes, and a counter of them with each CPU's acknowledgement |
+//! | `KPROBES`, `KprobePlatform`, `KprobeFrame`, `kprobe_frame_reg`, `kprobes_unsupported` | the system's kprobes registry on this architecture, the register frame its handlers get, or why there are none yet (the kprobe tests then skip) |
+//! | `KPROBE_TARGET`, `kprobe_target_stepped` | the hammered target (`targets_*.S`: returns `x * 3 + 7`, probed at an instruction run out of line), and whether a post handler's frame shows that instruction's effect |
+//! | `KPROBE_FIXTURES`, `KPROBE_UNPROBEABLE`, `kprobe_forbidden_sites` | one fixture per instruction class run out of line or simulated (the first one not the target: `kprobe_contexts` probes both), sites that must be refused as unprobeable, and (region, address) pairs that must be refused as that region |
 //! | `BENCH_KEY_1`, `BENCH_KEY_100` | keys of the benchmark's static-key sites (`targets_*.S`, on pages of their own) |
 //!
 //! The patch targets the self-tests flip (`targets_aarch64.S`, `targets_x86_64.S`) are
@@ -52,3 +55,31 @@ define_static_key!(
     pub BENCH_KEY_100,
     "bench_100"
 );
+
+/// A function of `targets_*.S` for the kprobes self-tests: `call(arg)` returns a value
+/// that depends on how its instruction at `site` executed.
+#[derive(Clone, Copy)]
+pub struct KprobeFixture {
+    /// What the probed instruction is.
+    pub name: &'static str,
+    /// The function.
+    pub call: unsafe extern "C" fn(u64) -> u64,
+    /// The probed instruction.
+    pub site: unsafe extern "C" fn(),
+    /// Arguments to call it with (for a conditional branch: one taken, one not).
+    pub args: [u64; 2],
+}
+
+impl KprobeFixture {
+    /// The probed instruction's address.
+    pub fn site_addr(&self) -> usize {
+        self.site as usize
+    }
+
+    /// Calls the function.
+    pub fn run(&self, arg: u64) -> u64 {
+        // SAFETY: the fixtures are assembly functions of the C ABI taking and returning
+        // one integer, touching nothing but their scratch registers and stack.
+        unsafe { (self.call)(arg) }
+    }
+}

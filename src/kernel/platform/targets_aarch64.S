@@ -141,3 +141,216 @@ pm_key_bench_sites:
 pm_key_bench_out:
     ret
     .balign 4096
+
+// kprobes fixtures (src/kernel/selftest/kprobes.rs), on pages of their own: arming a
+// probe writes the page, which under QEMU throws away its translated code.
+// Each `pm_kp_<name>(x0) -> x0` has its probed instruction at `pm_kp_<name>_site`;
+// the test compares what it returns probed and unprobed.
+    .section .text.kprobe_targets, "ax"
+    .balign 4096
+
+// The hammer target: x0 * 3 + 7, probed at its first instruction (run out of line).
+    .global pm_kp_target
+pm_kp_target:
+    .global pm_kp_target_site
+pm_kp_target_site:
+    add     x1, x0, x0, lsl #1
+    add     x0, x1, #7
+    ret
+
+// Out of line, through SP: stores and reloads across the probed instruction.
+    .global pm_kp_xol_sp
+pm_kp_xol_sp:
+    sub     sp, sp, #16
+    .global pm_kp_xol_sp_site
+pm_kp_xol_sp_site:
+    str     x0, [sp, #8]
+    ldr     x1, [sp, #8]
+    add     sp, sp, #16
+    add     x0, x1, #0x55
+    ret
+
+    .global pm_kp_b
+pm_kp_b:
+    .global pm_kp_b_site
+pm_kp_b_site:
+    b       1f
+    mov     x0, #0xbad
+    ret
+1:  add     x0, x0, #1
+    ret
+
+    .global pm_kp_bl
+pm_kp_bl:
+    stp     x29, x30, [sp, #-16]!
+    .global pm_kp_bl_site
+pm_kp_bl_site:
+    bl      pm_kp_helper
+    ldp     x29, x30, [sp], #16
+    add     x0, x0, #0x100
+    ret
+pm_kp_helper:
+    add     x0, x0, #2
+    ret
+
+// B.cond: x0 == 5 / x0 < 5 signed / x0 > 5 unsigned, each taken for one argument of
+// the test and not for the other.
+    .global pm_kp_beq
+pm_kp_beq:
+    cmp     x0, #5
+    .global pm_kp_beq_site
+pm_kp_beq_site:
+    b.eq    1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_blt
+pm_kp_blt:
+    cmp     x0, #5
+    .global pm_kp_blt_site
+pm_kp_blt_site:
+    b.lt    1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_bhi
+pm_kp_bhi:
+    cmp     x0, #5
+    .global pm_kp_bhi_site
+pm_kp_bhi_site:
+    b.hi    1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_cbz
+pm_kp_cbz:
+    .global pm_kp_cbz_site
+pm_kp_cbz_site:
+    cbz     x0, 1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+// CBNZ on W0: 0x1_0000_0000 is zero in 32 bits.
+    .global pm_kp_cbnz_w
+pm_kp_cbnz_w:
+    .global pm_kp_cbnz_w_site
+pm_kp_cbnz_w_site:
+    cbnz    w0, 1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_tbz
+pm_kp_tbz:
+    .global pm_kp_tbz_site
+pm_kp_tbz_site:
+    tbz     x0, #3, 1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_tbnz
+pm_kp_tbnz:
+    .global pm_kp_tbnz_site
+pm_kp_tbnz_site:
+    tbnz    x0, #40, 1f
+    mov     x0, #0x10
+    ret
+1:  mov     x0, #0x20
+    ret
+
+    .global pm_kp_adr
+pm_kp_adr:
+    .global pm_kp_adr_site
+pm_kp_adr_site:
+    adr     x1, pm_kp_adr_site + 0x40
+    add     x0, x0, x1
+    ret
+
+    .global pm_kp_adrp
+pm_kp_adrp:
+    .global pm_kp_adrp_site
+pm_kp_adrp_site:
+    adrp    x1, pm_kp_literals + 0x3000
+    add     x0, x0, x1
+    ret
+
+    .global pm_kp_ldr_x
+pm_kp_ldr_x:
+    .global pm_kp_ldr_x_site
+pm_kp_ldr_x_site:
+    ldr     x1, pm_kp_literals
+    add     x0, x0, x1
+    ret
+
+    .global pm_kp_ldr_w
+pm_kp_ldr_w:
+    .global pm_kp_ldr_w_site
+pm_kp_ldr_w_site:
+    ldr     w1, pm_kp_literals + 8
+    add     x0, x0, x1
+    ret
+
+    .global pm_kp_ldrsw
+pm_kp_ldrsw:
+    .global pm_kp_ldrsw_site
+pm_kp_ldrsw_site:
+    ldrsw   x1, pm_kp_literals + 8
+    add     x0, x0, x1
+    ret
+
+    .global pm_kp_ret
+pm_kp_ret:
+    add     x0, x0, #3
+    .global pm_kp_ret_site
+pm_kp_ret_site:
+    ret
+
+    .global pm_kp_br
+pm_kp_br:
+    adr     x1, 1f
+    .global pm_kp_br_site
+pm_kp_br_site:
+    br      x1
+    mov     x0, #0xbad
+    ret
+1:  add     x0, x0, #4
+    ret
+
+    .global pm_kp_blr
+pm_kp_blr:
+    stp     x29, x30, [sp, #-16]!
+    adr     x1, pm_kp_helper
+    .global pm_kp_blr_site
+pm_kp_blr_site:
+    blr     x1
+    ldp     x29, x30, [sp], #16
+    add     x0, x0, #0x200
+    ret
+
+// Instructions kprobes must refuse (never called).
+    .global pm_kp_ldxr_site
+pm_kp_ldxr_site:
+    ldxr    x0, [x1]
+    ret
+    .global pm_kp_msr_site
+pm_kp_msr_site:
+    msr     daifset, #2
+    ret
+
+    .balign 8
+pm_kp_literals:
+    .quad   0x1122334455667788
+    .word   0x80000010
+    .word   0
+    .balign 4096

@@ -286,4 +286,93 @@ pub fn protected_ranges() -> [Range<usize>; 2] {
     [layout::nopatch_range(), layout::boot_range()]
 }
 
+/// The kprobes of x86_64: not implemented yet (issue 12's x86 part, through
+/// `text_poke_bp`). Every registration is refused, so the kprobes self-tests skip.
+pub struct KprobePlatform;
+
+/// The register frame x86 kprobe handlers will get (none yet).
+pub type KprobeFrame = ();
+
+const NOT_YET: &str = "x86_64 kprobes are not implemented yet";
+
+// SAFETY: nothing is ever armed: `decode` refuses every address, so `write` is never
+// called with a breakpoint and no hit path exists.
+unsafe impl crate::kprobes::KprobeArch for KprobePlatform {
+    type Insn = Insn;
+    type Frame = KprobeFrame;
+    type Plan = ();
+
+    fn cpu_id(&self) -> usize {
+        cpu::current_cpu()
+    }
+    fn now_ns(&self) -> u64 {
+        now_ns()
+    }
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+    fn text_range(&self) -> Range<usize> {
+        layout::text_range()
+    }
+    fn forbidden_ranges(&self) -> &[crate::kprobes::ForbiddenRange] {
+        &[]
+    }
+    fn decode(
+        &self,
+        _addr: usize,
+    ) -> Result<crate::kprobes::DecodedOf<Self>, crate::kprobes::Unprobeable<Insn>> {
+        Err(crate::kprobes::Unprobeable {
+            insn: None,
+            why: NOT_YET,
+        })
+    }
+    fn breakpoint_for(&self, original: Insn) -> Insn {
+        original
+    }
+    fn prepare(
+        &self,
+        _slot: usize,
+        _addr: usize,
+        _decoded: &mut crate::kprobes::DecodedOf<Self>,
+    ) -> Result<(), PatchError<Insn>> {
+        Ok(())
+    }
+    fn release(&self, _slot: usize) {}
+    fn write(&self, _patch: Patch<Insn>) -> Result<(), PatchError<Insn>> {
+        Err(PatchError::EmptyBatch)
+    }
+}
+
+/// The system's kprobes (none can be registered yet).
+pub static KPROBES: crate::kprobes::Kprobes<KprobePlatform> =
+    crate::kprobes::Kprobes::new(KprobePlatform);
+
+/// Register `n` of a kprobe handler's frame (none yet).
+pub fn kprobe_frame_reg(_frame: &KprobeFrame, _n: usize) -> u64 {
+    0
+}
+
+/// Whether the frame after the target's probed instruction shows its effect (no
+/// target yet).
+pub fn kprobe_target_stepped(_frame: &KprobeFrame) -> bool {
+    true
+}
+
+/// Why the kprobes self-tests skip here.
+pub fn kprobes_unsupported() -> Option<&'static str> {
+    Some(NOT_YET)
+}
+
+/// Addresses kprobes must refuse, by region (none checked yet).
+pub fn kprobe_forbidden_sites() -> [(crate::kprobes::Forbidden, usize); 0] {
+    []
+}
+
+/// No kprobes fixtures yet.
+pub const KPROBE_FIXTURES: &[super::KprobeFixture] = &[];
+/// No hammered target yet.
+pub const KPROBE_TARGET: Option<super::KprobeFixture> = None;
+/// No unprobeable fixtures yet.
+pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] = &[];
+
 core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));

@@ -475,6 +475,9 @@ pub fn bench(_: &Params) -> Verdict {
     if let Err(failure) = bench_static_keys(&roundtrip_stats) {
         return failure;
     }
+    if let Err(failure) = bench_kprobes(targets) {
+        return failure;
+    }
 
     let site = pm_nosync_target as *const () as usize;
     let branch: Insn =
@@ -584,6 +587,109 @@ fn bench_static_keys(roundtrip: &Stats) -> Result<(), Verdict> {
             }
         }
     }
+    Ok(())
+}
+
+/// Arm/disarm pairs of the kprobes benchmark.
+const KPROBE_PAIRS: usize = 500;
+
+fn kprobe_bench_pre(_: &crate::kprobes::ProbeHit, _: &mut platform::KprobeFrame) {}
+
+/// `kprobe_arm`, `kprobe_disarm` (one `enable`/`disable` of a registered probe: one
+/// `patch_machine` each on arm64) and `kprobe_hit` (one call of the probed target, the
+/// breakpoint, an empty pre handler and the out-of-line step included), each measured
+/// alternately with the round trip and reported as a ratio to it.
+fn bench_kprobes(targets: CpuSet) -> Result<(), Verdict> {
+    if let Some(why) = platform::kprobes_unsupported() {
+        kprint!("# bench kprobe_arm skipped: {why}\n");
+        return Ok(());
+    }
+    let Some(target) = platform::KPROBE_TARGET else {
+        return Ok(());
+    };
+    let fail = |what: &str, err: &dyn core::fmt::Display| Verdict::Fail(msg!("{what}: {err}"));
+    let id = platform::KPROBES
+        .register_kprobe(target.site_addr(), Some(kprobe_bench_pre), None)
+        .map_err(|err| fail("kprobe register", &err))?;
+    let send = roundtrip_handlers(true);
+    // Round trip, arm, round trip, disarm, each after its own settle (see
+    // `measure_paired`): the round trips see the same emulator speed as both.
+    let timed = |step: &mut dyn FnMut() -> Result<(), Verdict>| -> Result<u64, Verdict> {
+        settle();
+        let start = platform::now_ns();
+        step()?;
+        Ok(platform::now_ns() - start)
+    };
+    let mut roundtrip_step = || roundtrip(targets, send).map_err(|m| fail("ipi_roundtrip", &m));
+    let result = platform::KPROBES
+        .disable(id)
+        .map_err(|err| fail("kprobe_disarm", &err))
+        .and_then(|()| {
+            let mut samples = SAMPLES.lock();
+            let (rt, rest) = samples.split_at_mut(2 * KPROBE_PAIRS);
+            let (arm, rest) = rest.split_at_mut(KPROBE_PAIRS);
+            let disarm = &mut rest[..KPROBE_PAIRS];
+            for i in 0..KPROBE_PAIRS {
+                rt[2 * i] = timed(&mut roundtrip_step)?;
+                arm[i] = timed(&mut || {
+                    platform::KPROBES
+                        .enable(id)
+                        .map_err(|err| fail("kprobe_arm", &err))
+                })?;
+                rt[2 * i + 1] = timed(&mut roundtrip_step)?;
+                disarm[i] = timed(&mut || {
+                    platform::KPROBES
+                        .disable(id)
+                        .map_err(|err| fail("kprobe_disarm", &err))
+                })?;
+            }
+            let stats = |sorted: &mut [u64]| {
+                sorted.sort_unstable();
+                Stats {
+                    median_ns: percentile(sorted, 50),
+                    p99_ns: percentile(sorted, 99),
+                    iters: sorted.len(),
+                }
+            };
+            Ok((stats(rt), stats(arm), stats(disarm)))
+        });
+    let hit = result.and_then(|figures| {
+        platform::KPROBES
+            .enable(id)
+            .map_err(|err| fail("kprobe_arm", &err))?;
+        let paired = measure_paired(
+            1000,
+            |_| roundtrip(targets, send).map_err(PairedError::Roundtrip),
+            |i| {
+                let value = target.run(i as u64);
+                if value == (i as u64) * 3 + 7 {
+                    Ok(())
+                } else {
+                    Err(PairedError::Patch(value))
+                }
+            },
+        );
+        paired
+            .map(|pair| (figures, pair))
+            .map_err(|err| fail("kprobe_hit", &err))
+    });
+    roundtrip_handlers(false);
+    let stats = platform::KPROBES.unregister_kprobe(id);
+    let ((roundtrip, arm, disarm), (hit_roundtrip, hit)) = hit?;
+    let stats = stats.map_err(|err| fail("kprobe unregister", &err))?;
+    if stats.hits < hit.iters as u64 {
+        return Err(Verdict::Fail(msg!(
+            "kprobe_hit: {} hits for {} timed calls",
+            stats.hits,
+            hit.iters
+        )));
+    }
+    report("kprobe_arm", 1, &arm);
+    report("kprobe_disarm", 1, &disarm);
+    report("kprobe_hit", 1, &hit);
+    report_ratio("kprobe_arm", 1, &arm, &roundtrip);
+    report_ratio("kprobe_disarm", 1, &disarm, &roundtrip);
+    report_ratio("kprobe_hit", 1, &hit, &hit_roundtrip);
     Ok(())
 }
 

@@ -33,6 +33,8 @@ pub struct Params {
     pub nosync_flips: u32,
     /// Static key flips (`static_key_flips=N`).
     pub static_key_flips: u32,
+    /// kprobe arm/disarm cycles of `kprobe_hammer` (`kprobe_cycles=N`).
+    pub kprobe_cycles: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
@@ -40,11 +42,13 @@ pub struct Params {
 }
 
 impl Params {
-    /// The defaults: 10,000 torture flips.
+    /// The defaults: 10,000 torture flips, 200 kprobe cycles (`kprobe_cycles=10000`
+    /// for the long run).
     pub const DEFAULT: Params = Params {
         flips: 10_000,
         nosync_flips: 2_000,
         static_key_flips: 1_000,
+        kprobe_cycles: 200,
         expect_nmi: None,
         expect_features: None,
     };
@@ -53,6 +57,7 @@ impl Params {
 mod alternatives;
 mod bench;
 mod call_site;
+mod kprobes;
 mod nmi;
 mod static_keys;
 
@@ -164,6 +169,31 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "alternatives",
         run: alternatives::alternatives,
+        by_default: true,
+    },
+    Test {
+        name: "kprobe_refusals",
+        run: kprobes::kprobe_refusals,
+        by_default: true,
+    },
+    Test {
+        name: "kprobe_simulate",
+        run: kprobes::kprobe_simulate,
+        by_default: true,
+    },
+    Test {
+        name: "kprobe_contexts",
+        run: kprobes::kprobe_contexts,
+        by_default: true,
+    },
+    Test {
+        name: "kprobe_registry",
+        run: kprobes::kprobe_registry,
+        by_default: true,
+    },
+    Test {
+        name: "kprobe_hammer",
+        run: kprobes::kprobe_hammer,
         by_default: true,
     },
     Test {
