@@ -4,6 +4,7 @@
 use super::{layout, paging};
 pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
+use crate::patch::plan::Run;
 use crate::patch::x86::{self, Insn};
 use crate::patch::{Patch, Text};
 use core::mem::MaybeUninit;
@@ -41,8 +42,20 @@ unsafe impl Text for KernelText {
         self.protected(|| [layout::nopatch_range(), layout::boot_range()])
     }
 
+    /// One 8-byte load where the text goes on for 8 bytes (a validation of 1000 sites
+    /// read byte by byte cost 50 us under QEMU), byte by byte at its very end.
     #[unsafe(link_section = ".text.nopatch")]
     fn read_insn(&self, addr: usize, len: usize) -> Insn {
+        if addr.checked_add(8).is_some_and(|end| end <= layout::text().1)
+            && let Some(insn) = Insn::from_le_word(
+                // SAFETY: validation established that `addr..addr + len` is mapped text,
+                // and text goes on to `addr + 8` (checked); x86 loads need no alignment.
+                unsafe { core::ptr::read_unaligned(addr as *const u64) },
+                len,
+            )
+        {
+            return insn;
+        }
         let mut bytes = [0u8; x86::MAX_LEN];
         let len = len.min(bytes.len());
         for (i, byte) in bytes.iter_mut().take(len).enumerate() {
@@ -92,6 +105,44 @@ unsafe impl Text for KernelText {
             unsafe { paging::poke_text(first.addr, filled) };
             call_write_probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
+        }
+    }
+
+    /// Compares the run's text with its old bytes eight at a time.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_holds(&self, run: &Run<'_, Insn>) -> bool {
+        let mut words = run.old.chunks_exact(8);
+        let mut at = run.addr;
+        for word in words.by_ref() {
+            let expected = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            // SAFETY: `prepare` placed the whole run in mapped text; x86 loads need no
+            // alignment.
+            if unsafe { core::ptr::read_unaligned(at as *const u64) } != expected {
+                return false;
+            }
+            at += 8;
+        }
+        words.remainder().iter().all(|&byte| {
+            // SAFETY: as above, a byte of the run.
+            let found = unsafe { core::ptr::read_volatile(at as *const u8) };
+            at += 1;
+            found == byte
+        })
+    }
+
+    /// The run's bytes straight from the plan, with one alias mapping per two pages
+    /// (`poke_text` stores quadwords).
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_run(&self, run: &Run<'_, Insn>) {
+        let (mut addr, mut rest) = (run.addr, run.new);
+        while !rest.is_empty() {
+            let room = 0x2000 - (addr & 0xfff);
+            let (part, tail) = rest.split_at_checked(room).unwrap_or((rest, &[]));
+            // SAFETY: forwarded from the caller; `part` touches at most two pages.
+            unsafe { paging::poke_text(addr, part) };
+            call_write_probe();
+            addr += part.len();
+            rest = tail;
         }
     }
 

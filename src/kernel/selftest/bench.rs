@@ -383,6 +383,9 @@ pub fn bench(_: &Params) -> Verdict {
     if KERNEL_TEXT.read_insn(first, SITE_LEN) != NOP {
         let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
     }
+    if let Err(err) = batch_ratio(&mut batches) {
+        fail!("patch_machine_x1000/patch_machine_x1: {err}");
+    }
     drop(batches);
 
     // The alternatives: the whole runtime table re-applied through patch_machine, its
@@ -440,6 +443,41 @@ pub fn bench(_: &Params) -> Verdict {
     }
 
     Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats, &headline))
+}
+
+/// Pairs of the batch ratio.
+const BATCH_PAIRS: usize = 500;
+
+/// `# ratio patch_machine_x1000/patch_machine_x1 cpus=<n> sites=1000 ratio=<r>
+/// median_ns=<x> x1_median_ns=<y> p99_ns=.. x1_p99_ns=.. pairs=<i>`: a 1000-site batch
+/// and a one-site patch taken alternately ([`measure_paired`]), both real flips. The
+/// sites start as NOPs; odd calls of the batch find site 0 already flipped back by the
+/// one-site patch, so their batch is the reverse one with entry 0 turned forwards.
+fn batch_ratio(batches: &mut [[Patch<Insn>; BENCH_SITES]; 2]) -> Result<(), PatchError<Insn>> {
+    let forward_0 = batches[0][0];
+    let back_0 = batches[1][0];
+    batches[1][0] = forward_0;
+    let paired = measure_paired(
+        BATCH_PAIRS,
+        |i| patch_machine(&STOP, &KERNEL_TEXT, &batches[i % 2][..], OPTIONS).map(|_| ()),
+        |_| patch_machine(&STOP, &KERNEL_TEXT, &[back_0], OPTIONS).map(|_| ()),
+    );
+    batches[1][0] = back_0;
+    let (batch, one) = paired?;
+    let ratio_x100 = (batch.median_ns * 100).div_ceil(one.median_ns.max(1));
+    kprint!(
+        "# ratio patch_machine_x1000/patch_machine_x1 cpus={} sites={BENCH_SITES} ratio={}.{:02} \
+         median_ns={} x1_median_ns={} p99_ns={} x1_p99_ns={} pairs={}\n",
+        platform::online_cpus().len(),
+        ratio_x100 / 100,
+        ratio_x100 % 100,
+        batch.median_ns,
+        one.median_ns,
+        batch.p99_ns,
+        one.p99_ns,
+        batch.iters
+    );
+    Ok(())
 }
 
 /// Why a paired measurement stopped.

@@ -1,0 +1,305 @@
+//! The write plan of a [`patch_machine`](super::patch_machine) batch, prepared before the
+//! machine stops so that the window only compares and copies.
+//!
+//! [`prepare`] validates the batch (as [`validate`] does, with the same verdict, but in
+//! linear passes over the entries sorted by address instead of one search per entry),
+//! sorts it, and coalesces entries that follow each other back to back into runs whose
+//! old and new bytes lie contiguous in a [`PlanSpace`]. The window then checks each run
+//! against its old bytes and writes each run with one copy ([`super::Text::write_run`]),
+//! not one alias mapping and one store per instruction.
+//!
+//! Plain arithmetic over the batch, free of any architecture: `tests/patch_host.rs`
+//! checks that every site lands in exactly one run, in address order.
+
+use super::{Instruction, Patch, PatchError, Text, validate};
+
+/// Entries a plan holds at most; a larger batch is written entry by entry.
+pub const MAX_SITES: usize = 2048;
+/// Bytes of new (and of old) instructions a plan holds at most: room for
+/// [`MAX_SITES`] instructions of 8 bytes, so a batch that fits by count fits.
+pub const MAX_BYTES: usize = 8 * MAX_SITES;
+/// Room after the last byte: each instruction is stored as one 8-byte word.
+const SLACK: usize = 8;
+
+/// Where run `k` starts: its first position in the sorted order and its first byte.
+/// Run `k` ends where run `k + 1` starts (a closing slot follows the last run).
+#[derive(Clone, Copy, Debug, Default)]
+struct RunSlot {
+    first: u16,
+    bytes: u16,
+}
+
+/// Bytes, 8-byte aligned so that the arch writers can copy whole words.
+#[repr(C, align(8))]
+struct Bytes([u8; MAX_BYTES + SLACK]);
+
+/// Where a plan lives: the sorted order, the runs and both byte images. About 44 KiB,
+/// so the kernel keeps one in `.bss` ([`SPACE`]) rather than on a stack.
+pub struct PlanSpace {
+    order: [u16; MAX_SITES],
+    runs: [RunSlot; MAX_SITES + 1],
+    new: Bytes,
+    old: Bytes,
+}
+
+impl PlanSpace {
+    /// An empty space.
+    pub const fn new() -> Self {
+        PlanSpace {
+            order: [0; MAX_SITES],
+            runs: [RunSlot { first: 0, bytes: 0 }; MAX_SITES + 1],
+            new: Bytes([0; MAX_BYTES + SLACK]),
+            old: Bytes([0; MAX_BYTES + SLACK]),
+        }
+    }
+}
+
+impl Default for PlanSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The space [`patch_machine`](super::patch_machine) plans in. Taken after the text's
+/// writer lock, with `try_lock`: in the kernel there is one text and its writers are
+/// serialised, so it is always free; two texts patched at once (host tests) make the
+/// second batch go entry by entry instead.
+pub static SPACE: spin::Mutex<PlanSpace> = spin::Mutex::new(PlanSpace::new());
+
+/// A validated batch, sorted by address and coalesced into runs.
+pub struct WritePlan<'a, I: Instruction> {
+    batch: &'a [Patch<I>],
+    /// Batch positions in address order; `None`: the batch's own order is.
+    order: Option<&'a [u16]>,
+    /// The runs' starts, then a closing slot.
+    runs: &'a [RunSlot],
+    new: &'a [u8],
+    old: &'a [u8],
+}
+
+/// Entries that follow each other back to back, in address order: `new` is written
+/// over `old` at `addr`.
+pub struct Run<'a, I: Instruction> {
+    /// The first byte.
+    pub addr: usize,
+    /// The bytes to write, every entry's new instruction in address order.
+    pub new: &'a [u8],
+    /// The bytes validation found there, every entry's old instruction.
+    pub old: &'a [u8],
+    batch: &'a [Patch<I>],
+    order: Option<&'a [u16]>,
+    positions: core::ops::Range<usize>,
+}
+
+impl<'a, I: Instruction> Run<'a, I> {
+    /// The run's entries, in address order.
+    #[inline(always)]
+    pub fn entries(&self) -> impl Iterator<Item = &'a Patch<I>> + 'a {
+        let (batch, order) = (self.batch, self.order);
+        self.positions.clone().filter_map(move |pos| match order {
+            Some(order) => order
+                .get(pos)
+                .and_then(|&index| batch.get(usize::from(index))),
+            None => batch.get(pos),
+        })
+    }
+
+    /// The bytes the run covers.
+    pub fn range(&self) -> core::ops::Range<usize> {
+        self.addr..self.addr + self.new.len()
+    }
+}
+
+impl<'a, I: Instruction> WritePlan<'a, I> {
+    /// The runs, in address order. Runs in the patch window: no indexing that can panic.
+    #[inline(always)]
+    pub fn runs(&self) -> impl Iterator<Item = Run<'a, I>> + '_ {
+        self.runs.windows(2).map(|pair| {
+            let (start, end) = match pair {
+                [start, end] => (*start, *end),
+                _ => (RunSlot::default(), RunSlot::default()),
+            };
+            let bytes = usize::from(start.bytes)..usize::from(end.bytes);
+            let positions = usize::from(start.first)..usize::from(end.first);
+            let first = match self.order {
+                Some(order) => order
+                    .get(positions.start)
+                    .and_then(|&index| self.batch.get(usize::from(index))),
+                None => self.batch.get(positions.start),
+            };
+            Run {
+                addr: first.map_or(0, |p| p.addr),
+                new: self.new.get(bytes.clone()).unwrap_or(&[]),
+                old: self.old.get(bytes).unwrap_or(&[]),
+                batch: self.batch,
+                order: self.order,
+                positions,
+            }
+        })
+    }
+
+    /// Entries in the batch.
+    pub fn sites(&self) -> usize {
+        self.batch.len()
+    }
+}
+
+/// Validates `batch` against `text` and plans its writes in `space`.
+///
+/// `Err` is exactly what [`validate`] returns (the same entry and reason; nothing is
+/// written). `Ok(None)`: the batch is valid but has more than [`MAX_SITES`] entries, so
+/// it is to be written entry by entry.
+///
+/// One pass over the entries in address order checks what `validate` checks entry by
+/// entry: alignment, equal lengths, inside text, no overlap with the previous entry
+/// (which, in address order, rules out any overlap), the old instruction present, and
+/// gathers both byte images as it goes; then, for each protected range, a binary search
+/// finds the one entry that could reach into it. Any problem sends the batch to
+/// `validate`, which names the first one in batch order.
+pub fn prepare<'a, T: Text>(
+    text: &T,
+    batch: &'a [Patch<T::Insn>],
+    space: &'a mut PlanSpace,
+) -> Result<Option<WritePlan<'a, T::Insn>>, PatchError<T::Insn>> {
+    let n = batch.len();
+    if n == 0 || n > MAX_SITES {
+        return validate(text, batch).map(|()| None);
+    }
+    let order = sort_by_address(batch, &mut space.order[..n]);
+    let text_range = text.text_range();
+    let mut gather = Gather {
+        text,
+        text_range: text_range.clone(),
+        runs: &mut space.runs,
+        new: &mut space.new.0,
+        old: &mut space.old.0,
+        at: 0,
+        run: 0,
+        prev_end: None,
+    };
+    let ok = match order {
+        Some(ref order) => order.iter().enumerate().all(|(pos, &index)| {
+            batch
+                .get(usize::from(index))
+                .is_some_and(|p| gather.entry(pos, p))
+        }),
+        None => batch.iter().enumerate().all(|(pos, p)| gather.entry(pos, p)),
+    };
+    let (bytes, runs) = (gather.at, gather.run);
+    let at = |pos: usize| match order {
+        Some(ref order) => &batch[usize::from(order[pos])],
+        None => &batch[pos],
+    };
+    let ok = ok
+        && text.protected_ranges().iter().all(|range| {
+            // Ends ascend (no overlaps): the first entry ending after the range's start
+            // is the only one that can begin before its end.
+            let (mut low, mut high) = (0, n);
+            while low < high {
+                let mid = low + (high - low) / 2;
+                if at(mid).range().end <= range.start {
+                    low = mid + 1;
+                } else {
+                    high = mid;
+                }
+            }
+            low == n || at(low).addr >= range.end
+        });
+    if !ok {
+        // The first problem in batch order, as `validate` names it.
+        return validate(text, batch).map(|()| None);
+    }
+    space.runs[runs] = RunSlot {
+        first: n as u16,
+        bytes: bytes as u16,
+    };
+    Ok(Some(WritePlan {
+        batch,
+        order,
+        runs: &space.runs[..=runs],
+        new: &space.new.0[..bytes],
+        old: &space.old.0[..bytes],
+    }))
+}
+
+/// The state of [`prepare`]'s one pass.
+struct Gather<'s, T: Text> {
+    text: &'s T,
+    text_range: core::ops::Range<usize>,
+    runs: &'s mut [RunSlot; MAX_SITES + 1],
+    new: &'s mut [u8; MAX_BYTES + SLACK],
+    old: &'s mut [u8; MAX_BYTES + SLACK],
+    /// Bytes gathered.
+    at: usize,
+    /// Runs opened.
+    run: usize,
+    /// Where the previous entry ended.
+    prev_end: Option<usize>,
+}
+
+impl<T: Text> Gather<'_, T> {
+    /// Checks the entry at sorted position `pos` and gathers it; `false` on any problem.
+    #[inline(always)]
+    fn entry(&mut self, pos: usize, p: &Patch<T::Insn>) -> bool {
+        let len = p.old.size();
+        let Some(end) = p.addr.checked_add(len) else {
+            return false;
+        };
+        let fits = p.addr.is_multiple_of(T::Insn::ALIGN)
+            && p.new.size() == len
+            && (1..=8).contains(&len)
+            && self.text_range.start <= p.addr
+            && end <= self.text_range.end
+            && self.prev_end.is_none_or(|prev| prev <= p.addr);
+        // Only now is `p.addr` known to be text that may be read.
+        if !fits || self.text.read_insn(p.addr, len) != p.old {
+            return false;
+        }
+        if self.prev_end != Some(p.addr) {
+            if let Some(slot) = self.runs.get_mut(self.run) {
+                *slot = RunSlot {
+                    first: pos as u16,
+                    bytes: self.at as u16,
+                };
+            }
+            self.run += 1;
+        }
+        // `at + 8 <= MAX_BYTES + SLACK`: at most MAX_SITES entries of at most 8 bytes.
+        if let (Some(new), Some(old)) = (
+            self.new.get_mut(self.at..self.at + 8),
+            self.old.get_mut(self.at..self.at + 8),
+        ) {
+            new.copy_from_slice(&p.new.to_le_word().to_le_bytes());
+            old.copy_from_slice(&p.old.to_le_word().to_le_bytes());
+        }
+        self.at += len;
+        self.prev_end = Some(end);
+        true
+    }
+}
+
+/// Sorts `order` (`order.len() == batch.len()`, at most [`MAX_SITES`]) into the
+/// positions of `batch` by address and returns it, or `None` when the batch is already
+/// ascending (the order callers usually build: nothing to do). Descending batches are
+/// reversed, others sorted. Equal addresses end up adjacent, so the pass of [`prepare`]
+/// sees them overlap.
+fn sort_by_address<'o, I: Instruction>(
+    batch: &[Patch<I>],
+    order: &'o mut [u16],
+) -> Option<&'o [u16]> {
+    if batch.windows(2).all(|pair| pair[0].addr <= pair[1].addr) {
+        return None;
+    }
+    let descending = batch.windows(2).all(|pair| pair[0].addr >= pair[1].addr);
+    for (pos, slot) in order.iter_mut().enumerate() {
+        *slot = if descending {
+            (batch.len() - 1 - pos) as u16
+        } else {
+            pos as u16
+        };
+    }
+    if !descending {
+        order.sort_unstable_by_key(|&index| batch[usize::from(index)].addr);
+    }
+    Some(order)
+}
