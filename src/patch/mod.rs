@@ -145,6 +145,14 @@ pub unsafe trait Text: Sync {
         }
     }
 
+    /// Whether `insn` is at `addr`, which validation found aligned and in text: the
+    /// default reads it with [`read_insn`](Text::read_insn); an implementation may
+    /// compare the bytes without building an instruction.
+    #[inline(always)]
+    fn holds(&self, addr: usize, insn: &Self::Insn) -> bool {
+        self.read_insn(addr, insn.size()) == *insn
+    }
+
     /// Whether the text still holds `run`'s old bytes: [`patch_machine`]'s re-check
     /// inside the window. The default reads entry by entry; an implementation may
     /// compare the run's bytes ([`Run::old`]) in words instead.

@@ -162,11 +162,10 @@ pub fn prepare<'a, T: Text>(
     space: &'a mut PlanSpace,
 ) -> Result<Option<WritePlan<'a, T::Insn>>, PatchError<T::Insn>> {
     let n = batch.len();
-    if n == 0 || n > MAX_SITES {
+    let text_range = text.text_range();
+    if n == 0 || n > MAX_SITES || text_range.is_empty() {
         return validate(text, batch).map(|()| None);
     }
-    let order = sort_by_address(batch, &mut space.order[..n]);
-    let text_range = text.text_range();
     let mut gather = Gather {
         text,
         text_range: text_range.clone(),
@@ -175,16 +174,24 @@ pub fn prepare<'a, T: Text>(
         old: &mut space.old.0,
         at: 0,
         run: 0,
-        prev_end: None,
+        prev_end: 0,
     };
-    let ok = match order {
-        Some(ref order) => order.iter().enumerate().all(|(pos, &index)| {
-            batch
-                .get(usize::from(index))
-                .is_some_and(|p| gather.entry(pos, p))
-        }),
-        None => batch.iter().enumerate().all(|(pos, p)| gather.entry(pos, p)),
-    };
+    // Batches usually come in ascending order: try that first, and sort only if an
+    // entry is found out of order (which is then not an overlap).
+    let mut order: Option<&[u16]> = None;
+    let mut ok = true;
+    for (pos, p) in batch.iter().enumerate() {
+        ok &= gather.entry(pos, p);
+    }
+    if !ok && !batch.windows(2).all(|pair| pair[0].addr <= pair[1].addr) {
+        let sorted = sort_by_address(batch, &mut space.order[..n]);
+        gather.restart();
+        ok = true;
+        for (pos, &index) in sorted.iter().enumerate() {
+            ok &= gather.entry(pos, &batch[usize::from(index)]);
+        }
+        order = Some(sorted);
+    }
     let (bytes, runs) = (gather.at, gather.run);
     let at = |pos: usize| match order {
         Some(ref order) => &batch[usize::from(order[pos])],
@@ -233,63 +240,63 @@ struct Gather<'s, T: Text> {
     at: usize,
     /// Runs opened.
     run: usize,
-    /// Where the previous entry ended.
-    prev_end: Option<usize>,
+    /// Where the previous entry ended (0 before the first).
+    prev_end: usize,
 }
 
 impl<T: Text> Gather<'_, T> {
+    /// Back to nothing gathered.
+    fn restart(&mut self) {
+        (self.at, self.run, self.prev_end) = (0, 0, 0);
+    }
+
     /// Checks the entry at sorted position `pos` and gathers it; `false` on any problem.
+    ///
+    /// Branch-free but for the loop (`&` on booleans, a select for the read address):
+    /// under QEMU's TCG every guest branch ends a translation block, and a pass over 1000
+    /// entries with a dozen branches each cost more than the rest of the patch. A bad
+    /// entry is still gathered, harmlessly (the indices are masked into the buffers), and
+    /// its `false` sends the batch to `validate`.
     #[inline(always)]
     fn entry(&mut self, pos: usize, p: &Patch<T::Insn>) -> bool {
         let len = p.old.size();
-        let Some(end) = p.addr.checked_add(len) else {
-            return false;
-        };
+        let end = p.addr.wrapping_add(len);
         let fits = p.addr.is_multiple_of(T::Insn::ALIGN)
-            && p.new.size() == len
-            && (1..=8).contains(&len)
-            && self.text_range.start <= p.addr
-            && end <= self.text_range.end
-            && self.prev_end.is_none_or(|prev| prev <= p.addr);
-        // Only now is `p.addr` known to be text that may be read.
-        if !fits || self.text.read_insn(p.addr, len) != p.old {
-            return false;
-        }
-        if self.prev_end != Some(p.addr) {
-            if let Some(slot) = self.runs.get_mut(self.run) {
-                *slot = RunSlot {
-                    first: pos as u16,
-                    bytes: self.at as u16,
-                };
-            }
-            self.run += 1;
-        }
-        // `at + 8 <= MAX_BYTES + SLACK`: at most MAX_SITES entries of at most 8 bytes.
-        if let (Some(new), Some(old)) = (
-            self.new.get_mut(self.at..self.at + 8),
-            self.old.get_mut(self.at..self.at + 8),
-        ) {
-            new.copy_from_slice(&p.new.to_le_word().to_le_bytes());
-            old.copy_from_slice(&p.old.to_le_word().to_le_bytes());
-        }
+            & (p.new.size() == len)
+            & (len.wrapping_sub(1) < 8)
+            & (end > p.addr)
+            & (self.text_range.start <= p.addr)
+            & (end <= self.text_range.end)
+            & (self.prev_end <= p.addr);
+        // Only an entry known to lie in text is read; any other reads the start of text
+        // instead, and fails anyway.
+        let read_at = if fits { p.addr } else { self.text_range.start };
+        let present = self.text.holds(read_at, &p.old);
+        // A run opens where an entry does not follow the previous one. The slot after
+        // the open run is written either way: a later run or the closing slot
+        // overwrites it when this entry opened none.
+        let opens = (self.run == 0) | (self.prev_end != p.addr);
+        self.runs[self.run & (MAX_SITES - 1)] = RunSlot {
+            first: pos as u16,
+            bytes: self.at as u16,
+        };
+        self.run += usize::from(opens);
+        // In bounds without a check: `at < MAX_BYTES` for a valid batch (at most
+        // MAX_SITES entries of at most 8 bytes), masked for any other.
+        let at = self.at & (MAX_BYTES - 1);
+        self.new[at..at + 8].copy_from_slice(&p.new.to_le_word().to_le_bytes());
+        self.old[at..at + 8].copy_from_slice(&p.old.to_le_word().to_le_bytes());
         self.at += len;
-        self.prev_end = Some(end);
-        true
+        self.prev_end = end;
+        fits & present
     }
 }
 
-/// Sorts `order` (`order.len() == batch.len()`, at most [`MAX_SITES`]) into the
-/// positions of `batch` by address and returns it, or `None` when the batch is already
-/// ascending (the order callers usually build: nothing to do). Descending batches are
-/// reversed, others sorted. Equal addresses end up adjacent, so the pass of [`prepare`]
-/// sees them overlap.
-fn sort_by_address<'o, I: Instruction>(
-    batch: &[Patch<I>],
-    order: &'o mut [u16],
-) -> Option<&'o [u16]> {
-    if batch.windows(2).all(|pair| pair[0].addr <= pair[1].addr) {
-        return None;
-    }
+/// Fills `order` (`order.len() == batch.len()`, at most [`MAX_SITES`]) with the
+/// positions of `batch` in address order and returns it: reversed when the batch
+/// descends (the other order callers build), sorted otherwise. Equal addresses end up
+/// adjacent, so the pass of [`prepare`] sees them overlap.
+fn sort_by_address<'o, I: Instruction>(batch: &[Patch<I>], order: &'o mut [u16]) -> &'o [u16] {
     let descending = batch.windows(2).all(|pair| pair[0].addr >= pair[1].addr);
     for (pos, slot) in order.iter_mut().enumerate() {
         *slot = if descending {
@@ -301,5 +308,5 @@ fn sort_by_address<'o, I: Instruction>(
     if !descending {
         order.sort_unstable_by_key(|&index| batch[usize::from(index)].addr);
     }
-    Some(order)
+    order
 }

@@ -6,7 +6,7 @@ pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
 use crate::patch::plan::Run;
 use crate::patch::x86::{self, Insn};
-use crate::patch::{Patch, Text};
+use crate::patch::{Instruction, Patch, Text};
 use core::mem::MaybeUninit;
 use core::ops::Range;
 
@@ -106,6 +106,19 @@ unsafe impl Text for KernelText {
             call_write_probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
         }
+    }
+
+    /// One 8-byte load and a masked compare where the text goes on for 8 bytes.
+    #[inline(always)]
+    fn holds(&self, addr: usize, insn: &Insn) -> bool {
+        let len = insn.size();
+        if (1..=8).contains(&len) && addr <= layout::text().1.saturating_sub(8) {
+            // SAFETY: validation established that `addr..addr + len` is mapped text,
+            // and text goes on to `addr + 8` (checked); x86 loads need no alignment.
+            let found = unsafe { core::ptr::read_unaligned(addr as *const u64) };
+            return (found ^ insn.to_le_word()) & (u64::MAX >> (64 - 8 * len)) == 0;
+        }
+        self.read_insn(addr, len) == *insn
     }
 
     /// Compares the run's text with its old bytes eight at a time.
