@@ -163,12 +163,13 @@ pub fn prepare<'a, T: Text>(
 ) -> Result<Option<WritePlan<'a, T::Insn>>, PatchError<T::Insn>> {
     let n = batch.len();
     let text_range = text.text_range();
-    if n == 0 || n > MAX_SITES || text_range.is_empty() {
+    if n == 0 || n > MAX_SITES || text_range.len() < 8 {
         return validate(text, batch).map(|()| None);
     }
     let mut gather = Gather {
         text,
         text_range: text_range.clone(),
+        span: text_range.len(),
         runs: &mut space.runs,
         new: &mut space.new.0,
         old: &mut space.old.0,
@@ -216,6 +217,10 @@ pub fn prepare<'a, T: Text>(
         // The first problem in batch order, as `validate` names it.
         return validate(text, batch).map(|()| None);
     }
+    match order {
+        Some(order) => gather.copy(order.iter().map(|&index| &batch[usize::from(index)])),
+        None => gather.copy(batch.iter()),
+    }
     space.runs[runs] = RunSlot {
         first: n as u16,
         bytes: bytes as u16,
@@ -233,6 +238,8 @@ pub fn prepare<'a, T: Text>(
 struct Gather<'s, T: Text> {
     text: &'s T,
     text_range: core::ops::Range<usize>,
+    /// Bytes of text (at least 8).
+    span: usize,
     runs: &'s mut [RunSlot; MAX_SITES + 1],
     new: &'s mut [u8; MAX_BYTES + SLACK],
     old: &'s mut [u8; MAX_BYTES + SLACK],
@@ -261,18 +268,18 @@ impl<T: Text> Gather<'_, T> {
     fn entry(&mut self, pos: usize, p: &Patch<T::Insn>) -> bool {
         let len = p.old.size();
         let end = p.addr.wrapping_add(len);
+        // Inside text, overflow included, in one comparison: `len <= 8 <= span`.
         let fits = p.addr.is_multiple_of(T::Insn::ALIGN)
             & (p.new.size() == len)
             & (len.wrapping_sub(1) < 8)
-            & (end > p.addr)
-            & (self.text_range.start <= p.addr)
-            & (end <= self.text_range.end)
+            & (p.addr.wrapping_sub(self.text_range.start) <= self.span.wrapping_sub(len))
             & (self.prev_end <= p.addr);
         // Only an entry known to lie in text is read; any other reads the start of text
         // instead, and fails anyway.
         let read_at = if fits { p.addr } else { self.text_range.start };
         let present = self.text.holds(read_at, &p.old);
-        // A run opens where an entry does not follow the previous one. The slot after
+        // A run opens where an entry does not follow the previous one (its first byte is
+        // the bytes gathered so far: `at`). The slot after
         // the open run is written either way: a later run or the closing slot
         // overwrites it when this entry opened none.
         let opens = (self.run == 0) | (self.prev_end != p.addr);
@@ -281,14 +288,24 @@ impl<T: Text> Gather<'_, T> {
             bytes: self.at as u16,
         };
         self.run += usize::from(opens);
-        // In bounds without a check: `at < MAX_BYTES` for a valid batch (at most
-        // MAX_SITES entries of at most 8 bytes), masked for any other.
-        let at = self.at & (MAX_BYTES - 1);
-        self.new[at..at + 8].copy_from_slice(&p.new.to_le_word().to_le_bytes());
-        self.old[at..at + 8].copy_from_slice(&p.old.to_le_word().to_le_bytes());
         self.at += len;
         self.prev_end = end;
         fits & present
+    }
+
+    /// Gathers both images, once every entry passed [`entry`](Self::entry): a loop of
+    /// its own, short enough to keep its state in registers.
+    #[inline(always)]
+    fn copy<'p>(&mut self, entries: impl Iterator<Item = &'p Patch<T::Insn>>) {
+        let mut at = 0;
+        for p in entries {
+            // In bounds without a check: `at < MAX_BYTES` (at most MAX_SITES entries of
+            // at most 8 bytes); the mask only tells the compiler so.
+            let slot = at & (MAX_BYTES - 1);
+            self.new[slot..slot + 8].copy_from_slice(&p.new.to_le_word().to_le_bytes());
+            self.old[slot..slot + 8].copy_from_slice(&p.old.to_le_word().to_le_bytes());
+            at += p.old.size();
+        }
     }
 }
 
