@@ -346,9 +346,11 @@ pub fn validate<T: Text>(text: &T, batch: &[Patch<T::Insn>]) -> Result<(), Patch
     let text_range = text.text_range();
     // Batches are usually sorted by address: then no entry can repeat an earlier one,
     // and the quadratic search below is skipped (1000 sites: 500,000 comparisons).
+    // Saturating: an entry at the top of the address space is refused below as outside
+    // text, not an overflow here.
     let ascending = batch
         .windows(2)
-        .all(|pair| pair[0].range().end <= pair[1].addr);
+        .all(|pair| pair[0].addr.saturating_add(pair[0].old.size()) <= pair[1].addr);
     for (index, patch) in batch.iter().enumerate() {
         let addr = patch.addr;
         if !addr.is_multiple_of(T::Insn::ALIGN) {

@@ -89,9 +89,7 @@ unsafe impl Text for KernelText {
     #[unsafe(link_section = ".text.nopatch")]
     fn run_holds(&self, run: &Run<'_, Insn>) -> bool {
         let Some(old) = words(run.old) else {
-            return run
-                .entries()
-                .all(|p| self.read_insn(p.addr, 4) == p.old);
+            return run.entries().all(|p| self.read_insn(p.addr, 4) == p.old);
         };
         let text = run.addr as *const u32;
         old.iter().enumerate().all(|(i, &old)| {

@@ -46,7 +46,9 @@ unsafe impl Text for KernelText {
     /// read byte by byte cost 50 us under QEMU), byte by byte at its very end.
     #[unsafe(link_section = ".text.nopatch")]
     fn read_insn(&self, addr: usize, len: usize) -> Insn {
-        if addr.checked_add(8).is_some_and(|end| end <= layout::text().1)
+        if addr
+            .checked_add(8)
+            .is_some_and(|end| end <= layout::text().1)
             && let Some(insn) = Insn::from_le_word(
                 // SAFETY: validation established that `addr..addr + len` is mapped text,
                 // and text goes on to `addr + 8` (checked); x86 loads need no alignment.
