@@ -705,7 +705,7 @@ mod write_plan {
     /// x86 text on the host: bytes, instructions of 1 to 8 bytes.
     struct ByteText {
         bytes: Vec<AtomicU8>,
-        protected: [Range<usize>; 1],
+        protected: Range<usize>,
         lock: spin::Mutex<()>,
     }
 
@@ -715,7 +715,7 @@ mod write_plan {
         fn new(len: usize) -> Self {
             ByteText {
                 bytes: (0..len).map(|_| AtomicU8::new(0x90)).collect(),
-                protected: [0..0],
+                protected: 0..0,
                 lock: spin::Mutex::new(()),
             }
         }
@@ -729,7 +729,7 @@ mod write_plan {
             BYTE_BASE..BYTE_BASE + self.bytes.len()
         }
         fn protected_ranges(&self) -> &[Range<usize>] {
-            &self.protected
+            std::slice::from_ref(&self.protected)
         }
         fn read_insn(&self, addr: usize, len: usize) -> X86Insn {
             let bytes: Vec<u8> = (addr..addr + len)

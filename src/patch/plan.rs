@@ -195,7 +195,7 @@ pub fn prepare<'a, T: Text>(
     }
     let (bytes, runs) = (gather.at, gather.run);
     let at = |pos: usize| match order {
-        Some(ref order) => &batch[usize::from(order[pos])],
+        Some(order) => &batch[usize::from(order[pos])],
         None => &batch[pos],
     };
     let ok = ok
