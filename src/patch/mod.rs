@@ -101,6 +101,10 @@ impl<I: Instruction> Patch<I> {
 /// - [`write_insn`](Text::write_insn) stores the instruction visibly at `addr` (arm64:
 ///   one single-copy-atomic 32-bit write), without ever making `addr`'s own mapping
 ///   writable.
+/// - [`write_run`](Text::write_run) stores exactly the run's bytes over its range, as
+///   `write_insn` stores one instruction (arm64: each instruction single-copy atomic), and
+///   makes them coherent as `sync_icache` does; [`holds`](Text::holds) and
+///   [`run_holds`](Text::run_holds) answer exactly what reading the text would.
 /// - [`sync_icache`](Text::sync_icache) makes the range coherent between data and
 ///   instruction side for every CPU, to the point of unification, and waits for that to
 ///   complete (arm64: DC CVAU, DSB ISH, IC IVAU, DSB ISH).
