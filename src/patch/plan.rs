@@ -175,8 +175,6 @@ pub fn prepare<'a, T: Text>(
         runs: &mut space.runs,
         new: &mut space.new.0,
         old: &mut space.old.0,
-        at: 0,
-        run: 0,
         prev_end: 0,
     };
     // Batches usually come in ascending order: try that first (unless the last entry
@@ -185,20 +183,19 @@ pub fn prepare<'a, T: Text>(
     let mut order: Option<&[u16]> = None;
     let mut ok = batch[0].addr <= batch[n - 1].addr;
     if ok {
-        for (pos, p) in batch.iter().enumerate() {
-            ok &= gather.entry(pos, p);
+        for p in batch {
+            ok &= gather.entry(p);
         }
     }
     if !ok && !batch.windows(2).all(|pair| pair[0].addr <= pair[1].addr) {
         let sorted = sort_by_address(batch, &mut space.order[..n]);
         gather.restart();
         ok = true;
-        for (pos, &index) in sorted.iter().enumerate() {
-            ok &= gather.entry(pos, &batch[usize::from(index)]);
+        for &index in sorted {
+            ok &= gather.entry(&batch[usize::from(index)]);
         }
         order = Some(sorted);
     }
-    let (bytes, runs) = (gather.at, gather.run);
     let at = |pos: usize| match order {
         Some(order) => &batch[usize::from(order[pos])],
         None => &batch[pos],
@@ -222,10 +219,10 @@ pub fn prepare<'a, T: Text>(
         // The first problem in batch order, as `validate` names it.
         return validate(text, batch).map(|()| None);
     }
-    match order {
+    let (bytes, runs) = match order {
         Some(order) => gather.copy(order.iter().map(|&index| &batch[usize::from(index)])),
         None => gather.copy(batch.iter()),
-    }
+    };
     space.runs[runs] = RunSlot {
         first: n as u16,
         bytes: bytes as u16,
@@ -248,10 +245,6 @@ struct Gather<'s, T: Text> {
     runs: &'s mut [RunSlot; MAX_SITES + 1],
     new: &'s mut [u8; MAX_BYTES + SLACK],
     old: &'s mut [u8; MAX_BYTES + SLACK],
-    /// Bytes gathered.
-    at: usize,
-    /// Runs opened.
-    run: usize,
     /// Where the previous entry ended (0 before the first).
     prev_end: usize,
 }
@@ -259,18 +252,17 @@ struct Gather<'s, T: Text> {
 impl<T: Text> Gather<'_, T> {
     /// Back to nothing gathered.
     fn restart(&mut self) {
-        (self.at, self.run, self.prev_end) = (0, 0, 0);
+        self.prev_end = 0;
     }
 
-    /// Checks the entry at sorted position `pos` and gathers it; `false` on any problem.
+    /// Checks the next entry in address order; `false` on any problem.
     ///
     /// Branch-free but for the loop (`&` on booleans, a select for the read address):
     /// under QEMU's TCG every guest branch ends a translation block, and a pass over 1000
     /// entries with a dozen branches each cost more than the rest of the patch. A bad
-    /// entry is still gathered, harmlessly (the indices are masked into the buffers), and
-    /// its `false` sends the batch to `validate`.
+    /// entry's `false` sends the batch to `validate`.
     #[inline(always)]
-    fn entry(&mut self, pos: usize, p: &Patch<T::Insn>) -> bool {
+    fn entry(&mut self, p: &Patch<T::Insn>) -> bool {
         let len = p.old.size();
         let end = p.addr.wrapping_add(len);
         // Inside text, overflow included, in one comparison: `len <= 8 <= span`.
@@ -283,34 +275,37 @@ impl<T: Text> Gather<'_, T> {
         // instead, and fails anyway.
         let read_at = if fits { p.addr } else { self.text_range.start };
         let present = self.text.holds(read_at, &p.old);
-        // A run opens where an entry does not follow the previous one (its first byte is
-        // the bytes gathered so far: `at`). The slot after
-        // the open run is written either way: a later run or the closing slot
-        // overwrites it when this entry opened none.
-        let opens = (self.run == 0) | (self.prev_end != p.addr);
-        self.runs[self.run & (MAX_SITES - 1)] = RunSlot {
-            first: pos as u16,
-            bytes: self.at as u16,
-        };
-        self.run += usize::from(opens);
-        self.at += len;
         self.prev_end = end;
         fits & present
     }
 
-    /// Gathers both images, once every entry passed [`entry`](Self::entry): a loop of
-    /// its own, short enough to keep its state in registers.
+    /// Gathers both images and notes where runs start, once every entry passed
+    /// [`entry`](Self::entry): a loop of its own, short enough to keep its state in
+    /// registers. Returns the bytes gathered and the runs.
     #[inline(always)]
-    fn copy<'p>(&mut self, entries: impl Iterator<Item = &'p Patch<T::Insn>>) {
-        let mut at = 0;
-        for p in entries {
-            // In bounds without a check: `at < MAX_BYTES` (at most MAX_SITES entries of
-            // at most 8 bytes); the mask only tells the compiler so.
+    fn copy<'p>(&mut self, entries: impl Iterator<Item = &'p Patch<T::Insn>>) -> (usize, usize) {
+        let (mut at, mut run, mut prev_end) = (0, 0, 0);
+        for (pos, p) in entries.enumerate() {
+            // A run opens where an entry does not follow the previous one, at the bytes
+            // gathered so far. The slot after the open run is written either way: a later
+            // run or the closing slot overwrites it when this entry opened none. Indices
+            // are in bounds without a check (`run <= pos < MAX_SITES`, and `at <
+            // MAX_BYTES`: at most MAX_SITES entries of at most 8 bytes); the masks only
+            // tell the compiler so.
+            let opens = (run == 0) | (prev_end != p.addr);
+            self.runs[run & (MAX_SITES - 1)] = RunSlot {
+                first: pos as u16,
+                bytes: at as u16,
+            };
+            run += usize::from(opens);
             let slot = at & (MAX_BYTES - 1);
             self.new[slot..slot + 8].copy_from_slice(&p.new.to_le_word().to_le_bytes());
             self.old[slot..slot + 8].copy_from_slice(&p.old.to_le_word().to_le_bytes());
-            at += p.old.size();
+            let len = p.old.size();
+            at += len;
+            prev_end = p.addr + len;
         }
+        (at, run)
     }
 }
 
