@@ -600,8 +600,8 @@ fn ratio_msg(patch_median_1: u64, roundtrip: &Stats, paired: &(u64, Stats)) -> M
 }
 
 /// Every site of a 1000-entry batch, spanning pages and written in ascending and in
-/// descending order, holds its new instruction afterwards (the batched alias writes
-/// and the sorted-batch fast path of validation lose nothing).
+/// descending order, holds its new instruction afterwards (the write plan's runs, copied
+/// a page at a time, lose nothing; the descending batch goes through the plan's sort).
 pub fn large_batches(_: &Params) -> Verdict {
     let mut batches = BATCHES.lock();
     fill_batches(&mut batches);
