@@ -5,8 +5,10 @@
 use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
 use patch_machine::patch::insn::{self, NOP};
-use patch_machine::patch::{Patch, PatchError, Text, patch_machine, patch_nosync, validate};
-use patch_machine::stop::{StopMachine, StopOptions};
+use patch_machine::patch::{
+    ECHANGED, Patch, PatchError, Text, patch_machine, patch_nosync, validate,
+};
+use patch_machine::stop::{StopError, StopMachine, StopOptions};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -33,6 +35,9 @@ struct HostText {
     /// Every write and every cache maintenance, in order, stamped with the machine's
     /// [`HostArch::tick`] (the sequence `last_sync` and `last_restore` share).
     events: std::sync::Mutex<Vec<TextEvent>>,
+    /// A write that bypasses the writer lock: the first read of this address stores this
+    /// word there right after it was read.
+    tamper: std::sync::Mutex<Option<(usize, u32)>>,
 }
 
 /// What [`HostText`] saw happen, in order.
@@ -56,6 +61,7 @@ impl HostText {
             syncs: AtomicUsize::new(0),
             unmasked_write: AtomicBool::new(false),
             events: std::sync::Mutex::new(Vec::new()),
+            tamper: std::sync::Mutex::new(None),
         }
     }
 
@@ -93,7 +99,15 @@ unsafe impl Text for HostText {
         &self.protected
     }
     fn read_insn(&self, addr: usize, _len: usize) -> u32 {
-        self.at(addr).load(Ordering::Relaxed)
+        let found = self.at(addr).load(Ordering::Relaxed);
+        let mut tamper = self.tamper.lock().unwrap();
+        if let Some((at, word)) = *tamper
+            && at == addr
+        {
+            self.at(addr).store(word, Ordering::Relaxed);
+            *tamper = None;
+        }
+        found
     }
     unsafe fn write_insn(&self, addr: usize, insn: u32) {
         let me = patch_machine::stop::Arch::cpu_id(&self.arch);
@@ -248,6 +262,39 @@ fn patch_machine_writes_only_while_every_other_cpu_is_masked() {
         );
         assert_eq!(&text.snapshot()[..10], &expected_new[..]);
         assert_eq!(text.syncs.load(Ordering::Relaxed), 10);
+    }
+}
+
+/// The window re-checks the sites: a write that bypassed the writer lock between
+/// validation and the stop (here: right after validation read the site) makes the call
+/// fail with `ECHANGED`, and nothing is written.
+#[test]
+fn a_site_changed_after_validation_fails_the_window_and_nothing_is_written() {
+    let (result, text) = on_machine(2, |stop, text| {
+        let batch: Vec<Patch> = (4..12)
+            .map(|i| Patch::new(addr(i), movz(i as u16), movz(500 + i as u16)))
+            .collect();
+        *text.tamper.lock().unwrap() = Some((addr(9), movz(999)));
+        patch_machine(stop, text, &batch, StopOptions::DEFAULT)
+    });
+    let err = result.unwrap_err();
+    let PatchError::Stop(StopError::Failed(failures)) = err else {
+        panic!("expected the window's ECHANGED, got {err}");
+    };
+    assert_eq!(
+        failures.iter().collect::<Vec<_>>(),
+        [(0, ECHANGED)],
+        "{err}"
+    );
+    assert_eq!(
+        text.writes.load(Ordering::Relaxed),
+        0,
+        "nothing may be written"
+    );
+    let words = text.snapshot();
+    assert_eq!(words[9], movz(999));
+    for i in (4..12).filter(|&i| i != 9) {
+        assert_eq!(words[i], movz(i as u16), "word {i} changed");
     }
 }
 
