@@ -590,6 +590,7 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("::write_probe::call_write_probe", Indirect::WriteProbe),
     ("KernelText>::write_insn", Indirect::WriteProbe),
     ("KernelText>::write_batch", Indirect::WriteProbe),
+    ("KernelText>::write_run", Indirect::WriteProbe),
     ("StopMachine<A>::wait_past", Indirect::GotSlot),
     ("TextAlias::map", Indirect::GotSlot),
     ("TextAlias::map_pages", Indirect::GotSlot),
@@ -897,7 +898,10 @@ fn arm64_text_writes_are_cleaned_then_invalidated_with_barriers() {
     let mut pokes = 0;
     for (header, insns) in functions.iter().filter(|(h, _)| !h.contains("mmu::")) {
         for (at, poke) in insns.iter().enumerate() {
-            if poke.mnemonic == "bl" && poke.operands.contains("mmu::poke_text_page>") {
+            let page_write = ["mmu::poke_text_page>", "mmu::poke_text_run>"]
+                .iter()
+                .any(|writer| poke.operands.contains(writer));
+            if poke.mnemonic == "bl" && page_write {
                 pokes += 1;
                 if let Err(path) = maintained_after(insns, at) {
                     panic!(
@@ -909,7 +913,10 @@ fn arm64_text_writes_are_cleaned_then_invalidated_with_barriers() {
             }
         }
     }
-    assert!(pokes > 0, "no call of mmu::poke_text_page in .text.nopatch");
+    assert!(
+        pokes > 0,
+        "no call of mmu::poke_text_page or poke_text_run in .text.nopatch"
+    );
     let sync_icache = function(&functions, "KernelText>::sync_icache>:");
     assert!(
         sync_icache

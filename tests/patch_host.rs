@@ -5,8 +5,10 @@
 use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
 use patch_machine::patch::insn::{self, NOP};
-use patch_machine::patch::{Patch, PatchError, Text, patch_machine, patch_nosync, validate};
-use patch_machine::stop::{StopMachine, StopOptions};
+use patch_machine::patch::{
+    ECHANGED, Patch, PatchError, Text, patch_machine, patch_nosync, validate,
+};
+use patch_machine::stop::{StopError, StopMachine, StopOptions};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -33,6 +35,9 @@ struct HostText {
     /// Every write and every cache maintenance, in order, stamped with the machine's
     /// [`HostArch::tick`] (the sequence `last_sync` and `last_restore` share).
     events: std::sync::Mutex<Vec<TextEvent>>,
+    /// A write that bypasses the writer lock: the first read of this address stores this
+    /// word there right after it was read.
+    tamper: std::sync::Mutex<Option<(usize, u32)>>,
 }
 
 /// What [`HostText`] saw happen, in order.
@@ -56,6 +61,7 @@ impl HostText {
             syncs: AtomicUsize::new(0),
             unmasked_write: AtomicBool::new(false),
             events: std::sync::Mutex::new(Vec::new()),
+            tamper: std::sync::Mutex::new(None),
         }
     }
 
@@ -93,7 +99,15 @@ unsafe impl Text for HostText {
         &self.protected
     }
     fn read_insn(&self, addr: usize, _len: usize) -> u32 {
-        self.at(addr).load(Ordering::Relaxed)
+        let found = self.at(addr).load(Ordering::Relaxed);
+        let mut tamper = self.tamper.lock().unwrap();
+        if let Some((at, word)) = *tamper
+            && at == addr
+        {
+            self.at(addr).store(word, Ordering::Relaxed);
+            *tamper = None;
+        }
+        found
     }
     unsafe fn write_insn(&self, addr: usize, insn: u32) {
         let me = patch_machine::stop::Arch::cpu_id(&self.arch);
@@ -248,6 +262,39 @@ fn patch_machine_writes_only_while_every_other_cpu_is_masked() {
         );
         assert_eq!(&text.snapshot()[..10], &expected_new[..]);
         assert_eq!(text.syncs.load(Ordering::Relaxed), 10);
+    }
+}
+
+/// The window re-checks the sites: a write that bypassed the writer lock between
+/// validation and the stop (here: right after validation read the site) makes the call
+/// fail with `ECHANGED`, and nothing is written.
+#[test]
+fn a_site_changed_after_validation_fails_the_window_and_nothing_is_written() {
+    let (result, text) = on_machine(2, |stop, text| {
+        let batch: Vec<Patch> = (4..12)
+            .map(|i| Patch::new(addr(i), movz(i as u16), movz(500 + i as u16)))
+            .collect();
+        *text.tamper.lock().unwrap() = Some((addr(9), movz(999)));
+        patch_machine(stop, text, &batch, StopOptions::DEFAULT)
+    });
+    let err = result.unwrap_err();
+    let PatchError::Stop(StopError::Failed(failures)) = err else {
+        panic!("expected the window's ECHANGED, got {err}");
+    };
+    assert_eq!(
+        failures.iter().collect::<Vec<_>>(),
+        [(0, ECHANGED)],
+        "{err}"
+    );
+    assert_eq!(
+        text.writes.load(Ordering::Relaxed),
+        0,
+        "nothing may be written"
+    );
+    let words = text.snapshot();
+    assert_eq!(words[9], movz(999));
+    for i in (4..12).filter(|&i| i != 9) {
+        assert_eq!(words[i], movz(i as u16), "word {i} changed");
     }
 }
 
@@ -515,5 +562,301 @@ mod icache_plan {
             .collect();
         assert_eq!(lines.first(), Some(&((usize::MAX - 100) & !63)));
         assert_eq!(lines.last(), Some(&(usize::MAX & !63)));
+    }
+}
+
+mod write_plan {
+    //! `patch::plan::prepare`: the write plan `patch_machine` builds before the stop.
+    //! Every site lands in exactly one run, runs are maximal stretches of back-to-back
+    //! entries in address order, whatever order the batch came in, and a batch the plan
+    //! refuses gets exactly `validate`'s error.
+
+    use super::{BASE, HostText, WORDS, addr, movz};
+    use patch_machine::arch::host::HostArch;
+    use patch_machine::patch::plan::{MAX_SITES, PlanSpace, Run, WritePlan, prepare};
+    use patch_machine::patch::x86::{self, Insn as X86Insn};
+    use patch_machine::patch::{Instruction, Patch, PatchError, Text, validate};
+    use std::ops::Range;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    fn space() -> Box<PlanSpace> {
+        Box::new(PlanSpace::new())
+    }
+
+    /// The bytes of `insns` in memory order, back to back.
+    fn image<I: Instruction>(insns: impl Iterator<Item = I>) -> Vec<u8> {
+        insns
+            .flat_map(|i| i.to_le_word().to_le_bytes().into_iter().take(i.size()))
+            .collect()
+    }
+
+    /// Checks `plan` against `batch`: runs ascending, disjoint and maximal; each run's
+    /// entries back to back from its address, its bytes those entries' new and old
+    /// instructions; every entry of the batch in exactly one run. Returns the runs'
+    /// byte ranges.
+    fn check_plan<I: Instruction>(
+        plan: &WritePlan<'_, I>,
+        batch: &[Patch<I>],
+    ) -> Vec<Range<usize>> {
+        let mut seen = vec![0usize; batch.len()];
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        let runs: Vec<Run<'_, I>> = plan.runs().collect();
+        for run in &runs {
+            let entries: Vec<&Patch<I>> = run.entries().collect();
+            assert!(!entries.is_empty(), "an empty run at {:#x}", run.addr);
+            assert_eq!(entries[0].addr, run.addr, "a run starts at its first entry");
+            let mut at = run.addr;
+            for entry in &entries {
+                assert_eq!(entry.addr, at, "entries of a run lie back to back");
+                at += entry.old.size();
+                let index = batch
+                    .iter()
+                    .position(|p| std::ptr::eq(p, *entry))
+                    .expect("a run's entry is an entry of the batch");
+                seen[index] += 1;
+            }
+            assert_eq!(run.range(), run.addr..at);
+            assert_eq!(run.new, &image(entries.iter().map(|p| p.new))[..]);
+            assert_eq!(run.old, &image(entries.iter().map(|p| p.old))[..]);
+            if let Some(previous) = ranges.last() {
+                assert!(
+                    previous.end < run.addr,
+                    "runs {previous:x?} and {:x?} are out of order, overlap or should be one",
+                    run.range()
+                );
+            }
+            ranges.push(run.range());
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "every entry in exactly one run (times seen, by batch index): {seen:?}"
+        );
+        assert_eq!(plan.sites(), batch.len());
+        ranges
+    }
+
+    /// The orders a batch may come in: as given, reversed, and shuffled.
+    fn orders<T: Clone>(batch: &[T]) -> Vec<(&'static str, Vec<T>)> {
+        let reversed: Vec<T> = batch.iter().rev().cloned().collect();
+        // A fixed permutation: a stride coprime with the length, from an offset.
+        let n = batch.len();
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let stride = [7, 5, 11, 13]
+            .into_iter()
+            .find(|&s| gcd(s, n) == 1)
+            .unwrap();
+        let shuffled: Vec<T> = (0..n)
+            .map(|i| batch[(i * stride + 3) % n].clone())
+            .collect();
+        vec![
+            ("ascending", batch.to_vec()),
+            ("descending", reversed),
+            ("shuffled", shuffled),
+        ]
+    }
+
+    #[test]
+    fn runs_coalesce_back_to_back_sites_and_cover_each_once() {
+        let text = HostText::new(HostArch::new(1), 1);
+        // Four stretches: 0-2, 5-6, 9, 20-29.
+        let sites: Vec<usize> = [0, 1, 2, 5, 6, 9].into_iter().chain(20..30).collect();
+        let batch: Vec<Patch> = sites
+            .iter()
+            .map(|&i| Patch::new(addr(i), movz(i as u16), movz(3000 + i as u16)))
+            .collect();
+        for (order, batch) in orders(&batch) {
+            let mut space = space();
+            let plan = prepare(&text, &batch, &mut space)
+                .unwrap_or_else(|e| panic!("{order}: {e}"))
+                .unwrap_or_else(|| panic!("{order}: no plan"));
+            let ranges = check_plan(&plan, &batch);
+            assert_eq!(
+                ranges,
+                [
+                    addr(0)..addr(3),
+                    addr(5)..addr(7),
+                    addr(9)..addr(10),
+                    addr(20)..addr(30)
+                ],
+                "{order}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_are_refused_as_validate_refuses_them() {
+        let text = HostText::new(HostArch::new(1), 1);
+        let mut batch: Vec<Patch> = (0..12)
+            .map(|i| Patch::new(addr(i), movz(i as u16), movz(100 + i as u16)))
+            .collect();
+        batch.push(Patch::new(addr(4), movz(4), movz(7)));
+        for (order, batch) in orders(&batch) {
+            let expected = validate(&text, &batch).unwrap_err();
+            assert!(matches!(expected, PatchError::Duplicate { .. }), "{order}");
+            let got = prepare(&text, &batch, &mut space()).err();
+            assert_eq!(got, Some(expected), "{order}");
+        }
+    }
+
+    #[test]
+    fn a_plan_refuses_what_validate_refuses_and_only_that() {
+        let text = HostText::new(HostArch::new(1), 1);
+        let good = |i: usize| Patch::new(addr(i), movz(i as u16), movz(200 + i as u16));
+        let bad = [
+            Patch::new(addr(2) + 2, 0, 0),
+            Patch::new(BASE - 4, 0, 0),
+            Patch::new(addr(WORDS), 0, 0),
+            Patch::new(addr(WORDS - 1) + 4, 0, 0),
+            Patch::new(usize::MAX - 3, 0, 0),
+            Patch::new(addr(50), movz(50), 0),
+            Patch::new(addr(47), movz(47), 0),
+            Patch::new(addr(56), movz(56), 0),
+            Patch::new(addr(3), movz(4), 0),
+        ];
+        for entry in bad {
+            let batch: Vec<Patch> = [good(0), good(1), entry, good(10)].into();
+            for (order, batch) in orders(&batch) {
+                let expected = validate(&text, &batch).err();
+                let got = prepare(&text, &batch, &mut space()).err();
+                assert_eq!(got, expected, "{order}, entry {entry:x?}");
+            }
+        }
+        // Protected range 48..56: its neighbours are fine.
+        let batch = [good(47), good(56)];
+        assert!(validate(&text, &batch).is_ok());
+        let mut space = space();
+        let plan = prepare(&text, &batch, &mut space).unwrap().unwrap();
+        check_plan(&plan, &batch);
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_plan_is_valid_but_unplanned() {
+        let words: Vec<u32> = vec![patch_machine::patch::insn::NOP; MAX_SITES + 1];
+        let text = patch_machine::arch::host::HostText::new(&words);
+        let batch: Vec<Patch> = (0..=MAX_SITES)
+            .map(|i| Patch::new(text.addr(i), words[i], movz(1)))
+            .collect();
+        assert!(matches!(prepare(&text, &batch, &mut space()), Ok(None)));
+        assert!(
+            prepare(&text, &batch[..MAX_SITES], &mut space())
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    /// x86 text on the host: bytes, instructions of 1 to 8 bytes.
+    struct ByteText {
+        bytes: Vec<AtomicU8>,
+        protected: Range<usize>,
+        lock: spin::Mutex<()>,
+    }
+
+    const BYTE_BASE: usize = 0x20_0000;
+
+    impl ByteText {
+        fn new(len: usize) -> Self {
+            ByteText {
+                bytes: (0..len).map(|_| AtomicU8::new(0x90)).collect(),
+                protected: 0..0,
+                lock: spin::Mutex::new(()),
+            }
+        }
+    }
+
+    // SAFETY: a plain byte array; nothing executes it.
+    unsafe impl Text for ByteText {
+        type Insn = X86Insn;
+
+        fn text_range(&self) -> Range<usize> {
+            BYTE_BASE..BYTE_BASE + self.bytes.len()
+        }
+        fn protected_ranges(&self) -> &[Range<usize>] {
+            std::slice::from_ref(&self.protected)
+        }
+        fn read_insn(&self, addr: usize, len: usize) -> X86Insn {
+            let bytes: Vec<u8> = (addr..addr + len)
+                .map(|a| self.bytes[a - BYTE_BASE].load(Ordering::Relaxed))
+                .collect();
+            X86Insn::from_bytes(&bytes).unwrap()
+        }
+        unsafe fn write_insn(&self, addr: usize, insn: X86Insn) {
+            for (i, &b) in insn.bytes().iter().enumerate() {
+                self.bytes[addr - BYTE_BASE + i].store(b, Ordering::Relaxed);
+            }
+        }
+        fn sync_icache(&self, _range: Range<usize>) {}
+        fn writer_lock(&self) -> &spin::Mutex<()> {
+            &self.lock
+        }
+    }
+
+    fn nop(len: usize) -> X86Insn {
+        x86::nop(len).unwrap()
+    }
+
+    #[test]
+    fn variable_length_runs_and_overlaps() {
+        let text = ByteText::new(64);
+        // Every site first holds the NOP its entry expects; 5-byte sites become
+        // `MOV $imm, %eax`.
+        let layout = [(0, 5), (5, 3), (8, 1), (12, 2), (14, 8), (30, 4)];
+        let mut batch = Vec::new();
+        for &(offset, len) in &layout {
+            let old = nop(len);
+            // SAFETY: host bytes.
+            unsafe { text.write_insn(BYTE_BASE + offset, old) };
+            let new = if len == 5 {
+                x86::mov_eax_imm32(offset as u32)
+            } else {
+                nop(len)
+            };
+            batch.push(Patch::new(BYTE_BASE + offset, old, new));
+        }
+        for (order, batch) in orders(&batch) {
+            let mut space = space();
+            let plan = prepare(&text, &batch, &mut space)
+                .unwrap_or_else(|e| panic!("{order}: {e}"))
+                .unwrap();
+            let ranges = check_plan(&plan, &batch);
+            let base = BYTE_BASE;
+            assert_eq!(
+                ranges,
+                [base..base + 9, base + 12..base + 22, base + 30..base + 34],
+                "{order}"
+            );
+        }
+        // Overlaps: a 2-byte entry inside the 5-byte NOP at 0, and one straddling it
+        // and the 3-byte NOP at 5 (each expecting the bytes that are there).
+        for overlapping in [
+            Patch::new(
+                BYTE_BASE + 3,
+                X86Insn::from_bytes(&[0x00, 0x00]).unwrap(),
+                nop(2),
+            ),
+            Patch::new(
+                BYTE_BASE + 4,
+                X86Insn::from_bytes(&[0x00, 0x0f]).unwrap(),
+                nop(2),
+            ),
+        ] {
+            let batch: Vec<_> = batch.iter().copied().chain([overlapping]).collect();
+            for (order, batch) in orders(&batch) {
+                let expected = validate(&text, &batch).unwrap_err();
+                assert!(
+                    matches!(expected, PatchError::Duplicate { .. }),
+                    "{order}: {expected:?}"
+                );
+                assert_eq!(
+                    prepare(&text, &batch, &mut space()).err(),
+                    Some(expected),
+                    "{order}"
+                );
+            }
+        }
     }
 }

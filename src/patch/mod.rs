@@ -8,6 +8,7 @@
 pub mod alternatives;
 pub mod icache;
 pub mod insn;
+pub mod plan;
 pub mod x86;
 
 use crate::CpuSet;
@@ -18,6 +19,7 @@ use crate::stop::{
 use core::fmt;
 use core::ops::Range;
 use insn::Insn;
+use plan::{Run, WritePlan};
 
 /// An instruction encoding as the patcher moves it: fixed-size words on arm64
 /// ([`insn::Insn`]), byte strings on x86 ([`x86::Insn`]).
@@ -27,8 +29,12 @@ pub trait Instruction: Copy + Eq + fmt::Debug + fmt::LowerHex + Send + Sync + 's
     /// Which pairs [`patch_nosync`] accepts, for its refusal message.
     const CMODX_RULE: &'static str;
 
-    /// Bytes the encoding occupies.
+    /// Bytes the encoding occupies (1 to 8).
     fn size(&self) -> usize;
+
+    /// The encoding as it lies in memory, in the low [`size`](Self::size) bytes of a
+    /// little-endian word (the rest zero).
+    fn to_le_word(&self) -> u64;
 
     /// Whether `old` may be replaced by `new` while another CPU may execute it.
     fn cmodx_pair_allowed(old: Self, new: Self) -> bool;
@@ -40,6 +46,11 @@ impl Instruction for Insn {
 
     fn size(&self) -> usize {
         4
+    }
+
+    #[inline(always)]
+    fn to_le_word(&self) -> u64 {
+        u64::from(*self)
     }
 
     fn cmodx_pair_allowed(old: Self, new: Self) -> bool {
@@ -90,6 +101,10 @@ impl<I: Instruction> Patch<I> {
 /// - [`write_insn`](Text::write_insn) stores the instruction visibly at `addr` (arm64:
 ///   one single-copy-atomic 32-bit write), without ever making `addr`'s own mapping
 ///   writable.
+/// - [`write_run`](Text::write_run) stores exactly the run's bytes over its range, as
+///   `write_insn` stores one instruction (arm64: each instruction single-copy atomic), and
+///   makes them coherent as `sync_icache` does; [`holds`](Text::holds) and
+///   [`run_holds`](Text::run_holds) answer exactly what reading the text would.
 /// - [`sync_icache`](Text::sync_icache) makes the range coherent between data and
 ///   instruction side for every CPU, to the point of unification, and waits for that to
 ///   complete (arm64: DC CVAU, DSB ISH, IC IVAU, DSB ISH).
@@ -128,6 +143,38 @@ pub unsafe trait Text: Sync {
     /// As [`write_insn`](Text::write_insn), for every entry.
     unsafe fn write_batch(&self, batch: &[Patch<Self::Insn>]) {
         for patch in batch {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.write_insn(patch.addr, patch.new) };
+            self.sync_icache(patch.range());
+        }
+    }
+
+    /// Whether `insn` is at `addr`, which validation found aligned and in text: the
+    /// default reads it with [`read_insn`](Text::read_insn); an implementation may
+    /// compare the bytes without building an instruction.
+    #[inline(always)]
+    fn holds(&self, addr: usize, insn: &Self::Insn) -> bool {
+        self.read_insn(addr, insn.size()) == *insn
+    }
+
+    /// Whether the text still holds `run`'s old bytes: [`patch_machine`]'s re-check
+    /// inside the window. The default reads entry by entry; an implementation may
+    /// compare the run's bytes ([`Run::old`]) in words instead.
+    fn run_holds(&self, run: &Run<'_, Self::Insn>) -> bool {
+        run.entries()
+            .all(|p| self.read_insn(p.addr, p.old.size()) == p.old)
+    }
+
+    /// Writes one run of a write plan ([`Run::new`] over [`Run::range`]) and makes it
+    /// coherent. The default is [`write_insn`](Text::write_insn) then
+    /// [`sync_icache`](Text::sync_icache) for each entry; an implementation may instead
+    /// copy the run's bytes through one alias mapping per page and maintain the caches
+    /// once over each page's part.
+    ///
+    /// # Safety
+    /// As [`write_insn`](Text::write_insn), for every entry of the run.
+    unsafe fn write_run(&self, run: &Run<'_, Self::Insn>) {
+        for patch in run.entries() {
             // SAFETY: forwarded from the caller.
             unsafe { self.write_insn(patch.addr, patch.new) };
             self.sync_icache(patch.range());
@@ -303,9 +350,11 @@ pub fn validate<T: Text>(text: &T, batch: &[Patch<T::Insn>]) -> Result<(), Patch
     let text_range = text.text_range();
     // Batches are usually sorted by address: then no entry can repeat an earlier one,
     // and the quadratic search below is skipped (1000 sites: 500,000 comparisons).
+    // Saturating: an entry at the top of the address space is refused below as outside
+    // text, not an overflow here.
     let ascending = batch
         .windows(2)
-        .all(|pair| pair[0].range().end <= pair[1].addr);
+        .all(|pair| pair[0].addr.saturating_add(pair[0].old.size()) <= pair[1].addr);
     for (index, patch) in batch.iter().enumerate() {
         let addr = patch.addr;
         if !addr.is_multiple_of(T::Insn::ALIGN) {
@@ -394,6 +443,8 @@ pub const ECHANGED: i32 = -11; // -EAGAIN
 /// "x86/alternatives: NMI safe runtime patching", LKML, 2020).
 ///
 /// The whole batch is validated first; an invalid entry rejects it all, unchanged.
+/// Validation, sorting and the coalescing of back-to-back entries into runs happen
+/// before the machine stops ([`plan::prepare`]); the window re-checks and copies runs.
 pub fn patch_machine<A: Arch, T: Text>(
     stop: &StopMachine<A>,
     text: &T,
@@ -402,12 +453,20 @@ pub fn patch_machine<A: Arch, T: Text>(
 ) -> Result<PatchReport, PatchError<T::Insn>> {
     // Waiting here keeps interrupts enabled: the holder may be stopping the machine.
     let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
-    validate(text, batch)?;
+    let mut space = plan::SPACE.try_lock();
+    let plan = match space.as_deref_mut() {
+        Some(space) => plan::prepare(text, batch, space)?,
+        None => {
+            validate(text, batch)?;
+            None
+        }
+    };
     let patcher = stop.arch().cpu_id();
     let window = PatchWindow {
         stop,
         text,
         batch,
+        plan: plan.as_ref(),
         report: spin::Mutex::new(None),
     };
     // SAFETY: where NMIs pass `mask_all` (x86) the window runs in the patcher's NMI:
@@ -429,13 +488,14 @@ struct PatchWindow<'a, A: Arch, T: Text> {
     stop: &'a StopMachine<A>,
     text: &'a T,
     batch: &'a [Patch<T::Insn>],
+    plan: Option<&'a WritePlan<'a, T::Insn>>,
     report: spin::Mutex<Option<PatchReport>>,
 }
 
 impl<A: Arch, T: Text> StopFunction for PatchWindow<'_, A, T> {
     #[unsafe(link_section = ".text.nopatch")]
     fn call(&self, _cpu: usize) -> StopFnResult {
-        write_stopped(self.stop, self.text, self.batch, &self.report)
+        write_stopped(self.stop, self.text, self.batch, self.plan, &self.report)
     }
 }
 
@@ -446,6 +506,7 @@ fn write_stopped<A: Arch, T: Text>(
     stop: &StopMachine<A>,
     text: &T,
     batch: &[Patch<T::Insn>],
+    plan: Option<&WritePlan<'_, T::Insn>>,
     report: &spin::Mutex<Option<PatchReport>>,
 ) -> StopFnResult {
     let quiescence = stop.quiescence();
@@ -454,18 +515,34 @@ fn write_stopped<A: Arch, T: Text>(
     if quiescence.masked != everyone {
         return Err(ENOTQUIESCENT);
     }
-    // Writers are serialised, so the text cannot have changed since validation unless
-    // someone bypassed `Text`; re-checking is cheap next to a rendezvous.
-    if batch
-        .iter()
-        .any(|p| text.read_insn(p.addr, p.old.size()) != p.old)
-    {
+    // What the re-check protects against: every writer that goes through this module
+    // holds the text's writer lock from its validation to its last write, so the sites
+    // cannot have changed since `prepare` unless something wrote text without that lock
+    // (`Text::write_insn` and the arch `poke_text` are callable by unsafe code directly),
+    // or memory under text was corrupted. Done here, with every other CPU stopped, the
+    // check and the writes are one step for everyone else. Against the plan it is one
+    // comparison per run of contiguous bytes, not an instruction decode per entry.
+    let unchanged = match plan {
+        Some(plan) => plan.runs().all(|run| text.run_holds(&run)),
+        None => batch
+            .iter()
+            .all(|p| text.read_insn(p.addr, p.old.size()) == p.old),
+    };
+    if !unchanged {
         return Err(ECHANGED);
     }
     let first_write_stamp = stop.stamp();
-    // SAFETY: validated by `patch_machine`; every other CPU is in the rendezvous with
-    // every asynchronous exception masked, so none executes the sites.
-    unsafe { text.write_batch(batch) };
+    match plan {
+        Some(plan) => {
+            for run in plan.runs() {
+                // SAFETY: validated by `prepare`; every other CPU is in the rendezvous
+                // with every asynchronous exception masked, so none executes the sites.
+                unsafe { text.write_run(&run) };
+            }
+        }
+        // SAFETY: as above, validated by `validate`.
+        None => unsafe { text.write_batch(batch) },
+    }
     *report.lock() = Some(PatchReport {
         cpus: everyone,
         quiescence,

@@ -64,6 +64,24 @@ impl Insn {
         })
     }
 
+    /// The `len`-byte instruction in the low bytes of the little-endian `word` (the
+    /// higher bytes are ignored), or `None` if `len` is not 1 to [`MAX_LEN`].
+    #[inline(always)]
+    pub const fn from_le_word(word: u64, len: usize) -> Option<Insn> {
+        if len == 0 || len > MAX_LEN {
+            return None;
+        }
+        let mask = if len == MAX_LEN {
+            u64::MAX
+        } else {
+            (1 << (8 * len)) - 1
+        };
+        Some(Insn {
+            bytes: (word & mask).to_le_bytes(),
+            len: len as u8,
+        })
+    }
+
     /// The encoding.
     pub fn bytes(&self) -> &[u8] {
         // `get`: `len <= MAX_LEN` always, but the rendezvous path calls this and must not
@@ -98,6 +116,11 @@ impl Instruction for Insn {
 
     fn size(&self) -> usize {
         self.len as usize
+    }
+
+    #[inline(always)]
+    fn to_le_word(&self) -> u64 {
+        u64::from_le_bytes(self.bytes)
     }
 
     /// x86 promises nothing about an instruction rewritten under a CPU executing it

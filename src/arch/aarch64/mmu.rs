@@ -545,6 +545,43 @@ pub unsafe fn poke_text_page(words: &[(usize, u32)]) {
     drop(alias);
 }
 
+/// [`poke_text`] for a run of whole instructions inside one page: `words` (in memory
+/// order) are stored from `addr` on under one mapping of the alias, one 32-bit store
+/// each (single-copy atomic, as every A64 instruction write must be). A patch plan's
+/// run is copied this way, with no per-word address check or mapping.
+///
+/// # Safety
+/// As [`poke_text`], for every word; `addr..addr + 4 * words.len()` must lie in one page
+/// (checked; panics otherwise).
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub unsafe fn poke_text_run(addr: usize, words: &[u32]) {
+    let Some(last) = words.len().checked_sub(1) else {
+        return;
+    };
+    let text = layout::text_range();
+    let end = addr.saturating_add(4 * words.len());
+    assert!(
+        addr.is_multiple_of(4) && addr >= text.start && end <= text.end,
+        "poke_text_run: {addr:#x}..{end:#x} is not aligned kernel text"
+    );
+    let page = addr & !(PAGE_SIZE - 1);
+    assert!(
+        (addr + 4 * last) & !(PAGE_SIZE - 1) == page,
+        "poke_text_run: {addr:#x}..{end:#x} crosses a page"
+    );
+    // SAFETY: `page` is a kernel text page (checked above); only the words are stored.
+    let alias = unsafe { TextAlias::map(page) };
+    let dst = (alias.addr() + (addr - page)) as *mut u32;
+    for (i, &word) in words.iter().enumerate() {
+        // SAFETY: the alias maps `page` writable and the run lies in it (checked above);
+        // `dst + i` stays 4-byte aligned. The caller guarantees nobody executes the
+        // words unsafely meanwhile.
+        unsafe { dst.add(i).write_volatile(word) };
+    }
+    drop(alias);
+}
+
 /// The text alias, mapped on this CPU only: [`TextAlias::map`] maps a page writable at
 /// [`ALIAS_VA`]; dropping it removes the mapping again (see the module docs for the
 /// exact steps). Every exception stays masked and the alias lock held meanwhile.

@@ -6,11 +6,23 @@ use super::{cache, layout, mmu};
 pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
 use crate::patch::insn::Insn;
+use crate::patch::plan::Run;
 use crate::patch::{Patch, Text};
 use core::ops::Range;
 
 /// Words [`KernelText::write_batch`] writes under one mapping of the alias at most.
 const WORDS_PER_MAPPING: usize = 64;
+
+/// A plan's run as the instruction words it holds: `None` unless `bytes` is 4-byte
+/// aligned and whole words long (a plan's buffers are 8-byte aligned and every A64
+/// instruction is 4 bytes, so it always is).
+#[inline(always)]
+fn words(bytes: &[u8]) -> Option<&[u32]> {
+    // SAFETY: every bit pattern is a valid u32; `align_to` only reinterprets the aligned
+    // middle, and the check below refuses any unaligned head or tail.
+    let (head, words, tail) = unsafe { bytes.align_to::<u32>() };
+    (head.is_empty() && tail.is_empty()).then_some(words)
+}
 
 // SAFETY: the bounds come from the linker script, whose text output section holds every
 // executable input section; `.text.nopatch` (exception vectors, IRQ entry, the stop IPI
@@ -71,6 +83,53 @@ unsafe impl Text for KernelText {
             unsafe { mmu::poke_text_page(words) };
             call_write_probe();
             cache::sync_icache_range(low, high);
+            rest = tail;
+        }
+    }
+
+    /// Compares the run's text with its old bytes a word at a time, without a branch per
+    /// word.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_holds(&self, run: &Run<'_, Insn>) -> bool {
+        let Some(old) = words(run.old) else {
+            return run.entries().all(|p| self.read_insn(p.addr, 4) == p.old);
+        };
+        let text = run.addr as *const u32;
+        // Differences OR-ed together rather than a loop that stops at the first: one
+        // branch a word fewer, and under TCG each branch ends a translation block.
+        let mut differ = 0;
+        for (i, &old) in old.iter().enumerate() {
+            // SAFETY: `prepare` placed every entry of the run in mapped text, back to
+            // back from `run.addr` (4-byte aligned).
+            differ |= unsafe { text.add(i).read_volatile() } ^ old;
+        }
+        differ == 0
+    }
+
+    /// One alias mapping per page of the run, its words stored straight from the plan,
+    /// then one maintenance sweep over that page's part (`sync_icache_range`: every D
+    /// line cleaned, one DSB, every I line invalidated, one DSB).
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_run(&self, run: &Run<'_, Insn>) {
+        let Some(mut rest) = words(run.new) else {
+            for patch in run.entries() {
+                // SAFETY: forwarded from the caller.
+                unsafe { self.write_insn(patch.addr, patch.new) };
+                self.sync_icache(patch.range());
+            }
+            return;
+        };
+        let mut addr = run.addr;
+        while !rest.is_empty() {
+            let room = (mmu::PAGE_SIZE - (addr & (mmu::PAGE_SIZE - 1))) / 4;
+            let (part, tail) = rest.split_at_checked(room).unwrap_or((rest, &[]));
+            // SAFETY: forwarded from the caller; `part` ends at or before the end of
+            // `addr`'s page.
+            unsafe { mmu::poke_text_run(addr, part) };
+            call_write_probe();
+            let end = addr + 4 * part.len();
+            cache::sync_icache_range(addr, end);
+            addr = end;
             rest = tail;
         }
     }

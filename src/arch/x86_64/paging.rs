@@ -187,24 +187,27 @@ pub unsafe fn poke_text(addr: usize, bytes: &[u8]) {
     // Bytes up to an 8-byte boundary, then whole quadwords, then the tail: one store per
     // quadword, not per byte (under QEMU each store to a page holding translated code
     // takes the slow self-modifying-code path, so a 1000-site batch costs 5x less).
-    let mut i = 0;
-    while i < bytes.len() {
-        let at = dst + i;
-        if at.is_multiple_of(8)
-            && let Some(chunk) = bytes.get(i..i + 8)
-        {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            // SAFETY: at..at+8 lies in the two alias pages just mapped read-write onto
-            // kernel text and is 8-byte aligned; volatile so the store is not elided.
-            unsafe { (at as *mut u64).write_volatile(u64::from_le_bytes(word)) };
-            i += 8;
-        } else {
-            // SAFETY: `at` lies in the alias pages (as above); a single byte.
-            unsafe { (at as *mut u8).write_volatile(bytes.get(i).copied().unwrap_or(0)) };
-            i += 1;
+    let head = dst.next_multiple_of(8).wrapping_sub(dst).min(bytes.len());
+    let (head, rest) = bytes.split_at_checked(head).unwrap_or((bytes, &[]));
+    let words = rest.chunks_exact(8);
+    let tail = words.remainder();
+    let store_bytes = |at: usize, part: &[u8]| {
+        for (i, &byte) in part.iter().enumerate() {
+            // SAFETY: `at + i` lies in the alias pages just mapped read-write onto kernel
+            // text (the write is inside them, checked above); a single byte.
+            unsafe { ((at + i) as *mut u8).write_volatile(byte) };
         }
+    };
+    store_bytes(dst, head);
+    let mut at = dst + head.len();
+    for word in words {
+        let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        // SAFETY: at..at+8 lies in the alias pages (as above) and is 8-byte aligned;
+        // volatile so the store is not elided.
+        unsafe { (at as *mut u64).write_volatile(word) };
+        at += 8;
     }
+    store_bytes(at, tail);
     drop(alias);
 }
 

@@ -4,8 +4,9 @@
 use super::{layout, paging};
 pub use crate::arch::kernel_text::{KERNEL_TEXT, KernelText};
 use crate::arch::write_probe::call_write_probe;
+use crate::patch::plan::Run;
 use crate::patch::x86::{self, Insn};
-use crate::patch::{Patch, Text};
+use crate::patch::{Instruction, Patch, Text};
 use core::mem::MaybeUninit;
 use core::ops::Range;
 
@@ -41,8 +42,22 @@ unsafe impl Text for KernelText {
         self.protected(|| [layout::nopatch_range(), layout::boot_range()])
     }
 
+    /// One 8-byte load where the text goes on for 8 bytes (a validation of 1000 sites
+    /// read byte by byte cost 50 us under QEMU), byte by byte at its very end.
     #[unsafe(link_section = ".text.nopatch")]
     fn read_insn(&self, addr: usize, len: usize) -> Insn {
+        if addr
+            .checked_add(8)
+            .is_some_and(|end| end <= layout::text().1)
+            && let Some(insn) = Insn::from_le_word(
+                // SAFETY: validation established that `addr..addr + len` is mapped text,
+                // and text goes on to `addr + 8` (checked); x86 loads need no alignment.
+                unsafe { core::ptr::read_unaligned(addr as *const u64) },
+                len,
+            )
+        {
+            return insn;
+        }
         let mut bytes = [0u8; x86::MAX_LEN];
         let len = len.min(bytes.len());
         for (i, byte) in bytes.iter_mut().take(len).enumerate() {
@@ -92,6 +107,59 @@ unsafe impl Text for KernelText {
             unsafe { paging::poke_text(first.addr, filled) };
             call_write_probe();
             rest = rest.get(run.max(1)..).unwrap_or(&[]);
+        }
+    }
+
+    /// One 8-byte load and a masked compare where the text goes on for 8 bytes.
+    #[inline(always)]
+    fn holds(&self, addr: usize, insn: &Insn) -> bool {
+        let len = insn.size();
+        if (1..=8).contains(&len) && addr <= layout::text().1.saturating_sub(8) {
+            // SAFETY: validation established that `addr..addr + len` is mapped text,
+            // and text goes on to `addr + 8` (checked); x86 loads need no alignment.
+            let found = unsafe { core::ptr::read_unaligned(addr as *const u64) };
+            return (found ^ insn.to_le_word()) & (u64::MAX >> (64 - 8 * len)) == 0;
+        }
+        self.read_insn(addr, len) == *insn
+    }
+
+    /// Compares the run's text with its old bytes eight at a time, without a branch per
+    /// word.
+    #[unsafe(link_section = ".text.nopatch")]
+    fn run_holds(&self, run: &Run<'_, Insn>) -> bool {
+        let mut words = run.old.chunks_exact(8);
+        let mut at = run.addr;
+        // Differences OR-ed together rather than a loop that stops at the first: one
+        // branch a word fewer, and under TCG each branch ends a translation block.
+        let mut differ = 0;
+        for word in words.by_ref() {
+            let expected = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+            // SAFETY: `prepare` placed the whole run in mapped text; x86 loads need no
+            // alignment.
+            differ |= unsafe { core::ptr::read_unaligned(at as *const u64) } ^ expected;
+            at += 8;
+        }
+        for &byte in words.remainder() {
+            // SAFETY: as above, a byte of the run.
+            differ |= u64::from(unsafe { core::ptr::read_volatile(at as *const u8) } ^ byte);
+            at += 1;
+        }
+        differ == 0
+    }
+
+    /// The run's bytes straight from the plan, with one alias mapping per two pages
+    /// (`poke_text` stores quadwords).
+    #[unsafe(link_section = ".text.nopatch")]
+    unsafe fn write_run(&self, run: &Run<'_, Insn>) {
+        let (mut addr, mut rest) = (run.addr, run.new);
+        while !rest.is_empty() {
+            let room = 0x2000 - (addr & 0xfff);
+            let (part, tail) = rest.split_at_checked(room).unwrap_or((rest, &[]));
+            // SAFETY: forwarded from the caller; `part` touches at most two pages.
+            unsafe { paging::poke_text(addr, part) };
+            call_write_probe();
+            addr += part.len();
+            rest = tail;
         }
     }
 

@@ -449,6 +449,9 @@ pub fn bench(_: &Params) -> Verdict {
     if KERNEL_TEXT.read_insn(first, SITE_LEN) != NOP {
         let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
     }
+    if let Err(err) = batch_ratio(&mut batches) {
+        fail!("patch_machine_x1000/patch_machine_x1: {err}");
+    }
     drop(batches);
 
     // The alternatives: the whole runtime table re-applied through patch_machine, its
@@ -509,6 +512,65 @@ pub fn bench(_: &Params) -> Verdict {
     }
 
     Verdict::Pass(ratio_msg(patch_median_1, &roundtrip_stats, &headline))
+}
+
+/// Pairs of the batch ratio.
+const BATCH_PAIRS: usize = 500;
+/// Per pair of the batch ratio: the `run` span (the window's re-check and writes) of
+/// the batch and of the one-site patch.
+static BATCH_RUNS: spin::Mutex<[[u64; BATCH_PAIRS]; 2]> = spin::Mutex::new([[0; BATCH_PAIRS]; 2]);
+
+/// `# ratio patch_machine_x1000/patch_machine_x1 cpus=<n> sites=1000 ratio=<r>
+/// median_ns=<x> x1_median_ns=<y> p99_ns=.. x1_p99_ns=.. run_median_ns=.. run_p99_ns=..
+/// x1_run_median_ns=.. x1_run_p99_ns=.. pairs=<i>`: a 1000-site batch and a one-site
+/// patch taken alternately ([`measure_paired`]), both real flips, with the median and
+/// p99 of their `run` spans (the window's re-check and writes: what the batch size
+/// changes inside the window). The sites start as NOPs; odd calls of the batch find site
+/// 0 already flipped back by the one-site patch, so their batch is the reverse one with
+/// entry 0 turned forwards.
+fn batch_ratio(batches: &mut [[Patch<Insn>; BENCH_SITES]; 2]) -> Result<(), PatchError<Insn>> {
+    let forward_0 = batches[0][0];
+    let back_0 = batches[1][0];
+    batches[1][0] = forward_0;
+    let mut runs = BATCH_RUNS.lock();
+    let [batch_runs, one_runs] = &mut *runs;
+    let paired = measure_paired(
+        BATCH_PAIRS,
+        |i| {
+            patch_machine(&STOP, &KERNEL_TEXT, &batches[i % 2][..], OPTIONS)?;
+            batch_runs[i % BATCH_PAIRS] = STOP.last_call_profile().run_ns;
+            Ok::<(), PatchError<Insn>>(())
+        },
+        |i| {
+            patch_machine(&STOP, &KERNEL_TEXT, &[back_0], OPTIONS)?;
+            one_runs[i % BATCH_PAIRS] = STOP.last_call_profile().run_ns;
+            Ok::<(), PatchError<Insn>>(())
+        },
+    );
+    batches[1][0] = back_0;
+    let (batch, one) = paired?;
+    let spans = |column: &mut [u64; BATCH_PAIRS]| {
+        column.sort_unstable();
+        (percentile(column, 50), percentile(column, 99))
+    };
+    let (run_median, run_p99) = spans(batch_runs);
+    let (one_run_median, one_run_p99) = spans(one_runs);
+    let ratio_x100 = (batch.median_ns * 100).div_ceil(one.median_ns.max(1));
+    kprint!(
+        "# ratio patch_machine_x1000/patch_machine_x1 cpus={} sites={BENCH_SITES} ratio={}.{:02} \
+         median_ns={} x1_median_ns={} p99_ns={} x1_p99_ns={} run_median_ns={run_median} \
+         run_p99_ns={run_p99} x1_run_median_ns={one_run_median} x1_run_p99_ns={one_run_p99} \
+         pairs={}\n",
+        platform::online_cpus().len(),
+        ratio_x100 / 100,
+        ratio_x100 % 100,
+        batch.median_ns,
+        one.median_ns,
+        batch.p99_ns,
+        one.p99_ns,
+        batch.iters
+    );
+    Ok(())
 }
 
 /// Why a paired measurement stopped.
@@ -710,8 +772,8 @@ fn ratio_msg(patch_median_1: u64, roundtrip: &Stats, paired: &(u64, Stats)) -> M
 }
 
 /// Every site of a 1000-entry batch, spanning pages and written in ascending and in
-/// descending order, holds its new instruction afterwards (the batched alias writes
-/// and the sorted-batch fast path of validation lose nothing).
+/// descending order, holds its new instruction afterwards (the write plan's runs, copied
+/// a page at a time, lose nothing; the descending batch goes through the plan's sort).
 pub fn large_batches(_: &Params) -> Verdict {
     let mut batches = BATCHES.lock();
     fill_batches(&mut batches);
