@@ -3,8 +3,8 @@
 //! INT3 protocol, whose #BP handler emulates the CALL by pushing the return address;
 //! arm64: NOP <-> BL through `patch_nosync`) while every other CPU runs it.
 
-use super::{CALLS_PER_YIELD, JOB_TIMEOUT_NS, Params, Verdict, others};
 use super::{Callers, starved_callers, wait_for_callers};
+use super::{JOB_TIMEOUT_NS, Params, Verdict, others};
 use crate::kernel::platform::{self, KERNEL_TEXT, NOP, SITE_LEN, current_cpu};
 use crate::kernel::smp::run_on;
 use crate::patch::{Patch, Text};
@@ -67,16 +67,7 @@ fn call_site_caller(cpu: usize, seen: &Seen) {
         // Both alignments of the stack pointer at the site (x86's #BP frame sits
         // differently below each).
         pad ^= 8;
-        // Release pairs with the patcher's Acquire in `wait_for_callers`.
-        seen.callers.calls_by[cpu].fetch_add(1, Ordering::Release);
-        if seen
-            .callers
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(CALLS_PER_YIELD)
-        {
-            platform::cpu_yield();
-        }
+        seen.callers.count_call(cpu);
     }
 }
 

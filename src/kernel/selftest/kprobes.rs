@@ -3,7 +3,7 @@
 //! (`kprobe_simulate`), the refusals (`kprobe_refusals`), and hits from IRQ and NMI
 //! handlers and from inside a probe handler (`kprobe_contexts`).
 
-use super::{CALLS_PER_YIELD, Callers, JOB_TIMEOUT_NS, Params, Verdict, others};
+use super::{Callers, JOB_TIMEOUT_NS, Params, Verdict, others};
 use super::{starved_callers, wait_for_callers};
 use crate::harness::Msg;
 use crate::kernel::platform::{
@@ -79,15 +79,7 @@ fn hammer_caller(cpu: usize, callers: &Callers) {
     while !callers.stop.load(Ordering::Acquire) {
         hammer_call(cpu, callers, arg);
         arg = arg.wrapping_add(0x1_0001);
-        // Release pairs with the patcher's Acquire in `wait_for_callers`.
-        callers.calls_by[cpu].fetch_add(1, Ordering::Release);
-        if callers
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(CALLS_PER_YIELD)
-        {
-            platform::cpu_yield();
-        }
+        callers.count_call(cpu);
     }
 }
 

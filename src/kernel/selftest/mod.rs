@@ -632,6 +632,20 @@ impl Callers {
         }
     }
 
+    /// `cpu` finished one call: counts it for `wait_for_callers` and, every
+    /// [`CALLS_PER_YIELD`] calls, hands the emulator's thread on.
+    fn count_call(&self, cpu: usize) {
+        // Release pairs with the patcher's Acquire in `wait_for_callers`.
+        self.calls_by[cpu].fetch_add(1, Ordering::Release);
+        if self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(CALLS_PER_YIELD)
+        {
+            platform::cpu_yield();
+        }
+    }
+
     fn record_bad(&self, cpu: usize, value: u64, before: u64, after: u64) {
         if self.bad.fetch_add(1, Ordering::Relaxed) == 0 {
             *self.first_bad.lock() = Some((cpu, value, before, after));
@@ -666,15 +680,7 @@ fn call_torture_targets(cpu: usize, callers: &Callers) {
 fn torture_caller(cpu: usize, callers: &Callers) {
     while !callers.stop.load(Ordering::Acquire) {
         call_torture_targets(cpu, callers);
-        // Release pairs with the patcher's Acquire in `wait_for_callers`.
-        callers.calls_by[cpu].fetch_add(1, Ordering::Release);
-        if callers
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(CALLS_PER_YIELD)
-        {
-            platform::cpu_yield();
-        }
+        callers.count_call(cpu);
     }
 }
 
@@ -695,7 +701,7 @@ fn starved_callers(starved: Option<(Option<impl core::fmt::Display>, CpuSet)>) -
 fn wait_for_callers(callers: &Callers, cpus: CpuSet, since: &[u64; crate::MAX_CPUS]) -> CpuSet {
     let start = now_ns();
     loop {
-        // Acquire pairs with the Release in `torture_caller`.
+        // Acquire pairs with the Release in `Callers::count_call`.
         let idle = cpus
             .iter()
             .filter(|&cpu| callers.calls_by[cpu].load(Ordering::Acquire) == since[cpu])
@@ -803,15 +809,7 @@ fn nosync_caller(cpu: usize, callers: &Callers) {
         if value != 1 && value != 2 {
             callers.record_bad(cpu, value, 0, 0);
         }
-        // Release pairs with the patcher's Acquire in `wait_for_callers`.
-        callers.calls_by[cpu].fetch_add(1, Ordering::Release);
-        if callers
-            .calls
-            .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(CALLS_PER_YIELD)
-        {
-            platform::cpu_yield();
-        }
+        callers.count_call(cpu);
     }
 }
 
