@@ -197,6 +197,21 @@ fn binutils(tool: &str, args: &[&str]) -> String {
     run_on(&format!("aarch64-linux-gnu-{tool}"), args, kernel_image())
 }
 
+/// `objdump -d` (demangled, no raw bytes) of `start..end`, run through `run` (the tool
+/// runner of the image in question).
+fn disassemble(run: impl Fn(&str, &[&str]) -> String, start: u64, end: u64) -> String {
+    run(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    )
+}
+
 fn symbol(nm: &str, name: &str) -> u64 {
     nm.lines()
         .find_map(|line| {
@@ -229,16 +244,7 @@ fn rendezvous_code_does_not_call_patchable_text() {
     let nm = binutils("nm", &[]);
     let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
     assert!(end > start);
-    let disassembly = binutils(
-        "objdump",
-        &[
-            "-d",
-            "--no-show-raw-insn",
-            "--demangle",
-            &format!("--start-address={start:#x}"),
-            &format!("--stop-address={end:#x}"),
-        ],
-    );
+    let disassembly = disassemble(binutils, start, end);
     let mut escapes = Vec::new();
     let mut function = String::new();
     for line in disassembly.lines() {
@@ -294,16 +300,7 @@ fn kprobes_hit_path_stays_unprobeable() {
     let (start, end) = (symbol(&nm, "__kprobes_start"), symbol(&nm, "__kprobes_end"));
     let nopatch = symbol(&nm, "__nopatch_start")..symbol(&nm, "__nopatch_end");
     assert!(end > start, "empty .text.kprobes");
-    let disassembly = binutils(
-        "objdump",
-        &[
-            "-d",
-            "--no-show-raw-insn",
-            "--demangle",
-            &format!("--start-address={start:#x}"),
-            &format!("--stop-address={end:#x}"),
-        ],
-    );
+    let disassembly = disassemble(binutils, start, end);
     let mut escapes = Vec::new();
     let mut function = String::new();
     let mut calls_hit = false;
@@ -365,16 +362,7 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
     let nm = run("nm", &[]);
     let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
     assert!(end > start);
-    let disassembly = run(
-        "objdump",
-        &[
-            "-d",
-            "--no-show-raw-insn",
-            "--demangle",
-            &format!("--start-address={start:#x}"),
-            &format!("--stop-address={end:#x}"),
-        ],
-    );
+    let disassembly = disassemble(run, start, end);
     let mut escapes = Vec::new();
     let mut function = "";
     for line in disassembly.lines() {
@@ -481,15 +469,10 @@ impl Image {
 
     /// `objdump -d` of `.text.nopatch`.
     fn nopatch_disassembly(&self) -> String {
-        self.tool(
-            "objdump",
-            &[
-                "-d",
-                "--no-show-raw-insn",
-                "--demangle",
-                &format!("--start-address={:#x}", self.nopatch.start),
-                &format!("--stop-address={:#x}", self.nopatch.end),
-            ],
+        disassemble(
+            |tool, args| self.tool(tool, args),
+            self.nopatch.start,
+            self.nopatch.end,
         )
     }
 
