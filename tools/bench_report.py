@@ -67,37 +67,39 @@ LOG_NAME = re.compile(r"^(?P<arch>[a-z0-9_]+?)_smp(?P<smp>\d+)\.log$")
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
 
 
-def parse_profiles(paths):
-    rows = []
+def log_lines(paths):
+    """(name match, line) for every line of the logs named <arch>_smp<n>.log; others are
+    skipped."""
     for path in paths:
         match = LOG_NAME.match(os.path.basename(path))
         if not match:
             continue
         with open(path, encoding="utf-8", errors="replace") as log:
             for line in log:
-                m = PROFILE.match(line.rstrip("\r\n"))
-                if m:
-                    row = {"arch": match["arch"], "name": m["name"]}
-                    for key in ["cpus", "sites", *PROFILE_FIELDS, "iters"]:
-                        row[key] = int(m[key])
-                    rows.append(row)
+                yield match, line.rstrip("\r\n")
+
+
+def parse_profiles(paths):
+    rows = []
+    for match, line in log_lines(paths):
+        m = PROFILE.match(line)
+        if m:
+            row = {"arch": match["arch"], "name": m["name"]}
+            for key in ["cpus", "sites", *PROFILE_FIELDS, "iters"]:
+                row[key] = int(m[key])
+            rows.append(row)
     return rows
 
 
 def parse_ratios(paths):
     """The `# ratio` lines: a figure and the round trip measured alternately."""
     rows = []
-    for path in paths:
-        match = LOG_NAME.match(os.path.basename(path))
-        if not match:
-            continue
-        with open(path, encoding="utf-8", errors="replace") as log:
-            for line in log:
-                m = RATIO.match(line.rstrip("\r\n"))
-                if m:
-                    rows.append({"arch": match["arch"], "name": m["name"], "ratio": m["ratio"],
-                                 **{k: int(m[k]) for k in ("cpus", "sites", "median_ns", "rt_ns",
-                                                           "p99_ns", "rt_p99_ns", "pairs")}})
+    for match, line in log_lines(paths):
+        m = RATIO.match(line)
+        if m:
+            rows.append({"arch": match["arch"], "name": m["name"], "ratio": m["ratio"],
+                         **{k: int(m[k]) for k in ("cpus", "sites", "median_ns", "rt_ns",
+                                                   "p99_ns", "rt_p99_ns", "pairs")}})
     return rows
 
 
@@ -135,17 +137,12 @@ def parse(paths, cpu_model):
 def parse_masked(paths):
     """The largest masked_max_ns of any line of each boot: {(arch, cpus): ns}."""
     seen = {}
-    for path in paths:
-        match = LOG_NAME.match(os.path.basename(path))
-        if not match:
+    for match, line in log_lines(paths):
+        if not line.startswith("#"):
             continue
         key = (match["arch"], int(match["smp"]))
-        with open(path, encoding="utf-8", errors="replace") as log:
-            for line in log:
-                if not line.startswith("#"):
-                    continue
-                for m in MASKED.finditer(line):
-                    seen[key] = max(seen.get(key, 0), int(m["ns"]))
+        for m in MASKED.finditer(line):
+            seen[key] = max(seen.get(key, 0), int(m["ns"]))
     return seen
 
 
