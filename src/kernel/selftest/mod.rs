@@ -684,16 +684,23 @@ fn torture_caller(cpu: usize, callers: &Callers) {
     }
 }
 
-/// The verdict on callers that stopped calling during a live-flip test: `starved` is
-/// `(None, cpus)` when they never started, `(Some(flip), cpus)` when they went idle
-/// after that flip, `None` when every caller kept calling.
-fn starved_callers(starved: Option<(Option<impl core::fmt::Display>, CpuSet)>) -> Option<Verdict> {
-    let (flip, idle) = starved?;
+/// The verdict on the callers of a live-flip test, `None` if they did their part:
+/// `starved` is `(None, cpus)` when they never started, `(Some(flip), cpus)` when they
+/// went idle after that flip, `None` when every caller kept calling; `waited` is how
+/// their jobs ended once told to stop.
+fn callers_verdict(
+    starved: Option<(Option<impl core::fmt::Display>, CpuSet)>,
+    waited: Result<(), CpuSet>,
+) -> Option<Verdict> {
     let ms = CALLER_WAIT_NS / 1_000_000;
-    Some(Verdict::Fail(match flip {
-        None => msg!("CPUs {idle} never called the site within {ms} ms of being started"),
-        Some(k) => msg!("after flip {k}, CPUs {idle} made no call within {ms} ms"),
-    }))
+    if let Some((flip, idle)) = starved {
+        return Some(Verdict::Fail(match flip {
+            None => msg!("CPUs {idle} never called the site within {ms} ms of being started"),
+            Some(k) => msg!("after flip {k}, CPUs {idle} made no call within {ms} ms"),
+        }));
+    }
+    let pending = waited.err()?;
+    Some(Verdict::Fail(msg!("callers on {pending} did not stop")))
 }
 
 /// Waits (bounded) until every CPU in `cpus` has made a call since `since` was taken;
@@ -777,14 +784,8 @@ fn torture(params: &Params) -> Verdict {
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
     }
-    if let Some((k, idle)) = starved {
-        fail!(
-            "after flip {k}, CPUs {idle} made no call within {} ms",
-            CALLER_WAIT_NS / 1_000_000
-        );
-    }
-    if let Err(pending) = waited {
-        fail!("callers on {pending} did not stop");
+    if let Some(verdict) = callers_verdict(starved.map(|(k, idle)| (Some(k), idle)), waited) {
+        return verdict;
     }
     if let Some((cpu, value, before, after)) = *callers.first_bad.lock() {
         fail!(
@@ -891,11 +892,8 @@ fn nosync(params: &Params) -> Verdict {
     if let Some((k, err)) = failure {
         fail!("flip {k}: {err}");
     }
-    if let Some(verdict) = starved_callers(starved) {
+    if let Some(verdict) = callers_verdict(starved, waited) {
         return verdict;
-    }
-    if let Err(pending) = waited {
-        fail!("callers on {pending} did not stop");
     }
     if let Some((cpu, value, k, _)) = *callers.first_bad.lock() {
         fail!("cpu{cpu} got {value} (flip {k})");
