@@ -212,6 +212,41 @@ fn disassemble(run: impl Fn(&str, &[&str]) -> String, start: u64, end: u64) -> S
     )
 }
 
+/// Every direct A64 branch in `disassembly` (B, BL, B.cond, CBZ/CBNZ, TBZ/TBNZ) with its
+/// target: `(function header, line, operand, target)`.
+fn a64_direct_branches(disassembly: &str) -> Vec<(&str, &str, &str, u64)> {
+    let mut branches = Vec::new();
+    let mut function = "";
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line;
+            continue;
+        }
+        // "  40201f44:\tbl\t402161d4 <memcpy>", "  ...:\ttbz\tw0, #3, 40201f60 <...>"
+        let fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() < 3 {
+            continue;
+        }
+        let mnemonic = fields[1].trim();
+        if !matches!(mnemonic, "b" | "bl" | "cbz" | "cbnz" | "tbz" | "tbnz")
+            && !mnemonic.starts_with("b.")
+        {
+            continue;
+        }
+        let operand = fields[2].trim();
+        // The target is the operand's one hexadecimal address (a TBZ bit number is
+        // decimal and below 0x1000).
+        if let Some(target) = operand
+            .split([' ', ','])
+            .filter_map(|t| u64::from_str_radix(t, 16).ok())
+            .find(|t| *t > 0x1000)
+        {
+            branches.push((function, line, operand, target));
+        }
+    }
+    branches
+}
+
 fn symbol(nm: &str, name: &str) -> u64 {
     nm.lines()
         .find_map(|line| {
@@ -245,38 +280,14 @@ fn rendezvous_code_does_not_call_patchable_text() {
     let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
     assert!(end > start);
     let disassembly = disassemble(binutils, start, end);
-    let mut escapes = Vec::new();
-    let mut function = String::new();
-    for line in disassembly.lines() {
-        if line.ends_with(">:") {
-            function = line.to_string();
-            continue;
-        }
-        // "  40201f44:\tbl\t402161d4 <memcpy>"
-        let fields: Vec<&str> = line.split('\t').collect();
-        if fields.len() < 3 {
-            continue;
-        }
-        let mnemonic = fields[1].trim();
-        if !matches!(mnemonic, "b" | "bl") && !mnemonic.starts_with("b.") {
-            continue;
-        }
-        let operand = fields[2].trim();
-        let Some(target) = operand
-            .split_whitespace()
-            .next()
-            .and_then(|t| u64::from_str_radix(t, 16).ok())
-        else {
-            continue;
-        };
-        if (start..end).contains(&target) {
-            continue;
-        }
-        if ALLOWED.iter().any(|(callee, _)| operand.contains(callee)) {
-            continue;
-        }
-        escapes.push(format!("{function} {line}"));
-    }
+    let escapes: Vec<String> = a64_direct_branches(&disassembly)
+        .into_iter()
+        .filter(|&(_, _, operand, target)| {
+            !(start..end).contains(&target)
+                && !ALLOWED.iter().any(|(callee, _)| operand.contains(callee))
+        })
+        .map(|(function, line, _, _)| format!("{function} {line}"))
+        .collect();
     assert!(
         escapes.is_empty(),
         ".text.nopatch branches into patchable text:\n{}",
@@ -301,41 +312,19 @@ fn kprobes_hit_path_stays_unprobeable() {
     let nopatch = symbol(&nm, "__nopatch_start")..symbol(&nm, "__nopatch_end");
     assert!(end > start, "empty .text.kprobes");
     let disassembly = disassemble(binutils, start, end);
-    let mut escapes = Vec::new();
-    let mut function = String::new();
-    let mut calls_hit = false;
-    for line in disassembly.lines() {
-        if line.ends_with(">:") {
-            function = line.to_string();
-            continue;
-        }
-        let fields: Vec<&str> = line.split('\t').collect();
-        if fields.len() < 3 {
-            continue;
-        }
-        let mnemonic = fields[1].trim();
-        if !matches!(mnemonic, "b" | "bl" | "cbz" | "cbnz" | "tbz" | "tbnz")
-            && !mnemonic.starts_with("b.")
-        {
-            continue;
-        }
-        let operand = fields[2].trim();
-        calls_hit |= operand.contains("Kprobes<A,_>>::hit>");
-        let Some(target) = operand
-            .split([' ', ','])
-            .filter_map(|t| u64::from_str_radix(t, 16).ok())
-            .find(|t| *t > 0x1000)
-        else {
-            continue;
-        };
-        if (start..end).contains(&target) || nopatch.contains(&target) {
-            continue;
-        }
-        if ALLOWED.iter().any(|callee| operand.contains(callee)) {
-            continue;
-        }
-        escapes.push(format!("{function} {line}"));
-    }
+    let branches = a64_direct_branches(&disassembly);
+    let calls_hit = branches
+        .iter()
+        .any(|(_, _, operand, _)| operand.contains("Kprobes<A,_>>::hit>"));
+    let escapes: Vec<String> = branches
+        .into_iter()
+        .filter(|&(_, _, operand, target)| {
+            !(start..end).contains(&target)
+                && !nopatch.contains(&target)
+                && !ALLOWED.iter().any(|callee| operand.contains(callee))
+        })
+        .map(|(function, line, _, _)| format!("{function} {line}"))
+        .collect();
     assert!(
         calls_hit,
         "no call of the core's Kprobes::hit in .text.kprobes: the BRK hook or the scan is broken"
