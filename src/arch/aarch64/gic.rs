@@ -45,7 +45,7 @@ pub const NMI_SGI: u32 = 0;
 /// The SGI that asks a CPU to join the stop-machine rendezvous.
 pub const STOP_SGI: u32 = 1;
 /// The SGI that releases the secondaries from their bring-up sleep (see
-/// [`super::smp::wait_for_bringup`]); its handler does nothing.
+/// `smp::wait_for_bringup`); its handler does nothing.
 pub const WAKE_SGI: u32 = 7;
 /// SGIs reserved for tests (no meaning to the kernel itself).
 pub const TEST_SGIS: [u32; 4] = [2, 3, 4, 5];

@@ -105,7 +105,7 @@ pub(crate) fn start_children(me: usize, info: &BootInfo) {
 /// all of them to mark themselves online. A CPU that fails is reported (index and
 /// MPIDR, and why) and left out of [`online_cpus`]; the boot continues.
 ///
-/// The CPUs start each other in a tree ([`FANOUT`] children each, [`start_children`]):
+/// The CPUs start each other in a tree ([`FANOUT`] children each, `start_children`):
 /// the boot CPU issues only the first CPU_ONs, no CPU waits for another in turn, and the
 /// starts overlap. Why not the boot CPU calling CPU_ON 511 times: single-threaded TCG
 /// ends the caller's turn at every CPU_ON and runs a round of all vCPUs (about 10 us
