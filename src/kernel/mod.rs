@@ -1,6 +1,7 @@
 //! The kernel proper: once the platform has brought every CPU up, the boot CPU runs the
 //! self-tests and reports them as KTAP while the secondaries wait for jobs.
 
+pub mod hotplug;
 pub mod platform;
 mod selftest;
 mod smp;
