@@ -230,10 +230,14 @@ struct Patcher {
     refused: AtomicU64,
     /// Patches applied while some CPU was down.
     applied_while_down: AtomicU64,
+    /// Patches started while a CPU was going down or up (hotplug held the lock).
+    met_hotplug: AtomicU64,
     /// A refusal right after a refusal (the one after an error must succeed).
     refused_twice: AtomicBool,
-    /// The first refusal, and a batch found half-applied.
+    /// The first refusal, the first that was not the hotplug lock's bounded wait, and a
+    /// batch found half-applied.
     first_error: spin::Mutex<Option<PatchError<Insn>>>,
+    other_error: spin::Mutex<Option<PatchError<Insn>>>,
     partial: spin::Mutex<Option<(Insn, Insn)>>,
 }
 
@@ -250,6 +254,9 @@ fn patcher(_: usize, p: &Patcher) {
             }
         };
         let down = online_cpus() != all;
+        if STOP.hotplug_lock().write_locked() {
+            p.met_hotplug.fetch_add(1, Ordering::Relaxed);
+        }
         match patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(from, (from + 1) % 3), OPTIONS) {
             Ok(_) => {
                 p.applied.fetch_add(1, Ordering::Relaxed);
@@ -259,6 +266,10 @@ fn patcher(_: usize, p: &Patcher) {
                 last_failed = false;
             }
             Err(err) => {
+                // The one refusal hotplug may cause: the lock held past the bound.
+                if !matches!(err, PatchError::Stop(StopError::Busy { .. })) {
+                    p.other_error.lock().get_or_insert(err);
+                }
                 p.first_error.lock().get_or_insert(err);
                 p.refused.fetch_add(1, Ordering::Relaxed);
                 if last_failed {
@@ -294,8 +305,10 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
         applied: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         applied_while_down: AtomicU64::new(0),
+        met_hotplug: AtomicU64::new(0),
         refused_twice: AtomicBool::new(false),
         first_error: spin::Mutex::new(None),
+        other_error: spin::Mutex::new(None),
         partial: spin::Mutex::new(None),
     };
     // SAFETY: `p` outlives the job: waited for below before returning.
@@ -347,6 +360,13 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
     let applied = p.applied.load(Ordering::Relaxed);
     let refused = p.refused.load(Ordering::Relaxed);
     let first_error = *p.first_error.lock();
+    // An offline (or dying) CPU never blocks a stop, nor does hotplug change the set
+    // under one: a patch may only be refused for the time hotplug held the lock.
+    if let Some(err) = *p.other_error.lock() {
+        fail!(
+            "a patch refused while CPUs went down and up: {err} ({refused} refused, {applied} applied)"
+        );
+    }
     check!(
         !p.refused_twice.load(Ordering::Relaxed),
         "two patches in a row refused (first error: {})",
@@ -359,15 +379,17 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
     );
     check!(
         interleaved > 0 && p.applied_while_down.load(Ordering::Relaxed) > 0,
-        "no overlap: {cycles} hotplug cycles, none with a patch applied while a CPU was down ({applied} patches)"
+        "no overlap: {cycles} hotplug cycles, {interleaved} with a patch applied while a CPU was down ({applied} patches, {refused} refused: {})",
+        Refusal(first_error)
     );
     match stop_everywhere() {
         Ok(ran) => check!(ran == all, "the stop_machine after the torture ran on {ran}"),
         Err(err) => fail!("the stop_machine after the torture: {err}"),
     }
     Verdict::Pass(msg!(
-        "hotplug cycles={cycles} interleaved={interleaved} patches={applied} while_down={} refused={refused} ({})",
+        "hotplug cycles={cycles} interleaved={interleaved} patches={applied} while_down={} met_hotplug={} refused={refused} ({})",
         p.applied_while_down.load(Ordering::Relaxed),
+        p.met_hotplug.load(Ordering::Relaxed),
         Refusal(first_error)
     ))
 }
