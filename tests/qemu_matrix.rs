@@ -436,7 +436,11 @@ fn hotplug_counts_wrong(cell: &Cell, serial: &str) -> Option<String> {
     let secondaries = cell.smp - 1;
     match result("hotplug_cycle") {
         Some(line) if line.contains(&format!("# {secondaries} CPUs down and up")) => {}
-        Some(line) => return Some(format!("hotplug_cycle did not cycle {secondaries} CPUs: {line}")),
+        Some(line) => {
+            return Some(format!(
+                "hotplug_cycle did not cycle {secondaries} CPUs: {line}"
+            ));
+        }
         None => return Some("no `ok N hotplug_cycle` result".into()),
     }
     let Some(line) = result("hotplug_torture") else {
@@ -449,9 +453,8 @@ fn hotplug_counts_wrong(cell: &Cell, serial: &str) -> Option<String> {
     let cycles = count_in(line, "cycles").unwrap_or(0);
     let interleaved = count_in(line, "interleaved").unwrap_or(0);
     let while_down = count_in(line, "while_down").unwrap_or(0);
-    (cycles == 0 || interleaved == 0 || while_down == 0).then(|| {
-        format!("hotplug_torture shows no overlap of hotplug and patching: {line}")
-    })
+    (cycles == 0 || interleaved == 0 || while_down == 0)
+        .then(|| format!("hotplug_torture shows no overlap of hotplug and patching: {line}"))
 }
 
 fn run_cell(cell: &Cell) {

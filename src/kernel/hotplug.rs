@@ -178,9 +178,7 @@ pub fn cpu_down(cpu: usize) -> Result<(), HotplugError> {
     // with everything the caller did before it.
     DOWN_REQUESTED.insert(cpu, Ordering::Release);
     platform::wake_idle();
-    if let Err(err) = wait_for(cpu, "leave the online set", || {
-        !online_cpus().contains(cpu)
-    }) {
+    if let Err(err) = wait_for(cpu, "leave the online set", || !online_cpus().contains(cpu)) {
         // Withdrawn, unless the CPU took it meanwhile (then it is on its way down).
         DOWN_REQUESTED.remove(cpu, Ordering::Relaxed);
         return Err(err);
@@ -188,15 +186,17 @@ pub fn cpu_down(cpu: usize) -> Result<(), HotplugError> {
     // Linux's `cpuhp_bringup_ap` counterpart on the way down, `__cpu_die`: wait for the
     // firmware to see it off before it may be started again.
     let mut firmware = None;
-    wait_for(cpu, "power down (reported down by the platform)", || {
-        match platform::cpu_is_down(cpu) {
+    wait_for(
+        cpu,
+        "power down (reported down by the platform)",
+        || match platform::cpu_is_down(cpu) {
             Ok(down) => down,
             Err(why) => {
                 firmware = Some(why);
                 true
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(why) = firmware {
         return Err(HotplugError::Firmware { cpu, why });
     }

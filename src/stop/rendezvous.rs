@@ -255,7 +255,11 @@ impl<A: Arch> StopMachine<A> {
         // waits for the machine's lock, so the order cannot deadlock.
         let _cpus = self
             .hotplug
-            .read_within(options.arrival_timeout_ns, || arch.now_ns(), || arch.relax())
+            .read_within(
+                options.arrival_timeout_ns,
+                || arch.now_ns(),
+                || arch.relax(),
+            )
             .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
         let _guard = lock_within(
             &self.lock,

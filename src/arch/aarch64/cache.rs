@@ -160,5 +160,12 @@ pub unsafe fn inval_dcache_range_poc(start: usize, end: usize) {
 pub fn invalidate_local_icache() {
     // SAFETY: cache maintenance and barriers only; no memory is changed. No `nomem`: a
     // compiler barrier, so nothing is moved across the synchronisation.
-    unsafe { asm!("ic iallu", "dsb nsh", "isb", options(nostack, preserves_flags)) };
+    unsafe {
+        asm!(
+            "ic iallu",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
 }

@@ -90,7 +90,9 @@ pub(crate) fn online_sync(cpu: usize) {
 
 /// How many times `cpu` synchronised on its way online (see [`online_sync`]).
 pub fn online_syncs(cpu: usize) -> u64 {
-    ONLINE_SYNCS.get(cpu).map_or(0, |c| c.load(Ordering::Acquire))
+    ONLINE_SYNCS
+        .get(cpu)
+        .map_or(0, |c| c.load(Ordering::Acquire))
 }
 
 /// Whether the boot-time bring-up is over (later CPU_ONs are hotplug).
@@ -135,14 +137,20 @@ pub fn cpu_die(cpu: usize) -> ! {
 /// sets itself up as at boot and marks itself online (hotplug, under the write side).
 pub fn cpu_power_on(cpu: usize) -> Result<(), smccc::psci::error::Error> {
     let info = super::dtb::boot_info();
-    let mpidr = *info.mpidrs.get(cpu).ok_or(smccc::psci::error::Error::InvalidParameters)?;
+    let mpidr = *info
+        .mpidrs
+        .get(cpu)
+        .ok_or(smccc::psci::error::Error::InvalidParameters)?;
     psci::cpu_on(mpidr, pm_secondary_entry.as_ptr() as u64, cpu as u64)
 }
 
 /// Whether the firmware reports `cpu` powered off (PSCI AFFINITY_INFO).
 pub fn cpu_powered_off(cpu: usize) -> Result<bool, smccc::psci::error::Error> {
     let info = super::dtb::boot_info();
-    let mpidr = *info.mpidrs.get(cpu).ok_or(smccc::psci::error::Error::InvalidParameters)?;
+    let mpidr = *info
+        .mpidrs
+        .get(cpu)
+        .ok_or(smccc::psci::error::Error::InvalidParameters)?;
     psci::is_cpu_off(mpidr)
 }
 

@@ -331,7 +331,9 @@ pub fn online_sync(cpu: usize) {
 
 /// How many times `cpu` serialised on its way online (see [`online_sync`]).
 pub fn online_syncs(cpu: usize) -> u64 {
-    ONLINE_SYNCS.get(cpu).map_or(0, |c| c.load(Ordering::Acquire))
+    ONLINE_SYNCS
+        .get(cpu)
+        .map_or(0, |c| c.load(Ordering::Acquire))
 }
 
 /// Marks the boot-time bring-up over (boot CPU, after [`start_secondaries`]).

@@ -10,8 +10,7 @@ use crate::CpuSet;
 use crate::harness::{Msg, Verdict};
 use crate::kernel::hotplug::{self, HotplugError, cpu_down, cpu_up};
 use crate::kernel::platform::{
-    self, Insn, KERNEL_TEXT, SITE_LEN, STOP, now_ns, online_cpus, online_syncs,
-    returning,
+    self, Insn, KERNEL_TEXT, SITE_LEN, STOP, now_ns, online_cpus, online_syncs, returning,
 };
 use crate::kernel::smp::run_on;
 use crate::patch::{PatchError, Text, patch_machine};
@@ -187,7 +186,10 @@ pub(super) fn hotplug_patch_offline(_: &Params) -> Verdict {
     // The victim runs the old code first, so its caches and translations hold it.
     match call_on(victim, pm_torture_a) {
         Ok(value) if value == u64::from(TORTURE_A[from]) => {}
-        Ok(value) => fail!("cpu{victim} read {value:#x} before, expected {:#x}", TORTURE_A[from]),
+        Ok(value) => fail!(
+            "cpu{victim} read {value:#x} before, expected {:#x}",
+            TORTURE_A[from]
+        ),
         Err(why) => fail!("{}", why.as_str()),
     }
     if let Err(err) = cpu_down(victim) {
@@ -257,7 +259,12 @@ fn patcher(_: usize, p: &Patcher) {
         if STOP.hotplug_lock().write_locked() {
             p.met_hotplug.fetch_add(1, Ordering::Relaxed);
         }
-        match patch_machine(&STOP, &KERNEL_TEXT, &torture_batch(from, (from + 1) % 3), OPTIONS) {
+        match patch_machine(
+            &STOP,
+            &KERNEL_TEXT,
+            &torture_batch(from, (from + 1) % 3),
+            OPTIONS,
+        ) {
             Ok(_) => {
                 p.applied.fetch_add(1, Ordering::Relaxed);
                 if down {
@@ -383,7 +390,10 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
         Refusal(first_error)
     );
     match stop_everywhere() {
-        Ok(ran) => check!(ran == all, "the stop_machine after the torture ran on {ran}"),
+        Ok(ran) => check!(
+            ran == all,
+            "the stop_machine after the torture ran on {ran}"
+        ),
         Err(err) => fail!("the stop_machine after the torture: {err}"),
     }
     Verdict::Pass(msg!(
@@ -405,6 +415,9 @@ impl core::fmt::Display for Refusal {
         }
     }
 }
+
+/// A refusal case: what was called, what it returned, the error it must be.
+type Refused = (&'static str, Result<(), HotplugError>, fn(&HotplugError) -> bool);
 
 /// Parks a CPU in a job until told to go, so that it is busy.
 struct Busy {
@@ -438,16 +451,19 @@ pub(super) fn hotplug_refusals(_: &Params) -> Verdict {
             ))
         })
     };
-    let expect = |what: &str, got: Result<(), HotplugError>, ok: fn(&HotplugError) -> bool| {
-        match got {
+    let expect =
+        |what: &str, got: Result<(), HotplugError>, ok: fn(&HotplugError) -> bool| match got {
             Err(err) if ok(&err) => None,
             Err(err) => Some(Verdict::Fail(msg!("{what}: unexpected error: {err}"))),
             Ok(()) => Some(Verdict::Fail(msg!("{what} was not refused"))),
-        }
-    };
-    let cases: [(&str, Result<(), HotplugError>, fn(&HotplugError) -> bool); 4] = [
-        ("cpu_down(0)", cpu_down(0), |e| matches!(e, HotplugError::BootCpu)),
-        ("cpu_up(0)", cpu_up(0), |e| matches!(e, HotplugError::BootCpu)),
+        };
+    let cases: [Refused; 4] = [
+        ("cpu_down(0)", cpu_down(0), |e| {
+            matches!(e, HotplugError::BootCpu)
+        }),
+        ("cpu_up(0)", cpu_up(0), |e| {
+            matches!(e, HotplugError::BootCpu)
+        }),
         ("cpu_down(count)", cpu_down(count), |e| {
             matches!(e, HotplugError::NotPresent { .. })
         }),
@@ -491,7 +507,11 @@ pub(super) fn hotplug_refusals(_: &Params) -> Verdict {
     if let Some(v) = expect("cpu_down(self)", down_self, |e| {
         matches!(e, HotplugError::Caller(_))
     })
-    .or_else(|| expect("cpu_down(busy)", while_busy, |e| matches!(e, HotplugError::Busy(_))))
+    .or_else(|| {
+        expect("cpu_down(busy)", while_busy, |e| {
+            matches!(e, HotplugError::Busy(_))
+        })
+    })
     .or_else(|| unchanged("cpu_down(self or busy)"))
     {
         return v;
