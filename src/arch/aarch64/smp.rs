@@ -88,7 +88,7 @@ pub(crate) fn online_sync(cpu: usize) {
     }
 }
 
-/// How many times `cpu` synchronised on its way online (see [`online_sync`]).
+/// How many times `cpu` synchronised on its way online (`online_sync`).
 pub fn online_syncs(cpu: usize) -> u64 {
     ONLINE_SYNCS
         .get(cpu)
