@@ -417,7 +417,11 @@ impl core::fmt::Display for Refusal {
 }
 
 /// A refusal case: what was called, what it returned, the error it must be.
-type Refused = (&'static str, Result<(), HotplugError>, fn(&HotplugError) -> bool);
+type Refused = (
+    &'static str,
+    Result<(), HotplugError>,
+    fn(&HotplugError) -> bool,
+);
 
 /// Parks a CPU in a job until told to go, so that it is busy.
 struct Busy {
