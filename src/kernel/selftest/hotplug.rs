@@ -14,6 +14,7 @@ use crate::kernel::platform::{
 };
 use crate::kernel::smp::run_on;
 use crate::patch::{PatchError, Text, patch_machine};
+use crate::static_key::KeyError;
 use crate::stop::StopError;
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -241,6 +242,9 @@ struct Patcher {
     first_error: spin::Mutex<Option<PatchError<Insn>>>,
     other_error: spin::Mutex<Option<PatchError<Insn>>>,
     partial: spin::Mutex<Option<(Insn, Insn)>>,
+    /// Static key flips made, and the first refused.
+    key_flips: AtomicU64,
+    key_error: spin::Mutex<Option<KeyError<Insn>>>,
 }
 
 fn patcher(_: usize, p: &Patcher) {
@@ -290,6 +294,22 @@ fn patcher(_: usize, p: &Patcher) {
             *p.partial.lock() = Some(seen);
             return;
         }
+        // A static key flip too: the live path's cross-CPU sync (arm64 kick, x86 INT3
+        // syncs) waits for every online CPU while CPUs go down and up.
+        let key = &platform::BENCH_KEY_1;
+        let flipped = if key.is_enabled() {
+            platform::STATIC_KEYS.disable(key)
+        } else {
+            platform::STATIC_KEYS.enable(key)
+        };
+        match flipped {
+            Ok(()) => {
+                p.key_flips.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) => {
+                p.key_error.lock().get_or_insert(err);
+            }
+        }
         platform::cpu_yield();
     }
 }
@@ -317,6 +337,8 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
         first_error: spin::Mutex::new(None),
         other_error: spin::Mutex::new(None),
         partial: spin::Mutex::new(None),
+        key_flips: AtomicU64::new(0),
+        key_error: spin::Mutex::new(None),
     };
     // SAFETY: `p` outlives the job: waited for below before returning.
     let job = unsafe { run_on(CpuSet::single(1), patcher, &p) };
@@ -364,6 +386,19 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
     if let Some((a, b)) = *p.partial.lock() {
         fail!("a partial batch: the torture sites hold {a:#x?} / {b:#x?}");
     }
+    // The benchmark key ends disabled, as the other tests expect it.
+    let key = &platform::BENCH_KEY_1;
+    let key_reset = if key.is_enabled() {
+        platform::STATIC_KEYS.disable(key)
+    } else {
+        Ok(())
+    };
+    if let Some(err) = *p.key_error.lock() {
+        fail!("a static key flip refused while CPUs went down and up: {err}");
+    }
+    if let Err(err) = key_reset {
+        fail!("disabling the benchmark key afterwards: {err}");
+    }
     let applied = p.applied.load(Ordering::Relaxed);
     let refused = p.refused.load(Ordering::Relaxed);
     let first_error = *p.first_error.lock();
@@ -397,9 +432,10 @@ pub(super) fn hotplug_torture(params: &Params) -> Verdict {
         Err(err) => fail!("the stop_machine after the torture: {err}"),
     }
     Verdict::Pass(msg!(
-        "hotplug cycles={cycles} interleaved={interleaved} patches={applied} while_down={} met_hotplug={} refused={refused} ({})",
+        "hotplug cycles={cycles} interleaved={interleaved} patches={applied} while_down={} met_hotplug={} key_flips={} refused={refused} ({})",
         p.applied_while_down.load(Ordering::Relaxed),
         p.met_hotplug.load(Ordering::Relaxed),
+        p.key_flips.load(Ordering::Relaxed),
         Refusal(first_error)
     ))
 }
