@@ -552,7 +552,8 @@ fn aarch64_max_smp2() {
 /// then runs, after its own DC CVAU/IC IVAU/DSB/ISB); `nosync` catches that, and it
 /// passes 6 of 6 runs when the other vCPU does not execute the patched page. The kprobe
 /// tests run here too: they patch only through `patch_machine`, with the other vCPU in
-/// the rendezvous.
+/// the rendezvous; so do the hotplug tests that need no third CPU (PSCI CPU_OFF and
+/// CPU_ON of a truly parallel vCPU).
 #[test]
 fn aarch64_max_smp2_mttcg() {
     run_cell(
@@ -561,8 +562,8 @@ fn aarch64_max_smp2_mttcg() {
             .bootargs(
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
                  stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
-                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer \
-                 flips=2000",
+                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer,\
+                 hotplug_refusals,hotplug_cycle,hotplug_patch_offline flips=2000",
             ),
     );
 }
