@@ -178,10 +178,15 @@ pub fn cpu_down(cpu: usize) -> Result<(), HotplugError> {
     // with everything the caller did before it.
     DOWN_REQUESTED.insert(cpu, Ordering::Release);
     platform::wake_idle();
-    if let Err(err) = wait_for(cpu, "leave the online set", || !online_cpus().contains(cpu)) {
-        // Withdrawn, unless the CPU took it meanwhile (then it is on its way down).
-        DOWN_REQUESTED.remove(cpu, Ordering::Relaxed);
-        return Err(err);
+    let left = || !online_cpus().contains(cpu);
+    if let Err(err) = wait_for(cpu, "leave the online set", left) {
+        // Withdrawn, so it never goes down after the lock is released: the one of the
+        // two that clears the request owns it (`take_down_request`).
+        if DOWN_REQUESTED.remove(cpu, Ordering::Relaxed) {
+            return Err(err);
+        }
+        // The CPU claimed it meanwhile: it is masked and on its way out of the set.
+        wait_for(cpu, "leave the online set (request taken)", left)?;
     }
     // Linux's `cpuhp_bringup_ap` counterpart on the way down, `__cpu_die`: wait for the
     // firmware to see it off before it may be started again.
@@ -237,9 +242,12 @@ pub fn down_requested() -> CpuSet {
 
 /// Called by each secondary in its idle loop: if asked to go down, goes (never returns).
 pub(super) fn take_down_request(cpu: usize) {
-    // Acquire pairs with the Release in `cpu_down`.
-    if DOWN_REQUESTED.contains(cpu, Ordering::Acquire) {
-        DOWN_REQUESTED.remove(cpu, Ordering::Relaxed);
+    // Acquire pairs with the Release in `cpu_down`. The read first, so that the idle
+    // loop does not write the shared word; the clear claims the request (a `cpu_down`
+    // that gave up clears it too, and then this CPU stays).
+    if DOWN_REQUESTED.contains(cpu, Ordering::Acquire)
+        && DOWN_REQUESTED.remove(cpu, Ordering::Acquire)
+    {
         platform::cpu_die(cpu);
     }
 }

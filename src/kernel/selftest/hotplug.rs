@@ -91,10 +91,15 @@ pub(super) fn hotplug_cycle(_: &Params) -> Verdict {
         return Verdict::Skip(msg!("needs a secondary CPU"));
     }
     let (downs, ups) = hotplug::counts();
-    for cpu in secondaries.iter() {
+    // Guest time of each call, reported (never asserted).
+    let mut down_ns = [0u64; crate::MAX_CPUS];
+    let mut up_ns = [0u64; crate::MAX_CPUS];
+    for (i, cpu) in secondaries.iter().enumerate() {
+        let t0 = now_ns();
         if let Err(err) = cpu_down(cpu) {
             fail!("cpu_down({cpu}): {err}");
         }
+        down_ns[i] = now_ns() - t0;
         let online = online_cpus();
         check!(
             online == all.without(cpu),
@@ -110,9 +115,11 @@ pub(super) fn hotplug_cycle(_: &Params) -> Verdict {
         }
         let stop_ns = now_ns() - start;
         let syncs = online_syncs(cpu);
+        let t0 = now_ns();
         if let Err(err) = cpu_up(cpu) {
             fail!("cpu_up({cpu}): {err}");
         }
+        up_ns[i] = now_ns() - t0;
         check!(
             online_cpus() == all,
             "after cpu_up({cpu}) the online set is {}",
@@ -156,9 +163,40 @@ pub(super) fn hotplug_cycle(_: &Params) -> Verdict {
         Ok(ran) => check!(ran == all, "the final stop_machine ran on {ran}"),
         Err(err) => fail!("the final stop_machine: {err}"),
     }
+    let (down, up) = (
+        Spread::of(&mut down_ns[..n as usize]),
+        Spread::of(&mut up_ns[..n as usize]),
+    );
     Verdict::Pass(msg!(
-        "{n} CPUs down and up, each answered {CALLS_AFTER_UP} stop calls after"
+        "{n} CPUs down and up, each answered {CALLS_AFTER_UP} stop calls after; cpu_down {down}, cpu_up {up}"
     ))
+}
+
+/// Median and maximum of some durations, for a result's note.
+struct Spread {
+    median_ns: u64,
+    max_ns: u64,
+}
+
+impl Spread {
+    fn of(samples: &mut [u64]) -> Spread {
+        samples.sort_unstable();
+        Spread {
+            median_ns: samples.get(samples.len() / 2).copied().unwrap_or(0),
+            max_ns: samples.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+impl core::fmt::Display for Spread {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "median {} us max {} us",
+            self.median_ns / 1000,
+            self.max_ns / 1000
+        )
+    }
 }
 
 /// The index (into `TORTURE_A`/`TORTURE_B`) both torture sites now hold, or what they
