@@ -58,11 +58,13 @@
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
+//! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
 
 mod api;
 mod arch;
 mod evidence;
+mod hotplug;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
 mod nmi;
@@ -77,6 +79,7 @@ pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
+pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;

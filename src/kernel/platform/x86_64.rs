@@ -20,7 +20,13 @@ pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 /// The platform checks the design's assumptions need at every boot: none on x86 (its
 /// NMI, masking and serialising rules are architectural).
 pub const ASSUMPTIONS: [&str; 0] = [];
-pub use crate::arch::x86_64::smp::online_cpus;
+pub use crate::arch::x86_64::smp::{
+    StartAgainError as HotplugFirmwareError, cpu_die, cpu_is_down, cpu_power_on, online_cpus,
+    online_syncs,
+};
+
+/// How a CPU goes down and comes back here.
+pub const HOTPLUG_MECHANISM: &str = "halt loop with interrupts off / INIT-SIPI-SIPI";
 pub use crate::arch::x86_64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::x86_64::timer::now_ns;
 pub use crate::arch::x86_64::{STOP, X86_64 as Platform, nmi};
