@@ -1048,3 +1048,110 @@ fn static_key_sites_are_in_patchable_text() {
         .expect("nm: needs the host's binutils");
     jump_sites_are_patchable(image, &String::from_utf8(nm.stdout).unwrap());
 }
+
+/// The kprobes instruction decoder (`patch::x86_decode`) against objdump, on every
+/// instruction of the x86_64 kernel's 64-bit text (boot code, which is 16- and 32-bit,
+/// excluded): where it decodes, it finds objdump's length, and the relative JMP, CALL
+/// and Jcc it emulates with objdump's targets, RET and indirect JMP/CALL with their
+/// fix-ups, and a RIP-relative operand wherever objdump shows one. It may refuse, but
+/// must decode nearly all of what the compiler emits.
+#[test]
+fn x86_kprobe_decoder_agrees_with_objdump() {
+    use patch_machine::patch::x86_decode::{Execute, Fixup, decode};
+    let image = x86_kernel_image();
+    let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
+    let nm = run("nm", &[]);
+    let (start, end) = (symbol(&nm, "__boot_end"), symbol(&nm, "__text_end"));
+    let listing = run(
+        "objdump",
+        &[
+            "-d",
+            "--insn-width=15",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let (mut decoded, mut refused, mut wrong) = (0usize, Vec::new(), Vec::new());
+    for line in listing.lines() {
+        // "  2001ae:\t6a 00                \tpush   $0x0"
+        let mut fields = line.split('\t');
+        let (Some(addr), Some(raw), Some(text)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Ok(addr) = usize::from_str_radix(addr.trim().trim_end_matches(':'), 16) else {
+            continue;
+        };
+        let bytes: Vec<u8> = raw
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        let text = text.trim();
+        if bytes.is_empty() || text.starts_with("(bad)") || text == "int3" {
+            continue;
+        }
+        let mnemonic = text.split_whitespace().next().unwrap_or("");
+        let operand = text.split_whitespace().nth(1).unwrap_or("");
+        let direct = u64::from_str_radix(operand, 16).ok().map(|t| t as usize);
+        let found = match decode(addr, &bytes) {
+            Err(why) => {
+                refused.push(format!("{line}: {why}"));
+                continue;
+            }
+            Ok(found) => found,
+        };
+        decoded += 1;
+        let mut wrong_if = |bad: bool, what: &str| {
+            if bad {
+                wrong.push(format!("{line}: {what}: {found:?}"));
+            }
+        };
+        wrong_if(usize::from(found.len) != bytes.len(), "length");
+        match found.execute {
+            Execute::Jump { target } => {
+                wrong_if(mnemonic != "jmp" || direct != Some(target), "JMP target")
+            }
+            Execute::Call { target, .. } => {
+                wrong_if(mnemonic != "call" || direct != Some(target), "CALL target")
+            }
+            Execute::Jcc { target, .. } => wrong_if(
+                !mnemonic.starts_with('j') || mnemonic == "jmp" || direct != Some(target),
+                "Jcc target",
+            ),
+            Execute::Step { fixup, rip_disp } => {
+                wrong_if(
+                    rip_disp.is_some() != text.contains("(%rip)"),
+                    "RIP-relative operand",
+                );
+                let expected = match mnemonic {
+                    "ret" => Fixup::Absolute,
+                    "jmp" if operand.starts_with('*') => Fixup::Absolute,
+                    "call" if operand.starts_with('*') => Fixup::CallIndirect,
+                    _ => Fixup::Next,
+                };
+                wrong_if(fixup != expected, "fix-up");
+                wrong_if(
+                    direct.is_some() && (mnemonic == "jmp" || mnemonic == "call"),
+                    "a direct branch stepped",
+                );
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {decoded} decoded instructions disagree with objdump:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(40)].join("\n")
+    );
+    let total = decoded + refused.len();
+    println!(
+        "{decoded} of {total} instructions decoded; refused (first 40):\n{}",
+        refused[..refused.len().min(40)].join("\n")
+    );
+    assert!(
+        decoded > 10_000 && refused.len() * 50 < total,
+        "{decoded} decoded, {} refused of {total} (more than 2%):\n{}",
+        refused.len(),
+        refused[..refused.len().min(60)].join("\n")
+    );
+}

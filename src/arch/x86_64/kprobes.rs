@@ -334,7 +334,10 @@ unsafe impl KprobeArch for X86Kprobes {
         let decoded = x86_decode::decode(addr, found).map_err(unprobeable)?;
         // A RIP-relative operand must be reachable from every slot it may get.
         let reach = [xol_slot(0), xol_slot(CAPACITY - 1)];
-        if reach.iter().any(|&xol| decoded.xol_copy(addr, xol).is_none()) {
+        if reach
+            .iter()
+            .any(|&xol| decoded.xol_copy(addr, xol).is_none())
+        {
             return Err(unprobeable(
                 "its RIP-relative operand is out of rel32 reach of the XOL slots",
             ));

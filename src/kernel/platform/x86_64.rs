@@ -12,9 +12,9 @@ pub use crate::arch::x86_64::alternatives::{
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
 pub use crate::arch::x86_64::exit::exit;
+pub use crate::arch::x86_64::frame::TrapFrame as KprobeFrame;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
-pub use crate::arch::x86_64::frame::TrapFrame as KprobeFrame;
 pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::x86_64::kprobes::{KPROBES, X86Kprobes as KprobePlatform};
 pub use crate::arch::x86_64::paging::alias_mapped;
