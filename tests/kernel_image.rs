@@ -1155,3 +1155,66 @@ fn x86_kprobe_decoder_agrees_with_objdump() {
         refused[..refused.len().min(60)].join("\n")
     );
 }
+
+/// The x86_64 form of `kprobes_hit_path_stays_unprobeable`: every direct call or jump
+/// out of `.text.kprobes` (the #BP and #DB hooks, the core's hit path, the XOL slots)
+/// goes to `.text.nopatch` (also refused) or a failure path. A probe on a function the
+/// hit path reached in ordinary text would trap inside its own handling (counted
+/// missed, then executed by the same code: endless).
+#[test]
+fn x86_kprobes_hit_path_stays_unprobeable() {
+    const ALLOWED: &[&str] = &["core::panicking::", "core::slice::index::", "traps::fatal"];
+    let image = x86_kernel_image();
+    let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
+    let nm = run("nm", &[]);
+    let (start, end) = (symbol(&nm, "__kprobes_start"), symbol(&nm, "__kprobes_end"));
+    let nopatch = symbol(&nm, "__nopatch_start")..symbol(&nm, "__nopatch_end");
+    assert!(end > start, "empty .text.kprobes");
+    let disassembly = run(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let (mut escapes, mut calls_hit, mut function) = (Vec::new(), false, "");
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line;
+            continue;
+        }
+        let Some(insn) = line.split('\t').nth(1) else {
+            continue;
+        };
+        let mut fields = insn.split_whitespace();
+        let (Some(mnemonic), Some(operand)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !(mnemonic == "call" || mnemonic.starts_with('j')) {
+            continue;
+        }
+        let Ok(target) = u64::from_str_radix(operand, 16) else {
+            continue;
+        };
+        calls_hit |= insn.contains("Kprobes<A,_>>::hit>");
+        if (start..end).contains(&target)
+            || nopatch.contains(&target)
+            || ALLOWED.iter().any(|callee| insn.contains(callee))
+        {
+            continue;
+        }
+        escapes.push(format!("{function} {line}"));
+    }
+    assert!(
+        calls_hit,
+        "no call of the core's Kprobes::hit in .text.kprobes: the #BP hook or the scan is broken"
+    );
+    assert!(
+        escapes.is_empty(),
+        "x86 .text.kprobes branches into probeable text:\n{}",
+        escapes.join("\n")
+    );
+}

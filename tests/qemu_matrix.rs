@@ -398,7 +398,12 @@ fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
         required.push("nmi_safe_patching");
     }
     if all_tests {
-        required.extend(["kprobe_refusals", "kprobe_simulate", "kprobe_contexts", "kprobe_hammer"]);
+        required.extend([
+            "kprobe_refusals",
+            "kprobe_simulate",
+            "kprobe_contexts",
+            "kprobe_hammer",
+        ]);
         if cell.smp >= 2 {
             required.push("kprobe_registry");
         }
@@ -407,7 +412,9 @@ fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
         let named = format!(" {test}");
         let result = serial.lines().find(|l| {
             l.starts_with("ok ")
-                && l.split(" #").next().is_some_and(|head| head.ends_with(&named))
+                && l.split(" #")
+                    .next()
+                    .is_some_and(|head| head.ends_with(&named))
         });
         match result {
             Some(line) if !line.contains("# SKIP") => None,

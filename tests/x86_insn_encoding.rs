@@ -323,14 +323,14 @@ fn jcc_conditions_match_the_cpu() {
             let diff = a.wrapping_sub(b);
             let (sa, sb) = (a as i64, b as i64);
             let meaning = [
-                sa.checked_sub(sb).is_none(),       // O
-                a < b,                              // B
-                a == b,                             // E
-                a <= b,                             // BE
-                (diff as i64) < 0,                  // S
-                (diff as u8).count_ones() % 2 == 0, // P
-                sa < sb,                            // L
-                sa <= sb,                           // LE
+                sa.checked_sub(sb).is_none(),                // O
+                a < b,                                       // B
+                a == b,                                      // E
+                a <= b,                                      // BE
+                (diff as i64) < 0,                           // S
+                (diff as u8).count_ones().is_multiple_of(2), // P
+                sa < sb,                                     // L
+                sa <= sb,                                    // LE
             ];
             for cond in 0..16u8 {
                 let expected = meaning[usize::from(cond >> 1)] != (cond & 1 == 1);

@@ -91,7 +91,9 @@ pub struct Decoded {
 impl Decoded {
     /// The instruction's bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.bytes.get(..usize::from(self.len)).unwrap_or(&self.bytes)
+        self.bytes
+            .get(..usize::from(self.len))
+            .unwrap_or(&self.bytes)
     }
 
     /// The bytes of an out-of-line copy at `xol`: the instruction, with a RIP-relative
@@ -117,6 +119,7 @@ impl Decoded {
 }
 
 /// Whether condition code `cond` (0-15, the Jcc/SETcc/CMOVcc nibble) holds in `rflags`.
+#[inline(always)]
 pub fn condition_holds(cond: u8, rflags: u64) -> bool {
     let f = |bit: u64| rflags & bit != 0;
     let holds = match cond >> 1 {
@@ -161,7 +164,8 @@ enum Op {
     No(&'static str),
 }
 
-const SYSTEM: &str = "a system instruction (privileged state or control flow the step cannot contain)";
+const SYSTEM: &str =
+    "a system instruction (privileged state or control flow the step cannot contain)";
 const CHANGES_IF_TF: &str = "reads or writes RFLAGS.IF/TF, which the out-of-line step owns";
 const TRAPS: &str = "raises an exception itself (INT3, INT n, INT1, UD)";
 const INVALID: &str = "not a valid instruction in 64-bit mode";
@@ -240,7 +244,12 @@ fn two_byte(op: u8) -> Op {
 /// length, up to [`MAX_INSN_LEN`]) and decides how a probe hit executes it, or why it
 /// cannot be probed.
 pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
-    let byte = |i: usize| bytes.get(i).copied().ok_or("the text ends inside the instruction");
+    let byte = |i: usize| {
+        bytes
+            .get(i)
+            .copied()
+            .ok_or("the text ends inside the instruction")
+    };
     let mut i = 0;
     let mut opsize16 = false;
     let mut prefixed = false;
@@ -281,11 +290,15 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
             match second {
                 0x80..=0x8f if !prefixed => {
                     let len = i + 4;
-                    return finish(bytes, len, Execute::Jcc {
-                        cond: second & 0xf,
-                        target: next(len).wrapping_add_signed(rel(i, 4)?),
-                        next: next(len),
-                    });
+                    return finish(
+                        bytes,
+                        len,
+                        Execute::Jcc {
+                            cond: second & 0xf,
+                            target: next(len).wrapping_add_signed(rel(i, 4)?),
+                            next: next(len),
+                        },
+                    );
                 }
                 0x38 => {
                     i += 1;
@@ -304,17 +317,25 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
         }
         0x70..=0x7f => {
             let len = i + 1;
-            return finish(bytes, len, Execute::Jcc {
-                cond: opcode & 0xf,
-                target: next(len).wrapping_add_signed(rel(i, 1)?),
-                next: next(len),
-            });
+            return finish(
+                bytes,
+                len,
+                Execute::Jcc {
+                    cond: opcode & 0xf,
+                    target: next(len).wrapping_add_signed(rel(i, 1)?),
+                    next: next(len),
+                },
+            );
         }
         0xeb => {
             let len = i + 1;
-            return finish(bytes, len, Execute::Jump {
-                target: next(len).wrapping_add_signed(rel(i, 1)?),
-            });
+            return finish(
+                bytes,
+                len,
+                Execute::Jump {
+                    target: next(len).wrapping_add_signed(rel(i, 1)?),
+                },
+            );
         }
         0xe9 | 0xe8 => {
             let len = i + 4;
@@ -394,7 +415,9 @@ fn finish(bytes: &[u8], len: usize, execute: Execute) -> Result<Decoded, &'stati
     if len > MAX_INSN_LEN {
         return Err("longer than any x86 instruction");
     }
-    let found = bytes.get(..len).ok_or("the text ends inside the instruction")?;
+    let found = bytes
+        .get(..len)
+        .ok_or("the text ends inside the instruction")?;
     let mut out = [0; MAX_INSN_LEN];
     out[..len].copy_from_slice(found);
     Ok(Decoded {

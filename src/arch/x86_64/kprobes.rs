@@ -13,14 +13,14 @@
 //!   the NEW instruction of a site in flight, and `INT3 + the old tail` is no
 //!   instruction it could emulate.
 //! - The #BP handler ([`super::traps`]) tries the INT3 protocol's sites first, then
-//!   [`on_int3`], else reports the breakpoint as unexpected. [`on_int3`] gives the hit
+//!   `on_int3`, else reports the breakpoint as unexpected. `on_int3` gives the hit
 //!   to the core (which runs the pre handler), then executes the original:
 //!   - emulated on the frame for `JMP rel8/rel32`, `CALL rel32` (pushed into the gap
 //!     the #BP entry stub leaves below the interrupted stack, as for `call_site_live`)
 //!     and `Jcc rel8/rel32` (Linux's `int3_emulate_jmp`/`int3_emulate_call`/
 //!     `int3_emulate_jcc`); the post handler runs at once;
 //!   - otherwise single-stepped out of line: RIP goes to the probe's XOL slot with TF set
-//!     and IF clear; the #DB after the one instruction ([`on_debug`]) puts RIP back after
+//!     and IF clear; the #DB after the one instruction (`on_debug`) puts RIP back after
 //!     the original (or keeps the target of a RET/indirect JMP, fixing the return
 //!     address an indirect CALL pushed), restores TF and IF, and the core runs the post
 //!     handler. A RIP-relative displacement is rebased in the slot's copy.
@@ -289,6 +289,8 @@ unsafe impl KprobeArch for X86Kprobes {
     type Frame = TrapFrame;
     type Plan = X86Plan;
 
+    // Inlined into the hit path (`.text.kprobes`), as `tests/kernel_image.rs` checks.
+    #[inline(always)]
     fn cpu_id(&self) -> usize {
         cpu::current_cpu()
     }

@@ -284,9 +284,10 @@ pub fn text_range() -> Range<usize> {
     layout::text_range()
 }
 
-/// Code the patcher must never touch: what the rendezvous runs (with boot code).
+/// Code the patcher must never touch: what the rendezvous runs (with boot code), and
+/// the kprobes' hit path and XOL slots.
 pub fn protected_ranges() -> [Range<usize>; 2] {
-    [layout::nopatch_range(), layout::boot_range()]
+    [layout::nopatch_range(), layout::kprobes_range()]
 }
 
 /// General register `n` of a kprobe handler's frame, in the encoding's numbering
