@@ -612,8 +612,9 @@ fn registry_rounds(cpu: usize, r: &Registrars) {
     }
     let fixtures = platform::KPROBE_FIXTURES;
     let own = fixtures[cpu % fixtures.len()];
-    // More CPUs than fixtures: the extra CPUs contend for the shared site only.
-    let own = (cpu < fixtures.len()).then_some(own);
+    // More CPUs than fixtures, or than the registry has slots besides the shared
+    // site's: the extra CPUs contend for the shared site only.
+    let own = (cpu < fixtures.len().min(KPROBES.capacity() - 1)).then_some(own);
     let unprobed = own.map(|f| f.run(f.args[0]));
     let target = target();
     for round in 0..REGISTRY_ROUNDS {
