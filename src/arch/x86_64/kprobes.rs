@@ -25,9 +25,14 @@
 //!     address an indirect CALL pushed), restores TF and IF, and the core runs the post
 //!     handler. A RIP-relative displacement is rebased in the slot's copy.
 //! - Steps in flight are a small per-CPU stack: an NMI can arrive between the #BP's
-//!   IRETQ and the stepped instruction and hit a probe of its own. A #DB is ours only if
-//!   a step is in flight on this CPU, DR6.BS says single step, and RIP is where the
-//!   step's instruction leaves it.
+//!   IRETQ and the stepped instruction and hit a probe of its own (no self-test makes
+//!   that interleaving happen on purpose). A #DB is ours only if a step is in flight on
+//!   this CPU, DR6.BS says single step, and RIP is where the step's instruction leaves
+//!   it (for an indirect CALL: the return address it pushed is the copy's end).
+//! - The copy runs on the interrupted stack with the interrupted registers, so PUSH,
+//!   POP, ENTER, LEAVE and anything else relative to RSP need no fix-up; what reads
+//!   RIP is emulated, rebased (RIP-relative operands) or fixed after the step (the
+//!   return address of an indirect CALL).
 //! - XOL slots: one per registry slot, 16 bytes each, in `.text.kprobes.xol` (kernel
 //!   text, RX; written only through the patcher's temporary alias at registration, when
 //!   no CPU can execute the slot). The bytes after the copy are INT3s.
