@@ -384,19 +384,44 @@ fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
 /// failing KTAP results, then qemu.sh's verdict, how to rerun it and the end of
 /// the serial output.
 /// x86 cells with more than one CPU and the default tests must run `nmi_safe_patching`
-/// (the writes from the patcher's NMI), not skip it: the reason why not, if it did.
+/// (the writes from the patcher's NMI), not skip it; x86 cells that run the kprobe tests
+/// (the default tests or `tests=all`) must run every one of them (`kprobe_registry`
+/// needs two CPUs): the reason why not, if one skipped or is missing.
 fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
-    if cell.arch != Arch::X86_64 || cell.smp < 2 || cell.bootargs.contains("tests=") {
+    if cell.arch != Arch::X86_64 {
         return None;
     }
-    let result = serial
-        .lines()
-        .find(|l| l.starts_with("ok ") && l.contains(" nmi_safe_patching"));
-    match result {
-        Some(line) if !line.contains("# SKIP") => None,
-        Some(line) => Some(format!("nmi_safe_patching was skipped on x86: {line}")),
-        None => Some("no `ok N nmi_safe_patching` result on x86".into()),
+    let default_tests = !cell.bootargs.contains("tests=");
+    let all_tests = default_tests || cell.bootargs.contains("tests=all");
+    let mut required: Vec<&str> = Vec::new();
+    if default_tests && cell.smp >= 2 {
+        required.push("nmi_safe_patching");
     }
+    if all_tests {
+        required.extend([
+            "kprobe_refusals",
+            "kprobe_simulate",
+            "kprobe_contexts",
+            "kprobe_hammer",
+        ]);
+        if cell.smp >= 2 {
+            required.push("kprobe_registry");
+        }
+    }
+    required.into_iter().find_map(|test| {
+        let named = format!(" {test}");
+        let result = serial.lines().find(|l| {
+            l.starts_with("ok ")
+                && l.split(" #")
+                    .next()
+                    .is_some_and(|head| head.ends_with(&named))
+        });
+        match result {
+            Some(line) if !line.contains("# SKIP") => None,
+            Some(line) => Some(format!("{test} was skipped on x86: {line}")),
+            None => Some(format!("no `ok N {test}` result on x86")),
+        }
+    })
 }
 
 /// The cells whose default run must show CPU hotplug working (2, 4 and 8 CPUs on both
@@ -778,7 +803,7 @@ fn x86_64_max_smp8() {
     run_cell(
         &Cell::new("x86_64_max_smp8", "max", 8)
             .on_x86_64()
-            .bootargs("hotplug_cycles=200 expect_nmi=x2apic"),
+            .bootargs("hotplug_cycles=200 kprobe_cycles=10000 expect_nmi=x2apic"),
     );
 }
 

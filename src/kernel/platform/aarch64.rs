@@ -378,6 +378,11 @@ pub fn kprobes_unsupported() -> Option<&'static str> {
     None
 }
 
+/// An address kprobes must refuse as off the instruction grid, near `site`.
+pub fn kprobe_misaligned_site(site: usize) -> Option<usize> {
+    Some(site + 2)
+}
+
 /// Addresses kprobes must refuse for a region, with the region: the vector table
 /// (exception entry), the core's hit path and the XOL slots (the machinery),
 /// `.text.nopatch` past the vectors.
