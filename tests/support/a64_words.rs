@@ -62,5 +62,6 @@ pub fn any_addr() -> impl Strategy<Value = usize> {
         (0usize..1 << 16),
         (0usize..1 << 16).prop_map(|a| usize::MAX - a),
         (0usize..1 << 16).prop_map(|a| (usize::MAX - a) & !3),
+        (0usize..64).prop_map(|a| usize::MAX - a),
     ]
 }
