@@ -25,7 +25,7 @@ use patch_machine::patch::{
 };
 use patch_machine::stop::{StopMachine, StopOptions};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, TestRunner};
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
@@ -38,8 +38,8 @@ fn config() -> Config {
     }
 }
 
-/// `PROPTEST_CASES / div` cases (at least 1), `default` when it is not set: for the
-/// properties whose cases are a few thousand entries each.
+/// `PROPTEST_CASES / div` cases (at least 1), `default` when it is not set: for a
+/// property whose cases are a few thousand entries each.
 fn fewer_cases(div: u32, default: u32) -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -511,14 +511,15 @@ fn large_batch() -> impl Strategy<Value = (Layout, Vec<Patch<A64>>)> {
         })
 }
 
-proptest! {
-    #![proptest_config(fewer_cases(1000, 12))]
-
-    #[test]
-    fn batches_past_the_plan_size_are_validated_exactly_and_applied_whole(
-        (layout, batch) in large_batch()
-    ) {
-        check(&layout, &batch)?;
+/// Past `MAX_SITES` a batch is validated as a whole and written entry by entry.
+/// Run by hand rather than by `proptest!`, which would take `PROPTEST_CASES` as is:
+/// each case is a few thousand entries.
+#[test]
+fn batches_past_the_plan_size_are_validated_exactly_and_applied_whole() {
+    let mut runner = TestRunner::new(fewer_cases(1000, 12));
+    let result = runner.run(&large_batch(), |(layout, batch)| check(&layout, &batch));
+    if let Err(failure) = result {
+        panic!("{failure}");
     }
 }
 
