@@ -15,11 +15,11 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 
-mod support;
 #[path = "support/a64_words.rs"]
 mod a64_words;
 #[path = "support/objdump.rs"]
 mod objdump;
+mod support;
 
 use a64_words::{CLASSES, a64_word, any_addr, word_of};
 
@@ -69,13 +69,8 @@ fn limits() -> Vec<isize> {
 
 /// The verdict the Arm ARM gives, computed without wrapping: aligned, and
 /// `-back <= target - pc <= fwd` over the integers.
-fn expected_branch(
-    pc: usize,
-    target: usize,
-    back: usize,
-    fwd: usize,
-) -> Result<(), EncodeError> {
-    if pc % 4 != 0 || target % 4 != 0 {
+fn expected_branch(pc: usize, target: usize, back: usize, fwd: usize) -> Result<(), EncodeError> {
+    if !pc.is_multiple_of(4) || !target.is_multiple_of(4) {
         return Err(EncodeError::MisalignedBranch { pc, target });
     }
     let delta = target as i128 - pc as i128;
@@ -293,7 +288,13 @@ fn sample() -> Vec<(u32, Made)> {
                         let target = pc.wrapping_add_signed(words * 4);
                         let encode = if link { insn::bl } else { insn::b };
                         let word = encode(pc, target).expect("in range");
-                        (word, Made::Branch { link, target: target as u64 })
+                        (
+                            word,
+                            Made::Branch {
+                                link,
+                                target: target as u64,
+                            },
+                        )
                     })
                     .boxed(),
                 2 => (0u32..16, -(1isize << 18)..(1 << 18))
@@ -301,20 +302,36 @@ fn sample() -> Vec<(u32, Made)> {
                         let target = pc.wrapping_add_signed(words * 4);
                         let cond = Cond::from_bits(bits);
                         let word = insn::b_cond(pc, target, cond).expect("in range");
-                        (word, Made::BranchCond { cond, target: target as u64 })
+                        (
+                            word,
+                            Made::BranchCond {
+                                cond,
+                                target: target as u64,
+                            },
+                        )
                     })
                     .boxed(),
                 3 => (0usize..4, any::<u16>())
                     .prop_map(|(kind, imm)| {
-                        let (mnemonic, encode) =
-                            [("brk", insn::brk as fn(u16) -> u32), ("hvc", insn::hvc), ("smc", insn::smc), ("svc", insn::svc)][kind];
+                        let (mnemonic, encode) = [
+                            ("brk", insn::brk as fn(u16) -> u32),
+                            ("hvc", insn::hvc),
+                            ("smc", insn::smc),
+                            ("svc", insn::svc),
+                        ][kind];
                         (encode(imm), Made::Exception { mnemonic, imm })
                     })
                     .boxed(),
                 4 => (0u8..31, any::<u16>(), 0u8..4)
                     .prop_map(|(rd, imm, hw)| {
                         let word = insn::movz_x(rd, imm, hw * 16).expect("valid");
-                        (word, Made::Movz { rd, value: u64::from(imm) << (hw * 16) })
+                        (
+                            word,
+                            Made::Movz {
+                                rd,
+                                value: u64::from(imm) << (hw * 16),
+                            },
+                        )
                     })
                     .boxed(),
                 _ => (prop::sample::select(&CLASSES[..]), any::<u32>(), 0u32..64)
@@ -341,7 +358,10 @@ fn objdump_reads_the_sample_as_the_classifier_does() {
         let pc = SAMPLE_VMA + 4 * i as u64;
         let mut check = |ok: bool, what: &str| {
             if !ok {
-                problems.push(format!("{pc:#x}: {word:#010x} objdump `{} {}`: {what}", line.mnemonic, line.operands));
+                problems.push(format!(
+                    "{pc:#x}: {word:#010x} objdump `{} {}`: {what}",
+                    line.mnemonic, line.operands
+                ));
             }
         };
         check(line.addr == pc, "address");
@@ -364,7 +384,10 @@ fn objdump_reads_the_sample_as_the_classifier_does() {
         check(class == objdump_class, &format!("classified {class:?}"));
         if matches!(class, InsnClass::B | InsnClass::Bl | InsnClass::BCond) {
             let ours = insn::branch_target(pc as usize, word).map(|t| t as u64);
-            check(ours == line.address_operand(), &format!("branch_target {ours:x?}"));
+            check(
+                ours == line.address_operand(),
+                &format!("branch_target {ours:x?}"),
+            );
         }
         if class == InsnClass::BCond {
             let suffix = m.strip_prefix("b.").unwrap_or("");
@@ -376,12 +399,18 @@ fn objdump_reads_the_sample_as_the_classifier_does() {
                 check(line.address_operand() == Some(target), "encoded target");
             }
             Made::BranchCond { cond, target } => {
-                check(objdump_cond(m.strip_prefix("b.").unwrap_or("")) == Some(cond.bits()), "encoded condition");
+                check(
+                    objdump_cond(m.strip_prefix("b.").unwrap_or("")) == Some(cond.bits()),
+                    "encoded condition",
+                );
                 check(line.address_operand() == Some(target), "encoded target");
             }
             Made::Exception { mnemonic, imm } => {
                 check(m == mnemonic, "encoded mnemonic");
-                check(line.immediate() == Some(u64::from(imm)), "encoded immediate");
+                check(
+                    line.immediate() == Some(u64::from(imm)),
+                    "encoded immediate",
+                );
             }
             Made::Movz { rd, value } => {
                 let reg = line.operands.split(',').next().unwrap_or("");
@@ -390,7 +419,10 @@ fn objdump_reads_the_sample_as_the_classifier_does() {
                 let shown = match m {
                     "mov" => line.immediate(),
                     "movz" => {
-                        let lsl = line.operands.rsplit_once("lsl #").and_then(|(_, s)| s.parse::<u32>().ok());
+                        let lsl = line
+                            .operands
+                            .rsplit_once("lsl #")
+                            .and_then(|(_, s)| s.parse::<u32>().ok());
                         line.immediate().map(|imm| imm << lsl.unwrap_or(0))
                     }
                     _ => None,
@@ -400,10 +432,23 @@ fn objdump_reads_the_sample_as_the_classifier_does() {
             Made::Word => {}
         }
     }
-    assert!(problems.is_empty(), "{} disagreements with objdump:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} disagreements with objdump:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
     // The sample reached every class (else it compared little).
-    for class in ["B", "Bl", "BCond", "Nop", "Isb", "Brk", "Hvc", "Smc", "Svc", "Other"] {
-        assert!(classes.get(class).copied().unwrap_or(0) > 0, "no {class} in the sample: {classes:?}");
+    for class in [
+        "B", "Bl", "BCond", "Nop", "Isb", "Brk", "Hvc", "Smc", "Svc", "Other",
+    ] {
+        assert!(
+            classes.get(class).copied().unwrap_or(0) > 0,
+            "no {class} in the sample: {classes:?}"
+        );
     }
-    println!("# objdump sample: {} words, by class {classes:?}", sample.len());
+    println!(
+        "# objdump sample: {} words, by class {classes:?}",
+        sample.len()
+    );
 }

@@ -12,11 +12,11 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 
-mod support;
 #[path = "support/a64_words.rs"]
 mod a64_words;
 #[path = "support/objdump.rs"]
 mod objdump;
+mod support;
 
 /// What `kprobes_insn` needs of its `super::exceptions`.
 mod exceptions {
@@ -389,9 +389,11 @@ fn verdict(line: &objdump::Line) -> Verdict {
         "svc" | "hvc" | "smc" | "brk" | "hlt" | "dcps1" | "dcps2" | "dcps3" | "udf" | "eret"
         | "drps" | "msr" | "mrs" | "sys" | "sysl" => Refused,
         _ if m.starts_with("bc.") => Refused,
-        _ if ["retaa", "retab", "braa", "brab", "blraa", "blrab", "eretaa", "eretab"]
-            .iter()
-            .any(|p| m.starts_with(p)) =>
+        _ if [
+            "retaa", "retab", "braa", "brab", "blraa", "blrab", "eretaa", "eretab",
+        ]
+        .iter()
+        .any(|p| m.starts_with(p)) =>
         {
             Refused
         }

@@ -7,14 +7,14 @@
 //! objdump reads each encoding as the same instruction with the same operand.
 
 use patch_machine::patch::Instruction;
-use patch_machine::patch::x86::{self, EncodeError, Emulation, Insn, MAX_LEN};
+use patch_machine::patch::x86::{self, Emulation, EncodeError, Insn, MAX_LEN};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 
-mod support;
 #[path = "support/objdump.rs"]
 mod objdump;
+mod support;
 
 /// The host's objdump (binutils), which reads x86-64.
 const OBJDUMP: &str = "objdump";
@@ -63,7 +63,8 @@ fn branch_and_target() -> impl Strategy<Value = (usize, usize)> {
         i32::MAX as i64 + 1,
     ];
     // The displacement counts from the end of the 5-byte instruction.
-    let from_end = |(pc, delta): (usize, i64)| (pc, pc.wrapping_add(5).wrapping_add_signed(delta as isize));
+    let from_end =
+        |(pc, delta): (usize, i64)| (pc, pc.wrapping_add(5).wrapping_add_signed(delta as isize));
     prop_oneof![
         (any_addr(), any_addr()),
         (any_addr(), -(1i64 << 33)..(1i64 << 33)).prop_map(from_end),
@@ -83,14 +84,17 @@ fn byte_string() -> impl Strategy<Value = Vec<u8>> {
             .prop_map(|(first, rest)| [vec![first], rest].concat()),
         prop::sample::select(SDM_NOPS.to_vec()).prop_map(<[u8]>::to_vec),
         // A NOP with one byte changed.
-        (prop::sample::select(SDM_NOPS.to_vec()), any::<usize>(), any::<u8>()).prop_map(
-            |(nop, at, byte)| {
+        (
+            prop::sample::select(SDM_NOPS.to_vec()),
+            any::<usize>(),
+            any::<u8>()
+        )
+            .prop_map(|(nop, at, byte)| {
                 let mut nop = nop.to_vec();
                 let at = at % nop.len();
                 nop[at] = byte;
                 nop
-            }
-        ),
+            }),
     ]
 }
 
@@ -221,15 +225,22 @@ fn sample() -> Vec<(Insn, Made)> {
     let mut pc = SAMPLE_VMA as usize;
     (0..OBJDUMP_SAMPLE)
         .map(|_| {
-            let (kind, delta, imm, len) = choice.new_tree(&mut runner).expect("no filters").current();
+            let (kind, delta, imm, len) =
+                choice.new_tree(&mut runner).expect("no filters").current();
             // Targets above the top of the address space fold back below the branch.
             let end = pc + 5;
             let target = end
                 .checked_add_signed(delta as isize)
                 .unwrap_or(end - delta.unsigned_abs() as usize);
             let made = match kind {
-                0 => (x86::jmp_rel32(pc, target).expect("rel32"), Made::Jmp(target as u64)),
-                1 => (x86::call_rel32(pc, target).expect("rel32"), Made::Call(target as u64)),
+                0 => (
+                    x86::jmp_rel32(pc, target).expect("rel32"),
+                    Made::Jmp(target as u64),
+                ),
+                1 => (
+                    x86::call_rel32(pc, target).expect("rel32"),
+                    Made::Call(target as u64),
+                ),
                 2 => (x86::mov_eax_imm32(imm), Made::MovEax(imm)),
                 3 => (x86::nop(len).expect("1 to 8"), Made::Nop),
                 4 => (x86::int3(), Made::Int3),
@@ -247,9 +258,16 @@ fn sample() -> Vec<(Insn, Made)> {
 #[test]
 fn objdump_reads_the_encoders_sample() {
     let sample = sample();
-    let bytes: Vec<u8> = sample.iter().flat_map(|(i, _)| i.bytes().to_vec()).collect();
+    let bytes: Vec<u8> = sample
+        .iter()
+        .flat_map(|(i, _)| i.bytes().to_vec())
+        .collect();
     let lines = objdump::disassemble(OBJDUMP, "i386:x86-64", SAMPLE_VMA, &bytes);
-    assert_eq!(lines.len(), sample.len(), "one objdump line per instruction");
+    assert_eq!(
+        lines.len(),
+        sample.len(),
+        "one objdump line per instruction"
+    );
     let mut problems = Vec::new();
     let mut pc = SAMPLE_VMA;
     for (line, &(insn, made)) in lines.iter().zip(&sample) {
@@ -291,5 +309,9 @@ fn objdump_reads_the_encoders_sample() {
         problems.len(),
         problems.join("\n")
     );
-    println!("# x86 objdump sample: {} instructions, {} bytes", sample.len(), bytes.len());
+    println!(
+        "# x86 objdump sample: {} instructions, {} bytes",
+        sample.len(),
+        bytes.len()
+    );
 }

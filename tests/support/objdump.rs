@@ -99,9 +99,7 @@ fn parse_line(line: &str, marks: &[&str]) -> Option<Line> {
         .iter()
         .fold(text, |text, mark| text.split(mark).next().unwrap_or(""));
     let text = text.trim();
-    let (mnemonic, operands) = text
-        .split_once(char::is_whitespace)
-        .unwrap_or((text, ""));
+    let (mnemonic, operands) = text.split_once(char::is_whitespace).unwrap_or((text, ""));
     Some(Line {
         addr,
         encoding: encoding.trim().to_string(),
