@@ -370,14 +370,18 @@ pub fn validate<T: Text>(text: &T, batch: &[Patch<T::Insn>]) -> Result<(), Patch
                 new_len: patch.new.size(),
             });
         }
-        if !(text_range.start <= addr && addr.saturating_add(len) <= text_range.end) {
-            return Err(PatchError::OutsideText {
-                index,
-                addr,
-                text: (text_range.start, text_range.end),
-            });
-        }
-        let end = addr + len;
+        // Checked, not saturating: in a text ending at `usize::MAX`, an entry running
+        // past the top saturated to the end and passed (tests/prop_batch.rs).
+        let end = match addr.checked_add(len) {
+            Some(end) if text_range.start <= addr && end <= text_range.end => end,
+            _ => {
+                return Err(PatchError::OutsideText {
+                    index,
+                    addr,
+                    text: (text_range.start, text_range.end),
+                });
+            }
+        };
         if let Some(range) = text
             .protected_ranges()
             .iter()
