@@ -74,6 +74,14 @@ pub unsafe trait Arch: Sync {
     /// A monotonic clock shared by all CPUs, in nanoseconds.
     fn now_ns(&self) -> u64;
 
+    /// Where the calling CPU runs: the most specific of NMI handler, interrupt or
+    /// exception handler, interrupts masked, normal. A stop refuses to start anywhere
+    /// but [`CallContext::Normal`](super::CallContext::Normal)
+    /// ([`StopError::WrongContext`](super::StopError::WrongContext)). Called by the
+    /// initiator before it touches anything, so it must be cheap and in `.text.nopatch`
+    /// (or inlined there).
+    fn call_context(&self) -> super::CallContext;
+
     /// Where [`mask_all`](Arch::mask_all) cannot keep NMIs out (x86), this CPU's self-NMI
     /// ([`StopMachine::stop_machine_nmi_free`](super::StopMachine::stop_machine_nmi_free)
     /// then runs the function from it); `None`, the default, where it can.

@@ -70,7 +70,7 @@ mod rendezvous;
 mod state;
 
 pub use api::{
-    ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
+    CallContext, ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
     StopFunction, StopOptions,
 };
 pub use arch::Arch;

@@ -10,7 +10,7 @@ use super::nmi::NmiRequests;
 use super::nmi::RaiseNmi;
 use super::state::{Ack, Control, CpuSlot, CpuSlots, Phase, Progress, State};
 use super::{
-    Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
+    Arch, CallContext, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
 };
 use super::{LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
@@ -154,8 +154,10 @@ impl<A: Arch> StopMachine<A> {
     /// Runs `function` on every CPU in `active` while every online CPU is inside the
     /// rendezvous with all asynchronous exceptions masked.
     ///
-    /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
-    /// free has to answer the current holder's stop IPI. Errors from all CPUs are
+    /// Must be called from normal code with interrupts enabled: a CPU waiting here for
+    /// the machine to be free has to answer the current holder's stop IPI. Anywhere else
+    /// (an IRQ or NMI handler, interrupts masked) the call is refused with
+    /// [`StopError::WrongContext`] before it touches anything. Errors from all CPUs are
     /// collected ([`StopError::Failed`]).
     pub fn stop_machine(
         &self,
@@ -207,6 +209,21 @@ impl<A: Arch> StopMachine<A> {
         self.stop_machine_with(function, active, options)
     }
 
+    /// `Ok` if the calling CPU may start a stop ([`Arch::call_context`] is
+    /// [`CallContext::Normal`]); otherwise [`StopError::WrongContext`]. Every call checks
+    /// this first, and `patch_machine` before it takes the text's lock.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    pub fn may_stop_here(&self) -> Result<(), StopError> {
+        match self.arch.call_context() {
+            CallContext::Normal => Ok(()),
+            context => Err(StopError::WrongContext {
+                cpu: self.arch.cpu_id(),
+                context,
+            }),
+        }
+    }
+
     /// One call: take the machine, publish `work`, lead the rendezvous.
     #[unsafe(link_section = ".text.nopatch")]
     pub(super) fn call(
@@ -215,6 +232,9 @@ impl<A: Arch> StopMachine<A> {
         active: CpuSet,
         options: StopOptions,
     ) -> Result<(), StopError> {
+        // Before anything else: from an IRQ or NMI handler, or with interrupts masked,
+        // the lock wait below could spin on a holder this CPU keeps from finishing.
+        self.may_stop_here()?;
         let arch = &self.arch;
         let me = arch.cpu_id();
         let online = arch.online_cpus();

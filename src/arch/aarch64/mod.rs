@@ -148,6 +148,27 @@ unsafe impl Arch for Aarch64 {
     fn now_ns(&self) -> u64 {
         timer::now_ns()
     }
+
+    /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception
+    /// handler: the vectors' nesting depth; masked: PSTATE.I, or the PMR at or below
+    /// [`nmi_mode::PMR_IRQOFF`] with pseudo-NMI ([`irqflags::irqs_disabled`]).
+    #[inline(always)]
+    fn call_context(&self) -> crate::stop::CallContext {
+        use crate::stop::CallContext;
+        // Relaxed: only this CPU writes its depth slot (its vectors).
+        let depth = exceptions::DEPTH
+            .get(cpu::current_cpu())
+            .map_or(0, |d| d.load(Ordering::Relaxed));
+        if nmi::in_nmi() {
+            CallContext::Nmi
+        } else if depth > 0 {
+            CallContext::Irq
+        } else if irqflags::irqs_disabled() {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
+    }
 }
 
 /// The system's stop machine.

@@ -147,6 +147,23 @@ unsafe impl Arch for X86_64 {
         timer::now_ns()
     }
 
+    /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception
+    /// handler: the trap dispatcher's nesting count ([`traps::in_handler`]); masked:
+    /// RFLAGS.IF clear.
+    #[inline(always)]
+    fn call_context(&self) -> crate::stop::CallContext {
+        use crate::stop::CallContext;
+        if nmi::in_nmi() {
+            CallContext::Nmi
+        } else if traps::in_handler() {
+            CallContext::Irq
+        } else if !cpu::irqs_enabled() {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
+    }
+
     /// NMIs pass `cli`: code patching writes from the patcher's own NMI.
     #[cfg(feature = "stop-machine-nmi")]
     #[inline(always)]
