@@ -70,8 +70,8 @@ mod rendezvous;
 mod state;
 
 pub use api::{
-    CallContext, ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
-    StopFunction, StopOptions,
+    CallContext, ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn,
+    StopFnResult, StopFunction, StopOptions,
 };
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]

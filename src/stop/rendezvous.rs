@@ -10,7 +10,8 @@ use super::nmi::NmiRequests;
 use super::nmi::RaiseNmi;
 use super::state::{Ack, Control, CpuSlot, CpuSlots, Phase, Progress, State};
 use super::{
-    Arch, CallContext, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
+    Arch, CallContext, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction,
+    StopOptions,
 };
 use super::{LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
