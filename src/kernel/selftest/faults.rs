@@ -855,6 +855,8 @@ struct Storm {
     during: AtomicU64,
     sends: AtomicU64,
     window_sends: AtomicU64,
+    /// NMI handlers that started inside a patch window.
+    in_window: AtomicU64,
 }
 
 static STORM: Storm = Storm {
@@ -866,12 +868,19 @@ static STORM: Storm = Storm {
     during: AtomicU64::new(0),
     sends: AtomicU64::new(0),
     window_sends: AtomicU64::new(0),
+    in_window: AtomicU64::new(0),
 };
 
 fn storm_nmi(cpu: usize) -> bool {
     // Relaxed: flags and counts; nothing is published through them.
     if !STORM.armed.load(Ordering::Relaxed) {
         return false;
+    }
+    // Inside a window: this CPU's, or any CPU's stop function (the writes) running.
+    // arm64 masks NMIs there; x86 holds them in the stop machine's slot until the
+    // writes are done everywhere and this CPU has left.
+    if STOP.in_masked_window().contains(cpu) || !STOP.running_function().is_empty() {
+        STORM.in_window.fetch_add(1, Ordering::Relaxed);
     }
     call_torture_targets(cpu, &STORM.callers);
     STORM.handled.fetch_add(1, Ordering::Relaxed);
@@ -1005,6 +1014,11 @@ pub fn fault_nmi_storm(params: &Params) -> Verdict {
             c.bad.load(Ordering::Relaxed)
         );
     }
+    let in_window = STORM.in_window.load(Ordering::Relaxed);
+    check!(
+        in_window == 0,
+        "{in_window} NMI handlers started inside a patch window"
+    );
     let during = STORM.during.load(Ordering::Relaxed);
     check!(
         during > 0,
