@@ -153,6 +153,17 @@ pub enum StopError {
     },
     /// The function ran and returned an error on at least one CPU.
     Failed(Failures),
+    /// The function took a synchronous exception on these CPUs (a call of
+    /// [`stop_machine_catching_faults`](super::StopMachine::stop_machine_catching_faults)):
+    /// it was abandoned there, every CPU left the rendezvous as usual.
+    Faulted {
+        /// Every CPU whose function faulted.
+        cpus: CpuSet,
+        /// The lowest of them.
+        cpu: usize,
+        /// Its fault.
+        fault: super::StopFault,
+    },
     /// Called from a context a stop cannot start from (IRQ or NMI handler, interrupts
     /// masked): refused before anything was touched, no lock taken, no IPI sent.
     WrongContext {
@@ -211,6 +222,10 @@ impl fmt::Display for StopError {
                 f,
                 "CPUs {missing} did not arrive within {} us; the function did not run",
                 waited_ns / 1000
+            ),
+            StopError::Faulted { cpus, cpu, fault } => write!(
+                f,
+                "stop function faulted on CPUs {cpus}; cpu{cpu}: {fault}; every CPU left"
             ),
             StopError::WrongContext { cpu, context } => write!(
                 f,

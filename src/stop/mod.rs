@@ -56,6 +56,7 @@
 //! | `state.rs`      | the control word (generation, phase) and the per-CPU slots        |
 //! | `rendezvous.rs` | [`StopMachine`]: publishing a call, the three phases, the waits   |
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
+//! | `fault.rs`      | [`StopFault`]: stop functions that fault, caught where the arch can |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
@@ -63,6 +64,7 @@
 mod api;
 mod arch;
 mod evidence;
+mod fault;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
 mod nmi;
@@ -77,6 +79,7 @@ pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
+pub use fault::{EFAULT, StopFault};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;

@@ -4,6 +4,7 @@
 //! follows and the ordering argument; `state.rs` the layout.
 
 use super::evidence::{Evidence, Mark, Profile};
+use super::fault::{Catching, Faults};
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::NmiRequests;
 #[cfg(feature = "stop-machine-nmi")]
@@ -28,6 +29,8 @@ pub(super) struct Work<'a> {
     /// call first (see `StopMachine::stop_machine_nmi_free`).
     #[cfg(feature = "stop-machine-nmi")]
     pub(super) hold_nmis: bool,
+    /// The function runs through [`Arch::call_catching_faults`].
+    pub(super) catch_faults: bool,
 }
 
 /// What the initiator publishes for a call: written only under the machine's lock,
@@ -129,6 +132,8 @@ pub struct StopMachine<A: Arch> {
     /// The self-NMI requests of an NMI call.
     #[cfg(feature = "stop-machine-nmi")]
     pub(super) nmi: NmiRequests,
+    /// Faults taken by functions of calls that catch them.
+    faults: Faults,
 }
 
 impl<A: Arch> StopMachine<A> {
@@ -144,6 +149,7 @@ impl<A: Arch> StopMachine<A> {
             profile: Profile::new(),
             #[cfg(feature = "stop-machine-nmi")]
             nmi: NmiRequests::new(),
+            faults: Faults::new(),
         }
     }
 
@@ -182,6 +188,35 @@ impl<A: Arch> StopMachine<A> {
             raise_nmi: None,
             #[cfg(feature = "stop-machine-nmi")]
             hold_nmis: false,
+            catch_faults: false,
+        };
+        self.call(&work, active, options)
+    }
+
+    /// [`stop_machine`](Self::stop_machine), but a synchronous exception the function
+    /// takes on a CPU (a load from an unmapped address, an undefined instruction) ends
+    /// the function there, where the architecture can catch it
+    /// ([`Arch::call_catching_faults`]; arm64 and x86 do): every CPU leaves as usual and
+    /// the call fails with [`StopError::Faulted`], naming the CPUs and the fault. Only
+    /// these calls pay for it: a context save at each active CPU's call.
+    ///
+    /// # Safety
+    /// A faulting CPU abandons the function's frames without running destructors:
+    /// `function` holds no lock and owns nothing that needs dropping across code that
+    /// may fault.
+    pub unsafe fn stop_machine_catching_faults(
+        &self,
+        function: StopFn<'_>,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        let work = Work {
+            function: &function,
+            #[cfg(feature = "stop-machine-nmi")]
+            raise_nmi: None,
+            #[cfg(feature = "stop-machine-nmi")]
+            hold_nmis: false,
+            catch_faults: true,
         };
         self.call(&work, active, options)
     }
@@ -303,7 +338,8 @@ impl<A: Arch> StopMachine<A> {
                 Err(StopError::Timeout { missing, waited_ns })
             }
             // The gather's Acquire loads of each active CPU's `Ran` pair with its
-            // release: every code is visible.
+            // release: every code (and fault record) is visible.
+            Outcome::Completed if work.catch_faults => self.faulted(active),
             Outcome::Completed => self.results(active),
         }
     }
@@ -474,8 +510,34 @@ impl<A: Arch> StopMachine<A> {
         if let Some(raise_nmi) = work.raise_nmi {
             return self.run_in_nmi(me, raise_nmi);
         }
+        if work.catch_faults {
+            let catching = Catching {
+                arch: &self.arch,
+                work,
+                faults: &self.faults,
+            };
+            return self.evidence.run_marked(self.slots.get(me), me, &catching);
+        }
         self.evidence
             .run_marked(self.slots.get(me), me, work.function)
+    }
+
+    /// The result of a call that caught faults: [`StopError::Faulted`] if a function
+    /// faulted anywhere, else as [`results`](Self::results).
+    #[unsafe(link_section = ".text.nopatch")]
+    fn faulted(&self, active: CpuSet) -> Result<(), StopError> {
+        let mut first = None;
+        let mut cpus = CpuSet::EMPTY;
+        for cpu in active {
+            if let Some(fault) = self.faults.take(cpu) {
+                cpus = cpus.with(cpu);
+                first.get_or_insert((cpu, fault));
+            }
+        }
+        match first {
+            Some((cpu, fault)) => Err(StopError::Faulted { cpus, cpu, fault }),
+            None => self.results(active),
+        }
     }
 
     /// The call's result, once every active CPU acknowledged `Ran`: every failing

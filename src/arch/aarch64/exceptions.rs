@@ -160,7 +160,9 @@ pub fn esr_ec(esr: u64) -> u8 {
     ((esr >> 26) & 0x3f) as u8
 }
 
-/// A name for an exception class.
+/// A name for an exception class. In `.text.nopatch`: exception entry names a fault it
+/// hands to a stop function's fixup point (`handle_sync`).
+#[unsafe(link_section = ".text.nopatch")]
 pub fn ec_name(ec: u8) -> &'static str {
     match ec {
         0x00 => "unknown reason (e.g. undefined instruction)",
@@ -292,6 +294,25 @@ fn handle_sync(frame: &mut TrapFrame) -> bool {
             let hook: fn(&mut TrapFrame) -> bool = unsafe { core::mem::transmute(hook) };
             return hook(frame);
         }
+    }
+    // About to be fatal: a stop function run with its fixup point armed ends here
+    // instead (`fixup`). Nothing else on the way pays for it.
+    let ec = esr_ec(frame.esr);
+    let fault = crate::stop::StopFault {
+        what: ec_name(ec),
+        pc: frame.elr as usize,
+        // FAR_EL1 is meaningful for aborts only.
+        addr: if (0x20..=0x25).contains(&ec) {
+            frame.far as usize
+        } else {
+            0
+        },
+        syndrome: frame.esr,
+    };
+    if let Some((resume, ctx)) = super::fixup::resume_from_fault(fault) {
+        frame.elr = resume;
+        frame.x[0] = ctx;
+        return true;
     }
     false
 }

@@ -10,6 +10,7 @@
 //! | [`kprobes_insn`]| which A64 instructions run out of line, simulating the rest  |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
+//! | [`fixup`]       | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
 //! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
 //! | [`nmi`]         | NMI IPIs, NMI handlers, per-CPU NMI state                    |
 //! | [`gic`]         | GICv3 set-up, SGIs and their numbers, acknowledge/EOI        |
@@ -45,6 +46,7 @@ pub mod cpu;
 pub mod dtb;
 pub mod exceptions;
 pub mod exit;
+pub mod fixup;
 pub mod gic;
 pub mod irq;
 pub mod irqflags;
@@ -147,6 +149,19 @@ unsafe impl Arch for Aarch64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    /// Through [`fixup`]: a context save, then the function; a fatal synchronous
+    /// exception in it resumes there.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    unsafe fn call_catching_faults(
+        &self,
+        cpu: usize,
+        function: &dyn crate::stop::StopFunction,
+    ) -> Result<crate::stop::StopFnResult, crate::stop::StopFault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { fixup::call_catching_faults(cpu, function) }
     }
 
     /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception

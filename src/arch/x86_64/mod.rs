@@ -7,6 +7,7 @@
 //! | [`boot`]       | PVH entry (assembly), the boot CPU's and the APs' sequences, bootargs |
 //! | [`alternatives`] | applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
+//! | [`fixup`]      | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
 //! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
 //! | [`text`]       | kernel text for the patcher ([`text::KERNEL_TEXT`])           |
@@ -38,6 +39,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod exit;
+pub mod fixup;
 pub mod frame;
 pub mod gdt;
 pub mod ipi;
@@ -145,6 +147,19 @@ unsafe impl Arch for X86_64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    /// Through [`fixup`]: a context save, then the function; a fatal exception in it
+    /// resumes there.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    unsafe fn call_catching_faults(
+        &self,
+        cpu: usize,
+        function: &dyn crate::stop::StopFunction,
+    ) -> Result<crate::stop::StopFnResult, crate::stop::StopFault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { fixup::call_catching_faults(cpu, function) }
     }
 
     /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception

@@ -181,7 +181,7 @@ fn dispatch_vector(frame: &mut TrapFrame) {
         2 => unsafe { nmi::handle_nmi(&raw mut frame.error) },
         // A site the INT3 protocol has in flight: emulated, else fatal like any #BP.
         3 => {
-            if !super::text_poke::handle_int3(frame) {
+            if !super::text_poke::handle_int3(frame) && !resume_from_fault(frame) {
                 fatal(frame)
             }
         }
@@ -203,7 +203,37 @@ fn dispatch_vector(frame: &mut TrapFrame) {
             apic::eoi();
             ipi::dispatch(v as u32);
         }
-        _ => fatal(frame),
+        _ => {
+            if !resume_from_fault(frame) {
+                fatal(frame)
+            }
+        }
+    }
+}
+
+/// About to be fatal: an exception in a stop function run with its fixup point armed
+/// ends the function instead ([`super::fixup`]). Not for #DF and #MC (IST stacks, not
+/// the function's) or anything that is not an exception.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+fn resume_from_fault(frame: &mut TrapFrame) -> bool {
+    let v = frame.vector;
+    if v >= 32 || v == 2 || v == 8 || v == 18 {
+        return false;
+    }
+    let fault = crate::stop::StopFault {
+        what: NAMES.get(v as usize).copied().unwrap_or("exception"),
+        pc: frame.rip as usize,
+        addr: if v == 14 { cpu::cr2() as usize } else { 0 },
+        syndrome: frame.error,
+    };
+    match super::fixup::resume_from_fault(fault) {
+        Some((resume, ctx)) => {
+            frame.rip = resume;
+            frame.rax = ctx;
+            true
+        }
+        None => false,
     }
 }
 

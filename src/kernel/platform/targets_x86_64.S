@@ -131,3 +131,17 @@ pm_key_bench_sites:
 pm_key_bench_out:
     ret
     .balign 4096
+
+// Fault injection for `fault_stop_fn_faults`: a load from the address in %rdi, and an
+// undefined instruction. Never patched.
+    .pushsection .text.pm_faults, "ax", @progbits
+    .balign 16
+    .global pm_fault_load
+pm_fault_load:
+    movq    (%rdi), %rax
+    ret
+    .global pm_fault_udf
+pm_fault_udf:
+    ud2
+    ret
+    .popsection

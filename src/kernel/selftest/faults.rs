@@ -21,7 +21,14 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 unsafe extern "C" {
     fn pm_torture_a() -> u64;
     fn pm_torture_b() -> u64;
+    /// Loads the word at `addr` (`targets_*.S`).
+    fn pm_fault_load(addr: usize) -> u64;
+    /// An undefined instruction (arm64 `UDF #0`, x86 `UD2`).
+    fn pm_fault_udf();
 }
+
+/// An address in the null page, unmapped on both ports (`platform_selftest=null`).
+const UNMAPPED: usize = 0x18;
 
 /// The NMI handler slot of these tests (1 is the NMI tests', 2 x86's platform hold, 3
 /// the kprobe tests', the last the arm64 platform's).
@@ -650,6 +657,110 @@ pub fn fault_concurrent_patchers(_: &Params) -> Verdict {
         "{} CPUs, {rounds} rounds: {applied} applied in one chain, {stale} stale, {busy} busy; {overlapped} overlapped, up to {} at once",
         online.len(),
         RACE.max_in_flight.load(Ordering::Relaxed)
+    ))
+}
+
+/// How a stop function faults in [`fault_stop_fn_faults`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FaultKind {
+    Load,
+    Undefined,
+}
+
+fn take_fault(kind: FaultKind) {
+    match kind {
+        // SAFETY: the load faults (the null page is unmapped) and the call is run by
+        // `stop_machine_catching_faults`, which resumes after it; a plain function of
+        // the C ABI otherwise.
+        FaultKind::Load => unsafe {
+            pm_fault_load(UNMAPPED);
+        },
+        // SAFETY: as above, for an undefined instruction.
+        FaultKind::Undefined => unsafe { pm_fault_udf() },
+    }
+}
+
+/// A stop function that takes a synchronous exception on one CPU (a load from an
+/// unmapped address, an undefined instruction; on another CPU, then on the
+/// initiator): no deadlock, the call fails naming that CPU and the fault (the address
+/// of the load), the function ran on every CPU, every CPU left, and the next call and
+/// a patch succeed.
+pub fn fault_stop_fn_faults(_: &Params) -> Verdict {
+    let online = online_cpus();
+    let me = current_cpu();
+    let victims = [others().iter().last(), Some(me)];
+    let mut seen = 0;
+    let mut last_fault = None;
+    for victim in victims.into_iter().flatten() {
+        for (what, kind) in [
+            ("a load from an unmapped address", FaultKind::Load),
+            ("an undefined instruction", FaultKind::Undefined),
+        ] {
+            let ran = AtomicCpuSet::new();
+            let after = AtomicCpuSet::new();
+            let function = |cpu: usize| {
+                ran.insert(cpu, Ordering::Relaxed);
+                if cpu == victim {
+                    take_fault(kind);
+                }
+                after.insert(cpu, Ordering::Relaxed);
+                Ok(())
+            };
+            // SAFETY: the function holds nothing across the fault (atomics only).
+            let result = unsafe { STOP.stop_machine_catching_faults(&function, online, OPTIONS) };
+            let left = others_left();
+            let (ran, after) = (ran.load(Ordering::Relaxed), after.load(Ordering::Relaxed));
+            let fault = match result {
+                Err(StopError::Faulted { cpus, cpu, fault })
+                    if cpus == CpuSet::single(victim) && cpu == victim =>
+                {
+                    fault
+                }
+                other => fail!("{what} on cpu{victim}: expected a fault naming it, got {other:?}"),
+            };
+            check!(
+                kind != FaultKind::Load || fault.addr == UNMAPPED,
+                "{what} on cpu{victim}: the fault names address {:#x}, not {UNMAPPED:#x} ({fault})",
+                fault.addr
+            );
+            check!(
+                ran == online,
+                "{what} on cpu{victim}: the function ran on {ran}"
+            );
+            check!(
+                after == online.without(victim),
+                "{what} on cpu{victim}: the function went on past the fault on {after}"
+            );
+            if let Err(inside) = left {
+                fail!("{what} on cpu{victim}: CPUs {inside} still in the window");
+            }
+            let (next, next_ran) = stop_recording(online, OPTIONS);
+            check!(
+                next.is_ok(),
+                "after {what} on cpu{victim}: {}",
+                next.unwrap_err()
+            );
+            check!(
+                next_ran == online,
+                "after {what} on cpu{victim}: ran on {next_ran}"
+            );
+            seen += 1;
+            last_fault = Some((victim, fault));
+        }
+    }
+    let patched = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x5a5a, 0x3579)], OPTIONS);
+    let back = patch_machine(&STOP, &KERNEL_TEXT, &[spare_patch(0x3579, 0x5a5a)], OPTIONS);
+    check!(
+        patched.is_ok(),
+        "the patch afterwards: {}",
+        patched.unwrap_err()
+    );
+    check!(back.is_ok(), "patching back: {}", back.unwrap_err());
+    let Some((victim, fault)) = last_fault else {
+        fail!("no fault was provoked");
+    };
+    Verdict::Pass(msg!(
+        "{seen} faults caught, each named; last: cpu{victim}: {fault}; then patched"
     ))
 }
 

@@ -208,6 +208,11 @@ pub const TESTS: &[Test] = &[
         by_default: true,
     },
     Test {
+        name: "fault_stop_fn_faults",
+        run: faults::fault_stop_fn_faults,
+        by_default: true,
+    },
+    Test {
         name: "fault_concurrent_patchers",
         run: faults::fault_concurrent_patchers,
         by_default: true,
