@@ -1007,7 +1007,10 @@ fn a_call_from_an_nmi_or_with_interrupts_masked_is_refused_before_anything() {
         stop.arch().restore(saved);
         result
     };
-    assert!(!ran.load(Ordering::Relaxed), "a refused call's function ran");
+    assert!(
+        !ran.load(Ordering::Relaxed),
+        "a refused call's function ran"
+    );
     // CPU 1 has no thread: a call that went ahead would have waited for it to arrive.
     assert_eq!(stop.arch().ipis_sent(), 0, "a refused call sent a stop IPI");
     let from_nmi = from_nmi.lock().unwrap().take();
