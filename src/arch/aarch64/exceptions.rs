@@ -160,33 +160,44 @@ pub fn esr_ec(esr: u64) -> u8 {
     ((esr >> 26) & 0x3f) as u8
 }
 
-/// A name for an exception class. In `.text.nopatch`: exception entry names a fault it
-/// hands to a stop function's fixup point (`handle_sync`).
+/// Exception classes and their names, searched by [`ec_name`].
+const EC_NAMES: [(u8, &str); 23] = [
+    (0x00, "unknown reason (e.g. undefined instruction)"),
+    (0x01, "trapped WFI/WFE"),
+    (0x07, "trapped SVE/SIMD/FP access"),
+    (0x0e, "illegal execution state"),
+    (0x15, "SVC (AArch64)"),
+    (0x16, "HVC (AArch64)"),
+    (0x17, "SMC (AArch64)"),
+    (0x18, "trapped MSR/MRS/system instruction"),
+    (0x20, "instruction abort, lower EL"),
+    (0x21, "instruction abort, same EL"),
+    (0x22, "PC alignment fault"),
+    (0x24, "data abort, lower EL"),
+    (0x25, "data abort, same EL"),
+    (0x26, "SP alignment fault"),
+    (0x2c, "trapped floating-point exception"),
+    (0x2f, "SError"),
+    (0x30, "breakpoint"),
+    (0x31, "breakpoint"),
+    (0x32, "software step"),
+    (0x33, "software step"),
+    (0x34, "watchpoint"),
+    (0x35, "watchpoint"),
+    (0x3c, "BRK instruction (AArch64)"),
+];
+
+/// A name for an exception class. A table search, not a `match` (which compiles to a
+/// jump table, an indirect branch): exception entry, in `.text.nopatch`, names the
+/// fault it hands to a stop function's fixup point (`handle_sync`).
 #[unsafe(link_section = ".text.nopatch")]
 pub fn ec_name(ec: u8) -> &'static str {
-    match ec {
-        0x00 => "unknown reason (e.g. undefined instruction)",
-        0x01 => "trapped WFI/WFE",
-        0x07 => "trapped SVE/SIMD/FP access",
-        0x0e => "illegal execution state",
-        0x15 => "SVC (AArch64)",
-        0x16 => "HVC (AArch64)",
-        0x17 => "SMC (AArch64)",
-        0x18 => "trapped MSR/MRS/system instruction",
-        0x20 => "instruction abort, lower EL",
-        0x21 => "instruction abort, same EL",
-        0x22 => "PC alignment fault",
-        0x24 => "data abort, lower EL",
-        0x25 => "data abort, same EL",
-        0x26 => "SP alignment fault",
-        0x2c => "trapped floating-point exception",
-        0x2f => "SError",
-        0x30 | 0x31 => "breakpoint",
-        0x32 | 0x33 => "software step",
-        0x34 | 0x35 => "watchpoint",
-        0x3c => "BRK instruction (AArch64)",
-        _ => "other",
-    }
+    // Opaque to the optimiser, which would otherwise turn the search back into a
+    // jump table.
+    core::hint::black_box(&EC_NAMES)
+        .iter()
+        .find(|(class, _)| *class == ec)
+        .map_or("other", |(_, name)| name)
 }
 
 /// A name for an abort's fault status code (ISS[5:0] of an instruction/data abort).
