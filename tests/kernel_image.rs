@@ -545,7 +545,8 @@ enum Indirect {
 
 const IRQ_DISPATCH: Indirect = Indirect::Outside(
     "interrupt and exception dispatch: the patch window masks every maskable exception, \
-     and a synchronous exception in it is fatal",
+     and a synchronous exception in it is fatal (only a stop_machine_catching_faults call, \
+     never patch_machine's, resumes at its fixup point instead)",
 );
 const NMI_DISPATCH: Indirect = Indirect::Outside(
     "NMI handlers: the stop machine's (checked, as StopCore) runs first; the others are \

@@ -492,7 +492,7 @@ fn aarch64_max_smp2() {
 /// then runs, after its own DC CVAU/IC IVAU/DSB/ISB); `nosync` catches that, and it
 /// passes 6 of 6 runs when the other vCPU does not execute the patched page. The kprobe
 /// tests run here too: they patch only through `patch_machine`, with the other vCPU in
-/// the rendezvous; and two fault tests, `fault_concurrent_patchers` for calls that
+/// the rendezvous; and three fault tests, `fault_concurrent_patchers` for calls that
 /// overlap without its gating (both vCPUs truly run at once).
 #[test]
 fn aarch64_max_smp2_mttcg() {
@@ -503,7 +503,7 @@ fn aarch64_max_smp2_mttcg() {
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
                  stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
                  kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer,\
-                 fault_stop_fn_errors,fault_concurrent_patchers \
+                 fault_stop_fn_errors,fault_stop_fn_faults,fault_concurrent_patchers \
                  flips=2000",
             ),
     );
