@@ -3,12 +3,12 @@
 //! for the design).
 //!
 //! `pm_call_with_fixup` saves the callee-saved state (x19-x30, SP, d8-d15) and its
-//! resume address in a [`Context`] on the caller's stack, then calls the function. While
+//! resume address in a `Context` on the caller's stack, then calls the function. While
 //! a CPU's slot in `ARMED` points at a context, the exception handler
 //! ([`super::exceptions`]) offers it every synchronous exception it would otherwise
-//! report as fatal ([`resume_from_fault`]): the slot is disarmed, the fault recorded in
+//! report as fatal (`resume_from_fault`): the slot is disarmed, the fault recorded in
 //! the context, and the exception returns to the resume address with x0 = the context;
-//! there the saved state comes back and `pm_call_with_fixup` returns [`FAULTED`]. The
+//! there the saved state comes back and `pm_call_with_fixup` returns `FAULTED`. The
 //! exception return restores SPSR, so the CPU resumes with the masks the function ran
 //! with. Hand-written: no crate offers a non-local exit for a bare-metal exception.
 

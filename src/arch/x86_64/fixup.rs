@@ -3,13 +3,13 @@
 //! design).
 //!
 //! `pm_call_with_fixup` saves the callee-saved state (RBX, RBP, R12-R15, RSP; the target
-//! is soft-float, so no vector state) and its resume address in a [`Context`] on the
+//! is soft-float, so no vector state) and its resume address in a `Context` on the
 //! caller's stack, then calls the function. While a CPU's slot in `ARMED` points at a
 //! context, the trap dispatcher ([`super::traps`]) offers it every exception it would
-//! otherwise report as fatal ([`resume_from_fault`]): the slot is disarmed, the fault
+//! otherwise report as fatal (`resume_from_fault`): the slot is disarmed, the fault
 //! recorded in the context, and IRETQ returns to the resume address with RAX = the
 //! context; there the saved state comes back and `pm_call_with_fixup` returns
-//! [`FAULTED`]. IRETQ restores RFLAGS, so the CPU resumes with the IF the function ran
+//! `FAULTED`. IRETQ restores RFLAGS, so the CPU resumes with the IF the function ran
 //! with. Hand-written: no crate offers a non-local exit for a bare-metal exception.
 
 use super::cpu;
