@@ -59,12 +59,14 @@
 //! | `fault.rs`      | [`StopFault`]: stop functions that fault, caught where the arch can |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
+//! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
 
 mod api;
 mod arch;
 mod evidence;
 mod fault;
+mod hotplug;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
 mod nmi;
@@ -80,6 +82,7 @@ pub use arch::Arch;
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
 pub use fault::{EFAULT, StopFault};
+pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;

@@ -35,6 +35,8 @@ pub struct Params {
     pub static_key_flips: u32,
     /// kprobe arm/disarm cycles of `kprobe_hammer` (`kprobe_cycles=N`).
     pub kprobe_cycles: u32,
+    /// CPU down/up cycles of `hotplug_torture` (`hotplug_cycles=N`).
+    pub hotplug_cycles: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
@@ -49,6 +51,7 @@ impl Params {
         nosync_flips: 2_000,
         static_key_flips: 1_000,
         kprobe_cycles: 200,
+        hotplug_cycles: 20,
         expect_nmi: None,
         expect_features: None,
     };
@@ -58,6 +61,7 @@ mod alternatives;
 mod bench;
 mod call_site;
 mod faults;
+mod hotplug;
 mod kprobes;
 mod nmi;
 mod static_keys;
@@ -225,6 +229,26 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "fault_nmi_storm",
         run: faults::fault_nmi_storm,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_refusals",
+        run: hotplug::hotplug_refusals,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_cycle",
+        run: hotplug::hotplug_cycle,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_patch_offline",
+        run: hotplug::hotplug_patch_offline,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_torture",
+        run: hotplug::hotplug_torture,
         by_default: true,
     },
     Test {
