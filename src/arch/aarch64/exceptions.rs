@@ -14,9 +14,8 @@
 //!   SPSR, SP, CPU, registers) and ends the run with a failure status.
 
 use super::{console, cpu, exit, irq, semihosting};
-use crate::MAX_CPUS;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The registers saved on exception entry. `#[repr(C)]`: the layout is shared with
 /// `boot/aarch64/vectors.S` through `offset_of!` constants.
@@ -79,10 +78,6 @@ const _: () = assert!(
 /// Deepest nesting the Rust handler is trusted with (the vectors exit directly beyond).
 pub const MAX_DEPTH: u64 = 4;
 
-/// Per-CPU exception nesting depth, maintained by the vectors with plain loads/stores
-/// (only the owning CPU touches its slot).
-pub(crate) static DEPTH: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-
 /// The BRK hook: a `fn(&mut TrapFrame) -> bool` as usize, 0 = none.
 static BRK_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
@@ -125,7 +120,7 @@ pub fn clear_brk_handler() {
 
 /// The calling CPU's exception nesting depth (0 in normal code).
 pub fn depth() -> u64 {
-    DEPTH[cpu::current_cpu()].load(Ordering::Relaxed)
+    super::nesting::depth_of(cpu::current_cpu())
 }
 
 /// The name of vector `kind`.

@@ -28,6 +28,7 @@
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
 //! | [`layout`]      | linker symbols and stacks                                    |
+//! | [`nesting`]     | per-CPU exception nesting depth (the vectors', `call_context`'s) |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
 //! one's [`Aarch64`]/[`STOP`], which `nmi`, `alternatives` and `boot` use), never one above, so the
@@ -55,6 +56,7 @@ pub mod kprobes;
 pub mod kprobes_insn;
 pub mod layout;
 pub mod mmu;
+pub mod nesting;
 pub mod nmi;
 pub mod nmi_mode;
 pub mod psci;
@@ -164,17 +166,14 @@ unsafe impl Arch for Aarch64 {
         unsafe { fixup::call_catching_faults(cpu, function) }
     }
 
-    /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception
+    /// NMI: this CPU's NMI nesting count ([`nesting::in_nmi_of`]); interrupt or exception
     /// handler: the vectors' nesting depth; masked: PSTATE.I, or the PMR at or below
     /// [`nmi_mode::PMR_IRQOFF`] with pseudo-NMI ([`irqflags::irqs_disabled`]).
     #[inline(always)]
     fn call_context(&self) -> crate::stop::CallContext {
         use crate::stop::CallContext;
-        // Relaxed: only this CPU writes its depth slot (its vectors).
-        let depth = exceptions::DEPTH
-            .get(cpu::current_cpu())
-            .map_or(0, |d| d.load(Ordering::Relaxed));
-        if nmi::in_nmi() {
+        let depth = nesting::depth_of(cpu::current_cpu());
+        if nesting::in_nmi_of(cpu::current_cpu()) {
             CallContext::Nmi
         } else if depth > 0 {
             CallContext::Irq

@@ -24,6 +24,7 @@
 //! | [`frame`]      | the trap frame the entry stubs build                          |
 //! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
 //! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
+//! | [`nesting`]    | per-CPU count of trap handlers in flight (`call_context`'s)   |
 //! | [`cpu`]        | single instructions, the per-CPU index (GS base), CPU features |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
@@ -49,6 +50,7 @@ pub mod jump_label;
 pub mod kprobes;
 pub mod layout;
 pub mod madt;
+pub mod nesting;
 pub mod nmi;
 pub mod paging;
 pub mod selftest;
@@ -164,15 +166,15 @@ unsafe impl Arch for X86_64 {
         unsafe { fixup::call_catching_faults(cpu, function) }
     }
 
-    /// NMI: this CPU's NMI nesting count ([`nmi::in_nmi`]); interrupt or exception
-    /// handler: the trap dispatcher's nesting count ([`traps::in_handler`]); masked:
+    /// NMI: this CPU's NMI nesting count ([`nesting::in_nmi_of`]); interrupt or exception
+    /// handler: the trap dispatcher's nesting count ([`nesting::in_handler`]); masked:
     /// RFLAGS.IF clear.
     #[inline(always)]
     fn call_context(&self) -> crate::stop::CallContext {
         use crate::stop::CallContext;
-        if nmi::in_nmi() {
+        if nesting::in_nmi_of(cpu::current_cpu()) {
             CallContext::Nmi
-        } else if traps::in_handler() {
+        } else if nesting::in_handler() {
             CallContext::Irq
         } else if !cpu::irqs_enabled() {
             CallContext::IrqsMasked

@@ -9,7 +9,7 @@ use super::ipi::STOP_VECTOR;
 use super::{apic, console, cpu, exit, gdt, ipi, nmi};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 global_asm!(
     include_str!("../../../boot/x86_64/vectors.S"),
@@ -142,26 +142,11 @@ fn is_skipped_ud2(rip: u64) -> bool {
     site != 0 && rip == site
 }
 
-/// Per CPU: trap handlers other than the NMI's in flight (what [`in_handler`] reads).
-static IN_HANDLER: [AtomicU32; crate::MAX_CPUS] = [const { AtomicU32::new(0) }; crate::MAX_CPUS];
-
-/// Whether the calling CPU is inside an interrupt or exception handler (the NMI's is
-/// [`super::nmi::in_nmi`]).
-#[inline(always)]
-pub fn in_handler() -> bool {
-    // Relaxed: only this CPU writes its slot, and it sees its own writes in order.
-    IN_HANDLER
-        .get(cpu::current_cpu())
-        .is_some_and(|n| n.load(Ordering::Relaxed) != 0)
-}
-
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
     // The NMI keeps its own count (`nmi::in_nmi`); an NMI taken inside another handler
-    // must still read as an NMI, so it does not count here.
-    let counted = (frame.vector != 2)
-        .then(|| IN_HANDLER.get(cpu::current_cpu()))
-        .flatten();
+    // must still read as an NMI, so it does not count here (`nesting`).
+    let counted = (frame.vector != 2).then(super::nesting::counter).flatten();
     if let Some(n) = counted {
         // Relaxed: this CPU's own slot.
         n.fetch_add(1, Ordering::Relaxed);
