@@ -1,5 +1,5 @@
 //! Per-CPU NMI nesting (`nmi.rs`'s) and exception nesting depth (the vectors',
-//! `boot/aarch64/vectors.S`, through [`DEPTH`]'s symbol), read by the exception handler
+//! `boot/aarch64/vectors.S`, through `DEPTH`'s symbol), read by the exception handler
 //! and by [`crate::stop::Arch::call_context`]. A leaf, so that all of them can use it.
 
 use crate::MAX_CPUS;
