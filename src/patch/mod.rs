@@ -456,6 +456,9 @@ pub fn patch_machine<A: Arch, T: Text>(
     batch: &[Patch<T::Insn>],
     options: StopOptions,
 ) -> Result<PatchReport, PatchError<T::Insn>> {
+    // Refused from IRQ or NMI context or with interrupts masked, before the lock: its
+    // holder may be the code this CPU interrupted, or waiting for this CPU to arrive.
+    stop.may_stop_here()?;
     // Waiting here keeps interrupts enabled: the holder may be stopping the machine.
     let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
     let mut space = plan::SPACE.try_lock();

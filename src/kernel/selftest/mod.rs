@@ -60,6 +60,7 @@ impl Params {
 mod alternatives;
 mod bench;
 mod call_site;
+mod faults;
 mod hotplug;
 mod kprobes;
 mod nmi;
@@ -198,6 +199,36 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "kprobe_hammer",
         run: kprobes::kprobe_hammer,
+        by_default: true,
+    },
+    Test {
+        name: "fault_cpu_never_arrives",
+        run: faults::fault_cpu_never_arrives,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_errors",
+        run: faults::fault_stop_fn_errors,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_faults",
+        run: faults::fault_stop_fn_faults,
+        by_default: true,
+    },
+    Test {
+        name: "fault_concurrent_patchers",
+        run: faults::fault_concurrent_patchers,
+        by_default: true,
+    },
+    Test {
+        name: "fault_wrong_context",
+        run: faults::fault_wrong_context,
+        by_default: true,
+    },
+    Test {
+        name: "fault_nmi_storm",
+        run: faults::fault_nmi_storm,
         by_default: true,
     },
     Test {
