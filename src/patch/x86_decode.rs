@@ -109,7 +109,9 @@ impl Decoded {
             let disp = copy.get(at..at + 4)?;
             let disp = i64::from(i32::from_le_bytes(disp.try_into().ok()?));
             // Same length at both places: the displacement is from the end of each.
-            let rebased = disp + addr as i64 - xol as i64;
+            // Modulo 2^64, as the CPU adds it: the slot may lie across either end of
+            // the address space, or across the signed midpoint, from the original.
+            let rebased = (addr.wrapping_sub(xol) as i64).wrapping_add(disp);
             let rebased = i32::try_from(rebased).ok()?;
             copy.get_mut(at..at + 4)?
                 .copy_from_slice(&rebased.to_le_bytes());
@@ -352,7 +354,8 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
         }
         _ => one_byte(opcode),
     };
-    let z = if opsize16 { 2 } else { 4 };
+    // REX.W wins over 66: a 64-bit operand, whose immediate is still 32 bits.
+    let z = if opsize16 && !rex_w { 2 } else { 4 };
     let (has_modrm, imm) = match op {
         Op::No(why) => return Err(why),
         Op::ModRm(imm) => (true, imm),
