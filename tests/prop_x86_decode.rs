@@ -231,6 +231,16 @@ const REFUSED: &[(&[u8], &str)] = &[
     (&[0x9a], "not a valid"),
     (&[0xea], "not a valid"),
     (&[0xd6], "not a valid"),
+    // Register forms of memory-only opcodes, and group 8 /0 to /3 (#UD).
+    (&[0x8d, 0xc0], "not a valid"),
+    (&[0x0f, 0xc3, 0xc1], "not a valid"),
+    (&[0x0f, 0xb2, 0xd3], "not a valid"),
+    (&[0x0f, 0xb4, 0xe5], "not a valid"),
+    (&[0x0f, 0xb5, 0xe1], "not a valid"),
+    (&[0x0f, 0x0d, 0xd6], "not a valid"),
+    (&[0x0f, 0xc7, 0xc8], "not a valid"),
+    (&[0x0f, 0xba, 0x59], "not a valid"),
+    (&[0x0f, 0xba, 0xd8], "not a valid"),
 ];
 
 /// A refused class, with 0 to 3 prefixes before it (segment, LOCK, REP and, where
@@ -432,6 +442,20 @@ fn unjudged(bytes: &[u8]) -> bool {
     matches!(bytes[start..], [0x0f, 0x38 | 0x3a, ..] | [0x9b, ..])
 }
 
+/// Encodings objdump prints as `(bad)` that the CPU runs: 0F 1A/1B (MPX's BNDxx
+/// forms objdump rejects, hint NOPs on a CPU without MPX) and 0F opcodes with a
+/// 66/F2/F3 prefix in a slot the SDM leaves undefined (the CPU ignores it).
+fn objdump_stricter_than_the_cpu(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !PREFIXES.contains(b) && !(0x40..=0x4f).contains(b))
+        .unwrap_or(bytes.len());
+    let mandatory = bytes[..start]
+        .iter()
+        .any(|b| [0x66, 0xf2, 0xf3].contains(b));
+    matches!(bytes[start..], [0x0f, 0x1a | 0x1b, ..]) || mandatory && bytes[start] == 0x0f
+}
+
 /// objdump's displacement in `disp(%rip)` (`0x10(%rip)`, `-0x10(%rip)`, `(%rip)`).
 fn objdump_rip_disp(operands: &str) -> Option<i64> {
     let before = &operands[..operands.find("(%rip)")?];
@@ -469,6 +493,13 @@ fn objdump_agrees_on_a_generated_sample() {
             .map(|line| line.addr)
             .collect();
         let (keep, drop): (Vec<_>, Vec<_>) = laid.iter().partition(|(pc, _)| !bad.contains(pc));
+        for (_, decoded) in &drop {
+            assert!(
+                objdump_stricter_than_the_cpu(decoded.bytes()),
+                "{:02x?} decoded as {decoded:?}; objdump calls it invalid",
+                decoded.bytes()
+            );
+        }
         if drop.is_empty() {
             break (laid, lines);
         }
@@ -530,7 +561,7 @@ fn objdump_agrees_on_a_generated_sample() {
     println!(
         "# x86 kprobes decoder objdump sample: {drawn} drawn, {} accepted and judged, \
          {branches} branches, {rip_relative} RIP-relative; {} accepted that objdump \
-         calls invalid (first 8: {:02x?})",
+         calls invalid, each a form the CPU runs (first 8: {:02x?})",
         laid.len(),
         invalid.len(),
         &invalid[..invalid.len().min(8)]
@@ -574,4 +605,39 @@ fn rex_w_overrides_the_operand_size_prefix() {
     }
     // 66 alone: a 16-bit immediate.
     assert_eq!(decode(0x1000, &[0x66, 0x3d, 1, 2]).unwrap().len, 4);
+}
+
+/// Found by the objdump sample: register forms of memory-only opcodes and group 8's
+/// /0 to /3 were accepted and would raise #UD in the out-of-line slot.
+#[test]
+fn undefined_modrm_forms_are_refused() {
+    for insn in [
+        &[0x48, 0x8d, 0xc0][..],
+        &[0x0f, 0xc3, 0xc5],
+        &[0x0f, 0xb2, 0xd3],
+        &[0x0f, 0xb4, 0xe5],
+        &[0x0f, 0xb5, 0xe1],
+        &[0x0f, 0x0d, 0xd6],
+        &[0x0f, 0xc7, 0xed],
+        &[0x0f, 0xba, 0x59, 0x4e, 0x2a],
+    ] {
+        assert_eq!(
+            decode(0x1000, insn),
+            Err("not a valid instruction in 64-bit mode"),
+            "{insn:02x?}"
+        );
+    }
+    // Their memory forms, and RDRAND (0F C7 /6 with a register), still decode.
+    for insn in [
+        &[0x48, 0x8d, 0x04, 0x7f][..],
+        &[0x0f, 0xc3, 0x07],
+        &[0x0f, 0xb2, 0x13],
+        &[0x0f, 0x0d, 0x08],
+        &[0x0f, 0xc7, 0x0f],
+        &[0x48, 0x0f, 0xc7, 0xf0],
+        &[0x0f, 0xba, 0xe0, 0x05],
+    ] {
+        let decoded = decode(0x1000, insn).unwrap();
+        assert_eq!(usize::from(decoded.len), insn.len(), "{insn:02x?}");
+    }
 }

@@ -285,6 +285,8 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
                 as isize,
         })
     };
+    // The 0F-map opcode, for the ModRM checks below.
+    let mut two_byte_op = None;
     let op = match opcode {
         0x0f => {
             let second = byte(i)?;
@@ -310,7 +312,10 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
                     i += 1;
                     Op::ModRm(Imm::B)
                 }
-                _ => two_byte(second),
+                _ => {
+                    two_byte_op = Some(second);
+                    two_byte(second)
+                }
             }
         }
         0x62 | 0xc4 | 0xc5 => return Err("a VEX/EVEX prefix (vector instructions)"),
@@ -395,6 +400,18 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
             1 => i += 1,
             2 => i += 4,
             _ => {}
+        }
+        // Forms that raise #UD, which the step would take in the slot: a register
+        // operand where only memory is defined (LEA, LSS/LFS/LGS, MOVNTI, PREFETCH,
+        // group 9 but RDRAND/RDSEED/RDPID), and group 8's undefined /0 to /3.
+        let memory_only = match two_byte_op {
+            Some(0x0d | 0xb2 | 0xb4 | 0xb5 | 0xc3) => true,
+            Some(0xc7) => reg < 6,
+            Some(_) => false,
+            None => opcode == 0x8d,
+        };
+        if md == 3 && memory_only || two_byte_op == Some(0xba) && reg < 4 {
+            return Err(INVALID);
         }
         // Groups whose immediate or meaning depends on ModRM.reg.
         match (opcode, reg) {
