@@ -325,7 +325,7 @@ proptest! {
         let decoded = decode(addr, &bytes);
         match relative_branch(&bytes) {
             Some((kind, cond, len, rel)) => {
-                let decoded = decoded.map_err(|why| TestCaseError::fail(why))?;
+                let decoded = decoded.map_err(TestCaseError::fail)?;
                 prop_assert_eq!(usize::from(decoded.len), len);
                 prop_assert_eq!(
                     emulated(&decoded, addr),
