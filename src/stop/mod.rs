@@ -77,7 +77,7 @@ pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
-pub use lock::{LockTimeout, lock_within};
+pub use lock::{LockTimeout, TryLock, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;
 pub use rendezvous::StopMachine;

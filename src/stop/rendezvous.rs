@@ -15,7 +15,8 @@ use super::{
 use super::{LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use crate::sync::weaken::{self, Knob};
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering, StopLock, const_unless_loom};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
@@ -44,13 +45,15 @@ pub(super) struct Published {
 // Relaxed throughout: the control word's release of `Arrive` orders these after their
 // writes, and a reader always acquired that state (or a later one) first.
 impl Published {
-    const fn new() -> Self {
-        Published {
-            participants: AtomicCpuSet::new(),
-            active: AtomicCpuSet::new(),
-            stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
-            mask_irqs_only: AtomicBool::new(false),
-            work: AtomicPtr::new(core::ptr::null_mut()),
+    const_unless_loom! {
+        const fn new() -> Self {
+            Published {
+                participants: AtomicCpuSet::new(),
+                active: AtomicCpuSet::new(),
+                stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
+                mask_irqs_only: AtomicBool::new(false),
+                work: AtomicPtr::new(core::ptr::null_mut()),
+            }
         }
     }
 
@@ -114,7 +117,7 @@ pub struct StopMachine<A: Arch> {
     pub(super) arch: A,
     /// Serialises initiators. Only its holder writes `published`, `control` and the
     /// profile; each CPU writes only its own slot.
-    lock: spin::Mutex<()>,
+    lock: StopLock,
     /// The call: what the initiator published for it.
     pub(super) published: Published,
     /// Where the call is: `generation | phase`, written by the initiator only.
@@ -131,18 +134,20 @@ pub struct StopMachine<A: Arch> {
 }
 
 impl<A: Arch> StopMachine<A> {
-    /// A stop machine driving the CPUs of `arch`.
-    pub const fn new(arch: A) -> Self {
-        StopMachine {
-            arch,
-            lock: spin::Mutex::new(()),
-            published: Published::new(),
-            control: Control::new(),
-            slots: CpuSlots::new(),
-            evidence: Evidence::new(),
-            profile: Profile::new(),
-            #[cfg(feature = "stop-machine-nmi")]
-            nmi: NmiRequests::new(),
+    const_unless_loom! {
+        /// A stop machine driving the CPUs of `arch`.
+        pub const fn new(arch: A) -> Self {
+            StopMachine {
+                arch,
+                lock: StopLock::new(()),
+                published: Published::new(),
+                control: Control::new(),
+                slots: CpuSlots::new(),
+                evidence: Evidence::new(),
+                profile: Profile::new(),
+                #[cfg(feature = "stop-machine-nmi")]
+                nmi: NmiRequests::new(),
+            }
         }
     }
 
@@ -353,8 +358,10 @@ impl<A: Arch> StopMachine<A> {
                 Role::Initiator { .. } => {
                     self.profile
                         .reached_run(generation, me, self.published.participants());
-                    self.control
-                        .store(State::new(generation, Phase::Run), Ordering::Release);
+                    self.control.store(
+                        State::new(generation, Phase::Run),
+                        weaken::order(Ordering::Release, Knob::RunRelaxed),
+                    );
                     arch.wake_waiters();
                 }
                 // Release: this CPU's evidence, to the initiator's Acquire in its
@@ -362,7 +369,10 @@ impl<A: Arch> StopMachine<A> {
                 // stall limit, since the initiator aborts a late arrival within its
                 // arrival timeout, short of a stall.
                 Role::Joiner => {
-                    slot.acknowledge(Ack::new(generation, Progress::Arrived), Ordering::Release);
+                    slot.acknowledge(
+                        Ack::new(generation, Progress::Arrived),
+                        weaken::order(Ordering::Release, Knob::ArrivedRelaxed),
+                    );
                     arch.wake_waiters();
                     let state = self.wait_past(
                         generation,
@@ -370,7 +380,11 @@ impl<A: Arch> StopMachine<A> {
                         me,
                         stall_timeout_ns.saturating_mul(2),
                     );
-                    if state.generation() != generation || state.phase() == Phase::Aborted {
+                    let stale = state.generation() != generation
+                        && !weaken::on(Knob::JoinerIgnoresGeneration);
+                    let aborted =
+                        state.phase() == Phase::Aborted && !weaken::on(Knob::IgnoreAbort);
+                    if stale || aborted {
                         break 'masked Outcome::STALE;
                     }
                 }
@@ -379,7 +393,10 @@ impl<A: Arch> StopMachine<A> {
             // Run. Release: the function's result, to the initiator's gather.
             if active.contains(me) {
                 self.run(me, slot);
-                slot.acknowledge(Ack::new(generation, Progress::Ran), Ordering::Release);
+                slot.acknowledge(
+                    Ack::new(generation, Progress::Ran),
+                    weaken::order(Ordering::Release, Knob::RanRelaxed),
+                );
                 // The initiator may wait for this in a low-power wait; its own needs
                 // no wake-up.
                 if let Role::Joiner = role {
@@ -395,8 +412,10 @@ impl<A: Arch> StopMachine<A> {
                     self.gather(generation, Progress::Ran, active, me, stall_timeout_ns);
                     // Release: nothing new to publish (the joiners only need to leave),
                     // but it orders the gather's Acquires before any CPU unmasks.
-                    self.control
-                        .store(State::new(generation, Phase::Exit), Ordering::Release);
+                    self.control.store(
+                        State::new(generation, Phase::Exit),
+                        weaken::order(Ordering::Release, Knob::ExitRelaxed),
+                    );
                     arch.wake_waiters();
                 }
                 Role::Joiner => {
@@ -422,8 +441,11 @@ impl<A: Arch> StopMachine<A> {
         // end of `Run` of this call (or of an abort, when nothing was written), or, for
         // the initiator, of every active CPU's `Ran`: what the active CPUs wrote and made
         // coherent before acknowledging `Ran` is what this CPU fetches from here on.
-        // Unconditional, so that no path can unmask without it.
-        arch.sync_context();
+        // Unconditional, so that no path can unmask without it (but for the model
+        // check's knob, which shows that loom notices).
+        if !weaken::on(Knob::SkipSync) {
+            arch.sync_context();
+        }
         self.evidence.leaving(slot);
         arch.restore(saved);
         if let Role::Initiator { .. } = role {
@@ -511,20 +533,46 @@ impl<A: Arch> StopMachine<A> {
             }
             let waited_ns = arch.now_ns().saturating_sub(start);
             if waited_ns > arrival_timeout_ns {
+                #[cfg(loom)]
+                if weaken::on(Knob::MissingAfterAbort) {
+                    return Err(self.abort_then_name_missing(generation, others, waited_ns));
+                }
+                // The final look decides, before the abort is stored: the error names
+                // the CPUs that had not arrived by then, so it is never empty (a CPU
+                // that acknowledges between this look and the abort is still named,
+                // and leaves on seeing the abort). Computed after the abort, a CPU
+                // acknowledging in between went unnamed (tests/loom_stop.rs).
+                let missing = pending
+                    .filter(|&cpu| !self.arrived(cpu, generation))
+                    .fold(CpuSet::EMPTY, CpuSet::with);
+                if missing.is_empty() {
+                    return Ok(());
+                }
                 // Release: to the joiners that wait past `Arrive`. A joiner that
                 // acknowledges meanwhile sees the abort in that wait and leaves: the
                 // function runs nowhere either way.
                 self.control
                     .store(State::new(generation, Phase::Aborted), Ordering::Release);
                 arch.wake_waiters();
-                let missing = others
-                    .iter()
-                    .filter(|&cpu| !self.arrived(cpu, generation))
-                    .fold(CpuSet::EMPTY, CpuSet::with);
                 return Err(Outcome::Aborted { missing, waited_ns });
             }
             arch.relax();
         }
+    }
+
+    /// The abort as it was before the model check found its gap: the missing CPUs are
+    /// computed after the abort is stored, so one that acknowledges in between is not
+    /// named. Only the knob [`Knob::MissingAfterAbort`] takes this path.
+    #[cfg(loom)]
+    fn abort_then_name_missing(&self, generation: u32, others: CpuSet, waited_ns: u64) -> Outcome {
+        self.control
+            .store(State::new(generation, Phase::Aborted), Ordering::Release);
+        self.arch.wake_waiters();
+        let missing = others
+            .iter()
+            .filter(|&cpu| !self.arrived(cpu, generation))
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        Outcome::Aborted { missing, waited_ns }
     }
 
     /// Whether `cpu` has acknowledged `Arrive` of call `generation` (Acquire).
