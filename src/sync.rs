@@ -65,6 +65,12 @@ mod loom_lock {
         }
 
         pub(crate) fn try_lock(&self) -> Option<LoomGuard<'_>> {
+            // Test, then test-and-set: a waiter that only loads while the lock is held
+            // is a wait loom can explore to the end (a failed compare-and-swap in every
+            // pass is a store loom orders anew against the holder's, without end).
+            if self.0.load(Ordering::Relaxed) {
+                return None;
+            }
             // Acquire pairs with the release in `drop`: what the last holder did is
             // visible to this one.
             self.0
@@ -111,8 +117,8 @@ pub mod weaken {
         ExitRelaxed = 1 << 3,
         /// No context synchronisation before a CPU unmasks.
         SkipSync = 1 << 4,
-        /// A joiner treats `Aborted` like `Run`.
-        IgnoreAbort = 1 << 5,
+        /// The initiator returns its timeout without storing `Aborted`.
+        AbortNotStored = 1 << 5,
         /// The timeout's missing CPUs are computed after the abort is stored (the
         /// suspected bug of `await_arrivals`, as it was).
         MissingAfterAbort = 1 << 6,

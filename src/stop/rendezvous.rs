@@ -382,9 +382,7 @@ impl<A: Arch> StopMachine<A> {
                     );
                     let stale = state.generation() != generation
                         && !weaken::on(Knob::JoinerIgnoresGeneration);
-                    let aborted =
-                        state.phase() == Phase::Aborted && !weaken::on(Knob::IgnoreAbort);
-                    if stale || aborted {
+                    if stale || state.phase() == Phase::Aborted {
                         break 'masked Outcome::STALE;
                     }
                 }
@@ -551,8 +549,10 @@ impl<A: Arch> StopMachine<A> {
                 // Release: to the joiners that wait past `Arrive`. A joiner that
                 // acknowledges meanwhile sees the abort in that wait and leaves: the
                 // function runs nowhere either way.
-                self.control
-                    .store(State::new(generation, Phase::Aborted), Ordering::Release);
+                if !weaken::on(Knob::AbortNotStored) {
+                    self.control
+                        .store(State::new(generation, Phase::Aborted), Ordering::Release);
+                }
                 arch.wake_waiters();
                 return Err(Outcome::Aborted { missing, waited_ns });
             }
@@ -565,8 +565,10 @@ impl<A: Arch> StopMachine<A> {
     /// named. Only the knob [`Knob::MissingAfterAbort`] takes this path.
     #[cfg(loom)]
     fn abort_then_name_missing(&self, generation: u32, others: CpuSet, waited_ns: u64) -> Outcome {
-        self.control
-            .store(State::new(generation, Phase::Aborted), Ordering::Release);
+        if !weaken::on(Knob::AbortNotStored) {
+            self.control
+                .store(State::new(generation, Phase::Aborted), Ordering::Release);
+        }
         self.arch.wake_waiters();
         let missing = others
             .iter()
