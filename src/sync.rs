@@ -76,7 +76,9 @@ mod loom_lock {
             self.0
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-                .then_some(LoomGuard(self))
+                // `then`, not `then_some`: a guard built and dropped on failure would
+                // unlock the holder's lock.
+                .then(|| LoomGuard(self))
         }
     }
 
@@ -126,10 +128,15 @@ pub mod weaken {
         AckIgnoresGeneration = 1 << 7,
         /// A joiner goes on into a newer call's state as if it were its own.
         JoinerIgnoresGeneration = 1 << 8,
-        /// The initiator lock's release: Release -> Relaxed.
+        /// The initiator lock's release: Release -> Relaxed. Not used by a model: two
+        /// calls at once then share a generation, and a joiner calls the other's
+        /// (freed) function: a crash, not a finding.
         LockReleaseRelaxed = 1 << 9,
         /// An NMI handler's `done` after it stored the result: Release -> Relaxed.
         NmiDoneRelaxed = 1 << 10,
+        /// A caller waits for the initiator lock with interrupts masked, so it cannot
+        /// answer the holder's stop IPI.
+        LockWaitMasked = 1 << 11,
     }
 
     #[cfg(loom)]

@@ -231,6 +231,8 @@ impl<A: Arch> StopMachine<A> {
         }
 
         let start = arch.now_ns();
+        #[cfg(loom)]
+        let masked_wait = weaken::on(Knob::LockWaitMasked).then(|| arch.mask_all());
         let _guard = lock_within(
             &self.lock,
             "the stop machine",
@@ -238,7 +240,12 @@ impl<A: Arch> StopMachine<A> {
             || arch.now_ns(),
             || arch.relax(),
         )
-        .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
+        .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns });
+        #[cfg(loom)]
+        if let Some(saved) = masked_wait {
+            arch.restore(saved);
+        }
+        let _guard = _guard?;
 
         // Relaxed: only the lock holder changes the generation, and taking the lock
         // acquired the previous holder's last store of it.
