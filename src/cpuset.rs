@@ -5,8 +5,8 @@
 //! and usable from `no_std` code in `.text.nopatch` without allocation, with atomics of
 //! caller-chosen orderings per word, which none of the common crates offers together.
 
-use core::fmt;
 use crate::sync::{AtomicU64, Ordering, atomic_array, const_unless_loom};
+use core::fmt;
 
 /// The most CPUs the kernel supports: QEMU `virt`'s limit (GICv3, 512 vCPUs), above
 /// q35's with x2APIC, and Linux arm64's default `NR_CPUS`.

@@ -134,9 +134,9 @@ pub mod weaken {
         LockReleaseRelaxed = 1 << 9,
         /// An NMI handler's `done` after it stored the result: Release -> Relaxed.
         NmiDoneRelaxed = 1 << 10,
-        /// A caller waits for the initiator lock with interrupts masked, so it cannot
-        /// answer the holder's stop IPI.
-        LockWaitMasked = 1 << 11,
+        /// A stop IPI left pending from an earlier call makes the initiator a joiner
+        /// of its own call (the bug the model check found).
+        InitiatorJoinsOwnCall = 1 << 11,
     }
 
     #[cfg(loom)]

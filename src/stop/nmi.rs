@@ -23,9 +23,9 @@ use super::state::{Phase, Progress};
 use super::{Arch, StopMachine, StopOptions};
 use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, StopFnResult};
 use crate::cpuset::AtomicCpuSet;
-use crate::{CpuSet, MAX_CPUS};
 use crate::sync::weaken::{self, Knob};
 use crate::sync::{AtomicBool, AtomicI32, Ordering, atomic_array, const_unless_loom};
+use crate::{CpuSet, MAX_CPUS};
 
 /// Raises an NMI on the calling CPU, for [`StopMachine::stop_machine_nmi`]: a trait
 /// object rather than a closure so that its code lives in `.text.nopatch`. Every

@@ -14,9 +14,11 @@ use super::{
 };
 use super::{LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
-use crate::{CpuSet, MAX_CPUS};
 use crate::sync::weaken::{self, Knob};
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering, StopLock, const_unless_loom};
+use crate::sync::{
+    AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering, StopLock, const_unless_loom,
+};
+use crate::{CpuSet, MAX_CPUS};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
@@ -34,6 +36,9 @@ pub(super) struct Work<'a> {
 /// before the `Arrive` state's release, and read by the CPUs that acquired it.
 pub(super) struct Published {
     participants: AtomicCpuSet,
+    /// The CPU leading the call: its own stop IPI, left pending from an earlier call,
+    /// must not make it a joiner of the call it leads.
+    initiator: AtomicUsize,
     active: AtomicCpuSet,
     stall_timeout_ns: AtomicU64,
     /// The call masks with [`MaskLevel::IrqsOnly`].
@@ -49,6 +54,7 @@ impl Published {
         const fn new() -> Self {
             Published {
                 participants: AtomicCpuSet::new(),
+                initiator: AtomicUsize::new(usize::MAX),
                 active: AtomicCpuSet::new(),
                 stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
                 mask_irqs_only: AtomicBool::new(false),
@@ -231,8 +237,6 @@ impl<A: Arch> StopMachine<A> {
         }
 
         let start = arch.now_ns();
-        #[cfg(loom)]
-        let masked_wait = weaken::on(Knob::LockWaitMasked).then(|| arch.mask_all());
         let _guard = lock_within(
             &self.lock,
             "the stop machine",
@@ -240,12 +244,7 @@ impl<A: Arch> StopMachine<A> {
             || arch.now_ns(),
             || arch.relax(),
         )
-        .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns });
-        #[cfg(loom)]
-        if let Some(saved) = masked_wait {
-            arch.restore(saved);
-        }
-        let _guard = _guard?;
+        .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
 
         // Relaxed: only the lock holder changes the generation, and taking the lock
         // acquired the previous holder's last store of it.
@@ -256,6 +255,7 @@ impl<A: Arch> StopMachine<A> {
             .wrapping_add(1);
         let published = &self.published;
         published.participants.store(online, Ordering::Relaxed);
+        published.initiator.store(me, Ordering::Relaxed);
         published.active.store(active, Ordering::Relaxed);
         published
             .stall_timeout_ns
@@ -316,7 +316,14 @@ impl<A: Arch> StopMachine<A> {
         // Relaxed: this CPU's own acknowledgement (the second IPI of a call it is in).
         let joined =
             (self.slots.get(me).ack(Ordering::Relaxed)).reached(generation, Progress::Arrived);
-        if joined || !self.published.participants.contains(me, Ordering::Relaxed) {
+        // Relaxed, as `participants`: published by the `Arrive` release acquired above.
+        // A stop IPI still pending from an earlier call that this CPU missed reaches it
+        // while it waits, interrupts on, for the arrivals of its own call: joining that
+        // call would wait for itself, masked, until the stall panic (found by the loom
+        // model `two_concurrent_callers_one_busy`).
+        let leads_it = self.published.initiator.load(Ordering::Relaxed) == me
+            && !weaken::on(Knob::InitiatorJoinsOwnCall);
+        if joined || leads_it || !self.published.participants.contains(me, Ordering::Relaxed) {
             return;
         }
         // If a newer call has replaced this one meanwhile, the wait after the
