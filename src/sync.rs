@@ -6,8 +6,8 @@
 //! interleaving and every value a weak load may return; and [`weaken`] lets a model turn
 //! one ordering or step of the production code off, to show that loom then finds the bug.
 //!
-//! Loom's atomics cannot be built in a `const fn`: [`const_unless_loom!`] drops the
-//! `const` of the constructors under loom, and [`atomic_array!`] builds their arrays.
+//! Loom's atomics cannot be built in a `const fn`: `const_unless_loom!` drops the
+//! `const` of the constructors under loom, and `atomic_array!` builds their arrays.
 
 #[cfg(not(loom))]
 pub(crate) use core::sync::atomic::{
@@ -41,7 +41,7 @@ macro_rules! atomic_array {
 }
 pub(crate) use atomic_array;
 
-/// The stop machine's initiator lock: taken only by [`lock_within`](crate::stop::lock_within).
+/// The stop machine's initiator lock: taken only by `lock_within`.
 #[cfg(not(loom))]
 pub(crate) type StopLock = spin::Mutex<()>;
 /// The stop machine's initiator lock, made of a loom atomic so that loom sees the
@@ -100,7 +100,7 @@ mod loom_lock {
 
 /// The knobs of the model check: each weakens one ordering or removes one step of the
 /// core, so that a model can show loom finds the bug that follows. Only under loom;
-/// elsewhere [`weaken::order`] is the identity and [`weaken::on`] is `false`, both
+/// elsewhere `weaken::order` is the identity and `weaken::on` is `false`, both
 /// `const` and inlined away.
 pub mod weaken {
     use super::Ordering;
