@@ -51,7 +51,7 @@ pub(crate) type StopLock = loom_lock::LoomLock;
 
 #[cfg(loom)]
 mod loom_lock {
-    use super::{AtomicBool, Ordering, weaken};
+    use super::{AtomicBool, Ordering};
 
     /// A test-and-set lock whose acquire and release loom sees.
     pub(crate) struct LoomLock(AtomicBool);
@@ -84,8 +84,7 @@ mod loom_lock {
 
     impl Drop for LoomGuard<'_> {
         fn drop(&mut self) {
-            let order = weaken::order(Ordering::Release, weaken::Knob::LockReleaseRelaxed);
-            self.0.0.store(false, order);
+            self.0.0.store(false, Ordering::Release);
         }
     }
 
@@ -128,15 +127,11 @@ pub mod weaken {
         AckIgnoresGeneration = 1 << 7,
         /// A joiner goes on into a newer call's state as if it were its own.
         JoinerIgnoresGeneration = 1 << 8,
-        /// The initiator lock's release: Release -> Relaxed. Not used by a model: two
-        /// calls at once then share a generation, and a joiner calls the other's
-        /// (freed) function: a crash, not a finding.
-        LockReleaseRelaxed = 1 << 9,
         /// An NMI handler's `done` after it stored the result: Release -> Relaxed.
-        NmiDoneRelaxed = 1 << 10,
+        NmiDoneRelaxed = 1 << 9,
         /// A stop IPI left pending from an earlier call makes the initiator a joiner
         /// of its own call (the bug the model check found).
-        InitiatorJoinsOwnCall = 1 << 11,
+        InitiatorJoinsOwnCall = 1 << 10,
     }
 
     #[cfg(loom)]

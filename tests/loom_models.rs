@@ -38,7 +38,7 @@ fn loom_models_of_the_rendezvous_and_patch_machine() {
         println!("{line}");
     }
     println!(
-        "# loom: {} models in {:.1} s (build included)",
+        "# loom: {} model runs in {:.1} s (build included)",
         report.len(),
         start.elapsed().as_secs_f64()
     );
