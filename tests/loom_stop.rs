@@ -34,7 +34,8 @@ use loom::thread;
 use patch_machine::CpuSet;
 use patch_machine::patch::{Patch, Text, insn, patch_machine};
 use patch_machine::stop::{
-    Arch, ETIMEDOUT, NmiArch, NmiSafe, StopError, StopFnResult, StopMachine, StopOptions,
+    Arch, CallContext, ETIMEDOUT, NmiArch, NmiSafe, StopError, StopFnResult, StopMachine,
+    StopOptions,
 };
 use patch_machine::sync::weaken::{self, Knob};
 use std::cell::Cell;
@@ -232,6 +233,15 @@ unsafe impl Arch for LoomArch {
 
     fn now_ns(&self) -> u64 {
         self.0.clock[current_cpu()].load(SeqCst)
+    }
+
+    fn call_context(&self) -> CallContext {
+        // The model's callers call from normal code; an IPI handler runs masked.
+        if self.0.masked[current_cpu()].load(SeqCst) {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
     }
 }
 

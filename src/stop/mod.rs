@@ -56,13 +56,17 @@
 //! | `state.rs`      | the control word (generation, phase) and the per-CPU slots        |
 //! | `rendezvous.rs` | [`StopMachine`]: publishing a call, the three phases, the waits   |
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
+//! | `fault.rs`      | [`StopFault`]: stop functions that fault, caught where the arch can |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
+//! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
 
 mod api;
 mod arch;
 mod evidence;
+mod fault;
+mod hotplug;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
 mod nmi;
@@ -70,13 +74,15 @@ mod rendezvous;
 mod state;
 
 pub use api::{
-    ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
-    StopFunction, StopOptions,
+    CallContext, ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn,
+    StopFnResult, StopFunction, StopOptions,
 };
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
+pub use fault::{EFAULT, StopFault};
+pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
 pub use lock::{LockTimeout, TryLock, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;

@@ -35,6 +35,8 @@ pub struct Params {
     pub static_key_flips: u32,
     /// kprobe arm/disarm cycles of `kprobe_hammer` (`kprobe_cycles=N`).
     pub kprobe_cycles: u32,
+    /// CPU down/up cycles of `hotplug_torture` (`hotplug_cycles=N`).
+    pub hotplug_cycles: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
@@ -49,6 +51,7 @@ impl Params {
         nosync_flips: 2_000,
         static_key_flips: 1_000,
         kprobe_cycles: 200,
+        hotplug_cycles: 20,
         expect_nmi: None,
         expect_features: None,
     };
@@ -57,6 +60,8 @@ impl Params {
 mod alternatives;
 mod bench;
 mod call_site;
+mod faults;
+mod hotplug;
 mod kprobes;
 mod nmi;
 mod static_keys;
@@ -194,6 +199,56 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "kprobe_hammer",
         run: kprobes::kprobe_hammer,
+        by_default: true,
+    },
+    Test {
+        name: "fault_cpu_never_arrives",
+        run: faults::fault_cpu_never_arrives,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_errors",
+        run: faults::fault_stop_fn_errors,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_faults",
+        run: faults::fault_stop_fn_faults,
+        by_default: true,
+    },
+    Test {
+        name: "fault_concurrent_patchers",
+        run: faults::fault_concurrent_patchers,
+        by_default: true,
+    },
+    Test {
+        name: "fault_wrong_context",
+        run: faults::fault_wrong_context,
+        by_default: true,
+    },
+    Test {
+        name: "fault_nmi_storm",
+        run: faults::fault_nmi_storm,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_refusals",
+        run: hotplug::hotplug_refusals,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_cycle",
+        run: hotplug::hotplug_cycle,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_patch_offline",
+        run: hotplug::hotplug_patch_offline,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_torture",
+        run: hotplug::hotplug_torture,
         by_default: true,
     },
     Test {
