@@ -92,6 +92,7 @@ pub mod nmi_handlers;
 pub mod patch;
 pub mod static_key;
 pub mod stop;
+pub mod sync;
 
 pub mod arch;
 

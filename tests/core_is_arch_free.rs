@@ -16,6 +16,9 @@ mod cpuset;
 // `pub`: the core's re-exports (CallProfile, Quiescence, ...) are its API, used or not.
 #[path = "../src/stop/mod.rs"]
 pub mod stop;
+// The core's atomics (loom's under `cfg(loom)`) and the model check's knobs.
+#[path = "../src/sync.rs"]
+pub mod sync;
 
 pub use cpuset::{CpuSet, MAX_CPUS};
 

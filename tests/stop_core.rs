@@ -975,6 +975,66 @@ fn an_acknowledgement_left_from_an_earlier_call_is_not_an_arrival() {
     );
 }
 
+/// A CPU that missed a call (its stop IPI still pending) and then calls `stop_machine`
+/// itself takes that IPI while it waits, interrupts on, for its own arrivals: it must
+/// not join its own call (it would wait, masked, for itself until the stall panic).
+/// Found by the loom model `two_concurrent_callers_one_busy` (tests/loom_stop.rs).
+#[test]
+fn a_stop_ipi_left_pending_does_not_make_a_caller_join_its_own_call() {
+    let cpus = 2;
+    let machine = Machine::new(cpus);
+    let release = Arc::new(AtomicBool::new(false));
+    let holding = Arc::new(AtomicBool::new(false));
+    let (r, h) = (release.clone(), holding.clone());
+    // CPU 1: masked through CPU 0's call, then a caller itself, its IPI still pending.
+    let second = machine.spawn_on(1, move |stop| {
+        let arch = stop.arch();
+        let saved = patch_machine::stop::Arch::mask_all(arch);
+        h.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !r.load(Ordering::Acquire) && Instant::now() < deadline {
+            thread::yield_now();
+        }
+        patch_machine::stop::Arch::restore(arch, saved);
+        let ran = AtomicCpuSet::new();
+        let result = stop.stop_machine(
+            &|cpu| {
+                ran.insert(cpu, Ordering::Relaxed);
+                Ok(())
+            },
+            CpuSet::first(cpus),
+            StopOptions {
+                stall_timeout_ns: 500_000_000,
+                ..QUICK
+            },
+        );
+        (result, ran.load(Ordering::Relaxed))
+    });
+    while !holding.load(Ordering::Acquire) {
+        thread::yield_now();
+    }
+    let first = machine.on_cpu(0, move |stop| {
+        stop.stop_machine(
+            &|_| Ok(()),
+            CpuSet::first(cpus),
+            StopOptions {
+                arrival_timeout_ns: 100_000_000,
+                ..QUICK
+            },
+        )
+    });
+    assert!(
+        matches!(first, Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(1)),
+        "CPU 0's call must time out on the masked CPU 1, got {first:?}"
+    );
+    release.store(true, Ordering::Release);
+    let (result, ran) = second
+        .recv_timeout(Duration::from_secs(30))
+        .expect("cpu1's own call never returned: it joined its own call through the pending IPI");
+    assert_eq!(result, Ok(()));
+    assert_eq!(ran, CpuSet::first(cpus));
+}
+
 #[test]
 fn a_call_from_an_nmi_or_with_interrupts_masked_is_refused_before_anything() {
     let stop = Arc::new(StopMachine::new(HostArch::new(2)));

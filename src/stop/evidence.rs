@@ -10,7 +10,7 @@ use super::state::{CpuSlot, Progress};
 use super::{Arch, StopFnResult, StopFunction, StopMachine};
 use crate::CpuSet;
 use crate::cpuset::AtomicCpuSet;
-use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering, atomic_array, const_unless_loom};
 
 /// Evidence, recorded by the core, that every CPU was quiescent before the function ran.
 ///
@@ -60,9 +60,11 @@ pub(super) struct Evidence {
 }
 
 impl Evidence {
-    pub(super) const fn new() -> Self {
-        Evidence {
-            stamps: AtomicU64::new(0),
+    const_unless_loom! {
+        pub(super) const fn new() -> Self {
+            Evidence {
+                stamps: AtomicU64::new(0),
+            }
         }
     }
 
@@ -149,12 +151,14 @@ pub(super) struct Profile {
 }
 
 impl Profile {
-    pub(super) const fn new() -> Self {
-        Profile {
-            timeline: [const { AtomicU64::new(0) }; 5],
-            generation: AtomicU32::new(0),
-            initiator: AtomicUsize::new(0),
-            participants: AtomicCpuSet::new(),
+    const_unless_loom! {
+        pub(super) const fn new() -> Self {
+            Profile {
+                timeline: atomic_array![AtomicU64::new(0); 5],
+                generation: AtomicU32::new(0),
+                initiator: AtomicUsize::new(0),
+                participants: AtomicCpuSet::new(),
+            }
         }
     }
 

@@ -23,6 +23,29 @@ impl fmt::Display for LockTimeout {
     }
 }
 
+/// A lock [`lock_within`] can wait for: one attempt to take it.
+pub trait TryLock {
+    /// Holds the lock until dropped.
+    type Guard<'a>
+    where
+        Self: 'a;
+
+    /// Takes the lock if it is free.
+    fn try_lock(&self) -> Option<Self::Guard<'_>>;
+}
+
+impl<T: ?Sized> TryLock for spin::Mutex<T> {
+    type Guard<'a>
+        = spin::MutexGuard<'a, T>
+    where
+        Self: 'a;
+
+    #[inline(always)]
+    fn try_lock(&self) -> Option<spin::MutexGuard<'_, T>> {
+        spin::Mutex::try_lock(self)
+    }
+}
+
 /// Takes `lock` (named `name` in the error), or gives up once more than `timeout_ns`
 /// have passed on the `now_ns` clock. `relax` runs between two attempts: a spin hint,
 /// or a low-power wait that something ends within the timeout.
@@ -30,13 +53,13 @@ impl fmt::Display for LockTimeout {
 /// In `.text.nopatch` and always inlined: the rendezvous takes its lock with it.
 #[unsafe(link_section = ".text.nopatch")]
 #[inline(always)]
-pub fn lock_within<'a, T: ?Sized>(
-    lock: &'a spin::Mutex<T>,
+pub fn lock_within<'a, L: TryLock + ?Sized>(
+    lock: &'a L,
     name: &'static str,
     timeout_ns: u64,
     now_ns: impl Fn() -> u64,
     relax: impl Fn(),
-) -> Result<spin::MutexGuard<'a, T>, LockTimeout> {
+) -> Result<L::Guard<'a>, LockTimeout> {
     // The clock is read only once the lock turns out to be held.
     let mut start = None;
     loop {

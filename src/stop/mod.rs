@@ -83,7 +83,7 @@ pub use arch::NmiArch;
 pub use evidence::{CallProfile, Quiescence};
 pub use fault::{EFAULT, StopFault};
 pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
-pub use lock::{LockTimeout, lock_within};
+pub use lock::{LockTimeout, TryLock, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;
 pub use rendezvous::StopMachine;

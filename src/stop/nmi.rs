@@ -23,8 +23,9 @@ use super::state::{Phase, Progress};
 use super::{Arch, StopMachine, StopOptions};
 use super::{ETIMEDOUT, MaskLevel, NMI_TIMEOUT_NS, NmiArch, NmiSafe, StopError, StopFnResult};
 use crate::cpuset::AtomicCpuSet;
+use crate::sync::weaken::{self, Knob};
+use crate::sync::{AtomicBool, AtomicI32, Ordering, atomic_array, const_unless_loom};
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Raises an NMI on the calling CPU, for [`StopMachine::stop_machine_nmi`]: a trait
 /// object rather than a closure so that its code lives in `.text.nopatch`. Every
@@ -56,13 +57,15 @@ pub(super) struct NmiRequests {
 }
 
 impl NmiRequests {
-    pub(super) const fn new() -> Self {
-        NmiRequests {
-            pending: AtomicCpuSet::new(),
-            done: AtomicCpuSet::new(),
-            delivered: AtomicCpuSet::new(),
-            codes: [const { AtomicI32::new(0) }; MAX_CPUS],
-            hold: AtomicBool::new(false),
+    const_unless_loom! {
+        pub(super) const fn new() -> Self {
+            NmiRequests {
+                pending: AtomicCpuSet::new(),
+                done: AtomicCpuSet::new(),
+                delivered: AtomicCpuSet::new(),
+                codes: atomic_array![AtomicI32::new(0); MAX_CPUS],
+                hold: AtomicBool::new(false),
+            }
         }
     }
 
@@ -141,7 +144,8 @@ impl<A: NmiArch> StopMachine<A> {
             self.nmi.codes[me].store(code, Ordering::Relaxed);
             self.nmi.delivered.insert(me, Ordering::Relaxed);
             // Release: the result is stored before `run_in_nmi` can see `done`.
-            self.nmi.done.insert(me, Ordering::Release);
+            let order = weaken::order(Ordering::Release, Knob::NmiDoneRelaxed);
+            self.nmi.done.insert(me, order);
         }
         self.finish_in_nmi(me);
         claimed

@@ -16,8 +16,11 @@ use super::{
 };
 use super::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard, LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
+use crate::sync::weaken::{self, Knob};
+use crate::sync::{
+    AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering, StopLock, const_unless_loom,
+};
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 /// The function of the current call, published to the other CPUs by pointer.
 pub(super) struct Work<'a> {
@@ -37,6 +40,9 @@ pub(super) struct Work<'a> {
 /// before the `Arrive` state's release, and read by the CPUs that acquired it.
 pub(super) struct Published {
     participants: AtomicCpuSet,
+    /// The CPU leading the call: its own stop IPI, left pending from an earlier call,
+    /// must not make it a joiner of the call it leads.
+    initiator: AtomicUsize,
     active: AtomicCpuSet,
     stall_timeout_ns: AtomicU64,
     /// The call masks with [`MaskLevel::IrqsOnly`].
@@ -48,13 +54,16 @@ pub(super) struct Published {
 // Relaxed throughout: the control word's release of `Arrive` orders these after their
 // writes, and a reader always acquired that state (or a later one) first.
 impl Published {
-    const fn new() -> Self {
-        Published {
-            participants: AtomicCpuSet::new(),
-            active: AtomicCpuSet::new(),
-            stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
-            mask_irqs_only: AtomicBool::new(false),
-            work: AtomicPtr::new(core::ptr::null_mut()),
+    const_unless_loom! {
+        const fn new() -> Self {
+            Published {
+                participants: AtomicCpuSet::new(),
+                initiator: AtomicUsize::new(usize::MAX),
+                active: AtomicCpuSet::new(),
+                stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
+                mask_irqs_only: AtomicBool::new(false),
+                work: AtomicPtr::new(core::ptr::null_mut()),
+            }
         }
     }
 
@@ -118,7 +127,7 @@ pub struct StopMachine<A: Arch> {
     pub(super) arch: A,
     /// Serialises initiators. Only its holder writes `published`, `control` and the
     /// profile; each CPU writes only its own slot.
-    lock: spin::Mutex<()>,
+    lock: StopLock,
     /// CPU hotplug: every call holds the read side, so the online set it read is fixed
     /// until it returns (Linux's `cpus_read_lock` in `stop_machine`).
     hotplug: CpuHotplugLock,
@@ -140,20 +149,22 @@ pub struct StopMachine<A: Arch> {
 }
 
 impl<A: Arch> StopMachine<A> {
-    /// A stop machine driving the CPUs of `arch`.
-    pub const fn new(arch: A) -> Self {
-        StopMachine {
-            arch,
-            lock: spin::Mutex::new(()),
-            hotplug: CpuHotplugLock::new(),
-            published: Published::new(),
-            control: Control::new(),
-            slots: CpuSlots::new(),
-            evidence: Evidence::new(),
-            profile: Profile::new(),
-            #[cfg(feature = "stop-machine-nmi")]
-            nmi: NmiRequests::new(),
-            faults: Faults::new(),
+    const_unless_loom! {
+        /// A stop machine driving the CPUs of `arch`.
+        pub const fn new(arch: A) -> Self {
+            StopMachine {
+                arch,
+                lock: StopLock::new(()),
+                hotplug: CpuHotplugLock::new(),
+                published: Published::new(),
+                control: Control::new(),
+                slots: CpuSlots::new(),
+                evidence: Evidence::new(),
+                profile: Profile::new(),
+                #[cfg(feature = "stop-machine-nmi")]
+                nmi: NmiRequests::new(),
+                faults: Faults::new(),
+            }
         }
     }
 
@@ -343,6 +354,7 @@ impl<A: Arch> StopMachine<A> {
             .wrapping_add(1);
         let published = &self.published;
         published.participants.store(online, Ordering::Relaxed);
+        published.initiator.store(me, Ordering::Relaxed);
         published.active.store(active, Ordering::Relaxed);
         published
             .stall_timeout_ns
@@ -404,7 +416,14 @@ impl<A: Arch> StopMachine<A> {
         // Relaxed: this CPU's own acknowledgement (the second IPI of a call it is in).
         let joined =
             (self.slots.get(me).ack(Ordering::Relaxed)).reached(generation, Progress::Arrived);
-        if joined || !self.published.participants.contains(me, Ordering::Relaxed) {
+        // Relaxed, as `participants`: published by the `Arrive` release acquired above.
+        // A stop IPI still pending from an earlier call that this CPU missed reaches it
+        // while it waits, interrupts on, for the arrivals of its own call: joining that
+        // call would wait for itself, masked, until the stall panic (found by the loom
+        // model `two_concurrent_callers_one_busy`).
+        let leads_it = self.published.initiator.load(Ordering::Relaxed) == me
+            && !weaken::on(Knob::InitiatorJoinsOwnCall);
+        if joined || leads_it || !self.published.participants.contains(me, Ordering::Relaxed) {
             return;
         }
         // If a newer call has replaced this one meanwhile, the wait after the
@@ -453,8 +472,10 @@ impl<A: Arch> StopMachine<A> {
                 Role::Initiator { .. } => {
                     self.profile
                         .reached_run(generation, me, self.published.participants());
-                    self.control
-                        .store(State::new(generation, Phase::Run), Ordering::Release);
+                    self.control.store(
+                        State::new(generation, Phase::Run),
+                        weaken::order(Ordering::Release, Knob::RunRelaxed),
+                    );
                     arch.wake_waiters();
                 }
                 // Release: this CPU's evidence, to the initiator's Acquire in its
@@ -462,7 +483,10 @@ impl<A: Arch> StopMachine<A> {
                 // stall limit, since the initiator aborts a late arrival within its
                 // arrival timeout, short of a stall.
                 Role::Joiner => {
-                    slot.acknowledge(Ack::new(generation, Progress::Arrived), Ordering::Release);
+                    slot.acknowledge(
+                        Ack::new(generation, Progress::Arrived),
+                        weaken::order(Ordering::Release, Knob::ArrivedRelaxed),
+                    );
                     arch.wake_waiters();
                     let state = self.wait_past(
                         generation,
@@ -470,7 +494,9 @@ impl<A: Arch> StopMachine<A> {
                         me,
                         stall_timeout_ns.saturating_mul(2),
                     );
-                    if state.generation() != generation || state.phase() == Phase::Aborted {
+                    let stale = state.generation() != generation
+                        && !weaken::on(Knob::JoinerIgnoresGeneration);
+                    if stale || state.phase() == Phase::Aborted {
                         break 'masked Outcome::STALE;
                     }
                 }
@@ -479,7 +505,10 @@ impl<A: Arch> StopMachine<A> {
             // Run. Release: the function's result, to the initiator's gather.
             if active.contains(me) {
                 self.run(me, slot);
-                slot.acknowledge(Ack::new(generation, Progress::Ran), Ordering::Release);
+                slot.acknowledge(
+                    Ack::new(generation, Progress::Ran),
+                    weaken::order(Ordering::Release, Knob::RanRelaxed),
+                );
                 // The initiator may wait for this in a low-power wait; its own needs
                 // no wake-up.
                 if let Role::Joiner = role {
@@ -495,8 +524,10 @@ impl<A: Arch> StopMachine<A> {
                     self.gather(generation, Progress::Ran, active, me, stall_timeout_ns);
                     // Release: nothing new to publish (the joiners only need to leave),
                     // but it orders the gather's Acquires before any CPU unmasks.
-                    self.control
-                        .store(State::new(generation, Phase::Exit), Ordering::Release);
+                    self.control.store(
+                        State::new(generation, Phase::Exit),
+                        weaken::order(Ordering::Release, Knob::ExitRelaxed),
+                    );
                     arch.wake_waiters();
                 }
                 Role::Joiner => {
@@ -522,8 +553,11 @@ impl<A: Arch> StopMachine<A> {
         // end of `Run` of this call (or of an abort, when nothing was written), or, for
         // the initiator, of every active CPU's `Ran`: what the active CPUs wrote and made
         // coherent before acknowledging `Ran` is what this CPU fetches from here on.
-        // Unconditional, so that no path can unmask without it.
-        arch.sync_context();
+        // Unconditional, so that no path can unmask without it (but for the model
+        // check's knob, which shows that loom notices).
+        if !weaken::on(Knob::SkipSync) {
+            arch.sync_context();
+        }
         self.evidence.leaving(slot);
         arch.restore(saved);
         if let Role::Initiator { .. } = role {
@@ -637,20 +671,50 @@ impl<A: Arch> StopMachine<A> {
             }
             let waited_ns = arch.now_ns().saturating_sub(start);
             if waited_ns > arrival_timeout_ns {
+                #[cfg(loom)]
+                if weaken::on(Knob::MissingAfterAbort) {
+                    return Err(self.abort_then_name_missing(generation, others, waited_ns));
+                }
+                // The final look decides, before the abort is stored: the error names
+                // the CPUs that had not arrived by then, so it is never empty (a CPU
+                // that acknowledges between this look and the abort is still named,
+                // and leaves on seeing the abort). Computed after the abort, a CPU
+                // acknowledging in between went unnamed (tests/loom_stop.rs).
+                let missing = pending
+                    .filter(|&cpu| !self.arrived(cpu, generation))
+                    .fold(CpuSet::EMPTY, CpuSet::with);
+                if missing.is_empty() {
+                    return Ok(());
+                }
                 // Release: to the joiners that wait past `Arrive`. A joiner that
                 // acknowledges meanwhile sees the abort in that wait and leaves: the
                 // function runs nowhere either way.
-                self.control
-                    .store(State::new(generation, Phase::Aborted), Ordering::Release);
+                if !weaken::on(Knob::AbortNotStored) {
+                    self.control
+                        .store(State::new(generation, Phase::Aborted), Ordering::Release);
+                }
                 arch.wake_waiters();
-                let missing = others
-                    .iter()
-                    .filter(|&cpu| !self.arrived(cpu, generation))
-                    .fold(CpuSet::EMPTY, CpuSet::with);
                 return Err(Outcome::Aborted { missing, waited_ns });
             }
             arch.relax();
         }
+    }
+
+    /// The abort as it was before the model check found its gap: the missing CPUs are
+    /// computed after the abort is stored, so one that acknowledges in between is not
+    /// named. Only the knob [`Knob::MissingAfterAbort`] takes this path.
+    #[cfg(loom)]
+    fn abort_then_name_missing(&self, generation: u32, others: CpuSet, waited_ns: u64) -> Outcome {
+        if !weaken::on(Knob::AbortNotStored) {
+            self.control
+                .store(State::new(generation, Phase::Aborted), Ordering::Release);
+        }
+        self.arch.wake_waiters();
+        let missing = others
+            .iter()
+            .filter(|&cpu| !self.arrived(cpu, generation))
+            .fold(CpuSet::EMPTY, CpuSet::with);
+        Outcome::Aborted { missing, waited_ns }
     }
 
     /// Whether `cpu` has acknowledged `Arrive` of call `generation` (Acquire).
