@@ -59,9 +59,11 @@
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
+//! | `context.rs`    | [`ContextStates`]: per-CPU user/kernel state words, deferred sync  |
 
 mod api;
 mod arch;
+mod context;
 mod evidence;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
@@ -76,6 +78,7 @@ pub use api::{
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
+pub use context::{ContextStates, Deferred, PENDING, StopStillOpen, USER};
 pub use evidence::{CallProfile, Quiescence};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
