@@ -8,6 +8,7 @@
 //! | [`alternatives`]| applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`kprobes`]     | kprobes: the BRK hook, XOL slots, arming ([`kprobes::KPROBES`]) |
 //! | [`kprobes_insn`]| which A64 instructions run out of line, simulating the rest  |
+//! | [`user`]        | user mode (EL0): the user programs, entry/exit, syscalls, faults |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
 //! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
@@ -61,6 +62,7 @@ pub mod semihosting;
 pub mod smp;
 pub mod text;
 pub mod timer;
+pub mod user;
 
 pub use dtb::{BootInfo, boot_info};
 
@@ -147,6 +149,10 @@ unsafe impl Arch for Aarch64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    fn context_states(&self) -> Option<&crate::stop::ContextStates> {
+        Some(&exceptions::USER_CONTEXTS)
     }
 }
 
