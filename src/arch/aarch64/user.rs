@@ -75,6 +75,7 @@ pm_user_loop:
 2:  ldr     x10, [x20]
     cmp     x10, x21
     b.ne    3f
+    yield                       // under single-threaded TCG: hands the host thread on
     subs    x9, x9, #1
     b.hi    2b
 3:  mov     x21, x10
