@@ -193,6 +193,7 @@ pub fn isolation_quiet(params: &Params) -> Verdict {
         core::array::from_fn(|c| platform::contexts().deferred_syncs(c));
     let kicks_before = platform::kicks_deferred();
     let mut failure = None;
+    let mut evidence = None;
     let mut last = 0;
     'rounds: for k in 1..=rounds {
         // Every isolated CPU is back in user mode after its previous entry.
@@ -216,12 +217,11 @@ pub fn isolation_quiet(params: &Params) -> Verdict {
         };
         last = k;
         let version = u64::from(VERSION_BASE) + k;
-        if report.quiescence.deferred != isolated {
-            failure = Some(msg!(
+        if report.quiescence.deferred != isolated && evidence.is_none() {
+            evidence = Some(msg!(
                 "patch {k}: the evidence counts {} deferred, not the isolated CPUs {isolated} (all in user mode)",
                 report.quiescence.deferred
             ));
-            break;
         }
         // A static-key flip too: its kick must not reach them either.
         let flip = if k % 2 == 1 {
@@ -267,6 +267,9 @@ pub fn isolation_quiet(params: &Params) -> Verdict {
             deferred >= rounds,
             "isolated cpu{cpu}: {deferred} entries did deferred work in {rounds} rounds (was it in user mode?)"
         );
+    }
+    if let Some(why) = evidence {
+        return Verdict::Fail(why);
     }
     let kicks = platform::kicks_deferred() - kicks_before;
     check!(
