@@ -298,16 +298,11 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
     }
 }
 
-/// SPSR_EL1.M of a return to EL0 (EL0t).
-const SPSR_M_MASK: u64 = 0xf;
-
-/// A kernel entry from user mode, everything masked: the context-tracking protocol up to
-/// the deferred work, all in this function and so in `.text.nopatch`, then the user-mode
-/// handler, then (back to EL0) the switch to user mode.
-#[inline(always)]
-fn from_user(frame: &mut TrapFrame) {
-    let cpu = cpu::current_cpu();
-    let deferred = USER_CONTEXTS.enter_kernel(cpu);
+/// The entry's wait for the stop that deferred it (if one did) to close: bounded, the
+/// run ends past [`ENTRY_WAIT_LIMIT_NS`].
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+fn wait_out_stop(frame: &TrapFrame, deferred: crate::stop::Deferred) {
     let relax = || {
         // SAFETY: a hint; under single-threaded TCG it lets the stopping CPUs run.
         unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) }
@@ -321,7 +316,22 @@ fn from_user(frame: &mut TrapFrame) {
             "a kernel entry from user mode waited 30 s for the stop that deferred it",
         );
     }
+}
+
+/// SPSR_EL1.M of a return to EL0 (EL0t).
+const SPSR_M_MASK: u64 = 0xf;
+
+/// A kernel entry from user mode, everything masked: the context-tracking protocol up to
+/// the deferred work, all in this function and so in `.text.nopatch`, then the user-mode
+/// handler, then (back to EL0) the switch to user mode. A function of its own, so that
+/// tests/kernel_image.rs can check its order: swap, ISB, then the one indirect call.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+fn from_user(frame: &mut TrapFrame) {
+    let cpu = cpu::current_cpu();
+    let deferred = USER_CONTEXTS.enter_kernel(cpu);
     if deferred.pending {
+        wait_out_stop(frame, deferred);
         // The writes a patcher deferred this CPU's synchronisation for are complete and
         // visible (the swap's and the window's Acquire): discard anything fetched before.
         cpu::isb();

@@ -396,7 +396,9 @@ pub enum UserProgram {
 /// How a run of user code ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserExit {
-    /// Never here: there is no ring 3 yet.
+    /// The program exited with this status (never here: there is no ring 3 yet).
+    Exited(u64),
+    /// Returned by `run_user` here: there is no ring 3 yet.
     Unsupported,
 }
 
