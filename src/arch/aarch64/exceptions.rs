@@ -10,7 +10,7 @@
 //!   resumes with the frame as the hook left it (it must have advanced ELR).
 //! - A synchronous exception or an IRQ from EL0 (user mode, `user.rs`) is a kernel
 //!   entry: before anything patchable runs, [`from_user`] switches the CPU's context
-//!   state word to kernel with one atomic swap ([`USER_CONTEXTS`]), does the work a
+//!   state word to kernel with one atomic swap (`user_context::USER_CONTEXTS`), does the work a
 //!   patcher deferred to this entry (waits out the stop that deferred it, then `ISB`),
 //!   and only then hands the frame to the user-mode handler ([`set_user_handler`]); on
 //!   the way back to EL0 it switches the word to user with one RMW, everything masked.
@@ -20,9 +20,9 @@
 //!   handler) prints an `UNEXPECTED EXCEPTION` report (kind, ESR decoded, ELR, FAR,
 //!   SPSR, SP, CPU, registers) and ends the run with a failure status.
 
+use super::user_context::USER_CONTEXTS;
 use super::{console, cpu, exit, irq, semihosting, timer};
 use crate::MAX_CPUS;
-use crate::stop::ContextStates;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -113,11 +113,6 @@ pub mod kind {
     /// IRQ from EL0 (AArch64).
     pub const IRQ_EL0: u64 = 9;
 }
-
-/// Every CPU's context state word: user mode or kernel, and the synchronisation a
-/// patcher deferred to its next entry (`crate::stop::ContextStates`). The stop machine
-/// reads it through `Arch::context_states`, the static-key kick through `jump_label`.
-pub static USER_CONTEXTS: ContextStates = ContextStates::new();
 
 /// The user-mode handler: a `fn(&mut TrapFrame)` as usize, 0 = none (`user.rs`).
 static USER_HANDLER: AtomicUsize = AtomicUsize::new(0);

@@ -7,7 +7,7 @@
 //! `arch_jump_label_transform_apply`). Until a CPU takes it, it may still execute the
 //! old instruction: either is a valid instruction there.
 
-use super::{Aarch64, exceptions, gic, layout, smp, timer};
+use super::{Aarch64, gic, layout, smp, timer, user_context};
 use crate::CpuSet;
 use crate::patch::insn::{self, Insn, NOP};
 use crate::patch::{Patch, PatchError, Text, patch_nosync};
@@ -117,7 +117,7 @@ pub fn kick_all_cpus_sync() -> Result<(), StopError> {
     // An isolated CPU in user mode synchronises at its next kernel entry instead: one
     // CAS on its context state word, after the writes (their maintenance is complete:
     // the CAS's Release orders them before the mark the entry acquires).
-    let deferred = exceptions::USER_CONTEXTS.defer(smp::online_cpus().without(me), None);
+    let deferred = user_context::USER_CONTEXTS.defer(smp::online_cpus().without(me), None);
     KICK_DEFERRED.fetch_add(deferred.len() as u64, Ordering::Relaxed);
     let others = smp::online_cpus().without(me).minus(deferred);
     if others.is_empty() {

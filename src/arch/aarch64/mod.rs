@@ -28,11 +28,12 @@
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
 //! | [`layout`]      | linker symbols and stacks                                    |
+//! | [`user_context`]| every CPU's context state word ([`user_context::USER_CONTEXTS`]) |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
 //! one's [`Aarch64`]/[`STOP`], which `nmi`, `alternatives` and `boot` use), never one above, so the
 //! modules form a DAG (`tests/layering.rs` checks it). The leaves ([`nmi_mode`],
-//! [`semihosting`], [`psci`], [`layout`]) use no other module of the port. //!
+//! [`semihosting`], [`psci`], [`layout`], [`user_context`]) use no other module of the port. //!
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
@@ -63,6 +64,7 @@ pub mod smp;
 pub mod text;
 pub mod timer;
 pub mod user;
+pub mod user_context;
 
 pub use dtb::{BootInfo, boot_info};
 
@@ -152,7 +154,7 @@ unsafe impl Arch for Aarch64 {
     }
 
     fn context_states(&self) -> Option<&crate::stop::ContextStates> {
-        Some(&exceptions::USER_CONTEXTS)
+        Some(&user_context::USER_CONTEXTS)
     }
 }
 

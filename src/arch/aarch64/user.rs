@@ -10,7 +10,7 @@
 //!   memory by accident either; it writes a mailbox only with `STTR` (an unprivileged
 //!   store, as Linux's `put_user`). Both are outside `.text`: patching refuses them.
 //! - **Entry and exit.** [`run_user`] masks everything, switches the CPU's context state
-//!   word to user mode (`exceptions::USER_CONTEXTS`), and `pm_enter_user` saves the
+//!   word to user mode (`user_context::USER_CONTEXTS`), and `pm_enter_user` saves the
 //!   callee-saved registers on the kernel stack and ERETs to EL0. Every exception from
 //!   EL0 is a kernel entry (`exceptions::from_user`: the context-tracking protocol, then
 //!   [`handle_from_user`]). `SYS_EXIT`, a fault or a bad call returns to the kernel by
@@ -25,7 +25,7 @@
 //! on them.
 
 use super::exceptions::{self, TrapFrame, kind};
-use super::{cpu, irq};
+use super::{cpu, irq, user_context};
 use crate::MAX_CPUS;
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -326,7 +326,7 @@ pub fn run_user(program: Program) -> UserExit {
 #[inline(never)]
 fn enter(cpu: usize, pc: usize, sp: usize, x0: u64, x1: u64, pan: u64) -> u64 {
     let saved = cpu::mask_all();
-    exceptions::USER_CONTEXTS.exit_to_user(cpu);
+    user_context::USER_CONTEXTS.exit_to_user(cpu);
     // SAFETY: `pc` is a user program in `.user_text` and `sp` the top of this CPU's user
     // slot; EL0t with D, A, I, F and ALLINT clear. `pm_enter_user` returns only through
     // `pm_user_return`, with the callee-saved registers and SP it saved.

@@ -473,7 +473,7 @@ pub fn run_user(program: UserProgram) -> UserExit {
 
 /// Every CPU's context state word (`crate::stop::ContextStates`).
 pub fn contexts() -> &'static crate::stop::ContextStates {
-    &crate::arch::aarch64::exceptions::USER_CONTEXTS
+    &crate::arch::aarch64::user_context::USER_CONTEXTS
 }
 
 /// Static-key kick targets deferred to their next kernel entry so far.
