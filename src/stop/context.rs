@@ -1,7 +1,7 @@
 //! Context tracking for isolated CPUs: one state word per CPU that says whether it runs
 //! user code, so that a patcher can defer that CPU's synchronisation to its next kernel
 //! entry instead of interrupting it (Valentin Schneider, "context_tracking,x86: Defer
-//! some IPIs until a user->kernel transition", LKML, 2023, reviewed by Frederic
+//! some IPIs until a user->kernel transition", LKML, 2026, reviewed by Frederic
 //! Weisbecker).
 //!
 //! # The state word

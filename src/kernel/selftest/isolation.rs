@@ -1,7 +1,7 @@
 //! Isolated CPUs running user code while the kernel patches itself (issue 13): their
 //! synchronisation is deferred to their next kernel entry instead of interrupting them
 //! (Valentin Schneider, "context_tracking,x86: Defer some IPIs until a user->kernel
-//! transition", LKML, 2023; `crate::stop::ContextStates`).
+//! transition", LKML, 2026; `crate::stop::ContextStates`).
 //!
 //! The patched site is the torture's `pm_torture_a`, cycled through versions
 //! `VERSION_BASE + k` and put back afterwards. The user loop's kernel entry runs
