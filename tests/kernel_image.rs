@@ -337,7 +337,8 @@ fn kprobes_hit_path_stays_unprobeable() {
 }
 
 /// The same property for the x86_64 image (host binutils read it): every direct call or
-/// jump out of `.text.nopatch` goes to a failure path or is the boot hand-off.
+/// jump out of `.text.nopatch` goes to a failure path, is the boot hand-off, or enters
+/// `.text.kprobes` (the #BP/#DB hooks; a protected range the patcher refuses too).
 #[test]
 fn x86_rendezvous_code_does_not_call_patchable_text() {
     const ALLOWED: &[(&str, &str)] = &[
@@ -351,6 +352,9 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
     let nm = run("nm", &[]);
     let (start, end) = (symbol(&nm, "__nopatch_start"), symbol(&nm, "__nopatch_end"));
     assert!(end > start);
+    // The #BP and #DB dispatch calls the kprobes hooks: `.text.kprobes` is a protected
+    // range of the patcher too (src/arch/x86_64/text.rs), so never patched either.
+    let kprobes = symbol(&nm, "__kprobes_start")..symbol(&nm, "__kprobes_end");
     let disassembly = disassemble(run, start, end);
     let mut escapes = Vec::new();
     let mut function = "";
@@ -371,7 +375,7 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
         let Ok(target) = u64::from_str_radix(operand, 16) else {
             continue;
         };
-        if !branch || (start..end).contains(&target) {
+        if !branch || (start..end).contains(&target) || kprobes.contains(&target) {
             continue;
         }
         if ALLOWED.iter().any(|(callee, _)| insn.contains(callee)) {
@@ -1145,4 +1149,174 @@ fn user_entry_reaches_patchable_text_only_after_the_deferred_sync() {
             i.operands
         );
     }
+}
+
+/// The kprobes instruction decoder (`patch::x86_decode`) against objdump, on every
+/// instruction of the x86_64 kernel's 64-bit text (boot code, which is 16- and 32-bit,
+/// excluded): where it decodes, it finds objdump's length, and the relative JMP, CALL
+/// and Jcc it emulates with objdump's targets, RET and indirect JMP/CALL with their
+/// fix-ups, and a RIP-relative operand wherever objdump shows one. It may refuse, but
+/// must decode nearly all of what the compiler emits.
+#[test]
+fn x86_kprobe_decoder_agrees_with_objdump() {
+    use patch_machine::patch::x86_decode::{Execute, Fixup, decode};
+    let image = x86_kernel_image();
+    let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
+    let nm = run("nm", &[]);
+    let (start, end) = (symbol(&nm, "__boot_end"), symbol(&nm, "__text_end"));
+    let listing = run(
+        "objdump",
+        &[
+            "-d",
+            "--insn-width=15",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let (mut decoded, mut refused, mut wrong) = (0usize, Vec::new(), Vec::new());
+    for line in listing.lines() {
+        // "  2001ae:\t6a 00                \tpush   $0x0"
+        let mut fields = line.split('\t');
+        let (Some(addr), Some(raw), Some(text)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let Ok(addr) = usize::from_str_radix(addr.trim().trim_end_matches(':'), 16) else {
+            continue;
+        };
+        let bytes: Vec<u8> = raw
+            .split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        let text = text.trim();
+        if bytes.is_empty() || text.starts_with("(bad)") || text == "int3" {
+            continue;
+        }
+        let mnemonic = text.split_whitespace().next().unwrap_or("");
+        let operand = text.split_whitespace().nth(1).unwrap_or("");
+        let direct = u64::from_str_radix(operand, 16).ok().map(|t| t as usize);
+        let found = match decode(addr, &bytes) {
+            Err(why) => {
+                refused.push(format!("{line}: {why}"));
+                continue;
+            }
+            Ok(found) => found,
+        };
+        decoded += 1;
+        let mut wrong_if = |bad: bool, what: &str| {
+            if bad {
+                wrong.push(format!("{line}: {what}: {found:?}"));
+            }
+        };
+        wrong_if(usize::from(found.len) != bytes.len(), "length");
+        match found.execute {
+            Execute::Jump { target } => {
+                wrong_if(mnemonic != "jmp" || direct != Some(target), "JMP target")
+            }
+            Execute::Call { target, .. } => {
+                wrong_if(mnemonic != "call" || direct != Some(target), "CALL target")
+            }
+            Execute::Jcc { target, .. } => wrong_if(
+                !mnemonic.starts_with('j') || mnemonic == "jmp" || direct != Some(target),
+                "Jcc target",
+            ),
+            Execute::Step { fixup, rip_disp } => {
+                wrong_if(
+                    rip_disp.is_some() != text.contains("(%rip)"),
+                    "RIP-relative operand",
+                );
+                let expected = match mnemonic {
+                    "ret" => Fixup::Absolute,
+                    "jmp" if operand.starts_with('*') => Fixup::Absolute,
+                    "call" if operand.starts_with('*') => Fixup::CallIndirect,
+                    _ => Fixup::Next,
+                };
+                wrong_if(fixup != expected, "fix-up");
+                wrong_if(
+                    direct.is_some() && (mnemonic == "jmp" || mnemonic == "call"),
+                    "a direct branch stepped",
+                );
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {decoded} decoded instructions disagree with objdump:\n{}",
+        wrong.len(),
+        wrong[..wrong.len().min(40)].join("\n")
+    );
+    let total = decoded + refused.len();
+    println!(
+        "{decoded} of {total} instructions decoded; refused (first 40):\n{}",
+        refused[..refused.len().min(40)].join("\n")
+    );
+    assert!(
+        decoded > 10_000 && refused.len() * 50 < total,
+        "{decoded} decoded, {} refused of {total} (more than 2%):\n{}",
+        refused.len(),
+        refused[..refused.len().min(60)].join("\n")
+    );
+}
+
+/// The x86_64 form of `kprobes_hit_path_stays_unprobeable`: every direct call or jump
+/// out of `.text.kprobes` (the #BP and #DB hooks, the core's hit path, the XOL slots)
+/// goes to `.text.nopatch` (also refused) or a failure path. A probe on a function the
+/// hit path reached in ordinary text would trap inside its own handling (counted
+/// missed, then executed by the same code: endless).
+#[test]
+fn x86_kprobes_hit_path_stays_unprobeable() {
+    const ALLOWED: &[&str] = &["core::panicking::", "core::slice::index::", "traps::fatal"];
+    let image = x86_kernel_image();
+    let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
+    let nm = run("nm", &[]);
+    let (start, end) = (symbol(&nm, "__kprobes_start"), symbol(&nm, "__kprobes_end"));
+    let nopatch = symbol(&nm, "__nopatch_start")..symbol(&nm, "__nopatch_end");
+    assert!(end > start, "empty .text.kprobes");
+    let disassembly = run(
+        "objdump",
+        &[
+            "-d",
+            "--no-show-raw-insn",
+            "--demangle",
+            &format!("--start-address={start:#x}"),
+            &format!("--stop-address={end:#x}"),
+        ],
+    );
+    let (mut escapes, mut calls_hit, mut function) = (Vec::new(), false, "");
+    for line in disassembly.lines() {
+        if line.ends_with(">:") {
+            function = line;
+            continue;
+        }
+        let Some(insn) = line.split('\t').nth(1) else {
+            continue;
+        };
+        let mut fields = insn.split_whitespace();
+        let (Some(mnemonic), Some(operand)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !(mnemonic == "call" || mnemonic.starts_with('j')) {
+            continue;
+        }
+        let Ok(target) = u64::from_str_radix(operand, 16) else {
+            continue;
+        };
+        calls_hit |= insn.contains("Kprobes<A,_>>::hit>");
+        if (start..end).contains(&target)
+            || nopatch.contains(&target)
+            || ALLOWED.iter().any(|callee| insn.contains(callee))
+        {
+            continue;
+        }
+        escapes.push(format!("{function} {line}"));
+    }
+    assert!(
+        calls_hit,
+        "no call of the core's Kprobes::hit in .text.kprobes: the #BP hook or the scan is broken"
+    );
+    assert!(
+        escapes.is_empty(),
+        "x86 .text.kprobes branches into probeable text:\n{}",
+        escapes.join("\n")
+    );
 }

@@ -384,19 +384,102 @@ fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
 /// failing KTAP results, then qemu.sh's verdict, how to rerun it and the end of
 /// the serial output.
 /// x86 cells with more than one CPU and the default tests must run `nmi_safe_patching`
-/// (the writes from the patcher's NMI), not skip it: the reason why not, if it did.
+/// (the writes from the patcher's NMI), not skip it; x86 cells that run the kprobe tests
+/// (the default tests or `tests=all`) must run every one of them (`kprobe_registry`
+/// needs two CPUs): the reason why not, if one skipped or is missing.
 fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
-    if cell.arch != Arch::X86_64 || cell.smp < 2 || cell.bootargs.contains("tests=") {
+    if cell.arch != Arch::X86_64 {
         return None;
     }
-    let result = serial
-        .lines()
-        .find(|l| l.starts_with("ok ") && l.contains(" nmi_safe_patching"));
-    match result {
-        Some(line) if !line.contains("# SKIP") => None,
-        Some(line) => Some(format!("nmi_safe_patching was skipped on x86: {line}")),
-        None => Some("no `ok N nmi_safe_patching` result on x86".into()),
+    let default_tests = !cell.bootargs.contains("tests=");
+    let all_tests = default_tests || cell.bootargs.contains("tests=all");
+    let mut required: Vec<&str> = Vec::new();
+    if default_tests && cell.smp >= 2 {
+        required.push("nmi_safe_patching");
     }
+    if all_tests {
+        required.extend([
+            "kprobe_refusals",
+            "kprobe_simulate",
+            "kprobe_contexts",
+            "kprobe_hammer",
+        ]);
+        if cell.smp >= 2 {
+            required.push("kprobe_registry");
+        }
+    }
+    required.into_iter().find_map(|test| {
+        let named = format!(" {test}");
+        let result = serial.lines().find(|l| {
+            l.starts_with("ok ")
+                && l.split(" #")
+                    .next()
+                    .is_some_and(|head| head.ends_with(&named))
+        });
+        match result {
+            Some(line) if !line.contains("# SKIP") => None,
+            Some(line) => Some(format!("{test} was skipped on x86: {line}")),
+            None => Some(format!("no `ok N {test}` result on x86")),
+        }
+    })
+}
+
+/// The cells whose default run must show CPU hotplug working (2, 4 and 8 CPUs on both
+/// architectures).
+const HOTPLUG_CELLS: &[&str] = &[
+    "aarch64_max_smp2",
+    "aarch64_max_smp4",
+    "aarch64_max_smp8",
+    "x86_64_max_smp2",
+    "x86_64_max_smp4",
+    "x86_64_max_smp8",
+];
+
+/// The `key=value` count in a KTAP result's note, if present.
+fn count_in(line: &str, key: &str) -> Option<u64> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// In a hotplug cell: every secondary went down and came back (`hotplug_cycle`), and
+/// at 3 CPUs or more `hotplug_torture` counted hotplug cycles that overlapped patching
+/// (at 2 it must say why it skipped). The reason why not, if they did not.
+fn hotplug_counts_wrong(cell: &Cell, serial: &str) -> Option<String> {
+    if !HOTPLUG_CELLS.contains(&cell.name) {
+        return None;
+    }
+    let result = |name: &str| {
+        serial
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .find(|l| l.starts_with("ok ") && l.contains(&format!(" {name} #")))
+    };
+    let secondaries = cell.smp - 1;
+    match result("hotplug_cycle") {
+        Some(line) if line.contains(&format!("# {secondaries} CPUs down and up")) => {}
+        Some(line) => {
+            return Some(format!(
+                "hotplug_cycle did not cycle {secondaries} CPUs: {line}"
+            ));
+        }
+        None => return Some("no `ok N hotplug_cycle` result".into()),
+    }
+    let Some(line) = result("hotplug_torture") else {
+        return Some("no `ok N hotplug_torture` result".into());
+    };
+    if cell.smp < 3 {
+        return (!line.contains("# SKIP needs 3 CPUs"))
+            .then(|| format!("hotplug_torture at {} CPUs: {line}", cell.smp));
+    }
+    let cycles = count_in(line, "cycles").unwrap_or(0);
+    let interleaved = count_in(line, "interleaved").unwrap_or(0);
+    let while_down = count_in(line, "while_down").unwrap_or(0);
+    (cycles == 0 || interleaved == 0 || while_down == 0)
+        .then(|| format!("hotplug_torture shows no overlap of hotplug and patching: {line}"))
 }
 
 fn run_cell(cell: &Cell) {
@@ -413,7 +496,9 @@ fn run_cell(cell: &Cell) {
     let (ours, theirs): (Vec<&str>, Vec<&str>) =
         stderr.lines().partition(|l| l.starts_with("qemu.sh:"));
     if out.status.success() {
-        if let Some(why) = skipped_on_x86(cell, &serial) {
+        if let Some(why) =
+            skipped_on_x86(cell, &serial).or_else(|| hotplug_counts_wrong(cell, &serial))
+        {
             panic!(
                 "{} [{}]: {why}\n  rerun this cell: {}",
                 cell.name,
@@ -492,7 +577,8 @@ fn aarch64_max_smp2() {
 /// then runs, after its own DC CVAU/IC IVAU/DSB/ISB); `nosync` catches that, and it
 /// passes 6 of 6 runs when the other vCPU does not execute the patched page. The kprobe
 /// tests run here too: they patch only through `patch_machine`, with the other vCPU in
-/// the rendezvous.
+/// the rendezvous; so do the hotplug tests that need no third CPU (PSCI CPU_OFF and
+/// CPU_ON of a truly parallel vCPU).
 #[test]
 fn aarch64_max_smp2_mttcg() {
     run_cell(
@@ -501,8 +587,8 @@ fn aarch64_max_smp2_mttcg() {
             .bootargs(
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
                  stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
-                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer \
-                 flips=2000",
+                 kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer,\
+                 hotplug_refusals,hotplug_cycle,hotplug_patch_offline flips=2000",
             ),
     );
 }
@@ -523,7 +609,10 @@ fn aarch64_max_smp4() {
 fn aarch64_max_smp8() {
     run_cell(
         &Cell::new("aarch64_max_smp8", "max", 8)
-            .bootargs("flips=2000 static_key_flips=10000 kprobe_cycles=10000 expect_nmi=feat_nmi")
+            .bootargs(
+                "flips=2000 static_key_flips=10000 kprobe_cycles=10000 hotplug_cycles=200 \
+                 expect_nmi=feat_nmi",
+            )
             .timeout_s(400),
     );
 }
@@ -734,7 +823,7 @@ fn x86_64_max_smp8() {
     run_cell(
         &Cell::new("x86_64_max_smp8", "max", 8)
             .on_x86_64()
-            .bootargs("expect_nmi=x2apic"),
+            .bootargs("hotplug_cycles=200 kprobe_cycles=10000 expect_nmi=x2apic"),
     );
 }
 

@@ -286,3 +286,87 @@ fn call_emulation_pushes_the_next_instruction() {
     let jmp = x86::emulation(pc, &x86::jmp_rel32(pc, pc + 0x100).unwrap());
     assert_eq!(jmp, Some(Emulation::Jump(pc + 0x100)));
 }
+
+/// RFLAGS after `cmp b, a` (computing `a - b`) on this (x86_64) host.
+#[cfg(target_arch = "x86_64")]
+fn flags_of_cmp(a: u64, b: u64) -> u64 {
+    let flags: u64;
+    // SAFETY: a compare and a push/pop of RFLAGS on our own stack.
+    unsafe {
+        std::arch::asm!("cmp {a}, {b}", "pushfq", "pop {f}", a = in(reg) a, b = in(reg) b,
+            f = out(reg) flags)
+    };
+    flags
+}
+
+/// The kprobes Jcc emulation's condition evaluation against the host CPU's own flags of
+/// a compare and what each condition means for the compared numbers.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn jcc_conditions_match_the_cpu() {
+    use patch_machine::patch::x86_decode::condition_holds;
+    let values = [
+        0u64,
+        1,
+        2,
+        5,
+        0x7f,
+        0x80,
+        i64::MAX as u64,
+        1 << 63,
+        u64::MAX - 1,
+        u64::MAX,
+    ];
+    for &a in &values {
+        for &b in &values {
+            let flags = flags_of_cmp(a, b);
+            let diff = a.wrapping_sub(b);
+            let (sa, sb) = (a as i64, b as i64);
+            let meaning = [
+                sa.checked_sub(sb).is_none(),                // O
+                a < b,                                       // B
+                a == b,                                      // E
+                a <= b,                                      // BE
+                (diff as i64) < 0,                           // S
+                (diff as u8).count_ones().is_multiple_of(2), // P
+                sa < sb,                                     // L
+                sa <= sb,                                    // LE
+            ];
+            for cond in 0..16u8 {
+                let expected = meaning[usize::from(cond >> 1)] != (cond & 1 == 1);
+                assert_eq!(
+                    condition_holds(cond, flags),
+                    expected,
+                    "condition {cond:#x} after cmp {b:#x}, {a:#x} (RFLAGS {flags:#x})"
+                );
+            }
+        }
+    }
+}
+
+/// An out-of-line copy's RIP-relative displacement names the same address from the
+/// slot; the rest of the copy is the instruction; a copy out of rel32 reach is refused.
+#[test]
+fn xol_copies_rebase_rip_relative_operands() {
+    use patch_machine::patch::x86_decode::{Execute, decode};
+    // mov 0x100(%rip), %rax
+    let insn = [0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00];
+    let (addr, xol) = (0x20_0000usize, 0x30_0000usize);
+    let decoded = decode(addr, &insn).unwrap();
+    assert!(matches!(
+        decoded.execute,
+        Execute::Step {
+            rip_disp: Some(3),
+            ..
+        }
+    ));
+    let copy = decoded.xol_copy(addr, xol).unwrap();
+    let disp = i32::from_le_bytes(copy[3..7].try_into().unwrap()) as i64;
+    assert_eq!(xol as i64 + 7 + disp, addr as i64 + 7 + 0x100);
+    assert_eq!(copy[..3], insn[..3]);
+    assert!(decoded.xol_copy(addr, addr + (1 << 32)).is_none());
+    // Not RIP-relative: copied as it is.
+    let lea = [0x48, 0x8d, 0x04, 0x7f];
+    let decoded = decode(addr, &lea).unwrap();
+    assert_eq!(decoded.xol_copy(addr, xol).unwrap()[..4], lea);
+}

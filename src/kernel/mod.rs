@@ -1,6 +1,7 @@
 //! The kernel proper: once the platform has brought every CPU up, the boot CPU runs the
 //! self-tests and reports them as KTAP while the secondaries wait for jobs.
 
+pub mod hotplug;
 pub mod platform;
 mod selftest;
 mod smp;
@@ -68,6 +69,12 @@ const NUMERIC: &[Numeric<Params>] = &[
         max: MAX_ISOLATION_ROUNDS,
         set: |p, n| p.isolation_rounds = n as u32,
     },
+    Numeric {
+        key: "hotplug_cycles",
+        min: 1,
+        max: MAX_HOTPLUG_CYCLES,
+        set: |p, n| p.hotplug_cycles = n as u32,
+    },
     // Read by the platform at boot; checked here so that a typo is not silently no CPU.
     Numeric {
         key: "platform_offline_cpu",
@@ -76,6 +83,10 @@ const NUMERIC: &[Numeric<Params>] = &[
         set: |_, _| {},
     },
 ];
+
+/// The largest `hotplug_cycles=`: each cycle takes a CPU down and up (x86: a 10 ms
+/// INIT delay each).
+const MAX_HOTPLUG_CYCLES: u64 = 1_000_000;
 
 /// The largest `flips=`, `nosync_flips=` and `static_key_flips=` (fits `Params`' `u32`).
 const MAX_FLIPS: u64 = 10_000_000;
@@ -232,7 +243,7 @@ fn refuse_run(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
     ktap.diag(format_args!("refused: {why} (bootargs \"{bootargs}\")"));
     ktap.diag(format_args!(
         "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} static_key_flips=1..{MAX_FLIPS} user_spins=1..{MAX_FLIPS} isolation_rounds=1..{MAX_ISOLATION_ROUNDS} isolcpus=LIST nohz_full=LIST platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} expect_features=none|{} platform_selftest={}",
+         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} static_key_flips=1..{MAX_FLIPS} hotplug_cycles=1..{MAX_HOTPLUG_CYCLES} user_spins=1..{MAX_FLIPS} isolation_rounds=1..{MAX_ISOLATION_ROUNDS} isolcpus=LIST nohz_full=LIST platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} expect_features=none|{} platform_selftest={}",
         Names(TESTS.iter().map(|t| t.name), ","),
         crate::MAX_CPUS - 1,
         Names(platform::NmiMechanism::ALL.iter().map(|m| m.name()), "|"),

@@ -38,6 +38,8 @@ pub fn secondary_main(cpu: usize) -> ! {
         // Acquire pairs with the release in `run_on`: the argument is visible.
         let function = mailbox.function.load(Ordering::Acquire);
         if function == 0 {
+            // Only from here, between jobs, may this CPU go down (CPU hotplug).
+            super::hotplug::take_down_request(cpu);
             // Woken by the poster (`wake_idle`) or any interrupt: interrupts are enabled.
             platform::idle_wait();
             continue;
@@ -55,6 +57,13 @@ pub fn secondary_main(cpu: usize) -> ! {
         // Release pairs with the acquire in `Jobs::wait`: the job's effects are visible.
         platform::counter_add_release(&mailbox.done, 1);
     }
+}
+
+/// Whether `cpu` has no job posted or running.
+pub fn is_idle(cpu: usize) -> bool {
+    MAILBOXES
+        .get(cpu)
+        .is_some_and(|m| m.function.load(Ordering::Acquire) == 0)
 }
 
 /// Jobs started by [`run_on`]. Wait for them before their argument goes away.

@@ -102,8 +102,8 @@ pub struct Unprobeable<I> {
 /// - When [`write`](KprobeArch::write) returns, every CPU executes the new instruction,
 ///   and no CPU is still anywhere in steps 1-3 for a breakpoint the write removed (arm64:
 ///   `patch_machine` stops every CPU with exceptions masked, and the hit path runs
-///   masked; x86: `text_poke_bp`'s final synchronisation runs on every CPU after the
-///   handler). The core frees a slot right after the disarming write returns.
+///   masked; x86 likewise, the hit path running with IF clear or inside an NMI). The
+///   core frees a slot right after the disarming write returns.
 /// - [`forbidden_ranges`](KprobeArch::forbidden_ranges) covers every instruction the
 ///   breakpoint exception entry, steps 1-3 and the out-of-line slots execute, except
 ///   the pre and post handlers themselves.
@@ -137,7 +137,7 @@ pub unsafe trait KprobeArch: Sync {
     fn decode(&self, addr: usize) -> Result<DecodedOf<Self>, Unprobeable<Self::Insn>>;
 
     /// What the site holds while armed, in place of `original` (arm64: `BRK #imm`; x86:
-    /// `INT3` followed by the rest of `original`'s bytes).
+    /// `INT3`, where `original` is the instruction's first byte alone).
     fn breakpoint_for(&self, original: Self::Insn) -> Self::Insn;
 
     /// Makes the plan ready for registry slot `slot` (arm64: writes the out-of-line copy

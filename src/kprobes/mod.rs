@@ -8,7 +8,9 @@
 //! copies, and writes the breakpoints through its own patching ([`KprobeArch`]): arm64
 //! with `patch_machine`, since no architected pair makes an arbitrary instruction into
 //! `BRK` safely under a running CPU (Mark Rutland, "arm64: ensure CPUs are quiescent
-//! before patching", linux-arm-kernel, 2021); x86 with the INT3 protocol.
+//! before patching", linux-arm-kernel, 2021); x86 also with `patch_machine`, of one
+//! INT3 byte over the first (see `src/arch/x86_64/kprobes.rs` for why not the INT3
+//! protocol).
 //!
 //! Every function of the hit path lives in `.text.kprobes`, which the architecture
 //! reports as [`Forbidden::Kprobes`]: a probe there would trap inside its own handling.

@@ -10,6 +10,7 @@ pub mod icache;
 pub mod insn;
 pub mod plan;
 pub mod x86;
+pub mod x86_decode;
 
 use crate::CpuSet;
 use crate::stop::{

@@ -58,6 +58,7 @@
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
+//! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
 //! | `context.rs`    | [`ContextStates`]: per-CPU user/kernel state words, deferred sync  |
 
@@ -65,6 +66,7 @@ mod api;
 mod arch;
 mod context;
 mod evidence;
+mod hotplug;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
 mod nmi;
@@ -80,6 +82,7 @@ pub use arch::Arch;
 pub use arch::NmiArch;
 pub use context::{ContextStates, Deferred, PENDING, StopStillOpen, USER};
 pub use evidence::{CallProfile, Quiescence};
+pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]
 pub use nmi::RaiseNmi;

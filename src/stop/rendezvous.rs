@@ -12,7 +12,7 @@ use super::state::{Ack, Control, CpuSlot, CpuSlots, Phase, Progress, State};
 use super::{
     Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
 };
-use super::{LockTimeout, lock_within};
+use super::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard, LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
@@ -124,6 +124,9 @@ pub struct StopMachine<A: Arch> {
     /// Serialises initiators. Only its holder writes `published`, `control` and the
     /// profile; each CPU writes only its own slot.
     lock: spin::Mutex<()>,
+    /// CPU hotplug: every call holds the read side, so the online set it read is fixed
+    /// until it returns (Linux's `cpus_read_lock` in `stop_machine`).
+    hotplug: CpuHotplugLock,
     /// The call: what the initiator published for it.
     pub(super) published: Published,
     /// Where the call is: `generation | phase`, written by the initiator only.
@@ -145,6 +148,7 @@ impl<A: Arch> StopMachine<A> {
         StopMachine {
             arch,
             lock: spin::Mutex::new(()),
+            hotplug: CpuHotplugLock::new(),
             published: Published::new(),
             control: Control::new(),
             slots: CpuSlots::new(),
@@ -158,6 +162,28 @@ impl<A: Arch> StopMachine<A> {
     /// The architecture this machine drives.
     pub fn arch(&self) -> &A {
         &self.arch
+    }
+
+    /// Linux's `cpus_read_lock`: while the guard lives no CPU goes up or down. Every
+    /// stop call takes it itself; other code that targets the online set and waits for
+    /// each CPU's answer (a kick of every CPU) takes it around that. Waits at most
+    /// `timeout_ns`, answering IPIs if the caller's interrupts are on.
+    pub fn cpus_read_lock(&self, timeout_ns: u64) -> Result<CpusReadGuard<'_>, LockTimeout> {
+        self.hotplug
+            .read_within(timeout_ns, || self.arch.now_ns(), || self.arch.relax())
+    }
+
+    /// Linux's `cpus_write_lock`: once it returns no stop call is in flight and none
+    /// can start until the guard is dropped. Only CPU hotplug takes it, with its
+    /// interrupts on (a stop call it waits for may need this CPU's answer).
+    pub fn cpus_write_lock(&self, timeout_ns: u64) -> Result<CpusWriteGuard<'_>, LockTimeout> {
+        self.hotplug
+            .write_within(timeout_ns, || self.arch.now_ns(), || self.arch.relax())
+    }
+
+    /// The hotplug lock (for diagnostics: readers, writer).
+    pub fn hotplug_lock(&self) -> &CpuHotplugLock {
+        &self.hotplug
     }
 
     /// Runs `function` on every CPU in `active` while every online CPU is inside the
@@ -226,15 +252,24 @@ impl<A: Arch> StopMachine<A> {
     ) -> Result<(), StopError> {
         let arch = &self.arch;
         let me = arch.cpu_id();
-        let online = arch.online_cpus();
-        if active.is_empty() || !active.is_subset(online) {
+        if active.is_empty() || !active.is_subset(arch.online_cpus()) {
             return Err(StopError::InvalidCpus {
                 requested: active,
-                online,
+                online: arch.online_cpus(),
             });
         }
 
         let start = arch.now_ns();
+        // The hotplug read side first, then the machine: hotplug (the write side) never
+        // waits for the machine's lock, so the order cannot deadlock.
+        let _cpus = self
+            .hotplug
+            .read_within(
+                options.arrival_timeout_ns,
+                || arch.now_ns(),
+                || arch.relax(),
+            )
+            .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
         let _guard = lock_within(
             &self.lock,
             "the stop machine",
@@ -243,6 +278,14 @@ impl<A: Arch> StopMachine<A> {
             || arch.relax(),
         )
         .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
+        // Read under the hotplug lock: no CPU joins or leaves it until this call is over.
+        let online = arch.online_cpus();
+        if !active.is_subset(online) {
+            return Err(StopError::InvalidCpus {
+                requested: active,
+                online,
+            });
+        }
 
         // Relaxed: only the lock holder changes the generation, and taking the lock
         // acquired the previous holder's last store of it.

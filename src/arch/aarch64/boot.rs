@@ -160,6 +160,9 @@ extern "C" fn primary_entry(dtb_x0: usize, entry_el: u64) -> ! {
 /// A secondary CPU's Rust entry: x0 = logical CPU index, x1 = EL at entry. The MMU,
 /// stack and vectors are already set up by entry.S; everything is masked.
 extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
+    // Before any patchable code (boot or hotplug): this CPU may hold I-cache lines from
+    // before text was patched while it was off.
+    smp::online_sync(cpu);
     // Test hook: `platform_offline_cpu=N` makes CPU N stay dark, to exercise the boot
     // CPU's bring-up timeout (it is reported and left out of the online set).
     if dtb::boot_info().bootarg("platform_offline_cpu") == Some(cpu_str(cpu).as_str()) {
@@ -173,7 +176,11 @@ extern "C" fn secondary_entry(cpu: usize, _entry_el: u64) -> ! {
         exit::exit(false);
     }
     irqflags::init_cpu(cpu);
-    smp::start_children(cpu, dtb::boot_info());
+    // At boot, start this CPU's children in the bring-up tree; back from hotplug, they
+    // are running already.
+    if !smp::bringup_done() {
+        smp::start_children(cpu, dtb::boot_info());
+    }
     smp::mark_online(cpu);
     smp::wait_for_bringup();
     cpu::unmask_all();

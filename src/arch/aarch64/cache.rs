@@ -147,3 +147,25 @@ pub unsafe fn inval_dcache_range_poc(start: usize, end: usize) {
     // SAFETY: barrier only.
     unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
 }
+
+/// Invalidates the calling CPU's whole instruction cache (`IC IALLU`, this CPU only)
+/// and synchronises its context: what a CPU coming online does before it runs any
+/// patchable code. The Arm ARM leaves it IMPLEMENTATION DEFINED whether a core's
+/// I-cache keeps lines across a power-down, and while a core is off it takes no part
+/// in the broadcast `IC IVAU` of a patch: lines from before it went down may be stale.
+/// Linux invalidates the same way on the way in (`__cpu_setup`, then the `ISB` of
+/// `secondary_start_kernel`'s path).
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+pub fn invalidate_local_icache() {
+    // SAFETY: cache maintenance and barriers only; no memory is changed. No `nomem`: a
+    // compiler barrier, so nothing is moved across the synchronisation.
+    unsafe {
+        asm!(
+            "ic iallu",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+}

@@ -186,6 +186,15 @@ impl KeyText for KernelKeys {
 
     fn patch(&self, batch: &[Patch<Insn>]) -> Result<(), PatchError<Insn>> {
         patch_nosync(&Aarch64, &super::text::KERNEL_TEXT, batch)?;
+        // The kick waits for each online CPU: none goes down or comes up meanwhile. A
+        // CPU that comes up after the write synchronises on its way in. Taken after
+        // `patch_nosync` released the text writer lock: `patch_machine` takes the writer
+        // lock first, then (in its stop call) this one.
+        let _cpus = super::STOP.cpus_read_lock(KICK_TIMEOUT_NS).map_err(|t| {
+            PatchError::Stop(StopError::Busy {
+                waited_ns: t.waited_ns,
+            })
+        })?;
         kick_all_cpus_sync().map_err(PatchError::Stop)
     }
 

@@ -61,6 +61,29 @@ pub fn is_cpu_on(mpidr: u64) -> Result<bool, psci::error::Error> {
     Ok(state == psci::AffinityState::On)
 }
 
+/// PSCI CPU_OFF for the calling CPU: does not return when it succeeds (the firmware
+/// powers the core down and does the power-down cache maintenance; a later CPU_ON
+/// starts it afresh at its entry point). Returns the error otherwise.
+pub fn cpu_off() -> psci::error::Error {
+    let result = match conduit() {
+        Some(Conduit::Hvc) => psci::cpu_off::<Hvc>(),
+        Some(Conduit::Smc) => psci::cpu_off::<Smc>(),
+        None => Err(psci::error::Error::NotSupported),
+    };
+    // CPU_OFF returns only on failure, and DENIED when it cannot power the core down.
+    result.err().unwrap_or(psci::error::Error::Denied)
+}
+
+/// PSCI AFFINITY_INFO for one CPU (level 0): `Ok(true)` once it is off.
+pub fn is_cpu_off(mpidr: u64) -> Result<bool, psci::error::Error> {
+    let state = match conduit() {
+        Some(Conduit::Hvc) => psci::affinity_info::<Hvc>(mpidr, psci::LowestAffinityLevel::All),
+        Some(Conduit::Smc) => psci::affinity_info::<Smc>(mpidr, psci::LowestAffinityLevel::All),
+        None => return Err(psci::error::Error::NotSupported),
+    }?;
+    Ok(state == psci::AffinityState::Off)
+}
+
 /// PSCI SYSTEM_OFF. Returns only if the call failed or no conduit is known.
 pub fn system_off() {
     let _ = match conduit() {

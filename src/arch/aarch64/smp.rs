@@ -1,4 +1,6 @@
-//! Bringing up the secondary CPUs (PSCI CPU_ON) and tracking which CPUs are online.
+//! Bringing up the secondary CPUs (PSCI CPU_ON), taking them down again at run time
+//! (PSCI CPU_OFF, [`cpu_die`]) and back up ([`cpu_power_on`]), and tracking which CPUs
+//! are online.
 //!
 //! The CPUs start each other in a tree and the boot CPU awaits them all together (see
 //! [`start_secondaries`]): no CPU waits for another in turn. The wait is bounded
@@ -23,6 +25,10 @@ static BRINGUP_DONE: AtomicBool = AtomicBool::new(false);
 static BRINGUP_NS: AtomicU64 = AtomicU64::new(0);
 /// Logical CPUs the machine has (from the DTB).
 static COUNT: AtomicUsize = AtomicUsize::new(1);
+/// Per CPU: how many times it invalidated its I-cache and synchronised its context on
+/// the way online ([`online_sync`]): the evidence the hotplug self-test checks, since
+/// TCG keeps instruction fetch coherent and cannot show a stale line.
+static ONLINE_SYNCS: [AtomicU64; crate::MAX_CPUS] = [const { AtomicU64::new(0) }; crate::MAX_CPUS];
 
 unsafe extern "C" {
     /// The secondary entry point in `boot/aarch64/entry.S` (a physical address: the
@@ -67,6 +73,85 @@ pub(crate) fn mark_online(cpu: usize) {
     // Release: everything this CPU set up is visible to whoever sees the bit.
     ONLINE.insert(cpu, Ordering::Release);
     cpu::sev();
+}
+
+/// The calling CPU, on its way online (boot or hotplug), before it runs any patchable
+/// code: `IC IALLU; DSB NSH; ISB` ([`super::cache::invalidate_local_icache`]), then
+/// counts it. Text patched while this CPU was off is what it fetches from here on.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+pub(crate) fn online_sync(cpu: usize) {
+    super::cache::invalidate_local_icache();
+    if let Some(count) = ONLINE_SYNCS.get(cpu) {
+        // Release pairs with the Acquire in `online_syncs`: counted after the sync.
+        count.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// How many times `cpu` synchronised on its way online (`online_sync`).
+pub fn online_syncs(cpu: usize) -> u64 {
+    ONLINE_SYNCS
+        .get(cpu)
+        .map_or(0, |c| c.load(Ordering::Acquire))
+}
+
+/// Whether the boot-time bring-up is over (later CPU_ONs are hotplug).
+pub(crate) fn bringup_done() -> bool {
+    BRINGUP_DONE.load(Ordering::Acquire)
+}
+
+/// Takes the calling secondary CPU down for good (Linux's `cpu_die` through PSCI,
+/// `cpu_psci_cpu_die`): masks everything, leaves the online set, and calls PSCI
+/// CPU_OFF, which does not return. The caller (the hotplug core) holds the hotplug
+/// write side for it, so no stop call is in flight and none targets this CPU once it
+/// is out of the set. A CPU_OFF that fails is reported and the CPU parks masked,
+/// offline (the hotplug core times out waiting for AFFINITY_INFO to say OFF and names
+/// it).
+pub fn cpu_die(cpu: usize) -> ! {
+    cpu::mask_all();
+    // Stop taking interrupts at the CPU interface (ICC_IGRPEN1_EL1 = 0): an SGI sent
+    // meanwhile stays pending at the redistributor, and `gic::init_cpu` enables the
+    // group again on the way back.
+    // SAFETY: this CPU's own interface; every exception is masked.
+    unsafe {
+        core::arch::asm!(
+            "msr S3_0_C12_C12_7, xzr",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
+    // Release: everything this CPU did is visible to whoever sees it gone.
+    ONLINE.remove(cpu, Ordering::Release);
+    cpu::sev();
+    // Every store of this CPU complete before the core goes down; the firmware does the
+    // power-down cache maintenance (PSCI CPU_OFF).
+    cpu::dsb_ish();
+    let err = psci::cpu_off();
+    crate::kprintln!("smp: cpu{cpu}: PSCI CPU_OFF failed: {err}; parked offline");
+    loop {
+        cpu::wfi();
+    }
+}
+
+/// Starts offline CPU `cpu` again with PSCI CPU_ON at the secondary entry, where it
+/// sets itself up as at boot and marks itself online (hotplug, under the write side).
+pub fn cpu_power_on(cpu: usize) -> Result<(), smccc::psci::error::Error> {
+    let info = super::dtb::boot_info();
+    let mpidr = *info
+        .mpidrs
+        .get(cpu)
+        .ok_or(smccc::psci::error::Error::InvalidParameters)?;
+    psci::cpu_on(mpidr, pm_secondary_entry.as_ptr() as u64, cpu as u64)
+}
+
+/// Whether the firmware reports `cpu` powered off (PSCI AFFINITY_INFO).
+pub fn cpu_powered_off(cpu: usize) -> Result<bool, smccc::psci::error::Error> {
+    let info = super::dtb::boot_info();
+    let mpidr = *info
+        .mpidrs
+        .get(cpu)
+        .ok_or(smccc::psci::error::Error::InvalidParameters)?;
+    psci::is_cpu_off(mpidr)
 }
 
 /// Fan-out of the bring-up tree: CPU `i` starts CPUs `FANOUT * i + 1` to

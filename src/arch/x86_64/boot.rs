@@ -171,6 +171,7 @@ extern "C" fn boot_main() -> ! {
             }
         );
     }
+    smp::boot_done();
     cpu::sti();
     crate::kernel::primary_main()
 }
@@ -190,6 +191,9 @@ impl core::fmt::Display for Counted {
 /// Where a secondary arrives from the trampoline, in long mode on the stack of logical
 /// CPU `index` (the trampoline found it by this CPU's APIC ID).
 extern "C" fn ap_entry(index: usize) -> ! {
+    // Before any patchable code (boot or hotplug): text may have been patched while
+    // this CPU was parked.
+    smp::online_sync(index);
     apic::init_cpu();
     let id = apic::id();
     if index >= crate::MAX_CPUS || id != smp::apic_id(index) {
@@ -207,7 +211,9 @@ extern "C" fn ap_entry(index: usize) -> ! {
         // The boot CPU stopped waiting and reported this CPU missing.
         cpu::halt_forever();
     }
-    kprintln!("cpu {index} online (APIC ID {id})");
+    if !smp::is_boot_done() {
+        kprintln!("cpu {index} online (APIC ID {id})");
+    }
     // Wait for jobs with interrupts on, so stop IPIs (and NMIs) are answered.
     cpu::sti();
     crate::kernel::secondary_main(index)

@@ -1,6 +1,7 @@
 //! The trap frame the entry stubs in `boot/x86_64/vectors.S` build: a leaf, so the
 //! dispatcher ([`super::traps`]) and the handlers it calls (the INT3 protocol's
-//! `text_poke::handle_int3`) share it without naming each other.
+//! `text_poke::handle_int3`, the kprobes hooks) share it without naming each other, and
+//! kprobe handlers receive it.
 
 /// Saved state, as pushed by the stubs and the CPU.
 #[repr(C)]
@@ -34,4 +35,30 @@ pub struct TrapFrame {
     /// Interrupted RSP (the INT3 handler pushes an emulated CALL's return address).
     pub(super) rsp: u64,
     ss: u64,
+}
+
+impl TrapFrame {
+    /// General register `n` in the encoding's numbering (0 RAX, 1 RCX, 2 RDX, 3 RBX,
+    /// 4 RSP, 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15); 0 for any other `n`.
+    pub fn reg(&self, n: usize) -> u64 {
+        match n {
+            0 => self.rax,
+            1 => self.rcx,
+            2 => self.rdx,
+            3 => self.rbx,
+            4 => self.rsp,
+            5 => self.rbp,
+            6 => self.rsi,
+            7 => self.rdi,
+            8 => self.r8,
+            9 => self.r9,
+            10 => self.r10,
+            11 => self.r11,
+            12 => self.r12,
+            13 => self.r13,
+            14 => self.r14,
+            15 => self.r15,
+            _ => 0,
+        }
+    }
 }

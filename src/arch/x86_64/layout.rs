@@ -22,6 +22,10 @@ unsafe extern "C" {
     static __boot_start: u8;
     static __boot_end: u8;
     static __nopatch_end: u8;
+    static __vectors_start: u8;
+    static __vectors_end: u8;
+    static __kprobes_start: u8;
+    static __kprobes_end: u8;
     static __rodata_start: u8;
     static __rodata_end: u8;
     static __image_end: u8;
@@ -52,6 +56,16 @@ pub fn text_range() -> Range<usize> {
 pub fn nopatch_range() -> Range<usize> {
     let (s, e) = nopatch();
     s..e
+}
+
+/// The exception entry stubs (`boot/x86_64/vectors.S`, inside [`nopatch_range`]).
+pub fn vectors_range() -> Range<usize> {
+    sym_addr!(__vectors_start)..sym_addr!(__vectors_end)
+}
+
+/// `.text.kprobes`: the kprobes hit path and XOL slots (no probe there).
+pub fn kprobes_range() -> Range<usize> {
+    sym_addr!(__kprobes_start)..sym_addr!(__kprobes_end)
 }
 
 /// Boot code: the PVH entry and the AP trampoline's image (copied, never run in place).

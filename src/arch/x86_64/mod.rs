@@ -7,6 +7,7 @@
 //! | [`boot`]       | PVH entry (assembly), the boot CPU's and the APs' sequences, bootargs |
 //! | [`alternatives`] | applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
+//! | [`kprobes`]    | kprobes: INT3 arming, emulation, out-of-line single step (#DB) |
 //! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
 //! | [`text`]       | kernel text for the patcher ([`text::KERNEL_TEXT`])           |
@@ -43,6 +44,7 @@ pub mod gdt;
 pub mod ipi;
 pub mod irq;
 pub mod jump_label;
+pub mod kprobes;
 pub mod layout;
 pub mod madt;
 pub mod nmi;

@@ -13,7 +13,7 @@
 use super::{apic, cpu, layout, madt, paging, timer};
 use crate::{AtomicCpuSet, CpuSet, MAX_CPUS, kprintln};
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 global_asm!(
     include_str!("../../../boot/x86_64/trampoline.S"),
@@ -54,6 +54,13 @@ static PRESENT: AtomicUsize = AtomicUsize::new(1);
 static LOGICAL_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 /// Each logical CPU's [`BringUp`] state.
 static STATE: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(BringUp::Idle as u8) }; MAX_CPUS];
+
+/// Per CPU: how many times it serialised on its way online ([`online_sync`]).
+static ONLINE_SYNCS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Per CPU: parked by [`cpu_die`] (interrupts off, halted), not yet started again.
+static PARKED: AtomicCpuSet = AtomicCpuSet::new();
+/// The boot-time bring-up is over: later starts are hotplug (and print nothing).
+static BOOT_DONE: AtomicBool = AtomicBool::new(false);
 
 /// Where a CPU is in its bring-up.
 #[repr(u8)]
@@ -307,4 +314,92 @@ pub fn claim_online(index: usize) -> bool {
         mark_online(index);
     }
     won
+}
+
+/// The calling CPU, on its way online (boot or hotplug), before it runs any patchable
+/// code: a serialising instruction (CPUID), then counts it. The SDM's cross-modifying
+/// code rule asks the CPU that runs modified code to serialise after the write and
+/// before it executes it; INIT and the trampoline's mode switches serialise too, but
+/// this one is the kernel's own and the one the hotplug self-test sees.
+pub fn online_sync(cpu: usize) {
+    cpu::serialize_inline();
+    if let Some(count) = ONLINE_SYNCS.get(cpu) {
+        // Release pairs with the Acquire in `online_syncs`: counted after the sync.
+        count.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// How many times `cpu` serialised on its way online (see [`online_sync`]).
+pub fn online_syncs(cpu: usize) -> u64 {
+    ONLINE_SYNCS
+        .get(cpu)
+        .map_or(0, |c| c.load(Ordering::Acquire))
+}
+
+/// Marks the boot-time bring-up over (boot CPU, after [`start_secondaries`]).
+pub fn boot_done() {
+    BOOT_DONE.store(true, Ordering::Release);
+}
+
+/// Whether the boot-time bring-up is over.
+pub fn is_boot_done() -> bool {
+    BOOT_DONE.load(Ordering::Acquire)
+}
+
+/// Parks the calling secondary for good (Linux's `native_play_dead` with
+/// `hlt_play_dead`): interrupts off, out of the online set, then `HLT` in a loop until
+/// [`cpu_power_on`]'s INIT resets it. An NMI still wakes it; its handler returns to the
+/// loop. The caller (the hotplug core) holds the hotplug write side for it, so no stop
+/// call is in flight and none targets this CPU once it is out of the set.
+pub fn cpu_die(cpu: usize) -> ! {
+    cpu::cli_save();
+    // Release: everything this CPU did is visible to whoever sees it gone.
+    ONLINE.remove(cpu, Ordering::Release);
+    // Relaxed: the bring-up state is next written by `cpu_power_on`, after it saw
+    // `PARKED` (Acquire) below.
+    STATE[cpu].store(BringUp::Idle as u8, Ordering::Relaxed);
+    // Release pairs with the Acquire in `cpu_is_down`: this CPU touches no shared state
+    // after it.
+    PARKED.insert(cpu, Ordering::Release);
+    cpu::halt_forever()
+}
+
+/// Why a parked CPU could not be started again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartAgainError(pub &'static str);
+
+impl core::fmt::Display for StartAgainError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Starts parked CPU `cpu` again: INIT, then SIPI, SIPI into the boot trampoline
+/// (still in low memory, its parameter page unchanged), which finds the CPU's index
+/// by its APIC ID; it sets itself up as at boot and marks itself online.
+pub fn cpu_power_on(cpu: usize) -> Result<(), StartAgainError> {
+    if cpu == 0 || cpu >= cpu_count() {
+        return Err(StartAgainError("not a secondary CPU of the MADT"));
+    }
+    // Acquire pairs with the Release in `cpu_die`: it has stopped touching its state.
+    if !PARKED.contains(cpu, Ordering::Acquire) {
+        return Err(StartAgainError("not parked by cpu_die"));
+    }
+    PARKED.remove(cpu, Ordering::Relaxed);
+    // Release pairs with the AP's compare-and-swap in `claim_online`.
+    STATE[cpu].store(BringUp::Starting as u8, Ordering::Release);
+    let id = apic_id(cpu);
+    send(id, apic::DM_INIT);
+    timer::delay_ns(INIT_DELAY_NS);
+    let sipi = apic::DM_SIPI | (layout::TRAMPOLINE_BASE >> 12) as u32;
+    for _ in 0..2 {
+        send(id, sipi);
+        timer::delay_ns(SIPI_DELAY_NS);
+    }
+    Ok(())
+}
+
+/// Whether `cpu` is parked (interrupts off, halted) by [`cpu_die`].
+pub fn cpu_is_down(cpu: usize) -> Result<bool, StartAgainError> {
+    Ok(PARKED.contains(cpu, Ordering::Acquire))
 }

@@ -26,7 +26,8 @@ const BYTES_PER_MAPPING: usize = 4096;
 
 // SAFETY: the bounds come from the x86 linker script, whose text output section holds
 // every executable input section; `.text.nopatch` (entry stubs, trap dispatch, the stop
-// and NMI paths, the alias writer) and boot code are the protected ranges;
+// and NMI paths, the alias writer, boot code) and `.text.kprobes` (the kprobes hit path
+// and XOL slots, which only their own registration writes) are the protected ranges;
 // `paging::poke_text` writes through a temporary RW+NX alias and never makes text
 // writable. x86 keeps instruction fetch coherent with stores to the same physical
 // memory, so `sync_icache` has nothing to do; each CPU that will run the new bytes
@@ -39,7 +40,7 @@ unsafe impl Text for KernelText {
     }
 
     fn protected_ranges(&self) -> &[Range<usize>] {
-        self.protected(|| [layout::nopatch_range(), layout::boot_range()])
+        self.protected(|| [layout::nopatch_range(), layout::kprobes_range()])
     }
 
     /// One 8-byte load where the text goes on for 8 bytes (a validation of 1000 sites

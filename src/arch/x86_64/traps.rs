@@ -148,9 +148,16 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         // SAFETY: the NMI frame's error slot counts the latches this pass answers; only
         // this CPU's nested NMIs touch it besides, each with one `incq`.
         2 => unsafe { nmi::handle_nmi(&raw mut frame.error) },
-        // A site the INT3 protocol has in flight: emulated, else fatal like any #BP.
+        // A site the INT3 protocol has in flight (emulated), else a kprobe's INT3,
+        // else fatal like any #BP.
         3 => {
-            if !super::text_poke::handle_int3(frame) {
+            if !super::text_poke::handle_int3(frame) && !super::kprobes::on_int3(frame) {
+                fatal(frame)
+            }
+        }
+        // The end of a kprobe's out-of-line single step; any other #DB is fatal.
+        1 => {
+            if !super::kprobes::on_debug(frame) {
                 fatal(frame)
             }
         }

@@ -21,7 +21,7 @@ pub use crate::arch::aarch64::jump_label::{KernelKeys, STATIC_KEYS};
 pub use crate::arch::aarch64::kprobes::{Arm64Kprobes as KprobePlatform, KPROBES};
 pub use crate::arch::aarch64::mmu::alias_mapped;
 pub use crate::arch::aarch64::selftest::{FAULT_MODES, SELFTESTS, provoke};
-pub use crate::arch::aarch64::smp::{current_cpu, online_cpus};
+pub use crate::arch::aarch64::smp::{cpu_die, current_cpu, online_cpus, online_syncs};
 pub use crate::arch::aarch64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::aarch64::timer::now_ns;
 pub use crate::arch::aarch64::{Aarch64 as Platform, STOP, nmi};
@@ -378,6 +378,11 @@ pub fn kprobes_unsupported() -> Option<&'static str> {
     None
 }
 
+/// An address kprobes must refuse as off the instruction grid, near `site`.
+pub fn kprobe_misaligned_site(site: usize) -> Option<usize> {
+    Some(site + 2)
+}
+
 /// Addresses kprobes must refuse for a region, with the region: the vector table
 /// (exception entry), the core's hit path and the XOL slots (the machinery),
 /// `.text.nopatch` past the vectors.
@@ -492,4 +497,20 @@ pub fn user_fault_is_refused_access(exit: &UserExit, addr: usize, exec: bool) ->
     let fsc = esr & 0x3f;
     let refused = matches!(fsc, 0x04..=0x07 | 0x0c..=0x0f);
     ec == if exec { 0x20 } else { 0x24 } && far == addr as u64 && refused
+}
+
+/// Why the firmware refused to start or report on a CPU (a PSCI error).
+pub type HotplugFirmwareError = smccc::psci::error::Error;
+
+/// How a CPU goes down and comes back here.
+pub const HOTPLUG_MECHANISM: &str = "PSCI CPU_OFF / CPU_ON";
+
+/// Starts offline CPU `cpu` again (PSCI CPU_ON at the secondary entry).
+pub fn cpu_power_on(cpu: usize) -> Result<(), HotplugFirmwareError> {
+    crate::arch::aarch64::smp::cpu_power_on(cpu)
+}
+
+/// Whether `cpu` is down (PSCI AFFINITY_INFO says OFF).
+pub fn cpu_is_down(cpu: usize) -> Result<bool, HotplugFirmwareError> {
+    crate::arch::aarch64::smp::cpu_powered_off(cpu)
 }

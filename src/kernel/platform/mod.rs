@@ -24,7 +24,7 @@
 //! | `SYNCS_PER_KEY_BATCH`, `key_syncs` | the cross-CPU synchronisations a static key batch makes, and a counter of them with each CPU's acknowledgement |
 //! | `KPROBES`, `KprobePlatform`, `KprobeFrame`, `kprobe_frame_reg`, `kprobes_unsupported` | the system's kprobes registry on this architecture, the register frame its handlers get, or why there are none yet (the kprobe tests then skip) |
 //! | `KPROBE_TARGET`, `kprobe_target_stepped` | the hammered target (`targets_*.S`: returns `x * 3 + 7`, probed at an instruction run out of line), and whether a post handler's frame shows that instruction's effect |
-//! | `KPROBE_FIXTURES`, `KPROBE_UNPROBEABLE`, `kprobe_forbidden_sites` | one fixture per instruction class run out of line or simulated (the first one not the target: `kprobe_contexts` probes both), sites that must be refused as unprobeable, and (region, address) pairs that must be refused as that region |
+//! | `KPROBE_FIXTURES`, `KPROBE_UNPROBEABLE`, `kprobe_forbidden_sites`, `kprobe_misaligned_site` | one fixture per instruction class run out of line or simulated (the first one not the target: `kprobe_contexts` probes both), sites that must be refused as unprobeable, (region, address) pairs that must be refused as that region, and an address off the instruction grid (none on x86) |
 //! | `BENCH_KEY_1`, `BENCH_KEY_100` | keys of the benchmark's static-key sites (`targets_*.S`, on pages of their own) |
 //!
 //! The patch targets the self-tests flip (`targets_aarch64.S`, `targets_x86_64.S`) are

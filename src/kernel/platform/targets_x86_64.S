@@ -131,3 +131,204 @@ pm_key_bench_sites:
 pm_key_bench_out:
     ret
     .balign 4096
+
+// kprobes fixtures (src/kernel/selftest/kprobes.rs), on pages of their own: arming a
+// probe writes the page, and under QEMU a write to a page of translated code costs the
+// whole page's translations. Each `pm_kp_<name>(rdi) -> rax` has its probed instruction
+// at `pm_kp_<name>_site`; both arguments of each fixture give different results, so a
+// branch emulated the wrong way, a step that did not run, or a fix-up that went wrong
+// changes what it returns.
+    .section .text.kprobe_targets, "ax", @progbits
+    .balign 4096
+
+// The hammered target: x * 3 + 7, probed at the LEA (stepped out of line).
+    .global pm_kp_target
+pm_kp_target:
+    .global pm_kp_target_site
+pm_kp_target_site:
+    lea     (%rdi,%rdi,2), %rax
+    add     $7, %rax
+    ret
+
+// A plain ALU op, stepped: x * 5 + 1.
+    .global pm_kp_alu
+pm_kp_alu:
+    .global pm_kp_alu_site
+pm_kp_alu_site:
+    imul    $5, %rdi, %rax
+    inc     %rax
+    ret
+
+// PUSH through RSP, stepped: the copy writes the real stack. x + 0x100.
+    .global pm_kp_push
+pm_kp_push:
+    .global pm_kp_push_site
+pm_kp_push_site:
+    push    %rdi
+    pop     %rax
+    add     $0x100, %rax
+    ret
+
+// JMP rel8, emulated: x + 1 (falling through would give x + 2).
+    .global pm_kp_jmp8
+pm_kp_jmp8:
+    mov     $1, %eax
+    .global pm_kp_jmp8_site
+pm_kp_jmp8_site:
+    .byte   0xeb, 1f - 2f
+2:  mov     $2, %eax
+1:  add     %rdi, %rax
+    ret
+
+// JMP rel32, emulated: x + 3 (falling through would give x + 4).
+    .global pm_kp_jmp32
+pm_kp_jmp32:
+    mov     $3, %eax
+    .global pm_kp_jmp32_site
+pm_kp_jmp32_site:
+    .byte   0xe9
+    .long   1f - 2f
+2:  mov     $4, %eax
+1:  add     %rdi, %rax
+    ret
+
+// CALL rel32, emulated (the return address pushed into the #BP entry's gap): 2x + 3;
+// the callee also checks the return address and RSP (0xbad otherwise).
+    .global pm_kp_call
+pm_kp_call:
+    mov     %rsp, %rcx
+    .global pm_kp_call_site
+pm_kp_call_site:
+    call    pm_kp_call_callee
+    add     $3, %rax
+    ret
+pm_kp_call_callee:
+    lea     pm_kp_call_site+5(%rip), %rdx
+    cmp     (%rsp), %rdx
+    jne     1f
+    lea     -8(%rcx), %rdx
+    cmp     %rsp, %rdx
+    jne     1f
+    lea     (%rdi,%rdi), %rax
+    ret
+1:  mov     $0xbad, %eax
+    ret
+
+// Jcc, emulated; each returns 1 (not taken) or 2 (taken).
+    .macro  pm_kp_jcc name, cmp, jcc_bytes:vararg
+    .global pm_kp_\name
+pm_kp_\name:
+    cmp     $\cmp, %rdi
+    .global pm_kp_\name\()_site
+pm_kp_\name\()_site:
+    .byte   \jcc_bytes
+    .long   1f - 2f
+2:  mov     $1, %eax
+    ret
+1:  mov     $2, %eax
+    ret
+    .endm
+
+// rel8 forms (the displacement byte instead of the long).
+    .macro  pm_kp_jcc8 name, cmp, opcode
+    .global pm_kp_\name
+pm_kp_\name:
+    cmp     $\cmp, %rdi
+    .global pm_kp_\name\()_site
+pm_kp_\name\()_site:
+    .byte   \opcode, 1f - 2f
+2:  mov     $1, %eax
+    ret
+1:  mov     $2, %eax
+    ret
+    .endm
+
+    pm_kp_jcc8 je8, 5, 0x74
+    pm_kp_jcc8 jl8, 5, 0x7c
+    pm_kp_jcc8 jb8, 5, 0x72
+    pm_kp_jcc ja32, 5, 0x0f, 0x87
+    pm_kp_jcc jle32, 5, 0x0f, 0x8e
+    pm_kp_jcc jns32, 0, 0x0f, 0x89
+
+// RIP-relative load, stepped with the displacement rebased: 0x5eed + x.
+    .global pm_kp_riprel
+pm_kp_riprel:
+    .global pm_kp_riprel_site
+pm_kp_riprel_site:
+    mov     pm_kp_riprel_data(%rip), %rax
+    add     %rdi, %rax
+    ret
+
+// RIP-relative LEA, stepped: the address of pm_kp_riprel_data + x, minus the address
+// taken without a probe (so 0 + x when right).
+    .global pm_kp_riplea
+pm_kp_riplea:
+    .global pm_kp_riplea_site
+pm_kp_riplea_site:
+    lea     pm_kp_riprel_data(%rip), %rax
+    lea     pm_kp_riprel_data(%rip), %rcx
+    sub     %rcx, %rax
+    add     %rdi, %rax
+    ret
+
+// RET, stepped (RIP is where it went): x + 9.
+    .global pm_kp_ret
+pm_kp_ret:
+    lea     9(%rdi), %rax
+    .global pm_kp_ret_site
+pm_kp_ret_site:
+    ret
+
+// CALL through a register, stepped: the pushed return address is fixed from the slot's
+// to the original's (the callee checks it). 2x + 3.
+    .global pm_kp_callr
+pm_kp_callr:
+    mov     %rsp, %rcx
+    lea     pm_kp_callr_callee(%rip), %rsi
+    .global pm_kp_callr_site
+pm_kp_callr_site:
+    call    *%rsi
+    add     $3, %rax
+    ret
+pm_kp_callr_callee:
+    lea     pm_kp_callr_site+2(%rip), %rdx
+    cmp     (%rsp), %rdx
+    jne     1f
+    lea     (%rdi,%rdi), %rax
+    ret
+1:  mov     $0xbad, %eax
+    ret
+
+// JMP through a register, stepped: x + 5.
+    .global pm_kp_jmpr
+pm_kp_jmpr:
+    lea     1f(%rip), %rsi
+    .global pm_kp_jmpr_site
+pm_kp_jmpr_site:
+    jmp     *%rsi
+    ud2
+1:  lea     5(%rdi), %rax
+    ret
+
+// Instructions kprobes must refuse (never executed).
+    .global pm_kp_pushf_site
+pm_kp_pushf_site:
+    pushfq
+    .global pm_kp_cli_site
+pm_kp_cli_site:
+    cli
+    .global pm_kp_ud2_site
+pm_kp_ud2_site:
+    ud2
+    .global pm_kp_syscall_site
+pm_kp_syscall_site:
+    syscall
+    .global pm_kp_loop_site
+pm_kp_loop_site:
+    loop    pm_kp_loop_site
+    .balign 4096
+
+    .section .rodata.kprobe_targets, "a", @progbits
+    .balign 8
+pm_kp_riprel_data:
+    .quad   0x5eed

@@ -1,5 +1,6 @@
 //! The kernel's platform names on x86_64 (see the table in the parent module).
 
+use super::KprobeFixture;
 use crate::arch::x86_64::{boot, cpu, layout, smp};
 use crate::patch::{Patch, PatchError, x86};
 use core::ops::Range;
@@ -11,16 +12,24 @@ pub use crate::arch::x86_64::alternatives::{
 pub use crate::arch::x86_64::console::{write_forced, write_raw_forced};
 pub use crate::arch::x86_64::cpu::FEATURE_NAMES;
 pub use crate::arch::x86_64::exit::exit;
+pub use crate::arch::x86_64::frame::TrapFrame as KprobeFrame;
 pub use crate::arch::x86_64::ipi::{TEST_IPIS, clear_ipi_handler, send_ipi, set_ipi_handler};
 pub use crate::arch::x86_64::irq::{IrqFlags, irqs_disabled, local_irq_restore, local_irq_save};
 pub use crate::arch::x86_64::jump_label::{KernelKeys, STATIC_KEYS};
+pub use crate::arch::x86_64::kprobes::{KPROBES, X86Kprobes as KprobePlatform};
 pub use crate::arch::x86_64::paging::alias_mapped;
 pub use crate::arch::x86_64::selftest::{FAULT_MODES, SELFTESTS, provoke};
 
 /// The platform checks the design's assumptions need at every boot: none on x86 (its
 /// NMI, masking and serialising rules are architectural).
 pub const ASSUMPTIONS: [&str; 0] = [];
-pub use crate::arch::x86_64::smp::online_cpus;
+pub use crate::arch::x86_64::smp::{
+    StartAgainError as HotplugFirmwareError, cpu_die, cpu_is_down, cpu_power_on, online_cpus,
+    online_syncs,
+};
+
+/// How a CPU goes down and comes back here.
+pub const HOTPLUG_MECHANISM: &str = "halt loop with interrupts off / INIT-SIPI-SIPI";
 pub use crate::arch::x86_64::text::{KERNEL_TEXT, KernelText};
 pub use crate::arch::x86_64::timer::now_ns;
 pub use crate::arch::x86_64::{STOP, X86_64 as Platform, nmi};
@@ -281,99 +290,116 @@ pub fn text_range() -> Range<usize> {
     layout::text_range()
 }
 
-/// Code the patcher must never touch: what the rendezvous runs (with boot code).
+/// Code the patcher must never touch: what the rendezvous runs (with boot code), and
+/// the kprobes' hit path and XOL slots.
 pub fn protected_ranges() -> [Range<usize>; 2] {
-    [layout::nopatch_range(), layout::boot_range()]
+    [layout::nopatch_range(), layout::kprobes_range()]
 }
 
-/// The kprobes of x86_64: not implemented yet (issue 12's x86 part, through
-/// `text_poke_bp`). Every registration is refused, so the kprobes self-tests skip.
-pub struct KprobePlatform;
-
-/// The register frame x86 kprobe handlers will get (none yet).
-pub type KprobeFrame = ();
-
-const NOT_YET: &str = "x86_64 kprobes are not implemented yet";
-
-// SAFETY: nothing is ever armed: `decode` refuses every address, so `write` is never
-// called with a breakpoint and no hit path exists.
-unsafe impl crate::kprobes::KprobeArch for KprobePlatform {
-    type Insn = Insn;
-    type Frame = KprobeFrame;
-    type Plan = ();
-
-    fn cpu_id(&self) -> usize {
-        cpu::current_cpu()
-    }
-    fn now_ns(&self) -> u64 {
-        now_ns()
-    }
-    fn relax(&self) {
-        core::hint::spin_loop();
-    }
-    fn text_range(&self) -> Range<usize> {
-        layout::text_range()
-    }
-    fn forbidden_ranges(&self) -> &[crate::kprobes::ForbiddenRange] {
-        &[]
-    }
-    fn decode(
-        &self,
-        _addr: usize,
-    ) -> Result<crate::kprobes::DecodedOf<Self>, crate::kprobes::Unprobeable<Insn>> {
-        Err(crate::kprobes::Unprobeable {
-            insn: None,
-            why: NOT_YET,
-        })
-    }
-    fn breakpoint_for(&self, original: Insn) -> Insn {
-        original
-    }
-    fn prepare(
-        &self,
-        _slot: usize,
-        _addr: usize,
-        _decoded: &mut crate::kprobes::DecodedOf<Self>,
-    ) -> Result<(), PatchError<Insn>> {
-        Ok(())
-    }
-    fn release(&self, _slot: usize) {}
-    fn write(&self, _patch: Patch<Insn>) -> Result<(), PatchError<Insn>> {
-        Err(PatchError::EmptyBatch)
-    }
+/// General register `n` of a kprobe handler's frame, in the encoding's numbering
+/// (0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15).
+pub fn kprobe_frame_reg(frame: &KprobeFrame, n: usize) -> u64 {
+    frame.reg(n)
 }
 
-/// The system's kprobes (none can be registered yet).
-pub static KPROBES: crate::kprobes::Kprobes<KprobePlatform> =
-    crate::kprobes::Kprobes::new(KprobePlatform);
-
-/// Register `n` of a kprobe handler's frame (none yet).
-pub fn kprobe_frame_reg(_frame: &KprobeFrame, _n: usize) -> u64 {
-    0
+/// Whether `frame`, after [`KPROBE_TARGET`]'s probed instruction (`LEA (%rdi,%rdi,2),
+/// %rax`), shows its effect: RAX = 3 * RDI.
+pub fn kprobe_target_stepped(frame: &KprobeFrame) -> bool {
+    kprobe_frame_reg(frame, 0) == kprobe_frame_reg(frame, 7).wrapping_mul(3)
 }
 
-/// Whether the frame after the target's probed instruction shows its effect (no
-/// target yet).
-pub fn kprobe_target_stepped(_frame: &KprobeFrame) -> bool {
-    true
-}
-
-/// Why the kprobes self-tests skip here.
+/// Kprobes work here.
 pub fn kprobes_unsupported() -> Option<&'static str> {
-    Some(NOT_YET)
+    None
 }
 
-/// Addresses kprobes must refuse, by region (none checked yet).
-pub fn kprobe_forbidden_sites() -> [(crate::kprobes::Forbidden, usize); 0] {
-    []
+/// An address kprobes must refuse as off the instruction grid, near `site` (a probed
+/// instruction's address): none on x86, whose instructions have no grid and whose
+/// kernel carries no symbol table to decode from a function's start (Linux uses
+/// kallsyms); `src/arch/x86_64/kprobes.rs` says what is checked instead.
+pub fn kprobe_misaligned_site(_site: usize) -> Option<usize> {
+    None
 }
 
-/// No kprobes fixtures yet.
-pub const KPROBE_FIXTURES: &[super::KprobeFixture] = &[];
-/// No hammered target yet.
-pub const KPROBE_TARGET: Option<super::KprobeFixture> = None;
-/// No unprobeable fixtures yet.
-pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] = &[];
+/// Addresses kprobes must refuse for a region, with the region: the #BP entry stub
+/// (exception entry), the core's hit path and the XOL slots (the machinery), the trap
+/// dispatch (`.text.nopatch`).
+pub fn kprobe_forbidden_sites() -> [(crate::kprobes::Forbidden, usize); 4] {
+    use crate::arch::x86_64::kprobes::{CAPACITY, xol_area};
+    use crate::kprobes::{Forbidden, Kprobes};
+    type Registry = Kprobes<KprobePlatform, CAPACITY>;
+    let hit: fn(&Registry, usize, &mut KprobeFrame) -> _ = Registry::hit;
+    let vectors = layout::vectors_range();
+    let nopatch: unsafe fn(usize, &[u8]) = crate::arch::x86_64::paging::poke_text;
+    [
+        (Forbidden::ExceptionEntry, vectors.start + 3 * 16),
+        (Forbidden::Kprobes, hit as usize),
+        (Forbidden::Kprobes, xol_area()),
+        (Forbidden::NoPatch, nopatch as usize),
+    ]
+}
+
+unsafe extern "C" {
+    fn pm_kp_target(x: u64) -> u64;
+    fn pm_kp_target_site();
+    fn pm_kp_pushf_site();
+    fn pm_kp_cli_site();
+    fn pm_kp_ud2_site();
+    fn pm_kp_syscall_site();
+    fn pm_kp_loop_site();
+}
+
+macro_rules! kprobe_fixtures {
+    ($($name:literal: $call:ident at $site:ident with $args:expr;)*) => {
+        unsafe extern "C" {
+            $(fn $call(x: u64) -> u64; fn $site();)*
+        }
+        /// One fixture per instruction class kprobes emulates or steps out of line.
+        pub const KPROBE_FIXTURES: &[KprobeFixture] = &[$(KprobeFixture {
+            name: $name,
+            call: $call,
+            site: $site,
+            args: $args,
+        },)*];
+    };
+}
+
+kprobe_fixtures! {
+    "stepped ALU (IMUL imm8)": pm_kp_alu at pm_kp_alu_site with [1, 2];
+    "stepped PUSH (via RSP)": pm_kp_push at pm_kp_push_site with [1, 2];
+    "JMP rel8": pm_kp_jmp8 at pm_kp_jmp8_site with [1, 2];
+    "JMP rel32": pm_kp_jmp32 at pm_kp_jmp32_site with [1, 2];
+    "CALL rel32": pm_kp_call at pm_kp_call_site with [1, 2];
+    "JE rel8": pm_kp_je8 at pm_kp_je8_site with [5, 6];
+    "JL rel8": pm_kp_jl8 at pm_kp_jl8_site with [u64::MAX, 5];
+    "JB rel8": pm_kp_jb8 at pm_kp_jb8_site with [4, u64::MAX];
+    "JA rel32": pm_kp_ja32 at pm_kp_ja32_site with [6, 5];
+    "JLE rel32": pm_kp_jle32 at pm_kp_jle32_site with [5, 6];
+    "JNS rel32": pm_kp_jns32 at pm_kp_jns32_site with [1, 1 << 63];
+    "RIP-relative MOV load": pm_kp_riprel at pm_kp_riprel_site with [0, 1];
+    "RIP-relative LEA": pm_kp_riplea at pm_kp_riplea_site with [0, 1];
+    "stepped RET": pm_kp_ret at pm_kp_ret_site with [0, 1];
+    "stepped CALL *%rsi": pm_kp_callr at pm_kp_callr_site with [1, 2];
+    "stepped JMP *%rsi": pm_kp_jmpr at pm_kp_jmpr_site with [0, 1];
+}
+
+/// The hammered target: returns `x * 3 + 7` (wrapping), probed at its first instruction
+/// (`LEA`, stepped out of line).
+pub const KPROBE_TARGET: Option<KprobeFixture> = Some(KprobeFixture {
+    name: "LEA (stepped)",
+    call: pm_kp_target,
+    site: pm_kp_target_site,
+    args: [0, 1],
+});
+
+/// Instructions kprobes must refuse as unprobeable.
+pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] = &[
+    ("PUSHF", pm_kp_pushf_site),
+    ("CLI", pm_kp_cli_site),
+    ("UD2", pm_kp_ud2_site),
+    ("SYSCALL", pm_kp_syscall_site),
+    ("LOOP", pm_kp_loop_site),
+];
 
 core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));
 

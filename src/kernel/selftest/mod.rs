@@ -35,6 +35,8 @@ pub struct Params {
     pub static_key_flips: u32,
     /// kprobe arm/disarm cycles of `kprobe_hammer` (`kprobe_cycles=N`).
     pub kprobe_cycles: u32,
+    /// CPU down/up cycles of `hotplug_torture` (`hotplug_cycles=N`).
+    pub hotplug_cycles: u32,
     /// The NMI mechanism `nmi_mechanism` must find in use (`expect_nmi=NAME`).
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
@@ -56,6 +58,7 @@ impl Params {
         nosync_flips: 2_000,
         static_key_flips: 1_000,
         kprobe_cycles: 200,
+        hotplug_cycles: 20,
         expect_nmi: None,
         expect_features: None,
         isolated: CpuSet::EMPTY,
@@ -67,6 +70,7 @@ impl Params {
 mod alternatives;
 mod bench;
 mod call_site;
+mod hotplug;
 mod isolation;
 mod kprobes;
 mod nmi;
@@ -220,6 +224,26 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "isolation_torture",
         run: isolation::isolation_torture,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_refusals",
+        run: hotplug::hotplug_refusals,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_cycle",
+        run: hotplug::hotplug_cycle,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_patch_offline",
+        run: hotplug::hotplug_patch_offline,
+        by_default: true,
+    },
+    Test {
+        name: "hotplug_torture",
+        run: hotplug::hotplug_torture,
         by_default: true,
     },
     Test {
