@@ -9,7 +9,7 @@
 //!   the registrable BRK hook ([`set_brk_handler`]); if the hook returns true the CPU
 //!   resumes with the frame as the hook left it (it must have advanced ELR).
 //! - A synchronous exception or an IRQ from EL0 (user mode, `user.rs`) is a kernel
-//!   entry: before anything patchable runs, [`from_user`] switches the CPU's context
+//!   entry: before anything patchable runs, `from_user` switches the CPU's context
 //!   state word to kernel with one atomic swap (`user_context::USER_CONTEXTS`), does the work a
 //!   patcher deferred to this entry (waits out the stop that deferred it, then `ISB`),
 //!   and only then hands the frame to the user-mode handler ([`set_user_handler`]); on

@@ -16,7 +16,7 @@
 //! | `.user_text`                 | Normal WB, read-only, EL0 executable only (PXN) |
 //! | `.user_data`                 | Normal WB, EL0 and EL1 RW, XN        |
 //!
-//! Every other entry has AP[1] = 0: EL0 can neither read nor write it.
+//! Every other entry has AP\[1\] = 0: EL0 can neither read nor write it.
 //! | [`ALIAS_VA`] (one page, TTBR1) | only in [`poke_text`], only on its CPU |
 //!
 //! No page is both writable and executable, and SCTLR_EL1.WXN is set as well, so the

@@ -4,7 +4,7 @@
 //! - **Memory.** The user programs are in `.user_text` (linker.ld), mapped read-only and
 //!   executable at EL0 only (EL1 cannot execute it: PXN); their mailboxes and stacks in
 //!   `.user_data`, read-write at EL0 and never executable. Kernel text, data and devices
-//!   have AP[1] = 0: EL0 can neither read nor write them (a probe that tries faults and is
+//!   have AP\[1\] = 0: EL0 can neither read nor write them (a probe that tries faults and is
 //!   reported, [`UserExit::Fault`]). With FEAT_PAN, PSTATE.PAN is set on every CPU that
 //!   runs user code and in every SPSR this file builds, so the kernel cannot touch user
 //!   memory by accident either; it writes a mailbox only with `STTR` (an unprivileged
@@ -13,7 +13,7 @@
 //!   word to user mode (`user_context::USER_CONTEXTS`), and `pm_enter_user` saves the
 //!   callee-saved registers on the kernel stack and ERETs to EL0. Every exception from
 //!   EL0 is a kernel entry (`exceptions::from_user`: the context-tracking protocol, then
-//!   [`handle_from_user`]). `SYS_EXIT`, a fault or a bad call returns to the kernel by
+//!   `handle_from_user`). `SYS_EXIT`, a fault or a bad call returns to the kernel by
 //!   making the frame's ERET land on `pm_user_return` at EL1, which reloads the saved
 //!   registers and returns from `pm_enter_user`.
 //! - **The loop** (`pm_user_loop`): enters the kernel with `SVC` (`SYS_TICK`) once every

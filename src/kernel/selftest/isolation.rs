@@ -62,13 +62,11 @@ fn tick(cpu: usize) -> UserTick {
     let floor = SHARED.committed.load(Ordering::Acquire);
     // SAFETY: a plain assembly function returning a constant in x0.
     let version = unsafe { pm_torture_a() };
-    if floor != 0 && version < floor {
-        if SHARED.stale.fetch_add(1, Ordering::Relaxed) == 0 {
-            SHARED
-                .first_stale
-                .store((cpu as u64) << 32 | version, Ordering::Relaxed);
-            SHARED.first_stale_floor.store(floor, Ordering::Relaxed);
-        }
+    if floor != 0 && version < floor && SHARED.stale.fetch_add(1, Ordering::Relaxed) == 0 {
+        SHARED
+            .first_stale
+            .store((cpu as u64) << 32 | version, Ordering::Relaxed);
+        SHARED.first_stale_floor.store(floor, Ordering::Relaxed);
     }
     // Release pairs with the patcher's Acquire: this tick is done.
     SHARED.seen[cpu].store(version, Ordering::Release);
