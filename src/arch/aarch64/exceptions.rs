@@ -322,7 +322,7 @@ const SPSR_M_MASK: u64 = 0xf;
 /// tests/kernel_image.rs can check its order: swap, ISB, then the one indirect call.
 #[unsafe(link_section = ".text.nopatch")]
 #[inline(never)]
-fn from_user(frame: &mut TrapFrame) {
+pub(crate) fn from_user(frame: &mut TrapFrame) {
     let cpu = cpu::current_cpu();
     let deferred = USER_CONTEXTS.enter_kernel(cpu);
     if deferred.pending {

@@ -466,6 +466,11 @@ pub use crate::arch::aarch64::user::{
     user_irqs,
 };
 
+/// The kernel entry from user mode up to its deferred work (patching must refuse it).
+pub fn user_entry_code() -> Option<usize> {
+    Some(crate::arch::aarch64::exceptions::from_user as *const () as usize)
+}
+
 /// User mode exists here (EL0).
 pub fn user_mode_unsupported() -> Option<&'static str> {
     None

@@ -437,6 +437,11 @@ pub struct UserTick {
     pub exit: bool,
 }
 
+/// No kernel entry from user mode yet.
+pub fn user_entry_code() -> Option<usize> {
+    None
+}
+
 /// Why the user-mode self-tests skip here.
 pub fn user_mode_unsupported() -> Option<&'static str> {
     Some("x86_64 has no ring 3 yet (issue 13: user mode is arm64-only so far)")

@@ -16,7 +16,7 @@ use super::super::smp::run_on;
 use super::{OPTIONS, Params, TORTURE_A, pm_torture_a};
 use crate::CpuSet;
 use crate::harness::Verdict;
-use crate::patch::{Patch, patch_machine};
+use crate::patch::{Patch, PatchError, Text, patch_machine};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -403,8 +403,27 @@ pub fn user_faults(_: &Params) -> Verdict {
         PROBED.load(Ordering::Relaxed) == 0x5eed,
         "the user write changed kernel memory"
     );
+    // The entry code up to its deferred work is immutable: a patch request into it is
+    // refused, naming the protected range, and changes nothing.
+    if let Some(entry) = platform::user_entry_code() {
+        let before = KERNEL_TEXT.read_insn(entry, platform::SITE_LEN);
+        let refused = patch_machine(
+            &STOP,
+            &KERNEL_TEXT,
+            &[Patch::new(entry, before, platform::NOP)],
+            OPTIONS,
+        );
+        check!(
+            matches!(refused, Err(PatchError::Protected { .. })),
+            "a patch of the user entry code at {entry:#x} was not refused as protected: {refused:?}"
+        );
+        check!(
+            KERNEL_TEXT.read_insn(entry, platform::SITE_LEN) == before,
+            "the refused patch changed the user entry code"
+        );
+    }
     Verdict::Pass(msg!(
-        "user read, write and exec of kernel memory faulted and were reported; PAN {}",
+        "user read, write and exec of kernel memory faulted and were reported; a patch of the entry code was refused; PAN {}",
         if platform::user_pan() {
             "on"
         } else {
