@@ -34,8 +34,8 @@
 //! the stop token paired with the stop's Release when it closes, and a context
 //! synchronisation after both (docs/porting.md, "Isolated CPUs").
 //!
-//! Arch-free: the architecture's entry and exit code call it, and [`Arch::context_states`]
-//! (super::Arch::context_states) hands it to the stop core.
+//! Arch-free: the architecture's entry and exit code call it, and
+//! [`Arch::context_states`](super::Arch::context_states) hands it to the stop core.
 
 use crate::cpuset::AtomicCpuSet;
 use crate::{CpuSet, MAX_CPUS};
