@@ -8,7 +8,7 @@ use patch_machine::CpuSet;
 use patch_machine::arch::host::HostArch;
 use patch_machine::patch::insn::{self, NOP};
 use patch_machine::patch::{Patch, PatchError, Text, patch_machine, patch_nosync};
-use patch_machine::stop::{StopError, StopMachine, StopOptions};
+use patch_machine::stop::{CallContext, StopError, StopMachine, StopOptions};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -38,12 +38,82 @@ fn on_one_cpu<R: Send + 'static>(
 
 #[test]
 fn a_stop_machine_call_waits_for_the_machine_with_a_bound() {
+    // Three CPUs and no stop-IPI handler connected, so neither other CPU ever arrives:
+    // CPU 0's call holds the machine for its whole arrival timeout; CPU 1, calling
+    // meanwhile from normal context, gives up on the machine after its own bound.
+    let stop = std::sync::Arc::new(StopMachine::new(HostArch::new(3)));
+    let holder = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            stop.arch().bind_current_thread(0);
+            stop.stop_machine(
+                &|_| Ok(()),
+                CpuSet::single(0),
+                StopOptions {
+                    arrival_timeout_ns: 1_000_000_000,
+                    ..StopOptions::DEFAULT
+                },
+            )
+        })
+    };
+    let (tx, rx) = mpsc::channel();
+    let ran = std::sync::Arc::new(AtomicBool::new(false));
+    {
+        let (stop, ran) = (stop.clone(), ran.clone());
+        thread::spawn(move || {
+            stop.arch().bind_current_thread(1);
+            // CPU 0 holds the machine once it has sent its stop IPIs.
+            let start = std::time::Instant::now();
+            while stop.arch().ipis_sent() == 0 && start.elapsed() < Duration::from_secs(5) {
+                thread::yield_now();
+            }
+            let _ = tx.send(stop.stop_machine(
+                &|_| {
+                    ran.store(true, Ordering::Relaxed);
+                    Ok(())
+                },
+                CpuSet::single(1),
+                SHORT,
+            ));
+        });
+    }
+    let inner = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the second caller did not finish in 10 s: an unbounded lock wait");
+    let outer = holder.join().unwrap();
+    assert!(
+        matches!(outer, Err(StopError::Timeout { missing, .. }) if missing == CpuSet::first(3).without(0)),
+        "{outer:?}"
+    );
+    assert!(
+        !ran.load(Ordering::Relaxed),
+        "the refused call's function ran"
+    );
+    match inner {
+        Err(err @ StopError::Busy { waited_ns }) => {
+            assert!(
+                waited_ns >= SHORT.arrival_timeout_ns,
+                "waited only {waited_ns} ns"
+            );
+            assert!(waited_ns < 5_000_000_000, "waited {waited_ns} ns");
+            assert!(
+                err.to_string()
+                    .starts_with("another stop_machine held the machine for"),
+                "{err}"
+            );
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stop_machine_call_from_inside_a_stop_is_refused_at_once() {
     let (outer, inner) = on_one_cpu(|stop| {
         let inner = spin::Mutex::new(None);
         let ran = AtomicBool::new(false);
         let outer = stop.stop_machine(
             &|_| {
-                // The machine is held by this very call: a nested one must give up.
+                // Everything is masked here: a nested call must not even wait.
                 *inner.lock() = Some(stop.stop_machine(
                     &|_| {
                         ran.store(true, Ordering::Relaxed);
@@ -65,19 +135,17 @@ fn a_stop_machine_call_waits_for_the_machine_with_a_bound() {
     });
     assert_eq!(outer, Ok(()));
     match inner {
-        Some(Err(err @ StopError::Busy { waited_ns })) => {
-            assert!(
-                waited_ns >= SHORT.arrival_timeout_ns,
-                "waited only {waited_ns} ns"
-            );
-            assert!(waited_ns < 5_000_000_000, "waited {waited_ns} ns");
-            assert!(
-                err.to_string()
-                    .starts_with("another stop_machine held the machine for"),
-                "{err}"
-            );
-        }
-        other => panic!("expected Busy, got {other:?}"),
+        Some(Err(
+            err @ StopError::WrongContext {
+                cpu: 0,
+                context: CallContext::IrqsMasked,
+            },
+        )) => assert!(
+            err.to_string()
+                .starts_with("called on cpu0 from code with interrupts masked: refused"),
+            "{err}"
+        ),
+        other => panic!("expected WrongContext, got {other:?}"),
     }
 }
 

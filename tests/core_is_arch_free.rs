@@ -71,6 +71,14 @@ unsafe impl Arch for OneCpu {
     fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
+
+    fn call_context(&self) -> stop::CallContext {
+        if self.masked.load(Ordering::Relaxed) {
+            stop::CallContext::IrqsMasked
+        } else {
+            stop::CallContext::Normal
+        }
+    }
 }
 
 #[cfg(feature = "stop-machine-nmi")]

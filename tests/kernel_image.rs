@@ -540,13 +540,17 @@ enum Indirect {
     /// A compiler builtin (`memcpy`, `__udivti3`) through a GOT slot loaded earlier: every
     /// GOT slot `.text.nopatch` loads is checked.
     GotSlot,
+    /// `pm_call_with_fixup` (`src/arch/*/fixup.rs`), calling the one trampoline
+    /// `fixup::trampoline` it is ever passed: checked to be in `.text.nopatch`.
+    FixupTrampoline,
     /// Not in any rendezvous: the reason says why.
     Outside(&'static str),
 }
 
 const IRQ_DISPATCH: Indirect = Indirect::Outside(
     "interrupt and exception dispatch: the patch window masks every maskable exception, \
-     and a synchronous exception in it is fatal",
+     and a synchronous exception in it is fatal (only a stop_machine_catching_faults call, \
+     never patch_machine's, resumes at its fixup point instead)",
 );
 const NMI_DISPATCH: Indirect = Indirect::Outside(
     "NMI handlers: the stop machine's (checked, as StopCore) runs first; the others are \
@@ -563,11 +567,15 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("StopMachine<A>>::handle_nmi", Indirect::StopCore),
     ("StopMachine<A>>::run_in_nmi", Indirect::StopCore),
     ("StopMachine<A>::run_function", Indirect::StopCore),
+    ("::fixup::trampoline", Indirect::StopCore),
+    ("::fixup::call_catching_faults", Indirect::StopCore),
+    ("pm_call_with_fixup", Indirect::FixupTrampoline),
     ("::write_probe::call_write_probe", Indirect::WriteProbe),
     ("KernelText>::write_insn", Indirect::WriteProbe),
     ("KernelText>::write_batch", Indirect::WriteProbe),
     ("KernelText>::write_run", Indirect::WriteProbe),
     ("StopMachine<A>::wait_past", Indirect::GotSlot),
+    ("StopMachine<A>::results", Indirect::GotSlot),
     ("TextAlias::map", Indirect::GotSlot),
     ("TextAlias::map_pages", Indirect::GotSlot),
     ("::gic::dispatch", IRQ_DISPATCH),
@@ -659,6 +667,16 @@ fn indirect_calls_stay_in_nopatch(image: &Image) {
                  INDIRECT_SITES with how its targets are known"
             )),
         }
+    }
+    if kinds.contains(&Indirect::FixupTrampoline) {
+        assert!(
+            image
+                .nopatch_disassembly()
+                .lines()
+                .any(|line| line.ends_with("::fixup::trampoline>:")),
+            "{}: pm_call_with_fixup is in .text.nopatch, but not the trampoline it calls",
+            image.path.display()
+        );
     }
     assert!(
         kinds.contains(&Indirect::StopCore) && kinds.contains(&Indirect::WriteProbe),

@@ -578,7 +578,8 @@ fn aarch64_max_smp2() {
 /// passes 6 of 6 runs when the other vCPU does not execute the patched page. The kprobe
 /// tests run here too: they patch only through `patch_machine`, with the other vCPU in
 /// the rendezvous; so do the hotplug tests that need no third CPU (PSCI CPU_OFF and
-/// CPU_ON of a truly parallel vCPU).
+/// CPU_ON of a truly parallel vCPU), and three fault tests (`fault_concurrent_patchers`
+/// has calls that overlap there without its gating).
 #[test]
 fn aarch64_max_smp2_mttcg() {
     run_cell(
@@ -588,7 +589,8 @@ fn aarch64_max_smp2_mttcg() {
                 "tests=cpus_online,stop_machine_active_cpus,stop_machine_errors,\
                  stop_machine_timeout,patch_quiescence,patch_masking,bad_batches,torture,\
                  kprobe_refusals,kprobe_simulate,kprobe_contexts,kprobe_registry,kprobe_hammer,\
-                 hotplug_refusals,hotplug_cycle,hotplug_patch_offline flips=2000",
+                 hotplug_refusals,hotplug_cycle,hotplug_patch_offline,\
+                 fault_stop_fn_errors,fault_stop_fn_faults,fault_concurrent_patchers flips=2000",
             ),
     );
 }

@@ -6,7 +6,7 @@
 use patch_machine::arch::host::HostArch;
 #[cfg(feature = "stop-machine-nmi")]
 use patch_machine::stop::NmiSafe;
-use patch_machine::stop::{MaskLevel, StopError, StopMachine, StopOptions};
+use patch_machine::stop::{Arch, CallContext, MaskLevel, StopError, StopMachine, StopOptions};
 use patch_machine::{AtomicCpuSet, CpuSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -972,5 +972,60 @@ fn an_acknowledgement_left_from_an_earlier_call_is_not_an_arrival() {
     assert!(
         matches!(result, Err(StopError::Timeout { missing, .. }) if missing == CpuSet::single(held)),
         "expected a timeout naming cpu{held}, got {result:?}"
+    );
+}
+
+#[test]
+fn a_call_from_an_nmi_or_with_interrupts_masked_is_refused_before_anything() {
+    let stop = Arc::new(StopMachine::new(HostArch::new(2)));
+    HostArch::connect(&stop);
+    stop.arch().bind_current_thread(0);
+    let ran = Arc::new(AtomicBool::new(false));
+    let from_nmi = Arc::new(Mutex::new(None));
+    {
+        let (weak, ran, from_nmi) = (Arc::downgrade(&stop), ran.clone(), from_nmi.clone());
+        stop.arch().set_nmi_hook(Some(Arc::new(move |_cpu| {
+            if let Some(stop) = weak.upgrade() {
+                let result = stop.stop_machine(
+                    &|_| {
+                        ran.store(true, Ordering::Relaxed);
+                        Ok(())
+                    },
+                    CpuSet::first(2),
+                    StopOptions::DEFAULT,
+                );
+                *from_nmi.lock().unwrap() = Some(result);
+            }
+        })));
+    }
+    stop.arch().send_nmi(CpuSet::single(0));
+    assert!(!stop.arch().poll_interrupts(), "no stop IPI was pending");
+    stop.arch().set_nmi_hook(None);
+    let masked = {
+        let saved = stop.arch().mask_irqs();
+        let result = stop.stop_machine(&|_| Ok(()), CpuSet::first(2), StopOptions::DEFAULT);
+        stop.arch().restore(saved);
+        result
+    };
+    assert!(
+        !ran.load(Ordering::Relaxed),
+        "a refused call's function ran"
+    );
+    // CPU 1 has no thread: a call that went ahead would have waited for it to arrive.
+    assert_eq!(stop.arch().ipis_sent(), 0, "a refused call sent a stop IPI");
+    let from_nmi = from_nmi.lock().unwrap().take();
+    assert_eq!(
+        from_nmi,
+        Some(Err(StopError::WrongContext {
+            cpu: 0,
+            context: CallContext::Nmi
+        }))
+    );
+    assert_eq!(
+        masked,
+        Err(StopError::WrongContext {
+            cpu: 0,
+            context: CallContext::IrqsMasked
+        })
     );
 }

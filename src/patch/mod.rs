@@ -370,14 +370,18 @@ pub fn validate<T: Text>(text: &T, batch: &[Patch<T::Insn>]) -> Result<(), Patch
                 new_len: patch.new.size(),
             });
         }
-        if !(text_range.start <= addr && addr.saturating_add(len) <= text_range.end) {
-            return Err(PatchError::OutsideText {
-                index,
-                addr,
-                text: (text_range.start, text_range.end),
-            });
-        }
-        let end = addr + len;
+        // Checked, not saturating: in a text ending at `usize::MAX`, an entry running
+        // past the top saturated to the end and passed (tests/prop_batch.rs).
+        let end = match addr.checked_add(len) {
+            Some(end) if text_range.start <= addr && end <= text_range.end => end,
+            _ => {
+                return Err(PatchError::OutsideText {
+                    index,
+                    addr,
+                    text: (text_range.start, text_range.end),
+                });
+            }
+        };
         if let Some(range) = text
             .protected_ranges()
             .iter()
@@ -452,6 +456,9 @@ pub fn patch_machine<A: Arch, T: Text>(
     batch: &[Patch<T::Insn>],
     options: StopOptions,
 ) -> Result<PatchReport, PatchError<T::Insn>> {
+    // Refused from IRQ or NMI context or with interrupts masked, before the lock: its
+    // holder may be the code this CPU interrupted, or waiting for this CPU to arrive.
+    stop.may_stop_here()?;
     // Waiting here keeps interrupts enabled: the holder may be stopping the machine.
     let _writer = lock_bounded(stop.arch(), text.writer_lock(), options.arrival_timeout_ns)?;
     let mut space = plan::SPACE.try_lock();

@@ -109,7 +109,9 @@ impl Decoded {
             let disp = copy.get(at..at + 4)?;
             let disp = i64::from(i32::from_le_bytes(disp.try_into().ok()?));
             // Same length at both places: the displacement is from the end of each.
-            let rebased = disp + addr as i64 - xol as i64;
+            // Modulo 2^64, as the CPU adds it: the slot may lie across either end of
+            // the address space, or across the signed midpoint, from the original.
+            let rebased = (addr.wrapping_sub(xol) as i64).wrapping_add(disp);
             let rebased = i32::try_from(rebased).ok()?;
             copy.get_mut(at..at + 4)?
                 .copy_from_slice(&rebased.to_le_bytes());
@@ -169,7 +171,8 @@ const SYSTEM: &str =
 const CHANGES_IF_TF: &str = "reads or writes RFLAGS.IF/TF, which the out-of-line step owns";
 const TRAPS: &str = "raises an exception itself (INT3, INT n, INT1, UD)";
 const INVALID: &str = "not a valid instruction in 64-bit mode";
-const NOT_DECODED: &str = "an opcode this decoder does not know (SSE/AVX, x87 or 3DNow!)";
+const NOT_DECODED: &str =
+    "an opcode this decoder does not know (SSE/AVX, the 0F 38/0F 3A maps, x87 or 3DNow!)";
 
 fn one_byte(op: u8) -> Op {
     use Imm::*;
@@ -283,6 +286,8 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
                 as isize,
         })
     };
+    // The 0F-map opcode, for the ModRM checks below.
+    let mut two_byte_op = None;
     let op = match opcode {
         0x0f => {
             let second = byte(i)?;
@@ -300,15 +305,14 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
                         },
                     );
                 }
-                0x38 => {
-                    i += 1;
-                    Op::ModRm(Imm::None)
+                // The three-byte maps are SSSE3/SSE4/AES/SHA with MOVBE, CRC32 and
+                // ADX among them, and undefined opcodes that raise #UD in the slot:
+                // refused whole (this kernel's text has none of them).
+                0x38 | 0x3a => Op::No(NOT_DECODED),
+                _ => {
+                    two_byte_op = Some(second);
+                    two_byte(second)
                 }
-                0x3a => {
-                    i += 1;
-                    Op::ModRm(Imm::B)
-                }
-                _ => two_byte(second),
             }
         }
         0x62 | 0xc4 | 0xc5 => return Err("a VEX/EVEX prefix (vector instructions)"),
@@ -352,7 +356,8 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
         }
         _ => one_byte(opcode),
     };
-    let z = if opsize16 { 2 } else { 4 };
+    // REX.W wins over 66: a 64-bit operand, whose immediate is still 32 bits.
+    let z = if opsize16 && !rex_w { 2 } else { 4 };
     let (has_modrm, imm) = match op {
         Op::No(why) => return Err(why),
         Op::ModRm(imm) => (true, imm),
@@ -392,6 +397,18 @@ pub fn decode(addr: usize, bytes: &[u8]) -> Result<Decoded, &'static str> {
             1 => i += 1,
             2 => i += 4,
             _ => {}
+        }
+        // Forms that raise #UD, which the step would take in the slot: a register
+        // operand where only memory is defined (LEA, LSS/LFS/LGS, MOVNTI, PREFETCH,
+        // group 9 but RDRAND/RDSEED/RDPID), and group 8's undefined /0 to /3.
+        let memory_only = match two_byte_op {
+            Some(0x0d | 0xb2 | 0xb4 | 0xb5 | 0xc3) => true,
+            Some(0xc7) => reg < 6,
+            Some(_) => false,
+            None => opcode == 0x8d,
+        };
+        if md == 3 && memory_only || two_byte_op == Some(0xba) && reg < 4 {
+            return Err(INVALID);
         }
         // Groups whose immediate or meaning depends on ModRM.reg.
         match (opcode, reg) {

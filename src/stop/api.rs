@@ -98,6 +98,36 @@ impl Default for StopOptions {
     }
 }
 
+/// Where the calling CPU runs, as [`Arch::call_context`](super::Arch::call_context)
+/// reports it. A stop may start only from [`CallContext::Normal`]: its initiator waits
+/// for the machine with interrupts on, answering the holder's stop IPI, and then for
+/// every other CPU, which an interrupted initiator may be keeping from arriving (Linux:
+/// `stop_machine` may sleep, so it is refused in atomic context).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallContext {
+    /// Normal code with interrupts enabled.
+    Normal,
+    /// Normal code with interrupts masked: the caller cannot take the stop IPI of
+    /// another initiator it waits for.
+    IrqsMasked,
+    /// An interrupt or exception handler: the interrupted code may hold what the stop
+    /// needs (the stop machine's or the text's lock), and its CPU takes no stop IPI.
+    Irq,
+    /// An NMI handler: it may have interrupted this CPU inside a stop.
+    Nmi,
+}
+
+impl fmt::Display for CallContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CallContext::Normal => "normal context",
+            CallContext::IrqsMasked => "code with interrupts masked",
+            CallContext::Irq => "an interrupt or exception handler",
+            CallContext::Nmi => "an NMI handler",
+        })
+    }
+}
+
 /// Why [`StopMachine::stop_machine`](super::StopMachine::stop_machine) failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopError {
@@ -123,6 +153,25 @@ pub enum StopError {
     },
     /// The function ran and returned an error on at least one CPU.
     Failed(Failures),
+    /// The function took a synchronous exception on these CPUs (a call of
+    /// [`stop_machine_catching_faults`](super::StopMachine::stop_machine_catching_faults)):
+    /// it was abandoned there, every CPU left the rendezvous as usual.
+    Faulted {
+        /// Every CPU whose function faulted.
+        cpus: CpuSet,
+        /// The lowest of them.
+        cpu: usize,
+        /// Its fault.
+        fault: super::StopFault,
+    },
+    /// Called from a context a stop cannot start from (IRQ or NMI handler, interrupts
+    /// masked): refused before anything was touched, no lock taken, no IPI sent.
+    WrongContext {
+        /// The calling CPU.
+        cpu: usize,
+        /// Where it was running.
+        context: CallContext,
+    },
 }
 
 /// The errors returned by the stop function, one per failing CPU (never just the last).
@@ -173,6 +222,15 @@ impl fmt::Display for StopError {
                 f,
                 "CPUs {missing} did not arrive within {} us; the function did not run",
                 waited_ns / 1000
+            ),
+            StopError::Faulted { cpus, cpu, fault } => write!(
+                f,
+                "stop function faulted on CPUs {cpus}; cpu{cpu}: {fault}; every CPU left"
+            ),
+            StopError::WrongContext { cpu, context } => write!(
+                f,
+                "called on cpu{cpu} from {context}: refused, nothing ran (a stop must start \
+                 from normal code with interrupts enabled)"
             ),
             StopError::Failed(failures) => {
                 f.write_str("stop function failed on")?;

@@ -87,6 +87,31 @@ pub unsafe trait Arch: Sync {
         None
     }
 
+    /// Where the calling CPU runs: the most specific of NMI handler, interrupt or
+    /// exception handler, interrupts masked, normal. A stop refuses to start anywhere
+    /// but [`CallContext::Normal`](super::CallContext::Normal)
+    /// ([`StopError::WrongContext`](super::StopError::WrongContext)). Called by the
+    /// initiator before it touches anything, so it must be cheap and in `.text.nopatch`
+    /// (or inlined there).
+    fn call_context(&self) -> super::CallContext;
+
+    /// Runs `function` on this CPU (`cpu`) so that a synchronous exception it takes
+    /// that would otherwise be fatal (a load from an unmapped address, an undefined
+    /// instruction) ends the call with `Err` describing it instead, as if `function` had
+    /// returned. The default catches nothing: a fault stays fatal.
+    ///
+    /// # Safety
+    /// On a fault, every frame between this call and the fault is abandoned without
+    /// running its destructors: `function` must hold no lock and own nothing that needs
+    /// dropping across code that may fault.
+    unsafe fn call_catching_faults(
+        &self,
+        cpu: usize,
+        function: &dyn super::StopFunction,
+    ) -> Result<super::StopFnResult, super::StopFault> {
+        Ok(function.call(cpu))
+    }
+
     /// Where [`mask_all`](Arch::mask_all) cannot keep NMIs out (x86), this CPU's self-NMI
     /// ([`StopMachine::stop_machine_nmi_free`](super::StopMachine::stop_machine_nmi_free)
     /// then runs the function from it); `None`, the default, where it can.

@@ -56,6 +56,7 @@
 //! | `state.rs`      | the control word (generation, phase) and the per-CPU slots        |
 //! | `rendezvous.rs` | [`StopMachine`]: publishing a call, the three phases, the waits   |
 //! | `nmi.rs`        | the NMI path: `stop_machine_nmi`, `handle_nmi`, NMIs held for `stop_machine_nmi_free` |
+//! | `fault.rs`      | [`StopFault`]: stop functions that fault, caught where the arch can |
 //! | `evidence.rs`   | [`Quiescence`], the masked-window witness, [`CallProfile`]        |
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
 //! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
@@ -66,6 +67,7 @@ mod api;
 mod arch;
 mod context;
 mod evidence;
+mod fault;
 mod hotplug;
 mod lock;
 #[cfg(feature = "stop-machine-nmi")]
@@ -74,14 +76,15 @@ mod rendezvous;
 mod state;
 
 pub use api::{
-    ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn, StopFnResult,
-    StopFunction, StopOptions,
+    CallContext, ETIMEDOUT, Failures, MaskLevel, NMI_TIMEOUT_NS, NmiSafe, StopError, StopFn,
+    StopFnResult, StopFunction, StopOptions,
 };
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
 pub use context::{ContextStates, Deferred, PENDING, StopStillOpen, USER};
 pub use evidence::{CallProfile, Quiescence};
+pub use fault::{EFAULT, StopFault};
 pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};
 pub use lock::{LockTimeout, lock_within};
 #[cfg(feature = "stop-machine-nmi")]

@@ -98,6 +98,7 @@ impl<A: NmiArch> StopMachine<A> {
             function: &function.0,
             raise_nmi: Some(&self.arch),
             hold_nmis: false,
+            catch_faults: false,
         };
         // Relaxed: published with the call by the `Arrive` release in `call`.
         self.nmi.delivered.clear(Ordering::Relaxed);
@@ -237,6 +238,7 @@ impl<A: Arch> StopMachine<A> {
             function,
             raise_nmi: Some(raise_nmi),
             hold_nmis: true,
+            catch_faults: false,
         };
         let options = StopOptions {
             mask: MaskLevel::IrqsOnly,

@@ -4,13 +4,15 @@
 //! follows and the ordering argument; `state.rs` the layout.
 
 use super::evidence::{Evidence, Mark, Profile};
+use super::fault::{Catching, Faults};
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::NmiRequests;
 #[cfg(feature = "stop-machine-nmi")]
 use super::nmi::RaiseNmi;
 use super::state::{Ack, Control, CpuSlot, CpuSlots, Phase, Progress, State};
 use super::{
-    Arch, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction, StopOptions,
+    Arch, CallContext, Failures, MaskLevel, StopError, StopFn, StopFnResult, StopFunction,
+    StopOptions,
 };
 use super::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard, LockTimeout, lock_within};
 use crate::cpuset::AtomicCpuSet;
@@ -27,6 +29,8 @@ pub(super) struct Work<'a> {
     /// call first (see `StopMachine::stop_machine_nmi_free`).
     #[cfg(feature = "stop-machine-nmi")]
     pub(super) hold_nmis: bool,
+    /// The function runs through [`Arch::call_catching_faults`].
+    pub(super) catch_faults: bool,
 }
 
 /// What the initiator publishes for a call: written only under the machine's lock,
@@ -140,6 +144,8 @@ pub struct StopMachine<A: Arch> {
     /// The self-NMI requests of an NMI call.
     #[cfg(feature = "stop-machine-nmi")]
     pub(super) nmi: NmiRequests,
+    /// Faults taken by functions of calls that catch them.
+    faults: Faults,
 }
 
 impl<A: Arch> StopMachine<A> {
@@ -156,6 +162,7 @@ impl<A: Arch> StopMachine<A> {
             profile: Profile::new(),
             #[cfg(feature = "stop-machine-nmi")]
             nmi: NmiRequests::new(),
+            faults: Faults::new(),
         }
     }
 
@@ -189,8 +196,10 @@ impl<A: Arch> StopMachine<A> {
     /// Runs `function` on every CPU in `active` while every online CPU is inside the
     /// rendezvous with all asynchronous exceptions masked.
     ///
-    /// Must be called with interrupts enabled: a CPU waiting here for the machine to be
-    /// free has to answer the current holder's stop IPI. Errors from all CPUs are
+    /// Must be called from normal code with interrupts enabled: a CPU waiting here for
+    /// the machine to be free has to answer the current holder's stop IPI. Anywhere else
+    /// (an IRQ or NMI handler, interrupts masked) the call is refused with
+    /// [`StopError::WrongContext`] before it touches anything. Errors from all CPUs are
     /// collected ([`StopError::Failed`]).
     pub fn stop_machine(
         &self,
@@ -214,6 +223,35 @@ impl<A: Arch> StopMachine<A> {
             raise_nmi: None,
             #[cfg(feature = "stop-machine-nmi")]
             hold_nmis: false,
+            catch_faults: false,
+        };
+        self.call(&work, active, options)
+    }
+
+    /// [`stop_machine`](Self::stop_machine), but a synchronous exception the function
+    /// takes on a CPU (a load from an unmapped address, an undefined instruction) ends
+    /// the function there, where the architecture can catch it
+    /// ([`Arch::call_catching_faults`]; arm64 and x86 do): every CPU leaves as usual and
+    /// the call fails with [`StopError::Faulted`], naming the CPUs and the fault. Only
+    /// these calls pay for it: a context save at each active CPU's call.
+    ///
+    /// # Safety
+    /// A faulting CPU abandons the function's frames without running destructors:
+    /// `function` holds no lock and owns nothing that needs dropping across code that
+    /// may fault.
+    pub unsafe fn stop_machine_catching_faults(
+        &self,
+        function: StopFn<'_>,
+        active: CpuSet,
+        options: StopOptions,
+    ) -> Result<(), StopError> {
+        let work = Work {
+            function: &function,
+            #[cfg(feature = "stop-machine-nmi")]
+            raise_nmi: None,
+            #[cfg(feature = "stop-machine-nmi")]
+            hold_nmis: false,
+            catch_faults: true,
         };
         self.call(&work, active, options)
     }
@@ -242,6 +280,21 @@ impl<A: Arch> StopMachine<A> {
         self.stop_machine_with(function, active, options)
     }
 
+    /// `Ok` if the calling CPU may start a stop ([`Arch::call_context`] is
+    /// [`CallContext::Normal`]); otherwise [`StopError::WrongContext`]. Every call checks
+    /// this first, and `patch_machine` before it takes the text's lock.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    pub fn may_stop_here(&self) -> Result<(), StopError> {
+        match self.arch.call_context() {
+            CallContext::Normal => Ok(()),
+            context => Err(StopError::WrongContext {
+                cpu: self.arch.cpu_id(),
+                context,
+            }),
+        }
+    }
+
     /// One call: take the machine, publish `work`, lead the rendezvous.
     #[unsafe(link_section = ".text.nopatch")]
     pub(super) fn call(
@@ -250,6 +303,9 @@ impl<A: Arch> StopMachine<A> {
         active: CpuSet,
         options: StopOptions,
     ) -> Result<(), StopError> {
+        // Before anything else: from an IRQ or NMI handler, or with interrupts masked,
+        // the lock wait below could spin on a holder this CPU keeps from finishing.
+        self.may_stop_here()?;
         let arch = &self.arch;
         let me = arch.cpu_id();
         if active.is_empty() || !active.is_subset(arch.online_cpus()) {
@@ -354,7 +410,8 @@ impl<A: Arch> StopMachine<A> {
                 Err(StopError::Timeout { missing, waited_ns })
             }
             // The gather's Acquire loads of each active CPU's `Ran` pair with its
-            // release: every code is visible.
+            // release: every code (and fault record) is visible.
+            Outcome::Completed if work.catch_faults => self.faulted(active),
             Outcome::Completed => self.results(active),
         }
     }
@@ -525,8 +582,34 @@ impl<A: Arch> StopMachine<A> {
         if let Some(raise_nmi) = work.raise_nmi {
             return self.run_in_nmi(me, raise_nmi);
         }
+        if work.catch_faults {
+            let catching = Catching {
+                arch: &self.arch,
+                work,
+                faults: &self.faults,
+            };
+            return self.evidence.run_marked(self.slots.get(me), me, &catching);
+        }
         self.evidence
             .run_marked(self.slots.get(me), me, work.function)
+    }
+
+    /// The result of a call that caught faults: [`StopError::Faulted`] if a function
+    /// faulted anywhere, else as [`results`](Self::results).
+    #[unsafe(link_section = ".text.nopatch")]
+    fn faulted(&self, active: CpuSet) -> Result<(), StopError> {
+        let mut first = None;
+        let mut cpus = CpuSet::EMPTY;
+        for cpu in active {
+            if let Some(fault) = self.faults.take(cpu) {
+                cpus = cpus.with(cpu);
+                first.get_or_insert((cpu, fault));
+            }
+        }
+        match first {
+            Some((cpu, fault)) => Err(StopError::Faulted { cpus, cpu, fault }),
+            None => self.results(active),
+        }
     }
 
     /// The call's result, once every active CPU acknowledged `Ran`: every failing

@@ -10,8 +10,8 @@
 
 use super::exceptions::{self, FRAME_SIZE, MAX_DEPTH, TrapFrame};
 use super::{
-    alternatives, cache, console, cpu, dtb, exit, gic, irqflags, layout, mmu, nmi_mode, psci,
-    semihosting, smp, timer,
+    alternatives, cache, console, cpu, dtb, exit, gic, irqflags, layout, mmu, nesting, nmi_mode,
+    psci, semihosting, smp, timer,
 };
 use crate::MAX_CPUS;
 use core::arch::global_asm;
@@ -36,7 +36,7 @@ global_asm!(
     include_str!("../../../boot/aarch64/vectors.S"),
     stacks = sym layout::STACKS,
     estacks = sym layout::EXCEPTION_STACKS,
-    depth = sym exceptions::DEPTH,
+    depth = sym nesting::DEPTH,
     handler = sym exceptions::handle_exception,
     exit_block = sym semihosting::EXIT_FAILURE_BLOCK,
     conduit = sym psci::CONDUIT,

@@ -22,9 +22,8 @@
 
 use super::user_context::USER_CONTEXTS;
 use super::{console, cpu, exit, irq, semihosting, timer};
-use crate::MAX_CPUS;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// The registers saved on exception entry. `#[repr(C)]`: the layout is shared with
 /// `boot/aarch64/vectors.S` through `offset_of!` constants.
@@ -86,10 +85,6 @@ const _: () = assert!(
 
 /// Deepest nesting the Rust handler is trusted with (the vectors exit directly beyond).
 pub const MAX_DEPTH: u64 = 4;
-
-/// Per-CPU exception nesting depth, maintained by the vectors with plain loads/stores
-/// (only the owning CPU touches its slot).
-pub(crate) static DEPTH: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// The BRK hook: a `fn(&mut TrapFrame) -> bool` as usize, 0 = none.
 static BRK_HANDLER: AtomicUsize = AtomicUsize::new(0);
@@ -153,7 +148,7 @@ pub fn clear_brk_handler() {
 
 /// The calling CPU's exception nesting depth (0 in normal code).
 pub fn depth() -> u64 {
-    DEPTH[cpu::current_cpu()].load(Ordering::Relaxed)
+    super::nesting::depth_of(cpu::current_cpu())
 }
 
 /// The name of vector `kind`.
@@ -188,31 +183,44 @@ pub fn esr_ec(esr: u64) -> u8 {
     ((esr >> 26) & 0x3f) as u8
 }
 
-/// A name for an exception class.
+/// Exception classes and their names, searched by [`ec_name`].
+const EC_NAMES: [(u8, &str); 23] = [
+    (0x00, "unknown reason (e.g. undefined instruction)"),
+    (0x01, "trapped WFI/WFE"),
+    (0x07, "trapped SVE/SIMD/FP access"),
+    (0x0e, "illegal execution state"),
+    (0x15, "SVC (AArch64)"),
+    (0x16, "HVC (AArch64)"),
+    (0x17, "SMC (AArch64)"),
+    (0x18, "trapped MSR/MRS/system instruction"),
+    (0x20, "instruction abort, lower EL"),
+    (0x21, "instruction abort, same EL"),
+    (0x22, "PC alignment fault"),
+    (0x24, "data abort, lower EL"),
+    (0x25, "data abort, same EL"),
+    (0x26, "SP alignment fault"),
+    (0x2c, "trapped floating-point exception"),
+    (0x2f, "SError"),
+    (0x30, "breakpoint"),
+    (0x31, "breakpoint"),
+    (0x32, "software step"),
+    (0x33, "software step"),
+    (0x34, "watchpoint"),
+    (0x35, "watchpoint"),
+    (0x3c, "BRK instruction (AArch64)"),
+];
+
+/// A name for an exception class. A table search, not a `match` (which compiles to a
+/// jump table, an indirect branch): exception entry, in `.text.nopatch`, names the
+/// fault it hands to a stop function's fixup point (`handle_sync`).
+#[unsafe(link_section = ".text.nopatch")]
 pub fn ec_name(ec: u8) -> &'static str {
-    match ec {
-        0x00 => "unknown reason (e.g. undefined instruction)",
-        0x01 => "trapped WFI/WFE",
-        0x07 => "trapped SVE/SIMD/FP access",
-        0x0e => "illegal execution state",
-        0x15 => "SVC (AArch64)",
-        0x16 => "HVC (AArch64)",
-        0x17 => "SMC (AArch64)",
-        0x18 => "trapped MSR/MRS/system instruction",
-        0x20 => "instruction abort, lower EL",
-        0x21 => "instruction abort, same EL",
-        0x22 => "PC alignment fault",
-        0x24 => "data abort, lower EL",
-        0x25 => "data abort, same EL",
-        0x26 => "SP alignment fault",
-        0x2c => "trapped floating-point exception",
-        0x2f => "SError",
-        0x30 | 0x31 => "breakpoint",
-        0x32 | 0x33 => "software step",
-        0x34 | 0x35 => "watchpoint",
-        0x3c => "BRK instruction (AArch64)",
-        _ => "other",
-    }
+    // Opaque to the optimiser, which would otherwise turn the search back into a
+    // jump table.
+    core::hint::black_box(&EC_NAMES)
+        .iter()
+        .find(|(class, _)| *class == ec)
+        .map_or("other", |(_, name)| name)
 }
 
 /// A name for an abort's fault status code (ISS[5:0] of an instruction/data abort).
@@ -377,6 +385,25 @@ fn handle_sync(frame: &mut TrapFrame) -> bool {
             let hook: fn(&mut TrapFrame) -> bool = unsafe { core::mem::transmute(hook) };
             return hook(frame);
         }
+    }
+    // About to be fatal: a stop function run with its fixup point armed ends here
+    // instead (`fixup`). Nothing else on the way pays for it.
+    let ec = esr_ec(frame.esr);
+    let fault = crate::stop::StopFault {
+        what: ec_name(ec),
+        pc: frame.elr as usize,
+        // FAR_EL1 is meaningful for aborts only.
+        addr: if (0x20..=0x25).contains(&ec) {
+            frame.far as usize
+        } else {
+            0
+        },
+        syndrome: frame.esr,
+    };
+    if let Some((resume, ctx)) = super::fixup::resume_from_fault(fault) {
+        frame.elr = resume;
+        frame.x[0] = ctx;
+        return true;
     }
     false
 }

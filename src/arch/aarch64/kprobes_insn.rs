@@ -243,11 +243,14 @@ fn set_reg(frame: &mut TrapFrame, r: u8, value: u64) {
 #[unsafe(link_section = ".text.kprobes")]
 pub fn simulate(sim: Sim, pc: u64, frame: &mut TrapFrame) {
     let at = |offset: i64| pc.wrapping_add_signed(offset);
-    let mut next = pc + 4;
+    // Wrapping, as the PC does: `pc + 4` overflowed (a debug-build panic) for the last
+    // word of the address space (tests/prop_kprobes_decode.rs).
+    let after = pc.wrapping_add(4);
+    let mut next = after;
     match sim {
         Sim::Branch { offset, link } => {
             if link {
-                set_reg(frame, 30, pc + 4);
+                set_reg(frame, 30, after);
             }
             next = at(offset);
         }
@@ -303,7 +306,7 @@ pub fn simulate(sim: Sim, pc: u64, frame: &mut TrapFrame) {
         Sim::BranchReg { rn, link } => {
             let target = reg(frame, rn);
             if link {
-                set_reg(frame, 30, pc + 4);
+                set_reg(frame, 30, after);
             }
             next = target;
         }

@@ -11,6 +11,7 @@
 //! | [`user`]        | user mode (EL0): the user programs, entry/exit, syscalls, faults |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
+//! | [`fixup`]       | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
 //! | [`irq`]         | the IRQ exception: acknowledge, dispatch, EOI                |
 //! | [`nmi`]         | NMI IPIs, NMI handlers, per-CPU NMI state                    |
 //! | [`gic`]         | GICv3 set-up, SGIs and their numbers, acknowledge/EOI        |
@@ -29,6 +30,7 @@
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
 //! | [`layout`]      | linker symbols and stacks                                    |
 //! | [`user_context`]| every CPU's context state word ([`user_context::USER_CONTEXTS`]) |
+//! | [`nesting`]     | per-CPU exception nesting depth (the vectors', `call_context`'s) |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
 //! one's [`Aarch64`]/[`STOP`], which `nmi`, `alternatives` and `boot` use), never one above, so the
@@ -47,6 +49,7 @@ pub mod cpu;
 pub mod dtb;
 pub mod exceptions;
 pub mod exit;
+pub mod fixup;
 pub mod gic;
 pub mod irq;
 pub mod irqflags;
@@ -55,6 +58,7 @@ pub mod kprobes;
 pub mod kprobes_insn;
 pub mod layout;
 pub mod mmu;
+pub mod nesting;
 pub mod nmi;
 pub mod nmi_mode;
 pub mod psci;
@@ -155,6 +159,37 @@ unsafe impl Arch for Aarch64 {
 
     fn context_states(&self) -> Option<&crate::stop::ContextStates> {
         Some(&user_context::USER_CONTEXTS)
+    }
+
+    /// Through [`fixup`]: a context save, then the function; a fatal synchronous
+    /// exception in it resumes there.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    unsafe fn call_catching_faults(
+        &self,
+        cpu: usize,
+        function: &dyn crate::stop::StopFunction,
+    ) -> Result<crate::stop::StopFnResult, crate::stop::StopFault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { fixup::call_catching_faults(cpu, function) }
+    }
+
+    /// NMI: this CPU's NMI nesting count ([`nesting::in_nmi_of`]); interrupt or exception
+    /// handler: the vectors' nesting depth; masked: PSTATE.I, or the PMR at or below
+    /// [`nmi_mode::PMR_IRQOFF`] with pseudo-NMI ([`irqflags::irqs_disabled`]).
+    #[inline(always)]
+    fn call_context(&self) -> crate::stop::CallContext {
+        use crate::stop::CallContext;
+        let depth = nesting::depth_of(cpu::current_cpu());
+        if nesting::in_nmi_of(cpu::current_cpu()) {
+            CallContext::Nmi
+        } else if depth > 0 {
+            CallContext::Irq
+        } else if irqflags::irqs_disabled() {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
     }
 }
 

@@ -19,15 +19,15 @@
 use super::{cpu, gic, nmi_mode, smp};
 use crate::nmi_handlers::NmiHandlers;
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 pub use super::gic::NMI_SGI;
 pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
 /// The NMI handlers (slot 0, the stop machine's, is called directly).
 static HANDLERS: NmiHandlers = NmiHandlers::new();
-/// Per CPU: NMI handlers in progress (0 or 1: NMIs do not nest).
-static IN_NMI: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per CPU: NMI handlers in progress (in `nesting`, so that `call_context` reads it).
+use super::nesting::IN_NMI;
 /// Per CPU: NMIs taken.
 static TAKEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Per CPU: NMIs no handler claimed.

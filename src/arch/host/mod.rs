@@ -35,6 +35,8 @@ struct Shared {
     nmi_pending: [AtomicBool; MAX_CPUS],
     nmi_masked: [AtomicBool; MAX_CPUS],
     in_nmi: [AtomicBool; MAX_CPUS],
+    /// In the stop IPI's handler.
+    in_irq: [AtomicBool; MAX_CPUS],
     /// NMIs sent to these CPUs are lost (a test knob).
     nmi_lost: AtomicCpuSet,
     nmis_taken: [AtomicU64; MAX_CPUS],
@@ -87,6 +89,7 @@ impl HostArch {
             nmi_pending: [const { AtomicBool::new(false) }; MAX_CPUS],
             nmi_masked: [const { AtomicBool::new(false) }; MAX_CPUS],
             in_nmi: [const { AtomicBool::new(false) }; MAX_CPUS],
+            in_irq: [const { AtomicBool::new(false) }; MAX_CPUS],
             nmi_lost: AtomicCpuSet::new(),
             nmis_taken: [const { AtomicU64::new(0) }; MAX_CPUS],
             syncs: [const { AtomicU64::new(0) }; MAX_CPUS],
@@ -214,7 +217,9 @@ impl HostArch {
             return false;
         }
         shared.masked[cpu].store(true, Ordering::Relaxed);
+        shared.in_irq[cpu].store(true, Ordering::Relaxed);
         handler();
+        shared.in_irq[cpu].store(false, Ordering::Relaxed);
         shared.masked[cpu].store(false, Ordering::Relaxed);
         true
     }
@@ -394,6 +399,21 @@ unsafe impl Arch for HostArch {
 
     fn context_states(&self) -> Option<&ContextStates> {
         Some(&self.shared.contexts)
+    }
+
+    fn call_context(&self) -> crate::stop::CallContext {
+        use crate::stop::CallContext;
+        let cpu = self.cpu_id();
+        // Relaxed: each flag is written only by its own CPU's thread.
+        if self.shared.in_nmi[cpu].load(Ordering::Relaxed) {
+            CallContext::Nmi
+        } else if self.shared.in_irq[cpu].load(Ordering::Relaxed) {
+            CallContext::Irq
+        } else if self.shared.masked[cpu].load(Ordering::Relaxed) {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
     }
 
     #[cfg(feature = "stop-machine-nmi")]

@@ -8,6 +8,7 @@
 //! | [`alternatives`] | applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
 //! | [`kprobes`]    | kprobes: INT3 arming, emulation, out-of-line single step (#DB) |
+//! | [`fixup`]      | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
 //! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
 //! | [`nmi`]        | NMI IPIs, NMI handlers, per-CPU NMI state                     |
 //! | [`text`]       | kernel text for the patcher ([`text::KERNEL_TEXT`])           |
@@ -23,6 +24,7 @@
 //! | [`frame`]      | the trap frame the entry stubs build                          |
 //! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
 //! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
+//! | [`nesting`]    | per-CPU count of trap handlers in flight (`call_context`'s)   |
 //! | [`cpu`]        | single instructions, the per-CPU index (GS base), CPU features |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
@@ -39,6 +41,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod exit;
+pub mod fixup;
 pub mod frame;
 pub mod gdt;
 pub mod ipi;
@@ -47,6 +50,7 @@ pub mod jump_label;
 pub mod kprobes;
 pub mod layout;
 pub mod madt;
+pub mod nesting;
 pub mod nmi;
 pub mod paging;
 pub mod selftest;
@@ -147,6 +151,36 @@ unsafe impl Arch for X86_64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    /// Through [`fixup`]: a context save, then the function; a fatal exception in it
+    /// resumes there.
+    #[unsafe(link_section = ".text.nopatch")]
+    #[inline(always)]
+    unsafe fn call_catching_faults(
+        &self,
+        cpu: usize,
+        function: &dyn crate::stop::StopFunction,
+    ) -> Result<crate::stop::StopFnResult, crate::stop::StopFault> {
+        // SAFETY: forwarded from the caller.
+        unsafe { fixup::call_catching_faults(cpu, function) }
+    }
+
+    /// NMI: this CPU's NMI nesting count ([`nesting::in_nmi_of`]); interrupt or exception
+    /// handler: the trap dispatcher's nesting count ([`nesting::in_handler`]); masked:
+    /// RFLAGS.IF clear.
+    #[inline(always)]
+    fn call_context(&self) -> crate::stop::CallContext {
+        use crate::stop::CallContext;
+        if nesting::in_nmi_of(cpu::current_cpu()) {
+            CallContext::Nmi
+        } else if nesting::in_handler() {
+            CallContext::Irq
+        } else if !cpu::irqs_enabled() {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
     }
 
     /// NMIs pass `cli`: code patching writes from the patcher's own NMI.

@@ -22,7 +22,8 @@ pub use crate::nmi_handlers::{NMI_SLOTS, STOP_MACHINE_SLOT};
 
 /// The NMI handlers (slot 0, the stop machine's, is called directly).
 static HANDLERS: NmiHandlers = NmiHandlers::new();
-static IN_NMI: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Per CPU: NMI handlers in progress (in `nesting`, so that `call_context` reads it).
+use super::nesting::IN_NMI;
 static TAKEN: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 static UNCLAIMED: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Per target CPU: NMI requests not yet handled.

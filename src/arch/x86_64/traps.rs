@@ -144,6 +144,22 @@ fn is_skipped_ud2(rip: u64) -> bool {
 
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    // The NMI keeps its own count (`nmi::in_nmi`); an NMI taken inside another handler
+    // must still read as an NMI, so it does not count here (`nesting`).
+    let counted = (frame.vector != 2).then(super::nesting::counter).flatten();
+    if let Some(n) = counted {
+        // Relaxed: this CPU's own slot.
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+    dispatch_vector(frame);
+    if let Some(n) = counted {
+        n.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+fn dispatch_vector(frame: &mut TrapFrame) {
     match frame.vector {
         // SAFETY: the NMI frame's error slot counts the latches this pass answers; only
         // this CPU's nested NMIs touch it besides, each with one `incq`.
@@ -151,13 +167,17 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
         // A site the INT3 protocol has in flight (emulated), else a kprobe's INT3,
         // else fatal like any #BP.
         3 => {
-            if !super::text_poke::handle_int3(frame) && !super::kprobes::on_int3(frame) {
+            if !super::text_poke::handle_int3(frame)
+                && !super::kprobes::on_int3(frame)
+                && !resume_from_fault(frame)
+            {
                 fatal(frame)
             }
         }
-        // The end of a kprobe's out-of-line single step; any other #DB is fatal.
+        // The end of a kprobe's out-of-line single step; any other #DB is fatal (or ends
+        // a stop function that catches faults).
         1 => {
-            if !super::kprobes::on_debug(frame) {
+            if !super::kprobes::on_debug(frame) && !resume_from_fault(frame) {
                 fatal(frame)
             }
         }
@@ -179,7 +199,37 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
             apic::eoi();
             ipi::dispatch(v as u32);
         }
-        _ => fatal(frame),
+        _ => {
+            if !resume_from_fault(frame) {
+                fatal(frame)
+            }
+        }
+    }
+}
+
+/// About to be fatal: an exception in a stop function run with its fixup point armed
+/// ends the function instead ([`super::fixup`]). Not for #DF and #MC (IST stacks, not
+/// the function's) or anything that is not an exception.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(always)]
+fn resume_from_fault(frame: &mut TrapFrame) -> bool {
+    let v = frame.vector;
+    if v >= 32 || v == 2 || v == 8 || v == 18 {
+        return false;
+    }
+    let fault = crate::stop::StopFault {
+        what: NAMES.get(v as usize).copied().unwrap_or("exception"),
+        pc: frame.rip as usize,
+        addr: if v == 14 { cpu::cr2() as usize } else { 0 },
+        syndrome: frame.error,
+    };
+    match super::fixup::resume_from_fault(fault) {
+        Some((resume, ctx)) => {
+            frame.rip = resume;
+            frame.rax = ctx;
+            true
+        }
+        None => false,
     }
 }
 

@@ -354,3 +354,17 @@ pm_kp_literals:
     .word   0x80000010
     .word   0
     .balign 4096
+
+// Fault injection for `fault_stop_fn_faults`: a load from the address in x0, and an
+// undefined instruction. Never patched.
+    .pushsection .text.pm_faults, "ax"
+    .balign 4
+    .global pm_fault_load
+pm_fault_load:
+    ldr     x0, [x0]
+    ret
+    .global pm_fault_udf
+pm_fault_udf:
+    udf     #0
+    ret
+    .popsection

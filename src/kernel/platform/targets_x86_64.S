@@ -332,3 +332,17 @@ pm_kp_loop_site:
     .balign 8
 pm_kp_riprel_data:
     .quad   0x5eed
+
+// Fault injection for `fault_stop_fn_faults`: a load from the address in %rdi, and an
+// undefined instruction. Never patched.
+    .pushsection .text.pm_faults, "ax", @progbits
+    .balign 16
+    .global pm_fault_load
+pm_fault_load:
+    movq    (%rdi), %rax
+    ret
+    .global pm_fault_udf
+pm_fault_udf:
+    ud2
+    ret
+    .popsection

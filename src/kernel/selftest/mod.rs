@@ -70,6 +70,7 @@ impl Params {
 mod alternatives;
 mod bench;
 mod call_site;
+mod faults;
 mod hotplug;
 mod isolation;
 mod kprobes;
@@ -224,6 +225,36 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "isolation_torture",
         run: isolation::isolation_torture,
+        by_default: true,
+    },
+    Test {
+        name: "fault_cpu_never_arrives",
+        run: faults::fault_cpu_never_arrives,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_errors",
+        run: faults::fault_stop_fn_errors,
+        by_default: true,
+    },
+    Test {
+        name: "fault_stop_fn_faults",
+        run: faults::fault_stop_fn_faults,
+        by_default: true,
+    },
+    Test {
+        name: "fault_concurrent_patchers",
+        run: faults::fault_concurrent_patchers,
+        by_default: true,
+    },
+    Test {
+        name: "fault_wrong_context",
+        run: faults::fault_wrong_context,
+        by_default: true,
+    },
+    Test {
+        name: "fault_nmi_storm",
+        run: faults::fault_nmi_storm,
         by_default: true,
     },
     Test {
