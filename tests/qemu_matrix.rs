@@ -668,7 +668,7 @@ fn aarch64_max_smp4_el2() {
 fn aarch64_max_smp4_isolcpus() {
     run_cell(&Cell::new("aarch64_max_smp4_isolcpus", "max", 4).bootargs(
         "isolcpus=1-2 tests=user_faults,isolation_quiet,isolation_torture,torture,static_keys \
-         isolation_rounds=500 flips=500",
+         isolation_rounds=500 user_spins=1 flips=500",
     ));
 }
 
