@@ -4,6 +4,7 @@
 //! does not accept comes back as a [`BadArg`] naming the word and the limit.
 
 use crate::patch::alternatives::Features;
+use crate::{CpuSet, MAX_CPUS};
 use core::fmt;
 
 /// The names the kernel accepts, and where each one is.
@@ -49,6 +50,10 @@ pub struct Selection<'a, P> {
     pub expect_nmi: Option<usize>,
     /// `expect_features=none|NAME,...`: the CPU features `alternatives` must find.
     pub expect_features: Option<Features>,
+    /// `isolcpus=LIST` and `nohz_full=LIST` (Linux's spelling, e.g. `1-3,5`; the union of
+    /// both): CPUs whose patching synchronisation is deferred to their next kernel entry
+    /// while they run user code.
+    pub isolated: CpuSet,
     /// The numeric arguments, defaults where not given.
     pub params: P,
 }
@@ -84,6 +89,10 @@ pub enum Problem<'a> {
     UnknownNmiMechanism,
     /// `expect_features=` naming no feature of this architecture (this one).
     UnknownFeature(&'a str),
+    /// `isolcpus=`/`nohz_full=` that is not a CPU list (`1-3,5`).
+    NotACpuList,
+    /// A CPU number in a list at or past [`MAX_CPUS`].
+    CpuOutOfRange(u64),
 }
 
 impl fmt::Display for Problem<'_> {
@@ -103,6 +112,12 @@ impl fmt::Display for Problem<'_> {
             Self::UnknownFeature(name) => write!(
                 f,
                 "unknown CPU feature '{name}' (takes none or feature names of this architecture)"
+            ),
+            Self::NotACpuList => f.write_str("takes a CPU list (e.g. 1-3,5)"),
+            Self::CpuOutOfRange(cpu) => write!(
+                f,
+                "CPU {cpu} out of range (max {} = MAX_CPUS - 1)",
+                MAX_CPUS - 1
             ),
         }
     }
@@ -155,6 +170,30 @@ pub fn number(value: &str, min: u64, max: u64) -> Result<u64, Problem<'static>> 
     }
 }
 
+/// `value` as a CPU list: comma-separated CPUs and inclusive ranges `a-b` (`a <= b`),
+/// each below [`MAX_CPUS`]; not empty.
+pub fn cpu_list(value: &str) -> Result<CpuSet, Problem<'static>> {
+    let mut set = CpuSet::EMPTY;
+    for item in value.split(',') {
+        let (first, last) = item.split_once('-').unwrap_or((item, item));
+        let cpu = |text: &str| match number(text, 0, MAX_CPUS as u64 - 1) {
+            Ok(n) => Ok(n as usize),
+            Err(Problem::OutOfRange { .. }) => Err(Problem::CpuOutOfRange(
+                text.parse::<u64>().unwrap_or(u64::MAX),
+            )),
+            Err(_) => Err(Problem::NotACpuList),
+        };
+        let (first, last) = (cpu(first)?, cpu(last)?);
+        if first > last {
+            return Err(Problem::NotACpuList);
+        }
+        for c in first..=last {
+            set = set.with(c);
+        }
+    }
+    Ok(set)
+}
+
 /// Parses `tests=a,b KEY=N pseudo_nmi=on|off expect_nmi=NAME platform_selftest=MODE`
 /// and the `platform_...=` words the platform reads itself; anything else is refused,
 /// naming it. In `tests=`, `all` is the default set, `platform` the platform's checks,
@@ -171,6 +210,7 @@ pub fn parse<'a, P>(
         fault: None,
         expect_nmi: None,
         expect_features: None,
+        isolated: CpuSet::EMPTY,
         params,
     };
     for word in bootargs.split_ascii_whitespace() {
@@ -225,6 +265,9 @@ pub fn parse<'a, P>(
                     set = set.with(bit);
                 }
                 selection.expect_features = Some(set);
+            }
+            "isolcpus" | "nohz_full" => {
+                selection.isolated = selection.isolated.or(cpu_list(value).map_err(bad)?);
             }
             _ => return Err(bad(Problem::UnknownArgument)),
         }
@@ -319,6 +362,12 @@ mod tests {
             parse_with("platform_selftest=text_write").unwrap().fault,
             Some("text_write")
         );
+        let isolated = parse_with("isolcpus=1-3,5 nohz_full=7").unwrap().isolated;
+        assert_eq!(
+            isolated,
+            CpuSet::EMPTY.with(1).with(2).with(3).with(5).with(7)
+        );
+        assert_eq!(parse_with("").unwrap().isolated, CpuSet::EMPTY);
     }
 
     /// Every bad word is refused, naming the word and, for numbers, the range.
@@ -374,6 +423,23 @@ mod tests {
                 "'expect_features=lse,avx': unknown CPU feature 'avx' (takes none or feature names of this architecture)",
             ),
             ("flip=5", "'flip=5': unknown kernel argument"),
+            ("isolcpus=", "'isolcpus=': takes a CPU list (e.g. 1-3,5)"),
+            (
+                "isolcpus=3-1",
+                "'isolcpus=3-1': takes a CPU list (e.g. 1-3,5)",
+            ),
+            (
+                "isolcpus=1,,2",
+                "'isolcpus=1,,2': takes a CPU list (e.g. 1-3,5)",
+            ),
+            (
+                "nohz_full=a",
+                "'nohz_full=a': takes a CPU list (e.g. 1-3,5)",
+            ),
+            (
+                "isolcpus=1-512",
+                "'isolcpus=1-512': CPU 512 out of range (max 511 = MAX_CPUS - 1)",
+            ),
         ];
         for (bootargs, said) in table {
             assert_eq!(refused(bootargs), said, "bootargs {bootargs:?}");

@@ -581,6 +581,15 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("::gic::dispatch", IRQ_DISPATCH),
     ("::handle_irq_exception", IRQ_DISPATCH),
     ("::exceptions::handle_exception", IRQ_DISPATCH),
+    (
+        "::exceptions::from_user",
+        Indirect::Outside(
+            "the kernel entry from user mode hands over to the user-mode handler (patchable) \
+             only after its deferred synchronisation: \
+             user_entry_reaches_patchable_text_only_after_the_deferred_sync checks the order; \
+             no rendezvous runs it (a CPU in a patch window takes no exception from EL0)",
+        ),
+    ),
     ("::traps::trap_dispatch", IRQ_DISPATCH),
     ("::handle_int3", IRQ_DISPATCH),
     ("::ipi::dispatch", IRQ_DISPATCH),
@@ -775,6 +784,7 @@ fn x86_patch_window_indirect_calls_stay_in_nopatch() {
 }
 
 /// One disassembled instruction: address, mnemonic, operands.
+#[derive(Debug)]
 struct Insn {
     addr: u64,
     mnemonic: String,
@@ -1069,6 +1079,94 @@ fn static_key_sites_are_in_patchable_text() {
         .output()
         .expect("nm: needs the host's binutils");
     jump_sites_are_patchable(image, &String::from_utf8(nm.stdout).unwrap());
+}
+
+/// A kernel entry from user mode (issue 13) runs the context-tracking protocol before
+/// anything patchable: `exceptions::from_user`, in `.text.nopatch`, swaps its CPU's state
+/// word (one atomic: an LDAXR/STLXR loop, or SWP/CAS with LSE), reaches an ISB (the
+/// deferred synchronisation), and only then makes its one indirect call, the hand-off to
+/// the user-mode handler, which may run patchable code; the switch back to user mode
+/// (an RMW setting bit 0) comes after it. Every direct branch in it stays in
+/// `.text.nopatch` or ends the run. (Path-insensitive: it checks the order of the code,
+/// which the function's straight-line structure makes the order of execution.)
+#[test]
+fn user_entry_reaches_patchable_text_only_after_the_deferred_sync() {
+    let image = Image::open(kernel_image(), "aarch64-linux-gnu-");
+    let functions = nopatch_functions(&image);
+    let entry = function(&functions, "exceptions::from_user>:");
+    let position = |what: &str, test: &dyn Fn(&Insn) -> bool| {
+        entry
+            .iter()
+            .position(test)
+            .unwrap_or_else(|| panic!("exceptions::from_user has no {what}"))
+    };
+    let is_atomic = |i: &Insn| {
+        ["ldaxr", "swp", "cas"]
+            .iter()
+            .any(|m| i.mnemonic.starts_with(m))
+    };
+    let swap = position("atomic swap of the state word", &is_atomic);
+    let indirect: Vec<usize> = entry
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| matches!(i.mnemonic.as_str(), "blr" | "br" | "blraa" | "blrab"))
+        .map(|(at, _)| at)
+        .collect();
+    assert_eq!(
+        indirect.len(),
+        1,
+        "exceptions::from_user must make exactly one indirect call (the hand-off): {:?}",
+        indirect.iter().map(|&at| &entry[at]).collect::<Vec<_>>()
+    );
+    let handoff = indirect[0];
+    assert!(
+        swap < handoff,
+        "the hand-off at {:#x} comes before the state word's swap at {:#x}",
+        entry[handoff].addr,
+        entry[swap].addr
+    );
+    assert!(
+        entry[swap..handoff].iter().any(|i| i.mnemonic == "isb"),
+        "no ISB between the state word's swap ({:#x}) and the hand-off ({:#x})",
+        entry[swap].addr,
+        entry[handoff].addr
+    );
+    let exit = entry[handoff..]
+        .iter()
+        .position(|i| i.mnemonic == "orr" && i.operands.ends_with("#0x1"))
+        .or_else(|| {
+            entry[handoff..]
+                .iter()
+                .position(|i| i.mnemonic.starts_with("ldset"))
+        });
+    assert!(
+        exit.is_some(),
+        "no switch back to user mode (bit 0 set) after the hand-off"
+    );
+    const ENDS_THE_RUN: &[&str] = &["exceptions::fatal", "core::panicking::"];
+    for i in entry {
+        let direct = matches!(
+            i.mnemonic.as_str(),
+            "b" | "bl" | "cbz" | "cbnz" | "tbz" | "tbnz"
+        ) || i.mnemonic.starts_with("b.");
+        let Some(target) = i
+            .operands
+            .split([' ', ','])
+            .filter_map(|t| u64::from_str_radix(t, 16).ok())
+            .find(|t| *t > 0x1000)
+        else {
+            continue;
+        };
+        assert!(
+            !direct
+                || image.nopatch.contains(&target)
+                || ENDS_THE_RUN.iter().any(|f| i.operands.contains(f)),
+            "exceptions::from_user branches into patchable text: {:#x} {} {}",
+            i.addr,
+            i.mnemonic,
+            i.operands
+        );
+    }
 }
 
 /// The kprobes instruction decoder (`patch::x86_decode`) against objdump, on every

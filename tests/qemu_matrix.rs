@@ -661,6 +661,26 @@ fn aarch64_max_smp4_el2() {
     );
 }
 
+/// Isolated CPUs running user code (issue 13): CPUs 1 and 2 run the EL0 loop while the
+/// boot CPU patches; they take no patching interrupt, run the new code after their next
+/// entry, and a high-rate torture sees no stale code. CPU 3 stays in the kernel.
+#[test]
+fn aarch64_max_smp4_isolcpus() {
+    run_cell(&Cell::new("aarch64_max_smp4_isolcpus", "max", 4).bootargs(
+        "isolcpus=1-2 tests=user_faults,isolation_quiet,isolation_torture,torture,static_keys \
+         isolation_rounds=500 user_spins=1 flips=500",
+    ));
+}
+
+/// The same on a v8.0 CPU without PAN (cortex-a72), `nohz_full=` spelling.
+#[test]
+fn aarch64_cortex_a72_smp4_nohz_full() {
+    run_cell(
+        &Cell::new("aarch64_cortex_a72_smp4_nohz_full", "cortex-a72", 4)
+            .bootargs("nohz_full=2-3 tests=user_faults,isolation_quiet,isolation_torture"),
+    );
+}
+
 /// The EL2 cells' command line: the kernel's tests and the platform's, with the entry
 /// exception level `entry_el` must see.
 const EL2_BOOTARGS: &str = "tests=all,platform platform_entry_el=2 flips=2000 expect_nmi=feat_nmi";

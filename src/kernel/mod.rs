@@ -58,6 +58,18 @@ const NUMERIC: &[Numeric<Params>] = &[
         set: |p, n| p.kprobe_cycles = n as u32,
     },
     Numeric {
+        key: "user_spins",
+        min: 1,
+        max: MAX_FLIPS,
+        set: |p, n| p.user_spins = n as u32,
+    },
+    Numeric {
+        key: "isolation_rounds",
+        min: 1,
+        max: MAX_ISOLATION_ROUNDS,
+        set: |p, n| p.isolation_rounds = n as u32,
+    },
+    Numeric {
         key: "hotplug_cycles",
         min: 1,
         max: MAX_HOTPLUG_CYCLES,
@@ -78,6 +90,8 @@ const MAX_HOTPLUG_CYCLES: u64 = 1_000_000;
 
 /// The largest `flips=`, `nosync_flips=` and `static_key_flips=` (fits `Params`' `u32`).
 const MAX_FLIPS: u64 = 10_000_000;
+/// The largest `isolation_rounds=`: each round's version is a 16-bit immediate.
+const MAX_ISOLATION_ROUNDS: u64 = 20_000;
 
 /// Parses the command line against the kernel's tests, the platform's checks and fault
 /// modes and this architecture's NMI mechanisms and CPU features ([`bootargs::parse`]).
@@ -155,6 +169,28 @@ pub fn primary_main() -> ! {
     };
     selection.params.expect_nmi = selection.expect_nmi.map(|i| platform::NmiMechanism::ALL[i]);
     selection.params.expect_features = selection.expect_features;
+    // Isolated CPUs run user code for the isolation tests, while the boot CPU patches.
+    let isolated = selection.isolated;
+    let allowed = platform::online_cpus().without(platform::current_cpu());
+    if !isolated.is_subset(allowed) {
+        let word = word_of(bootargs, "isolcpus");
+        let word = if word == "isolcpus" {
+            word_of(bootargs, "nohz_full")
+        } else {
+            word
+        };
+        refuse_run(
+            bootargs,
+            word,
+            format_args!(
+                "'{word}': CPUs {} are not online secondaries (online {}; the boot CPU patches)",
+                isolated.minus(allowed),
+                platform::online_cpus()
+            ),
+        );
+    }
+    platform::contexts().set_isolated(isolated);
+    selection.params.isolated = isolated;
     let planned = match selection.fault {
         Some(_) => 1,
         None => selection.tests.count_ones() as usize + usize::from(selection.platform != 0),
@@ -207,7 +243,7 @@ fn refuse_run(bootargs: &str, word: &str, why: fmt::Arguments<'_>) -> ! {
     ktap.diag(format_args!("refused: {why} (bootargs \"{bootargs}\")"));
     ktap.diag(format_args!(
         "known: tests=all|{},{PLATFORM_SUITE},{PLATFORM_SUITE}.NAME (bench, {PLATFORM_SUITE}: only when named) \
-         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} static_key_flips=1..{MAX_FLIPS} hotplug_cycles=1..{MAX_HOTPLUG_CYCLES} platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} expect_features=none|{} platform_selftest={}",
+         flips=1..{MAX_FLIPS} nosync_flips=1..{MAX_FLIPS} static_key_flips=1..{MAX_FLIPS} hotplug_cycles=1..{MAX_HOTPLUG_CYCLES} user_spins=1..{MAX_FLIPS} isolation_rounds=1..{MAX_ISOLATION_ROUNDS} isolcpus=LIST nohz_full=LIST platform_offline_cpu=1..{} pseudo_nmi=on|off expect_nmi={} expect_features=none|{} platform_selftest={}",
         Names(TESTS.iter().map(|t| t.name), ","),
         crate::MAX_CPUS - 1,
         Names(platform::NmiMechanism::ALL.iter().map(|m| m.name()), "|"),

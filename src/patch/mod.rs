@@ -519,8 +519,11 @@ fn write_stopped<A: Arch, T: Text>(
 ) -> StopFnResult {
     let quiescence = stop.quiescence();
     let everyone = stop.arch().online_cpus();
-    // Trust but verify: the core promises this; write nothing if it is not so.
-    if quiescence.masked != everyone {
+    // Trust but verify: the core promises this; write nothing if it is not so. Every CPU
+    // is masked in the rendezvous or, isolated in user mode, deferred to its next kernel
+    // entry through its context state word (never both).
+    let deferred = quiescence.deferred;
+    if quiescence.masked.or(deferred) != everyone || !quiescence.masked.and(deferred).is_empty() {
         return Err(ENOTQUIESCENT);
     }
     // What the re-check protects against: every writer that goes through this module

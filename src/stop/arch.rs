@@ -74,6 +74,19 @@ pub unsafe trait Arch: Sync {
     /// A monotonic clock shared by all CPUs, in nanoseconds.
     fn now_ns(&self) -> u64;
 
+    /// The context state words of this machine's CPUs, where its entry and exit code
+    /// keep them (`context.rs`): a stop then defers an isolated CPU in user mode instead
+    /// of interrupting it. `None`, the default: every CPU is interrupted.
+    ///
+    /// An implementation that returns `Some` must call
+    /// [`ContextStates::exit_to_user`](super::ContextStates::exit_to_user) last before
+    /// every return to user mode, and [`ContextStates::enter_kernel`](super::ContextStates::enter_kernel),
+    /// the deferred wait and [`sync_context`](Arch::sync_context) first on every entry
+    /// from it, in code patching refuses.
+    fn context_states(&self) -> Option<&super::ContextStates> {
+        None
+    }
+
     /// Where the calling CPU runs: the most specific of NMI handler, interrupt or
     /// exception handler, interrupts masked, normal. A stop refuses to start anywhere
     /// but [`CallContext::Normal`](super::CallContext::Normal)

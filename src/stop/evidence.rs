@@ -21,6 +21,11 @@ pub struct Quiescence {
     /// CPUs that reported every asynchronous exception masked when they acknowledged
     /// the `Arrive` phase.
     pub masked: CpuSet,
+    /// Isolated CPUs counted quiescent because they were in user mode when the call
+    /// began: their synchronisation was deferred to their next kernel entry by one CAS on
+    /// their context state word, and that entry waits for the call's window to close
+    /// (`context.rs`). They did not take the stop IPI and are not in `masked`.
+    pub deferred: CpuSet,
     /// The latest stamp taken by any CPU as it acknowledged the `Arrive` phase.
     pub last_ack_stamp: u64,
 }
@@ -198,6 +203,7 @@ impl<A: Arch> StopMachine<A> {
     pub fn quiescence(&self) -> Quiescence {
         let mut quiescence = Quiescence {
             masked: CpuSet::EMPTY,
+            deferred: self.published.deferred(),
             last_ack_stamp: 0,
         };
         for cpu in self.published.participants() {
@@ -209,6 +215,12 @@ impl<A: Arch> StopMachine<A> {
             quiescence.last_ack_stamp = quiescence.last_ack_stamp.max(stamp);
         }
         quiescence
+    }
+
+    /// The CPUs the latest call deferred instead of interrupting ([`Quiescence::deferred`]
+    /// of that call). Meaningful after the call, before anyone makes another.
+    pub fn last_deferred(&self) -> CpuSet {
+        self.published.deferred()
     }
 
     /// The CPUs that are inside a call's masked window right now: they have masked their

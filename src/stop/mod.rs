@@ -61,9 +61,11 @@
 //! | `lock.rs`       | [`lock_within`], the one bounded wait for a spin lock             |
 //! | `hotplug.rs`    | [`CpuHotplugLock`]: every call holds its read side, CPU hotplug its write side |
 //! | `arch.rs`       | [`Arch`], what the core asks of an architecture                   |
+//! | `context.rs`    | [`ContextStates`]: per-CPU user/kernel state words, deferred sync  |
 
 mod api;
 mod arch;
+mod context;
 mod evidence;
 mod fault;
 mod hotplug;
@@ -80,6 +82,7 @@ pub use api::{
 pub use arch::Arch;
 #[cfg(feature = "stop-machine-nmi")]
 pub use arch::NmiArch;
+pub use context::{ContextStates, Deferred, PENDING, StopStillOpen, USER};
 pub use evidence::{CallProfile, Quiescence};
 pub use fault::{EFAULT, StopFault};
 pub use hotplug::{CpuHotplugLock, CpusReadGuard, CpusWriteGuard};

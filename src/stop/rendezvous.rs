@@ -43,6 +43,9 @@ pub(super) struct Published {
     /// The CPU leading the call: its own stop IPI, left pending from an earlier call,
     /// must not make it a joiner of the call it leads.
     initiator: AtomicUsize,
+    /// Isolated CPUs in user mode whose synchronisation the call deferred to their next
+    /// kernel entry (`context.rs`): quiescent, not participants.
+    deferred: AtomicCpuSet,
     active: AtomicCpuSet,
     stall_timeout_ns: AtomicU64,
     /// The call masks with [`MaskLevel::IrqsOnly`].
@@ -59,6 +62,7 @@ impl Published {
             Published {
                 participants: AtomicCpuSet::new(),
                 initiator: AtomicUsize::new(usize::MAX),
+                deferred: AtomicCpuSet::new(),
                 active: AtomicCpuSet::new(),
                 stall_timeout_ns: AtomicU64::new(StopOptions::DEFAULT.stall_timeout_ns),
                 mask_irqs_only: AtomicBool::new(false),
@@ -70,6 +74,11 @@ impl Published {
     #[inline(always)]
     pub(super) fn participants(&self) -> CpuSet {
         self.participants.load(Ordering::Relaxed)
+    }
+
+    #[inline(always)]
+    pub(super) fn deferred(&self) -> CpuSet {
+        self.deferred.load(Ordering::Relaxed)
     }
 
     #[inline(always)]
@@ -353,7 +362,22 @@ impl<A: Arch> StopMachine<A> {
             .generation()
             .wrapping_add(1);
         let published = &self.published;
-        published.participants.store(online, Ordering::Relaxed);
+        // An isolated CPU in user mode runs no kernel text until its next entry, which
+        // waits for this call's window to close: it is quiescent without an IPI. Only
+        // through that protocol, one CAS on its state word; the CPUs the function must
+        // run on are always interrupted.
+        let deferred = match arch.context_states() {
+            Some(states) => {
+                states.open_stop(generation);
+                states.defer(online.without(me).minus(active), Some(generation))
+            }
+            None => CpuSet::EMPTY,
+        };
+        let participants = online.minus(deferred);
+        published
+            .participants
+            .store(participants, Ordering::Relaxed);
+        published.deferred.store(deferred, Ordering::Relaxed);
         published.initiator.store(me, Ordering::Relaxed);
         published.active.store(active, Ordering::Relaxed);
         published
@@ -376,7 +400,7 @@ impl<A: Arch> StopMachine<A> {
         self.control
             .store(State::new(generation, Phase::Arrive), Ordering::Release);
         arch.wake_waiters();
-        arch.send_stop_ipi(online.without(me));
+        arch.send_stop_ipi(participants.without(me));
         self.profile.record(Mark::Entry, start);
         self.mark(Mark::IpiSent);
 
@@ -384,6 +408,11 @@ impl<A: Arch> StopMachine<A> {
             arrival_timeout_ns: options.arrival_timeout_ns,
         };
         let outcome = self.participate(generation, me, role);
+        // Every write of the call and its maintenance are complete (the gather of every
+        // active CPU's `Ran`), or nothing was written: deferred entries may go on.
+        if let Some(states) = arch.context_states() {
+            states.close_stop();
+        }
         // Relaxed: past the gather of `Ran` (or an abort) no CPU dereferences it.
         published
             .work

@@ -8,12 +8,20 @@
 //! - A synchronous exception is first offered to the internal semihosting probe and to
 //!   the registrable BRK hook ([`set_brk_handler`]); if the hook returns true the CPU
 //!   resumes with the frame as the hook left it (it must have advanced ELR).
-//! - Everything else (FIQ, SError, any SP_EL0 or lower-EL vector, an unclaimed
+//! - A synchronous exception or an IRQ from EL0 (user mode, `user.rs`) is a kernel
+//!   entry: before anything patchable runs, `from_user` switches the CPU's context
+//!   state word to kernel with one atomic swap (`user_context::USER_CONTEXTS`), does the work a
+//!   patcher deferred to this entry (waits out the stop that deferred it, then `ISB`),
+//!   and only then hands the frame to the user-mode handler ([`set_user_handler`]); on
+//!   the way back to EL0 it switches the word to user with one RMW, everything masked.
+//!   All of that is in `.text.nopatch` up to the hand-off (tests/kernel_image.rs).
+//! - Everything else (FIQ, SError, any SP_EL0 or AArch32 vector, an unclaimed
 //!   synchronous exception, any exception on an unusable stack, or one nested inside a
 //!   handler) prints an `UNEXPECTED EXCEPTION` report (kind, ESR decoded, ELR, FAR,
 //!   SPSR, SP, CPU, registers) and ends the run with a failure status.
 
-use super::{console, cpu, exit, irq, semihosting};
+use super::user_context::USER_CONTEXTS;
+use super::{console, cpu, exit, irq, semihosting, timer};
 use core::fmt;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -95,6 +103,26 @@ pub mod kind {
     pub const SYNC_SPX: u64 = 4;
     /// IRQ from the current EL on SP_EL1.
     pub const IRQ_SPX: u64 = 5;
+    /// Synchronous exception from EL0 (AArch64): SVC, aborts.
+    pub const SYNC_EL0: u64 = 8;
+    /// IRQ from EL0 (AArch64).
+    pub const IRQ_EL0: u64 = 9;
+}
+
+/// The user-mode handler: a `fn(&mut TrapFrame)` as usize, 0 = none (`user.rs`).
+static USER_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// How long a kernel entry waits for the stop that deferred it to close: longer than any
+/// stop may take (arrival timeout plus stall timeout of the default options); past it
+/// the stop is stuck and the run ends.
+const ENTRY_WAIT_LIMIT_NS: u64 = 30_000_000_000;
+
+/// Installs the handler of exceptions from EL0, called after the entry's deferred work.
+/// It may run patchable code; if it leaves `frame.spsr` returning to EL0, the CPU goes
+/// back to user mode.
+pub fn set_user_handler(f: fn(&mut TrapFrame)) {
+    // Release pairs with the Acquire in `from_user`.
+    USER_HANDLER.store(f as usize, Ordering::Release);
 }
 
 /// Registers a hook for synchronous exceptions caused by a `BRK` instruction (ESR EC
@@ -267,8 +295,65 @@ pub(crate) extern "C" fn handle_exception(frame: &mut TrapFrame) {
                 fatal(frame, why);
             }
         }
+        kind::SYNC_EL0 | kind::IRQ_EL0 if frame.depth == 1 => from_user(frame),
         _ if frame.depth > 1 => fatal(frame, "nested exception (inside an exception handler)"),
         _ => fatal(frame, "unexpected exception vector"),
+    }
+}
+
+/// The entry's wait for the stop that deferred it (if one did) to close: bounded, the
+/// run ends past [`ENTRY_WAIT_LIMIT_NS`].
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+fn wait_out_stop(frame: &TrapFrame, deferred: crate::stop::Deferred) {
+    let relax = || {
+        // SAFETY: a hint; under single-threaded TCG it lets the stopping CPUs run.
+        unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) }
+    };
+    if USER_CONTEXTS
+        .finish_deferred(deferred, ENTRY_WAIT_LIMIT_NS, timer::now_ns, relax)
+        .is_err()
+    {
+        fatal(
+            frame,
+            "a kernel entry from user mode waited 30 s for the stop that deferred it",
+        );
+    }
+}
+
+/// SPSR_EL1.M of a return to EL0 (EL0t).
+const SPSR_M_MASK: u64 = 0xf;
+
+/// A kernel entry from user mode, everything masked: the context-tracking protocol up to
+/// the deferred work, all in this function and so in `.text.nopatch`, then the user-mode
+/// handler, then (back to EL0) the switch to user mode. A function of its own, so that
+/// tests/kernel_image.rs can check its order: swap, ISB, then the one indirect call.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub(crate) fn from_user(frame: &mut TrapFrame) {
+    let cpu = cpu::current_cpu();
+    let deferred = USER_CONTEXTS.enter_kernel(cpu);
+    if deferred.pending {
+        wait_out_stop(frame, deferred);
+        // The writes a patcher deferred this CPU's synchronisation for are complete and
+        // visible (the swap's and the window's Acquire): discard anything fetched before.
+        cpu::isb();
+    }
+    // From here on patchable code may run. Acquire pairs with the Release in
+    // `set_user_handler`.
+    let handler = USER_HANDLER.load(Ordering::Acquire);
+    if handler == 0 {
+        fatal(frame, "exception from user mode, and no user-mode handler");
+    }
+    // SAFETY: only `set_user_handler` stores non-zero values, and those are
+    // `fn(&mut TrapFrame)` pointers.
+    let handler: fn(&mut TrapFrame) = unsafe { core::mem::transmute(handler) };
+    handler(frame);
+    if frame.spsr & SPSR_M_MASK == 0 {
+        // Back to EL0: masked (the handler may have let NMIs in), then the state word,
+        // then only the vectors' exit path, which patching refuses, up to the ERET.
+        cpu::mask_all();
+        USER_CONTEXTS.exit_to_user(cpu);
     }
 }
 
@@ -324,7 +409,7 @@ fn handle_sync(frame: &mut TrapFrame) -> bool {
 }
 
 /// Prints the report for `frame` and ends the run with a failure status.
-fn fatal(frame: &TrapFrame, why: &str) -> ! {
+pub(crate) fn fatal(frame: &TrapFrame, why: &str) -> ! {
     cpu::mask_all();
     let cpu = cpu::current_cpu();
     console::write_forced(format_args!(

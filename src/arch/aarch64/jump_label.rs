@@ -7,7 +7,7 @@
 //! `arch_jump_label_transform_apply`). Until a CPU takes it, it may still execute the
 //! old instruction: either is a valid instruction there.
 
-use super::{Aarch64, gic, layout, smp, timer};
+use super::{Aarch64, gic, layout, smp, timer, user_context};
 use crate::CpuSet;
 use crate::patch::insn::{self, Insn, NOP};
 use crate::patch::{Patch, PatchError, Text, patch_nosync};
@@ -80,6 +80,14 @@ const _: () = assert!(
 /// How long [`kick_all_cpus_sync`] waits for the acknowledgements.
 const KICK_TIMEOUT_NS: u64 = 1_000_000_000;
 
+/// CPUs whose kick was deferred to their next kernel entry (isolated, in user mode).
+static KICK_DEFERRED: AtomicU64 = AtomicU64::new(0);
+
+/// How many kick targets were deferred to their next kernel entry so far.
+pub fn kicks_deferred() -> u64 {
+    KICK_DEFERRED.load(Ordering::Relaxed)
+}
+
 /// Generation of the latest kick.
 static KICK_GEN: AtomicU64 = AtomicU64::new(0);
 /// Per CPU: the latest generation it took.
@@ -103,10 +111,15 @@ pub fn kick_all_cpus_sync() -> Result<(), StopError> {
     static INSTALLED: spin::Once<()> = spin::Once::new();
     INSTALLED.call_once(|| gic::set_sgi_handler(KICK_SGI, kick_handler));
     let me = smp::current_cpu();
-    let others = smp::online_cpus().without(me);
     // AcqRel: Release orders our text writes before any target reads the generation
     // (`send_sgi`'s DSB ISHST makes them visible before the SGI).
     let generation = KICK_GEN.fetch_add(1, Ordering::AcqRel) + 1;
+    // An isolated CPU in user mode synchronises at its next kernel entry instead: one
+    // CAS on its context state word, after the writes (their maintenance is complete:
+    // the CAS's Release orders them before the mark the entry acquires).
+    let deferred = user_context::USER_CONTEXTS.defer(smp::online_cpus().without(me), None);
+    KICK_DEFERRED.fetch_add(deferred.len() as u64, Ordering::Relaxed);
+    let others = smp::online_cpus().without(me).minus(deferred);
     if others.is_empty() {
         return Ok(());
     }

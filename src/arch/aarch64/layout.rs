@@ -84,6 +84,10 @@ unsafe extern "C" {
     safe static __stacks_end: [u8; 0];
     safe static __bss_start: [u8; 0];
     safe static __bss_end: [u8; 0];
+    safe static __user_text_start: [u8; 0];
+    safe static __user_text_end: [u8; 0];
+    safe static __user_data_start: [u8; 0];
+    safe static __user_data_end: [u8; 0];
 }
 
 fn range(start: &[u8; 0], end: &[u8; 0]) -> Range<usize> {
@@ -144,4 +148,16 @@ pub fn bss_range() -> Range<usize> {
 #[inline]
 pub fn image_range() -> Range<usize> {
     range(&__image_start, &__image_end)
+}
+
+/// The user programs (`.user_text`, page aligned): EL0 read-only executable.
+#[inline]
+pub fn user_text_range() -> Range<usize> {
+    range(&__user_text_start, &__user_text_end)
+}
+
+/// The user programs' data (`.user_data`, page aligned): EL0 read-write.
+#[inline]
+pub fn user_data_range() -> Range<usize> {
+    range(&__user_data_start, &__user_data_end)
 }

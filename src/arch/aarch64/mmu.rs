@@ -13,6 +13,10 @@
 //! | `.data`, stacks, `.bss`      | Normal WB, RW, XN                    |
 //! | stack guard pages            | unmapped                             |
 //! | GICD, GICR, PL011 (from DTB) | Device-nGnRnE, RW, XN                |
+//! | `.user_text`                 | Normal WB, read-only, EL0 executable only (PXN) |
+//! | `.user_data`                 | Normal WB, EL0 and EL1 RW, XN        |
+//!
+//! Every other entry has AP\[1\] = 0: EL0 can neither read nor write it.
 //! | [`ALIAS_VA`] (one page, TTBR1) | only in [`poke_text`], only on its CPU |
 //!
 //! No page is both writable and executable, and SCTLR_EL1.WXN is set as well, so the
@@ -101,6 +105,13 @@ const TEXT: El1Attributes = NORMAL
     .union(El1Attributes::UXN);
 /// Device registers.
 const DEVICE_RW: El1Attributes = DEVICE.union(XN);
+/// User programs: read-only and executable at EL0, never at EL1 (PXN).
+const USER_TEXT: El1Attributes = NORMAL
+    .union(El1Attributes::USER)
+    .union(El1Attributes::READ_ONLY)
+    .union(El1Attributes::PXN);
+/// User data: read-write at EL0 (and EL1, but for PAN), never executable.
+const USER_RW: El1Attributes = NORMAL.union(El1Attributes::USER).union(XN);
 
 /// Descriptor bits of the alias entry: a valid level-3 page, normal memory, RW, XN.
 const ALIAS_ATTRS: u64 = RW_DATA.union(El1Attributes::TABLE_OR_PAGE).bits() as u64;
@@ -322,6 +333,9 @@ pub unsafe fn init_primary(info: &BootInfo) -> Result<(), MmuError> {
         map(m, "the GIC redistributors", gicr, DEVICE_RW)?;
     }
     map(m, "the UART", info.uart, DEVICE_RW)?;
+    // Last: these override the RAM and kernel-data entries of the same pages.
+    map(m, "user text", region(layout::user_text_range()), USER_TEXT)?;
+    map(m, "user data", region(layout::user_data_range()), USER_RW)?;
     let root = mapping.root_address().0 as u64;
     // The alias tables: level 1 -> 2 -> 3, the level-3 entry invalid until a poke.
     for level in 0..2 {

@@ -8,6 +8,7 @@
 //! | [`alternatives`]| applying the alternatives tables (boot CPU, then `patch_machine`) |
 //! | [`kprobes`]     | kprobes: the BRK hook, XOL slots, arming ([`kprobes::KPROBES`]) |
 //! | [`kprobes_insn`]| which A64 instructions run out of line, simulating the rest  |
+//! | [`user`]        | user mode (EL0): the user programs, entry/exit, syscalls, faults |
 //! | [`text`]        | kernel text for the patcher ([`text::KERNEL_TEXT`])          |
 //! | [`exceptions`]  | trap frames, the BRK hook, fatal exception reports           |
 //! | [`fixup`]       | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
@@ -28,12 +29,13 @@
 //! | [`psci`]        | PSCI calls through the DTB's conduit                         |
 //! | [`timer`]       | nanosecond clock from the generic timer                      |
 //! | [`layout`]      | linker symbols and stacks                                    |
+//! | [`user_context`]| every CPU's context state word ([`user_context::USER_CONTEXTS`]) |
 //! | [`nesting`]     | per-CPU exception nesting depth (the vectors', `call_context`'s) |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
 //! one's [`Aarch64`]/[`STOP`], which `nmi`, `alternatives` and `boot` use), never one above, so the
 //! modules form a DAG (`tests/layering.rs` checks it). The leaves ([`nmi_mode`],
-//! [`semihosting`], [`psci`], [`layout`]) use no other module of the port. //!
+//! [`semihosting`], [`psci`], [`layout`], [`user_context`]) use no other module of the port. //!
 //! [`Aarch64`] implements [`crate::stop::Arch`], and [`STOP`] is the system's stop
 //! machine, reached through [`gic::STOP_SGI`].
 
@@ -65,6 +67,8 @@ pub mod semihosting;
 pub mod smp;
 pub mod text;
 pub mod timer;
+pub mod user;
+pub mod user_context;
 
 pub use dtb::{BootInfo, boot_info};
 
@@ -151,6 +155,10 @@ unsafe impl Arch for Aarch64 {
     #[inline(always)]
     fn now_ns(&self) -> u64 {
         timer::now_ns()
+    }
+
+    fn context_states(&self) -> Option<&crate::stop::ContextStates> {
+        Some(&user_context::USER_CONTEXTS)
     }
 
     /// Through [`fixup`]: a context save, then the function; a fatal synchronous

@@ -16,7 +16,7 @@ pub mod kprobes;
 mod text;
 pub use text::HostText;
 
-use crate::stop::{Arch, StopMachine};
+use crate::stop::{Arch, ContextStates, StopMachine, StopStillOpen};
 use crate::{AtomicCpuSet, CpuSet, MAX_CPUS};
 
 use std::cell::Cell;
@@ -53,6 +53,10 @@ struct Shared {
     nmis_pass_mask_all: AtomicBool,
     /// Runs after the stop machine's slot in every NMI, with the CPU's index.
     nmi_hook: std::sync::Mutex<Option<NmiHook>>,
+    /// The CPUs' user/kernel state words ([`HostArch::exit_to_user`]).
+    contexts: ContextStates,
+    /// Per CPU: stop IPIs taken while it was in user mode.
+    user_ipis: [AtomicU64; MAX_CPUS],
 }
 
 /// What [`HostArch::set_nmi_hook`] installs.
@@ -98,6 +102,8 @@ impl HostArch {
             nmi_handler: OnceLock::new(),
             nmis_pass_mask_all: AtomicBool::new(false),
             nmi_hook: std::sync::Mutex::new(None),
+            contexts: ContextStates::new(),
+            user_ipis: [const { AtomicU64::new(0) }; MAX_CPUS],
         };
         shared.online.store(CpuSet::first(cpus), Ordering::Relaxed);
         shared.epoch.get_or_init(Instant::now);
@@ -255,6 +261,60 @@ impl HostArch {
     pub fn ipis_sent(&self) -> u64 {
         self.shared.ipis_sent.load(Ordering::Relaxed)
     }
+
+    /// The CPUs' context state words.
+    pub fn contexts(&self) -> &ContextStates {
+        &self.shared.contexts
+    }
+
+    /// The calling CPU returns to "user mode": from here until
+    /// [`enter_kernel`](Self::enter_kernel) it runs no kernel text (the caller's loop
+    /// must not touch the machine's text) and takes interrupts only through
+    /// [`user_poll`](Self::user_poll).
+    pub fn exit_to_user(&self) {
+        self.shared.contexts.exit_to_user(self.cpu_id());
+    }
+
+    /// The calling CPU enters the kernel from user mode: the state word's swap, then the
+    /// deferred work (wait out the stop that deferred it, then a context
+    /// synchronisation), all with interrupts masked as exception entry has them.
+    /// Returns whether work had been deferred.
+    pub fn enter_kernel(&self) -> Result<bool, StopStillOpen> {
+        let cpu = self.cpu_id();
+        let saved = self.mask_all();
+        let deferred = self.shared.contexts.enter_kernel(cpu);
+        let waited = self.shared.contexts.finish_deferred(
+            deferred,
+            10_000_000_000,
+            || self.now_ns(),
+            std::thread::yield_now,
+        );
+        if deferred.pending {
+            self.sync_context();
+        }
+        self.restore(saved);
+        waited.map(|()| deferred.pending)
+    }
+
+    /// "User mode" between instructions: a pending stop IPI is an interrupt taken from
+    /// user mode, so the CPU enters the kernel, takes it and returns to user mode.
+    /// Returns whether it did (counted in [`user_ipis`](Self::user_ipis)).
+    pub fn user_poll(&self) -> Result<bool, StopStillOpen> {
+        let cpu = self.cpu_id();
+        if !self.shared.pending[cpu].load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.shared.user_ipis[cpu].fetch_add(1, Ordering::Relaxed);
+        self.enter_kernel()?;
+        self.poll_interrupts();
+        self.exit_to_user();
+        Ok(true)
+    }
+
+    /// Stop IPIs `cpu` took from user mode.
+    pub fn user_ipis(&self, cpu: usize) -> u64 {
+        self.shared.user_ipis[cpu].load(Ordering::Relaxed)
+    }
 }
 
 // SAFETY: each thread binds a distinct CPU index below MAX_CPUS; `mask_all` makes
@@ -335,6 +395,10 @@ unsafe impl Arch for HostArch {
     fn now_ns(&self) -> u64 {
         let epoch = self.shared.epoch.get_or_init(Instant::now);
         epoch.elapsed().as_nanos() as u64
+    }
+
+    fn context_states(&self) -> Option<&ContextStates> {
+        Some(&self.shared.contexts)
     }
 
     fn call_context(&self) -> crate::stop::CallContext {

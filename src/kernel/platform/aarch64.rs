@@ -460,6 +460,50 @@ pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] =
 
 core::arch::global_asm!(include_str!("targets_aarch64.S"));
 
+pub use crate::arch::aarch64::user::{
+    Program as UserProgram, Tick as UserTick, UserExit, has_pan as user_pan,
+    post_to_mailbox as post_to_user, set_tick_hook as set_user_tick, ticks as user_ticks,
+    user_irqs,
+};
+
+/// The kernel entry from user mode up to its deferred work (patching must refuse it).
+pub fn user_entry_code() -> Option<usize> {
+    Some(crate::arch::aarch64::exceptions::from_user as *const () as usize)
+}
+
+/// User mode exists here (EL0).
+pub fn user_mode_unsupported() -> Option<&'static str> {
+    None
+}
+
+/// Runs `program` at EL0 on the calling CPU until it exits or faults (IRQs enabled).
+pub fn run_user(program: UserProgram) -> UserExit {
+    crate::arch::aarch64::user::run_user(program)
+}
+
+/// Every CPU's context state word (`crate::stop::ContextStates`).
+pub fn contexts() -> &'static crate::stop::ContextStates {
+    &crate::arch::aarch64::user_context::USER_CONTEXTS
+}
+
+/// Static-key kick targets deferred to their next kernel entry so far.
+pub fn kicks_deferred() -> u64 {
+    crate::arch::aarch64::jump_label::kicks_deferred()
+}
+
+/// Whether `exit` is the fault a user access to `addr` must take: a data abort from EL0
+/// (ESR EC 0x24) at `addr` for loads and stores, an instruction abort from EL0 (EC 0x20)
+/// for a branch, with a permission or translation fault status.
+pub fn user_fault_is_refused_access(exit: &UserExit, addr: usize, exec: bool) -> bool {
+    let UserExit::Fault { esr, far, .. } = *exit else {
+        return false;
+    };
+    let ec = (esr >> 26) & 0x3f;
+    let fsc = esr & 0x3f;
+    let refused = matches!(fsc, 0x04..=0x07 | 0x0c..=0x0f);
+    ec == if exec { 0x20 } else { 0x24 } && far == addr as u64 && refused
+}
+
 /// Why the firmware refused to start or report on a CPU (a PSCI error).
 pub type HotplugFirmwareError = smccc::psci::error::Error;
 

@@ -41,6 +41,13 @@ pub struct Params {
     pub expect_nmi: Option<platform::NmiMechanism>,
     /// The CPU features `alternatives` must find (`expect_features=a,b|none`).
     pub expect_features: Option<crate::patch::alternatives::Features>,
+    /// Isolated CPUs (`isolcpus=`/`nohz_full=`): the isolation tests run user code there.
+    pub isolated: CpuSet,
+    /// User-loop iterations between two kernel entries in `isolation_torture`
+    /// (`user_spins=N`).
+    pub user_spins: u32,
+    /// Patches of `isolation_quiet` and `isolation_torture` (`isolation_rounds=N`).
+    pub isolation_rounds: u32,
 }
 
 impl Params {
@@ -54,6 +61,9 @@ impl Params {
         hotplug_cycles: 20,
         expect_nmi: None,
         expect_features: None,
+        isolated: CpuSet::EMPTY,
+        user_spins: 10,
+        isolation_rounds: 200,
     };
 }
 
@@ -62,6 +72,7 @@ mod bench;
 mod call_site;
 mod faults;
 mod hotplug;
+mod isolation;
 mod kprobes;
 mod nmi;
 mod static_keys;
@@ -199,6 +210,21 @@ pub const TESTS: &[Test] = &[
     Test {
         name: "kprobe_hammer",
         run: kprobes::kprobe_hammer,
+        by_default: true,
+    },
+    Test {
+        name: "user_faults",
+        run: isolation::user_faults,
+        by_default: true,
+    },
+    Test {
+        name: "isolation_quiet",
+        run: isolation::isolation_quiet,
+        by_default: true,
+    },
+    Test {
+        name: "isolation_torture",
+        run: isolation::isolation_torture,
         by_default: true,
     },
     Test {
