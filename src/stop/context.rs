@@ -38,8 +38,8 @@
 //! [`Arch::context_states`](super::Arch::context_states) hands it to the stop core.
 
 use crate::cpuset::AtomicCpuSet;
+use crate::sync::{AtomicU64, Ordering, atomic_array, const_unless_loom};
 use crate::{CpuSet, MAX_CPUS};
-use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The CPU is in user mode.
 pub const USER: u64 = 1;
@@ -99,18 +99,18 @@ impl Default for ContextStates {
 }
 
 impl ContextStates {
-    /// No CPU isolated, every CPU in the kernel.
-    pub const fn new() -> Self {
-        ContextStates {
-            isolated: AtomicCpuSet::new(),
-            open_stop: AtomicU64::new(0),
-            cpus: [const {
-                CpuContext {
+    const_unless_loom! {
+        /// No CPU isolated, every CPU in the kernel.
+        pub const fn new() -> Self {
+            ContextStates {
+                isolated: AtomicCpuSet::new(),
+                open_stop: AtomicU64::new(0),
+                cpus: atomic_array![CpuContext {
                     word: AtomicU64::new(0),
                     deferred_syncs: AtomicU64::new(0),
                     entries: AtomicU64::new(0),
-                }
-            }; MAX_CPUS],
+                }; MAX_CPUS],
+            }
         }
     }
 
