@@ -541,7 +541,8 @@ enum Indirect {
     /// GOT slot `.text.nopatch` loads is checked.
     GotSlot,
     /// `pm_call_with_fixup` (`src/arch/*/fixup.rs`), calling the one trampoline
-    /// `fixup::trampoline` it is ever passed: checked to be in `.text.nopatch`.
+    /// `fault_fixup::trampoline` (`src/arch/fault_fixup.rs`) it is ever passed: checked
+    /// to be in `.text.nopatch`.
     FixupTrampoline,
     /// Not in any rendezvous: the reason says why.
     Outside(&'static str),
@@ -567,8 +568,8 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
     ("StopMachine<A>>::handle_nmi", Indirect::StopCore),
     ("StopMachine<A>>::run_in_nmi", Indirect::StopCore),
     ("StopMachine<A>::run_function", Indirect::StopCore),
-    ("::fixup::trampoline", Indirect::StopCore),
-    ("::fixup::call_catching_faults", Indirect::StopCore),
+    ("::fault_fixup::trampoline", Indirect::StopCore),
+    ("::call_catching_faults", Indirect::StopCore),
     ("pm_call_with_fixup", Indirect::FixupTrampoline),
     ("::write_probe::call_write_probe", Indirect::WriteProbe),
     ("KernelText>::write_insn", Indirect::WriteProbe),
@@ -673,7 +674,7 @@ fn indirect_calls_stay_in_nopatch(image: &Image) {
             image
                 .nopatch_disassembly()
                 .lines()
-                .any(|line| line.ends_with("::fixup::trampoline>:")),
+                .any(|line| line.ends_with("::fault_fixup::trampoline>:")),
             "{}: pm_call_with_fixup is in .text.nopatch, but not the trampoline it calls",
             image.path.display()
         );

@@ -15,6 +15,8 @@ pub mod x86_64;
 pub mod host;
 
 #[cfg(target_os = "none")]
+mod fault_fixup;
+#[cfg(target_os = "none")]
 pub mod kernel_alternatives;
 #[cfg(target_os = "none")]
 pub mod kernel_text;
