@@ -409,21 +409,6 @@ unsafe extern "C" {
     fn pm_kp_msr_site();
 }
 
-macro_rules! kprobe_fixtures {
-    ($($name:literal: $call:ident at $site:ident with $args:expr;)*) => {
-        unsafe extern "C" {
-            $(fn $call(x: u64) -> u64; fn $site();)*
-        }
-        /// One fixture per instruction class kprobes runs out of line or simulates.
-        pub const KPROBE_FIXTURES: &[KprobeFixture] = &[$(KprobeFixture {
-            name: $name,
-            call: $call,
-            site: $site,
-            args: $args,
-        },)*];
-    };
-}
-
 kprobe_fixtures! {
     "out of line (STR via SP)": pm_kp_xol_sp at pm_kp_xol_sp_site with [1, 2];
     "B": pm_kp_b at pm_kp_b_site with [1, 2];

@@ -30,6 +30,25 @@
 //! The patch targets the self-tests flip (`targets_aarch64.S`, `targets_x86_64.S`) are
 //! assembled here too, so the kernel proper holds no assembly.
 
+/// `KPROBE_FIXTURES` from `"name": call at site with [args];` lines: declares each
+/// fixture's function and site label (`targets_*.S`) and lists them, one fixture per
+/// instruction class the port's kprobes run out of line, simulate or emulate.
+macro_rules! kprobe_fixtures {
+    ($($name:literal: $call:ident at $site:ident with $args:expr;)*) => {
+        unsafe extern "C" {
+            $(fn $call(x: u64) -> u64; fn $site();)*
+        }
+        /// One fixture per instruction class kprobes runs out of line, simulates or
+        /// emulates.
+        pub const KPROBE_FIXTURES: &[KprobeFixture] = &[$(KprobeFixture {
+            name: $name,
+            call: $call,
+            site: $site,
+            args: $args,
+        },)*];
+    };
+}
+
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 #[cfg(target_arch = "aarch64")]

@@ -349,21 +349,6 @@ unsafe extern "C" {
     fn pm_kp_loop_site();
 }
 
-macro_rules! kprobe_fixtures {
-    ($($name:literal: $call:ident at $site:ident with $args:expr;)*) => {
-        unsafe extern "C" {
-            $(fn $call(x: u64) -> u64; fn $site();)*
-        }
-        /// One fixture per instruction class kprobes emulates or steps out of line.
-        pub const KPROBE_FIXTURES: &[KprobeFixture] = &[$(KprobeFixture {
-            name: $name,
-            call: $call,
-            site: $site,
-            args: $args,
-        },)*];
-    };
-}
-
 kprobe_fixtures! {
     "stepped ALU (IMUL imm8)": pm_kp_alu at pm_kp_alu_site with [1, 2];
     "stepped PUSH (via RSP)": pm_kp_push at pm_kp_push_site with [1, 2];
