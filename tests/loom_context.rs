@@ -475,7 +475,7 @@ fn stop_patch(starts_in_user: bool, outcomes: &'static Outcomes) -> impl Fn() + 
     }
 }
 
-const BOUND: usize = 2;
+const BOUND: usize = 6;
 
 #[test]
 fn entry_vs_live_patch() {

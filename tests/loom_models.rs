@@ -18,7 +18,15 @@ fn loom_models_of_the_rendezvous_and_patch_machine() {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let start = Instant::now();
     let output = Command::new(cargo)
-        .args(["test", "--release", "--test", "loom_stop", "--test", "loom_context", "--"])
+        .args([
+            "test",
+            "--release",
+            "--test",
+            "loom_stop",
+            "--test",
+            "loom_context",
+            "--",
+        ])
         // One model at a time: the weakening knobs are process-wide (the models also
         // serialise themselves), and the machine has two cores for everyone.
         .args(["--nocapture", "--test-threads=1"])
@@ -56,6 +64,22 @@ fn loom_models_of_the_rendezvous_and_patch_machine() {
         tail(&stdout),
         tail(&stderr)
     );
+    // The context-tracking models (tests/loom_context.rs) ran and passed too.
+    for model in [
+        "entry_vs_live_patch",
+        "exit_vs_live_patch",
+        "deferred_entry_vs_stop",
+        "exit_vs_stop",
+    ] {
+        assert!(
+            report
+                .iter()
+                .any(|line| line.starts_with(&format!("# loom {model} "))
+                    && line.contains("none failed")),
+            "the context model {model} did not run and pass:\n{}",
+            tail(&stdout)
+        );
+    }
     assert!(
         stdout.contains("test result: ok") && !report.is_empty(),
         "the loom run reported no models:\n{}",

@@ -37,7 +37,7 @@ use patch_machine::stop::{
     Arch, CallContext, ETIMEDOUT, NmiArch, NmiSafe, StopError, StopFnResult, StopMachine,
     StopOptions,
 };
-use patch_machine::sync::weaken::{self, Knob};
+use patch_machine::sync::weaken::Knob;
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool as StdBool, AtomicU32, AtomicU64, AtomicUsize as StdUsize};
@@ -367,7 +367,6 @@ fn stop_function(
         }
     }
 }
-
 
 // ---------------------------------------------------------------------------------
 // The models.

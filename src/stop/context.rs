@@ -278,9 +278,7 @@ impl ContextStates {
     #[unsafe(link_section = ".text.nopatch")]
     pub fn close_stop(&self) {
         // Release pairs with the Acquire in `finish_deferred`.
-        self.open_stop.store(
-            0,
-            weaken::order(Ordering::Release, Knob::CloseStopRelaxed),
-        );
+        self.open_stop
+            .store(0, weaken::order(Ordering::Release, Knob::CloseStopRelaxed));
     }
 }
