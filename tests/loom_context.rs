@@ -511,6 +511,7 @@ fn exit_vs_stop() {
 
 // The weakened twins: loom must find each failure.
 
+/// The twins' outcomes, not checked: a twin only has to fail.
 static TWIN: Outcomes = Outcomes::new();
 
 #[test]

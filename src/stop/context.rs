@@ -34,6 +34,9 @@
 //! the stop token paired with the stop's Release when it closes, and a context
 //! synchronisation after both (docs/porting.md, "Isolated CPUs").
 //!
+//! Model-checked with loom in `tests/loom_context.rs` (each ordering above, the single
+//! CAS and the entry's wait have a `sync::weaken` knob that loom must find failing).
+//!
 //! Arch-free: the architecture's entry and exit code call it, and
 //! [`Arch::context_states`](super::Arch::context_states) hands it to the stop core.
 
