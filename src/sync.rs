@@ -1,7 +1,7 @@
 //! The atomics of the stop-machine core, and the hooks of its model check.
 //!
 //! Normally this is `core::sync::atomic` and [`spin::Mutex`], at no cost. Built with
-//! `RUSTFLAGS="--cfg loom"` (only `tests/loom_stop.rs` is), the same names are loom's
+//! `RUSTFLAGS="--cfg loom"` (only `tests/loom_stop.rs` and `tests/loom_context.rs` are), the same names are loom's
 //! atomics and a loom-visible spin lock, so that the `loom` model checker explores every
 //! interleaving and every value a weak load may return; and [`weaken`] lets a model turn
 //! one ordering or step of the production code off, to show that loom then finds the bug.
@@ -132,6 +132,17 @@ pub mod weaken {
         /// A stop IPI left pending from an earlier call makes the initiator a joiner
         /// of its own call (the bug the model check found).
         InitiatorJoinsOwnCall = 1 << 10,
+        /// `ContextStates::try_defer` as a load, a test of `USER`, then a store: the
+        /// check-then-set window the one compare-and-swap closes.
+        DeferLoadThenStore = 1 << 11,
+        /// A deferred entry does not wait for the stop that deferred it to close.
+        EntryNoWait = 1 << 12,
+        /// The entry's swap of the state word: AcqRel -> Relaxed.
+        EntrySwapRelaxed = 1 << 13,
+        /// The deferral's successful compare-and-swap: AcqRel -> Relaxed.
+        DeferCasRelaxed = 1 << 14,
+        /// The stop's `close_stop`: Release -> Relaxed.
+        CloseStopRelaxed = 1 << 15,
     }
 
     #[cfg(loom)]

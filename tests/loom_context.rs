@@ -1,343 +1,581 @@
 //! Model check, with [loom](https://docs.rs/loom), of the context-tracking protocol of
-//! `src/stop/context.rs` (issue 13): every interleaving of a patcher and an isolated CPU,
-//! and every value the C11 memory model lets each load return.
+//! `src/stop/context.rs` (issue 13): the real `ContextStates` (`exit_to_user`,
+//! `enter_kernel`, `finish_deferred`, `try_defer` through `defer`, `open_stop`,
+//! `close_stop`) and, for a stop, the real `StopMachine`, whose `Arch::context_states`
+//! returns the model's states. Every interleaving of a patcher (CPU 0) and an isolated
+//! CPU (CPU 1) up to a preemption bound, and every value the C11 memory model lets each
+//! load return.
 //!
-//! Built only with `RUSTFLAGS="--cfg loom"`; `tests/loom_context_models.rs` runs it from
-//! the plain `cargo test`:
+//! Built only with `RUSTFLAGS="--cfg loom"` (`src/sync.rs` then gives the core loom's
+//! atomics); `tests/loom_models.rs` runs it with `tests/loom_stop.rs` from the plain
+//! `cargo test`:
 //!
 //! ```sh
-//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom_context
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom_context -- --nocapture --test-threads=1
 //! ```
 //!
-//! The protocol's operations are written out here with the same atomics, the same
-//! orderings and the same bit layout as `ContextStates` (`exit_to_user`, `enter_kernel`,
-//! `finish_deferred`, `try_defer`, `open_stop`, `close_stop`): the crate's own atomics are
-//! `core`'s, which loom cannot drive. "Kernel text" is one atomic word, fetched through
-//! the CPU's own instruction cache, which only a context synchronisation refreshes; a
-//! stop's write is two stores (a torn intermediate value, then the new one). The checked
-//! properties:
-//! - once a patch has returned, the CPU runs no stale kernel code in the kernel stint in
-//!   which it observed that (entry vs patch, exit vs patch);
-//! - a deferred entry never fetches text a stop is still writing (the torn value).
+//! The machine ([`LoomArch`]): the isolated CPU is in user mode (runs no kernel text), in
+//! its entry or exit code (`.text.nopatch`), or in patchable kernel code, which fetches
+//! the text through the CPU's own copy, refreshed only by `Arch::sync_context`. Two texts:
+//! - the stop's, a loom `UnsafeCell`: a fetch not ordered against the stop's write (a
+//!   deferred entry that does not wait the stop out) is a data race loom reports, and the
+//!   stop function also checks the isolated CPU is masked or out of patchable code;
+//! - the live path's (one instruction replaced, atomically for fetches), a loom atomic:
+//!   once the CPU has seen the patch call return, it must fetch the new value.
 //!
-//! The twin with the deferral's CAS replaced by a separate load and store must fail:
-//! loom finds the interleaving where the CPU enters between the two.
+//! The properties: entry vs patch and exit vs patch (live path and stop), the CPU never
+//! runs stale code once the patch has returned; a deferred entry vs a stop in progress,
+//! the entry never runs kernel text while the stop writes it. Both outcomes (deferred,
+//! interrupted) must occur across each model's interleavings, or the model proved
+//! nothing about the protocol. Every model has weakened twins (`weaken` knobs of
+//! `context.rs`) that loom must find failing.
 
 #![cfg(loom)]
 
-use loom::sync::Arc;
-use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use loom::cell::UnsafeCell;
+use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use loom::thread;
+use patch_machine::CpuSet;
+use patch_machine::stop::{
+    Arch, CallContext, ContextStates, StopFnResult, StopMachine, StopOptions,
+};
+use patch_machine::sync::weaken::Knob;
+use std::cell::Cell;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{
+    AtomicBool as StdBool, AtomicU32 as StdU32, AtomicU64 as StdU64, AtomicUsize as StdUsize,
+};
+use std::sync::{Arc, OnceLock, Weak};
 
-const USER: u64 = 1;
-const PENDING: u64 = 1 << 1;
-const TOKEN_SHIFT: u32 = 2;
-const TOKEN_OPEN: u64 = 1 << 32;
+mod loom_harness;
+use loom_harness::{check, must_fail};
 
-const OLD: u64 = 1;
-const TORN: u64 = 2;
-const NEW: u64 = 3;
+const CPUS: usize = 2;
+/// The CPU that patches.
+const PATCHER: usize = 0;
+/// The isolated CPU, running user code.
+const ISOLATED: usize = 1;
+const OLD: u32 = 1;
+const NEW: u32 = 2;
+/// Logical nanoseconds per `relax`.
+const TICK_NS: u64 = 1_000;
+/// Timeouts that never fire in a model (its loops are bounded by loom's yields).
+const PATIENT: StopOptions = StopOptions {
+    arrival_timeout_ns: 1 << 40,
+    stall_timeout_ns: 1 << 40,
+    ..StopOptions::DEFAULT
+};
+/// The entry's limit for a stop to close, never reached in a model.
+const ENTRY_LIMIT_NS: u64 = 1 << 40;
 
-/// How the patcher marks a CPU in user mode.
-#[derive(Clone, Copy, PartialEq)]
-enum Defer {
-    /// One CAS that succeeds only on a word with `USER` (the production code).
-    Cas,
-    /// A load, a test, then a store: the check-then-set window.
-    LoadThenStore,
+loom::thread_local! {
+    /// The CPU this loom thread plays.
+    static CPU: Cell<usize> = Cell::new(usize::MAX);
 }
 
-/// The machine: one isolated CPU and one patcher.
+fn current_cpu() -> usize {
+    CPU.with(Cell::get)
+}
+
+/// The machine. Loom atomics and cells for what CPUs share; std atomics for what one CPU
+/// alone touches and for the model's bookkeeping (loom threads run one at a time).
 struct Machine {
-    word: AtomicU64,
-    open_stop: AtomicU64,
-    text: AtomicU64,
-    /// The patcher's IPI to the CPU, and the CPU's acknowledgement.
-    ipi: AtomicBool,
-    ack: AtomicBool,
-    /// The patcher has decided: 1 deferred, 2 interrupted.
-    decided: AtomicU64,
-    /// The patch call has returned.
-    done: AtomicBool,
+    states: ContextStates,
+    /// The text a stop writes.
+    text: UnsafeCell<u32>,
+    /// The text the live path writes.
+    live_text: AtomicU32,
+    /// What each CPU fetches of each text: as of its last context synchronisation.
+    icache: [StdU32; CPUS],
+    live_icache: [StdU32; CPUS],
+    /// IPIs sent to each CPU (Release; taken with Acquire), taken, and, for the live
+    /// path's synchronisation IPI, acknowledged (Release, to the patcher's Acquire).
+    ipis_sent: [AtomicUsize; CPUS],
+    ipis_taken: [StdUsize; CPUS],
+    ipis_acked: [AtomicUsize; CPUS],
+    masked: [StdBool; CPUS],
+    /// The CPU runs patchable kernel code (not user mode, not its entry or exit code).
+    patchable: [StdBool; CPUS],
+    clock: [StdU64; CPUS],
+    /// The stop machine of a stop model; none: the IPI is the live path's sync IPI.
+    stop: OnceLock<Weak<StopMachine<LoomArch>>>,
 }
+
+// SAFETY: the text cell is accessed only through loom's `with`/`with_mut`, which fail
+// the model on any access not ordered against a write (the point of the models).
+unsafe impl Sync for Machine {}
 
 impl Machine {
-    fn new(in_user: bool) -> Arc<Machine> {
-        Arc::new(Machine {
-            word: AtomicU64::new(if in_user { USER } else { 0 }),
-            open_stop: AtomicU64::new(0),
-            text: AtomicU64::new(OLD),
-            ipi: AtomicBool::new(false),
-            ack: AtomicBool::new(false),
-            decided: AtomicU64::new(0),
-            done: AtomicBool::new(false),
+    fn read_text(&self) -> u32 {
+        // SAFETY: loom's cell checks that no write races with this read.
+        self.text.with(|p| unsafe { *p })
+    }
+
+    fn write_text(&self, value: u32) {
+        // SAFETY: loom's cell checks that no access races with this write.
+        self.text.with_mut(|p| unsafe { *p = value });
+    }
+}
+
+/// The host architecture of the models.
+#[derive(Clone)]
+struct LoomArch(Arc<Machine>);
+
+impl LoomArch {
+    fn ipi_pending(&self) -> bool {
+        let me = current_cpu();
+        // Acquire pairs with the Release in `send_stop_ipi` / `send_sync_ipi`.
+        self.0.ipis_sent[me].load(Ordering::Acquire) != self.0.ipis_taken[me].load(SeqCst)
+    }
+
+    /// Takes a pending IPI, if this CPU is unmasked: the stop's, or the live path's
+    /// synchronisation IPI.
+    fn poll_interrupts(&self) {
+        let me = current_cpu();
+        let machine = &self.0;
+        if machine.masked[me].load(SeqCst) {
+            return;
+        }
+        // Acquire pairs with the Release of the sender.
+        let sent = machine.ipis_sent[me].load(Ordering::Acquire);
+        if sent == machine.ipis_taken[me].load(SeqCst) {
+            return;
+        }
+        machine.ipis_taken[me].store(sent, SeqCst);
+        let was = machine.masked[me].swap(true, SeqCst);
+        match machine.stop.get().and_then(Weak::upgrade) {
+            Some(stop) => stop.handle_stop_ipi(),
+            None => {
+                self.sync_context();
+                // Release pairs with the patcher's Acquire wait for the acknowledgement.
+                machine.ipis_acked[me].store(sent, Ordering::Release);
+            }
+        }
+        machine.masked[me].store(was, SeqCst);
+    }
+
+    fn send_sync_ipi(&self, cpu: usize) {
+        self.0.ipis_sent[cpu].fetch_add(1, Ordering::Release);
+    }
+}
+
+// SAFETY: `cpu_id` is the thread's bound CPU, < CPUS; `mask_all` makes
+// `poll_interrupts` take nothing until `restore`; an IPI stays pending until its CPU
+// polls unmasked (its idle loop, `relax`, or, in user mode, as an entry);
+// `sync_context` refreshes the CPU's fetches; the entry and exit code call the
+// context-state protocol as `context_states` requires (`Model::enter`, `Model::exit`).
+unsafe impl Arch for LoomArch {
+    type MaskState = bool;
+
+    fn cpu_id(&self) -> usize {
+        current_cpu()
+    }
+
+    fn online_cpus(&self) -> CpuSet {
+        CpuSet::first(CPUS)
+    }
+
+    fn mask_all(&self) -> bool {
+        self.0.masked[current_cpu()].swap(true, SeqCst)
+    }
+
+    fn restore(&self, was_masked: bool) {
+        self.0.masked[current_cpu()].store(was_masked, SeqCst);
+    }
+
+    fn all_masked(&self) -> bool {
+        self.0.masked[current_cpu()].load(SeqCst)
+    }
+
+    fn send_stop_ipi(&self, targets: CpuSet) {
+        for cpu in targets {
+            self.0.ipis_sent[cpu].fetch_add(1, Ordering::Release);
+        }
+    }
+
+    fn sync_context(&self) {
+        let me = current_cpu();
+        self.0.icache[me].store(self.0.read_text(), SeqCst);
+        // Relaxed: what the fetch may see is what the Acquires before it made visible.
+        self.0.live_icache[me].store(self.0.live_text.load(Ordering::Relaxed), SeqCst);
+    }
+
+    fn relax(&self) {
+        self.poll_interrupts();
+        self.0.clock[current_cpu()].fetch_add(TICK_NS, SeqCst);
+        thread::yield_now();
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.0.clock[current_cpu()].load(SeqCst)
+    }
+
+    fn context_states(&self) -> Option<&ContextStates> {
+        Some(&self.0.states)
+    }
+
+    fn call_context(&self) -> CallContext {
+        if self.0.masked[current_cpu()].load(SeqCst) {
+            CallContext::IrqsMasked
+        } else {
+            CallContext::Normal
+        }
+    }
+}
+
+/// One model's machine.
+struct Model {
+    arch: LoomArch,
+    stop: Option<Arc<StopMachine<LoomArch>>>,
+    quit: Arc<AtomicBool>,
+}
+
+impl Model {
+    /// CPU 1 isolated, in user mode if `in_user`; with a stop machine if `with_stop`.
+    fn new(in_user: bool, with_stop: bool) -> Model {
+        let machine = Arc::new(Machine {
+            states: ContextStates::new(),
+            text: UnsafeCell::new(OLD),
+            live_text: AtomicU32::new(OLD),
+            icache: std::array::from_fn(|_| StdU32::new(OLD)),
+            live_icache: std::array::from_fn(|_| StdU32::new(OLD)),
+            ipis_sent: std::array::from_fn(|_| AtomicUsize::new(0)),
+            ipis_taken: std::array::from_fn(|_| StdUsize::new(0)),
+            ipis_acked: std::array::from_fn(|_| AtomicUsize::new(0)),
+            masked: std::array::from_fn(|_| StdBool::new(false)),
+            patchable: std::array::from_fn(|_| StdBool::new(true)),
+            clock: std::array::from_fn(|_| StdU64::new(0)),
+            stop: OnceLock::new(),
+        });
+        machine.states.set_isolated(CpuSet::single(ISOLATED));
+        if in_user {
+            machine.patchable[ISOLATED].store(false, SeqCst);
+            machine.states.exit_to_user(ISOLATED);
+        }
+        let arch = LoomArch(machine.clone());
+        let stop = with_stop.then(|| Arc::new(StopMachine::new(arch.clone())));
+        if let Some(stop) = &stop {
+            let _ = machine.stop.set(Arc::downgrade(stop));
+        }
+        CPU.with(|cpu| cpu.set(PATCHER));
+        Model {
+            arch,
+            stop,
+            quit: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn machine(&self) -> &Machine {
+        &self.arch.0
+    }
+
+    /// The kernel entry from user mode, as the architecture's entry code does it: the
+    /// swap, the deferred wait, the synchronisation if one was deferred; only then
+    /// patchable code.
+    fn enter(&self) {
+        let me = current_cpu();
+        let machine = self.machine();
+        let deferred = machine.states.enter_kernel(me);
+        // The entry runs masked: its wait takes no interrupt.
+        let waited = machine.states.finish_deferred(
+            deferred,
+            ENTRY_LIMIT_NS,
+            || self.arch.now_ns(),
+            || {
+                machine.clock[me].fetch_add(TICK_NS, SeqCst);
+                thread::yield_now();
+            },
+        );
+        assert_eq!(waited, Ok(()), "cpu{me}'s entry waited out its limit");
+        if deferred.pending {
+            self.arch.sync_context();
+        }
+        machine.patchable[me].store(true, SeqCst);
+    }
+
+    /// The return to user mode: patchable code ends before the exit's RMW (what follows
+    /// it is `.text.nopatch`).
+    fn exit(&self) {
+        let me = current_cpu();
+        self.machine().patchable[me].store(false, SeqCst);
+        self.machine().states.exit_to_user(me);
+    }
+
+    /// User code: no kernel text. An IPI pending is taken: an entry, the handler, the
+    /// exit.
+    fn user_mode(&self) {
+        if self.arch.ipi_pending() {
+            self.enter();
+            self.arch.poll_interrupts();
+            self.exit();
+        }
+    }
+
+    /// Patchable kernel code runs the patched sites.
+    fn kernel_code(&self) {
+        let me = current_cpu();
+        let machine = self.machine();
+        assert!(machine.patchable[me].load(SeqCst), "cpu{me} model error");
+        let fetched = machine.icache[me].load(SeqCst);
+        let current = machine.read_text();
+        assert_eq!(
+            fetched, current,
+            "cpu{me} runs stale text: it fetches {fetched}, the stop wrote {current}"
+        );
+    }
+
+    /// Kernel code of the live path's site, `returned`: whether this CPU had seen the
+    /// patch call return before it fetched.
+    fn live_kernel_code(&self, returned: bool) {
+        let me = current_cpu();
+        let fetched = self.machine().live_icache[me].load(SeqCst);
+        // A stop model never patches the live site.
+        if returned && self.stop.is_none() {
+            assert_eq!(fetched, NEW, "stale code after the patch had returned");
+        }
+    }
+
+    /// The isolated CPU's life: (from the kernel: kernel code, an exit, user code,) an
+    /// entry, kernel code, then idling with interrupts on until the patcher is done.
+    fn isolated_cpu(&self, starts_in_user: bool) {
+        if !starts_in_user {
+            self.idle_once();
+            self.exit();
+            self.user_mode();
+        }
+        self.enter();
+        self.idle_once();
+        // Acquire: pairs with the patcher's Release of `quit` (model bookkeeping).
+        while !self.quit.load(Ordering::Acquire) {
+            self.idle_once();
+            thread::yield_now();
+        }
+        self.idle_once();
+    }
+
+    fn idle_once(&self) {
+        // Acquire pairs with the patcher's Release of `quit`, stored after its call
+        // returned.
+        let returned = self.quit.load(Ordering::Acquire);
+        self.kernel_code();
+        self.live_kernel_code(returned);
+        self.arch.poll_interrupts();
+    }
+
+    fn spawn_isolated(&self, starts_in_user: bool) -> thread::JoinHandle<()> {
+        let model = Model {
+            arch: self.arch.clone(),
+            stop: self.stop.clone(),
+            quit: self.quit.clone(),
+        };
+        thread::spawn(move || {
+            CPU.with(|c| c.set(ISOLATED));
+            model.isolated_cpu(starts_in_user);
         })
     }
+}
 
-    /// `ContextStates::try_defer`.
-    fn try_defer(&self, token: u64, how: Defer) -> bool {
-        let mark = USER | PENDING | token << TOKEN_SHIFT;
-        match how {
-            Defer::Cas => {
-                let mut seen = self.word.load(Ordering::Relaxed);
-                while seen & USER != 0 {
-                    match self.word.compare_exchange_weak(
-                        seen,
-                        mark,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => return true,
-                        Err(now) => seen = now,
-                    }
-                }
-                false
-            }
-            Defer::LoadThenStore => {
-                if self.word.load(Ordering::Acquire) & USER == 0 {
-                    return false;
-                }
-                self.word.store(mark, Ordering::Release);
-                true
-            }
+/// How often each model deferred the isolated CPU and how often it interrupted it.
+struct Outcomes {
+    deferred: StdUsize,
+    interrupted: StdUsize,
+}
+
+impl Outcomes {
+    const fn new() -> Outcomes {
+        Outcomes {
+            deferred: StdUsize::new(0),
+            interrupted: StdUsize::new(0),
         }
     }
 
-    /// The patcher: either defer the CPU or interrupt it and wait for its
-    /// acknowledgement; then the call returns.
-    fn decide(&self, token: u64, how: Defer) {
-        if self.try_defer(token, how) {
-            self.decided.store(1, Ordering::Release);
+    fn record(&self, deferred: bool) {
+        let counter = if deferred {
+            &self.deferred
         } else {
-            self.decided.store(2, Ordering::Release);
-            self.ipi.store(true, Ordering::Release);
-            while !self.ack.load(Ordering::Acquire) {
+            &self.interrupted
+        };
+        counter.fetch_add(1, SeqCst);
+    }
+
+    /// Both outcomes happened: the model raced the entry (or exit) against the patch.
+    fn assert_both(&self, name: &str) {
+        let (deferred, interrupted) = (self.deferred.load(SeqCst), self.interrupted.load(SeqCst));
+        println!("# loom {name}: {deferred} interleavings deferred, {interrupted} interrupted");
+        assert!(
+            deferred > 0 && interrupted > 0,
+            "{name}: deferred {deferred}, interrupted {interrupted}: the race never happened"
+        );
+    }
+}
+
+/// The live path (as `jump_label` does it): the text written (and made coherent), then
+/// the isolated CPU deferred, or interrupted and its acknowledgement awaited.
+fn live_patch(starts_in_user: bool, outcomes: &'static Outcomes) -> impl Fn() + Sync + Send {
+    move || {
+        let model = Model::new(starts_in_user, false);
+        let isolated = model.spawn_isolated(starts_in_user);
+        let machine = model.machine();
+        machine.live_text.store(NEW, Ordering::Relaxed);
+        let deferred = machine
+            .states
+            .defer(CpuSet::single(ISOLATED), None)
+            .contains(ISOLATED);
+        if !deferred {
+            model.arch.send_sync_ipi(ISOLATED);
+            // Acquire pairs with the Release of the handler's acknowledgement.
+            while machine.ipis_acked[ISOLATED].load(Ordering::Acquire) == 0 {
                 thread::yield_now();
             }
         }
+        outcomes.record(deferred);
+        // Release: the call has returned, to the isolated CPU's Acquire.
+        model.quit.store(true, Ordering::Release);
+        isolated.join().unwrap();
     }
 }
 
-/// The isolated CPU: its instruction cache, refreshed by `sync`.
-struct Cpu {
-    m: Arc<Machine>,
-    icache: u64,
-}
-
-impl Cpu {
-    fn sync(&mut self) {
-        // A context synchronisation: the next fetch reads the text anew. (Relaxed: what
-        // it may see is what the Acquires before it made visible.)
-        self.icache = self.m.text.load(Ordering::Relaxed);
-    }
-
-    /// `ContextStates::exit_to_user`.
-    fn exit_to_user(&self) {
-        self.m.word.fetch_or(USER, Ordering::Release);
-    }
-
-    /// `ContextStates::enter_kernel`, `finish_deferred`, then the ISB if pending.
-    fn enter_kernel(&mut self) {
-        self.enter_kernel_waiting(true);
-    }
-
-    /// [`enter_kernel`](Self::enter_kernel), with or without the wait for the stop.
-    fn enter_kernel_waiting(&mut self, wait_out_stop: bool) {
-        let old = self.m.word.swap(0, Ordering::AcqRel);
-        if old & PENDING != 0 {
-            let token = old >> TOKEN_SHIFT;
-            if token != 0 && wait_out_stop {
-                while self.m.open_stop.load(Ordering::Acquire) == token {
-                    thread::yield_now();
+/// A stop (`stop_machine` on CPU 0 only, which writes the stop's text): the isolated CPU
+/// is deferred by the real rendezvous if it is in user mode, interrupted otherwise.
+fn stop_patch(starts_in_user: bool, outcomes: &'static Outcomes) -> impl Fn() + Sync + Send {
+    move || {
+        let model = Model::new(starts_in_user, true);
+        let stop = model.stop.clone().expect("a stop model");
+        let isolated = model.spawn_isolated(starts_in_user);
+        let machine = model.arch.0.clone();
+        let function = {
+            let machine = machine.clone();
+            let stop = Arc::downgrade(&stop);
+            move |cpu: usize| -> StopFnResult {
+                let evidence = stop.upgrade().expect("the stop machine").quiescence();
+                assert!(
+                    machine.masked[ISOLATED].load(SeqCst)
+                        || !machine.patchable[ISOLATED].load(SeqCst),
+                    "the stop writes while cpu{ISOLATED} runs patchable kernel code, \
+                     neither masked in the rendezvous nor in user mode or its entry"
+                );
+                assert!(
+                    evidence.masked.contains(ISOLATED) != evidence.deferred.contains(ISOLATED),
+                    "cpu{ISOLATED} is counted quiescent by neither or both of the rendezvous \
+                     and the deferral: {evidence:?}"
+                );
+                if cpu == PATCHER {
+                    machine.write_text(NEW);
                 }
+                Ok(())
             }
-            self.sync();
-        }
-    }
-
-    /// Kernel code that runs the patched site: torn text is never allowed; once the
-    /// patch call has returned (observed by this CPU), only the new text is.
-    fn run_kernel_code(&self) {
-        assert_ne!(self.icache, TORN, "ran text the patch was still writing");
-        if self.m.done.load(Ordering::Acquire) {
-            assert_eq!(self.icache, NEW, "stale code after the patch had returned");
-        }
-    }
-
-    /// The kernel with interrupts on: takes the patcher's IPI if it is pending.
-    fn take_ipi(&mut self) {
-        if self.m.ipi.load(Ordering::Acquire) && !self.m.ack.load(Ordering::Relaxed) {
-            self.sync();
-            self.m.ack.store(true, Ordering::Release);
-        }
-    }
-
-    /// Before the thread ends: an IPI still owed is taken (from user mode: an entry).
-    fn drain(&mut self) {
-        loop {
-            match self.m.decided.load(Ordering::Acquire) {
-                1 => return,
-                2 => {
-                    while !self.m.ipi.load(Ordering::Acquire) {
-                        thread::yield_now();
-                    }
-                    self.take_ipi();
-                    return;
-                }
-                _ => thread::yield_now(),
-            }
-        }
+        };
+        assert_eq!(
+            stop.stop_machine(&function, CpuSet::single(PATCHER), PATIENT),
+            Ok(())
+        );
+        outcomes.record(stop.last_deferred().contains(ISOLATED));
+        model.quit.store(true, Ordering::Release);
+        isolated.join().unwrap();
     }
 }
 
-/// Entry vs patch (the live path: text written and made coherent, then the deferral or
-/// the IPI): the CPU starts in user mode and enters the kernel once.
-fn entry_vs_patch(how: Defer) {
-    loom::model(move || {
-        let m = Machine::new(true);
-        let patcher = {
-            let m = m.clone();
-            thread::spawn(move || {
-                m.text.store(NEW, Ordering::Relaxed);
-                m.decide(0, how);
-                m.done.store(true, Ordering::Release);
-            })
-        };
-        let mut cpu = Cpu {
-            m: m.clone(),
-            icache: OLD,
-        };
-        cpu.enter_kernel();
-        cpu.run_kernel_code();
-        cpu.take_ipi();
-        cpu.run_kernel_code();
-        cpu.drain();
-        patcher.join().unwrap();
-    });
-}
+const BOUND: usize = 6;
 
-/// Exit vs patch: the CPU starts in the kernel, returns to user mode (where an IPI that
-/// was sent meanwhile is taken as an entry), and enters the kernel again.
-fn exit_vs_patch(how: Defer) {
-    loom::model(move || {
-        let m = Machine::new(false);
-        let patcher = {
-            let m = m.clone();
-            thread::spawn(move || {
-                m.text.store(NEW, Ordering::Relaxed);
-                m.decide(0, how);
-                m.done.store(true, Ordering::Release);
-            })
-        };
-        let mut cpu = Cpu {
-            m: m.clone(),
-            icache: OLD,
-        };
-        cpu.take_ipi();
-        cpu.exit_to_user();
-        // An IPI pending at EL0 is taken at once: an entry, the handler, the exit.
-        if cpu.m.ipi.load(Ordering::Acquire) {
-            cpu.enter_kernel();
-            cpu.take_ipi();
-            cpu.exit_to_user();
-        }
-        cpu.enter_kernel();
-        cpu.run_kernel_code();
-        cpu.take_ipi();
-        cpu.run_kernel_code();
-        cpu.drain();
-        patcher.join().unwrap();
-    });
-}
-
-/// A deferred entry vs a stop in progress: the stop opens its window, defers the CPU (or
-/// interrupts it: the CPU then waits in the rendezvous until the writes are done), writes
-/// the text in two stores, closes the window and returns.
-fn entry_vs_stop(how: Defer, wait_out_stop: bool) {
-    loom::model(move || {
-        let m = Machine::new(true);
-        let token = 7 | TOKEN_OPEN;
-        let patcher = {
-            let m = m.clone();
-            thread::spawn(move || {
-                m.open_stop.store(token, Ordering::Relaxed);
-                let deferred = m.try_defer(token, how);
-                m.decided
-                    .store(if deferred { 1 } else { 2 }, Ordering::Release);
-                if !deferred {
-                    // The rendezvous: the CPU arrives (acknowledges) and waits.
-                    m.ipi.store(true, Ordering::Release);
-                    while !m.ack.load(Ordering::Acquire) {
-                        thread::yield_now();
-                    }
-                }
-                m.text.store(TORN, Ordering::Relaxed);
-                m.text.store(NEW, Ordering::Relaxed);
-                m.open_stop.store(0, Ordering::Release);
-                m.done.store(true, Ordering::Release);
-            })
-        };
-        let mut cpu = Cpu {
-            m: m.clone(),
-            icache: OLD,
-        };
-        let arrive = |cpu: &mut Cpu| {
-            if cpu.m.ipi.load(Ordering::Acquire) && !cpu.m.ack.load(Ordering::Relaxed) {
-                cpu.m.ack.store(true, Ordering::Release);
-                while cpu.m.open_stop.load(Ordering::Acquire) == token {
-                    thread::yield_now();
-                }
-                cpu.sync();
-            }
-        };
-        cpu.enter_kernel_waiting(wait_out_stop);
-        cpu.run_kernel_code();
-        arrive(&mut cpu);
-        cpu.run_kernel_code();
-        if cpu.m.decided.load(Ordering::Acquire) == 0 {
-            while cpu.m.decided.load(Ordering::Acquire) == 0 {
-                thread::yield_now();
-            }
-        }
-        if cpu.m.decided.load(Ordering::Acquire) == 2 {
-            while !cpu.m.ipi.load(Ordering::Acquire) {
-                thread::yield_now();
-            }
-            arrive(&mut cpu);
-        }
-        patcher.join().unwrap();
-    });
+#[test]
+fn entry_vs_live_patch() {
+    static OUTCOMES: Outcomes = Outcomes::new();
+    let name = "entry_vs_live_patch (isolated CPU in user mode, enters once)";
+    check(name, BOUND, live_patch(true, &OUTCOMES));
+    OUTCOMES.assert_both(name);
 }
 
 #[test]
-fn entry_vs_patch_is_never_stale() {
-    entry_vs_patch(Defer::Cas);
+fn exit_vs_live_patch() {
+    static OUTCOMES: Outcomes = Outcomes::new();
+    let name = "exit_vs_live_patch (isolated CPU in the kernel, exits, enters again)";
+    check(name, BOUND, live_patch(false, &OUTCOMES));
+    OUTCOMES.assert_both(name);
 }
 
 #[test]
-fn exit_vs_patch_is_never_stale() {
-    exit_vs_patch(Defer::Cas);
+fn deferred_entry_vs_stop() {
+    static OUTCOMES: Outcomes = Outcomes::new();
+    let name = "deferred_entry_vs_stop (isolated CPU in user mode, enters during the stop)";
+    check(name, BOUND, stop_patch(true, &OUTCOMES));
+    OUTCOMES.assert_both(name);
 }
 
 #[test]
-fn deferred_entry_waits_out_the_stop() {
-    entry_vs_stop(Defer::Cas, true);
+fn exit_vs_stop() {
+    static OUTCOMES: Outcomes = Outcomes::new();
+    let name = "exit_vs_stop (isolated CPU in the kernel, exits, enters again)";
+    check(name, BOUND, stop_patch(false, &OUTCOMES));
+    OUTCOMES.assert_both(name);
 }
 
-/// The twin without the entry's wait for the stop that deferred it: the entry
-/// synchronises before the stop has finished writing, and runs the old text after the
-/// stop returned, or the torn text (loom reports the first of them it finds).
+// The weakened twins: loom must find each failure.
+
+/// The twins' outcomes, not checked: a twin only has to fail.
+static TWIN: Outcomes = Outcomes::new();
+
 #[test]
-#[should_panic(expected = "the patch")]
-fn entry_that_does_not_wait_out_the_stop_is_found_torn() {
-    entry_vs_stop(Defer::Cas, false);
+fn live_patch_with_load_then_store_deferral_fails() {
+    must_fail(
+        "entry_vs_live_patch",
+        &[Knob::DeferLoadThenStore],
+        BOUND,
+        live_patch(true, &TWIN),
+    );
 }
 
-/// The check-then-set twin: the CPU enters between the patcher's load (user mode) and its
-/// store, takes no deferred sync and gets no IPI; it runs stale code after the patch
-/// returned. Loom must find that.
 #[test]
-#[should_panic(expected = "stale code after the patch had returned")]
-fn load_then_store_deferral_is_found_stale() {
-    entry_vs_patch(Defer::LoadThenStore);
+fn stop_with_load_then_store_deferral_fails() {
+    must_fail(
+        "deferred_entry_vs_stop",
+        &[Knob::DeferLoadThenStore],
+        BOUND,
+        stop_patch(true, &TWIN),
+    );
+}
+
+#[test]
+fn entry_that_does_not_wait_out_the_stop_fails() {
+    must_fail(
+        "deferred_entry_vs_stop",
+        &[Knob::EntryNoWait],
+        BOUND,
+        stop_patch(true, &TWIN),
+    );
+}
+
+#[test]
+fn relaxed_entry_swap_fails() {
+    must_fail(
+        "entry_vs_live_patch",
+        &[Knob::EntrySwapRelaxed],
+        BOUND,
+        live_patch(true, &TWIN),
+    );
+    must_fail(
+        "deferred_entry_vs_stop",
+        &[Knob::EntrySwapRelaxed],
+        BOUND,
+        stop_patch(true, &TWIN),
+    );
+}
+
+#[test]
+fn relaxed_deferral_cas_fails() {
+    must_fail(
+        "entry_vs_live_patch",
+        &[Knob::DeferCasRelaxed],
+        BOUND,
+        live_patch(true, &TWIN),
+    );
+}
+
+#[test]
+fn relaxed_close_stop_fails() {
+    must_fail(
+        "deferred_entry_vs_stop",
+        &[Knob::CloseStopRelaxed],
+        BOUND,
+        stop_patch(true, &TWIN),
+    );
 }

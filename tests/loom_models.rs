@@ -1,11 +1,12 @@
-//! Runs the loom model check (`tests/loom_stop.rs`) from the plain `cargo test`: a build
-//! of its own, with `RUSTFLAGS="--cfg loom"` (which swaps the stop core's atomics for
+//! Runs the loom model checks (`tests/loom_stop.rs`: the rendezvous and `patch_machine`;
+//! `tests/loom_context.rs`: the context-tracking protocol of isolated CPUs) from the plain
+//! `cargo test`, in one nested `cargo test` (one build): a build of its own, with `RUSTFLAGS="--cfg loom"` (which swaps the stop core's atomics for
 //! loom's, `src/sync.rs`) in `target/loom`, so it neither rebuilds nor disturbs the
 //! normal one. Fails if any model fails, or if a weakened model's bug is not found;
 //! prints every model's count of interleavings explored.
 //!
 //! By hand: `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release
-//! --test loom_stop -- --nocapture --test-threads=1`.
+//! --test loom_stop --test loom_context -- --nocapture --test-threads=1`.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +18,15 @@ fn loom_models_of_the_rendezvous_and_patch_machine() {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let start = Instant::now();
     let output = Command::new(cargo)
-        .args(["test", "--release", "--test", "loom_stop", "--"])
+        .args([
+            "test",
+            "--release",
+            "--test",
+            "loom_stop",
+            "--test",
+            "loom_context",
+            "--",
+        ])
         // One model at a time: the weakening knobs are process-wide (the models also
         // serialise themselves), and the machine has two cores for everyone.
         .args(["--nocapture", "--test-threads=1"])
@@ -49,12 +58,28 @@ fn loom_models_of_the_rendezvous_and_patch_machine() {
     assert!(
         output.status.success(),
         "the loom models failed ({}); rerun: RUSTFLAGS=\"--cfg loom\" \
-         CARGO_TARGET_DIR=target/loom cargo test --release --test loom_stop -- --nocapture \
-         --test-threads=1\n--- stdout ---\n{}\n--- stderr ---\n{}",
+         CARGO_TARGET_DIR=target/loom cargo test --release --test loom_stop --test loom_context \
+         -- --nocapture --test-threads=1\n--- stdout ---\n{}\n--- stderr ---\n{}",
         output.status,
         tail(&stdout),
         tail(&stderr)
     );
+    // The context-tracking models (tests/loom_context.rs) ran and passed too.
+    for model in [
+        "entry_vs_live_patch",
+        "exit_vs_live_patch",
+        "deferred_entry_vs_stop",
+        "exit_vs_stop",
+    ] {
+        assert!(
+            report
+                .iter()
+                .any(|line| line.starts_with(&format!("# loom {model} "))
+                    && line.contains("none failed")),
+            "the context model {model} did not run and pass:\n{}",
+            tail(&stdout)
+        );
+    }
     assert!(
         stdout.contains("test result: ok") && !report.is_empty(),
         "the loom run reported no models:\n{}",

@@ -34,10 +34,14 @@
 //! the stop token paired with the stop's Release when it closes, and a context
 //! synchronisation after both (docs/porting.md, "Isolated CPUs").
 //!
+//! Model-checked with loom in `tests/loom_context.rs` (each ordering above, the single
+//! CAS and the entry's wait have a `sync::weaken` knob that loom must find failing).
+//!
 //! Arch-free: the architecture's entry and exit code call it, and
 //! [`Arch::context_states`](super::Arch::context_states) hands it to the stop core.
 
 use crate::cpuset::AtomicCpuSet;
+use crate::sync::weaken::{self, Knob};
 use crate::sync::{AtomicU64, Ordering, atomic_array, const_unless_loom};
 use crate::{CpuSet, MAX_CPUS};
 
@@ -170,7 +174,9 @@ impl ContextStates {
         // AcqRel: Acquire pairs with the Release of a patcher's CAS that set PENDING
         // (its text writes, or the opening of its stop, happen before what follows);
         // Release orders the user-mode part before a later patcher's failed CAS.
-        let old = me.word.swap(0, Ordering::AcqRel);
+        let old = me
+            .word
+            .swap(0, weaken::order(Ordering::AcqRel, Knob::EntrySwapRelaxed));
         me.entries
             .store(me.entries.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let pending = old & PENDING != 0;
@@ -198,7 +204,7 @@ impl ContextStates {
         now_ns: impl Fn() -> u64,
         relax: impl Fn(),
     ) -> Result<(), StopStillOpen> {
-        if !deferred.pending || deferred.token == 0 {
+        if !deferred.pending || deferred.token == 0 || weaken::on(Knob::EntryNoWait) {
             return Ok(());
         }
         let mut start = None;
@@ -230,9 +236,17 @@ impl ContextStates {
         // mark, to the entry's Acquire swap. Relaxed on failure: the CPU is in the
         // kernel and will be interrupted, which needs nothing from this load.
         let word = &self.cpu(cpu).word;
+        let success = weaken::order(Ordering::AcqRel, Knob::DeferCasRelaxed);
         let mut seen = word.load(Ordering::Relaxed);
+        if weaken::on(Knob::DeferLoadThenStore) {
+            if seen & USER == 0 {
+                return false;
+            }
+            word.store(mark, Ordering::Release);
+            return true;
+        }
         while seen & USER != 0 {
-            match word.compare_exchange_weak(seen, mark, Ordering::AcqRel, Ordering::Relaxed) {
+            match word.compare_exchange_weak(seen, mark, success, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(now) => seen = now,
             }
@@ -267,6 +281,7 @@ impl ContextStates {
     #[unsafe(link_section = ".text.nopatch")]
     pub fn close_stop(&self) {
         // Release pairs with the Acquire in `finish_deferred`.
-        self.open_stop.store(0, Ordering::Release);
+        self.open_stop
+            .store(0, weaken::order(Ordering::Release, Knob::CloseStopRelaxed));
     }
 }
