@@ -820,6 +820,22 @@ fn x86_64_max_smp4() {
     );
 }
 
+/// Ring 3 on isolated CPUs 1-2 (issue 13, x86): they run the user loop (`INT 0x80`)
+/// while the boot CPU patches; they take no patching interrupt (stop IPIs and INT3
+/// syncs deferred), run the new code after their next entry, and a high-rate torture
+/// sees no stale code. CPU 3 stays in the kernel. SMEP/SMAP on (`-cpu max`).
+#[test]
+fn x86_64_max_smp4_isolcpus() {
+    run_cell(
+        &Cell::new("x86_64_max_smp4_isolcpus", "max", 4)
+            .on_x86_64()
+            .bootargs(
+                "isolcpus=1-2 tests=user_faults,isolation_quiet,isolation_torture,torture,static_keys \
+                 isolation_rounds=500 user_spins=1 flips=500",
+            ),
+    );
+}
+
 #[test]
 fn x86_64_max_smp8() {
     run_cell(
