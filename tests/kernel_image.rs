@@ -1392,8 +1392,7 @@ fn x86_user_entry_reaches_patchable_text_only_after_the_deferred_sync() {
         let Some(target) = i.direct_target() else {
             continue;
         };
-        if image.nopatch.contains(&target) || ENDS_THE_RUN.iter().any(|f| i.operands.contains(f))
-        {
+        if image.nopatch.contains(&target) || ENDS_THE_RUN.iter().any(|f| i.operands.contains(f)) {
             continue;
         }
         assert!(

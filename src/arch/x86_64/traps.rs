@@ -177,7 +177,12 @@ fn from_user(frame: &mut TrapFrame) {
     let deferred = USER_CONTEXTS.enter_kernel(cpu);
     if deferred.pending {
         if USER_CONTEXTS
-            .finish_deferred(deferred, ENTRY_WAIT_LIMIT_NS, super::timer::now_ns, cpu::pause)
+            .finish_deferred(
+                deferred,
+                ENTRY_WAIT_LIMIT_NS,
+                super::timer::now_ns,
+                cpu::pause,
+            )
             .is_err()
         {
             fatal(frame)

@@ -277,6 +277,15 @@ pub fn has_smap() -> bool {
     leaf7_ebx() & (1 << 20) != 0
 }
 
+/// Whether CR4.SMAP is set on the calling CPU (the kernel cannot touch user data but
+/// between `STAC` and `CLAC`).
+pub fn smap_on() -> bool {
+    let cr4: u64;
+    // SAFETY: reads a control register.
+    unsafe { asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags)) };
+    cr4 & CR4_SMAP != 0
+}
+
 /// Sets CR4.SMEP and CR4.SMAP on the calling CPU where CPUID says it has them. Once per
 /// CPU, after its final page tables are loaded.
 pub fn protect_kernel() {

@@ -404,9 +404,8 @@ pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] = &[
 core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));
 
 pub use crate::arch::x86_64::user::{
-    Program as UserProgram, Tick as UserTick, UserExit, has_smap as user_pan,
-    post_to_mailbox as post_to_user, set_tick_hook as set_user_tick, ticks as user_ticks,
-    user_irqs,
+    Program as UserProgram, Tick as UserTick, UserExit, post_to_mailbox as post_to_user,
+    set_tick_hook as set_user_tick, smap_on as user_pan, ticks as user_ticks, user_irqs,
 };
 
 /// The kernel entry from ring 3 up to its deferred work (patching must refuse it): the
