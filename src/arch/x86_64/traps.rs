@@ -154,9 +154,12 @@ fn is_skipped_ud2(rip: u64) -> bool {
 
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
-    if frame.from_user() {
-        // A kernel entry from ring 3: the context-tracking protocol first, before
-        // anything patchable (`user::from_user`).
+    // A kernel entry from ring 3: the context-tracking protocol first, before anything
+    // patchable. So too an NMI taken in ring 0 while the state word still says user
+    // mode (between `exit_to_user` and the IRETQ, or before an entry's swap): NMIs
+    // cannot be masked, and a patcher may have deferred this CPU. Only this CPU clears
+    // `USER`, so the test cannot go stale before `from_user`'s swap.
+    if frame.from_user() || (frame.vector == 2 && USER_CONTEXTS.in_user(cpu::current_cpu())) {
         return from_user(frame);
     }
     dispatch_kernel(frame);
@@ -165,7 +168,7 @@ extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
 /// How long a kernel entry from ring 3 waits for the stop that deferred it.
 const ENTRY_WAIT_LIMIT_NS: u64 = 30_000_000_000;
 
-/// A kernel entry from ring 3, IF clear (interrupt gates): the context-tracking protocol
+/// A kernel entry from ring 3 (or an NMI in the gap around one), IF clear (interrupt gates): the context-tracking protocol
 /// up to the deferred work, all in this function and so in `.text.nopatch` (one RMW,
 /// then the wait and the serialising `CPUID`), then the system call, the user fault or
 /// the interrupt, then (back to ring 3) the switch to user mode just before the stub's
@@ -195,14 +198,19 @@ fn from_user(frame: &mut TrapFrame) {
     }
     // From here on patchable code may run.
     let v = frame.vector;
-    if v == u64::from(user::SYSCALL_VECTOR) || (v < 32 && v != 2) {
+    // A system call or a fault of the program; NMI, #DF and #MC go to the kernel's
+    // handlers (the latter two are fatal).
+    let program = v == u64::from(user::SYSCALL_VECTOR) || (v < 32 && !matches!(v, 2 | 8 | 18));
+    if program && frame.from_user() {
         user::handle_from_user(frame);
     } else {
         user::count_irq(cpu);
         dispatch_kernel(frame);
     }
     if frame.from_user() {
-        // Still IF clear: the state word, then only the stub's pops and IRETQ.
+        // Still IF clear: the state word, then only the stub's pops and IRETQ. (An NMI
+        // from the ring 0 gap leaves the word in kernel mode: the CPU is then
+        // interrupted, not deferred, until its next exit.)
         USER_CONTEXTS.exit_to_user(cpu);
     }
 }
