@@ -346,6 +346,13 @@ fn x86_rendezvous_code_does_not_call_patchable_text() {
         ("core::option::expect_failed", "panic: the run ends"),
         ("traps::fatal", "unexpected exception: the run ends"),
         ("boot::boot_main", "boot hand-off, before any rendezvous"),
+        (
+            "user::handle_from_user",
+            "the kernel entry from ring 3 hands over to the system call and user-fault \
+             handler (patchable) only after its deferred synchronisation: \
+             x86_user_entry_reaches_patchable_text_only_after_the_deferred_sync checks the \
+             order; no rendezvous runs it (a CPU in a patch window takes no trap from ring 3)",
+        ),
     ];
     let image = x86_kernel_image();
     let run = |tool: &str, args: &[&str]| run_on(tool, args, image);
@@ -592,6 +599,7 @@ const INDIRECT_SITES: &[(&str, Indirect)] = &[
         ),
     ),
     ("::traps::trap_dispatch", IRQ_DISPATCH),
+    ("::traps::dispatch_kernel", IRQ_DISPATCH),
     ("::handle_int3", IRQ_DISPATCH),
     ("::ipi::dispatch", IRQ_DISPATCH),
     ("NmiHandlers::run", NMI_DISPATCH),
@@ -1337,5 +1345,73 @@ fn x86_kprobes_hit_path_stays_unprobeable() {
         escapes.is_empty(),
         "x86 .text.kprobes branches into probeable text:\n{}",
         escapes.join("\n")
+    );
+}
+
+/// x86: the kernel entry from ring 3 (`traps::from_user`, every entry stub's first
+/// stop for a ring 3 frame) swaps the state word (`XCHG`, one RMW), then, before any
+/// branch into patchable text, executes `CPUID` (x86 does not serialise on `INT` or an
+/// interrupt; Linux's deferral gets its serialisation from the CR3 write); it makes no
+/// indirect call; after the hand-off it switches back to user mode (`LOCK OR $1`).
+#[test]
+fn x86_user_entry_reaches_patchable_text_only_after_the_deferred_sync() {
+    let image = Image::open(x86_kernel_image(), "");
+    let functions = nopatch_functions(&image);
+    let entry = function(&functions, "traps::from_user>:");
+    let position = |what: &str, test: &dyn Fn(&Insn) -> bool| {
+        entry
+            .iter()
+            .position(test)
+            .unwrap_or_else(|| panic!("traps::from_user has no {what}"))
+    };
+    let swap = position("atomic swap of the state word (xchg)", &|i| {
+        i.mnemonic == "xchg" && !i.operands.contains("%rbx")
+    });
+    let serialise = position("serialising instruction", &|i| {
+        X86_SERIALISING.contains(&i.mnemonic.as_str())
+    });
+    assert!(
+        swap < serialise,
+        "the serialising {:#x} comes before the state word's swap at {:#x}",
+        entry[serialise].addr,
+        entry[swap].addr
+    );
+    const ENDS_THE_RUN: &[&str] = &["traps::fatal", "core::panicking::"];
+    let mut handoff = None;
+    for (at, i) in entry.iter().enumerate() {
+        let branch = i.mnemonic.starts_with('j') || i.mnemonic.starts_with("call");
+        if !branch {
+            continue;
+        }
+        assert!(
+            !i.operands.starts_with('*'),
+            "traps::from_user makes an indirect branch: {:#x} {} {}",
+            i.addr,
+            i.mnemonic,
+            i.operands
+        );
+        let Some(target) = i.direct_target() else {
+            continue;
+        };
+        if image.nopatch.contains(&target) || ENDS_THE_RUN.iter().any(|f| i.operands.contains(f)) {
+            continue;
+        }
+        assert!(
+            at > serialise,
+            "traps::from_user branches into patchable text at {:#x} ({} {}) before its \
+             serialising instruction at {:#x}",
+            i.addr,
+            i.mnemonic,
+            i.operands,
+            entry[serialise].addr
+        );
+        handoff.get_or_insert(at);
+    }
+    let handoff = handoff.expect("traps::from_user never hands over to patchable code");
+    assert!(
+        entry[handoff..].iter().any(|i| i.mnemonic == "lock"
+            && i.operands.starts_with("or")
+            && i.operands.contains("$0x1,")),
+        "no switch back to user mode (LOCK OR $1) after the hand-off"
     );
 }

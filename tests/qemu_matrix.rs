@@ -386,7 +386,9 @@ fn run_cell_expecting_failure(cell: &Cell, report: &[&str]) {
 /// x86 cells with more than one CPU and the default tests must run `nmi_safe_patching`
 /// (the writes from the patcher's NMI), not skip it; x86 cells that run the kprobe tests
 /// (the default tests or `tests=all`) must run every one of them (`kprobe_registry`
-/// needs two CPUs): the reason why not, if one skipped or is missing.
+/// needs two CPUs), and `user_faults`; x86 cells with `isolcpus=`/`nohz_full=` must
+/// run `user_faults`, `isolation_quiet` and `isolation_torture`: the reason why not, if
+/// one skipped or is missing.
 fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
     if cell.arch != Arch::X86_64 {
         return None;
@@ -407,6 +409,11 @@ fn skipped_on_x86(cell: &Cell, serial: &str) -> Option<String> {
         if cell.smp >= 2 {
             required.push("kprobe_registry");
         }
+        required.push("user_faults");
+    }
+    // Ring 3 exists on x86: the isolation tests of an `isolcpus=` cell run, never skip.
+    if cell.bootargs.contains("isolcpus=") || cell.bootargs.contains("nohz_full=") {
+        required.extend(["user_faults", "isolation_quiet", "isolation_torture"]);
     }
     required.into_iter().find_map(|test| {
         let named = format!(" {test}");
@@ -817,6 +824,22 @@ fn x86_64_max_smp4() {
         &Cell::new("x86_64_max_smp4", "max", 4)
             .on_x86_64()
             .bootargs("static_key_flips=10000 expect_nmi=x2apic"),
+    );
+}
+
+/// Ring 3 on isolated CPUs 1-2 (issue 13, x86): they run the user loop (`INT 0x80`)
+/// while the boot CPU patches; they take no patching interrupt (stop IPIs and INT3
+/// syncs deferred), run the new code after their next entry, and a high-rate torture
+/// sees no stale code. CPU 3 stays in the kernel. SMEP/SMAP on (`-cpu max`).
+#[test]
+fn x86_64_max_smp4_isolcpus() {
+    run_cell(
+        &Cell::new("x86_64_max_smp4_isolcpus", "max", 4)
+            .on_x86_64()
+            .bootargs(
+                "isolcpus=1-2 tests=user_faults,isolation_quiet,isolation_torture,torture,static_keys \
+                 isolation_rounds=500 user_spins=1 flips=500",
+            ),
     );
 }
 

@@ -6,7 +6,7 @@
  * {stop} is the stop-IPI vector, {spurious} the APIC spurious vector, {test0} and
  * {test1} the self-tests' normal-priority IPIs, {sync} the INT3 protocol's sync IPI.
  * x86_vector_table: one stub address per vector 0..31, then {stop}, {spurious},
- * {test0}, {test1}, {sync}.
+ * {test0}, {test1}, {sync}, {syscall}.
  */
     .section .text.nopatch.vectors, "ax", @progbits
     .code64
@@ -74,6 +74,8 @@ STUB_NOERR {spurious}
 STUB_NOERR {test0}
 STUB_NOERR {test1}
 STUB_NOERR {sync}
+/* INT {syscall}: the user programs' system call (a DPL 3 gate, user.rs). */
+STUB_NOERR {syscall}
 
 /*
  * #BP (vector 3): no IST and kernel mode only (same privilege), so the CPU pushes its
@@ -234,3 +236,4 @@ x86_vector_table:
     .quad x86_stub_{test0}
     .quad x86_stub_{test1}
     .quad x86_stub_{sync}
+    .quad x86_stub_{syscall}

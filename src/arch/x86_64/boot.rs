@@ -1,7 +1,9 @@
 //! The boot path: PVH entry (assembly), then the boot CPU's set-up sequence, and each
 //! secondary's once it leaves the trampoline.
 
-use super::{alternatives, apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps};
+use super::{
+    alternatives, apic, console, cpu, exit, gdt, layout, madt, paging, smp, timer, traps, user,
+};
 use crate::kprintln;
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -113,6 +115,7 @@ extern "C" fn boot_main() -> ! {
     kprintln!("timer: TSC {khz} kHz ({source})");
     smp::install_trampoline();
     paging::init();
+    user::protect_kernel();
     // SAFETY: the boot CPU, before any AP starts; paging (and so the text alias) is up.
     unsafe { alternatives::ALTERNATIVES.apply_boot() };
     apic::mask_pic();
@@ -205,6 +208,7 @@ extern "C" fn ap_entry(index: usize) -> ! {
     cpu::set_cpu_index(index);
     // Off the trampoline's shared PML4 onto this CPU's own (see `paging`).
     paging::load();
+    user::protect_kernel();
     gdt::load(index);
     traps::load();
     if !smp::claim_online(index) {

@@ -272,7 +272,7 @@ pub fn processor_id() -> usize {
 }
 
 /// IA32_GS_BASE.
-const MSR_GS_BASE: u32 = 0xc000_0101;
+pub const MSR_GS_BASE: u32 = 0xc000_0101;
 
 /// `CPU_INDEX[i] == i`: the GS base of CPU `i` points at element `i`, so `gs:[0]` is the
 /// logical index without any mutable per-CPU state.

@@ -16,9 +16,9 @@ pub struct TrapFrame {
     r9: u64,
     r8: u64,
     rbp: u64,
-    rdi: u64,
-    rsi: u64,
-    rdx: u64,
+    pub(super) rdi: u64,
+    pub(super) rsi: u64,
+    pub(super) rdx: u64,
     rcx: u64,
     rbx: u64,
     /// Interrupted RAX (the INT3 handler emulates `MOV $imm32, %eax`).
@@ -29,15 +29,22 @@ pub struct TrapFrame {
     pub error: u64,
     /// Interrupted RIP.
     pub rip: u64,
-    cs: u64,
+    /// Interrupted CS (its RPL: the ring interrupted).
+    pub(super) cs: u64,
     /// Interrupted RFLAGS.
     pub rflags: u64,
     /// Interrupted RSP (the INT3 handler pushes an emulated CALL's return address).
     pub(super) rsp: u64,
-    ss: u64,
+    pub(super) ss: u64,
 }
 
 impl TrapFrame {
+    /// Whether the trap interrupted ring 3.
+    #[inline(always)]
+    pub fn from_user(&self) -> bool {
+        self.cs & 3 == 3
+    }
+
     /// General register `n` in the encoding's numbering (0 RAX, 1 RCX, 2 RDX, 3 RBX,
     /// 4 RSP, 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15); 0 for any other `n`.
     pub fn reg(&self, n: usize) -> u64 {

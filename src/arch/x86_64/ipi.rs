@@ -3,6 +3,7 @@
 //! with interrupts off after the EOI; and the sync IPI of the INT3 protocol
 //! ([`sync_all`]). The stop IPI's handler is the stop machine's (see [`super::traps`]).
 
+use super::user_context::USER_CONTEXTS;
 use super::{apic, cpu, smp, timer};
 use crate::CpuSet;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -188,6 +189,15 @@ pub(crate) fn handle_sync() {
     }
 }
 
+/// Sync targets deferred to their next kernel entry (isolated, in ring 3) so far.
+static SYNCS_DEFERRED: AtomicU64 = AtomicU64::new(0);
+
+/// How many [`sync_all`] targets were deferred to their next kernel entry so far (the
+/// static-key kick's, through the INT3 protocol).
+pub fn syncs_deferred() -> u64 {
+    SYNCS_DEFERRED.load(Ordering::Relaxed)
+}
+
 /// [`sync_all`] calls so far: with [`sync_acked`], what the static key self-test checks.
 pub fn sync_generation() -> u64 {
     SYNC_GEN.load(Ordering::Acquire)
@@ -210,7 +220,13 @@ pub fn sync_all(timeout_ns: u64) -> Result<(), (CpuSet, u64)> {
     // AcqRel: Release pairs with the Acquire in `handle_sync` (our text writes before
     // this point are ordered before the IPI's handler reads the generation).
     let generation = SYNC_GEN.fetch_add(1, Ordering::AcqRel) + 1;
-    let others = smp::online_cpus().without(me);
+    // An isolated CPU in ring 3 serialises at its next kernel entry instead (one CAS
+    // that succeeds only while it is in user mode; `traps::from_user`). Our writes are
+    // complete: no stop window to wait out. The CAS is AcqRel (context.rs): it orders
+    // the writes before the entry's swap, which reads PENDING.
+    let deferred = USER_CONTEXTS.defer(smp::online_cpus().without(me), None);
+    SYNCS_DEFERRED.fetch_add(deferred.len() as u64, Ordering::Relaxed);
+    let others = smp::online_cpus().without(me).minus(deferred);
     // As the stop IPI: one ICR write for all where the shorthand may be used.
     send_to(
         others,

@@ -29,6 +29,10 @@ unsafe extern "C" {
     static __rodata_start: u8;
     static __rodata_end: u8;
     static __image_end: u8;
+    static __user_text_start: u8;
+    static __user_text_end: u8;
+    static __user_data_start: u8;
+    static __user_data_end: u8;
 }
 
 macro_rules! sym_addr {
@@ -46,6 +50,16 @@ pub fn text() -> (usize, usize) {
 pub fn nopatch() -> (usize, usize) {
     (sym_addr!(__nopatch_start), sym_addr!(__nopatch_end))
 }
+/// The user programs (`.user_text`): ring 3 read-only and executable.
+pub fn user_text() -> Range<usize> {
+    sym_addr!(__user_text_start)..sym_addr!(__user_text_end)
+}
+
+/// The user programs' data (`.user_data`): ring 3 read-write, never executable.
+pub fn user_data() -> Range<usize> {
+    sym_addr!(__user_data_start)..sym_addr!(__user_data_end)
+}
+
 /// Kernel text as a range.
 pub fn text_range() -> Range<usize> {
     let (s, e) = text();

@@ -6,7 +6,8 @@
 //! | [`selftest`]   | the KTAP self-tests                                           |
 //! | [`boot`]       | PVH entry (assembly), the boot CPU's and the APs' sequences, bootargs |
 //! | [`alternatives`] | applying the alternatives tables (boot CPU, then `patch_machine`) |
-//! | [`traps`]      | IDT, entry stubs, trap dispatch, fatal exception reports      |
+//! | [`traps`]      | IDT, entry stubs, trap dispatch, kernel entry from ring 3, fatal exception reports |
+//! | [`user`]       | ring 3: user programs, entering them, their system calls and faults, SMEP/SMAP |
 //! | [`kprobes`]    | kprobes: INT3 arming, emulation, out-of-line single step (#DB) |
 //! | [`fixup`]      | the fixup point of stop functions that fault (`setjmp`/`longjmp`) |
 //! | [`text_poke`]  | the INT3 live-patching protocol ([`text_poke::text_poke_bp`]) |
@@ -25,6 +26,7 @@
 //! | [`madt`]       | APIC IDs from the ACPI MADT                                   |
 //! | [`layout`]     | linker symbols, stacks, low-memory pages                      |
 //! | [`nesting`]    | per-CPU count of trap handlers in flight (`call_context`'s)   |
+//! | [`user_context`] | every CPU's context state word ([`user_context::USER_CONTEXTS`]) |
 //! | [`cpu`]        | single instructions, the per-CPU index (GS base), CPU features |
 //!
 //! The table goes from top to bottom: a module uses only modules below it (and this
@@ -59,6 +61,8 @@ pub mod text;
 pub mod text_poke;
 pub mod timer;
 pub mod traps;
+pub mod user;
+pub mod user_context;
 
 pub use paging::{alias_mapped, poke_text};
 
@@ -137,6 +141,10 @@ unsafe impl Arch for X86_64 {
     }
 
     #[inline(always)]
+    fn context_states(&self) -> Option<&crate::stop::ContextStates> {
+        Some(&user_context::USER_CONTEXTS)
+    }
+
     fn sync_context(&self) {
         // Inline `cpuid`, not the `cpu::serialize` alternative: the rendezvous's exit
         // serialises in place, before its `sti`, where tests/kernel_image.rs sees it.

@@ -4,7 +4,9 @@
 //! trampoline page read-only and executable, page 0 and the stack guard pages absent
 //! (null pointers and stack overflows fault), and
 //! everything else (rodata read-only) non-executable. 64 MiB..4 GiB (RAM, ACPI tables,
-//! the xAPIC page) is 2 MiB pages, read-write, non-executable. CR0.WP makes read-only
+//! the xAPIC page) is 2 MiB pages, read-write, non-executable. Only `.user_text`
+//! (read-only, executable) and `.user_data` (read-write, NX) have U/S set in their
+//! leaves: ring 3 reaches nothing else. CR0.WP makes read-only
 //! binding for the kernel too: text is never writable through the identity map.
 //!
 //! [`poke_text`] writes text through a temporary alias at [`ALIAS_VA`]: the one or two
@@ -26,6 +28,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 const P: u64 = 1;
 const RW: u64 = 1 << 1;
+/// U/S: ring 3 may use the page (needed at every level; set on the upper levels of the
+/// small range, and on the leaves of `.user_text` and `.user_data` only).
+const US: u64 = 1 << 2;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const SMALL_LIMIT: usize = 64 << 20;
@@ -86,6 +91,7 @@ pub fn init() {
         SMALL_LIMIT
     );
     let tramp = layout::TRAMPOLINE_BASE;
+    let (user_text, user_data) = (layout::user_text(), layout::user_data());
     // Relaxed stores: the MMU does not walk these tables until the CR3 write below,
     // which is serialising.
     for (i, pt) in PT.iter().enumerate() {
@@ -93,6 +99,10 @@ pub fn init() {
             let pa = (i << 21) | (j << 12);
             let flags = if pa == 0 || layout::is_stack_guard(pa) {
                 0
+            } else if user_text.contains(&pa) {
+                P | US
+            } else if user_data.contains(&pa) {
+                P | RW | US | NX
             } else if (ts..te).contains(&pa) || pa == tramp {
                 P
             } else if (rs..re).contains(&pa) {
@@ -110,19 +120,19 @@ pub fn init() {
         for (j, e) in pd.0.iter().enumerate() {
             let pa = (i << 30) | (j << 21);
             let v = if pa < SMALL_LIMIT {
-                PT[pa >> 21].addr() | P | RW
+                PT[pa >> 21].addr() | P | RW | US
             } else {
                 pa as u64 | P | RW | PS | NX
             };
             e.store(v, Ordering::Relaxed);
         }
-        PDPT.0[i].store(pd.addr() | P | RW, Ordering::Relaxed);
+        PDPT.0[i].store(pd.addr() | P | RW | US, Ordering::Relaxed);
     }
-    PML4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+    PML4.0[0].store(PDPT.addr() | P | RW | US, Ordering::Relaxed);
     ALIAS_PD.0[0].store(ALIAS_PT.addr() | P | RW, Ordering::Relaxed);
     ALIAS_PDPT.0[0].store(ALIAS_PD.addr() | P | RW, Ordering::Relaxed);
     for pml4 in &CPU_PML4 {
-        pml4.0[0].store(PDPT.addr() | P | RW, Ordering::Relaxed);
+        pml4.0[0].store(PDPT.addr() | P | RW | US, Ordering::Relaxed);
     }
     load();
 }

@@ -6,7 +6,8 @@
 use super::apic::SPURIOUS_VECTOR;
 use super::frame::TrapFrame;
 use super::ipi::STOP_VECTOR;
-use super::{apic, console, cpu, exit, gdt, ipi, nmi};
+use super::user_context::USER_CONTEXTS;
+use super::{apic, console, cpu, exit, gdt, ipi, nmi, user};
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +20,7 @@ global_asm!(
     test0 = const ipi::TEST_IPIS[0],
     test1 = const ipi::TEST_IPIS[1],
     sync = const ipi::SYNC_VECTOR,
+    syscall = const user::SYSCALL_VECTOR,
     nmi_stack_size = const super::layout::IST_SIZE,
     nmi_latched = sym nmi::NMI_LATCHED,
     nmi_latched_by = sym nmi::NMI_LATCHED_BY,
@@ -28,8 +30,9 @@ global_asm!(
 );
 
 unsafe extern "C" {
-    /// 32 exception stubs, then the stop, spurious, two test and the sync vectors' stubs.
-    static x86_vector_table: [usize; 37];
+    /// 32 exception stubs, then the stop, spurious, two test, the sync and the system
+    /// call vectors' stubs.
+    static x86_vector_table: [usize; 38];
 }
 
 #[repr(C, align(16))]
@@ -42,11 +45,17 @@ unsafe impl Sync for Idt {}
 static IDT: Idt = Idt(UnsafeCell::new([[0; 2]; 256]));
 
 fn gate(handler: usize, ist: u8) -> [u64; 2] {
+    gate_dpl(handler, ist, 0)
+}
+
+/// An interrupt gate that code at privilege `dpl` may reach with `INT n` (only the
+/// system call's is 3: any other `INT n` from ring 3 is a #GP).
+fn gate_dpl(handler: usize, ist: u8, dpl: u64) -> [u64; 2] {
     let h = handler as u64;
     let low = (h & 0xffff)
         | (u64::from(gdt::KERNEL_CS) << 16)
         | (u64::from(ist) << 32)
-        | (0x8e << 40) // present, DPL 0, 64-bit interrupt gate
+        | ((0x8e | dpl << 5) << 40) // present, DPL, 64-bit interrupt gate
         | ((h >> 16) & 0xffff) << 48;
     [low, h >> 32]
 }
@@ -72,6 +81,7 @@ pub fn init() {
         idt[v as usize] = gate(table[34 + i], 0);
     }
     idt[usize::from(ipi::SYNC_VECTOR)] = gate(table[36], 0);
+    idt[usize::from(user::SYSCALL_VECTOR)] = gate_dpl(table[37], 0, 3);
 }
 
 /// Loads the IDT on the calling CPU.
@@ -144,6 +154,72 @@ fn is_skipped_ud2(rip: u64) -> bool {
 
 #[unsafe(link_section = ".text.nopatch")]
 extern "C" fn trap_dispatch(frame: &mut TrapFrame) {
+    // A kernel entry from ring 3: the context-tracking protocol first, before anything
+    // patchable. So too an NMI taken in ring 0 while the state word still says user
+    // mode (between `exit_to_user` and the IRETQ, or before an entry's swap): NMIs
+    // cannot be masked, and a patcher may have deferred this CPU. Only this CPU clears
+    // `USER`, so the test cannot go stale before `from_user`'s swap.
+    if frame.from_user() || (frame.vector == 2 && USER_CONTEXTS.in_user(cpu::current_cpu())) {
+        return from_user(frame);
+    }
+    dispatch_kernel(frame);
+}
+
+/// How long a kernel entry from ring 3 waits for the stop that deferred it.
+const ENTRY_WAIT_LIMIT_NS: u64 = 30_000_000_000;
+
+/// A kernel entry from ring 3 (or an NMI in the gap around one), IF clear (interrupt gates): the context-tracking protocol
+/// up to the deferred work, all in this function and so in `.text.nopatch` (one RMW,
+/// then the wait and the serialising `CPUID`), then the system call, the user fault or
+/// the interrupt, then (back to ring 3) the switch to user mode just before the stub's
+/// IRETQ. A function of its own, so that tests/kernel_image.rs can check its order.
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+fn from_user(frame: &mut TrapFrame) {
+    let cpu = cpu::current_cpu();
+    let deferred = USER_CONTEXTS.enter_kernel(cpu);
+    if deferred.pending {
+        if USER_CONTEXTS
+            .finish_deferred(
+                deferred,
+                ENTRY_WAIT_LIMIT_NS,
+                super::timer::now_ns,
+                cpu::pause,
+            )
+            .is_err()
+        {
+            fatal(frame)
+        }
+        // x86 does not serialise on INT or an interrupt (arm64's exception entry is
+        // context-synchronising; Linux's deferral gets it from the CR3 write): the
+        // writes a patcher deferred this CPU for are complete and visible (the swap's
+        // and the window's Acquire), so discard anything fetched before, inline.
+        cpu::serialize_inline();
+    }
+    // From here on patchable code may run.
+    let v = frame.vector;
+    // A system call or a fault of the program; NMI, #DF and #MC go to the kernel's
+    // handlers (the latter two are fatal).
+    let program = v == u64::from(user::SYSCALL_VECTOR) || (v < 32 && !matches!(v, 2 | 8 | 18));
+    if program && frame.from_user() {
+        user::handle_from_user(frame);
+    } else {
+        user::count_irq(cpu);
+        dispatch_kernel(frame);
+    }
+    if frame.from_user() {
+        // Still IF clear: the state word, then only the stub's pops and IRETQ. (An NMI
+        // from the ring 0 gap leaves the word in kernel mode: the CPU is then
+        // interrupted, not deferred, until its next exit.)
+        USER_CONTEXTS.exit_to_user(cpu);
+    }
+}
+
+/// A trap as the kernel handles it: an interrupt, an NMI or a kernel exception (for an
+/// interrupt from ring 3, after the entry's deferred work).
+#[unsafe(link_section = ".text.nopatch")]
+#[inline(never)]
+pub(super) fn dispatch_kernel(frame: &mut TrapFrame) {
     // The NMI keeps its own count (`nmi::in_nmi`); an NMI taken inside another handler
     // must still read as an NMI, so it does not count here (`nesting`).
     let counted = (frame.vector != 2).then(super::nesting::counter).flatten();
@@ -248,4 +324,9 @@ fn fatal(frame: &TrapFrame) -> ! {
         frame,
     ));
     exit::exit(false)
+}
+
+/// The kernel entry from ring 3 (`from_user`): its address, for the patch refusal test.
+pub fn user_entry() -> *const () {
+    from_user as *const ()
 }

@@ -388,88 +388,49 @@ pub const KPROBE_UNPROBEABLE: &[(&str, unsafe extern "C" fn())] = &[
 
 core::arch::global_asm!(include_str!("targets_x86_64.S"), options(att_syntax));
 
-/// A user program (`run_user`; none run here yet).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UserProgram {
-    /// The loop entering the kernel every `spins` iterations.
-    Loop {
-        /// Iterations between two kernel entries.
-        spins: u64,
-    },
-    /// Loads from the address.
-    ReadProbe(usize),
-    /// Stores to the address.
-    WriteProbe(usize),
-    /// Branches to the address.
-    ExecProbe(usize),
-}
+pub use crate::arch::x86_64::user::{
+    Program as UserProgram, Tick as UserTick, UserExit, post_to_mailbox as post_to_user,
+    set_tick_hook as set_user_tick, smap_on as user_pan, ticks as user_ticks, user_irqs,
+};
 
-/// How a run of user code ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UserExit {
-    /// The program exited with this status (never here: there is no ring 3 yet).
-    Exited(u64),
-    /// Returned by `run_user` here: there is no ring 3 yet.
-    Unsupported,
-}
-
-/// What the tick hook answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UserTick {
-    /// Returned to the program.
-    pub value: u64,
-    /// Makes the loop exit.
-    pub exit: bool,
-}
-
-/// No kernel entry from user mode yet.
+/// The kernel entry from ring 3 up to its deferred work (patching must refuse it): the
+/// trap dispatch every entry stub calls, whose first act for a ring 3 frame is
+/// `traps::from_user`.
 pub fn user_entry_code() -> Option<usize> {
+    Some(crate::arch::x86_64::traps::user_entry() as usize)
+}
+
+/// User mode exists here (ring 3).
+pub fn user_mode_unsupported() -> Option<&'static str> {
     None
 }
 
-/// Why the user-mode self-tests skip here.
-pub fn user_mode_unsupported() -> Option<&'static str> {
-    Some("x86_64 has no ring 3 yet (issue 13: user mode is arm64-only so far)")
+/// Runs `program` in ring 3 on the calling CPU until it exits or faults (IRQs enabled).
+pub fn run_user(program: UserProgram) -> UserExit {
+    crate::arch::x86_64::user::run_user(program)
 }
 
-/// Refuses: there is no ring 3 (the tests skip first, see `user_mode_unsupported`).
-pub fn run_user(_program: UserProgram) -> UserExit {
-    UserExit::Unsupported
-}
-
-/// Nothing to install without ring 3.
-pub fn set_user_tick(_hook: fn(usize) -> UserTick) {}
-
-/// Nothing to post to without ring 3.
-pub fn post_to_user(_cpu: usize, _value: u64) {}
-
-/// No IRQ is ever taken from ring 3 here.
-pub fn user_irqs(_cpu: usize) -> u64 {
-    0
-}
-
-/// No tick entries without ring 3.
-pub fn user_ticks(_cpu: usize) -> u64 {
-    0
-}
-
-/// SMAP is not used yet.
-pub fn user_pan() -> bool {
-    false
-}
-
-/// The context state words: none tracked on x86 yet (every CPU is always in the kernel).
+/// Every CPU's context state word (`crate::stop::ContextStates`).
 pub fn contexts() -> &'static crate::stop::ContextStates {
-    static NONE: crate::stop::ContextStates = crate::stop::ContextStates::new();
-    &NONE
+    &crate::arch::x86_64::user_context::USER_CONTEXTS
 }
 
-/// No kick is deferred without ring 3.
+/// Static-key kick targets (the INT3 protocol's syncs) deferred to their next kernel
+/// entry so far.
 pub fn kicks_deferred() -> u64 {
-    0
+    crate::arch::x86_64::ipi::syncs_deferred()
 }
 
-/// No user fault without ring 3.
-pub fn user_fault_is_refused_access(_exit: &UserExit, _addr: usize, _exec: bool) -> bool {
-    false
+/// Whether `exit` is the fault a user access to `addr` must take: a #PF at `addr` with
+/// U/S set in the error code (from ring 3), W set for a store, I/D for the jump.
+pub fn user_fault_is_refused_access(exit: &UserExit, addr: usize, exec: bool) -> bool {
+    let UserExit::Fault {
+        vector, error, cr2, ..
+    } = *exit
+    else {
+        return false;
+    };
+    const USER: u64 = 1 << 2;
+    const FETCH: u64 = 1 << 4;
+    vector == 14 && cr2 == addr as u64 && error & USER != 0 && (error & FETCH != 0) == exec
 }
