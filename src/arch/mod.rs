@@ -23,4 +23,6 @@ pub mod kernel_text;
 #[cfg(target_os = "none")]
 pub mod linker_tables;
 #[cfg(target_os = "none")]
+mod user_programs;
+#[cfg(target_os = "none")]
 pub mod write_probe;

@@ -27,36 +27,12 @@
 use super::exceptions::{self, TrapFrame, kind};
 use super::{cpu, irq, user_context};
 use crate::MAX_CPUS;
+use crate::arch::user_programs::{self, STATUS_BAD_CALL, STATUS_FAULT, USER_SLOT, count_irq, tick};
+pub use crate::arch::user_programs::{
+    Program, SYS_EXIT, SYS_TICK, Tick, USER_DATA, UserData, ticks, user_irqs,
+};
 use core::arch::{asm, global_asm};
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-/// `SVC` with x8 = this: the loop's kernel entry; x0 = the hook's value, x1 = exit.
-pub const SYS_TICK: u64 = 0;
-/// `SVC` with x8 = this: back to the kernel, x0 = the status.
-pub const SYS_EXIT: u64 = 1;
-
-/// Bytes of `.user_data` per CPU: the mailbox word, then the stack.
-const USER_SLOT: usize = 256;
-
-/// Per CPU: a mailbox (word 0) and a small stack (the top of the slot).
-#[repr(C, align(4096))]
-pub struct UserData(UnsafeCell<[[u64; USER_SLOT / 8]; MAX_CPUS]>);
-
-// SAFETY: the kernel never reads it; it writes only a mailbox word, with STTR; user
-// code reads its mailbox and uses its stack.
-unsafe impl Sync for UserData {}
-
-impl UserData {
-    /// The address of `cpu`'s slot.
-    fn slot(&self, cpu: usize) -> usize {
-        self.0.get() as usize + (cpu % MAX_CPUS) * USER_SLOT
-    }
-}
-
-/// The user programs' data, EL0 read-write (mapped by `mmu`).
-#[unsafe(link_section = ".user_data")]
-pub static USER_DATA: UserData = UserData(UnsafeCell::new([[0; USER_SLOT / 8]; MAX_CPUS]));
+use core::sync::atomic::{AtomicU64, Ordering};
 
 global_asm!(
     r#"
@@ -184,22 +160,6 @@ unsafe extern "C" {
     fn pm_user_probe_exec();
 }
 
-/// A user program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Program {
-    /// `pm_user_loop(spins)`.
-    Loop {
-        /// Iterations between two kernel entries (the rate).
-        spins: u64,
-    },
-    /// Loads from `addr`.
-    ReadProbe(usize),
-    /// Stores to `addr`.
-    WriteProbe(usize),
-    /// Branches to `addr`.
-    ExecProbe(usize),
-}
-
 /// How a run of user code ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserExit {
@@ -218,10 +178,6 @@ pub enum UserExit {
     BadCall(u64),
 }
 
-/// `pm_enter_user`'s status values besides `SYS_EXIT`'s own.
-const STATUS_FAULT: u64 = 1 << 63;
-const STATUS_BAD_CALL: u64 = (1 << 63) | 1;
-
 /// What a CPU's last run ended with, besides the status: written by the CPU only.
 struct LastExit {
     esr: AtomicU64,
@@ -239,29 +195,10 @@ static LAST_EXIT: [LastExit; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 
-/// Per CPU: IRQs taken from EL0 (counted by the CPU itself, before it handles them).
-static USER_IRQS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-
-/// Per CPU: `SYS_TICK` entries.
-static TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-
-/// What the tick hook answers: `x0` and whether the loop must exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tick {
-    /// Returned to the program in x0.
-    pub value: u64,
-    /// Makes the loop exit (`SYS_EXIT`).
-    pub exit: bool,
-}
-
-/// The tick hook: a `fn(usize) -> Tick` as usize, 0 = none (the loop exits at once).
-static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
-
 /// Installs the kernel code each `SYS_TICK` runs (after the entry's deferred work: it may
 /// be patchable), with the CPU's index.
 pub fn set_tick_hook(hook: fn(usize) -> Tick) {
-    // Release pairs with the Acquire in `tick`.
-    TICK_HOOK.store(hook as usize, Ordering::Release);
+    user_programs::set_tick_hook(hook);
     exceptions::set_user_handler(handle_from_user);
 }
 
@@ -346,7 +283,7 @@ fn return_to_kernel(frame: &mut TrapFrame, status: u64) {
 fn handle_from_user(frame: &mut TrapFrame) {
     let cpu = cpu::current_cpu();
     if frame.kind == kind::IRQ_EL0 {
-        USER_IRQS[cpu].fetch_add(1, Ordering::Relaxed);
+        count_irq(cpu);
         if let Err(why) = irq::handle_irq_exception(frame.depth, frame.pmr) {
             exceptions::fatal(frame, why);
         }
@@ -356,20 +293,7 @@ fn handle_from_user(frame: &mut TrapFrame) {
     match exceptions::esr_ec(frame.esr) {
         0x15 => match frame.x[8] {
             SYS_TICK => {
-                TICKS[cpu].fetch_add(1, Ordering::Relaxed);
-                // Acquire pairs with the Release in `set_tick_hook`.
-                let hook = TICK_HOOK.load(Ordering::Acquire);
-                let tick = if hook == 0 {
-                    Tick {
-                        value: 0,
-                        exit: true,
-                    }
-                } else {
-                    // SAFETY: only `set_tick_hook` stores non-zero values, and those are
-                    // `fn(usize) -> Tick` pointers.
-                    let hook: fn(usize) -> Tick = unsafe { core::mem::transmute(hook) };
-                    hook(cpu)
-                };
+                let tick = tick(cpu);
                 frame.x[0] = tick.value;
                 frame.x[1] = u64::from(tick.exit);
             }
@@ -397,14 +321,4 @@ pub fn post_to_mailbox(cpu: usize, value: u64) {
     unsafe {
         asm!("sttr {v}, [{a}]", v = in(reg) value, a = in(reg) slot, options(nostack, preserves_flags))
     };
-}
-
-/// IRQs `cpu` took from EL0.
-pub fn user_irqs(cpu: usize) -> u64 {
-    USER_IRQS[cpu % MAX_CPUS].load(Ordering::Relaxed)
-}
-
-/// `SYS_TICK` entries of `cpu`.
-pub fn ticks(cpu: usize) -> u64 {
-    TICKS[cpu % MAX_CPUS].load(Ordering::Relaxed)
 }

@@ -27,38 +27,16 @@
 use super::frame::TrapFrame;
 use super::{cpu, gdt};
 use crate::MAX_CPUS;
+pub use crate::arch::user_programs::{
+    Program, SYS_EXIT, SYS_TICK, Tick, USER_DATA, UserData, count_irq, set_tick_hook, ticks,
+    user_irqs,
+};
+use crate::arch::user_programs::{STATUS_BAD_CALL, STATUS_FAULT, USER_SLOT, tick};
 use core::arch::{asm, global_asm};
-use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// The system call vector (`INT 0x80`, a DPL 3 gate).
 pub const SYSCALL_VECTOR: u8 = 0x80;
-/// RAX = this: the loop's kernel entry; returns RAX = the hook's value, RDX = exit.
-pub const SYS_TICK: u64 = 0;
-/// RAX = this: back to the kernel, RDI = the status.
-pub const SYS_EXIT: u64 = 1;
-
-/// Bytes of `.user_data` per CPU: the mailbox word, then the stack.
-const USER_SLOT: usize = 256;
-
-/// Per CPU: a mailbox (word 0) and a small stack (the top of the slot).
-#[repr(C, align(4096))]
-pub struct UserData(UnsafeCell<[[u64; USER_SLOT / 8]; MAX_CPUS]>);
-
-// SAFETY: the kernel never reads it; it writes only a mailbox word (a volatile store,
-// under STAC); user code reads its mailbox and uses its stack.
-unsafe impl Sync for UserData {}
-
-impl UserData {
-    /// The address of `cpu`'s slot.
-    fn slot(&self, cpu: usize) -> usize {
-        self.0.get() as usize + (cpu % MAX_CPUS) * USER_SLOT
-    }
-}
-
-/// The user programs' data, ring 3 read-write (mapped by `paging`).
-#[unsafe(link_section = ".user_data")]
-pub static USER_DATA: UserData = UserData(UnsafeCell::new([[0; USER_SLOT / 8]; MAX_CPUS]));
 
 global_asm!(
     r#"
@@ -173,22 +151,6 @@ unsafe extern "C" {
     fn pm_user_probe_exec();
 }
 
-/// A user program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Program {
-    /// `pm_user_loop(spins)`.
-    Loop {
-        /// Iterations between two kernel entries (the rate).
-        spins: u64,
-    },
-    /// Loads from `addr`.
-    ReadProbe(usize),
-    /// Stores to `addr`.
-    WriteProbe(usize),
-    /// Jumps to `addr`.
-    ExecProbe(usize),
-}
-
 /// How a run of user code ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UserExit {
@@ -209,10 +171,6 @@ pub enum UserExit {
     BadCall(u64),
 }
 
-/// `pm_enter_user`'s status values besides `SYS_EXIT`'s own.
-const STATUS_FAULT: u64 = 1 << 63;
-const STATUS_BAD_CALL: u64 = (1 << 63) | 1;
-
 /// What a CPU's last run ended with, besides the status: written by the CPU only.
 struct LastExit {
     vector: AtomicU64,
@@ -231,32 +189,6 @@ static LAST_EXIT: [LastExit; MAX_CPUS] = [const {
         call: AtomicU64::new(0),
     }
 }; MAX_CPUS];
-
-/// Per CPU: interrupts taken from ring 3 (counted by the CPU itself, before it handles
-/// them).
-static USER_IRQS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-
-/// Per CPU: `SYS_TICK` entries.
-static TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-
-/// What the tick hook answers: RAX and whether the loop must exit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tick {
-    /// Returned to the program in RAX.
-    pub value: u64,
-    /// Makes the loop exit (`SYS_EXIT`).
-    pub exit: bool,
-}
-
-/// The tick hook: a `fn(usize) -> Tick` as usize, 0 = none (the loop exits at once).
-static TICK_HOOK: AtomicUsize = AtomicUsize::new(0);
-
-/// Installs the kernel code each `SYS_TICK` runs (after the entry's deferred work: it may
-/// be patchable), with the CPU's index.
-pub fn set_tick_hook(hook: fn(usize) -> Tick) {
-    // Release pairs with the Acquire in `handle_from_user`.
-    TICK_HOOK.store(hook as usize, Ordering::Release);
-}
 
 /// CR4.SMEP.
 const CR4_SMEP: u64 = 1 << 20;
@@ -371,12 +303,6 @@ fn return_to_kernel(frame: &mut TrapFrame, status: u64) {
     frame.rax = status;
 }
 
-/// Counts an interrupt taken from ring 3 (`traps::from_user`, before it handles it).
-#[inline(always)]
-pub fn count_irq(cpu: usize) {
-    USER_IRQS[cpu % MAX_CPUS].fetch_add(1, Ordering::Relaxed);
-}
-
 /// A system call or an exception from ring 3, after the entry's deferred work
 /// (`traps::from_user`).
 pub fn handle_from_user(frame: &mut TrapFrame) {
@@ -391,20 +317,7 @@ pub fn handle_from_user(frame: &mut TrapFrame) {
     }
     match frame.rax {
         SYS_TICK => {
-            TICKS[cpu].fetch_add(1, Ordering::Relaxed);
-            // Acquire pairs with the Release in `set_tick_hook`.
-            let hook = TICK_HOOK.load(Ordering::Acquire);
-            let tick = if hook == 0 {
-                Tick {
-                    value: 0,
-                    exit: true,
-                }
-            } else {
-                // SAFETY: only `set_tick_hook` stores non-zero values, and those are
-                // `fn(usize) -> Tick` pointers.
-                let hook: fn(usize) -> Tick = unsafe { core::mem::transmute(hook) };
-                hook(cpu)
-            };
+            let tick = tick(cpu);
             frame.rax = tick.value;
             frame.rdx = u64::from(tick.exit);
         }
@@ -433,14 +346,4 @@ pub fn post_to_mailbox(cpu: usize, value: u64) {
             asm!("clac", options(nostack));
         }
     }
-}
-
-/// Interrupts `cpu` took from ring 3.
-pub fn user_irqs(cpu: usize) -> u64 {
-    USER_IRQS[cpu % MAX_CPUS].load(Ordering::Relaxed)
-}
-
-/// `SYS_TICK` entries of `cpu`.
-pub fn ticks(cpu: usize) -> u64 {
-    TICKS[cpu % MAX_CPUS].load(Ordering::Relaxed)
 }
