@@ -821,6 +821,25 @@ fn try_from_nmi(cpu: usize) -> bool {
     true
 }
 
+/// What a wrong outcome of `try_to_stop` means, for the failure message.
+fn describe(outcome: Refusal) -> &'static str {
+    match outcome {
+        Refusal::StopWrong => "stop_machine was not refused as it should be",
+        Refusal::PatchWrong => "patch_machine was not refused as it should be",
+        _ => "",
+    }
+}
+
+/// Waits for the `what` ("IRQ", "NMI") handler's attempt on `cpu`: `Ok` if both calls
+/// were refused as they should be, else why not.
+fn refused_in_handler(what: &str, cpu: usize) -> Result<(), crate::harness::Msg> {
+    match handler_outcome(cpu) {
+        Some(Refusal::Right) => Ok(()),
+        Some(outcome) => Err(msg!("{what} handler on cpu{cpu}: {}", describe(outcome))),
+        None => Err(msg!("the {what} handler on cpu{cpu} never reported")),
+    }
+}
+
 /// Waits (bounded) for `cpu`'s handler to report; what it reported.
 fn handler_outcome(cpu: usize) -> Option<Refusal> {
     let start = now_ns();
@@ -853,11 +872,6 @@ pub fn fault_wrong_context(_: &Params) -> Verdict {
     let me = current_cpu();
     let spare = super::spare_patch(0x5a5a, 0x5a5a).addr;
     let mut tried = 0;
-    let describe = |outcome: Refusal| match outcome {
-        Refusal::StopWrong => "stop_machine was not refused as it should be",
-        Refusal::PatchWrong => "patch_machine was not refused as it should be",
-        _ => "",
-    };
 
     let flags = platform::local_irq_save();
     let masked = try_to_stop(CallContext::IrqsMasked);
@@ -899,17 +913,11 @@ pub fn fault_wrong_context(_: &Params) -> Verdict {
     for cpu in targets.into_iter().flatten() {
         HANDLER_TRIES[cpu].store(0, Ordering::Relaxed);
         platform::send_ipi(TRY_IPI, CpuSet::single(cpu));
-        match handler_outcome(cpu) {
-            Some(Refusal::Right) => tried += 1,
-            Some(outcome) => {
-                platform::clear_ipi_handler(TRY_IPI);
-                fail!("IRQ handler on cpu{cpu}: {}", describe(outcome));
-            }
-            None => {
-                platform::clear_ipi_handler(TRY_IPI);
-                fail!("the IRQ handler on cpu{cpu} never reported");
-            }
+        if let Err(why) = refused_in_handler("IRQ", cpu) {
+            platform::clear_ipi_handler(TRY_IPI);
+            return Verdict::Fail(why);
         }
+        tried += 1;
     }
     platform::clear_ipi_handler(TRY_IPI);
 
@@ -920,19 +928,13 @@ pub fn fault_wrong_context(_: &Params) -> Verdict {
             HANDLER_TRIES[cpu].store(0, Ordering::Relaxed);
             NMI_TRY_TARGET.store(cpu as u32 + 1, Ordering::Release);
             nmi::send_nmi(CpuSet::single(cpu));
-            let outcome = handler_outcome(cpu);
+            let verdict = refused_in_handler("NMI", cpu);
             NMI_TRY_TARGET.store(0, Ordering::Release);
-            match outcome {
-                Some(Refusal::Right) => tried += 1,
-                Some(outcome) => {
-                    nmi::unregister_nmi_handler(FAULT_SLOT);
-                    fail!("NMI handler on cpu{cpu}: {}", describe(outcome));
-                }
-                None => {
-                    nmi::unregister_nmi_handler(FAULT_SLOT);
-                    fail!("the NMI handler on cpu{cpu} never reported");
-                }
+            if let Err(why) = verdict {
+                nmi::unregister_nmi_handler(FAULT_SLOT);
+                return Verdict::Fail(why);
             }
+            tried += 1;
         }
         nmi::unregister_nmi_handler(FAULT_SLOT);
     }
