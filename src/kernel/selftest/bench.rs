@@ -326,6 +326,22 @@ fn roundtrip(targets: CpuSet, send: fn(CpuSet)) -> Result<(), CpuSet> {
     }
 }
 
+/// One NMI (or IPI) to the calling CPU and the wait for its own acknowledgement; leaves
+/// [`ROUNDS`] alone, so the other CPUs' counts still match it.
+fn self_roundtrip(me: usize, send: fn(CpuSet)) -> Result<(), CpuSet> {
+    // Relaxed: this CPU's own counter, bumped by its own handler.
+    let before = ACKS[me].load(Ordering::Relaxed);
+    let start = platform::now_ns();
+    send(CpuSet::single(me));
+    while ACKS[me].load(Ordering::Relaxed) == before {
+        if platform::now_ns() - start > ROUNDTRIP_TIMEOUT_NS {
+            return Err(CpuSet::single(me));
+        }
+        STOP.arch().relax();
+    }
+    Ok(())
+}
+
 fn bench_sites() -> usize {
     pm_bench_sites as *const () as usize
 }
@@ -445,6 +461,9 @@ pub fn bench(_: &Params) -> Verdict {
         }
         Err(err) => fail!("patch_machine/ipi_roundtrip: {err}"),
     };
+    if let Err(err) = bench_decomposition(targets, me) {
+        return Verdict::Fail(err);
+    }
     let first = bench_sites();
     if KERNEL_TEXT.read_insn(first, SITE_LEN) != NOP {
         let _ = patch_machine(&STOP, &KERNEL_TEXT, &batches[1][..BENCH_SITES], OPTIONS);
@@ -574,6 +593,53 @@ fn batch_ratio(batches: &mut [[Patch<Insn>; BENCH_SITES]; 2]) -> Result<(), Patc
 }
 
 /// Why a paired measurement stopped.
+/// Where the headline ratio comes from, each part measured alternately with the round
+/// trip in this boot (`# ratio` lines): `stop_machine_one`, the rendezvous alone (an empty
+/// function on the calling CPU); `stop_machine_nmi_free_one`, the same empty function run
+/// the way `patch_machine` runs its write (x86: from the initiator's self-NMI, the other
+/// CPUs' NMIs held; arm64: masked, as `stop_machine_one`); and `self_nmi`, one NMI to the
+/// calling CPU and its handler's acknowledgement. `patch_machine` x1 less
+/// `stop_machine_nmi_free_one` is the write with its checks and validation.
+fn bench_decomposition(targets: CpuSet, me: usize) -> Result<(), Msg> {
+    let empty = |_: usize| -> Result<(), i32> { Ok(()) };
+    let send = roundtrip_handlers(true);
+    let result = decomposition_pairs(targets, me, send, &empty);
+    roundtrip_handlers(false);
+    result
+}
+
+fn decomposition_pairs(
+    targets: CpuSet,
+    me: usize,
+    send: fn(CpuSet),
+    empty: &(dyn Fn(usize) -> Result<(), i32> + Sync),
+) -> Result<(), Msg> {
+    let rt = |_: usize| roundtrip(targets, send).map_err(PairedError::Roundtrip);
+    let stop_one = |_: usize| {
+        STOP.stop_machine(empty, CpuSet::single(me), OPTIONS)
+            .map_err(PairedError::Patch)
+    };
+    let (roundtrip_stats, stats) = measure_paired(1000, rt, stop_one)
+        .map_err(|e| msg!("stop_machine_one/ipi_roundtrip: {e}"))?;
+    report_ratio("stop_machine_one", 0, &stats, &roundtrip_stats);
+    let nmi_free_one = |_: usize| {
+        // SAFETY: the function touches nothing, so it is safe in NMI context.
+        unsafe { STOP.stop_machine_nmi_free(&empty, CpuSet::single(me), OPTIONS) }
+            .map_err(PairedError::Patch)
+    };
+    let (roundtrip_stats, stats) = measure_paired(1000, rt, nmi_free_one)
+        .map_err(|e| msg!("stop_machine_nmi_free_one/ipi_roundtrip: {e}"))?;
+    report_ratio("stop_machine_nmi_free_one", 0, &stats, &roundtrip_stats);
+    if platform::nmi_mechanism().is_ok() {
+        let self_nmi =
+            |_: usize| self_roundtrip(me, send).map_err(PairedError::<StopError>::Roundtrip);
+        let (roundtrip_stats, stats) =
+            measure_paired(1000, rt, self_nmi).map_err(|e| msg!("self_nmi/ipi_roundtrip: {e}"))?;
+        report_ratio("self_nmi", 0, &stats, &roundtrip_stats);
+    }
+    Ok(())
+}
+
 enum PairedError<E> {
     Roundtrip(CpuSet),
     Patch(E),
