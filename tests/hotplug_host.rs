@@ -81,8 +81,14 @@ fn no_stop_call_starts_while_hotplug_holds_the_write_side() {
     let writer = stop.cpus_write_lock(0).expect("a free hotplug lock");
     let refused = stop.stop_machine(&count, CpuSet::first(2), short);
     assert!(
-        matches!(refused, Err(StopError::Busy { waited_ns }) if waited_ns > 5_000_000),
+        matches!(refused, Err(StopError::Busy { waited_ns, .. }) if waited_ns > 5_000_000),
         "a stop call during hotplug: {refused:?}"
+    );
+    // The message names the lock that was held, not another stop call.
+    let message = refused.unwrap_err().to_string();
+    assert!(
+        message.starts_with("the CPU hotplug lock (a CPU is going up or down) stayed held for"),
+        "{message}"
     );
     assert_eq!(
         ran.load(Ordering::Relaxed),

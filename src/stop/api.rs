@@ -138,8 +138,11 @@ pub enum StopError {
         /// The online CPUs at the time of the call.
         online: CpuSet,
     },
-    /// Another stop-machine call held the machine for the whole arrival timeout.
+    /// A lock the call needs stayed held for the whole arrival timeout: the machine
+    /// (another stop-machine call) or the CPU hotplug lock (a CPU going up or down).
     Busy {
+        /// The lock that stayed held, named for the message.
+        lock: &'static str,
         /// How long the caller waited.
         waited_ns: u64,
     },
@@ -213,11 +216,9 @@ impl fmt::Display for StopError {
                 f,
                 "active CPUs {requested} must be a non-empty subset of the online CPUs {online}"
             ),
-            StopError::Busy { waited_ns } => write!(
-                f,
-                "another stop_machine held the machine for {} us",
-                waited_ns / 1000
-            ),
+            StopError::Busy { lock, waited_ns } => {
+                write!(f, "{lock} stayed held for {} us", waited_ns / 1000)
+            }
             StopError::Timeout { missing, waited_ns } => write!(
                 f,
                 "CPUs {missing} did not arrive within {} us; the function did not run",

@@ -336,15 +336,15 @@ impl<A: Arch> StopMachine<A> {
                 || arch.now_ns(),
                 || arch.relax(),
             )
-            .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
+            .map_err(|LockTimeout { lock, waited_ns }| StopError::Busy { lock, waited_ns })?;
         let _guard = lock_within(
             &self.lock,
-            "the stop machine",
+            "the stop machine (another stop_machine call)",
             options.arrival_timeout_ns,
             || arch.now_ns(),
             || arch.relax(),
         )
-        .map_err(|LockTimeout { waited_ns, .. }| StopError::Busy { waited_ns })?;
+        .map_err(|LockTimeout { lock, waited_ns }| StopError::Busy { lock, waited_ns })?;
         // Read under the hotplug lock: no CPU joins or leaves it until this call is over.
         let online = arch.online_cpus();
         if !active.is_subset(online) {

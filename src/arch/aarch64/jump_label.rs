@@ -192,6 +192,7 @@ impl KeyText for KernelKeys {
         // lock first, then (in its stop call) this one.
         let _cpus = super::STOP.cpus_read_lock(KICK_TIMEOUT_NS).map_err(|t| {
             PatchError::Stop(StopError::Busy {
+                lock: t.lock,
                 waited_ns: t.waited_ns,
             })
         })?;

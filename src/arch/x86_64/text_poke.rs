@@ -79,6 +79,7 @@ pub fn text_poke_bp<T: Text<Insn = Insn>>(
     // callers). After the writer lock, the order `patch_machine` takes them in.
     let _cpus = super::STOP.cpus_read_lock(TIMEOUT_NS).map_err(|t| {
         PatchError::Stop(StopError::Busy {
+            lock: t.lock,
             waited_ns: t.waited_ns,
         })
     })?;
