@@ -209,6 +209,16 @@ impl fmt::Debug for Failures {
 
 impl core::error::Error for StopError {}
 
+/// A lock a stop call needs (the machine, the CPU hotplug lock) stayed held.
+impl From<super::LockTimeout> for StopError {
+    fn from(timeout: super::LockTimeout) -> Self {
+        StopError::Busy {
+            lock: timeout.lock,
+            waited_ns: timeout.waited_ns,
+        }
+    }
+}
+
 impl fmt::Display for StopError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

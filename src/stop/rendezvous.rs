@@ -329,22 +329,18 @@ impl<A: Arch> StopMachine<A> {
         let start = arch.now_ns();
         // The hotplug read side first, then the machine: hotplug (the write side) never
         // waits for the machine's lock, so the order cannot deadlock.
-        let _cpus = self
-            .hotplug
-            .read_within(
-                options.arrival_timeout_ns,
-                || arch.now_ns(),
-                || arch.relax(),
-            )
-            .map_err(|LockTimeout { lock, waited_ns }| StopError::Busy { lock, waited_ns })?;
+        let _cpus = self.hotplug.read_within(
+            options.arrival_timeout_ns,
+            || arch.now_ns(),
+            || arch.relax(),
+        )?;
         let _guard = lock_within(
             &self.lock,
             "the stop machine (another stop_machine call)",
             options.arrival_timeout_ns,
             || arch.now_ns(),
             || arch.relax(),
-        )
-        .map_err(|LockTimeout { lock, waited_ns }| StopError::Busy { lock, waited_ns })?;
+        )?;
         // Read under the hotplug lock: no CPU joins or leaves it until this call is over.
         let online = arch.online_cpus();
         if !active.is_subset(online) {

@@ -190,12 +190,9 @@ impl KeyText for KernelKeys {
         // CPU that comes up after the write synchronises on its way in. Taken after
         // `patch_nosync` released the text writer lock: `patch_machine` takes the writer
         // lock first, then (in its stop call) this one.
-        let _cpus = super::STOP.cpus_read_lock(KICK_TIMEOUT_NS).map_err(|t| {
-            PatchError::Stop(StopError::Busy {
-                lock: t.lock,
-                waited_ns: t.waited_ns,
-            })
-        })?;
+        let _cpus = super::STOP
+            .cpus_read_lock(KICK_TIMEOUT_NS)
+            .map_err(StopError::from)?;
         kick_all_cpus_sync().map_err(PatchError::Stop)
     }
 

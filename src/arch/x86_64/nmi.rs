@@ -127,10 +127,7 @@ pub fn send_nmi_self() {
 /// Whether the calling CPU is running NMI handlers.
 #[inline(always)]
 pub fn in_nmi() -> bool {
-    // Relaxed: only this CPU writes its slot.
-    IN_NMI
-        .get(cpu::current_cpu())
-        .is_some_and(|n| n.load(Ordering::Relaxed) != 0)
+    super::nesting::in_nmi_of(cpu::current_cpu())
 }
 
 /// How many NMIs `cpu` has taken.

@@ -77,12 +77,9 @@ pub fn text_poke_bp<T: Text<Insn = Insn>>(
     // Every sync waits for each online CPU: no CPU goes down or comes up meanwhile
     // (Linux's `text_poke_bp` runs under `text_mutex` with CPUs read-locked by its
     // callers). After the writer lock, the order `patch_machine` takes them in.
-    let _cpus = super::STOP.cpus_read_lock(TIMEOUT_NS).map_err(|t| {
-        PatchError::Stop(StopError::Busy {
-            lock: t.lock,
-            waited_ns: t.waited_ns,
-        })
-    })?;
+    let _cpus = super::STOP
+        .cpus_read_lock(TIMEOUT_NS)
+        .map_err(StopError::from)?;
     if REFS.load(Ordering::Relaxed) != 0 {
         // Left published by a failed sync: retire it once every CPU serialised.
         sync()?;

@@ -592,7 +592,6 @@ fn batch_ratio(batches: &mut [[Patch<Insn>; BENCH_SITES]; 2]) -> Result<(), Patc
     Ok(())
 }
 
-/// Why a paired measurement stopped.
 /// Where the headline ratio comes from, each part measured alternately with the round
 /// trip in this boot (`# ratio` lines): `stop_machine_one`, the rendezvous alone (an empty
 /// function on the calling CPU); `stop_machine_nmi_free_one`, the same empty function run
@@ -640,6 +639,7 @@ fn decomposition_pairs(
     Ok(())
 }
 
+/// Why a paired measurement stopped.
 enum PairedError<E> {
     Roundtrip(CpuSet),
     Patch(E),
